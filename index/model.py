@@ -1,0 +1,91 @@
+"""The zTOC data model, shared by the codec, the builder and every reader.
+
+Offsets in the compressed blob and in the uncompressed tar stream are different types so that
+one can never be passed where the other is meant (spec/soci.md §1-2).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import NewType
+
+CompressedOffset = NewType("CompressedOffset", int)
+"""A byte offset into the compressed layer blob."""
+
+UncompressedOffset = NewType("UncompressedOffset", int)
+"""A byte offset into the uncompressed tar stream."""
+
+SpanId = NewType("SpanId", int)
+"""The index of a span (0 .. max_span_id)."""
+
+ZTOC_VERSION = "0.9"
+BUILD_TOOL_IDENTIFIER = "AWS SOCI CLI v0.2"
+DEFAULT_SPAN_SIZE = 4 * 1024 * 1024
+DEFAULT_MIN_LAYER_SIZE = 10 * 1024 * 1024
+
+
+class EntryType(enum.StrEnum):
+    """The `type` strings of a zTOC entry (spec/soci.md §1.1)."""
+
+    REG = "reg"
+    DIR = "dir"
+    SYMLINK = "symlink"
+    HARDLINK = "hardlink"
+    CHAR = "char"
+    BLOCK = "block"
+    FIFO = "fifo"
+
+
+class CompressionAlgorithm(enum.IntEnum):
+    """`CompressionInfo.compression_algorithm` (flatbuffers byte enum)."""
+
+    GZIP = 1
+    UNCOMPRESSED = 2
+
+
+@dataclass(frozen=True, slots=True)
+class FileMetadata:
+    """One tar entry as the TOC stores it.
+
+    `uncompressed_offset` is where the entry's *data* starts in the tar stream;
+    `xattrs` holds every PAX record of the entry (the name is historical), sorted by key.
+    """
+
+    name: str
+    type: EntryType
+    uncompressed_offset: UncompressedOffset
+    uncompressed_size: int
+    linkname: str = ""
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    uname: str = ""
+    gname: str = ""
+    mod_time: str = ""
+    devmajor: int = 0
+    devminor: int = 0
+    xattrs: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class CompressionInfo:
+    """The zInfo part of a zTOC: the checkpoint blob and one digest per compressed span."""
+
+    algorithm: CompressionAlgorithm
+    max_span_id: SpanId
+    span_digests: tuple[str, ...]
+    checkpoints: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Ztoc:
+    """A decoded zTOC: the TOC (entries in tar order) and the compression info."""
+
+    version: str
+    build_tool_identifier: str
+    compressed_archive_size: int
+    uncompressed_archive_size: int
+    files: tuple[FileMetadata, ...]
+    compression: CompressionInfo

@@ -1,0 +1,1 @@
+"""sociable-snapshotter: the containerd proxy snapshotter daemon."""
