@@ -1,0 +1,21 @@
+# The two commands of the README: `make demo` runs the main job, `make test` runs every test.
+PY ?= python3
+
+.PHONY: setup demo test lint bench
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m scripts.demo
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+test: lint
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) -m tests.bench.bench_build
