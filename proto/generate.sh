@@ -1,0 +1,22 @@
+#!/bin/sh
+# Regenerate the Python stubs for the containerd Snapshots API.
+#
+# Usage: proto/generate.sh [OUTPUT_ROOT]
+#   OUTPUT_ROOT defaults to the repository root; the stubs land in
+#   OUTPUT_ROOT/snapshotter/api. The .proto files live under
+#   proto/snapshotter/api so that generated imports read
+#   "from snapshotter.api import mount_pb2" (no top-level "types" package).
+# Needs grpcio-tools (python3 -m grpc_tools.protoc). Never edit the output.
+set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+out=${1:-$(dirname "$here")}
+mkdir -p "$out/snapshotter/api"
+python3 -m grpc_tools.protoc \
+    -I "$here" \
+    --python_out="$out" \
+    --pyi_out="$out" \
+    --grpc_python_out="$out" \
+    "$here/snapshotter/api/mount.proto" \
+    "$here/snapshotter/api/snapshots.proto"
+printf '"""Generated containerd Snapshots API stubs (proto/generate.sh); do not edit."""\n' \
+    > "$out/snapshotter/api/__init__.py"

@@ -1,0 +1,1 @@
+"""Generated containerd Snapshots API stubs (proto/generate.sh); do not edit."""
