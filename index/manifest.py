@@ -1,0 +1,318 @@
+"""SOCI index manifests (v1 and v2) and the v2 binding of an image (spec/soci.md §3).
+
+Everything here produces bytes in Go's canonical JSON (index.gojson) with the field order of
+image-spec v1.1.1's structs, so an index built here has the digest the AWS tools would give it.
+Inputs and outputs are plain JSON-shaped dicts; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from index import gojson
+from index.digest import Digest, DigestError
+from index.model import BUILD_TOOL_IDENTIFIER
+
+MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MT_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+MT_ZTOC = "application/octet-stream"
+MT_PREFETCH = "application/vnd.amazon.soci.prefetch.v1+json"
+ARTIFACT_V1 = "application/vnd.amazon.soci.index.v1+json"
+ARTIFACT_V2 = "application/vnd.amazon.soci.index.v2+json"
+EMPTY_CONFIG = b"{}"
+EMPTY_CONFIG_DIGEST = Digest(
+    "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+)
+
+ANN_LAYER_DIGEST = "com.amazon.soci.image-layer-digest"
+ANN_LAYER_MEDIA_TYPE = "com.amazon.soci.image-layer-mediaType"
+ANN_SPAN_SIZE = "com.amazon.soci.span-size"
+ANN_DISABLE_XATTRS = "com.amazon.soci.disable-xattrs"
+ANN_BUILD_TOOL = "com.amazon.soci.build-tool-identifier"
+ANN_INDEX_DIGEST = "com.amazon.soci.index-digest"
+ANN_IMAGE_MANIFEST_DIGEST = "com.amazon.soci.image-manifest-digest"
+
+
+class IndexManifestError(ValueError):
+    """A SOCI index or an image manifest/index is not what the format requires."""
+
+
+# --- descriptors, in Go struct order -------------------------------------------------------------
+
+_DESCRIPTOR_FIELDS = (
+    "mediaType",
+    "digest",
+    "size",
+    "urls",
+    "annotations",
+    "data",
+    "platform",
+    "artifactType",
+)
+_PLATFORM_FIELDS = ("architecture", "os", "os.version", "os.features", "variant")
+
+
+def go_platform(platform: Mapping[str, Any]) -> dict[str, Any]:
+    """A platform object in image-spec field order, empty optional fields dropped."""
+    out: dict[str, Any] = {
+        "architecture": platform.get("architecture", ""),
+        "os": platform.get("os", ""),
+    }
+    for key in _PLATFORM_FIELDS[2:]:
+        if platform.get(key):
+            out[key] = platform[key]
+    return out
+
+
+def go_descriptor(desc: Mapping[str, Any]) -> dict[str, Any]:
+    """A descriptor in image-spec field order: empty `omitempty` fields dropped, maps sorted.
+
+    Unknown fields are dropped, as Go's decoder into `ocispec.Descriptor` drops them.
+    """
+    out: dict[str, Any] = {
+        "mediaType": desc.get("mediaType", ""),
+        "digest": desc.get("digest", ""),
+        "size": int(desc.get("size", 0)),
+    }
+    for key in _DESCRIPTOR_FIELDS[3:]:
+        value = desc.get(key)
+        if not value:
+            continue
+        if key == "annotations":
+            value = gojson.sorted_map(value)
+        elif key == "platform":
+            value = go_platform(value)
+        out[key] = value
+    return out
+
+
+def go_manifest(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """An image manifest as `ocispec.Manifest` re-marshals it (unknown fields dropped)."""
+    out: dict[str, Any] = {"schemaVersion": manifest.get("schemaVersion", 2)}
+    for key in ("mediaType", "artifactType"):
+        if manifest.get(key):
+            out[key] = manifest[key]
+    out["config"] = go_descriptor(manifest.get("config", {}))
+    layers = manifest.get("layers")
+    out["layers"] = None if layers is None else [go_descriptor(d) for d in layers]
+    if manifest.get("subject"):
+        out["subject"] = go_descriptor(manifest["subject"])
+    if manifest.get("annotations"):
+        out["annotations"] = gojson.sorted_map(manifest["annotations"])
+    return out
+
+
+def go_image_index(index: Mapping[str, Any]) -> dict[str, Any]:
+    """An image index as `ocispec.Index` re-marshals it."""
+    out: dict[str, Any] = {"schemaVersion": index.get("schemaVersion", 2)}
+    for key in ("mediaType", "artifactType"):
+        if index.get(key):
+            out[key] = index[key]
+    manifests = index.get("manifests")
+    out["manifests"] = None if manifests is None else [go_descriptor(d) for d in manifests]
+    if index.get("subject"):
+        out["subject"] = go_descriptor(index["subject"])
+    if index.get("annotations"):
+        out["annotations"] = gojson.sorted_map(index["annotations"])
+    return out
+
+
+# --- the SOCI index -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ZtocDescriptor:
+    """One zTOC entry of an index: the zTOC blob and the layer it indexes."""
+
+    digest: Digest
+    size: int
+    layer_digest: Digest
+    layer_media_type: str
+    span_size: int
+    disable_xattrs: bool = False
+
+    def to_descriptor(self) -> dict[str, Any]:
+        annotations = {
+            ANN_LAYER_DIGEST: str(self.layer_digest),
+            ANN_LAYER_MEDIA_TYPE: self.layer_media_type,
+            ANN_SPAN_SIZE: str(self.span_size),
+        }
+        if self.disable_xattrs:
+            annotations[ANN_DISABLE_XATTRS] = "true"
+        return go_descriptor(
+            {
+                "mediaType": MT_ZTOC,
+                "digest": self.digest,
+                "size": self.size,
+                "annotations": annotations,
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SociIndex:
+    """A decoded SOCI index manifest."""
+
+    artifact_type: str
+    ztocs: tuple[ZtocDescriptor, ...]
+    subject: dict[str, Any] | None = None
+    prefetch: tuple[dict[str, Any], ...] = ()
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return "v1" if self.artifact_type == ARTIFACT_V1 else "v2"
+
+    def ztoc_for_layer(self, layer_digest: str) -> ZtocDescriptor | None:
+        for z in self.ztocs:
+            if z.layer_digest == layer_digest:
+                return z
+        return None
+
+    def to_json(self) -> bytes:
+        """The manifest bytes, byte-identical to what the AWS CLI writes for the same inputs."""
+        manifest: dict[str, Any] = {
+            "schemaVersion": 2,
+            "mediaType": MT_OCI_MANIFEST,
+            "config": {
+                "mediaType": self.artifact_type,
+                "digest": str(EMPTY_CONFIG_DIGEST),
+                "size": len(EMPTY_CONFIG),
+            },
+            "layers": [z.to_descriptor() for z in self.ztocs]
+            + [go_descriptor(p) for p in self.prefetch],
+        }
+        if self.subject is not None:
+            manifest["subject"] = go_descriptor(
+                {k: self.subject[k] for k in ("mediaType", "digest", "size")}
+            )
+        manifest["annotations"] = gojson.sorted_map(self.annotations)
+        return gojson.marshal(manifest)
+
+
+def new_index(
+    ztocs: Sequence[ZtocDescriptor], *, v2: bool, subject: Mapping[str, Any] | None = None
+) -> SociIndex:
+    """A new index as `soci create` (v1, with subject) or `soci convert` (v2) builds it."""
+    if not ztocs:
+        raise IndexManifestError("no ztocs created, all layers either skipped or produced errors")
+    if v2 and subject is not None:
+        raise IndexManifestError("a v2 SOCI index has no subject")
+    return SociIndex(
+        artifact_type=ARTIFACT_V2 if v2 else ARTIFACT_V1,
+        ztocs=tuple(ztocs),
+        subject=dict(subject) if subject is not None else None,
+        annotations={ANN_BUILD_TOOL: BUILD_TOOL_IDENTIFIER},
+    )
+
+
+def parse_index(data: bytes) -> SociIndex:
+    """Decode a SOCI index manifest.
+
+    Raises IndexManifestError when the bytes are not JSON, the config media type is not one of
+    the two SOCI artifact types (as the Go decoder requires), or a zTOC descriptor lacks its
+    layer digest.
+    """
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise IndexManifestError(f"SOCI index is not valid JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise IndexManifestError("SOCI index is not a JSON object")
+    artifact_type = (doc.get("config") or {}).get("mediaType")
+    if artifact_type not in (ARTIFACT_V1, ARTIFACT_V2):
+        raise IndexManifestError(
+            f"not a SOCI index: config mediaType {artifact_type!r} is neither "
+            f"{ARTIFACT_V1} nor {ARTIFACT_V2}"
+        )
+    ztocs: list[ZtocDescriptor] = []
+    prefetch: list[dict[str, Any]] = []
+    for i, layer in enumerate(doc.get("layers") or []):
+        if not isinstance(layer, dict):
+            raise IndexManifestError(f"SOCI index layer {i} is not an object")
+        mt = layer.get("mediaType")
+        ann = layer.get("annotations") or {}
+        if mt == MT_PREFETCH:
+            prefetch.append(layer)
+            continue
+        if mt != MT_ZTOC:
+            continue
+        try:
+            ztocs.append(
+                ZtocDescriptor(
+                    digest=Digest(layer.get("digest", "")),
+                    size=int(layer.get("size", 0)),
+                    layer_digest=Digest(ann.get(ANN_LAYER_DIGEST, "")),
+                    layer_media_type=str(ann.get(ANN_LAYER_MEDIA_TYPE, "")),
+                    span_size=int(ann.get(ANN_SPAN_SIZE, "0") or 0),
+                    disable_xattrs=ann.get(ANN_DISABLE_XATTRS) == "true",
+                )
+            )
+        except (DigestError, ValueError, TypeError) as e:
+            raise IndexManifestError(f"SOCI index zTOC descriptor {i}: {e}") from e
+    return SociIndex(
+        artifact_type=artifact_type,
+        ztocs=tuple(ztocs),
+        subject=doc.get("subject"),
+        prefetch=tuple(prefetch),
+        annotations=doc.get("annotations") or {},
+    )
+
+
+# --- v2 binding ----------------------------------------------------------------------------------
+
+
+def rewrite_image_manifest(manifest: Mapping[str, Any], index_digest: str | None) -> bytes:
+    """The image manifest as `soci convert` rewrites it: OCI media types, and the
+    `com.amazon.soci.index-digest` annotation when the manifest was indexed."""
+    rewritten = dict(manifest)
+    rewritten["mediaType"] = MT_OCI_MANIFEST
+    config = dict(manifest.get("config") or {})
+    config["mediaType"] = MT_OCI_CONFIG
+    rewritten["config"] = config
+    annotations = dict(manifest.get("annotations") or {})
+    if index_digest is not None:
+        annotations[ANN_INDEX_DIGEST] = index_digest
+    rewritten["annotations"] = annotations
+    return gojson.marshal(go_manifest(rewritten))
+
+
+def index_descriptor_v2(
+    index_bytes: bytes, manifest_digest: str, platform: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The descriptor of a v2 SOCI index as it sits in the image's OCI index."""
+    return go_descriptor(
+        {
+            "mediaType": MT_OCI_MANIFEST,
+            "digest": Digest.of(index_bytes),
+            "size": len(index_bytes),
+            "annotations": {ANN_IMAGE_MANIFEST_DIGEST: manifest_digest},
+            "platform": platform,
+            "artifactType": ARTIFACT_V2,
+        }
+    )
+
+
+def add_index_descriptor(image_index: dict[str, Any], desc: Mapping[str, Any]) -> None:
+    """Append `desc` to the OCI index, replacing a v2 SOCI entry for the same platform."""
+    manifests: list[dict[str, Any]] = image_index.setdefault("manifests", [])
+    want = go_platform(desc.get("platform") or {})
+    for i, existing in enumerate(manifests):
+        if (
+            existing.get("artifactType") == ARTIFACT_V2
+            and go_platform(existing.get("platform") or {}) == want
+        ):
+            manifests[i] = dict(desc)
+            return
+    manifests.append(dict(desc))
+
+
+def image_index_json(image_index: Mapping[str, Any]) -> bytes:
+    """The OCI image index bytes (media type forced to OCI, Go field order)."""
+    doc = dict(image_index)
+    doc["mediaType"] = MT_OCI_INDEX
+    return gojson.marshal(go_image_index(doc))
