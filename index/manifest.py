@@ -187,9 +187,7 @@ class SociIndex:
             + [go_descriptor(p) for p in self.prefetch],
         }
         if self.subject is not None:
-            manifest["subject"] = go_descriptor(
-                {k: self.subject[k] for k in ("mediaType", "digest", "size")}
-            )
+            manifest["subject"] = go_descriptor(self.subject)
         manifest["annotations"] = gojson.sorted_map(self.annotations)
         return gojson.marshal(manifest)
 
@@ -205,7 +203,11 @@ def new_index(
     return SociIndex(
         artifact_type=ARTIFACT_V2 if v2 else ARTIFACT_V1,
         ztocs=tuple(ztocs),
-        subject=dict(subject) if subject is not None else None,
+        subject=(
+            {k: subject[k] for k in ("mediaType", "digest", "size")}
+            if subject is not None
+            else None
+        ),
         annotations={ANN_BUILD_TOOL: BUILD_TOOL_IDENTIFIER},
     )
 
