@@ -15,26 +15,7 @@ from typing import Any
 from index import gojson
 from index.digest import Digest, DigestError
 from index.model import BUILD_TOOL_IDENTIFIER
-
-MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-MT_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-MT_ZTOC = "application/octet-stream"
-MT_PREFETCH = "application/vnd.amazon.soci.prefetch.v1+json"
-ARTIFACT_V1 = "application/vnd.amazon.soci.index.v1+json"
-ARTIFACT_V2 = "application/vnd.amazon.soci.index.v2+json"
-EMPTY_CONFIG = b"{}"
-EMPTY_CONFIG_DIGEST = Digest(
-    "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
-)
-
-ANN_LAYER_DIGEST = "com.amazon.soci.image-layer-digest"
-ANN_LAYER_MEDIA_TYPE = "com.amazon.soci.image-layer-mediaType"
-ANN_SPAN_SIZE = "com.amazon.soci.span-size"
-ANN_DISABLE_XATTRS = "com.amazon.soci.disable-xattrs"
-ANN_BUILD_TOOL = "com.amazon.soci.build-tool-identifier"
-ANN_INDEX_DIGEST = "com.amazon.soci.index-digest"
-ANN_IMAGE_MANIFEST_DIGEST = "com.amazon.soci.image-manifest-digest"
+from index.oci import mediatypes as mt
 
 
 class IndexManifestError(ValueError):
@@ -137,15 +118,15 @@ class ZtocDescriptor:
 
     def to_descriptor(self) -> dict[str, Any]:
         annotations = {
-            ANN_LAYER_DIGEST: str(self.layer_digest),
-            ANN_LAYER_MEDIA_TYPE: self.layer_media_type,
-            ANN_SPAN_SIZE: str(self.span_size),
+            mt.ANNOTATION_LAYER_DIGEST: str(self.layer_digest),
+            mt.ANNOTATION_LAYER_MEDIA_TYPE: self.layer_media_type,
+            mt.ANNOTATION_SPAN_SIZE: str(self.span_size),
         }
         if self.disable_xattrs:
-            annotations[ANN_DISABLE_XATTRS] = "true"
+            annotations[mt.ANNOTATION_DISABLE_XATTRS] = "true"
         return go_descriptor(
             {
-                "mediaType": MT_ZTOC,
+                "mediaType": mt.SOCI_ZTOC,
                 "digest": self.digest,
                 "size": self.size,
                 "annotations": annotations,
@@ -165,7 +146,7 @@ class SociIndex:
 
     @property
     def version(self) -> str:
-        return "v1" if self.artifact_type == ARTIFACT_V1 else "v2"
+        return "v1" if self.artifact_type == mt.SOCI_INDEX_V1 else "v2"
 
     def ztoc_for_layer(self, layer_digest: str) -> ZtocDescriptor | None:
         for z in self.ztocs:
@@ -177,11 +158,11 @@ class SociIndex:
         """The manifest bytes, byte-identical to what the AWS CLI writes for the same inputs."""
         manifest: dict[str, Any] = {
             "schemaVersion": 2,
-            "mediaType": MT_OCI_MANIFEST,
+            "mediaType": mt.OCI_MANIFEST,
             "config": {
                 "mediaType": self.artifact_type,
-                "digest": str(EMPTY_CONFIG_DIGEST),
-                "size": len(EMPTY_CONFIG),
+                "digest": str(mt.EMPTY_CONFIG_DIGEST),
+                "size": len(mt.EMPTY_CONFIG_DATA),
             },
             "layers": [z.to_descriptor() for z in self.ztocs]
             + [go_descriptor(p) for p in self.prefetch],
@@ -201,14 +182,14 @@ def new_index(
     if v2 and subject is not None:
         raise IndexManifestError("a v2 SOCI index has no subject")
     return SociIndex(
-        artifact_type=ARTIFACT_V2 if v2 else ARTIFACT_V1,
+        artifact_type=mt.SOCI_INDEX_V2 if v2 else mt.SOCI_INDEX_V1,
         ztocs=tuple(ztocs),
         subject=(
             {k: subject[k] for k in ("mediaType", "digest", "size")}
             if subject is not None
             else None
         ),
-        annotations={ANN_BUILD_TOOL: BUILD_TOOL_IDENTIFIER},
+        annotations={mt.ANNOTATION_BUILD_TOOL: BUILD_TOOL_IDENTIFIER},
     )
 
 
@@ -226,32 +207,32 @@ def parse_index(data: bytes) -> SociIndex:
     if not isinstance(doc, dict):
         raise IndexManifestError("SOCI index is not a JSON object")
     artifact_type = (doc.get("config") or {}).get("mediaType")
-    if artifact_type not in (ARTIFACT_V1, ARTIFACT_V2):
+    if artifact_type not in (mt.SOCI_INDEX_V1, mt.SOCI_INDEX_V2):
         raise IndexManifestError(
             f"not a SOCI index: config mediaType {artifact_type!r} is neither "
-            f"{ARTIFACT_V1} nor {ARTIFACT_V2}"
+            f"{mt.SOCI_INDEX_V1} nor {mt.SOCI_INDEX_V2}"
         )
     ztocs: list[ZtocDescriptor] = []
     prefetch: list[dict[str, Any]] = []
     for i, layer in enumerate(doc.get("layers") or []):
         if not isinstance(layer, dict):
             raise IndexManifestError(f"SOCI index layer {i} is not an object")
-        mt = layer.get("mediaType")
+        media_type = layer.get("mediaType")
         ann = layer.get("annotations") or {}
-        if mt == MT_PREFETCH:
+        if media_type == mt.SOCI_PREFETCH:
             prefetch.append(layer)
             continue
-        if mt != MT_ZTOC:
+        if media_type != mt.SOCI_ZTOC:
             continue
         try:
             ztocs.append(
                 ZtocDescriptor(
                     digest=Digest(layer.get("digest", "")),
                     size=int(layer.get("size", 0)),
-                    layer_digest=Digest(ann.get(ANN_LAYER_DIGEST, "")),
-                    layer_media_type=str(ann.get(ANN_LAYER_MEDIA_TYPE, "")),
-                    span_size=int(ann.get(ANN_SPAN_SIZE, "0") or 0),
-                    disable_xattrs=ann.get(ANN_DISABLE_XATTRS) == "true",
+                    layer_digest=Digest(ann.get(mt.ANNOTATION_LAYER_DIGEST, "")),
+                    layer_media_type=str(ann.get(mt.ANNOTATION_LAYER_MEDIA_TYPE, "")),
+                    span_size=int(ann.get(mt.ANNOTATION_SPAN_SIZE, "0") or 0),
+                    disable_xattrs=ann.get(mt.ANNOTATION_DISABLE_XATTRS) == "true",
                 )
             )
         except (DigestError, ValueError, TypeError) as e:
@@ -272,13 +253,13 @@ def rewrite_image_manifest(manifest: Mapping[str, Any], index_digest: str | None
     """The image manifest as `soci convert` rewrites it: OCI media types, and the
     `com.amazon.soci.index-digest` annotation when the manifest was indexed."""
     rewritten = dict(manifest)
-    rewritten["mediaType"] = MT_OCI_MANIFEST
+    rewritten["mediaType"] = mt.OCI_MANIFEST
     config = dict(manifest.get("config") or {})
-    config["mediaType"] = MT_OCI_CONFIG
+    config["mediaType"] = mt.OCI_CONFIG
     rewritten["config"] = config
     annotations = dict(manifest.get("annotations") or {})
     if index_digest is not None:
-        annotations[ANN_INDEX_DIGEST] = index_digest
+        annotations[mt.ANNOTATION_INDEX_DIGEST] = index_digest
     rewritten["annotations"] = annotations
     return gojson.marshal(go_manifest(rewritten))
 
@@ -289,12 +270,12 @@ def index_descriptor_v2(
     """The descriptor of a v2 SOCI index as it sits in the image's OCI index."""
     return go_descriptor(
         {
-            "mediaType": MT_OCI_MANIFEST,
+            "mediaType": mt.OCI_MANIFEST,
             "digest": Digest.of(index_bytes),
             "size": len(index_bytes),
-            "annotations": {ANN_IMAGE_MANIFEST_DIGEST: manifest_digest},
+            "annotations": {mt.ANNOTATION_IMAGE_MANIFEST_DIGEST: manifest_digest},
             "platform": platform,
-            "artifactType": ARTIFACT_V2,
+            "artifactType": mt.SOCI_INDEX_V2,
         }
     )
 
@@ -305,7 +286,7 @@ def add_index_descriptor(image_index: dict[str, Any], desc: Mapping[str, Any]) -
     want = go_platform(desc.get("platform") or {})
     for i, existing in enumerate(manifests):
         if (
-            existing.get("artifactType") == ARTIFACT_V2
+            existing.get("artifactType") == mt.SOCI_INDEX_V2
             and go_platform(existing.get("platform") or {}) == want
         ):
             manifests[i] = dict(desc)
@@ -316,5 +297,5 @@ def add_index_descriptor(image_index: dict[str, Any], desc: Mapping[str, Any]) -
 def image_index_json(image_index: Mapping[str, Any]) -> bytes:
     """The OCI image index bytes (media type forced to OCI, Go field order)."""
     doc = dict(image_index)
-    doc["mediaType"] = MT_OCI_INDEX
+    doc["mediaType"] = mt.OCI_INDEX
     return gojson.marshal(go_image_index(doc))

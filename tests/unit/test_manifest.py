@@ -9,14 +9,6 @@ import pytest
 from index import gojson
 from index.digest import Digest
 from index.manifest import (
-    ANN_IMAGE_MANIFEST_DIGEST,
-    ANN_INDEX_DIGEST,
-    ARTIFACT_V1,
-    ARTIFACT_V2,
-    EMPTY_CONFIG,
-    EMPTY_CONFIG_DIGEST,
-    MT_OCI_CONFIG,
-    MT_OCI_MANIFEST,
     IndexManifestError,
     ZtocDescriptor,
     add_index_descriptor,
@@ -26,6 +18,7 @@ from index.manifest import (
     parse_index,
     rewrite_image_manifest,
 )
+from index.oci import mediatypes as mt
 
 LAYER_GZ = "application/vnd.oci.image.layer.v1.tar+gzip"
 
@@ -42,17 +35,21 @@ def _z(n: int, *, disable_xattrs: bool = False) -> ZtocDescriptor:
 
 
 def test_empty_config_digest() -> None:
-    assert Digest.of(EMPTY_CONFIG) == EMPTY_CONFIG_DIGEST
+    assert Digest.of(mt.EMPTY_CONFIG_DATA) == mt.EMPTY_CONFIG_DIGEST
 
 
 def test_v1_index_bytes_follow_go_field_order() -> None:
-    subject = {"mediaType": MT_OCI_MANIFEST, "digest": "sha256:" + "c" * 64, "size": 7, "x": 1}
+    subject = {"mediaType": mt.OCI_MANIFEST, "digest": "sha256:" + "c" * 64, "size": 7, "x": 1}
     idx = new_index([_z(1), _z(2, disable_xattrs=True)], v2=False, subject=subject)
     raw = idx.to_json()
     assert b", " not in raw and b": " not in raw and not raw.endswith(b"\n")
     doc = json.loads(raw)
     assert list(doc) == ["schemaVersion", "mediaType", "config", "layers", "subject", "annotations"]
-    assert doc["config"] == {"mediaType": ARTIFACT_V1, "digest": EMPTY_CONFIG_DIGEST, "size": 2}
+    assert doc["config"] == {
+        "mediaType": mt.SOCI_INDEX_V1,
+        "digest": mt.EMPTY_CONFIG_DIGEST,
+        "size": 2,
+    }
     assert list(doc["layers"][1]["annotations"]) == [
         "com.amazon.soci.disable-xattrs",
         "com.amazon.soci.image-layer-digest",
@@ -60,7 +57,7 @@ def test_v1_index_bytes_follow_go_field_order() -> None:
         "com.amazon.soci.span-size",
     ]
     assert doc["subject"] == {
-        "mediaType": MT_OCI_MANIFEST,
+        "mediaType": mt.OCI_MANIFEST,
         "digest": "sha256:" + "c" * 64,
         "size": 7,
     }
@@ -105,9 +102,9 @@ def test_v2_binding() -> None:
     }
     idx = new_index([_z(1)], v2=True).to_json()
     rewritten = json.loads(rewrite_image_manifest(manifest, Digest.of(idx)))
-    assert rewritten["mediaType"] == MT_OCI_MANIFEST
-    assert rewritten["config"]["mediaType"] == MT_OCI_CONFIG
-    assert rewritten["annotations"] == {ANN_INDEX_DIGEST: Digest.of(idx)}
+    assert rewritten["mediaType"] == mt.OCI_MANIFEST
+    assert rewritten["config"]["mediaType"] == mt.OCI_CONFIG
+    assert rewritten["annotations"] == {mt.ANNOTATION_INDEX_DIGEST: Digest.of(idx)}
     assert "unknown" not in rewritten["layers"][0]
 
     platform = {"os": "linux", "architecture": "amd64"}
@@ -115,7 +112,7 @@ def test_v2_binding() -> None:
         "schemaVersion": 2,
         "manifests": [
             {
-                "mediaType": MT_OCI_MANIFEST,
+                "mediaType": mt.OCI_MANIFEST,
                 "digest": "sha256:" + "3" * 64,
                 "size": 5,
                 "platform": platform,
@@ -124,7 +121,7 @@ def test_v2_binding() -> None:
     }
     desc = index_descriptor_v2(idx, "sha256:" + "3" * 64, platform)
     assert list(desc) == ["mediaType", "digest", "size", "annotations", "platform", "artifactType"]
-    assert desc["annotations"] == {ANN_IMAGE_MANIFEST_DIGEST: "sha256:" + "3" * 64}
+    assert desc["annotations"] == {mt.ANNOTATION_IMAGE_MANIFEST_DIGEST: "sha256:" + "3" * 64}
     assert list(desc["platform"]) == ["architecture", "os"]
     add_index_descriptor(image_index, desc)
     again = index_descriptor_v2(
@@ -132,6 +129,6 @@ def test_v2_binding() -> None:
     )
     add_index_descriptor(image_index, again)  # replaces, same platform
     doc = json.loads(image_index_json(image_index))
-    assert [m.get("artifactType") for m in doc["manifests"]] == [None, ARTIFACT_V2]
+    assert [m.get("artifactType") for m in doc["manifests"]] == [None, mt.SOCI_INDEX_V2]
     assert doc["manifests"][1]["digest"] == again["digest"]
     assert doc["mediaType"] == "application/vnd.oci.image.index.v1+json"
