@@ -1,0 +1,355 @@
+"""Building SOCI indexes for an image: `sociable create` (v1) and `sociable convert` (v2).
+
+The image comes from an `ImageSource` (a registry or an OCI layout); zTOCs and indexes go to the
+`LocalStore`. Layers are built in parallel threads (the inflate loop and hashing release the
+GIL). The v2 output (the rewritten manifests and OCI index, spec/soci.md §3.4) is returned as
+bytes for a sink to write; nothing here talks to a registry directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from index.builder import LayerSkipped, build_ztoc
+from index.digest import Digest
+from index.manifest import (
+    SociIndex,
+    ZtocDescriptor,
+    add_index_descriptor,
+    image_index_json,
+    index_descriptor_v2,
+    new_index,
+    rewrite_image_manifest,
+)
+from index.model import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
+from index.oci import mediatypes as mt
+from index.oci.descriptor import Descriptor
+from index.oci.platform import Platform, select_platform
+from index.store import LocalStore
+from index.ztoc_codec import encode_ztoc
+
+
+class ConvertError(Exception):
+    """An image cannot be indexed: the message names the image, platform or layer and why."""
+
+
+class ImageSource(Protocol):
+    """Where an image's manifests and blobs are read from (a registry or an OCI layout)."""
+
+    name: str
+    """How the image is named to the user (a reference, or `oci-layout:PATH:TAG`)."""
+
+    def resolve(self) -> Descriptor:
+        """The top-level descriptor (an image manifest or an image index)."""
+        ...
+
+    def read_manifest(self, desc: Descriptor) -> bytes:
+        """The manifest's bytes, verified against `desc.digest`."""
+        ...
+
+    def read_blob(self, desc: Descriptor) -> bytes:
+        """A small blob (a config), verified."""
+        ...
+
+    @contextlib.contextmanager
+    def blob_file(self, desc: Descriptor) -> Iterator[Path]:
+        """A local file holding the verified blob for the duration of the context."""
+        ...
+
+
+Reporter = Callable[[str], None]
+"""Receives one-line messages for the user (skips, reuse, warnings)."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    span_size: int = DEFAULT_SPAN_SIZE
+    min_layer_size: int = DEFAULT_MIN_LAYER_SIZE
+    platforms: tuple[Platform, ...] = ()
+    all_platforms: bool = False
+    force: bool = False
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class ImageManifest:
+    """One platform's image manifest, as the source has it."""
+
+    desc: Descriptor
+    raw: bytes
+    doc: dict[str, Any]
+    platform: Platform
+
+    @property
+    def layers(self) -> list[Descriptor]:
+        return [Descriptor.from_json(d) for d in self.doc.get("layers") or []]
+
+
+@dataclass(frozen=True)
+class BuiltIndex:
+    image: ImageManifest
+    index: SociIndex
+    index_bytes: bytes
+
+    @property
+    def digest(self) -> Digest:
+        return Digest.of(self.index_bytes)
+
+
+@dataclass(frozen=True)
+class SelectedImage:
+    root: Descriptor
+    image_index: dict[str, Any] | None
+    """The parsed image index when the source's top level is one; None for a lone manifest."""
+    manifests: list[ImageManifest]
+
+
+def _json(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(data)
+    except ValueError as e:
+        raise ConvertError(f"{what} is not valid JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise ConvertError(f"{what} is not a JSON object")
+    return doc
+
+
+def select_manifests(source: ImageSource, opts: BuildOptions) -> SelectedImage:
+    """The platform manifests to index: all, the requested ones, or the host's."""
+    root = source.resolve()
+    if mt.is_manifest(root.media_type):
+        raw = source.read_manifest(root)
+        doc = _json(raw, f"manifest {root.digest} of {source.name}")
+        config = _json(
+            source.read_blob(Descriptor.from_json(doc["config"])), f"config of {source.name}"
+        )
+        platform = root.platform or Platform(
+            os=str(config.get("os", "linux")),
+            architecture=str(config.get("architecture", "amd64")),
+            variant=str(config.get("variant", "")),
+        )
+        if opts.platforms and not any(p.matches(platform) for p in opts.platforms):
+            wanted = ", ".join(map(str, opts.platforms))
+            raise ConvertError(f"{source.name} is {platform}, not {wanted}")
+        return SelectedImage(root, None, [ImageManifest(root, raw, doc, platform)])
+    if not mt.is_index(root.media_type):
+        raise ConvertError(f"{source.name} is a {root.media_type}, not an image or image index")
+    image_index = _json(source.read_manifest(root), f"image index of {source.name}")
+    candidates = [
+        Descriptor.from_json(m)
+        for m in image_index.get("manifests") or []
+        if mt.is_manifest(m.get("mediaType", ""))
+        and not mt.is_soci_index(m.get("artifactType", ""))
+    ]
+    platforms = [c.platform or Platform("unknown", "unknown") for c in candidates]
+    if opts.all_platforms:
+        chosen = list(range(len(candidates)))
+    else:
+        chosen = []
+        for want in opts.platforms or (Platform.host(),):
+            i = select_platform(want, platforms)
+            if i is None:
+                have = ", ".join(map(str, platforms)) or "none"
+                raise ConvertError(f"{source.name} has no manifest for {want} (it has: {have})")
+            if i not in chosen:
+                chosen.append(i)
+    manifests = []
+    for i in chosen:
+        raw = source.read_manifest(candidates[i])
+        doc = _json(raw, f"manifest {candidates[i].digest} of {source.name}")
+        manifests.append(ImageManifest(candidates[i], raw, doc, platforms[i]))
+    return SelectedImage(root, image_index, manifests)
+
+
+def _build_one_layer(
+    source: ImageSource, layer: Descriptor, opts: BuildOptions, store: LocalStore, report: Reporter
+) -> ZtocDescriptor | None:
+    """The zTOC for one layer, built or reused; None (with a message) when the layer is skipped."""
+    if not mt.is_layer(layer.media_type):
+        raise ConvertError(f"layer {layer.digest}: {layer.media_type} is not a layer mediaType")
+    if layer.size < opts.min_layer_size:
+        report(
+            f"ztoc skipped - layer {layer.digest} ({layer.media_type}) size {layer.size} "
+            f"is less than min-layer-size {opts.min_layer_size}"
+        )
+        return None
+    if not opts.force and (found := store.find_ztoc(layer.digest, opts.span_size)) is not None:
+        report(f"layer {layer.digest}: reusing zTOC {found.digest}")
+        return ZtocDescriptor(
+            found.digest, found.size, layer.digest, layer.media_type, opts.span_size
+        )
+    try:
+        with source.blob_file(layer) as path:
+            ztoc = build_ztoc(path, layer.media_type, opts.span_size)
+    except LayerSkipped as e:
+        report(f"ztoc skipped - layer {layer.digest} ({layer.media_type}): {e}")
+        return None
+    data = encode_ztoc(ztoc)
+    digest = store.put_blob(data)
+    store.add_ztoc(digest, len(data), layer.digest, layer.media_type, opts.span_size)
+    return ZtocDescriptor(digest, len(data), layer.digest, layer.media_type, opts.span_size)
+
+
+def build_layer_ztocs(
+    source: ImageSource,
+    manifests: Sequence[ImageManifest],
+    opts: BuildOptions,
+    store: LocalStore,
+    report: Reporter,
+    on_layer_done: Callable[[Descriptor], None] | None = None,
+) -> dict[Digest, ZtocDescriptor | None]:
+    """Build (or reuse) one zTOC per distinct layer of `manifests`, in parallel.
+
+    A layer that fails (an unsupported tar entry, a corrupt blob) is reported and left out, as
+    the AWS CLI does; the caller decides whether an index with what is left is worth having.
+    """
+    layers: dict[Digest, Descriptor] = {}
+    for m in manifests:
+        for layer in m.layers:
+            layers.setdefault(layer.digest, layer)
+    results: dict[Digest, ZtocDescriptor | None] = {}
+
+    def work(layer: Descriptor) -> tuple[Descriptor, ZtocDescriptor | None]:
+        try:
+            return layer, _build_one_layer(source, layer, opts, store, report)
+        except ConvertError:
+            raise
+        except Exception as e:
+            report(f"ztoc failed - layer {layer.digest} of {source.name}: {e}")
+            return layer, None
+
+    # Largest first so that the longest build starts early and the pool stays busy.
+    ordered = sorted(layers.values(), key=lambda d: d.size, reverse=True)
+    with ThreadPoolExecutor(max_workers=max(1, opts.workers), thread_name_prefix="ztoc") as pool:
+        for layer, ztoc in pool.map(work, ordered):
+            results[layer.digest] = ztoc
+            if on_layer_done is not None:
+                on_layer_done(layer)
+    return results
+
+
+def build_indexes(
+    source: ImageSource,
+    selected: SelectedImage,
+    ztocs: Mapping[Digest, ZtocDescriptor | None],
+    *,
+    v2: bool,
+    store: LocalStore,
+    report: Reporter,
+) -> list[BuiltIndex]:
+    """One SOCI index per platform manifest, stored locally.
+
+    A platform whose layers all ended up without a zTOC is skipped with a message; raises
+    ConvertError when every platform is.
+    """
+    built: list[BuiltIndex] = []
+    for m in selected.manifests:
+        entries = [z for layer in m.layers if (z := ztocs.get(layer.digest)) is not None]
+        if not entries:
+            report(f"{source.name} ({m.platform}): no ztocs created, platform skipped")
+            continue
+        subject = None if v2 else m.desc.to_json()
+        index = new_index(entries, v2=v2, subject=subject)
+        built.append(BuiltIndex(m, index, index.to_json()))
+    if not built:
+        raise ConvertError(
+            f"{source.name}: no ztocs created, all layers either skipped or produced errors"
+        )
+    store.put_blob(mt.EMPTY_CONFIG_DATA)
+    for b in built:
+        store.put_blob(b.index_bytes)
+    return built
+
+
+@dataclass(frozen=True)
+class ConvertedImage:
+    """The v2 output of `convert`: new blobs and manifests to add next to the original image."""
+
+    root: Descriptor
+    """The new top-level descriptor: an OCI image index."""
+    root_bytes: bytes
+    manifests: dict[Digest, bytes]
+    """Rewritten image manifests and the SOCI index manifests, by digest."""
+    blobs: dict[Digest, bytes]
+    """zTOCs and the `{}` config blob, by digest."""
+
+
+def bind_v2(
+    selected: SelectedImage, built: Sequence[BuiltIndex], store: LocalStore, image_ref: str
+) -> ConvertedImage:
+    """Rewrite the image's manifests and OCI index to carry the v2 indexes (spec/soci.md §3.4).
+
+    Also records each index in the store against its rewritten manifest's digest.
+    """
+    by_manifest = {b.image.desc.digest: b for b in built}
+    if selected.image_index is not None:
+        image_index = dict(selected.image_index)
+        entries = [dict(e) for e in image_index.get("manifests") or []]
+    else:
+        image_index = {"schemaVersion": 2}
+        entries = [{**selected.root.to_json(), "platform": built[0].image.platform.to_json()}]
+    manifests: dict[Digest, bytes] = {}
+    blobs: dict[Digest, bytes] = {mt.EMPTY_CONFIG_DIGEST: mt.EMPTY_CONFIG_DATA}
+    image_by_digest = {m.desc.digest: m for m in selected.manifests}
+    new_entries: list[dict[str, Any]] = []
+    index_descs: list[dict[str, Any]] = []
+    for entry in entries:
+        digest = entry.get("digest")
+        m = image_by_digest.get(Digest(digest)) if isinstance(digest, str) else None
+        if m is None:
+            new_entries.append(entry)  # not local, not indexed: untouched
+            continue
+        b = by_manifest.get(m.desc.digest)
+        rewritten = rewrite_image_manifest(m.doc, b.digest if b is not None else None)
+        new_digest = Digest.of(rewritten)
+        manifests[new_digest] = rewritten
+        doc = json.loads(rewritten)
+        entry = {
+            **entry,
+            "mediaType": mt.OCI_MANIFEST,
+            "digest": new_digest,
+            "size": len(rewritten),
+        }
+        if doc.get("annotations"):
+            entry["annotations"] = doc["annotations"]
+        new_entries.append(entry)
+        if b is not None:
+            manifests[b.digest] = b.index_bytes
+            for z in b.index.ztocs:
+                blobs[z.digest] = store.get_blob(z.digest)
+            index_descs.append(index_descriptor_v2(b.index_bytes, new_digest, m.platform.to_json()))
+            store.add_index(
+                b.digest,
+                len(b.index_bytes),
+                new_digest,
+                image_ref,
+                str(m.platform),
+                b.index.artifact_type,
+                [z.digest for z in b.index.ztocs],
+            )
+    image_index["manifests"] = new_entries
+    for desc in index_descs:
+        add_index_descriptor(image_index, desc)
+    root_bytes = image_index_json(image_index)
+    root = Descriptor(mt.OCI_INDEX, Digest.of(root_bytes), len(root_bytes))
+    return ConvertedImage(root, root_bytes, manifests, blobs)
+
+
+@contextlib.contextmanager
+def temp_blob_file(dir_hint: Path | None = None) -> Iterator[Path]:
+    """A temporary file path for a downloaded blob, removed afterwards."""
+    fd, name = tempfile.mkstemp(prefix="sociable-layer-", dir=dir_hint)
+    os.close(fd)
+    try:
+        yield Path(name)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
