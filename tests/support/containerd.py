@@ -741,3 +741,108 @@ def start_sociable(base: Path, *extra_args: str) -> Iterator[SociableDaemon]:
         finally:
             unmount_all(base)
             shutil.rmtree(base, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# A thin Snapshots v1 client (for containerd's snapshots service or a daemon socket)
+
+
+@dataclass(frozen=True)
+class MountSpec:
+    type: str
+    source: str
+    options: tuple[str, ...]
+
+
+def snapshot_dir_of(mounts: Sequence[MountSpec]) -> Path:
+    """The ``snapshots/<id>`` directory whose ``fs`` a Prepare/Mounts answer writes to (upperdir
+    of an overlay, source of a bind). Raises ``ValueError`` for an answer without one."""
+    for m in mounts:
+        if m.type == "bind":
+            return Path(m.source).parent
+        for opt in m.options:
+            if opt.startswith("upperdir="):
+                return Path(opt.split("=", 1)[1]).parent
+    raise ValueError(f"no writable snapshot dir in mounts {mounts!r}")
+
+
+class SnapshotsClient:
+    """Calls ``containerd.services.snapshots.v1.Snapshots`` on ``channel``.
+
+    ``snapshotter`` fills every request's ``snapshotter`` field; ``namespace`` (when given) is
+    sent as the ``containerd-namespace`` metadata header, which containerd's own service needs.
+    Errors propagate as ``grpc.RpcError``.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        snapshotter: str,
+        namespace: str | None = None,
+        timeout_s: float = 60.0,
+    ) -> None:
+        from snapshotter.api import snapshots_pb2, snapshots_pb2_grpc
+
+        self.pb: Any = snapshots_pb2
+        self._stub: Any = snapshots_pb2_grpc.SnapshotsStub(channel)
+        self.snapshotter = snapshotter
+        self._md = (("containerd-namespace", namespace),) if namespace else ()
+        self._timeout = timeout_s
+
+    def _kw(self) -> dict[str, Any]:
+        return {"metadata": self._md, "timeout": self._timeout}
+
+    @staticmethod
+    def _mounts(resp: Any) -> list[MountSpec]:
+        return [MountSpec(m.type, m.source, tuple(m.options)) for m in resp.mounts]
+
+    def prepare(
+        self, key: str, parent: str = "", labels: dict[str, str] | None = None
+    ) -> list[MountSpec]:
+        req = self.pb.PrepareSnapshotRequest(
+            snapshotter=self.snapshotter, key=key, parent=parent, labels=labels or {}
+        )
+        return self._mounts(self._stub.Prepare(req, **self._kw()))
+
+    def view(
+        self, key: str, parent: str = "", labels: dict[str, str] | None = None
+    ) -> list[MountSpec]:
+        req = self.pb.ViewSnapshotRequest(
+            snapshotter=self.snapshotter, key=key, parent=parent, labels=labels or {}
+        )
+        return self._mounts(self._stub.View(req, **self._kw()))
+
+    def mounts(self, key: str) -> list[MountSpec]:
+        req = self.pb.MountsRequest(snapshotter=self.snapshotter, key=key)
+        return self._mounts(self._stub.Mounts(req, **self._kw()))
+
+    def commit(self, name: str, key: str, labels: dict[str, str] | None = None) -> None:
+        req = self.pb.CommitSnapshotRequest(
+            snapshotter=self.snapshotter, name=name, key=key, labels=labels or {}
+        )
+        self._stub.Commit(req, **self._kw())
+
+    def remove(self, key: str) -> None:
+        self._stub.Remove(
+            self.pb.RemoveSnapshotRequest(snapshotter=self.snapshotter, key=key), **self._kw()
+        )
+
+    def stat(self, key: str) -> Any:
+        """The ``Info`` message of ``key``."""
+        req = self.pb.StatSnapshotRequest(snapshotter=self.snapshotter, key=key)
+        return self._stub.Stat(req, **self._kw()).info
+
+    def list(self, *filters: str) -> list[Any]:
+        """Every ``Info`` the List stream yields (all batches)."""
+        req = self.pb.ListSnapshotsRequest(snapshotter=self.snapshotter, filters=list(filters))
+        return [info for batch in self._stub.List(req, **self._kw()) for info in batch.info]
+
+    def usage(self, key: str) -> tuple[int, int]:
+        """(size in bytes, inodes)."""
+        resp = self._stub.Usage(
+            self.pb.UsageRequest(snapshotter=self.snapshotter, key=key), **self._kw()
+        )
+        return int(resp.size), int(resp.inodes)
+
+    def cleanup(self) -> None:
+        self._stub.Cleanup(self.pb.CleanupRequest(snapshotter=self.snapshotter), **self._kw())
