@@ -40,6 +40,8 @@ from tests.support.containerd import (
 
 OPS = ("Prepare", "Mounts", "Commit", "Stat", "List")
 NAMESPACE = "bench"
+GC_ROOT = {"containerd.io/gc.root": "sociable-bench"}
+"""containerd's GC (run after every 100 mutations) would delete unreferenced snapshots."""
 
 
 @dataclass
@@ -48,7 +50,7 @@ class Samples:
 
     by_op: dict[str, list[float]] = field(default_factory=lambda: {op: [] for op in OPS})
 
-    def timed(self, op: str, fn: Callable[..., object], *args: str) -> None:
+    def timed(self, op: str, fn: Callable[..., object], *args: object) -> None:
         """Calls ``fn(*args)`` and records its wall-clock latency under ``op``."""
         t0 = time.perf_counter()
         fn(*args)
@@ -67,9 +69,9 @@ def percentile(values: list[float], q: float) -> float:
 def run_workload(client: SnapshotsClient, n: int, depth: int, list_runs: int) -> Samples:
     """Drives the workload described in the module docstring; returns per-call latencies."""
     # Warm-up (connection, caches, first sqlite pages): not recorded.
-    client.prepare("warm-a")
+    client.prepare("warm-a", "", GC_ROOT)
     client.mounts("warm-a")
-    client.commit("warm-c", "warm-a")
+    client.commit("warm-c", "warm-a", GC_ROOT)
     client.stat("warm-c")
     client.list()
 
@@ -79,9 +81,9 @@ def run_workload(client: SnapshotsClient, n: int, depth: int, list_runs: int) ->
         if i % depth == 0:
             parent = ""
         key, name = f"bench/{i}/active sha256:{i:064x}", f"sha256:{i:064x}"
-        s.timed("Prepare", client.prepare, key, parent)
+        s.timed("Prepare", client.prepare, key, parent, GC_ROOT)
         s.timed("Mounts", client.mounts, key)
-        s.timed("Commit", client.commit, name, key)
+        s.timed("Commit", client.commit, name, key, GC_ROOT)
         parent = name
     for i in range(n):
         s.timed("Stat", client.stat, f"sha256:{i:064x}")
