@@ -14,7 +14,6 @@ mkdir -p "$out/snapshotter/api"
 python3 -m grpc_tools.protoc \
     -I "$here" \
     --python_out="$out" \
-    --pyi_out="$out" \
     --grpc_python_out="$out" \
     "$here/snapshotter/api/mount.proto" \
     "$here/snapshotter/api/snapshots.proto"

@@ -1,0 +1,5 @@
+"""`python -m snapshotter` runs the sociable-snapshotter command line."""
+
+from .cli import main
+
+main()

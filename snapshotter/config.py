@@ -1,0 +1,209 @@
+"""The daemon's configuration: a typed, frozen tree loaded from TOML.
+
+Keys carry their unit in the name (`_sec`, `_bytes`). `render_default()` is
+the full default file (`sociable-snapshotter config default`, checked in as
+docs/config.default.toml). Unknown keys and wrongly typed values are errors,
+so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/sociable/config.toml")
+DEFAULT_ADDRESS = "/run/sociable/sociable.sock"
+DEFAULT_ROOT = "/var/lib/sociable"
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"doc": text}
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """[daemon]: where the daemon listens and keeps its state."""
+
+    address: str = field(
+        default=DEFAULT_ADDRESS,
+        metadata=_doc(
+            'Unix socket serving the Snapshots gRPC API; "fd://" uses the socket '
+            "passed by systemd (LISTEN_FDS). Overridden by --address."
+        ),
+    )
+    root: str = field(
+        default=DEFAULT_ROOT,
+        metadata=_doc("State directory: metadata.db and snapshots/. Overridden by --root."),
+    )
+    log_level: str = field(
+        default="info",
+        metadata=_doc("One of debug, info, warning, error. Overridden by --log-level."),
+    )
+    grpc_threads: int = field(
+        default=16, metadata=_doc("Worker threads of the gRPC server (concurrent requests).")
+    )
+    shutdown_grace_sec: float = field(
+        default=5.0,
+        metadata=_doc("On SIGTERM/SIGINT, seconds in-flight requests get to finish."),
+    )
+
+
+@dataclass(frozen=True)
+class SnapshotsConfig:
+    """[snapshots]: local snapshot storage."""
+
+    fsync_dirs: bool = field(
+        default=True,
+        metadata=_doc(
+            "fsync snapshots/ after creating a snapshot directory (durability across "
+            "power loss; a process crash is safe either way)."
+        ),
+    )
+    disk_threads: int = field(
+        default=4, metadata=_doc("Threads for disk walks (Usage, Commit) and directory removal.")
+    )
+
+
+@dataclass(frozen=True)
+class ContainerdConfig:
+    """[containerd]: how containerd is expected to use this daemon (`config check`)."""
+
+    plugin_name: str = field(
+        default="sociable",
+        metadata=_doc("Name of the [proxy_plugins.<name>] table and of CRI's snapshotter."),
+    )
+    config_path: str = field(
+        default="/etc/containerd/config.toml",
+        metadata=_doc("containerd config file checked by `config check`."),
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration file."""
+
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    snapshots: SnapshotsConfig = field(default_factory=SnapshotsConfig)
+    containerd: ContainerdConfig = field(default_factory=ContainerdConfig)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _check_value(section: str, key: str, expected: type, value: Any) -> Any:
+    where = f"[{section}] {key}"
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if expected is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if not isinstance(value, expected):
+        raise ConfigError(f"{where}: expected {expected.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _validate(cfg: Config) -> None:
+    d = cfg.daemon
+    if d.log_level not in LOG_LEVELS:
+        raise ConfigError(
+            f"[daemon] log_level: {d.log_level!r} is not one of {', '.join(LOG_LEVELS)}"
+        )
+    if d.grpc_threads < 1:
+        raise ConfigError(f"[daemon] grpc_threads: must be at least 1, got {d.grpc_threads}")
+    if d.shutdown_grace_sec < 0:
+        raise ConfigError("[daemon] shutdown_grace_sec: must not be negative")
+    if not d.root.startswith("/"):
+        raise ConfigError(f"[daemon] root: must be an absolute path, got {d.root!r}")
+    if d.address != "fd://" and not d.address.startswith("/"):
+        raise ConfigError(
+            f'[daemon] address: must be an absolute path or "fd://", got {d.address!r}'
+        )
+    if cfg.snapshots.disk_threads < 1:
+        raise ConfigError("[snapshots] disk_threads: must be at least 1")
+    if not cfg.containerd.plugin_name:
+        raise ConfigError("[containerd] plugin_name: must not be empty")
+
+
+def from_mapping(data: dict[str, Any]) -> Config:
+    """Build a Config from parsed TOML. Raises ConfigError naming the bad key."""
+    sections: dict[str, Any] = {}
+    known = {f.name: f for f in dataclasses.fields(Config)}
+    for name, table in data.items():
+        if name not in known:
+            raise ConfigError(f"unknown section [{name}]")
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{name}] must be a table")
+        cls = known[name].default_factory
+        assert isinstance(cls, type)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in table.items():
+            if key not in fields:
+                raise ConfigError(f"[{name}] unknown key {key!r}")
+            default = fields[key].default
+            values[key] = _check_value(name, key, type(default), value)
+        sections[name] = cls(**values)
+    cfg = Config(**sections)
+    _validate(cfg)
+    return cfg
+
+
+def load(path: Path | None) -> Config:
+    """Load the config file at `path`.
+
+    `path` None means the default location, where a missing file means all
+    defaults; an explicit path that does not exist is a ConfigError, as is
+    invalid TOML or any bad key/value.
+    """
+    explicit = path is not None
+    p = path if path is not None else DEFAULT_CONFIG_PATH
+    try:
+        text = p.read_text()
+    except FileNotFoundError as e:
+        if explicit:
+            raise ConfigError(f"config file {str(p)!r} does not exist") from e
+        return Config()
+    except OSError as e:
+        raise ConfigError(f"config file {str(p)!r} cannot be read: {e.strerror}") from e
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from e
+    try:
+        return from_mapping(data)
+    except ConfigError as e:
+        raise ConfigError(f"config file {str(p)!r}: {e}") from e
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def render(cfg: Config) -> str:
+    """The TOML text of `cfg`, every key with its documentation as a comment."""
+    lines = [
+        "# sociable-snapshotter configuration (all keys, default values).",
+        "# Units are part of key names: _sec seconds, _bytes bytes.",
+    ]
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        lines.append("")
+        lines.append(f"# {(type(sub).__doc__ or '').strip()}")
+        lines.append(f"[{section.name}]")
+        for f in dataclasses.fields(sub):
+            lines.append(f"# {f.metadata.get('doc', '')}")
+            lines.append(f"{f.name} = {_toml_value(getattr(sub, f.name))}")
+    return "\n".join(lines) + "\n"
+
+
+def render_default() -> str:
+    """The full default configuration file."""
+    return render(Config())

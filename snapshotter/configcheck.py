@@ -1,0 +1,116 @@
+"""`config check`: find problems in our config and in containerd's, one line each.
+
+Like Spegel's startup checks, every problem is a sentence saying what is wrong
+and what to set, e.g.
+
+    containerd config /etc/containerd/config.toml: [proxy_plugins.sociable] is missing; add type = "snapshot" and address = "/run/sociable/sociable.sock"
+
+Checked in the containerd file (version 2 = containerd 1.6/1.7, version 3 = 2.x):
+the proxy plugin table (type, address equal to ours), CRI's `snapshotter`,
+`disable_snapshot_annotations = false`, and a registry `config_path` (needed for
+hosts.toml mirrors).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .config import DEFAULT_ADDRESS, Config
+
+SNAPSHOT_PLUGIN_TYPES = ("snapshot", "io.containerd.snapshotter.v1")
+CRI_V2 = "io.containerd.grpc.v1.cri"
+CRI_V3_IMAGES = "io.containerd.cri.v1.images"
+
+
+def _table(data: dict[str, Any], *path: str) -> dict[str, Any] | None:
+    cur: Any = data
+    for p in path:
+        if not isinstance(cur, dict) or not isinstance(cur.get(p), dict):
+            return None
+        cur = cur[p]
+    return cur if isinstance(cur, dict) else None
+
+
+def check_containerd(cfg: Config, address: str, text: str, where: str) -> list[str]:
+    """Problems in containerd config `text` (named `where` in messages) for our `address`."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        return [f"{where}: not valid TOML: {e}"]
+    problems: list[str] = []
+    name = cfg.containerd.plugin_name
+    expected_address = DEFAULT_ADDRESS if address == "fd://" else address
+    version = data.get("version", 1)
+    if version not in (2, 3):
+        problems.append(
+            f"{where}: version = {version!r}; containerd 1.6/1.7 need version = 2 "
+            "(2.x: version = 3) for the settings below to apply"
+        )
+    plugin = _table(data, "proxy_plugins", name)
+    if plugin is None:
+        problems.append(
+            f'{where}: [proxy_plugins.{name}] is missing; add type = "snapshot" and '
+            f'address = "{expected_address}"'
+        )
+    else:
+        if plugin.get("type") not in SNAPSHOT_PLUGIN_TYPES:
+            problems.append(
+                f'{where}: [proxy_plugins.{name}] type = {plugin.get("type")!r}; set type = "snapshot"'
+            )
+        if plugin.get("address") != expected_address:
+            problems.append(
+                f"{where}: [proxy_plugins.{name}] address = {plugin.get('address')!r} but the "
+                f'snapshotter listens on "{expected_address}"'
+            )
+    if version == 3:
+        cri = _table(data, "plugins", CRI_V3_IMAGES) or {}
+        cri_name = f'[plugins."{CRI_V3_IMAGES}"]'
+        registry = cri.get("registry") if isinstance(cri.get("registry"), dict) else {}
+        registry_name = f'[plugins."{CRI_V3_IMAGES}".registry]'
+    else:
+        cri = _table(data, "plugins", CRI_V2, "containerd") or {}
+        cri_name = f'[plugins."{CRI_V2}".containerd]'
+        registry = _table(data, "plugins", CRI_V2, "registry") or {}
+        registry_name = f'[plugins."{CRI_V2}".registry]'
+    if cri.get("snapshotter") != name:
+        problems.append(
+            f"{where}: {cri_name} snapshotter = {cri.get('snapshotter', 'overlayfs')!r}; "
+            f'set snapshotter = "{name}" so CRI pulls and runs images with it'
+        )
+    if cri.get("disable_snapshot_annotations", True) is not False:
+        problems.append(
+            f"{where}: {cri_name} disable_snapshot_annotations is not false (the default is "
+            "true); set it to false or CRI will not pass image labels to the snapshotter"
+        )
+    assert isinstance(registry, dict)
+    if not registry.get("config_path"):
+        problems.append(
+            f"{where}: {registry_name} config_path is not set; set it (e.g. "
+            '"/etc/containerd/certs.d") so registry hosts.toml mirrors apply'
+        )
+    return problems
+
+
+def check_ours(cfg: Config, address: str, root: Path) -> list[str]:
+    """Problems with our own settings that loading cannot catch (filesystem state)."""
+    problems: list[str] = []
+    if address != "fd://" and len(address.encode()) > 107:
+        problems.append(f"address {address!r} is longer than a unix socket path may be (107 bytes)")
+    if root.exists() and not root.is_dir():
+        problems.append(f"root {str(root)!r} exists and is not a directory")
+    return problems
+
+
+def check_all(cfg: Config, address: str, root: Path, containerd_config: Path) -> list[str]:
+    """Every problem found, one line each; [] when all is well."""
+    problems = check_ours(cfg, address, root)
+    where = f"containerd config {containerd_config}"
+    try:
+        text = containerd_config.read_text()
+    except OSError as e:
+        problems.append(f"{where}: cannot be read: {e.strerror}")
+        return problems
+    problems.extend(check_containerd(cfg, address, text, where))
+    return problems
