@@ -1,0 +1,321 @@
+"""A thin pyfuse3 adapter over `LayerHost`: it translates calls and errors, nothing more.
+
+Every handler calls one host method. `FsError`s become `pyfuse3.FUSEError(errno)` through ONE
+table (`ERRNO_TABLE`, most specific class first); any other exception is logged once here and
+becomes EIO, so no exception ever escapes into pyfuse3's main loop (which would end it).
+
+Caching (DESIGN.md D7): layer inodes are immutable, so entries and attributes get long
+timeouts and files open with `keep_cache`; the FUSE root, state directory and status file
+(whose contents change) get zero timeouts and direct I/O.
+
+pyfuse3 keeps its session in module globals: one mount per process (DESIGN.md D1).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import subprocess
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any, Final
+
+import pyfuse3
+import trio
+
+from snapshotter.fs.errors import (
+    BadHandle,
+    FsError,
+    IsADirectory,
+    LayerExists,
+    LayerReadError,
+    NoSuchAttribute,
+    NotADirectory,
+    NotASymlink,
+    NotFound,
+    PermissionDenied,
+    ReadOnly,
+    TreeBuildError,
+)
+from snapshotter.fs.host import Attr, LayerHost
+from snapshotter.fs.readers import LayerReader
+from snapshotter.fs.tree import LayerTree
+
+log = logging.getLogger(__name__)
+
+LONG_TIMEOUT_S: Final = 3600.0
+"""Entry and attribute timeout of layer inodes, in seconds (layers never change)."""
+
+ERRNO_TABLE: Final[tuple[tuple[type[FsError], int], ...]] = (
+    (NotFound, errno.ENOENT),
+    (NotADirectory, errno.ENOTDIR),
+    (IsADirectory, errno.EISDIR),
+    (NotASymlink, errno.EINVAL),
+    (NoSuchAttribute, errno.ENODATA),
+    (ReadOnly, errno.EROFS),
+    (PermissionDenied, errno.EACCES),
+    (BadHandle, errno.EBADF),
+    (LayerExists, errno.EEXIST),
+    (LayerReadError, errno.EIO),
+    (TreeBuildError, errno.EIO),
+    (FsError, errno.EIO),
+)
+"""Domain error → errno, most specific class first. Anything not listed is EIO."""
+
+MOUNT_OPTIONS: Final = frozenset(
+    {
+        "fsname=sociable",
+        "subtype=sociable",
+        "ro",
+        # overlayfs and containerd run as root, but pods may not: let others see the mount...
+        "allow_other",
+        # ...and let the kernel check mode bits, so a root-owned 0700 directory inside a layer
+        # stays closed to other users who look at the FUSE mount directly.
+        "default_permissions",
+    }
+)
+
+
+def errno_for(exc: BaseException) -> int:
+    """The errno a FUSE request failing with `exc` answers: `ERRNO_TABLE`, else EIO."""
+    for cls, code in ERRNO_TABLE:
+        if isinstance(exc, cls):
+            return code
+    return errno.EIO
+
+
+_QUIET: Final = frozenset({errno.ENOENT, errno.ENODATA})
+
+
+@contextmanager
+def _translated(op: str) -> Iterator[None]:
+    try:
+        yield
+    except pyfuse3.FUSEError:
+        raise
+    except FsError as e:
+        code = errno_for(e)
+        if code == errno.EIO:
+            log.warning("fuse %s failed: %s", op, e)
+        elif code not in _QUIET:
+            log.debug("fuse %s: %s", op, e)
+        raise pyfuse3.FUSEError(code) from e
+    except Exception as e:
+        log.exception("fuse %s: unexpected error, answering EIO", op)
+        raise pyfuse3.FUSEError(errno.EIO) from e
+
+
+def entry_attributes(attr: Attr) -> Any:
+    """`attr` as a `pyfuse3.EntryAttributes` with the timeouts its cacheability allows."""
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = attr.inode
+    entry.generation = 0
+    timeout = LONG_TIMEOUT_S if attr.cacheable else 0.0
+    entry.entry_timeout = timeout
+    entry.attr_timeout = timeout
+    entry.st_mode = attr.mode
+    entry.st_nlink = attr.nlink
+    entry.st_uid = attr.uid
+    entry.st_gid = attr.gid
+    entry.st_rdev = attr.rdev
+    entry.st_size = attr.size
+    entry.st_blksize = attr.blksize
+    entry.st_blocks = attr.blocks
+    entry.st_atime_ns = 0
+    entry.st_ctime_ns = 0
+    entry.st_mtime_ns = attr.mtime_ns
+    return entry
+
+
+class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
+    """pyfuse3 handlers delegating to a `LayerHost` (read-only; no write handlers)."""
+
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, host: LayerHost) -> None:
+        super().__init__()
+        self.host = host
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+        with _translated("lookup"):
+            return entry_attributes(self.host.lookup(parent_inode, name))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # Inodes are computed, not allocated: nothing to free.
+        return None
+
+    async def getattr(self, inode: int, ctx: Any = None) -> Any:
+        with _translated("getattr"):
+            return entry_attributes(self.host.getattr(inode))
+
+    async def readlink(self, inode: int, ctx: Any = None) -> bytes:
+        with _translated("readlink"):
+            return self.host.readlink(inode)
+
+    async def opendir(self, inode: int, ctx: Any = None) -> int:
+        with _translated("opendir"):
+            return self.host.opendir(inode)
+
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        with _translated("readdir"):
+            for item in self.host.readdir(fh, start_id):
+                if not pyfuse3.readdir_reply(
+                    token, item.name, entry_attributes(item.attr), item.next_offset
+                ):
+                    break
+
+    async def releasedir(self, fh: int) -> None:
+        with _translated("releasedir"):
+            self.host.releasedir(fh)
+
+    async def open(self, inode: int, flags: int, ctx: Any = None) -> Any:
+        with _translated("open"):
+            result = self.host.open(inode, flags)
+            return pyfuse3.FileInfo(
+                fh=result.fh, keep_cache=result.cacheable, direct_io=not result.cacheable
+            )
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        with _translated("read"):
+            return await self.host.read(fh, off, size)
+
+    async def release(self, fh: int) -> None:
+        with _translated("release"):
+            self.host.release(fh)
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        with _translated("getxattr"):
+            return self.host.getxattr(inode, name)
+
+    async def listxattr(self, inode: int, ctx: Any = None) -> Sequence[bytes]:
+        with _translated("listxattr"):
+            return list(self.host.listxattr(inode))
+
+    async def statfs(self, ctx: Any = None) -> Any:
+        with _translated("statfs"):
+            stats = self.host.statfs()
+            data = pyfuse3.StatvfsData()
+            data.f_bsize = stats.block_size
+            data.f_frsize = stats.block_size
+            data.f_blocks = stats.blocks
+            data.f_bfree = 0
+            data.f_bavail = 0
+            data.f_files = stats.files
+            data.f_ffree = 0
+            data.f_favail = 0
+            data.f_namemax = stats.name_max
+            return data
+
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        with _translated("access"):
+            try:
+                groups = tuple(pyfuse3.get_sup_groups(ctx.pid))
+            except OSError:  # the caller may be gone already
+                groups = ()
+            self.host.access(inode, mode, ctx.uid, (ctx.gid, *groups))
+            return True
+
+
+class FuseMount:
+    """A mounted host. Add and remove layers through it so the kernel's caches follow."""
+
+    def __init__(self, mountpoint: Path, host: LayerHost) -> None:
+        self.mountpoint = mountpoint
+        self.host = host
+
+    def __repr__(self) -> str:
+        return f"<FuseMount {self.mountpoint} {self.host!r}>"
+
+    def add_layer(
+        self,
+        name: str,
+        tree: LayerTree,
+        reader: LayerReader,
+        *,
+        slot: int | None = None,
+        digest: str = "",
+    ) -> Path:
+        """`LayerHost.add_layer`, returning the layer's directory under the mountpoint."""
+        self.host.add_layer(name, tree, reader, slot=slot, digest=digest)
+        return self.mountpoint / name
+
+    def remove_layer(self, name: str) -> None:
+        """`LayerHost.remove_layer`, then drop the kernel's cached entry for the layer dir."""
+        inode = self.host.layer_inode(name)
+        self.host.remove_layer(name)
+        pyfuse3.invalidate_entry_async(
+            pyfuse3.ROOT_INODE, name.encode("utf-8", "surrogateescape"), inode, True
+        )
+
+
+@asynccontextmanager
+async def open_fuse_host(
+    mountpoint: Path,
+    host: LayerHost,
+    *,
+    extra_options: frozenset[str] = frozenset(),
+    max_tasks: int = 64,
+) -> AsyncIterator[FuseMount]:
+    """Mount `host` at `mountpoint` and serve it until the block exits; always unmount.
+
+    The pyfuse3 main loop runs in a nursery owned by this context manager; on exit (normal,
+    error or cancellation) it is cancelled and the filesystem unmounted with
+    `pyfuse3.close(unmount=True)`. Only one mount can exist per process.
+
+    Raises:
+        RuntimeError: pyfuse3 cannot mount (no /dev/fuse, bad mountpoint, already mounted in
+            this process); the message names the mountpoint.
+    """
+    ops = FuseOperations(host)
+    try:
+        pyfuse3.init(ops, os.fspath(mountpoint), set(MOUNT_OPTIONS | extra_options))
+    except RuntimeError as e:
+        raise RuntimeError(f"cannot mount the layer host at {mountpoint}: {e}") from e
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pyfuse3.main, 1, max_tasks)
+            try:
+                yield FuseMount(mountpoint, host)
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+def _mount_points() -> set[str]:
+    points: set[str] = set()
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4:
+                    points.add(fields[4].encode().decode("unicode_escape"))
+    except OSError:
+        pass
+    return points
+
+
+def is_mounted(path: Path) -> bool:
+    """True if `path` is a mountpoint (also for a dead FUSE mount whose stat fails)."""
+    return os.path.abspath(path) in _mount_points()
+
+
+def cleanup_stale_mount(path: Path) -> bool:
+    """Lazily unmount whatever is mounted at `path` (e.g. left by a crashed server).
+
+    Tries `fusermount3 -u -z`, then `umount -l`. Returns True if something was unmounted;
+    raises `OSError` if `path` stays mounted.
+    """
+    if not is_mounted(path):
+        return False
+    for cmd in (["fusermount3", "-u", "-z", os.fspath(path)], ["umount", "-l", os.fspath(path)]):
+        try:
+            subprocess.run(cmd, check=False, capture_output=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if not is_mounted(path):
+            return True
+    raise OSError(errno.EBUSY, f"{path} is still mounted after fusermount3 -u -z and umount -l")

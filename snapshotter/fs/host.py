@@ -1,0 +1,580 @@
+"""The multi-layer host: one filesystem whose top-level directories are layers (DESIGN.md D1).
+
+Pure domain logic: no pyfuse3. The FUSE adapter (`snapshotter.fs.fuse`) only translates the
+calls below and their `FsError`s.
+
+Layout of the mounted filesystem::
+
+    /                          the FUSE root (inode 1): one directory per layer, by slot order
+    /<layer>/...               the layer's tree (`snapshotter.fs.tree`)
+    /<layer>/.sociable/        state directory: mode 0500, found by lookup, never listed
+    /<layer>/.sociable/status.json
+                               JSON: {"layer", "digest", "slot", "fetchedSize", "totalSize",
+                               "fetchedPercent", "bytesServed", "readErrors", "error"?} + "\\n"
+
+The state directory shadows a real `.sociable` at the layer root (as SOCI's
+`.soci-snapshotter` does); layer contents are unaffected everywhere else.
+
+Reads of regular files go through the layer's `LayerReader`. Before the first read of a file
+the host (unless `verify_headers=False`) reads its tar header through the same reader and checks
+it against the tree (`snapshotter.fs.verify`). Every read failure is recorded as the layer's
+last error and raised as `LayerReadError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Final
+
+from index.model import UncompressedOffset
+from snapshotter.fs.errors import (
+    BadHandle,
+    IsADirectory,
+    LayerExists,
+    LayerReadError,
+    NoSuchAttribute,
+    NotADirectory,
+    NotASymlink,
+    NotFound,
+    PermissionDenied,
+    ReadOnly,
+)
+from snapshotter.fs.inodes import (
+    FUSE_ROOT_INODE,
+    MAX_SLOT,
+    STATE_DIR_LOCAL,
+    STATUS_FILE_LOCAL,
+    InodeNo,
+    local_to_node,
+    make_inode,
+    node_inode,
+    split_inode,
+)
+from snapshotter.fs.readers import LayerReader, ReportsProgress
+from snapshotter.fs.tree import ROOT_NODE, LayerTree, NodeAttr, NodeId
+from snapshotter.fs.verify import check_header
+
+STATE_DIR_NAME: Final = b".sociable"
+STATUS_FILE_NAME: Final = b"status.json"
+_WRITE_FLAGS: Final = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
+_BLOCK: Final = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    """Attributes of one inode as the kernel sees them; times in ns, sizes in bytes.
+
+    `cacheable` is False for inodes whose attributes change (the FUSE root, the state
+    directory and status file): the adapter gives them zero timeouts and no page cache.
+    """
+
+    inode: InodeNo
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    mtime_ns: int
+    cacheable: bool
+
+    @property
+    def blocks(self) -> int:
+        """Allocated size in 512-byte units (`ceil(size / 4096) * 8`)."""
+        return -(-self.size // _BLOCK) * (_BLOCK // 512)
+
+    @property
+    def blksize(self) -> int:
+        return _BLOCK
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """One readdir row; `next_offset` resumes the listing after it."""
+
+    name: bytes
+    attr: Attr
+    next_offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class OpenResult:
+    """An open file handle; `cacheable` False asks for direct I/O (the status file)."""
+
+    fh: int
+    cacheable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FsStats:
+    """statfs answers: sizes in `block_size` units, counts of inodes."""
+
+    block_size: int
+    blocks: int
+    files: int
+    name_max: int
+
+
+@dataclass(frozen=True, slots=True)
+class LayerStatus:
+    """What an operator sees in `<layer>/.sociable/status.json`."""
+
+    layer: str
+    digest: str
+    slot: int
+    fetched_bytes: int
+    total_bytes: int
+    bytes_served: int
+    read_errors: int
+    last_error: str | None
+
+    @property
+    def fetched_percent(self) -> float:
+        return 100.0 if self.total_bytes <= 0 else 100.0 * self.fetched_bytes / self.total_bytes
+
+    def to_json(self) -> bytes:
+        doc: dict[str, object] = {
+            "layer": self.layer,
+            "digest": self.digest,
+            "slot": self.slot,
+            "fetchedSize": self.fetched_bytes,
+            "totalSize": self.total_bytes,
+            "fetchedPercent": round(self.fetched_percent, 2),
+            "bytesServed": self.bytes_served,
+            "readErrors": self.read_errors,
+        }
+        if self.last_error is not None:
+            doc["error"] = self.last_error
+        return json.dumps(doc, sort_keys=True).encode() + b"\n"
+
+
+class _Layer:
+    __slots__ = (
+        "bytes_served",
+        "digest",
+        "last_error",
+        "name",
+        "read_errors",
+        "reader",
+        "removed",
+        "slot",
+        "tree",
+        "verified",
+    )
+
+    def __init__(
+        self, name: str, slot: int, tree: LayerTree, reader: LayerReader, digest: str
+    ) -> None:
+        self.name = name
+        self.slot = slot
+        self.tree = tree
+        self.reader = reader
+        self.digest = digest
+        self.verified = bytearray((tree.node_count + 7) // 8)
+        self.bytes_served = 0
+        self.read_errors = 0
+        self.last_error: str | None = None
+        self.removed = False
+
+    def __repr__(self) -> str:
+        return f"<layer {self.name!r} slot={self.slot} {self.tree!r}>"
+
+    def status(self) -> LayerStatus:
+        fetched, total = 0, 0
+        if isinstance(self.reader, ReportsProgress):
+            progress = self.reader.progress()
+            fetched, total = progress.fetched_bytes, progress.total_bytes
+        return LayerStatus(
+            layer=self.name,
+            digest=self.digest,
+            slot=self.slot,
+            fetched_bytes=fetched,
+            total_bytes=total,
+            bytes_served=self.bytes_served,
+            read_errors=self.read_errors,
+            last_error=self.last_error,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _FileHandle:
+    layer: _Layer
+    node: NodeId | None  # None: the status file, served from `snapshot`
+    snapshot: bytes = b""
+
+
+def default_slot(name: str) -> int:
+    """The slot a layer name gets unless one is given: stable across restarts (a hash)."""
+    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:4], "big") % MAX_SLOT + 1
+
+
+class LayerHost:
+    """All mounted layers and the open handles on them. Not thread-safe: use from one trio loop.
+
+    Inode numbers follow `snapshotter.fs.inodes`. Every method raises `NotFound` for an inode
+    whose layer is not (or no longer) mounted.
+    """
+
+    def __init__(self, *, verify_headers: bool = True) -> None:
+        self.verify_headers = verify_headers
+        self._by_name: dict[bytes, _Layer] = {}
+        self._by_slot: dict[int, _Layer] = {}
+        self._handles: dict[int, _FileHandle | InodeNo] = {}
+        self._next_fh = 1
+
+    def __repr__(self) -> str:
+        return f"<LayerHost layers={len(self._by_name)} open={len(self._handles)}>"
+
+    # -- layers -----------------------------------------------------------------------------
+
+    def add_layer(
+        self,
+        name: str,
+        tree: LayerTree,
+        reader: LayerReader,
+        *,
+        slot: int | None = None,
+        digest: str = "",
+    ) -> int:
+        """Mount `tree` as top-level directory `name`, reading file data through `reader`.
+
+        `slot` fixes the inode range (pass the slot recorded before a restart); by default it
+        is `default_slot(name)`, moved to the next free slot on a collision. Returns the slot.
+
+        Raises:
+            LayerExists: `name` or an explicit `slot` is already in use.
+            ValueError: `name` is empty, contains `/` or is `.`/`..`; `slot` is out of range.
+        """
+        key = name.encode("utf-8", "surrogateescape")
+        if not key or b"/" in key or key in (b".", b"..") or b"\0" in key:
+            raise ValueError(f"invalid layer name {name!r}")
+        if key in self._by_name:
+            raise LayerExists(f"layer {name!r} is already mounted")
+        if slot is None:
+            slot = default_slot(name)
+            while slot in self._by_slot:
+                slot = slot % MAX_SLOT + 1
+        elif not 1 <= slot <= MAX_SLOT:
+            raise ValueError(f"layer {name!r}: slot {slot} outside 1..{MAX_SLOT}")
+        elif slot in self._by_slot:
+            raise LayerExists(f"layer {name!r}: slot {slot} is used by {self._by_slot[slot]!r}")
+        layer = _Layer(name, slot, tree, reader, digest)
+        self._by_name[key] = layer
+        self._by_slot[slot] = layer
+        return slot
+
+    def remove_layer(self, name: str) -> int:
+        """Unmount layer `name`; returns its former slot. Open handles then fail with EIO.
+
+        Raises `NotFound` if no such layer is mounted.
+        """
+        key = name.encode("utf-8", "surrogateescape")
+        layer = self._by_name.pop(key, None)
+        if layer is None:
+            raise NotFound(f"no layer {name!r} is mounted")
+        del self._by_slot[layer.slot]
+        layer.removed = True
+        return layer.slot
+
+    def layer_names(self) -> list[str]:
+        """Names of the mounted layers, in listing (slot) order."""
+        return [self._by_slot[s].name for s in sorted(self._by_slot)]
+
+    def layer_inode(self, name: str) -> InodeNo:
+        """The inode of layer `name`'s root directory. Raises `NotFound`."""
+        layer = self._layer_by_name(name)
+        return node_inode(layer.slot, ROOT_NODE)
+
+    def status(self, name: str) -> LayerStatus:
+        """The status record of layer `name`. Raises `NotFound`."""
+        return self._layer_by_name(name).status()
+
+    def _layer_by_name(self, name: str) -> _Layer:
+        layer = self._by_name.get(name.encode("utf-8", "surrogateescape"))
+        if layer is None:
+            raise NotFound(f"no layer {name!r} is mounted")
+        return layer
+
+    # -- inodes -----------------------------------------------------------------------------
+
+    def _resolve(self, inode: int) -> tuple[_Layer, int]:
+        slot, local = split_inode(inode)
+        layer = self._by_slot.get(slot)
+        if layer is None or local == 0:
+            raise NotFound(f"inode {inode} belongs to no mounted layer")
+        return layer, local
+
+    def _root_attr(self) -> Attr:
+        return Attr(
+            inode=FUSE_ROOT_INODE,
+            mode=stat.S_IFDIR | 0o755,
+            nlink=2 + len(self._by_slot),
+            uid=0,
+            gid=0,
+            rdev=0,
+            size=0,
+            mtime_ns=0,
+            cacheable=False,
+        )
+
+    def _state_attr(self, layer: _Layer, local: int) -> Attr:
+        if local == STATE_DIR_LOCAL:
+            mode, nlink, size = stat.S_IFDIR | 0o500, 2, 0
+        else:
+            mode, nlink, size = stat.S_IFREG | 0o400, 1, len(layer.status().to_json())
+        return Attr(
+            inode=make_inode(layer.slot, local),
+            mode=mode,
+            nlink=nlink,
+            uid=0,
+            gid=0,
+            rdev=0,
+            size=size,
+            mtime_ns=0,
+            cacheable=False,
+        )
+
+    @staticmethod
+    def _node_attr(layer: _Layer, attr: NodeAttr) -> Attr:
+        return Attr(
+            inode=node_inode(layer.slot, attr.node),
+            mode=attr.mode,
+            nlink=attr.nlink,
+            uid=attr.uid,
+            gid=attr.gid,
+            rdev=attr.rdev,
+            size=attr.size,
+            mtime_ns=attr.mtime_ns,
+            cacheable=True,
+        )
+
+    def getattr(self, inode: int) -> Attr:
+        """Attributes of `inode`. Raises `NotFound`."""
+        if inode == FUSE_ROOT_INODE:
+            return self._root_attr()
+        layer, local = self._resolve(inode)
+        node = local_to_node(local)
+        if node is None:
+            return self._state_attr(layer, local)
+        return self._node_attr(layer, layer.tree.attr(node))
+
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        """Attributes of entry `name` in directory `parent`.
+
+        Raises `NotFound` (no such entry; whiteout names `.wh.*` are never found) and
+        `NotADirectory`.
+        """
+        if parent == FUSE_ROOT_INODE:
+            layer = self._by_name.get(name)
+            if layer is None:
+                raise NotFound(f"no layer {name!r} is mounted")
+            return self._node_attr(layer, layer.tree.attr(ROOT_NODE))
+        layer, local = self._resolve(parent)
+        node = local_to_node(local)
+        if node is None:
+            if local == STATE_DIR_LOCAL and name == STATUS_FILE_NAME:
+                return self._state_attr(layer, STATUS_FILE_LOCAL)
+            if local == STATE_DIR_LOCAL:
+                raise NotFound(f"layer {layer.name}: no {name!r} in the state directory")
+            raise NotADirectory(f"layer {layer.name}: the status file is not a directory")
+        if node == ROOT_NODE and name == STATE_DIR_NAME:
+            return self._state_attr(layer, STATE_DIR_LOCAL)
+        try:
+            child = layer.tree.lookup(node, name)
+        except NotFound as e:
+            raise NotFound(f"layer {layer.name}: {e}") from e
+        return self._node_attr(layer, layer.tree.attr(child))
+
+    def readlink(self, inode: int) -> bytes:
+        """Target of symlink `inode`. Raises `NotASymlink`, `NotFound`."""
+        layer, local = self._resolve(inode)
+        node = local_to_node(local)
+        if node is None:
+            raise NotASymlink(f"layer {layer.name}: state inode {inode} is not a symlink")
+        return layer.tree.readlink(node)
+
+    def getxattr(self, inode: int, name: bytes) -> bytes:
+        """Extended attribute `name` of `inode`. Raises `NoSuchAttribute`, `NotFound`."""
+        if inode == FUSE_ROOT_INODE:
+            raise NoSuchAttribute(f"the host root has no xattr {name!r}")
+        layer, local = self._resolve(inode)
+        node = local_to_node(local)
+        if node is None:
+            raise NoSuchAttribute(f"layer {layer.name}: state inode has no xattr {name!r}")
+        return layer.tree.getxattr(node, name)
+
+    def listxattr(self, inode: int) -> tuple[bytes, ...]:
+        """Names of `inode`'s extended attributes (overlay opaque marker first)."""
+        if inode == FUSE_ROOT_INODE:
+            return ()
+        layer, local = self._resolve(inode)
+        node = local_to_node(local)
+        return () if node is None else layer.tree.listxattr(node)
+
+    def access(self, inode: int, mode: int, uid: int, gids: tuple[int, ...]) -> None:
+        """Check `mode` (`os.R_OK | W_OK | X_OK`, or `F_OK`) for a caller.
+
+        Raises `ReadOnly` for W_OK, `PermissionDenied` if the mode bits refuse, `NotFound`.
+        """
+        attr = self.getattr(inode)
+        if mode & os.W_OK:
+            raise ReadOnly(f"inode {inode}: the layer filesystem is read-only")
+        want = mode & (os.R_OK | os.X_OK)
+        if not want:
+            return
+        if uid == 0:
+            if not mode & os.X_OK or stat.S_ISDIR(attr.mode) or attr.mode & 0o111:
+                return
+            raise PermissionDenied(f"inode {inode}: no execute bit for anyone")
+        if uid == attr.uid:
+            bits = (attr.mode >> 6) & 7
+        elif attr.gid in gids:
+            bits = (attr.mode >> 3) & 7
+        else:
+            bits = attr.mode & 7
+        if want & bits != want:
+            raise PermissionDenied(f"inode {inode}: mode {attr.mode & 0o7777:o} refuses {want}")
+
+    def statfs(self) -> FsStats:
+        """Totals over all mounted layers (statfs must succeed for overlayfs)."""
+        blocks = sum(-(-layer.tree.total_file_bytes // _BLOCK) for layer in self._by_slot.values())
+        files = 1 + sum(layer.tree.node_count + 2 for layer in self._by_slot.values())
+        return FsStats(block_size=_BLOCK, blocks=blocks, files=files, name_max=255)
+
+    # -- directories ------------------------------------------------------------------------
+
+    def opendir(self, inode: int) -> int:
+        """A handle for listing directory `inode`. Raises `NotADirectory`, `NotFound`."""
+        attr = self.getattr(inode)
+        if not stat.S_ISDIR(attr.mode):
+            raise NotADirectory(f"inode {inode} is not a directory")
+        return self._new_handle(InodeNo(inode))
+
+    def readdir(self, fh: int, offset: int) -> Iterator[Listing]:
+        """Entries of an open directory from position `offset` (0 or an earlier `next_offset`).
+
+        The root lists layers in slot order (`next_offset` = slot + 1, stable while layers come
+        and go); other directories list by name. `.`, `..` and the state directory are not
+        listed. Raises `BadHandle`, `NotFound` if the layer was removed.
+        """
+        inode = self._handles.get(fh)
+        if not isinstance(inode, int):
+            raise BadHandle(f"directory handle {fh} is not open")
+        if inode == FUSE_ROOT_INODE:
+            for slot in sorted(s for s in self._by_slot if s + 1 > offset):
+                layer = self._by_slot[slot]
+                attr = self._node_attr(layer, layer.tree.attr(ROOT_NODE))
+                yield Listing(layer.name.encode("utf-8", "surrogateescape"), attr, slot + 1)
+            return
+        layer, local = self._resolve(inode)
+        node = local_to_node(local)
+        if node is None:
+            if offset < 1:
+                yield Listing(STATUS_FILE_NAME, self._state_attr(layer, STATUS_FILE_LOCAL), 1)
+            return
+        for entry in layer.tree.readdir(node, offset):
+            attr = self._node_attr(layer, layer.tree.attr(entry.node))
+            yield Listing(entry.name, attr, entry.next_offset)
+
+    def releasedir(self, fh: int) -> None:
+        """Close a directory handle. Raises `BadHandle` if it is not an open directory."""
+        if not isinstance(self._handles.get(fh), int):
+            raise BadHandle(f"directory handle {fh} is not open")
+        del self._handles[fh]
+
+    # -- files ------------------------------------------------------------------------------
+
+    def _new_handle(self, value: _FileHandle | InodeNo) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = value
+        return fh
+
+    def open(self, inode: int, flags: int) -> OpenResult:
+        """Open `inode` for reading.
+
+        Raises `ReadOnly` for any write, append, truncate or create flag, `IsADirectory`,
+        `NotFound`.
+        """
+        if flags & _WRITE_FLAGS:
+            raise ReadOnly(f"inode {inode}: the layer filesystem is read-only")
+        if inode == FUSE_ROOT_INODE:
+            raise IsADirectory("the host root is a directory")
+        layer, local = self._resolve(inode)
+        node = local_to_node(local)
+        if node is None:
+            if local == STATE_DIR_LOCAL:
+                raise IsADirectory(f"layer {layer.name}: the state directory is a directory")
+            snapshot = layer.status().to_json()
+            return OpenResult(self._new_handle(_FileHandle(layer, None, snapshot)), False)
+        attr = layer.tree.attr(node)
+        if attr.is_dir:
+            raise IsADirectory(f"layer {layer.name}: {layer.tree.path_of(node)!r} is a directory")
+        return OpenResult(self._new_handle(_FileHandle(layer, node)), True)
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        """Up to `size` bytes of an open file from `offset` (fewer only at end of file).
+
+        Raises:
+            BadHandle: `fh` is not an open file.
+            LayerReadError: the reader failed, returned short data, the tar header did not
+                match, or the layer was removed. The error is recorded in the layer status.
+        """
+        handle = self._handles.get(fh)
+        if not isinstance(handle, _FileHandle):
+            raise BadHandle(f"file handle {fh} is not open")
+        layer = handle.layer
+        if handle.node is None:
+            return handle.snapshot[offset : offset + size]
+        if layer.removed:
+            raise LayerReadError(f"layer {layer.name} was removed")
+        tree = layer.tree
+        data_off, file_size = tree.data_range(handle.node)
+        if offset >= file_size or size <= 0:
+            return b""
+        length = min(size, file_size - offset)
+        try:
+            if self.verify_headers and not self._verified(layer, handle.node):
+                await self._verify(layer, handle.node)
+            data = await layer.reader.read(UncompressedOffset(data_off + offset), length)
+            if len(data) != length:
+                raise LayerReadError(
+                    f"layer {layer.name}: {tree.path_of(handle.node)!r}: reader returned "
+                    f"{len(data)} of {length} bytes at file offset {offset}"
+                )
+        except LayerReadError as e:
+            self._record_error(layer, str(e))
+            raise
+        except Exception as e:
+            message = f"layer {layer.name}: reading {tree.path_of(handle.node)!r}: {e!r}"
+            self._record_error(layer, message)
+            raise LayerReadError(message) from e
+        layer.bytes_served += length
+        return data
+
+    @staticmethod
+    def _verified(layer: _Layer, node: NodeId) -> bool:
+        return bool(layer.verified[node >> 3] & (1 << (node & 7)))
+
+    async def _verify(self, layer: _Layer, node: NodeId) -> None:
+        start, end = layer.tree.header_range(node)
+        header = await layer.reader.read(start, end - start)
+        check_header(header, layer.tree, node, layer.name)
+        layer.verified[node >> 3] |= 1 << (node & 7)
+
+    @staticmethod
+    def _record_error(layer: _Layer, message: str) -> None:
+        layer.read_errors += 1
+        layer.last_error = message
+
+    def release(self, fh: int) -> None:
+        """Close a file handle. Raises `BadHandle` if it is not an open file."""
+        if not isinstance(self._handles.get(fh), _FileHandle):
+            raise BadHandle(f"file handle {fh} is not open")
+        del self._handles[fh]

@@ -1,0 +1,635 @@
+"""The directory tree of one layer, built from its zTOC entries (pure: no FUSE, no I/O).
+
+A `LayerTree` answers what a mounted layer looks like: lookups, sorted directory listings with
+stable offsets, attributes, symlink targets, extended attributes and where each regular file's
+bytes live in the uncompressed tar stream. It follows spec/soci.md §5.6:
+
+* names are cleaned like Go's `path.Clean("/" + name)`; the layer root is the empty path;
+* missing parent directories are created implicitly (0755, uid/gid 0, mtime 0); a later `dir`
+  entry for the same path replaces their attributes; a later entry for an existing non-directory
+  path replaces it (as extracting the tar would);
+* a hardlink shares its target's node (so it has the same inode) and the node's nlink counts
+  every name; the target must appear earlier in the tar, else `TreeBuildError`;
+* directories have nlink 2 + number of subdirectories; symlinks have size `len(target)`;
+  `blocks` counts 512-byte units of `ceil(size / 4096) * 4096` bytes;
+* mode = type bits from the entry type | the entry's permission, setuid, setgid and sticky bits;
+* xattrs come from the PAX records `SCHILY.xattr.<name>` (prefix stripped);
+* OCI whiteouts appear in overlayfs form: `.wh.<name>` is hidden and shown as a character
+  device 0/0 called `<name>` (mode S_IFCHR, uid/gid 0, nlink 1) unless the same directory of
+  this layer has a real `<name>`; `.wh..wh..opq` is hidden and its directory reports the xattr
+  `trusted.overlay.opaque` (or `user.overlay.opaque` with `userxattr`) = `y`.
+
+Memory: nodes and directory entries live in parallel `array.array`s and every name in one bytes
+blob, so a tree costs about 100-150 bytes per entry instead of a Python object per entry.
+Node ids are assigned in tar order and are therefore the same every time the same zTOC is built.
+"""
+
+from __future__ import annotations
+
+import bisect
+import calendar
+import os
+import posixpath
+import re
+import stat
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import NewType
+
+from index.model import EntryType, FileMetadata, UncompressedOffset
+from snapshotter.fs.errors import (
+    NoSuchAttribute,
+    NotADirectory,
+    NotASymlink,
+    NotFound,
+    TreeBuildError,
+)
+
+NodeId = NewType("NodeId", int)
+"""The index of a node (an inode) within one layer tree; the layer root is node 0."""
+
+ROOT_NODE = NodeId(0)
+MAX_NODES = (1 << 32) - 16
+"""Node ids must fit in the low 32 bits of an inode number (see `snapshotter.fs.inodes`)."""
+
+WHITEOUT_PREFIX = b".wh."
+OPAQUE_MARKER = b".wh..wh..opq"
+TRUSTED_OPAQUE_XATTR = b"trusted.overlay.opaque"
+USER_OPAQUE_XATTR = b"user.overlay.opaque"
+_PAX_XATTR_PREFIX = "SCHILY.xattr."
+_BLOCK_SIZE = 4096
+_NO_ENTRY = 0xFFFFFFFF
+
+_TYPE_BITS: dict[EntryType, int] = {
+    EntryType.REG: stat.S_IFREG,
+    EntryType.DIR: stat.S_IFDIR,
+    EntryType.SYMLINK: stat.S_IFLNK,
+    EntryType.CHAR: stat.S_IFCHR,
+    EntryType.BLOCK: stat.S_IFBLK,
+    EntryType.FIFO: stat.S_IFIFO,
+}
+
+_RFC3339_RE = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})$"
+)
+
+
+def parse_rfc3339_ns(value: str) -> int:
+    """Parse an RFC 3339 time (as Go's `MarshalText` writes it) into nanoseconds since the epoch.
+
+    The empty string (what Go stores when a time cannot be marshalled) gives 0. Fractions keep
+    their full nanosecond precision; offsets are applied, so equal instants give equal results.
+
+    Raises:
+        ValueError: `value` is not an RFC 3339 date-time.
+    """
+    if not value:
+        return 0
+    m = _RFC3339_RE.match(value)
+    if m is None:
+        raise ValueError(f"not an RFC 3339 time: {value!r}")
+    year, month, day, hour, minute, second = (int(m.group(i)) for i in range(1, 7))
+    seconds = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
+    fraction = m.group(7) or ""
+    nanos = int(fraction.ljust(9, "0")) if fraction else 0
+    zone = m.group(8)
+    if zone not in ("Z", "z"):
+        sign = 1 if zone[0] == "+" else -1
+        seconds -= sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+    return seconds * 1_000_000_000 + nanos
+
+
+def clean_name(name: str) -> str:
+    """A tar entry name as a path relative to the layer root (Go `path.Clean("/"+name)`).
+
+    `"./usr//bin/"` gives `"usr/bin"`; the root itself (`"./"`, `"/"`) gives `""`; `..` cannot
+    climb above the root.
+    """
+    cleaned = posixpath.normpath("/" + name.lstrip("/"))
+    return cleaned.lstrip("/")
+
+
+def _encode(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeAttr:
+    """The attributes of one node; times in nanoseconds since the epoch, sizes in bytes.
+
+    `blocks` is in 512-byte units, `blksize` in bytes. atime and ctime are not kept: they are
+    reported equal to the layer's zero time, as SOCI does.
+    """
+
+    node: NodeId
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    mtime_ns: int
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.size // _BLOCK_SIZE) * (_BLOCK_SIZE // 512)
+
+    @property
+    def blksize(self) -> int:
+        return _BLOCK_SIZE
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+
+@dataclass(frozen=True, slots=True)
+class DirEntry:
+    """One directory listing row: `next_offset` resumes the listing after this entry."""
+
+    name: bytes
+    node: NodeId
+    next_offset: int
+
+
+class LayerTree:
+    """An immutable layer tree. Build one with `build_tree`.
+
+    All methods are pure lookups on compact arrays and never block. Node ids passed in must come
+    from this tree; unknown ids raise `NotFound`.
+    """
+
+    __slots__ = (
+        "_child_count",
+        "_child_start",
+        "_data_off",
+        "_entry_node",
+        "_entry_parent",
+        "_gid",
+        "_hdr_off",
+        "_links",
+        "_mode",
+        "_mtime",
+        "_name_off",
+        "_names",
+        "_nlink",
+        "_node_entry",
+        "_rdev",
+        "_size",
+        "_uid",
+        "_xattrs",
+        "total_file_bytes",
+    )
+
+    def __init__(
+        self,
+        *,
+        nodes: _NodeArrays,
+        names: bytes,
+        name_off: array[int],
+        entry_node: array[int],
+        entry_parent: array[int],
+        child_start: array[int],
+        child_count: array[int],
+        node_entry: array[int],
+        links: dict[int, bytes],
+        xattrs: dict[int, tuple[tuple[bytes, bytes], ...]],
+    ) -> None:
+        self._mode = nodes.mode
+        self._uid = nodes.uid
+        self._gid = nodes.gid
+        self._size = nodes.size
+        self._mtime = nodes.mtime
+        self._rdev = nodes.rdev
+        self._nlink = nodes.nlink
+        self._data_off = nodes.data_off
+        self._hdr_off = nodes.hdr_off
+        self._names = names
+        self._name_off = name_off
+        self._entry_node = entry_node
+        self._entry_parent = entry_parent
+        self._child_start = child_start
+        self._child_count = child_count
+        self._node_entry = node_entry
+        self._links = links
+        self._xattrs = xattrs
+        self.total_file_bytes = sum(
+            self._size[n] for n in range(len(self._mode)) if stat.S_ISREG(self._mode[n])
+        )
+
+    def __repr__(self) -> str:
+        return f"<LayerTree nodes={self.node_count} entries={self.entry_count}>"
+
+    @property
+    def node_count(self) -> int:
+        """Number of node ids in use (including the root and nodes no longer reachable)."""
+        return len(self._mode)
+
+    @property
+    def entry_count(self) -> int:
+        """Number of visible directory entries (names), not counting the root."""
+        return len(self._entry_node)
+
+    def _check(self, node: int) -> None:
+        if not 0 <= node < len(self._mode):
+            raise NotFound(f"node {node} is not in this layer tree")
+
+    def attr(self, node: NodeId) -> NodeAttr:
+        """The attributes of `node`. Raises `NotFound` for an unknown node id."""
+        self._check(node)
+        return NodeAttr(
+            node=node,
+            mode=self._mode[node],
+            nlink=self._nlink[node],
+            uid=self._uid[node],
+            gid=self._gid[node],
+            rdev=self._rdev[node],
+            size=self._size[node],
+            mtime_ns=self._mtime[node],
+        )
+
+    def _entry_name(self, entry: int) -> bytes:
+        return self._names[self._name_off[entry] : self._name_off[entry + 1]]
+
+    def _dir_range(self, node: NodeId) -> tuple[int, int]:
+        self._check(node)
+        if not stat.S_ISDIR(self._mode[node]):
+            raise NotADirectory(f"node {node} ({self.path_of(node)!r}) is not a directory")
+        start = self._child_start[node]
+        return start, start + self._child_count[node]
+
+    def lookup(self, parent: NodeId, name: bytes) -> NodeId:
+        """The node called `name` in directory `parent` (binary search, O(log n)).
+
+        Raises:
+            NotADirectory: `parent` is not a directory.
+            NotFound: no such name (hidden whiteout names `.wh.*` are never found).
+        """
+        lo, hi = self._dir_range(parent)
+        names = _EntryNames(self, lo, hi)
+        i = bisect.bisect_left(names, name)
+        if i < hi - lo and names[i] == name:
+            return NodeId(self._entry_node[lo + i])
+        raise NotFound(f"no entry {name!r} in {self.path_of(parent)!r}")
+
+    def readdir(self, parent: NodeId, offset: int = 0) -> Iterator[DirEntry]:
+        """The entries of directory `parent` sorted by name, from listing position `offset`.
+
+        `offset` is 0 or a `next_offset` returned earlier; the tree never changes, so offsets
+        stay valid. `.` and `..` are not listed. Raises `NotADirectory`.
+        """
+        lo, hi = self._dir_range(parent)
+        for i in range(lo + max(offset, 0), hi):
+            yield DirEntry(self._entry_name(i), NodeId(self._entry_node[i]), i - lo + 1)
+
+    def child_count(self, parent: NodeId) -> int:
+        """Number of entries in directory `parent`. Raises `NotADirectory`."""
+        lo, hi = self._dir_range(parent)
+        return hi - lo
+
+    def readlink(self, node: NodeId) -> bytes:
+        """The target of symlink `node`. Raises `NotASymlink`, `NotFound`."""
+        self._check(node)
+        target = self._links.get(node)
+        if target is None:
+            raise NotASymlink(f"node {node} ({self.path_of(node)!r}) is not a symlink")
+        return target
+
+    def listxattr(self, node: NodeId) -> tuple[bytes, ...]:
+        """Names of `node`'s extended attributes, the overlay opaque marker first."""
+        self._check(node)
+        return tuple(name for name, _ in self._xattrs.get(node, ()))
+
+    def getxattr(self, node: NodeId, name: bytes) -> bytes:
+        """The value of extended attribute `name`. Raises `NoSuchAttribute`, `NotFound`."""
+        self._check(node)
+        for key, value in self._xattrs.get(node, ()):
+            if key == name:
+                return value
+        raise NoSuchAttribute(f"{self.path_of(node)!r} has no xattr {name!r}")
+
+    def data_range(self, node: NodeId) -> tuple[UncompressedOffset, int]:
+        """(offset of the file's data in the uncompressed tar stream, size in bytes)."""
+        self._check(node)
+        return UncompressedOffset(self._data_off[node]), self._size[node]
+
+    def header_range(self, node: NodeId) -> tuple[UncompressedOffset, UncompressedOffset]:
+        """[start, end) of the tar header blocks (PAX/GNU included) that describe `node`."""
+        self._check(node)
+        return UncompressedOffset(self._hdr_off[node]), UncompressedOffset(self._data_off[node])
+
+    def path_of(self, node: NodeId) -> str:
+        """The cleaned path of `node`'s first name (for messages and verification)."""
+        parts: list[bytes] = []
+        current = int(node)
+        for _ in range(4096):
+            if current == ROOT_NODE or not 0 <= current < len(self._node_entry):
+                break
+            entry = self._node_entry[current]
+            if entry == _NO_ENTRY:
+                break
+            parts.append(self._entry_name(entry))
+            current = self._entry_parent[entry]
+        return b"/".join(reversed(parts)).decode("utf-8", "surrogateescape")
+
+
+class _EntryNames(Sequence[bytes]):
+    """A read-only view of a directory's entry names, for `bisect`."""
+
+    __slots__ = ("_hi", "_lo", "_tree")
+
+    def __init__(self, tree: LayerTree, lo: int, hi: int) -> None:
+        self._tree, self._lo, self._hi = tree, lo, hi
+
+    def __len__(self) -> int:
+        return self._hi - self._lo
+
+    def __getitem__(self, i: int) -> bytes:  # type: ignore[override]
+        return self._tree._entry_name(self._lo + i)
+
+
+class _NodeArrays:
+    """Growable per-node attribute columns used while building."""
+
+    __slots__ = ("data_off", "gid", "hdr_off", "mode", "mtime", "nlink", "rdev", "size", "uid")
+
+    def __init__(self) -> None:
+        self.mode = array("I")
+        self.uid = array("I")
+        self.gid = array("I")
+        self.size = array("q")
+        self.mtime = array("q")
+        self.rdev = array("Q")
+        self.nlink = array("I")
+        self.data_off = array("q")
+        self.hdr_off = array("q")
+
+    def add(
+        self,
+        *,
+        mode: int,
+        uid: int = 0,
+        gid: int = 0,
+        size: int = 0,
+        mtime: int = 0,
+        rdev: int = 0,
+        data_off: int = 0,
+        hdr_off: int = 0,
+    ) -> NodeId:
+        node = len(self.mode)
+        if node >= MAX_NODES:
+            raise TreeBuildError(f"layer has more than {MAX_NODES} nodes")
+        self.mode.append(mode)
+        self.uid.append(uid)
+        self.gid.append(gid)
+        self.size.append(size)
+        self.mtime.append(mtime)
+        self.rdev.append(rdev)
+        self.nlink.append(0)
+        self.data_off.append(data_off)
+        self.hdr_off.append(hdr_off)
+        return NodeId(node)
+
+
+class _Builder:
+    """One pass over the entries in tar order, then whiteout conversion and sorting."""
+
+    def __init__(self, opaque_xattr: bytes) -> None:
+        self.opaque_xattr = opaque_xattr
+        self.nodes = _NodeArrays()
+        self.nodes.add(mode=stat.S_IFDIR | 0o755)
+        self.e_node = array("I")
+        self.e_parent = array("I")
+        self.e_name: list[bytes] = []
+        self.paths: dict[str, int] = {}
+        self.links: dict[int, bytes] = {}
+        self.xattrs: dict[int, tuple[tuple[bytes, bytes], ...]] = {}
+
+    def _is_dir(self, node: int) -> bool:
+        return stat.S_ISDIR(self.nodes.mode[node])
+
+    def _ensure_dir(self, path: str, for_name: str) -> NodeId:
+        if not path:
+            return ROOT_NODE
+        entry = self.paths.get(path)
+        if entry is not None:
+            node = self.e_node[entry]
+            if not self._is_dir(node):
+                raise TreeBuildError(
+                    f"entry {for_name!r}: parent {path!r} is not a directory in this layer"
+                )
+            return NodeId(node)
+        parent_path, _, base = path.rpartition("/")
+        parent = self._ensure_dir(parent_path, for_name)
+        node = self.nodes.add(mode=stat.S_IFDIR | 0o755)
+        self._link(path, parent, base, node)
+        return node
+
+    def _link(self, path: str, parent: int, base: str, node: int) -> None:
+        existing = self.paths.get(path)
+        if existing is not None:
+            self.e_node[existing] = node
+            return
+        self.paths[path] = len(self.e_node)
+        self.e_node.append(node)
+        self.e_parent.append(parent)
+        self.e_name.append(_encode(base))
+
+    def _set_xattrs(self, node: int, meta: FileMetadata) -> None:
+        pairs = sorted(
+            (_encode(key[len(_PAX_XATTR_PREFIX) :]), _encode(value))
+            for key, value in meta.xattrs.items()
+            if key.startswith(_PAX_XATTR_PREFIX)
+        )
+        if pairs:
+            self.xattrs[node] = tuple(pairs)
+        else:
+            self.xattrs.pop(node, None)
+
+    def add(self, meta: FileMetadata, hdr_off: int) -> None:
+        path = clean_name(meta.name)
+        try:
+            mtime = parse_rfc3339_ns(meta.mod_time)
+        except ValueError as e:
+            raise TreeBuildError(f"entry {meta.name!r}: bad mod_time: {e}") from e
+        if meta.type == EntryType.HARDLINK:
+            self._add_hardlink(meta, path)
+            return
+        type_bits = _TYPE_BITS.get(meta.type)
+        if type_bits is None:
+            raise TreeBuildError(f"entry {meta.name!r}: unsupported type {meta.type!r}")
+        mode = type_bits | (meta.mode & 0o7777)
+        if not path:
+            if meta.type != EntryType.DIR:
+                raise TreeBuildError(f"entry {meta.name!r}: the layer root must be a directory")
+            self._update_dir(ROOT_NODE, meta, mode, mtime)
+            return
+        parent_path, _, base = path.rpartition("/")
+        parent = self._ensure_dir(parent_path, meta.name)
+        existing = self.paths.get(path)
+        if meta.type == EntryType.DIR and existing is not None:
+            node = self.e_node[existing]
+            if self._is_dir(node):
+                self._update_dir(NodeId(node), meta, mode, mtime)
+                return
+        rdev = os.makedev(meta.devmajor, meta.devminor) if meta.devmajor or meta.devminor else 0
+        size = meta.uncompressed_size if meta.type == EntryType.REG else 0
+        if meta.type == EntryType.SYMLINK:
+            size = len(_encode(meta.linkname))
+        node = self.nodes.add(
+            mode=mode,
+            uid=meta.uid,
+            gid=meta.gid,
+            size=size,
+            mtime=mtime,
+            rdev=rdev,
+            data_off=meta.uncompressed_offset,
+            hdr_off=hdr_off,
+        )
+        if meta.type == EntryType.SYMLINK:
+            self.links[node] = _encode(meta.linkname)
+        self._set_xattrs(node, meta)
+        self._link(path, parent, base, node)
+
+    def _update_dir(self, node: NodeId, meta: FileMetadata, mode: int, mtime: int) -> None:
+        self.nodes.mode[node] = mode
+        self.nodes.uid[node] = meta.uid
+        self.nodes.gid[node] = meta.gid
+        self.nodes.mtime[node] = mtime
+        self._set_xattrs(node, meta)
+
+    def _add_hardlink(self, meta: FileMetadata, path: str) -> None:
+        target = clean_name(meta.linkname)
+        entry = self.paths.get(target)
+        if entry is None:
+            raise TreeBuildError(
+                f"hardlink {meta.name!r} -> {meta.linkname!r}: the target does not appear "
+                "earlier in the layer"
+            )
+        node = self.e_node[entry]
+        if self._is_dir(node):
+            raise TreeBuildError(f"hardlink {meta.name!r} -> {meta.linkname!r}: target is a dir")
+        if not path:
+            raise TreeBuildError(f"hardlink {meta.name!r}: cannot replace the layer root")
+        parent_path, _, base = path.rpartition("/")
+        parent = self._ensure_dir(parent_path, meta.name)
+        self._link(path, parent, base, node)
+
+    def finish(self) -> LayerTree:
+        self.paths.clear()
+        groups: dict[int, list[int]] = {}
+        for entry, parent in enumerate(self.e_parent):
+            groups.setdefault(parent, []).append(entry)
+        opaque: set[int] = set()
+        for parent, entries in groups.items():
+            if not any(self.e_name[e].startswith(WHITEOUT_PREFIX) for e in entries):
+                continue
+            real = {self.e_name[e] for e in entries if not self.e_name[e].startswith(b".wh.")}
+            kept: list[int] = []
+            for e in entries:
+                name = self.e_name[e]
+                if not name.startswith(WHITEOUT_PREFIX):
+                    kept.append(e)
+                elif name == OPAQUE_MARKER:
+                    opaque.add(parent)
+                else:
+                    hidden = name[len(WHITEOUT_PREFIX) :]
+                    if hidden and hidden not in real:
+                        real.add(hidden)
+                        self.e_name[e] = hidden
+                        self.e_node[e] = self.nodes.add(mode=stat.S_IFCHR)
+                        kept.append(e)
+            groups[parent] = kept
+        for node in opaque:
+            self.xattrs[node] = ((self.opaque_xattr, b"y"), *self.xattrs.get(node, ()))
+        return self._layout(groups)
+
+    def _layout(self, groups: dict[int, list[int]]) -> LayerTree:
+        n_nodes = len(self.nodes.mode)
+        child_start = array("I", bytes(4 * n_nodes))
+        child_count = array("I", bytes(4 * n_nodes))
+        node_entry = array("I", [_NO_ENTRY]) * n_nodes
+        nlink = self.nodes.nlink
+        names = bytearray()
+        name_off = array("Q", [0])
+        entry_node = array("I")
+        entry_parent = array("I")
+        queue = [int(ROOT_NODE)]
+        nlink[ROOT_NODE] = 2
+        for dir_node in queue:  # breadth first; the list grows while we walk it
+            children = sorted(groups.get(dir_node, ()), key=self.e_name.__getitem__)
+            child_start[dir_node] = len(entry_node)
+            child_count[dir_node] = len(children)
+            for e in children:
+                node = self.e_node[e]
+                if node_entry[node] == _NO_ENTRY:
+                    node_entry[node] = len(entry_node)
+                names += self.e_name[e]
+                name_off.append(len(names))
+                entry_node.append(node)
+                entry_parent.append(dir_node)
+                if self._is_dir(node):
+                    nlink[dir_node] += 1
+                    nlink[node] = 2
+                    queue.append(node)
+                else:
+                    nlink[node] += 1
+        return LayerTree(
+            nodes=self.nodes,
+            names=bytes(names),
+            name_off=name_off,
+            entry_node=entry_node,
+            entry_parent=entry_parent,
+            child_start=child_start,
+            child_count=child_count,
+            node_entry=node_entry,
+            links=self.links,
+            xattrs=self.xattrs,
+        )
+
+
+def header_offsets(files: Sequence[FileMetadata]) -> list[int]:
+    """The derived tar header offset of each entry (spec/soci.md §1.1), in the input order.
+
+    In offset order, the first entry's header starts at 0 and each later one at the 512-aligned
+    end of the previous entry's data.
+
+    Raises:
+        TreeBuildError: a derived header offset lies beyond the entry's data offset.
+    """
+    order = sorted(range(len(files)), key=lambda i: files[i].uncompressed_offset)
+    result = [0] * len(files)
+    position = 0
+    for i in order:
+        meta = files[i]
+        if position > meta.uncompressed_offset:
+            raise TreeBuildError(
+                f"invalid toc entry {meta.name!r}: header offset {position} is past its data "
+                f"offset {meta.uncompressed_offset}"
+            )
+        result[i] = position
+        end = meta.uncompressed_offset + meta.uncompressed_size
+        position = (end + 511) // 512 * 512
+    return result
+
+
+def build_tree(files: Sequence[FileMetadata], *, userxattr: bool = False) -> LayerTree:
+    """Build the tree of one layer from its zTOC entries (`Ztoc.files`, in tar order).
+
+    `userxattr` selects `user.overlay.opaque` instead of `trusted.overlay.opaque` for opaque
+    directories (overlayfs mounted with `userxattr`).
+
+    Raises:
+        TreeBuildError: an entry cannot be placed (message names it): a hardlink whose target is
+            not earlier in the layer or is a directory, a parent path that is not a directory,
+            an unsupported type, a malformed mod_time or inconsistent offsets.
+    """
+    builder = _Builder(USER_OPAQUE_XATTR if userxattr else TRUSTED_OPAQUE_XATTR)
+    for meta, hdr_off in zip(files, header_offsets(files), strict=True):
+        builder.add(meta, hdr_off)
+    return builder.finish()

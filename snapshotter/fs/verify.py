@@ -1,0 +1,88 @@
+"""Check a file's tar header, read from the layer stream, against its zTOC entry.
+
+Before a regular file's first read, the host reads the header blocks `[header start, data
+start)` through the layer reader (so they are digest-checked like any span) and requires that
+they parse as exactly one tar member whose name, type, size, mtime, mode, uid, gid and
+`SCHILY.xattr.*` records match the tree (spec/soci.md §5.6, read path). A zTOC that points
+into the wrong bytes therefore gives EIO instead of wrong file contents.
+"""
+
+from __future__ import annotations
+
+import io
+import stat
+import tarfile
+from decimal import Decimal, InvalidOperation
+
+from snapshotter.fs.errors import HeaderMismatch
+from snapshotter.fs.tree import (
+    TRUSTED_OPAQUE_XATTR,
+    USER_OPAQUE_XATTR,
+    LayerTree,
+    NodeId,
+    clean_name,
+)
+
+_PAX_XATTR_PREFIX = "SCHILY.xattr."
+
+
+def _mtime_ns(info: tarfile.TarInfo) -> int:
+    raw = info.pax_headers.get("mtime")
+    if raw is not None:
+        try:
+            return int(Decimal(raw) * 1_000_000_000)
+        except InvalidOperation:
+            pass
+    return int(info.mtime) * 1_000_000_000
+
+
+def check_header(header: bytes, tree: LayerTree, node: NodeId, layer: str) -> None:
+    """Require that `header` is exactly the tar header of regular-file `node` of `tree`.
+
+    `layer` names the layer in messages.
+
+    Raises:
+        HeaderMismatch: the bytes do not parse as one complete header, or a field differs
+            from the tree (the message names the field and both values).
+    """
+    path = tree.path_of(node)
+    where = f"layer {layer}: file {path!r}"
+    try:
+        with tarfile.open(
+            fileobj=io.BytesIO(header), mode="r:", errors="surrogateescape"
+        ) as archive:
+            info = archive.next()
+    except (tarfile.TarError, EOFError, ValueError) as e:
+        raise HeaderMismatch(f"{where}: tar header does not parse: {e}") from e
+    if info is None:
+        raise HeaderMismatch(f"{where}: no tar header in {len(header)} bytes")
+    if info.offset_data != len(header):
+        raise HeaderMismatch(
+            f"{where}: header is {info.offset_data} bytes, the zTOC says {len(header)}"
+        )
+    attr = tree.attr(node)
+    want_xattrs = {
+        name: tree.getxattr(node, name)
+        for name in tree.listxattr(node)
+        if name not in (TRUSTED_OPAQUE_XATTR, USER_OPAQUE_XATTR)
+    }
+    got_xattrs = {
+        k[len(_PAX_XATTR_PREFIX) :].encode("utf-8", "surrogateescape"): v.encode(
+            "utf-8", "surrogateescape"
+        )
+        for k, v in info.pax_headers.items()
+        if k.startswith(_PAX_XATTR_PREFIX)
+    }
+    checks: list[tuple[str, object, object]] = [
+        ("name", clean_name(info.name), path),
+        ("type", info.isreg(), stat.S_ISREG(attr.mode)),
+        ("size", info.size, attr.size),
+        ("mtime", _mtime_ns(info), attr.mtime_ns),
+        ("mode", info.mode & 0o7777, attr.mode & 0o7777),
+        ("uid", info.uid, attr.uid),
+        ("gid", info.gid, attr.gid),
+        ("xattrs", got_xattrs, want_xattrs),
+    ]
+    for field, got, want in checks:
+        if got != want:
+            raise HeaderMismatch(f"{where}: tar header {field} is {got!r}, the zTOC says {want!r}")

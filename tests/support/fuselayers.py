@@ -1,0 +1,254 @@
+"""Serving test layers through the FUSE layer host in a subprocess.
+
+pyfuse3 keeps its session in module globals (one mount per process), and a test must survive a
+hung or crashed server, so the host runs in a child process:
+
+    python -m tests.support.fuselayers CONFIG.json
+
+CONFIG: ``{"mountpoint": str, "ready_file": str, "verify_headers": bool,
+"layers": [{"name": str, "blob": str, "media_type": str}]}``. The child builds each layer's zTOC,
+mounts the host, writes ``ready_file`` and serves until SIGTERM/SIGINT, then unmounts.
+
+:class:`FuseServer` starts it and always stops it and removes the mount, even when the test fails.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from index.model import (
+    BUILD_TOOL_IDENTIFIER,
+    DEFAULT_SPAN_SIZE,
+    ZTOC_VERSION,
+    CompressionAlgorithm,
+    CompressionInfo,
+    EntryType,
+    FileMetadata,
+    SpanId,
+    UncompressedOffset,
+    Ztoc,
+)
+from index.zinfo import build_gzip_checkpoints
+
+MEDIA_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+_TYPES = {
+    tarfile.REGTYPE: EntryType.REG,
+    tarfile.AREGTYPE: EntryType.REG,
+    tarfile.LNKTYPE: EntryType.HARDLINK,
+    tarfile.SYMTYPE: EntryType.SYMLINK,
+    tarfile.CHRTYPE: EntryType.CHAR,
+    tarfile.BLKTYPE: EntryType.BLOCK,
+    tarfile.DIRTYPE: EntryType.DIR,
+    tarfile.FIFOTYPE: EntryType.FIFO,
+}
+
+
+def mod_time_text(ns: int) -> str:
+    """Nanoseconds since the epoch as Go's `time.MarshalText` writes them in UTC."""
+    seconds, nanos = divmod(ns, 1_000_000_000)
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    if nanos:
+        text += "." + f"{nanos:09d}".rstrip("0")
+    return text + "Z"
+
+
+def _mtime_ns(info: tarfile.TarInfo) -> int:
+    raw = info.pax_headers.get("mtime")
+    if raw is not None:
+        from decimal import Decimal
+
+        return int(Decimal(raw) * 1_000_000_000)
+    return int(info.mtime) * 1_000_000_000
+
+
+def entries_from_tar(path: Path) -> tuple[list[FileMetadata], int]:
+    """zTOC entries of an uncompressed tar file, and the tar-reader EOF offset (spec §1.3)."""
+    entries: list[FileMetadata] = []
+    with tarfile.open(path, mode="r:", errors="surrogateescape") as tf:
+        for info in tf:
+            kind = _TYPES.get(info.type)
+            if kind is None:
+                raise ValueError(f"unsupported tar entry {info.name!r} type {info.type!r}")
+            if kind == EntryType.REG and info.name.endswith("/"):
+                kind = EntryType.DIR
+            entries.append(
+                FileMetadata(
+                    name=info.name + ("/" if kind == EntryType.DIR else ""),
+                    type=kind,
+                    uncompressed_offset=UncompressedOffset(info.offset_data),
+                    uncompressed_size=info.size if kind == EntryType.REG else 0,
+                    linkname=info.linkname,
+                    mode=info.mode,
+                    uid=info.uid,
+                    gid=info.gid,
+                    uname=info.uname,
+                    gname=info.gname,
+                    mod_time=mod_time_text(_mtime_ns(info)),
+                    devmajor=info.devmajor,
+                    devminor=info.devminor,
+                    xattrs=dict(sorted(info.pax_headers.items())),
+                )
+            )
+        end = tf.offset + 1024
+    return entries, end
+
+
+def ztoc_for_layer(blob: Path, span_size: int = DEFAULT_SPAN_SIZE) -> Ztoc:
+    """The zTOC of a gzip layer blob: `index.builder.build_ztoc` when it is available, else a
+    local equivalent (TOC from Python's tarfile, checkpoints from `index.zinfo`)."""
+    try:
+        from index.builder import build_ztoc
+    except ImportError:
+        pass
+    else:
+        return build_ztoc(blob, MEDIA_LAYER_GZIP, span_size)
+    with open(blob, "rb") as f:
+        result = build_gzip_checkpoints(f, span_size, lambda _view: None)
+    with tempfile.NamedTemporaryFile(suffix=".tar") as tmp:
+        with gzip.open(blob, "rb") as src:
+            while chunk := src.read(1 << 20):
+                tmp.write(chunk)
+        tmp.flush()
+        entries, end = entries_from_tar(Path(tmp.name))
+    return Ztoc(
+        version=ZTOC_VERSION,
+        build_tool_identifier=BUILD_TOOL_IDENTIFIER,
+        compressed_archive_size=blob.stat().st_size,
+        uncompressed_archive_size=end,
+        files=tuple(entries),
+        compression=CompressionInfo(
+            algorithm=CompressionAlgorithm.GZIP,
+            max_span_id=SpanId(len(result.span_digests) - 1),
+            span_digests=result.span_digests,
+            checkpoints=result.zinfo.encode(),
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class LayerBlob:
+    """One layer to serve: its directory name under the mount and its gzip blob."""
+
+    name: str
+    blob: Path
+    span_size: int = DEFAULT_SPAN_SIZE
+
+
+class FuseServer:
+    """A running FUSE host child process; `mountpoint / layer.name` is each layer's tree."""
+
+    def __init__(self, mountpoint: Path, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+        self.mountpoint = mountpoint
+        self.proc = proc
+        self.log_path = log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@contextmanager
+def fuse_server(
+    workdir: Path,
+    layers: list[LayerBlob],
+    *,
+    verify_headers: bool = True,
+    timeout_s: float = 120.0,
+) -> Iterator[FuseServer]:
+    """Start a FUSE host serving `layers` at `workdir/mnt`; stop it and unmount on exit.
+
+    Raises `RuntimeError` (with the child's log) if it does not come up within `timeout_s`.
+    """
+    from snapshotter.fs.fuse import cleanup_stale_mount, is_mounted
+
+    mountpoint = workdir / "mnt"
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    cleanup_stale_mount(mountpoint)
+    ready = workdir / "ready"
+    ready.unlink(missing_ok=True)
+    config = workdir / "server.json"
+    config.write_text(
+        json.dumps(
+            {
+                "mountpoint": str(mountpoint),
+                "ready_file": str(ready),
+                "verify_headers": verify_headers,
+                "layers": [
+                    {"name": x.name, "blob": str(x.blob), "span_size": x.span_size}
+                    for x in layers
+                ],
+            }
+        )
+    )
+    log_path = workdir / "server.log"
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.fuselayers", str(config)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            env=env,
+        )
+    server = FuseServer(mountpoint, proc, log_path)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not (ready.exists() and is_mounted(mountpoint)):
+            if proc.poll() is not None:
+                raise RuntimeError(f"FUSE server exited with {proc.returncode}:\n{server.log()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"FUSE server not ready after {timeout_s}s:\n{server.log()}")
+            time.sleep(0.05)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=15)
+        cleanup_stale_mount(mountpoint)
+
+
+async def _serve(config_path: Path) -> None:
+    import logging
+
+    import trio
+
+    from snapshotter.fs.fuse import open_fuse_host
+    from snapshotter.fs.host import LayerHost
+    from snapshotter.fs.readers import LocalBlobReader
+    from snapshotter.fs.tree import build_tree
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = json.loads(config_path.read_text())
+    host = LayerHost(verify_headers=config["verify_headers"])
+    for layer in config["layers"]:
+        blob = Path(layer["blob"])
+        ztoc = ztoc_for_layer(blob, layer["span_size"])
+        host.add_layer(layer["name"], build_tree(ztoc.files), LocalBlobReader(blob, ztoc))
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with open_fuse_host(Path(config["mountpoint"]), host):
+            Path(config["ready_file"]).write_text("ready\n")
+            async for _ in signals:
+                break
+
+
+if __name__ == "__main__":
+    import trio
+
+    trio.run(_serve, Path(sys.argv[1]))
