@@ -1,0 +1,545 @@
+"""zTOC flatbuffers codec, byte-identical to the AWS SOCI implementation (spec/soci.md §1).
+
+* `encode_ztoc` drives the `flatbuffers` runtime's `Builder` by hand in the exact call order of
+  the Go marshaler (§1.4), so equal inputs give equal bytes and equal digests.
+* `decode_ztoc` / `ZtocView` read a buffer with their own bounds-checked flatbuffers reader:
+  every offset is checked against the buffer, so garbage raises `ZtocFormatError`, never an
+  `IndexError` or `struct.error`. They accept what Go's decoder accepts (absent fields take
+  their defaults, any `mod_time`, `version` or digest string is kept as-is), sort entries by
+  `uncompressed_offset` as Go does, and apply Go's one semantic check: each entry's derived
+  tar header offset (`tar_header_offsets`) must not lie after its data (`invalid toc entry`).
+  Two checks go beyond Go, because a reader could not act on such a zTOC: an unknown
+  `compression_algorithm` value, and (in `decode_ztoc` / `ZtocView.entry`) an entry `type`
+  that is not one of the seven `EntryType` names. `ZtocView.type_name` gives the raw string.
+
+Strings are UTF-8 with `surrogateescape` in both directions, so names that are not UTF-8 (tar
+names are bytes) survive a round trip unchanged.
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+from collections.abc import Iterator, Sequence
+from typing import Final
+
+import flatbuffers
+
+from index.model import (
+    CompressionAlgorithm,
+    CompressionInfo,
+    EntryType,
+    FileMetadata,
+    SpanId,
+    UncompressedOffset,
+    Ztoc,
+)
+
+TAR_BLOCK_SIZE: Final = 512
+
+_ENCODING: Final = "utf-8"
+_ERRORS: Final = "surrogateescape"
+_INT8: Final = (-(1 << 7), (1 << 7) - 1)
+_INT32: Final = (-(1 << 31), (1 << 31) - 1)
+_INT64: Final = (-(1 << 63), (1 << 63) - 1)
+_UINT32: Final = (0, (1 << 32) - 1)
+
+# vtable slots
+_ZTOC_VERSION, _ZTOC_TOOL, _ZTOC_CSIZE, _ZTOC_USIZE, _ZTOC_TOC, _ZTOC_CINFO = range(6)
+_TOC_METADATA: Final = 0
+_CI_ALGORITHM, _CI_MAX_SPAN_ID, _CI_SPAN_DIGESTS, _CI_CHECKPOINTS = range(4)
+(
+    _FM_NAME,
+    _FM_TYPE,
+    _FM_OFFSET,
+    _FM_SIZE,
+    _FM_LINKNAME,
+    _FM_MODE,
+    _FM_UID,
+    _FM_GID,
+    _FM_UNAME,
+    _FM_GNAME,
+    _FM_MOD_TIME,
+    _FM_DEVMAJOR,
+    _FM_DEVMINOR,
+    _FM_XATTRS,
+) = range(14)
+_FM_NUM_FIELDS: Final = 14
+_XATTR_KEY, _XATTR_VALUE = range(2)
+
+_ENTRY_TYPES: Final = {t.value: t for t in EntryType}
+_ALGORITHMS: Final = {a.value: a for a in CompressionAlgorithm}
+
+_unpack_u16 = struct.Struct("<H").unpack_from
+_unpack_u32 = struct.Struct("<I").unpack_from
+_unpack_i32 = struct.Struct("<i").unpack_from
+_unpack_i64 = struct.Struct("<q").unpack_from
+_unpack_i8 = struct.Struct("<b").unpack_from
+
+
+class ZtocError(ValueError):
+    """Base of the codec's errors."""
+
+
+class ZtocFormatError(ZtocError):
+    """The bytes are not a zTOC this reader can use: truncated or garbage flatbuffers, an
+    offset pointing outside the buffer, a missing TOC or compression info, an unknown
+    compression algorithm or entry type, or entries whose derived tar header offsets overlap
+    their data (`invalid toc entry`). The message names the field or entry."""
+
+
+class ZtocEncodeError(ZtocError):
+    """A `Ztoc` value cannot be serialised: a number outside its flatbuffers field type
+    (int64 offsets and sizes, uint32 uid/gid, int32 max_span_id) or a string that is not
+    encodable."""
+
+
+# --- encoding ------------------------------------------------------------------------------------
+
+
+def _check_range(value: int, bounds: tuple[int, int], what: str) -> int:
+    if not bounds[0] <= value <= bounds[1]:
+        raise ZtocEncodeError(f"{what} = {value} does not fit its flatbuffers field")
+    return value
+
+
+def _sort_key(key: str) -> bytes:
+    return key.encode(_ENCODING, _ERRORS)
+
+
+def _create_string(builder: flatbuffers.Builder, text: str, what: str) -> int:
+    try:
+        return int(builder.CreateString(text, _ENCODING, _ERRORS))
+    except UnicodeEncodeError as e:
+        raise ZtocEncodeError(f"{what} is not encodable as UTF-8: {text!r}") from e
+
+
+def _encode_entry(builder: flatbuffers.Builder, index: int, entry: FileMetadata) -> int:
+    what = f"entry {index} ({entry.name!r})"
+    name = _create_string(builder, entry.name, f"{what} name")
+    type_ = _create_string(builder, str(entry.type), f"{what} type")
+    linkname = _create_string(builder, entry.linkname, f"{what} linkname")
+    uname = _create_string(builder, entry.uname, f"{what} uname")
+    gname = _create_string(builder, entry.gname, f"{what} gname")
+    mod_time = _create_string(builder, entry.mod_time, f"{what} mod_time")
+
+    xattrs: list[int] = []
+    for key in sorted(entry.xattrs, key=_sort_key):
+        key_off = _create_string(builder, key, f"{what} xattr key")
+        value_off = _create_string(builder, entry.xattrs[key], f"{what} xattr {key!r}")
+        builder.StartObject(2)
+        builder.PrependUOffsetTRelativeSlot(_XATTR_KEY, key_off, 0)
+        builder.PrependUOffsetTRelativeSlot(_XATTR_VALUE, value_off, 0)
+        xattrs.append(builder.EndObject())
+    builder.StartVector(4, len(xattrs), 4)
+    for off in reversed(xattrs):
+        builder.PrependUOffsetTRelative(off)
+    xattrs_vec = builder.EndVector()
+
+    builder.StartObject(_FM_NUM_FIELDS)
+    builder.PrependUOffsetTRelativeSlot(_FM_NAME, name, 0)
+    builder.PrependUOffsetTRelativeSlot(_FM_TYPE, type_, 0)
+    builder.PrependInt64Slot(
+        _FM_OFFSET, _check_range(entry.uncompressed_offset, _INT64, f"{what} offset"), 0
+    )
+    builder.PrependInt64Slot(
+        _FM_SIZE, _check_range(entry.uncompressed_size, _INT64, f"{what} size"), 0
+    )
+    builder.PrependUOffsetTRelativeSlot(_FM_LINKNAME, linkname, 0)
+    builder.PrependInt64Slot(_FM_MODE, _check_range(entry.mode, _INT64, f"{what} mode"), 0)
+    builder.PrependUint32Slot(_FM_UID, _check_range(entry.uid, _UINT32, f"{what} uid"), 0)
+    builder.PrependUint32Slot(_FM_GID, _check_range(entry.gid, _UINT32, f"{what} gid"), 0)
+    builder.PrependUOffsetTRelativeSlot(_FM_UNAME, uname, 0)
+    builder.PrependUOffsetTRelativeSlot(_FM_GNAME, gname, 0)
+    builder.PrependUOffsetTRelativeSlot(_FM_MOD_TIME, mod_time, 0)
+    builder.PrependInt64Slot(
+        _FM_DEVMAJOR, _check_range(entry.devmajor, _INT64, f"{what} devmajor"), 0
+    )
+    builder.PrependInt64Slot(
+        _FM_DEVMINOR, _check_range(entry.devminor, _INT64, f"{what} devminor"), 0
+    )
+    builder.PrependUOffsetTRelativeSlot(_FM_XATTRS, xattrs_vec, 0)
+    return int(builder.EndObject())
+
+
+def encode_ztoc(z: Ztoc) -> bytes:
+    """Serialise `z` to zTOC flatbuffers bytes, identical to what the AWS tools write.
+
+    Entries are written in the order of `z.files` (tar order; the builder never reorders),
+    each entry's `xattrs` sorted bytewise by key. The entry `type` is written as the string
+    value it holds. Raises `ZtocEncodeError` for numbers outside their field types or
+    unencodable strings.
+    """
+    builder = flatbuffers.Builder(0)
+    version = _create_string(builder, z.version, "version")
+    tool = _create_string(builder, z.build_tool_identifier, "build_tool_identifier")
+
+    entries = [0] * len(z.files)
+    for i in range(len(z.files) - 1, -1, -1):
+        entries[i] = _encode_entry(builder, i, z.files[i])
+    builder.StartVector(4, len(entries), 4)
+    for off in reversed(entries):
+        builder.PrependUOffsetTRelative(off)
+    metadata = builder.EndVector()
+    builder.StartObject(1)
+    builder.PrependUOffsetTRelativeSlot(_TOC_METADATA, metadata, 0)
+    toc = builder.EndObject()
+
+    info = z.compression
+    checkpoints = builder.CreateByteVector(bytes(info.checkpoints))
+    digests = [_create_string(builder, d, "span digest") for d in info.span_digests]
+    builder.StartVector(4, len(digests), 4)
+    for off in reversed(digests):
+        builder.PrependUOffsetTRelative(off)
+    digests_vec = builder.EndVector()
+
+    builder.StartObject(4)
+    builder.PrependInt32Slot(
+        _CI_MAX_SPAN_ID, _check_range(info.max_span_id, _INT32, "max_span_id"), 0
+    )
+    builder.PrependUOffsetTRelativeSlot(_CI_SPAN_DIGESTS, digests_vec, 0)
+    builder.PrependUOffsetTRelativeSlot(_CI_CHECKPOINTS, checkpoints, 0)
+    algorithm = _check_range(int(info.algorithm), _INT8, "compression_algorithm")
+    builder.PrependInt8Slot(_CI_ALGORITHM, algorithm, int(CompressionAlgorithm.GZIP))
+    compression_info = builder.EndObject()
+
+    builder.StartObject(6)
+    builder.PrependUOffsetTRelativeSlot(_ZTOC_VERSION, version, 0)
+    builder.PrependUOffsetTRelativeSlot(_ZTOC_TOOL, tool, 0)
+    builder.PrependUOffsetTRelativeSlot(_ZTOC_TOC, toc, 0)
+    builder.PrependInt64Slot(
+        _ZTOC_CSIZE, _check_range(z.compressed_archive_size, _INT64, "compressed size"), 0
+    )
+    builder.PrependInt64Slot(
+        _ZTOC_USIZE, _check_range(z.uncompressed_archive_size, _INT64, "uncompressed size"), 0
+    )
+    builder.PrependUOffsetTRelativeSlot(_ZTOC_CINFO, compression_info, 0)
+    builder.Finish(builder.EndObject())
+    return bytes(builder.Output())
+
+
+# --- bounds-checked flatbuffers reading ----------------------------------------------------------
+
+
+class _Reader:
+    """Bounds-checked access to flatbuffers tables in one buffer; raises ZtocFormatError."""
+
+    __slots__ = ("buf", "size")
+
+    def __init__(self, buf: bytes) -> None:
+        self.buf = buf
+        self.size = len(buf)
+
+    def need(self, pos: int, length: int, what: str) -> None:
+        if pos < 0 or pos + length > self.size:
+            raise ZtocFormatError(
+                f"zTOC {what}: {length} bytes at offset {pos} lie outside the "
+                f"{self.size}-byte buffer"
+            )
+
+    def u32(self, pos: int, what: str) -> int:
+        self.need(pos, 4, what)
+        return int(_unpack_u32(self.buf, pos)[0])
+
+    def table(self, pos: int, what: str) -> tuple[int, int, int]:
+        """(table position, vtable position, vtable length in bytes)."""
+        self.need(pos, 4, what)
+        vtable = pos - int(_unpack_i32(self.buf, pos)[0])
+        self.need(vtable, 2, f"{what} vtable")
+        return pos, vtable, int(_unpack_u16(self.buf, vtable)[0])
+
+    def field(self, table: tuple[int, int, int], slot: int, what: str) -> int:
+        """Absolute position of a field, or 0 when it is absent (take the default)."""
+        pos, vtable, vtable_len = table
+        entry = 4 + 2 * slot
+        if entry >= vtable_len:
+            return 0
+        self.need(vtable + entry, 2, f"{what} vtable entry")
+        offset = int(_unpack_u16(self.buf, vtable + entry)[0])
+        return pos + offset if offset else 0
+
+    def indirect(self, pos: int, what: str) -> int:
+        return pos + self.u32(pos, what)
+
+    def raw_string(self, table: tuple[int, int, int], slot: int, what: str) -> bytes:
+        pos = self.field(table, slot, what)
+        if not pos:
+            return b""
+        start = self.indirect(pos, what)
+        length = self.u32(start, what)
+        self.need(start + 4, length, what)
+        return self.buf[start + 4 : start + 4 + length]
+
+    def string(self, table: tuple[int, int, int], slot: int, what: str) -> str:
+        return self.raw_string(table, slot, what).decode(_ENCODING, _ERRORS)
+
+    def i64(self, table: tuple[int, int, int], slot: int, what: str) -> int:
+        pos = self.field(table, slot, what)
+        if not pos:
+            return 0
+        self.need(pos, 8, what)
+        return int(_unpack_i64(self.buf, pos)[0])
+
+    def i32(self, table: tuple[int, int, int], slot: int, what: str) -> int:
+        pos = self.field(table, slot, what)
+        if not pos:
+            return 0
+        self.need(pos, 4, what)
+        return int(_unpack_i32(self.buf, pos)[0])
+
+    def u32_field(self, table: tuple[int, int, int], slot: int, what: str) -> int:
+        pos = self.field(table, slot, what)
+        return self.u32(pos, what) if pos else 0
+
+    def i8(self, table: tuple[int, int, int], slot: int, default: int, what: str) -> int:
+        pos = self.field(table, slot, what)
+        if not pos:
+            return default
+        self.need(pos, 1, what)
+        return int(_unpack_i8(self.buf, pos)[0])
+
+    def vector(
+        self, table: tuple[int, int, int], slot: int, elem: int, what: str
+    ) -> tuple[int, int]:
+        """(position of the first element, element count); (0, 0) when absent."""
+        pos = self.field(table, slot, what)
+        if not pos:
+            return 0, 0
+        start = self.indirect(pos, what)
+        count = self.u32(start, what)
+        self.need(start + 4, count * elem, what)
+        return start + 4, count
+
+    def sub_table(
+        self, table: tuple[int, int, int], slot: int, what: str
+    ) -> tuple[int, int, int] | None:
+        pos = self.field(table, slot, what)
+        if not pos:
+            return None
+        return self.table(self.indirect(pos, what), what)
+
+
+def _align_to_tar_block(offset: int) -> int:
+    """Go's `AlignToTarBlock`: round a positive offset up to 512; others are unchanged."""
+    if offset > 0:
+        return (offset + TAR_BLOCK_SIZE - 1) // TAR_BLOCK_SIZE * TAR_BLOCK_SIZE
+    return offset
+
+
+def _derive_header_offsets(offsets: Sequence[int], sizes: Sequence[int]) -> list[int]:
+    """Header offsets of entries already sorted by data offset; raises ZtocFormatError."""
+    result: list[int] = []
+    next_header = 0
+    for i, (offset, size) in enumerate(zip(offsets, sizes, strict=True)):
+        if next_header > offset:
+            raise ZtocFormatError(
+                f"invalid toc entry: entry {i} starts its data at {offset}, before the end of "
+                f"the previous entry (its header would be at {next_header})"
+            )
+        result.append(next_header)
+        next_header = _align_to_tar_block(offset + size)
+    return result
+
+
+def tar_header_offsets(files: Sequence[FileMetadata]) -> list[UncompressedOffset]:
+    """The offset of each entry's first tar header block (PAX/GNU extension headers included),
+    derived as the AWS reader does: 0 for the first entry, then the 512-aligned end of the
+    previous entry's data. `files` must be in `uncompressed_offset` order (as `decode_ztoc`
+    returns them). Raises `ZtocFormatError` (`invalid toc entry`) when a derived header offset
+    lies after the entry's data offset.
+    """
+    derived = _derive_header_offsets(
+        [f.uncompressed_offset for f in files], [f.uncompressed_size for f in files]
+    )
+    return [UncompressedOffset(o) for o in derived]
+
+
+# --- decoding ------------------------------------------------------------------------------------
+
+
+class ZtocView:
+    """A validated, lazy view of zTOC bytes: header fields eagerly, entries on demand.
+
+    Building the view reads every entry's offset and size (compact arrays, about 24 bytes per
+    entry), sorts the entries by `uncompressed_offset` as the Go reader does and checks the
+    derived tar header offsets; strings are read only when an entry is asked for. Index `i`
+    always refers to the sorted order. Construction and entry access raise `ZtocFormatError`.
+    """
+
+    __slots__ = (
+        "_entries_pos",
+        "_header_offsets",
+        "_offsets",
+        "_order",
+        "_reader",
+        "_sizes",
+        "build_tool_identifier",
+        "compressed_archive_size",
+        "compression",
+        "uncompressed_archive_size",
+        "version",
+    )
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        buf = bytes(data)
+        reader = self._reader = _Reader(buf)
+        root = reader.table(reader.u32(0, "root offset"), "root table")
+        self.version = reader.string(root, _ZTOC_VERSION, "version")
+        self.build_tool_identifier = reader.string(root, _ZTOC_TOOL, "build_tool_identifier")
+        self.compressed_archive_size = reader.i64(root, _ZTOC_CSIZE, "compressed_archive_size")
+        self.uncompressed_archive_size = reader.i64(root, _ZTOC_USIZE, "uncompressed_archive_size")
+        toc = reader.sub_table(root, _ZTOC_TOC, "toc")
+        if toc is None:
+            raise ZtocFormatError("zTOC has no toc table")
+        info = reader.sub_table(root, _ZTOC_CINFO, "compression_info")
+        if info is None:
+            raise ZtocFormatError("zTOC has no compression_info table")
+        self.compression = self._read_compression(info)
+
+        first, count = reader.vector(toc, _TOC_METADATA, 4, "toc.metadata")
+        positions = array("Q", bytes(8 * count))
+        offsets = array("q", bytes(8 * count))
+        sizes = array("q", bytes(8 * count))
+        for i in range(count):
+            what = f"toc entry {i}"
+            table = reader.table(reader.indirect(first + 4 * i, what), what)
+            positions[i] = table[0]
+            offsets[i] = reader.i64(table, _FM_OFFSET, f"{what} uncompressed_offset")
+            sizes[i] = reader.i64(table, _FM_SIZE, f"{what} uncompressed_size")
+        order: array[int] | None = None
+        if any(offsets[i] > offsets[i + 1] for i in range(count - 1)):
+            order = array("Q", sorted(range(count), key=offsets.__getitem__))
+            positions = array("Q", (positions[j] for j in order))
+            offsets = array("q", (offsets[j] for j in order))
+            sizes = array("q", (sizes[j] for j in order))
+        self._order = order
+        self._entries_pos = positions
+        self._offsets = offsets
+        self._sizes = sizes
+        self._header_offsets = array("q", _derive_header_offsets(offsets, sizes))
+
+    def _read_compression(self, info: tuple[int, int, int]) -> CompressionInfo:
+        reader = self._reader
+        raw_algorithm = reader.i8(
+            info, _CI_ALGORITHM, int(CompressionAlgorithm.GZIP), "compression_algorithm"
+        )
+        algorithm = _ALGORITHMS.get(raw_algorithm)
+        if algorithm is None:
+            raise ZtocFormatError(f"zTOC has unknown compression_algorithm {raw_algorithm}")
+        max_span_id = reader.i32(info, _CI_MAX_SPAN_ID, "max_span_id")
+        first, count = reader.vector(info, _CI_SPAN_DIGESTS, 4, "span_digests")
+        digests: list[str] = []
+        for i in range(count):
+            what = f"span digest {i}"
+            start = reader.indirect(first + 4 * i, what)
+            length = reader.u32(start, what)
+            reader.need(start + 4, length, what)
+            digests.append(reader.buf[start + 4 : start + 4 + length].decode(_ENCODING, _ERRORS))
+        first, count = reader.vector(info, _CI_CHECKPOINTS, 1, "checkpoints")
+        return CompressionInfo(
+            algorithm=algorithm,
+            max_span_id=SpanId(max_span_id),
+            span_digests=tuple(digests),
+            checkpoints=reader.buf[first : first + count],
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<ZtocView version={self.version!r} entries={len(self)} "
+            f"uncompressed={self.uncompressed_archive_size} "
+            f"spans={self.compression.max_span_id + 1}>"
+        )
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, i: int) -> FileMetadata:
+        return self.entry(i)
+
+    def __iter__(self) -> Iterator[FileMetadata]:
+        for i in range(len(self)):
+            yield self.entry(i)
+
+    def _table(self, i: int) -> tuple[int, int, int]:
+        return self._reader.table(self._entries_pos[i], f"toc entry {i}")
+
+    def uncompressed_offset(self, i: int) -> UncompressedOffset:
+        """Where entry `i`'s data starts in the tar stream."""
+        return UncompressedOffset(self._offsets[i])
+
+    def uncompressed_size(self, i: int) -> int:
+        """Entry `i`'s size field, in bytes."""
+        return self._sizes[i]
+
+    def tar_header_offset(self, i: int) -> UncompressedOffset:
+        """Where entry `i`'s first tar header block starts (see `tar_header_offsets`)."""
+        return UncompressedOffset(self._header_offsets[i])
+
+    def name(self, i: int) -> str:
+        """Entry `i`'s name, without decoding the rest of the entry."""
+        return self._reader.string(self._table(i), _FM_NAME, f"toc entry {i} name")
+
+    def type_name(self, i: int) -> str:
+        """Entry `i`'s raw `type` string, unvalidated (may be any string Go wrote)."""
+        return self._reader.string(self._table(i), _FM_TYPE, f"toc entry {i} type")
+
+    def entry(self, i: int) -> FileMetadata:
+        """Decode entry `i` (sorted order). Raises `ZtocFormatError` for an unknown type or
+        a field outside the buffer, and `IndexError` for `i` out of range."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"zTOC entry index {i} out of range ({len(self)} entries)")
+        i %= len(self)
+        reader = self._reader
+        table = self._table(i)
+        what = f"toc entry {i}"
+        name = reader.string(table, _FM_NAME, f"{what} name")
+        what = f"toc entry {i} ({name!r})"
+        raw_type = reader.string(table, _FM_TYPE, f"{what} type")
+        entry_type = _ENTRY_TYPES.get(raw_type)
+        if entry_type is None:
+            raise ZtocFormatError(f"zTOC {what} has unknown type {raw_type!r}")
+        xattrs: dict[str, str] = {}
+        first, count = reader.vector(table, _FM_XATTRS, 4, f"{what} xattrs")
+        for j in range(count):
+            xwhat = f"{what} xattr {j}"
+            xtable = reader.table(reader.indirect(first + 4 * j, xwhat), xwhat)
+            key = reader.string(xtable, _XATTR_KEY, f"{xwhat} key")
+            xattrs[key] = reader.string(xtable, _XATTR_VALUE, f"{xwhat} value")
+        if count > 1:
+            xattrs = {k: xattrs[k] for k in sorted(xattrs, key=_sort_key)}
+        return FileMetadata(
+            name=name,
+            type=entry_type,
+            uncompressed_offset=UncompressedOffset(self._offsets[i]),
+            uncompressed_size=self._sizes[i],
+            linkname=reader.string(table, _FM_LINKNAME, f"{what} linkname"),
+            mode=reader.i64(table, _FM_MODE, f"{what} mode"),
+            uid=reader.u32_field(table, _FM_UID, f"{what} uid"),
+            gid=reader.u32_field(table, _FM_GID, f"{what} gid"),
+            uname=reader.string(table, _FM_UNAME, f"{what} uname"),
+            gname=reader.string(table, _FM_GNAME, f"{what} gname"),
+            mod_time=reader.string(table, _FM_MOD_TIME, f"{what} mod_time"),
+            devmajor=reader.i64(table, _FM_DEVMAJOR, f"{what} devmajor"),
+            devminor=reader.i64(table, _FM_DEVMINOR, f"{what} devminor"),
+            xattrs=xattrs,
+        )
+
+    def to_ztoc(self) -> Ztoc:
+        """Decode every entry into a `Ztoc`; raises `ZtocFormatError`."""
+        return Ztoc(
+            version=self.version,
+            build_tool_identifier=self.build_tool_identifier,
+            compressed_archive_size=self.compressed_archive_size,
+            uncompressed_archive_size=self.uncompressed_archive_size,
+            files=tuple(self.entry(i) for i in range(len(self))),
+            compression=self.compression,
+        )
+
+
+def decode_ztoc(data: bytes | bytearray | memoryview) -> Ztoc:
+    """Parse zTOC flatbuffers bytes into a `Ztoc`, entries sorted by `uncompressed_offset`.
+
+    Raises `ZtocFormatError` for anything Go's decoder rejects, plus unknown compression
+    algorithms and entry types (see the module docstring).
+    """
+    return ZtocView(data).to_ztoc()
