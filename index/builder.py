@@ -1,0 +1,242 @@
+"""Build the zTOC of one layer in a single streaming pass, and of several layers in parallel.
+
+One pass per layer: the blob is read in large chunks, inflated once (gzip) or passed through
+(tar); the output feeds the TOC builder (`index.toc.TocBuilder`) while checkpoints and span
+digests are collected on the way (`index.zinfo`). Inflation and hashing run in C with the GIL
+released, so layers build in parallel threads.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from index.model import (
+    BUILD_TOOL_IDENTIFIER,
+    DEFAULT_SPAN_SIZE,
+    ZTOC_VERSION,
+    CompressionAlgorithm,
+    CompressionInfo,
+    FileMetadata,
+    SpanId,
+    Ztoc,
+)
+from index.oci.mediatypes import LayerCompression, layer_compression
+from index.toc import TarError, TocBuilder
+from index.zinfo import (
+    DEFAULT_READ_SIZE,
+    ZinfoError,
+    build_gzip_checkpoints,
+    build_tar_spans,
+)
+
+
+class BuildError(Exception):
+    """Base of the errors raised while building a zTOC."""
+
+
+class LayerSkipped(BuildError):
+    """The layer cannot have a zTOC (zstd); the index is built without it, not an error."""
+
+
+class NotALayer(BuildError):
+    """The media type is not a layer media type; building an index with it fails."""
+
+
+class LayerBuildError(BuildError):
+    """The layer blob could not be indexed (corrupt gzip, unsupported tar entry, I/O error)."""
+
+
+class TocSink(Protocol):
+    """What the builder needs from a TOC builder (`index.toc.TocBuilder` implements it).
+
+    Errors it raises must be `index.toc.TarError`s to be reported as `LayerBuildError`.
+    """
+
+    def feed(self, data: bytes | memoryview) -> None:
+        """Consume the next uncompressed bytes of the tar stream."""
+
+    def finish(self) -> tuple[list[FileMetadata], int]:
+        """The entries in tar order and the tar EOF position (uncompressed_archive_size)."""
+
+
+TocFactory = Callable[[], TocSink]
+
+
+def _default_toc_factory() -> TocSink:
+    return TocBuilder()
+
+
+def algorithm_for_media_type(media_type: str, *, name: str = "") -> CompressionAlgorithm:
+    """The zTOC compression algorithm for a layer media type (spec/soci.md §2.5).
+
+    Raises `LayerSkipped` for zstd layers and `NotALayer` for other media types. `name`
+    (e.g. the layer digest) is only used in messages.
+    """
+    label = name or "layer"
+    try:
+        compression = layer_compression(media_type)
+    except ValueError as e:
+        raise NotALayer(f"{label}: {media_type!r} is not a layer mediaType") from e
+    if compression is LayerCompression.GZIP:
+        return CompressionAlgorithm.GZIP
+    if compression is LayerCompression.NONE:
+        return CompressionAlgorithm.UNCOMPRESSED
+    raise LayerSkipped(f"ztoc skipped - layer {label} ({media_type}) has unsupported format")
+
+
+def build_ztoc_from_stream(
+    src: BinaryIO,
+    algorithm: CompressionAlgorithm,
+    span_size: int = DEFAULT_SPAN_SIZE,
+    *,
+    toc_factory: TocFactory = _default_toc_factory,
+    read_size: int = DEFAULT_READ_SIZE,
+    name: str = "layer",
+) -> Ztoc:
+    """Build a zTOC from a layer blob read from `src` to its end.
+
+    `compressed_archive_size` is the number of bytes read. Raises `LayerBuildError` (chained
+    to the checkpoint, TOC or I/O error) when the blob cannot be indexed.
+    """
+    toc = toc_factory()
+    try:
+        if algorithm == CompressionAlgorithm.GZIP:
+            gz = build_gzip_checkpoints(src, span_size, toc.feed, read_size=read_size)
+            checkpoints = gz.zinfo.encode()
+            digests = gz.span_digests
+            blob_size = gz.compressed_size
+        else:
+            tar = build_tar_spans(src, span_size, toc.feed, read_size=read_size)
+            checkpoints = tar.zinfo.encode()
+            digests = tar.span_digests
+            blob_size = tar.size
+        entries, uncompressed_size = toc.finish()
+    except ZinfoError as e:
+        raise LayerBuildError(f"{name}: cannot index the layer: {e}") from e
+    except TarError as e:
+        raise LayerBuildError(f"{name}: cannot build the TOC: {e}") from e
+    except OSError as e:
+        raise LayerBuildError(f"{name}: cannot read the layer: {e}") from e
+    return Ztoc(
+        version=ZTOC_VERSION,
+        build_tool_identifier=BUILD_TOOL_IDENTIFIER,
+        compressed_archive_size=blob_size,
+        uncompressed_archive_size=uncompressed_size,
+        files=tuple(entries),
+        compression=CompressionInfo(
+            algorithm=algorithm,
+            max_span_id=SpanId(len(digests) - 1),
+            span_digests=tuple(digests),
+            checkpoints=checkpoints,
+        ),
+    )
+
+
+def build_ztoc(
+    path: Path,
+    media_type: str,
+    span_size: int = DEFAULT_SPAN_SIZE,
+    *,
+    toc_factory: TocFactory = _default_toc_factory,
+    read_size: int = DEFAULT_READ_SIZE,
+) -> Ztoc:
+    """Build the zTOC of the layer blob at `path` in one pass.
+
+    Raises `LayerSkipped` (zstd), `NotALayer` (not a layer media type), `LayerBuildError`
+    (unreadable file, corrupt data, unsupported tar entry).
+    """
+    algorithm = algorithm_for_media_type(media_type, name=str(path))
+    try:
+        f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below, errors translated
+    except OSError as e:
+        raise LayerBuildError(f"{path}: cannot open the layer: {e}") from e
+    with f:
+        return build_ztoc_from_stream(
+            f, algorithm, span_size, toc_factory=toc_factory, read_size=read_size, name=str(path)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LayerJob:
+    """One layer to index: its blob on disk and its media type."""
+
+    path: Path
+    media_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class LayerOutcome:
+    """The result for one `LayerJob`: a zTOC, or the `BuildError` that stopped it.
+
+    `seconds` is the wall time the build took.
+    """
+
+    job: LayerJob
+    ztoc: Ztoc | None
+    error: BuildError | None
+    seconds: float
+
+
+def default_parallelism() -> int:
+    """The default number of layers built at once: the CPUs this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def build_ztocs_parallel(
+    jobs: Sequence[LayerJob],
+    span_size: int = DEFAULT_SPAN_SIZE,
+    *,
+    max_workers: int | None = None,
+    toc_factory: TocFactory = _default_toc_factory,
+    on_done: Callable[[LayerOutcome], None] | None = None,
+) -> list[LayerOutcome]:
+    """Build the zTOCs of several layers in a bounded thread pool.
+
+    Returns one outcome per job, in job order. A `BuildError` (including `LayerSkipped`) is
+    recorded in its outcome and does not stop the others; any other exception is a bug and is
+    re-raised after the pool has shut down. `on_done` is called (from the calling thread) as
+    each layer finishes, in completion order, e.g. to show progress. `max_workers` defaults to
+    `default_parallelism()`.
+    """
+    workers = max_workers if max_workers is not None else default_parallelism()
+    if workers < 1:
+        raise ValueError(f"max_workers must be at least 1, got {workers}")
+
+    def run(job: LayerJob) -> LayerOutcome:
+        started = time.perf_counter()
+        try:
+            ztoc = build_ztoc(job.path, job.media_type, span_size, toc_factory=toc_factory)
+        except BuildError as e:
+            return LayerOutcome(job, None, e, time.perf_counter() - started)
+        return LayerOutcome(job, ztoc, None, time.perf_counter() - started)
+
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    outcomes: dict[int, LayerOutcome] = {}
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ztoc-build") as pool:
+        futures: dict[Future[LayerOutcome], int] = {
+            pool.submit(run, job): i for i, job in enumerate(jobs)
+        }
+        pending = set(futures)
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    outcome = fut.result()
+                    outcomes[futures[fut]] = outcome
+                    if on_done is not None:
+                        on_done(outcome)
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise
+    return [outcomes[i] for i in range(len(jobs))]

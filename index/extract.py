@@ -1,0 +1,227 @@
+"""Read files out of a layer through its zTOC, fetching and inflating only the spans needed.
+
+The caller supplies `read_compressed(start, end)`, which returns the blob bytes `[start, end)`
+(from a local file, a registry Range request, a cache...). All spans a read needs are fetched
+with ONE call covering them (transfer in bulk), then each span is verified against its zTOC
+digest before it is inflated (verify per span): wrong bytes are never returned.
+
+Links are followed like a filesystem would: symlink targets relative to the link's directory
+(absolute ones from the layer root, `..` stops at the root), directory symlinks inside paths
+too, and hardlink targets as archive paths. Only entries of this one layer are visible.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Callable, Mapping
+from typing import Final
+
+from index.model import (
+    CompressedOffset,
+    EntryType,
+    FileMetadata,
+    SpanId,
+    UncompressedOffset,
+    Ztoc,
+)
+from index.zinfo import SpanError, SpanMap, ZinfoError
+
+ReadCompressed = Callable[[CompressedOffset, CompressedOffset], bytes]
+"""Returns the layer blob bytes `[start, end)`; it must return exactly `end - start` bytes."""
+
+MAX_LINK_FOLLOWS: Final = 40
+"""Like Linux's ELOOP limit."""
+
+
+class ExtractError(Exception):
+    """Base of the errors raised when reading a file through a zTOC."""
+
+
+class EntryNotFound(ExtractError):
+    """No entry of the layer has that path."""
+
+
+class NotARegularFile(ExtractError):
+    """The path (after following links) is a directory, device, fifo...: it has no data."""
+
+
+class LinkError(ExtractError):
+    """A link loops, is nested too deeply, or points outside this layer's entries."""
+
+
+class SpanReadError(ExtractError):
+    """A span could not be fetched, failed verification, or did not inflate.
+
+    The cause (e.g. `index.zinfo.SpanDigestMismatch`) is chained.
+    """
+
+
+def normalize_name(name: str) -> str:
+    """A TOC name as a lookup key: no leading `./` or `/`, no trailing `/`; root is ``""``."""
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    return "/".join(parts)
+
+
+def entry_table(ztoc: Ztoc) -> dict[str, FileMetadata]:
+    """Entries by normalized name; a later entry with the same name wins (tar semantics)."""
+    return {normalize_name(e.name): e for e in ztoc.files}
+
+
+def _split(path: str) -> list[str]:
+    return [p for p in path.split("/") if p not in ("", ".")]
+
+
+def resolve_path(
+    table: Mapping[str, FileMetadata], path: str, *, follow_last: bool = True
+) -> FileMetadata:
+    """The entry `path` names, following symlinks (and, at the end, hardlinks).
+
+    Raises `EntryNotFound` or `LinkError`.
+    """
+    follows = 0
+    queue = _split(path)
+    resolved: list[str] = []
+    while True:
+        while queue:
+            comp = queue.pop(0)
+            if comp == "..":
+                if resolved:
+                    resolved.pop()
+                continue
+            candidate = "/".join([*resolved, comp])
+            entry = table.get(candidate)
+            if entry is not None and entry.type == EntryType.SYMLINK and (queue or follow_last):
+                follows += 1
+                if follows > MAX_LINK_FOLLOWS:
+                    raise LinkError(f"{path!r}: more than {MAX_LINK_FOLLOWS} links followed")
+                if entry.linkname.startswith("/"):
+                    resolved = []
+                queue = _split(entry.linkname) + queue
+                continue
+            resolved.append(comp)
+        key = "/".join(resolved)
+        found = table.get(key)
+        if found is None:
+            raise EntryNotFound(f"{path!r}: no entry {key!r} in the layer")
+        if found.type != EntryType.HARDLINK or not follow_last:
+            return found
+        follows += 1
+        if follows > MAX_LINK_FOLLOWS:
+            raise LinkError(f"{path!r}: more than {MAX_LINK_FOLLOWS} links followed")
+        # A hardlink names its target by archive path.
+        queue = _split(found.linkname)
+        resolved = []
+
+
+def resolve_entry(ztoc: Ztoc, entry_or_name: FileMetadata | str) -> FileMetadata:
+    """The regular-file entry behind a name or entry, links followed.
+
+    Raises `EntryNotFound`, `LinkError`, `NotARegularFile`.
+    """
+    table = entry_table(ztoc)
+    name = entry_or_name if isinstance(entry_or_name, str) else entry_or_name.name
+    if isinstance(entry_or_name, FileMetadata) and entry_or_name.type == EntryType.REG:
+        entry = entry_or_name
+    elif isinstance(entry_or_name, FileMetadata) and entry_or_name.type == EntryType.SYMLINK:
+        # Resolve the link itself, even if a later entry shadows its name.
+        parent = posixpath.dirname(normalize_name(name))
+        target = entry_or_name.linkname
+        start = target if target.startswith("/") else posixpath.join(parent, target)
+        try:
+            entry = resolve_path(table, start)
+        except EntryNotFound as e:
+            raise LinkError(f"{name!r}: dangling symlink to {target!r}") from e
+    elif isinstance(entry_or_name, FileMetadata) and entry_or_name.type == EntryType.HARDLINK:
+        try:
+            entry = resolve_path(table, entry_or_name.linkname)
+        except EntryNotFound as e:
+            raise LinkError(f"{name!r}: hardlink to missing {entry_or_name.linkname!r}") from e
+    else:
+        entry = resolve_path(table, name)
+    if entry.type != EntryType.REG:
+        raise NotARegularFile(f"{name!r} is a {entry.type} entry ({entry.name!r}), not a file")
+    return entry
+
+
+def read_file_range(
+    ztoc: Ztoc,
+    entry: FileMetadata,
+    offset: int,
+    size: int,
+    read_compressed: ReadCompressed,
+    *,
+    span_map: SpanMap | None = None,
+) -> bytes:
+    """Bytes `[offset, offset + size)` of regular-file `entry`, clipped to the file's end.
+
+    Fetches every span the range needs with one `read_compressed` call, verifies each span's
+    digest, inflates it and slices out the requested part. Pass `span_map` to reuse one across
+    calls. Raises `NotARegularFile`, `SpanReadError` (fetch, digest or inflate failure, cause
+    chained), `ExtractError` for a zTOC whose spans do not cover the entry; errors from
+    `read_compressed` other than `OSError` propagate unchanged.
+    """
+    if entry.type != EntryType.REG:
+        raise NotARegularFile(f"{entry.name!r} is a {entry.type} entry, not a file")
+    if offset < 0 or size < 0:
+        raise ValueError(f"negative offset {offset} or size {size}")
+    end = min(offset + size, entry.uncompressed_size)
+    if offset >= end:
+        return b""
+    spans = span_map if span_map is not None else _span_map(ztoc)
+    first = UncompressedOffset(entry.uncompressed_offset + offset)
+    last = entry.uncompressed_offset + end
+    try:
+        ids = spans.spans_for_range(first, last - first)
+        fetch_start = spans.compressed_range(SpanId(ids[0]))[0]
+        fetch_end = spans.compressed_range(SpanId(ids[-1]))[1]
+    except SpanError as e:
+        raise ExtractError(f"{entry.name!r}: zTOC spans do not cover its data: {e}") from e
+    try:
+        blob = read_compressed(fetch_start, fetch_end)
+    except OSError as e:
+        raise SpanReadError(
+            f"{entry.name!r}: cannot fetch compressed bytes [{fetch_start}, {fetch_end}): {e}"
+        ) from e
+    if len(blob) != fetch_end - fetch_start:
+        raise SpanReadError(
+            f"{entry.name!r}: fetched {len(blob)} bytes for [{fetch_start}, {fetch_end}), "
+            f"want {fetch_end - fetch_start}"
+        )
+    view = memoryview(blob)
+    pieces: list[bytes] = []
+    for i in ids:
+        span_id = SpanId(i)
+        c_start, c_end = spans.compressed_range(span_id)
+        u_start, u_end = spans.uncompressed_range(span_id)
+        try:
+            data = spans.read_span(span_id, view[c_start - fetch_start : c_end - fetch_start])
+        except ZinfoError as e:
+            raise SpanReadError(f"{entry.name!r}: span {span_id}: {e}") from e
+        lo = max(first, u_start) - u_start
+        hi = min(last, u_end) - u_start
+        pieces.append(data[lo:hi])
+    return b"".join(pieces)
+
+
+def _span_map(ztoc: Ztoc) -> SpanMap:
+    try:
+        return SpanMap.from_ztoc(ztoc)
+    except ZinfoError as e:
+        raise ExtractError(f"bad zTOC compression info: {e}") from e
+
+
+def extract_file(
+    ztoc: Ztoc,
+    entry_or_name: FileMetadata | str,
+    read_compressed: ReadCompressed,
+    *,
+    span_map: SpanMap | None = None,
+) -> bytes:
+    """The whole content of a regular file, by entry or path, links followed.
+
+    Raises `EntryNotFound`, `LinkError`, `NotARegularFile`, `SpanReadError`, `ExtractError`.
+    """
+    entry = resolve_entry(ztoc, entry_or_name)
+    return read_file_range(
+        ztoc, entry, 0, entry.uncompressed_size, read_compressed, span_map=span_map
+    )
