@@ -409,6 +409,7 @@ class _Builder:
         self.paths: dict[str, int] = {}
         self.links: dict[int, bytes] = {}
         self.xattrs: dict[int, tuple[tuple[bytes, bytes], ...]] = {}
+        self._mtimes: dict[str, int] = {}
 
     def _is_dir(self, node: int) -> bool:
         return stat.S_ISDIR(self.nodes.mode[node])
@@ -441,6 +442,9 @@ class _Builder:
         self.e_name.append(_encode(base))
 
     def _set_xattrs(self, node: int, meta: FileMetadata) -> None:
+        if not meta.xattrs:
+            self.xattrs.pop(node, None)
+            return
         pairs = sorted(
             (_encode(key[len(_PAX_XATTR_PREFIX) :]), _encode(value))
             for key, value in meta.xattrs.items()
@@ -453,10 +457,14 @@ class _Builder:
 
     def add(self, meta: FileMetadata, hdr_off: int) -> None:
         path = clean_name(meta.name)
-        try:
-            mtime = parse_rfc3339_ns(meta.mod_time)
-        except ValueError as e:
-            raise TreeBuildError(f"entry {meta.name!r}: bad mod_time: {e}") from e
+        mtime = self._mtimes.get(meta.mod_time)
+        if mtime is None:
+            try:
+                mtime = parse_rfc3339_ns(meta.mod_time)
+            except ValueError as e:
+                raise TreeBuildError(f"entry {meta.name!r}: bad mod_time: {e}") from e
+            if len(self._mtimes) < 4096:  # layers reuse a few timestamps; keep the cache small
+                self._mtimes[meta.mod_time] = mtime
         if meta.type == EntryType.HARDLINK:
             self._add_hardlink(meta, path)
             return

@@ -187,8 +187,7 @@ def fuse_server(
                 "ready_file": str(ready),
                 "verify_headers": verify_headers,
                 "layers": [
-                    {"name": x.name, "blob": str(x.blob), "span_size": x.span_size}
-                    for x in layers
+                    {"name": x.name, "blob": str(x.blob), "span_size": x.span_size} for x in layers
                 ],
             }
         )

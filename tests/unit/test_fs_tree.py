@@ -1,0 +1,681 @@
+"""The pure layer filesystem: tree shape, whiteouts, hardlinks, inodes, host, errno table."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import io
+import os
+import stat
+import subprocess
+import sys
+import tarfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import trio
+
+from index.model import EntryType, FileMetadata, UncompressedOffset
+from snapshotter.fs.errors import (
+    BadHandle,
+    FsError,
+    HeaderMismatch,
+    IsADirectory,
+    LayerExists,
+    LayerReadError,
+    NoSuchAttribute,
+    NotADirectory,
+    NotASymlink,
+    NotFound,
+    PermissionDenied,
+    ReadOnly,
+    TreeBuildError,
+)
+from snapshotter.fs.host import (
+    STATE_DIR_NAME,
+    STATUS_FILE_NAME,
+    Attr,
+    LayerHost,
+    default_slot,
+)
+from snapshotter.fs.inodes import FUSE_ROOT_INODE, node_inode, split_inode
+from snapshotter.fs.readers import LocalBlobReader, LocalTarReader
+from snapshotter.fs.tree import (
+    ROOT_NODE,
+    LayerTree,
+    NodeId,
+    build_tree,
+    clean_name,
+    header_offsets,
+    parse_rfc3339_ns,
+)
+from tests.support.fuselayers import entries_from_tar, ztoc_for_layer
+from tests.support.images import Dir, File, Hardlink, Symlink, write_layer
+
+T0 = "2023-11-14T22:13:20Z"
+T0_NS = 1_700_000_000 * 1_000_000_000
+
+
+def fm(
+    name: str,
+    kind: EntryType = EntryType.REG,
+    *,
+    offset: int = 0,
+    size: int = 0,
+    **kw: object,
+) -> FileMetadata:
+    kw.setdefault("mod_time", T0)
+    kw.setdefault("mode", 0o644)
+    return FileMetadata(
+        name=name,
+        type=kind,
+        uncompressed_offset=UncompressedOffset(offset),
+        uncompressed_size=size,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def tree_of(*entries: FileMetadata, userxattr: bool = False) -> LayerTree:
+    # Lay the entries out like a tar: each one 512 header bytes, then its data.
+    placed: list[FileMetadata] = []
+    pos = 0
+    for e in entries:
+        pos += 512
+        placed.append(dataclasses.replace(e, uncompressed_offset=UncompressedOffset(pos)))
+        pos += (e.uncompressed_size + 511) // 512 * 512
+    return build_tree(placed, userxattr=userxattr)
+
+
+def walk(tree: LayerTree, node: NodeId = ROOT_NODE, prefix: str = "") -> dict[str, NodeId]:
+    out: dict[str, NodeId] = {}
+    for entry in tree.readdir(node):
+        path = prefix + entry.name.decode()
+        out[path] = entry.node
+        if tree.attr(entry.node).is_dir:
+            out.update(walk(tree, entry.node, path + "/"))
+    return out
+
+
+def resolve(tree: LayerTree, path: str) -> NodeId:
+    node = ROOT_NODE
+    for part in path.split("/"):
+        node = tree.lookup(node, part.encode())
+    return node
+
+
+# -- names and times ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        ("./usr//bin/", "usr/bin"),
+        ("/etc/passwd", "etc/passwd"),
+        ("./", ""),
+        ("/", ""),
+        ("a/./b/../c", "a/c"),
+        ("../../x", "x"),
+    ],
+)
+def test_clean_name(raw: str, clean: str) -> None:
+    assert clean_name(raw) == clean
+
+
+def test_parse_rfc3339_keeps_nanoseconds_and_offsets() -> None:
+    assert parse_rfc3339_ns("") == 0
+    assert parse_rfc3339_ns(T0) == T0_NS
+    assert parse_rfc3339_ns("2023-11-14T22:13:20.000000001Z") == T0_NS + 1
+    assert parse_rfc3339_ns("2023-11-14T22:13:20.5Z") == T0_NS + 500_000_000
+    assert parse_rfc3339_ns("2023-11-15T00:13:20+02:00") == T0_NS
+    assert parse_rfc3339_ns("2023-11-14T21:13:20-01:00") == T0_NS
+    assert parse_rfc3339_ns("1969-12-31T23:59:59Z") == -1_000_000_000
+    with pytest.raises(ValueError, match="RFC 3339"):
+        parse_rfc3339_ns("yesterday")
+
+
+def test_bad_mod_time_names_the_entry() -> None:
+    with pytest.raises(TreeBuildError, match="etc/x"):
+        tree_of(fm("etc/x", mod_time="2023-13"))
+
+
+# -- tree shape --------------------------------------------------------------------------------
+
+
+def test_implicit_parents_then_explicit_dir_overrides() -> None:
+    tree = tree_of(
+        fm("a/b/c", size=3, uid=7),
+        fm("a/", EntryType.DIR, mode=0o700, uid=5, gid=6, mod_time="2024-01-01T00:00:00Z"),
+    )
+    assert set(walk(tree)) == {"a", "a/b", "a/b/c"}
+    implicit = tree.attr(resolve(tree, "a/b"))
+    assert (implicit.mode, implicit.uid, implicit.gid, implicit.mtime_ns) == (
+        stat.S_IFDIR | 0o755,
+        0,
+        0,
+        0,
+    )
+    explicit = tree.attr(resolve(tree, "a"))
+    assert explicit.mode == stat.S_IFDIR | 0o700
+    assert (explicit.uid, explicit.gid) == (5, 6)
+    assert explicit.mtime_ns == parse_rfc3339_ns("2024-01-01T00:00:00Z")
+    assert tree.attr(resolve(tree, "a/b/c")).uid == 7
+
+
+def test_root_entry_sets_root_attributes() -> None:
+    tree = tree_of(fm("./", EntryType.DIR, mode=0o750, uid=3), fm("f"))
+    root = tree.attr(ROOT_NODE)
+    assert root.mode == stat.S_IFDIR | 0o750 and root.uid == 3
+    assert set(walk(tree)) == {"f"}
+
+
+def test_dir_nlink_counts_subdirs() -> None:
+    tree = tree_of(
+        fm("d/", EntryType.DIR),
+        fm("d/s1/", EntryType.DIR),
+        fm("d/s2/x", size=1),
+        fm("d/f"),
+        fm("e/", EntryType.DIR),
+    )
+    assert tree.attr(ROOT_NODE).nlink == 4  # 2 + d + e
+    assert tree.attr(resolve(tree, "d")).nlink == 4  # 2 + s1 + s2
+    assert tree.attr(resolve(tree, "d/s1")).nlink == 2
+    assert tree.attr(resolve(tree, "d/f")).nlink == 1
+
+
+def test_types_modes_rdev_blocks_symlinks() -> None:
+    tree = tree_of(
+        fm("bin/sh", size=5000, mode=0o4755, uid=1, gid=2),
+        fm("dev/null", EntryType.CHAR, devmajor=1, devminor=3, mode=0o666),
+        fm("dev/sda", EntryType.BLOCK, devmajor=8, devminor=0, mode=0o660),
+        fm("run/fifo", EntryType.FIFO, mode=0o600),
+        fm("bin/link", EntryType.SYMLINK, linkname="sh", mode=0o777),
+        fm("tmp/", EntryType.DIR, mode=0o1777),
+    )
+    sh = tree.attr(resolve(tree, "bin/sh"))
+    assert sh.mode == stat.S_IFREG | 0o4755 and (sh.uid, sh.gid) == (1, 2)
+    assert sh.size == 5000 and sh.blocks == 16 and sh.mtime_ns == T0_NS
+    null = tree.attr(resolve(tree, "dev/null"))
+    assert stat.S_ISCHR(null.mode) and null.rdev == os.makedev(1, 3)
+    sda = tree.attr(resolve(tree, "dev/sda"))
+    assert stat.S_ISBLK(sda.mode) and sda.rdev == os.makedev(8, 0)
+    assert stat.S_ISFIFO(tree.attr(resolve(tree, "run/fifo")).mode)
+    link = resolve(tree, "bin/link")
+    assert stat.S_ISLNK(tree.attr(link).mode)
+    assert tree.readlink(link) == b"sh" and tree.attr(link).size == 2
+    assert tree.attr(resolve(tree, "tmp")).mode == stat.S_IFDIR | 0o1777
+    with pytest.raises(NotASymlink):
+        tree.readlink(resolve(tree, "bin/sh"))
+
+
+def test_hardlinks_share_node_and_count_links() -> None:
+    tree = tree_of(
+        fm("a", size=10, mode=0o700),
+        fm("d/b", EntryType.HARDLINK, linkname="a"),
+        fm("d/c", EntryType.HARDLINK, linkname="./d/b"),
+    )
+    a, b, c = (resolve(tree, p) for p in ("a", "d/b", "d/c"))
+    assert a == b == c
+    attr = tree.attr(a)
+    assert attr.nlink == 3 and attr.size == 10 and attr.mode == stat.S_IFREG | 0o700
+    assert tree.path_of(a) == "a"
+
+
+def test_hardlink_target_must_come_first() -> None:
+    with pytest.raises(TreeBuildError, match="earlier"):
+        tree_of(fm("b", EntryType.HARDLINK, linkname="a"), fm("a"))
+    with pytest.raises(TreeBuildError, match="dir"):
+        tree_of(fm("d/", EntryType.DIR), fm("h", EntryType.HARDLINK, linkname="d"))
+
+
+def test_parent_that_is_a_file_is_an_error() -> None:
+    with pytest.raises(TreeBuildError, match="not a directory"):
+        tree_of(fm("f"), fm("f/x"))
+
+
+def test_later_entry_replaces_earlier_file() -> None:
+    tree = tree_of(fm("f", size=1, mode=0o600), fm("f", EntryType.SYMLINK, linkname="t"))
+    assert list(walk(tree)) == ["f"]
+    assert tree.readlink(resolve(tree, "f")) == b"t"
+
+
+def test_xattrs_from_schily_records_only() -> None:
+    tree = tree_of(
+        fm(
+            "f",
+            xattrs={
+                "SCHILY.xattr.user.b": "2",
+                "SCHILY.xattr.security.capability": "\x01\x00",
+                "path": "f",
+                "LIBARCHIVE.creationtime": "1",
+            },
+        )
+    )
+    node = resolve(tree, "f")
+    assert tree.listxattr(node) == (b"security.capability", b"user.b")
+    assert tree.getxattr(node, b"user.b") == b"2"
+    with pytest.raises(NoSuchAttribute):
+        tree.getxattr(node, b"path")
+
+
+# -- whiteouts and opaque directories ----------------------------------------------------------
+
+
+def test_whiteouts_become_char_devices() -> None:
+    tree = tree_of(
+        fm("etc/.wh.passwd"),
+        fm("etc/.wh.group"),
+        fm("etc/group", size=1),  # the same layer re-creates it: no whiteout shown
+        fm(".wh.opt"),
+    )
+    assert set(walk(tree)) == {"etc", "etc/passwd", "etc/group", "opt"}
+    passwd = tree.attr(resolve(tree, "etc/passwd"))
+    assert passwd.mode == stat.S_IFCHR and passwd.rdev == 0
+    assert (passwd.uid, passwd.gid, passwd.size, passwd.nlink) == (0, 0, 0, 1)
+    assert stat.S_ISREG(tree.attr(resolve(tree, "etc/group")).mode)
+    assert stat.S_ISCHR(tree.attr(resolve(tree, "opt")).mode)
+    for hidden in ("etc/.wh.passwd", "etc/.wh.group", ".wh.opt"):
+        with pytest.raises(NotFound):
+            resolve(tree, hidden)
+
+
+@pytest.mark.parametrize(
+    ("userxattr", "key"),
+    [(False, b"trusted.overlay.opaque"), (True, b"user.overlay.opaque")],
+)
+def test_opaque_dir_reports_overlay_xattr_first(userxattr: bool, key: bytes) -> None:
+    tree = tree_of(
+        fm("d/", EntryType.DIR, xattrs={"SCHILY.xattr.user.a": "1"}),
+        fm("d/.wh..wh..opq"),
+        fm("d/kept", size=1),
+        userxattr=userxattr,
+    )
+    d = resolve(tree, "d")
+    assert tree.listxattr(d) == (key, b"user.a")
+    assert tree.getxattr(d, key) == b"y"
+    assert set(walk(tree)) == {"d", "d/kept"}
+    with pytest.raises(NotFound):
+        tree.lookup(d, b".wh..wh..opq")
+    with pytest.raises(NoSuchAttribute):
+        tree.getxattr(ROOT_NODE, key)
+
+
+# -- listings, lookups, offsets ----------------------------------------------------------------
+
+
+def test_readdir_sorted_with_resumable_offsets() -> None:
+    names = ["zeta", "alpha", "Beta", "m", "a.b", "a-b"]
+    tree = tree_of(*(fm(f"d/{n}") for n in names))
+    d = resolve(tree, "d")
+    listing = list(tree.readdir(d))
+    assert [e.name for e in listing] == sorted(n.encode() for n in names)
+    for i, entry in enumerate(listing):
+        rest = list(tree.readdir(d, entry.next_offset))
+        assert [e.name for e in rest] == [e.name for e in listing[i + 1 :]]
+    for name in names:
+        assert tree.lookup(d, name.encode()) == resolve(tree, f"d/{name}")
+    with pytest.raises(NotFound):
+        tree.lookup(d, b"nope")
+    with pytest.raises(NotADirectory):
+        tree.lookup(resolve(tree, "d/m"), b"x")
+    with pytest.raises(NotFound):
+        tree.attr(NodeId(10_000))
+
+
+def test_header_offsets_follow_the_previous_entry() -> None:
+    files = [fm("a", offset=512, size=10), fm("b", offset=1536, size=0), fm("c", offset=2048)]
+    assert header_offsets(files) == [0, 1024, 1536]
+    with pytest.raises(TreeBuildError, match="invalid toc entry"):
+        header_offsets([fm("a", offset=512, size=1000), fm("b", offset=1024)])
+
+
+def test_same_ztoc_gives_same_nodes_and_inodes() -> None:
+    entries = [fm(f"d{i % 7}/f{i}", size=i) for i in range(200)]
+    entries += [fm("d1/h", EntryType.HARDLINK, linkname="d1/f1"), fm("d2/.wh.x")]
+    one, two = tree_of(*entries), tree_of(*entries)
+    paths = walk(one)
+    assert paths == walk(two)
+    host_a, host_b = LayerHost(), LayerHost()
+    for host in (host_a, host_b):
+        host.add_layer("layer", one, LocalTarReader(Path("/nonexistent")), slot=9)
+    for path in paths:
+        ino_a = _host_resolve(host_a, "layer/" + path).inode
+        assert ino_a == _host_resolve(host_b, "layer/" + path).inode
+        assert split_inode(ino_a) == (9, paths[path] + 3)
+    assert default_slot("sha256:abc") == default_slot("sha256:abc")
+    assert node_inode(9, ROOT_NODE) == host_a.layer_inode("layer")
+
+
+# -- memory ------------------------------------------------------------------------------------
+
+
+def synthetic_entries(count: int) -> list[FileMetadata]:
+    """A layer shaped like a real root filesystem: 10% dirs, 10% symlinks, deep-ish paths."""
+    files: list[FileMetadata] = []
+    offset = 0
+    dirs = [f"usr/lib/pkg{d:04d}" for d in range(count // 10)]
+    for i in range(count):
+        offset += 512
+        if i < len(dirs):
+            files.append(fm(dirs[i] + "/", EntryType.DIR, offset=offset, mode=0o755))
+            continue
+        parent = dirs[i % len(dirs)]
+        if i % 10 == 0:
+            files.append(
+                fm(
+                    f"{parent}/link{i}.so",
+                    EntryType.SYMLINK,
+                    offset=offset,
+                    linkname=f"lib{i}.so.1",
+                )
+            )
+            continue
+        size = 1000 + i % 5000
+        files.append(
+            fm(f"{parent}/module_{i:06d}.py", offset=offset, size=size, uid=0, gid=0, mode=0o644)
+        )
+        offset += (size + 511) // 512 * 512
+    return files
+
+
+@pytest.mark.slow
+def test_memory_per_entry_is_small() -> None:
+    count = 100_000
+    files = synthetic_entries(count)
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        started = time.perf_counter()
+        tree = build_tree(files)
+        elapsed = time.perf_counter() - started
+        after, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    per_entry = (after - before) / count
+    peak_per_entry = (peak - before) / count
+    print(
+        f"\n{count} entries: retained {per_entry:.0f} B/entry, build peak "
+        f"{peak_per_entry:.0f} B/entry, {elapsed:.2f}s (under tracemalloc)"
+    )
+    assert tree.entry_count == count + 2  # implicit usr, usr/lib
+    assert per_entry < 300
+    assert peak_per_entry < 1500
+
+
+# -- host --------------------------------------------------------------------------------------
+
+
+def _host_resolve(host: LayerHost, path: str) -> Attr:
+    attr = host.getattr(FUSE_ROOT_INODE)
+    for part in path.split("/"):
+        attr = host.lookup(attr.inode, part.encode())
+    return attr
+
+
+def write_tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> None:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for info, data in members:
+            info.size = len(data) if info.isreg() else 0
+            tf.addfile(info, io.BytesIO(data))
+
+
+def tinfo(name: str, kind: bytes = tarfile.REGTYPE, **kw: object) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mtime = 1_700_000_000
+    for key, value in kw.items():
+        setattr(info, key, value)
+    return info
+
+
+@pytest.fixture
+def tar_layer(tmp_path: Path) -> tuple[Path, list[FileMetadata]]:
+    long_name = "deep/" + "n" * 150 + "/file.txt"
+    members = [
+        (tinfo("etc/", tarfile.DIRTYPE, mode=0o755), b""),
+        (tinfo("etc/hosts", mode=0o644), b"127.0.0.1 localhost\n"),
+        (tinfo(long_name, mode=0o600), b"long name contents"),
+        (tinfo("big", mode=0o644), bytes(range(256)) * 4096),
+        (tinfo("x", pax_headers={"SCHILY.xattr.user.k": "v"}), b"xattr file"),
+    ]
+    path = tmp_path / "layer.tar"
+    write_tar(path, members)
+    entries, _ = entries_from_tar(path)
+    return path, entries
+
+
+async def test_host_reads_files_and_verifies_headers(
+    tar_layer: tuple[Path, list[FileMetadata]],
+) -> None:
+    path, entries = tar_layer
+    host = LayerHost()
+    host.add_layer("l1", build_tree(entries), LocalTarReader(path), digest="sha256:00")
+    with tarfile.open(path) as tf:
+        for info in tf:
+            if not info.isreg():
+                continue
+            attr = _host_resolve(host, "l1/" + info.name)
+            opened = host.open(attr.inode, os.O_RDONLY)
+            expected = tf.extractfile(info).read()  # type: ignore[union-attr]
+            got = await host.read(opened.fh, 0, len(expected) + 100)
+            assert got == expected, info.name
+            assert await host.read(opened.fh, 7, 5) == expected[7:12]
+            assert await host.read(opened.fh, len(expected), 10) == b""
+            host.release(opened.fh)
+    status = host.status("l1")
+    assert status.read_errors == 0 and status.last_error is None
+    assert status.bytes_served > 1_000_000
+
+
+async def test_header_mismatch_is_eio_and_recorded(
+    tar_layer: tuple[Path, list[FileMetadata]],
+) -> None:
+    path, entries = tar_layer
+    forged = [dataclasses.replace(e, mode=0o777) if e.name == "etc/hosts" else e for e in entries]
+    host = LayerHost()
+    host.add_layer("l1", build_tree(forged), LocalTarReader(path))
+    fh = host.open(_host_resolve(host, "l1/etc/hosts").inode, os.O_RDONLY).fh
+    with pytest.raises(HeaderMismatch, match="mode"):
+        await host.read(fh, 0, 10)
+    status = host.status("l1")
+    assert status.read_errors == 1 and "mode" in (status.last_error or "")
+    unverified = LayerHost(verify_headers=False)
+    unverified.add_layer("l1", build_tree(forged), LocalTarReader(path))
+    fh = unverified.open(_host_resolve(unverified, "l1/etc/hosts").inode, os.O_RDONLY).fh
+    assert await unverified.read(fh, 0, 9) == b"127.0.0.1"
+
+
+async def test_reader_failure_is_layer_read_error(
+    tar_layer: tuple[Path, list[FileMetadata]], tmp_path: Path
+) -> None:
+    _, entries = tar_layer
+    host = LayerHost()
+    host.add_layer("gone", build_tree(entries), LocalTarReader(tmp_path / "missing.tar"))
+    fh = host.open(_host_resolve(host, "gone/etc/hosts").inode, os.O_RDONLY).fh
+    with pytest.raises(LayerReadError, match=r"missing\.tar"):
+        await host.read(fh, 0, 10)
+    assert "missing.tar" in (host.status("gone").last_error or "")
+
+
+def test_host_layout_state_dir_and_errors(tar_layer: tuple[Path, list[FileMetadata]]) -> None:
+    path, entries = tar_layer
+    host = LayerHost()
+    slot_a = host.add_layer("a", build_tree(entries), LocalTarReader(path), slot=5)
+    slot_b = host.add_layer("b", build_tree(entries), LocalTarReader(path), slot=3)
+    assert (slot_a, slot_b) == (5, 3)
+    with pytest.raises(LayerExists):
+        host.add_layer("a", build_tree(entries), LocalTarReader(path))
+    with pytest.raises(LayerExists):
+        host.add_layer("c", build_tree(entries), LocalTarReader(path), slot=3)
+    with pytest.raises(ValueError, match="invalid layer name"):
+        host.add_layer("x/y", build_tree(entries), LocalTarReader(path))
+
+    root = host.getattr(FUSE_ROOT_INODE)
+    assert stat.S_ISDIR(root.mode) and root.nlink == 4
+    fh = host.opendir(FUSE_ROOT_INODE)
+    listing = list(host.readdir(fh, 0))
+    assert [x.name for x in listing] == [b"b", b"a"]  # slot order
+    assert [x.name for x in host.readdir(fh, listing[0].next_offset)] == [b"a"]
+    host.releasedir(fh)
+    with pytest.raises(BadHandle):
+        host.releasedir(fh)
+
+    layer_root = host.lookup(FUSE_ROOT_INODE, b"a")
+    fh = host.opendir(layer_root.inode)
+    assert STATE_DIR_NAME not in {x.name for x in host.readdir(fh, 0)}
+    state = host.lookup(layer_root.inode, STATE_DIR_NAME)
+    assert stat.S_IMODE(state.mode) == 0o500 and not state.cacheable
+    status_attr = host.lookup(state.inode, STATUS_FILE_NAME)
+    opened = host.open(status_attr.inode, os.O_RDONLY)
+    assert not opened.cacheable
+    assert status_attr.size == len(host.status("a").to_json())
+    with pytest.raises(NotFound):
+        host.lookup(state.inode, b"other")
+
+    hosts_attr = host.lookup(host.lookup(layer_root.inode, b"etc").inode, b"hosts")
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_APPEND):
+        with pytest.raises(ReadOnly):
+            host.open(hosts_attr.inode, flags)
+    with pytest.raises(IsADirectory):
+        host.open(layer_root.inode, os.O_RDONLY)
+    with pytest.raises(NotADirectory):
+        host.opendir(hosts_attr.inode)
+    with pytest.raises(ReadOnly):
+        host.access(hosts_attr.inode, os.W_OK, 0, (0,))
+    host.access(hosts_attr.inode, os.R_OK, 1000, (1000,))
+    with pytest.raises(PermissionDenied):
+        host.access(hosts_attr.inode, os.X_OK, 1000, (1000,))
+    stats = host.statfs()
+    assert stats.files > 10 and stats.blocks >= 2 * (1024 * 1024 // 4096)
+
+    host.remove_layer("a")
+    with pytest.raises(NotFound):
+        host.getattr(layer_root.inode)
+    with pytest.raises(NotFound):
+        host.remove_layer("a")
+    assert host.layer_names() == ["b"]
+
+
+# -- the errno table (no mount) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (NotFound("x"), errno.ENOENT),
+        (NotADirectory("x"), errno.ENOTDIR),
+        (IsADirectory("x"), errno.EISDIR),
+        (NotASymlink("x"), errno.EINVAL),
+        (NoSuchAttribute("x"), errno.ENODATA),
+        (ReadOnly("x"), errno.EROFS),
+        (PermissionDenied("x"), errno.EACCES),
+        (BadHandle("x"), errno.EBADF),
+        (LayerExists("x"), errno.EEXIST),
+        (HeaderMismatch("x"), errno.EIO),
+        (LayerReadError("x"), errno.EIO),
+        (TreeBuildError("x"), errno.EIO),
+        (FsError("x"), errno.EIO),
+        (RuntimeError("x"), errno.EIO),
+    ],
+)
+def test_errno_table(exc: BaseException, code: int) -> None:
+    from snapshotter.fs.fuse import errno_for
+
+    assert errno_for(exc) == code
+
+
+async def test_adapter_translates_without_mounting(
+    tar_layer: tuple[Path, list[FileMetadata]], tmp_path: Path
+) -> None:
+    import pyfuse3
+
+    from snapshotter.fs.fuse import LONG_TIMEOUT_S, FuseOperations
+
+    _, entries = tar_layer
+    host = LayerHost()
+    host.add_layer("l", build_tree(entries), LocalTarReader(tmp_path / "missing"))
+    ops = FuseOperations(host)
+    entry = await ops.lookup(FUSE_ROOT_INODE, b"l")
+    assert entry.entry_timeout == LONG_TIMEOUT_S and stat.S_ISDIR(entry.st_mode)
+    root = await ops.getattr(FUSE_ROOT_INODE)
+    assert root.attr_timeout == 0
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await ops.lookup(entry.st_ino, b"missing")
+    assert info.value.errno == errno.ENOENT
+    hosts = await ops.lookup((await ops.lookup(entry.st_ino, b"etc")).st_ino, b"hosts")
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await ops.open(hosts.st_ino, os.O_WRONLY)
+    assert info.value.errno == errno.EROFS
+    fi = await ops.open(hosts.st_ino, os.O_RDONLY)
+    assert fi.keep_cache and not fi.direct_io
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await ops.read(fi.fh, 0, 10)  # the reader's file is missing
+    assert info.value.errno == errno.EIO
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await ops.getxattr(hosts.st_ino, b"user.nope")
+    assert info.value.errno == errno.ENODATA
+    stats = await ops.statfs()
+    assert stats.f_bsize == 4096 and stats.f_namemax == 255
+
+
+# -- local blob reader -------------------------------------------------------------------------
+
+
+async def test_local_blob_reader_verifies_spans_and_shares_work(tmp_path: Path) -> None:
+    layer = write_layer(
+        [
+            Dir(path="d"),
+            File(path="d/big", size=3_000_000),
+            File(path="d/small", data=b"small"),
+            Symlink(path="d/s", target="small"),
+            Hardlink(path="d/h", target="d/small"),
+        ],
+        tmp_path / "blobs",
+    )
+    ztoc = ztoc_for_layer(layer.path, span_size=256 * 1024)
+    assert ztoc.compression.max_span_id > 3
+    tree = build_tree(ztoc.files)
+    reader = LocalBlobReader(layer.path, ztoc)
+    host = LayerHost()
+    host.add_layer("l", tree, reader)
+    big = _host_resolve(host, "l/d/big")
+    fh = host.open(big.inode, os.O_RDONLY).fh
+    results: dict[int, bytes] = {}
+
+    async def read_all(i: int) -> None:
+        chunks = [await host.read(fh, off, 131072) for off in range(0, 3_000_000, 131072)]
+        results[i] = b"".join(chunks)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(4):
+            nursery.start_soon(read_all, i)
+    import gzip
+
+    with gzip.open(layer.path) as gz, tarfile.open(fileobj=gz, mode="r|") as tf:
+        expected = next(tf.extractfile(m).read() for m in tf if m.name == "d/big")  # type: ignore[union-attr]
+    assert all(data == expected for data in results.values())
+    progress = reader.progress()
+    assert 0 < progress.fetched_bytes <= progress.total_bytes == layer.size
+
+    corrupt = tmp_path / "corrupt.gz"
+    blob = bytearray(layer.path.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    corrupt.write_bytes(bytes(blob))
+    bad = LocalBlobReader(corrupt, ztoc)
+    with pytest.raises(LayerReadError, match="span"):
+        await bad.read(UncompressedOffset(0), ztoc.uncompressed_archive_size)
+
+
+def test_pure_modules_do_not_import_fuse_or_grpc() -> None:
+    code = (
+        "import sys\n"
+        "import snapshotter.fs, snapshotter.fs.tree, snapshotter.fs.host, snapshotter.fs.verify\n"
+        "bad = {'pyfuse3', 'grpc'} & set(sys.modules)\n"
+        "assert not bad, bad\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
