@@ -101,6 +101,14 @@ def _media_type(response: httpx.Response) -> str:
     return str(response.headers.get("content-type", "")).split(";", 1)[0].strip()
 
 
+def _iter_raw(response: httpx.Response) -> Iterator[bytes]:
+    """The body as sent (no content-decoding: digests are over the wire bytes)."""
+    if response.is_stream_consumed:  # already read (e.g. a response built from bytes)
+        yield response.content
+    else:
+        yield from response.iter_raw(_IO_CHUNK)
+
+
 def _error_detail(body: bytes) -> str:
     try:
         doc = json.loads(body)
@@ -407,7 +415,7 @@ class RegistryClient:
     def _read_capped(self, response: httpx.Response, limit: int, what: str) -> bytes:
         data = bytearray()
         try:
-            for chunk in response.iter_bytes():
+            for chunk in _iter_raw(response):
                 data += chunk
                 if len(data) > limit:
                     raise UnexpectedResponseError(
@@ -799,7 +807,7 @@ class RegistryClient:
             if not response.is_success:
                 raise _status_error(response, f"fetch blob {ref.name}@{digest}")
             try:
-                for chunk in response.iter_raw(_IO_CHUNK):
+                for chunk in _iter_raw(response):
                     hasher.update(chunk)
                     sink(chunk)
                     count += len(chunk)
@@ -877,7 +885,7 @@ class RegistryClient:
             if response.status_code == 200:
                 buf = bytearray()
                 skipped = 0
-                for chunk in response.iter_raw(_IO_CHUNK):
+                for chunk in _iter_raw(response):
                     if skipped < offset:
                         take = min(len(chunk), offset - skipped)
                         skipped += take
