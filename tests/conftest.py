@@ -2,4 +2,5 @@
 
 pytest_plugins = [
     "tests.support.registry",
+    "tests.support.containerd",
 ]

@@ -29,14 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
-from tests.support.containerd import (
-    SnapshotsClient,
-    capabilities,
-    start_containerd,
-    start_sociable,
-)
+from tests.support.containerd import ContainerdSnapshots, capabilities, start_containerd
+from tests.support.snapclient import SnapClient, run_daemon
 
 OPS = ("Prepare", "Mounts", "Commit", "Stat", "List")
 NAMESPACE = "bench"
@@ -66,7 +60,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def run_workload(client: SnapshotsClient, n: int, depth: int, list_runs: int) -> Samples:
+def run_workload(client: SnapClient, n: int, depth: int, list_runs: int) -> Samples:
     """Drives the workload described in the module docstring; returns per-call latencies."""
     # Warm-up (connection, caches, first sqlite pages): not recorded.
     client.prepare("warm-a", "", GC_ROOT)
@@ -138,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sociable-bench-") as tmp:
         base = Path(tmp)
         with (
-            start_sociable(base / "proxied") as proxied,
+            run_daemon(base / "proxied") as proxied,
             start_containerd(
                 base / "containerd",
                 proxy_address=proxied.address,
@@ -150,19 +144,23 @@ def main(argv: list[str] | None = None) -> int:
                 ("sociable via containerd", "sociable"),
             ):
                 print(f"running {label} ...", file=sys.stderr)
-                client = SnapshotsClient(ctd.channel(), snapshotter, NAMESPACE)
-                results[label] = run_workload(client, args.snapshots, args.depth, args.list_runs)
-        if not args.no_direct:
-            with start_sociable(base / "direct") as direct:
-                print("running sociable direct ...", file=sys.stderr)
-                channel = grpc.insecure_channel(f"unix://{direct.address}")
+                client = ContainerdSnapshots(ctd.address, snapshotter, NAMESPACE)
                 try:
-                    client = SnapshotsClient(channel, "sociable")
+                    results[label] = run_workload(
+                        client, args.snapshots, args.depth, args.list_runs
+                    )
+                finally:
+                    client.close()
+        if not args.no_direct:
+            with run_daemon(base / "direct") as direct:
+                print("running sociable direct ...", file=sys.stderr)
+                client = direct.client()
+                try:
                     results["sociable direct"] = run_workload(
                         client, args.snapshots, args.depth, args.list_runs
                     )
                 finally:
-                    channel.close()
+                    client.close()
 
     print(
         f"\nSnapshotter API latency, {args.snapshots} snapshots (chains of {args.depth}), "

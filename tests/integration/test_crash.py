@@ -21,32 +21,26 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import pytest
 
-from tests.support.containerd import (
-    MountSpec,
-    SnapshotsClient,
-    SociableDaemon,
-    capabilities,
-    snapshot_dir_of,
-    unmount_all,
-)
+from tests.support.containerd import capabilities, snapshot_dir_of, unmount_all
+from tests.support.snapclient import MountSpec, SnapClient, SnapDaemon, SnapInfo
 
 pytestmark = pytest.mark.root
 
 ROUNDS = 6
-KIND_ACTIVE = 2
-KIND_COMMITTED = 3
+KIND_ACTIVE = "active"
+KIND_COMMITTED = "committed"
 
 
 @dataclass
 class Snap:
-    kind: int
+    kind: str
     parent: str
     dir_id: str | None  # the snapshots/<id> name, when known
 
@@ -86,9 +80,7 @@ def _failed(model: Model, e: grpc.RpcError) -> None:
         model.unexpected.append(f"{model.in_flight}: {e.code()} {e.details()}")
 
 
-def _stream(
-    client: SnapshotsClient, model: Model, rng: random.Random, stop: threading.Event
-) -> None:
+def _stream(client: SnapClient, model: Model, rng: random.Random, stop: threading.Event) -> None:
     """Issues random valid calls until the daemon goes away or ``stop`` is set."""
     while not stop.is_set():
         committed = [k for k, s in model.live.items() if s.kind == KIND_COMMITTED]
@@ -131,7 +123,7 @@ def _stream(
         model.calls += 1
 
 
-def _settle_in_flight(model: Model, infos: dict[str, object]) -> None:
+def _settle_in_flight(model: Model, infos: Mapping[str, SnapInfo]) -> None:
     """Applies the outcome of the interrupted call to the model, checking it is all-or-none."""
     op = model.in_flight
     model.in_flight = None
@@ -166,7 +158,7 @@ def _nearest_lower(mounts: list[MountSpec]) -> Path:
     return Path(lower.split("=", 1)[1].split(":")[0]).parent
 
 
-def _check(client: SnapshotsClient, model: Model, root: Path, round_no: int) -> None:
+def _check(client: SnapClient, model: Model, root: Path, round_no: int) -> None:
     infos = {i.name: i for i in client.list()}
     _settle_in_flight(model, infos)
     assert set(infos) == set(model.live), (
@@ -215,14 +207,12 @@ def _check(client: SnapshotsClient, model: Model, root: Path, round_no: int) -> 
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[SociableDaemon]:
+def daemon(tmp_path: Path) -> Iterator[SnapDaemon]:
     caps = capabilities()
     print(caps.describe())
     if not caps.root:
         pytest.skip("SKIPPED LOUDLY: the crash test needs root (the daemon chowns snapshot dirs)")
-    d = SociableDaemon(
-        root=tmp_path / "root", address=tmp_path / "sociable.sock", log=tmp_path / "daemon.log"
-    )
+    d = SnapDaemon(root=tmp_path / "root", address=tmp_path / "snap.sock", log=tmp_path / "log")
     try:
         yield d
     finally:
@@ -232,7 +222,7 @@ def daemon(tmp_path: Path) -> Iterator[SociableDaemon]:
 
 @pytest.mark.slow
 def test_kill9_during_random_calls_keeps_metadata_and_dirs_consistent(
-    daemon: SociableDaemon,
+    daemon: SnapDaemon,
 ) -> None:
     seed = int(os.environ.get("SOCIABLE_CRASH_SEED", random.randrange(2**32)))
     print(f"crash test seed: {seed} (SOCIABLE_CRASH_SEED={seed} replays it)")
@@ -241,9 +231,8 @@ def test_kill9_during_random_calls_keeps_metadata_and_dirs_consistent(
     kills_mid_call = 0
     for round_no in range(ROUNDS):
         daemon.start()
-        channel = grpc.insecure_channel(f"unix://{daemon.address}")
+        client = daemon.client()
         try:
-            client = SnapshotsClient(channel, "sociable", timeout_s=30)
             if round_no:
                 _check(client, model, daemon.root, round_no)
             stop = threading.Event()
@@ -257,17 +246,17 @@ def test_kill9_during_random_calls_keeps_metadata_and_dirs_consistent(
             assert not model.unexpected, f"daemon errors on valid calls: {model.unexpected}"
             kills_mid_call += model.in_flight is not None
         finally:
-            channel.close()
+            client.close()
         print(
             f"round {round_no}: {model.calls} calls so far, {len(model.live)} live, "
             f"in flight at kill: {model.in_flight}"
         )
     daemon.start()
-    channel = grpc.insecure_channel(f"unix://{daemon.address}")
+    client = daemon.client()
     try:
-        _check(SnapshotsClient(channel, "sociable", timeout_s=30), model, daemon.root, ROUNDS)
+        _check(client, model, daemon.root, ROUNDS)
     finally:
-        channel.close()
+        client.close()
     daemon.stop()
     assert model.calls > ROUNDS * 5, f"only {model.calls} calls completed: the stream was stuck"
     print(f"{kills_mid_call} of {ROUNDS} kills hit a call in flight")

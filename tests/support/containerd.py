@@ -22,6 +22,7 @@ Errors: :class:`ContainerdError` (start failure, carrying the log tail) and
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import shutil
@@ -35,7 +36,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from snapshotter.api import snapshots_pb2_grpc as pb_grpc
+from tests.support import images
+from tests.support.registry import RegistryServer
+from tests.support.snapclient import MountSpec, SnapClient, SnapDaemon, run_daemon
 
 CONTAINERD_BIN = "containerd"
 CTR_BIN = "ctr"
@@ -643,115 +650,56 @@ class CriImageClient:
 
 
 # ---------------------------------------------------------------------------------------------
-# The sociable daemon as a subprocess
+# containerd's own snapshots service, through the same typed client as the daemon
 
 
-@dataclass
-class SociableDaemon:
-    """``python -m snapshotter.cli --address <address> --root <root>`` as a subprocess.
-
-    :meth:`start` waits until the gRPC socket answers; :meth:`kill9` simulates a crash;
-    :meth:`stop` sends SIGTERM and waits. The log (stdout+stderr) is appended to ``log``.
-    """
-
-    root: Path
-    address: Path
-    log: Path
-    extra_args: tuple[str, ...] = ()
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = START_TIMEOUT_S) -> None:
-        """Starts the daemon and waits for its socket. Raises :class:`ContainerdError`
-        (with the log tail) if it exits or does not serve within ``timeout`` seconds."""
-        if self.proc is not None and self.proc.poll() is None:
-            raise ContainerdError(f"sociable daemon at {self.address} already running")
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.address.parent.mkdir(parents=True, exist_ok=True)
-        repo = Path(__file__).resolve().parents[2]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "snapshotter.cli",
-                    "--address",
-                    str(self.address),
-                    "--root",
-                    str(self.root),
-                    *self.extra_args,
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                cwd=repo,
-                start_new_session=True,
-            )
-        try:
-            wait_for_socket(self.address, self.proc, timeout, "sociable-snapshotter")
-        except ContainerdError as e:
-            self.kill9()
-            raise ContainerdError(f"{e}\n--- daemon log tail ---\n{self.log_tail()}") from e
-
-    def kill9(self) -> None:
-        """SIGKILL the daemon (no cleanup on its side) and reap it. Idempotent."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM, wait up to ``timeout`` seconds (then SIGKILL). Returns the exit status."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-        return self.proc.returncode
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no daemon log)"
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,  # type: ignore[misc]
+):
+    pass
 
 
-@contextlib.contextmanager
-def start_sociable(base: Path, *extra_args: str) -> Iterator[SociableDaemon]:
-    """Runs a sociable daemon with root ``base/root`` and socket ``base/sociable.sock``; at
-    exit stops it, unmounts everything under ``base`` and removes ``base``."""
-    base.mkdir(parents=True, exist_ok=True)
-    d = SociableDaemon(
-        root=base / "root",
-        address=base / "sociable.sock",
-        log=base / "sociable.log",
-        extra_args=tuple(extra_args),
-    )
-    try:
-        d.start()
-        yield d
-    finally:
-        try:
-            d.stop()
-        finally:
-            unmount_all(base)
-            shutil.rmtree(base, ignore_errors=True)
+class _NamespaceHeader(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Adds ``containerd-namespace: <namespace>`` to every call (containerd's services need
+    it; a proxy snapshotter must not)."""
+
+    def __init__(self, namespace: str) -> None:
+        self._header = ("containerd-namespace", namespace)
+
+    def _details(self, d: Any) -> _CallDetails:
+        return _CallDetails(
+            d.method,
+            d.timeout,
+            [*(d.metadata or ()), self._header],
+            d.credentials,
+            d.wait_for_ready,
+            d.compression,
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
 
 
-# ---------------------------------------------------------------------------------------------
-# A thin Snapshots v1 client (for containerd's snapshots service or a daemon socket)
+class ContainerdSnapshots(SnapClient):
+    """:class:`~tests.support.snapclient.SnapClient` pointed at containerd's socket: calls
+    ``containerd.services.snapshots.v1.Snapshots`` for snapshotter ``snapshotter`` (e.g.
+    ``"overlayfs"`` or the proxy plugin's name) in ``namespace``. Keys are containerd's client
+    keys; containerd's metadata layer sits in front of the backend."""
 
-
-@dataclass(frozen=True)
-class MountSpec:
-    type: str
-    source: str
-    options: tuple[str, ...]
+    def __init__(self, address: Path, snapshotter: str, namespace: str) -> None:
+        self.address = address
+        self.snapshotter = snapshotter
+        self.channel = grpc.intercept_channel(
+            grpc.insecure_channel(f"unix:{address}"), _NamespaceHeader(namespace)
+        )
+        self.stub = pb_grpc.SnapshotsStub(self.channel)
 
 
 def snapshot_dir_of(mounts: Sequence[MountSpec]) -> Path:
@@ -766,83 +714,98 @@ def snapshot_dir_of(mounts: Sequence[MountSpec]) -> Path:
     raise ValueError(f"no writable snapshot dir in mounts {mounts!r}")
 
 
-class SnapshotsClient:
-    """Calls ``containerd.services.snapshots.v1.Snapshots`` on ``channel``.
+# ---------------------------------------------------------------------------------------------
+# Fixtures: test images in the session registry, and daemon + containerd per test
 
-    ``snapshotter`` fills every request's ``snapshotter`` field; ``namespace`` (when given) is
-    sent as the ``containerd-namespace`` metadata header, which containerd's own service needs.
-    Errors propagate as ``grpc.RpcError``.
-    """
+PROXY_NAME = "sociable"
 
-    def __init__(
-        self,
-        channel: grpc.Channel,
-        snapshotter: str,
-        namespace: str | None = None,
-        timeout_s: float = 60.0,
-    ) -> None:
-        from snapshotter.api import snapshots_pb2, snapshots_pb2_grpc
 
-        self.pb: Any = snapshots_pb2
-        self._stub: Any = snapshots_pb2_grpc.SnapshotsStub(channel)
-        self.snapshotter = snapshotter
-        self._md = (("containerd-namespace", namespace),) if namespace else ()
-        self._timeout = timeout_s
+@dataclass(frozen=True)
+class PushedImages:
+    """The standard images in the session registry (``host`` is ``127.0.0.1:PORT``)."""
 
-    def _kw(self) -> dict[str, Any]:
-        return {"metadata": self._md, "timeout": self._timeout}
+    host: str
+    busybox_ref: str
+    busybox: images.Image
+    pause_ref: str
 
-    @staticmethod
-    def _mounts(resp: Any) -> list[MountSpec]:
-        return [MountSpec(m.type, m.source, tuple(m.options)) for m in resp.mounts]
 
-    def prepare(
-        self, key: str, parent: str = "", labels: dict[str, str] | None = None
-    ) -> list[MountSpec]:
-        req = self.pb.PrepareSnapshotRequest(
-            snapshotter=self.snapshotter, key=key, parent=parent, labels=labels or {}
-        )
-        return self._mounts(self._stub.Prepare(req, **self._kw()))
+@dataclass
+class SociableStack:
+    """A daemon, a containerd using it as proxy snapshotter :data:`PROXY_NAME`, and a client
+    talking to the daemon directly (backend names such as ``default/3/sha256:...``)."""
 
-    def view(
-        self, key: str, parent: str = "", labels: dict[str, str] | None = None
-    ) -> list[MountSpec]:
-        req = self.pb.ViewSnapshotRequest(
-            snapshotter=self.snapshotter, key=key, parent=parent, labels=labels or {}
-        )
-        return self._mounts(self._stub.View(req, **self._kw()))
+    daemon: SnapDaemon
+    containerd: Containerd
+    backend: SnapClient
 
-    def mounts(self, key: str) -> list[MountSpec]:
-        req = self.pb.MountsRequest(snapshotter=self.snapshotter, key=key)
-        return self._mounts(self._stub.Mounts(req, **self._kw()))
+    def snapshots_dir(self) -> Path:
+        return self.daemon.root / "snapshots"
 
-    def commit(self, name: str, key: str, labels: dict[str, str] | None = None) -> None:
-        req = self.pb.CommitSnapshotRequest(
-            snapshotter=self.snapshotter, name=name, key=key, labels=labels or {}
-        )
-        self._stub.Commit(req, **self._kw())
+    def wait_backend_empty(self, timeout_s: float = 30.0) -> None:
+        """Waits until the daemon lists no snapshot and ``<root>/snapshots`` is empty
+        (containerd's GC calls Remove, then Cleanup, asynchronously). Raises AssertionError
+        with both logs after ``timeout_s`` seconds."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            names = [i.name for i in self.backend.list()]
+            d = self.snapshots_dir()
+            left = sorted(p.name for p in d.iterdir()) if d.exists() else []
+            if not names and not left:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"daemon still has snapshots {names} and dirs {left}\n"
+                    f"--- containerd log ---\n{self.containerd.log_tail()}\n"
+                    f"--- daemon log ---\n{self.daemon.log_tail()}"
+                )
+            time.sleep(0.2)
 
-    def remove(self, key: str) -> None:
-        self._stub.Remove(
-            self.pb.RemoveSnapshotRequest(snapshotter=self.snapshotter, key=key), **self._kw()
-        )
 
-    def stat(self, key: str) -> Any:
-        """The ``Info`` message of ``key``."""
-        req = self.pb.StatSnapshotRequest(snapshotter=self.snapshotter, key=key)
-        return self._stub.Stat(req, **self._kw()).info
+def require_containerd() -> None:
+    """Skips (loudly) when a prerequisite of the containerd tests is absent."""
+    caps = capabilities()
+    print(caps.describe())
+    missing = caps.missing_for_containerd()
+    if missing:
+        pytest.skip(f"PREREQUISITE MISSING for containerd tests: {', '.join(missing)}")
 
-    def list(self, *filters: str) -> list[Any]:
-        """Every ``Info`` the List stream yields (all batches)."""
-        req = self.pb.ListSnapshotsRequest(snapshotter=self.snapshotter, filters=list(filters))
-        return [info for batch in self._stub.List(req, **self._kw()) for info in batch.info]
 
-    def usage(self, key: str) -> tuple[int, int]:
-        """(size in bytes, inodes)."""
-        resp = self._stub.Usage(
-            self.pb.UsageRequest(snapshotter=self.snapshotter, key=key), **self._kw()
-        )
-        return int(resp.size), int(resp.inodes)
+@pytest.fixture(scope="session")
+def pushed_images(
+    registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory
+) -> PushedImages:
+    """Builds the standard busybox and pause images and pushes them to the session registry
+    as ``sociable-test/busybox:v1`` and ``sociable-test/pause:v1``."""
+    require_containerd()
+    base = tmp_path_factory.mktemp("images")
+    busybox = images.busybox_image(base / "busybox")
+    pause = images.pause_image(base / "pause")
+    return PushedImages(
+        host=registry.host,
+        busybox_ref=images.push(busybox, registry.host, "sociable-test/busybox", "v1"),
+        busybox=busybox,
+        pause_ref=images.push(pause, registry.host, "sociable-test/pause", "v1"),
+    )
 
-    def cleanup(self) -> None:
-        self._stub.Cleanup(self.pb.CleanupRequest(snapshotter=self.snapshotter), **self._kw())
+
+@pytest.fixture
+def sociable_stack(pushed_images: PushedImages, tmp_path: Path) -> Iterator[SociableStack]:
+    """A fresh daemon and a private containerd (CRI ``snapshotter = "sociable"``, sandbox image
+    and registry from :func:`pushed_images`), torn down after the test."""
+    with (
+        run_daemon(tmp_path / "sociable") as daemon,
+        start_containerd(
+            tmp_path / "containerd",
+            proxy_address=daemon.address,
+            proxy_name=PROXY_NAME,
+            cri_snapshotter=PROXY_NAME,
+            registry_hosts=[pushed_images.host],
+            sandbox_image=pushed_images.pause_ref,
+        ) as ctd,
+    ):
+        client = daemon.client()
+        try:
+            yield SociableStack(daemon, ctd, client)
+        finally:
+            client.close()

@@ -21,21 +21,17 @@ skopeo fails; both chain the underlying cause.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import io
 import json
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import sysconfig
 import tarfile
 import tempfile
-import time
-import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -738,59 +734,8 @@ __all__ = [
     "bulk_image",
     "busybox_image",
     "busybox_layer",
-    "local_registry",
     "pause_image",
     "push",
     "write_layer",
     "write_oci_layout",
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# A throwaway registry (used until the shared registry fixture is available)
-
-
-@contextlib.contextmanager
-def local_registry(base: Path, timeout_s: float = 20.0) -> Iterator[str]:
-    """Runs ``docker-registry`` (distribution 2.8) on a free loopback port with storage under
-    ``base``; yields its ``127.0.0.1:PORT``. Stops it and removes ``base`` at exit. Raises
-    :class:`ImageError` if it does not answer ``/v2/`` within ``timeout_s`` seconds."""
-    binary = shutil.which("docker-registry") or shutil.which("registry")
-    if binary is None:
-        raise ImageError("docker-registry is not installed")
-    base.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    host = f"127.0.0.1:{port}"
-    config = base / "config.yml"
-    config.write_text(
-        "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
-        f"    rootdirectory: {base / 'data'}\n  delete:\n    enabled: true\n"
-        f"http:\n  addr: {host}\n"
-    )
-    with open(base / "registry.log", "wb") as log:
-        proc = subprocess.Popen(
-            [binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT
-        )
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://{host}/v2/", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise ImageError(f"docker-registry on {host} did not start; see {base}")
-            time.sleep(0.05)
-        yield host
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(base, ignore_errors=True)
