@@ -740,3 +740,67 @@ def test_restart_serves_same_snapshots(tmp_path: Path) -> None:
         assert {i.name: i for i in c.list()} == before
         assert c.mounts("child") == mounts_before
         c.close()
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_bad_input_gets_documented_codes_and_daemon_keeps_serving(
+    snap: SnapClient, snapd: SnapDaemon
+) -> None:
+    NF = grpc.StatusCode.NOT_FOUND
+    AE = grpc.StatusCode.ALREADY_EXISTS
+    FP = grpc.StatusCode.FAILED_PRECONDITION
+    IA = grpc.StatusCode.INVALID_ARGUMENT
+    snap.prepare("active", "", {})
+    snap.view("view", "", {})
+    snap.prepare("tmp", "", {})
+    snap.commit("committed", "tmp", {})
+
+    cases: list[tuple[str, Callable[[], object], grpc.StatusCode]] = [
+        ("stat unknown", lambda: snap.stat("nope"), NF),
+        ("mounts unknown", lambda: snap.mounts("nope"), NF),
+        ("usage unknown", lambda: snap.usage("nope"), NF),
+        ("remove unknown", lambda: snap.remove("nope"), NF),
+        ("commit unknown", lambda: snap.commit("x", "nope"), NF),
+        ("update unknown", lambda: snap.update("nope", {"a": "b"}), NF),
+        ("prepare missing parent", lambda: snap.prepare("p1", "nope"), NF),
+        ("view missing parent", lambda: snap.view("p2", "nope"), NF),
+        ("prepare on active parent", lambda: snap.prepare("p3", "active"), IA),
+        ("view on view parent", lambda: snap.view("p4", "view"), IA),
+        ("prepare existing key", lambda: snap.prepare("committed"), AE),
+        ("commit to existing name", lambda: snap.commit("view", "active"), AE),
+        ("commit a view", lambda: snap.commit("x", "view"), FP),
+        ("commit a committed", lambda: snap.commit("x", "committed"), FP),
+        ("mounts of committed", lambda: snap.mounts("committed"), FP),
+        (
+            "remove with child",
+            lambda: (snap.prepare("ch", "committed"), snap.remove("committed")),
+            FP,
+        ),
+        ("update immutable kind", lambda: snap.update("active", {}, ("kind",)), IA),
+        ("update immutable name", lambda: snap.update("active", {}, ("name",)), IA),
+        ("empty key", lambda: snap.prepare(""), IA),
+        ("oversized label", lambda: snap.prepare("big", "", {"k": "v" * 5000}), IA),
+        ("filter missing value", lambda: snap.list(["kind=="]), IA),
+        ("filter bad operator", lambda: snap.list(["kind=>active"]), IA),
+        ("filter unterminated quote", lambda: snap.list(['labels."abc==1']), IA),
+        ("filter bad regexp", lambda: snap.list(["name~=("]), IA),
+        ("filter trailing dot", lambda: snap.list(["labels."]), IA),
+        ("filter slash quote without ~=", lambda: snap.list(["name==/x/"]), IA),
+    ]
+    for what, call, want in cases:
+        with pytest.raises(grpc.RpcError) as ei:
+            call()
+        err = ei.value
+        assert err.code() == want, f"{what}: got {err.code()} {err.details()!r}"  # type: ignore[attr-defined]
+        details = err.details()  # type: ignore[attr-defined]
+        assert details and "internal error" not in details, f"{what}: {details!r}"
+    # Messages name the object.
+    with pytest.raises(grpc.RpcError) as ei:
+        snap.stat("no such key")
+    assert '"no such key"' in ei.value.details()  # type: ignore[attr-defined]
+    # Nothing half-done, and the daemon still serves.
+    assert snapd.alive()
+    assert {i.name for i in snap.list()} == {"active", "view", "committed", "ch"}
+    assert snap.stat("active").kind == "active"

@@ -1,0 +1,192 @@
+"""Config loading, the checked-in default file, and `config check` messages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from snapshotter import config
+from snapshotter.configcheck import check_all, check_containerd
+from snapshotter.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+GOOD_V2 = """
+version = 2
+[proxy_plugins.sociable]
+  type = "snapshot"
+  address = "/run/sociable/sociable.sock"
+[plugins."io.containerd.grpc.v1.cri".containerd]
+  snapshotter = "sociable"
+  disable_snapshot_annotations = false
+[plugins."io.containerd.grpc.v1.cri".registry]
+  config_path = "/etc/containerd/certs.d"
+"""
+
+GOOD_V3 = """
+version = 3
+[proxy_plugins.sociable]
+  type = "snapshot"
+  address = "/run/sociable/sociable.sock"
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "sociable"
+  disable_snapshot_annotations = false
+  [plugins."io.containerd.cri.v1.images".registry]
+    config_path = "/etc/containerd/certs.d"
+"""
+
+
+def test_checked_in_default_matches_render() -> None:
+    checked_in = (REPO / "docs" / "config.default.toml").read_text()
+    assert checked_in == config.render_default(), (
+        "docs/config.default.toml is stale: run "
+        "`python -m snapshotter.cli config default > docs/config.default.toml`"
+    )
+
+
+def test_cli_prints_default() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "snapshotter.cli", "config", "default"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out == config.render_default()
+
+
+def test_default_round_trips(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text(config.render_default())
+    assert config.load(p) == config.Config()
+
+
+def test_partial_file_overrides(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text(
+        "[daemon]\ngrpc_threads = 4\nshutdown_grace_sec = 2\n[snapshots]\nfsync_dirs = false\n"
+    )
+    cfg = config.load(p)
+    assert cfg.daemon.grpc_threads == 4
+    assert cfg.daemon.shutdown_grace_sec == 2.0
+    assert cfg.snapshots.fsync_dirs is False
+    assert cfg.daemon.root == config.DEFAULT_ROOT
+
+
+def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "nope.toml")
+
+
+def test_missing_default_file_means_defaults(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+    assert config.load(None) == config.Config()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[daemon]\nport = 1\n", "unknown key 'port'"),
+        ("[nope]\n", "unknown section [nope]"),
+        ('[daemon]\ngrpc_threads = "8"\n', "[daemon] grpc_threads: expected int"),
+        ("[daemon]\ngrpc_threads = true\n", "[daemon] grpc_threads: expected an integer"),
+        ("[daemon]\ngrpc_threads = 0\n", "at least 1"),
+        ('[daemon]\nlog_level = "loud"\n', "log_level"),
+        ('[daemon]\nroot = "relative"\n', "absolute"),
+        ('[daemon]\naddress = "tcp://x"\n', "address"),
+        ("[daemon\n", "not valid TOML"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as ei:
+        config.load(p)
+    assert message in str(ei.value)
+    assert str(p) in str(ei.value)
+
+
+def test_check_good_containerd_configs() -> None:
+    cfg = config.Config()
+    assert check_containerd(cfg, config.DEFAULT_ADDRESS, GOOD_V2, "c") == []
+    assert check_containerd(cfg, config.DEFAULT_ADDRESS, GOOD_V3, "c") == []
+    assert check_containerd(cfg, "fd://", GOOD_V2, "c") == []
+
+
+def test_check_reports_each_problem_on_one_line() -> None:
+    cfg = config.Config()
+    problems = check_containerd(cfg, "/run/other.sock", "version = 2\n", "ctd")
+    assert len(problems) == 4
+    assert all("\n" not in p and p.startswith("ctd: ") for p in problems)
+    text = "\n".join(problems)
+    assert "[proxy_plugins.sociable] is missing" in text
+    assert 'address = "/run/other.sock"' in text
+    assert "snapshotter = 'overlayfs'" in text
+    assert "disable_snapshot_annotations" in text
+    assert "config_path is not set" in text
+
+
+def test_check_wrong_address_type_and_annotations() -> None:
+    cfg = config.Config()
+    bad = GOOD_V2.replace('type = "snapshot"', 'type = "content"').replace(
+        "disable_snapshot_annotations = false", "disable_snapshot_annotations = true"
+    )
+    problems = check_containerd(cfg, "/elsewhere.sock", bad, "c")
+    assert any("type = 'content'" in p for p in problems)
+    assert any('listens on "/elsewhere.sock"' in p for p in problems)
+    assert any("disable_snapshot_annotations" in p for p in problems)
+    assert len(problems) == 3
+
+
+def test_check_version_and_invalid_toml() -> None:
+    cfg = config.Config()
+    assert any("version = 1" in p for p in check_containerd(cfg, "/x", "", "c"))
+    assert check_containerd(cfg, "/x", "[[", "c")[0].startswith("c: not valid TOML")
+
+
+def test_check_cli_exit_codes(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(GOOD_V2)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("version = 2\n")
+    ours = tmp_path / "ours.toml"
+    ours.write_text("")
+
+    def run(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "snapshotter.cli",
+                "--config",
+                str(ours),
+                "config",
+                "check",
+                "--containerd-config",
+                str(path),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    ok = run(good)
+    assert ok.returncode == 0 and ok.stdout.startswith("ok:")
+    r = run(bad)
+    assert r.returncode == 1 and len(r.stdout.strip().splitlines()) == 4
+    missing = run(tmp_path / "absent.toml")
+    assert missing.returncode == 1 and "cannot be read" in missing.stdout
+
+
+def test_check_all_reads_file(tmp_path: Path) -> None:
+    p = tmp_path / "config.toml"
+    p.write_text(GOOD_V2)
+    assert check_all(config.Config(), config.DEFAULT_ADDRESS, tmp_path / "root", p) == []
+    long_addr = "/" + "a" * 120
+    assert any("longer than" in x for x in check_all(config.Config(), long_addr, tmp_path, p))
