@@ -17,9 +17,11 @@ import contextlib
 import datetime
 import os
 import sqlite3
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from index.digest import Digest
 from index.oci.errors import BlobNotInLayoutError, LayoutError
@@ -106,10 +108,13 @@ class LocalStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._lock = threading.Lock()  # builds record zTOCs from several threads
         try:
             root.mkdir(parents=True, exist_ok=True)
             self.content = OciLayout.open(root / "content", create=True, fmt="oci-dir")
-            self._db = sqlite3.connect(root / "artifacts.db", isolation_level=None)
+            self._db = sqlite3.connect(
+                root / "artifacts.db", isolation_level=None, check_same_thread=False
+            )
             self._db.execute("PRAGMA foreign_keys = ON")
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.executescript(_SCHEMA)
@@ -124,13 +129,18 @@ class LocalStore:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: Sequence[object] = ()) -> list[Any]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
 
     # --- blobs ---------------------------------------------------------------------------------
 
@@ -166,10 +176,10 @@ class LocalStore:
 
     def find_ztoc(self, layer_digest: str, span_size: int) -> ZtocRecord | None:
         """A stored zTOC for that layer built with that span size, whose blob is still here."""
-        rows = self._db.execute(
+        rows = self._query(
             "SELECT * FROM ztocs WHERE layer_digest = ? AND span_size = ? ORDER BY created_at DESC",
             (layer_digest, span_size),
-        ).fetchall()
+        )
         for row in rows:
             rec = _ztoc(row)
             if self.has_blob(rec.digest):
@@ -212,7 +222,7 @@ class LocalStore:
             if value is not None:
                 sql += f" AND {column} = ?"
                 args.append(value)
-        rows = self._db.execute(sql + " ORDER BY created_at, digest", args).fetchall()
+        rows = self._query(sql + " ORDER BY created_at, digest", args)
         return [IndexRecord(Digest(r[0]), r[1], Digest(r[2]), r[3], r[4], r[5], r[6]) for r in rows]
 
     def get_index(self, digest: str) -> IndexRecord | None:
@@ -230,7 +240,7 @@ class LocalStore:
             marks = ",".join("?" * len(index_digests)) or "NULL"
             sql += f" AND digest IN (SELECT ztoc_digest FROM index_ztocs WHERE index_digest IN ({marks}))"
             args.extend(index_digests)
-        rows = self._db.execute(sql + " ORDER BY created_at, digest", args).fetchall()
+        rows = self._query(sql + " ORDER BY created_at, digest", args)
         return [_ztoc(r) for r in rows]
 
     def remove_index(self, digest: str) -> None:
