@@ -410,6 +410,7 @@ class _Builder:
         self.links: dict[int, bytes] = {}
         self.xattrs: dict[int, tuple[tuple[bytes, bytes], ...]] = {}
         self._mtimes: dict[str, int] = {}
+        self.node_first = array("I")
 
     def _is_dir(self, node: int) -> bool:
         return stat.S_ISDIR(self.nodes.mode[node])
@@ -432,14 +433,24 @@ class _Builder:
         return node
 
     def _link(self, path: str, parent: int, base: str, node: int) -> None:
-        existing = self.paths.get(path)
-        if existing is not None:
-            self.e_node[existing] = node
-            return
-        self.paths[path] = len(self.e_node)
-        self.e_node.append(node)
-        self.e_parent.append(parent)
-        self.e_name.append(_encode(base))
+        entry = self.paths.get(path)
+        if entry is not None:
+            self.e_node[entry] = node
+        else:
+            entry = self.paths[path] = len(self.e_node)
+            self.e_node.append(node)
+            self.e_parent.append(parent)
+            self.e_name.append(_encode(base))
+        self._note_first_entry(node, entry)
+
+    def _note_first_entry(self, node: int, entry: int) -> None:
+        # The entry that created a node names it in path_of (and in header verification),
+        # even when a hardlink to it sorts first.
+        first = self.node_first
+        if len(first) <= node:
+            first.extend([_NO_ENTRY] * (node + 1 - len(first)))
+        if first[node] == _NO_ENTRY:
+            first[node] = entry
 
     def _set_xattrs(self, node: int, meta: FileMetadata) -> None:
         if not meta.xattrs:
@@ -551,6 +562,7 @@ class _Builder:
                         real.add(hidden)
                         self.e_name[e] = hidden
                         self.e_node[e] = self.nodes.add(mode=stat.S_IFCHR)
+                        self._note_first_entry(self.e_node[e], e)
                         kept.append(e)
             groups[parent] = kept
         for node in opaque:
@@ -575,7 +587,7 @@ class _Builder:
             child_count[dir_node] = len(children)
             for e in children:
                 node = self.e_node[e]
-                if node_entry[node] == _NO_ENTRY:
+                if node_entry[node] == _NO_ENTRY or self.node_first[node] == e:
                     node_entry[node] = len(entry_node)
                 names += self.e_name[e]
                 name_off.append(len(names))

@@ -220,6 +220,8 @@ def test_hardlinks_share_node_and_count_links() -> None:
     attr = tree.attr(a)
     assert attr.nlink == 3 and attr.size == 10 and attr.mode == stat.S_IFREG | 0o700
     assert tree.path_of(a) == "a"
+    sorted_first = tree_of(fm("z/target", size=1), fm("a", EntryType.HARDLINK, linkname="z/target"))
+    assert sorted_first.path_of(resolve(sorted_first, "a")) == "z/target"
 
 
 def test_hardlink_target_must_come_first() -> None:
