@@ -24,7 +24,7 @@ from index.manifest import parse_index
 from index.model import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE, CompressionAlgorithm, Ztoc
 from index.oci.descriptor import Descriptor
 from index.oci.errors import OciError
-from index.oci.layout import OciLayout
+from index.oci.layout import LayoutFormat, OciLayout
 from index.oci.platform import Platform
 from index.sources import LayoutSource, write_to_layout
 from index.store import LocalStore, StoreError, default_root
@@ -117,13 +117,12 @@ def _build(
     layers = {layer.digest: layer for m in selected.manifests for layer in m.layers}
     total = sum(layer.size for layer in layers.values())
     with console.bar(total, f"indexing {len(layers)} layers") as bar:
+
+        def done(layer: Descriptor) -> None:
+            bar.update(layer.size)
+
         ztocs = conv.build_layer_ztocs(
-            source,
-            selected.manifests,
-            opts,
-            store,
-            console.info,
-            on_layer_done=lambda layer: bar.update(layer.size),
+            source, selected.manifests, opts, store, console.info, on_layer_done=done
         )
     built = conv.build_indexes(source, selected, ztocs, v2=v2, store=store, report=console.info)
     return selected, built
@@ -198,7 +197,7 @@ def _copy_image(
 
 
 def _convert_standalone(args: argparse.Namespace, store: LocalStore, console: Console) -> None:
-    fmt = args.format or "oci-archive"
+    fmt: LayoutFormat = "oci-dir" if args.format == "oci-dir" else "oci-archive"
     src_path, src_tag = _split_layout(args.src)
     dst = Path(args.dst)
     if dst.exists():
@@ -339,14 +338,13 @@ def cmd_ztoc_get_file(args: argparse.Namespace, console: Console) -> None:
     store = _store(args)
     ztoc = load_ztoc(store, args.digest)
     if args.layer_file:
-        blob = Path(args.layer_file)
-        with blob.open("rb") as f:
+        with Path(args.layer_file).open("rb") as f:
 
-            def read(start: int, end: int) -> bytes:
+            def read_local(start: int, end: int) -> bytes:
                 f.seek(start)
                 return f.read(end - start)
 
-            data = extract_file(ztoc, args.path, read)
+            data = extract_file(ztoc, args.path, read_local)
     else:
         from index.registry_source import layer_range_reader
 
