@@ -354,9 +354,7 @@ class RegistryClient:
             )
         assert response is not None
         if follow:
-            response = self._follow(
-                ep, method, response, base, hdrs.get("Authorization"), stream=stream
-            )
+            response = self._follow(ep, method, response, base, stream=stream)
         return response
 
     def _follow(
@@ -365,20 +363,20 @@ class RegistryClient:
         method: str,
         response: httpx.Response,
         headers: Mapping[str, str],
-        authorization: str | None,
         *,
         stream: bool,
     ) -> httpx.Response:
-        """Follow 3xx answers; the registry's Authorization is never sent to another host."""
-        origin = (response.url.host, response.url.port)
+        """Follow 3xx answers by hand, never sending the registry's Authorization onwards.
+
+        Redirect targets (blob storage, CDNs, presigned URLs) carry their own auth; S3 rejects
+        a request with a second auth mechanism, so the header is dropped even on the same host.
+        """
         for _ in range(MAX_REDIRECTS):
             if response.status_code not in _REDIRECT_STATUSES or "location" not in response.headers:
                 return response
             target = response.url.join(response.headers["location"])
             response.close()
             hdrs = {k: v for k, v in headers.items() if k.lower() != "authorization"}
-            if authorization and (target.host, target.port) == origin:
-                hdrs["Authorization"] = authorization
             response = self._send(
                 ep, "HEAD" if method == "HEAD" else "GET", target, hdrs, stream=stream
             )
@@ -848,7 +846,10 @@ class RegistryClient:
                 else:
                     return self._range_body(response, ref, digest, offset, length)
             with self._open_blob(ep, ref, digest, headers) as response:
-                if response.is_success and response.url.host != httpx.URL(ep.base_url).host:
+                redirected = (
+                    response.url.path != self._url(ep, f"/{ref.repository}/blobs/{digest}").path
+                )
+                if response.is_success and redirected:
                     with self._lock:
                         self._blob_urls[key] = response.url
                 return self._range_body(response, ref, digest, offset, length)

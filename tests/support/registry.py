@@ -453,7 +453,8 @@ class CountingProxy:
             def _send(self, status: int, headers: dict[str, str], body: bytes) -> None:
                 self.send_response(status)
                 for k, v in headers.items():
-                    self.send_header(k, v)
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(k, v)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if self.command != "HEAD":
@@ -496,7 +497,7 @@ class CountingProxy:
                 ):
                     # Let the registry check auth first, as a real one does before redirecting.
                     probe = client.request("HEAD", path, headers=headers)
-                    if probe.status_code != 200:
+                    if probe.status_code not in (200, 206):
                         self._send(probe.status_code, dict(probe.headers.items()), b"")
                         return
                     with proxy._lock:

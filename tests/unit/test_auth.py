@@ -86,6 +86,17 @@ def bearer_registry(valid_tokens: set[str]) -> Handler:
     return handle
 
 
+def trusting_registry(issued: list[str], valid: set[str]) -> Handler:
+    """A bearer registry that accepts every token issued so far (until `valid` is cleared)."""
+    inner = bearer_registry(valid)
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        valid.update(issued)
+        return inner(request)
+
+    return handle
+
+
 def token_server(
     tokens: list[str], log: list[httpx.Request], post_status: int = 200, expires_in: int = 300
 ) -> Handler:
@@ -142,7 +153,7 @@ def test_anonymous_bearer_flow_caches_the_token() -> None:
     net, tokens, token_log = FakeNetwork(), [], []  # type: ignore[var-annotated]
     valid: set[str] = set()
     net.hosts["auth.example"] = token_server(tokens, token_log)
-    net.hosts[REGISTRY] = lambda r: (valid.update(tokens), bearer_registry(valid)(r))[1]
+    net.hosts[REGISTRY] = trusting_registry(tokens, valid)
     with net.client() as client:
         assert client.read_blob(REF, BLOB_DIGEST) == BLOB
         assert client.read_blob(REF, BLOB_DIGEST) == BLOB
@@ -157,7 +168,7 @@ def test_credentialed_token_flow_falls_back_from_oauth_post_to_basic_get() -> No
     net, tokens, token_log = FakeNetwork(), [], []  # type: ignore[var-annotated]
     valid: set[str] = set()
     net.hosts["auth.example"] = token_server(tokens, token_log, post_status=404)
-    net.hosts[REGISTRY] = lambda r: (valid.update(tokens), bearer_registry(valid)(r))[1]
+    net.hosts[REGISTRY] = trusting_registry(tokens, valid)
     with net.client(credentials=StaticCredentials("alice", "pw")) as client:
         assert client.read_blob(REF, BLOB_DIGEST) == BLOB
     assert [r.method for r in token_log] == ["POST", "GET"]
@@ -172,7 +183,7 @@ def test_expired_token_is_refreshed_and_revoked_token_retried() -> None:
     net, tokens, token_log = FakeNetwork(), [], []  # type: ignore[var-annotated]
     valid: set[str] = set()
     net.hosts["auth.example"] = token_server(tokens, token_log, expires_in=60)
-    net.hosts[REGISTRY] = lambda r: (valid.update(tokens), bearer_registry(valid)(r))[1]
+    net.hosts[REGISTRY] = trusting_registry(tokens, valid)
     now = [1000.0]
     with net.client() as client:
         client.auth = Authenticator(None, clock=lambda: now[0])
