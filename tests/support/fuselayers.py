@@ -247,7 +247,63 @@ async def _serve(config_path: Path) -> None:
                 break
 
 
-if __name__ == "__main__":
-    import trio
+def _timed_read(path: Path, block: int = 1 << 20, *, evict: bool = False) -> tuple[float, str]:
+    """Read `path` sequentially; (MB/s, sha256). `evict` drops its pages from the cache first."""
+    import hashlib
 
-    trio.run(_serve, Path(sys.argv[1]))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if evict:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        digest = hashlib.sha256()
+        total = 0
+        started = time.perf_counter()
+        while chunk := os.read(fd, block):
+            digest.update(chunk)
+            total += len(chunk)
+        elapsed = time.perf_counter() - started
+    finally:
+        os.close(fd)
+    return total / elapsed / 1e6, digest.hexdigest()
+
+
+def bench_read_throughput(workdir: Path, size: int = 100_000_000) -> dict[str, float]:
+    """Sequential read of a `size`-byte file through the FUSE host, cold (spans inflated from
+    the local blob) and warm (kernel page cache), against the same file on local disk.
+
+    Returns MB/s per case. Run as ``python -m tests.support.fuselayers bench [WORKDIR]``.
+    """
+    from tests.support.images import File, write_layer
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    layer = write_layer([File(path="big", size=size)], workdir / "blobs")
+    local = workdir / "big.local"
+    with gzip.open(layer.path) as gz, tarfile.open(fileobj=gz, mode="r|") as tf:
+        for info in tf:
+            src = tf.extractfile(info)
+            if src is not None:
+                with open(local, "wb") as out:
+                    while chunk := src.read(1 << 20):
+                        out.write(chunk)
+    os.sync()
+    results: dict[str, float] = {}
+    results["local_cold"], want = _timed_read(local, evict=True)
+    results["local_warm"], _ = _timed_read(local)
+    with fuse_server(workdir / "srv", [LayerBlob("l", layer.path)]) as server:
+        target = server.mountpoint / "l" / "big"
+        results["fuse_cold"], got_cold = _timed_read(target)
+        results["fuse_warm"], got_warm = _timed_read(target)
+    if not want == got_cold == got_warm:
+        raise RuntimeError("FUSE read returned different bytes than the local file")
+    return results
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "bench":
+        work = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(tempfile.mkdtemp())
+        for case, rate in bench_read_throughput(work).items():
+            print(f"{case:12s} {rate:8.1f} MB/s")
+    else:
+        import trio
+
+        trio.run(_serve, Path(sys.argv[1]))
