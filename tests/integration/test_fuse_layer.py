@@ -468,3 +468,35 @@ def test_clean_shutdown_unmounts(layers: list[Layer], tmp_path: Path) -> None:
         while is_mounted(srv.mountpoint) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not is_mounted(srv.mountpoint), "the server unmounts on SIGTERM"
+
+
+def test_remove_and_readd_layer_while_mounted(layers: list[Layer], tmp_path: Path) -> None:
+    specs = [LayerBlob("lower", layers[0].path), LayerBlob("upper", layers[2].path)]
+    with fuse_server(tmp_path, specs) as srv:
+        m = srv.mountpoint
+        group = m / "upper/etc/group"
+        inode = os.stat(group).st_ino
+        status_path = m / "upper/.sociable/status.json"
+        served_before = json.loads(status_path.read_text())["bytesServed"]
+        fd = os.open(group, os.O_RDONLY)
+        try:
+            assert srv.control([{"remove": "upper"}]) == ["ok"]
+            assert os.listdir(m) == ["lower"]
+            # Entries have long timeouts, so only the invalidation makes these disappear.
+            with pytest.raises(FileNotFoundError):
+                os.stat(m / "upper")
+            with pytest.raises(FileNotFoundError):
+                os.stat(group)
+            with pytest.raises(OSError) as info:
+                os.pread(fd, 100, 0)
+            assert info.value.errno == errno.EIO
+        finally:
+            os.close(fd)
+        layer = {"name": "upper", "blob": str(layers[2].path), "span_size": 1 << 22}
+        layer["slot"] = inode >> 32
+        assert srv.control([{"add": layer}]) == ["ok"]
+        assert os.stat(group).st_ino == inode  # same slot, same zTOC: same inode numbers
+        assert group.read_bytes() == b"wheel:x:10:\n"
+        status = json.loads(status_path.read_text())
+        assert status["bytesServed"] == len(b"wheel:x:10:\n") and served_before == 0
+        assert srv.control([{"remove": "nope"}])[0].startswith("error: NotFound")

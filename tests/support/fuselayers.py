@@ -7,7 +7,9 @@ hung or crashed server, so the host runs in a child process:
 
 CONFIG: ``{"mountpoint": str, "ready_file": str, "verify_headers": bool,
 "layers": [{"name": str, "blob": str, "media_type": str}]}``. The child builds each layer's zTOC,
-mounts the host, writes ``ready_file`` and serves until SIGTERM/SIGINT, then unmounts.
+mounts the host, writes ``ready_file`` and serves until SIGTERM/SIGINT, then unmounts. On
+SIGUSR1 it runs the commands in ``<ready_file>.cmd`` (``[{"remove": name}`` or ``{"add": layer}]``)
+through `FuseMount` and writes ``<ready_file>.ack`` with their results.
 
 :class:`FuseServer` starts it and always stops it and removes the mount, even when the test fails.
 """
@@ -159,6 +161,21 @@ class FuseServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def control(self, commands: list[dict[str, object]], timeout_s: float = 30.0) -> list[str]:
+        """Run add/remove commands in the server; returns one result string per command."""
+        ready = self.mountpoint.parent / "ready"
+        cmd, ack = ready.with_suffix(".cmd"), ready.with_suffix(".ack")
+        ack.unlink(missing_ok=True)
+        cmd.write_text(json.dumps(commands))
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout_s
+        while not ack.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"FUSE server did not answer a command:\n{self.log()}")
+            time.sleep(0.02)
+        results: list[str] = json.loads(ack.read_text())
+        return results
+
 
 @contextmanager
 def fuse_server(
@@ -228,7 +245,7 @@ async def _serve(config_path: Path) -> None:
 
     import trio
 
-    from snapshotter.fs.fuse import open_fuse_host
+    from snapshotter.fs.fuse import FuseMount, open_fuse_host
     from snapshotter.fs.host import LayerHost
     from snapshotter.fs.readers import LocalBlobReader
     from snapshotter.fs.tree import build_tree
@@ -236,15 +253,40 @@ async def _serve(config_path: Path) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config = json.loads(config_path.read_text())
     host = LayerHost(verify_headers=config["verify_headers"])
+    ready = Path(config["ready_file"])
+
+    def add(target: LayerHost | FuseMount, layer: dict[str, object]) -> None:
+        blob = Path(str(layer["blob"]))
+        ztoc = ztoc_for_layer(blob, int(str(layer["span_size"])))
+        slot = layer.get("slot")
+        target.add_layer(
+            str(layer["name"]),
+            build_tree(ztoc.files),
+            LocalBlobReader(blob, ztoc),
+            slot=None if slot is None else int(str(slot)),
+        )
+
     for layer in config["layers"]:
-        blob = Path(layer["blob"])
-        ztoc = ztoc_for_layer(blob, layer["span_size"])
-        host.add_layer(layer["name"], build_tree(ztoc.files), LocalBlobReader(blob, ztoc))
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with open_fuse_host(Path(config["mountpoint"]), host):
-            Path(config["ready_file"]).write_text("ready\n")
-            async for _ in signals:
-                break
+        add(host, layer)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
+        async with open_fuse_host(Path(config["mountpoint"]), host) as mount:
+            ready.write_text("ready\n")
+            async for signum in signals:
+                if signum != signal.SIGUSR1:
+                    break
+                results: list[str] = []
+                for command in json.loads(ready.with_suffix(".cmd").read_text()):
+                    try:
+                        if "remove" in command:
+                            mount.remove_layer(command["remove"])
+                        else:
+                            add(mount, command["add"])
+                        results.append("ok")
+                    except Exception as e:
+                        results.append(f"error: {e!r}")
+                tmp = ready.with_suffix(".ack.tmp")
+                tmp.write_text(json.dumps(results))
+                tmp.replace(ready.with_suffix(".ack"))
 
 
 def _timed_read(path: Path, block: int = 1 << 20, *, evict: bool = False) -> tuple[float, str]:
