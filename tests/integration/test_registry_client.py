@@ -8,7 +8,9 @@ proxy, and hosts.toml mirrors with a mirror that goes down.
 
 from __future__ import annotations
 
+import base64
 import itertools
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +22,7 @@ from index import gojson
 from index.digest import Digest
 from index.oci import mediatypes
 from index.oci.descriptor import Descriptor
-from index.oci.dockerconfig import StaticCredentials
+from index.oci.dockerconfig import DockerConfig, StaticCredentials
 from index.oci.errors import NotFoundError, TransportError, UnauthorizedError
 from index.oci.reference import Reference
 from index.oci.registry import RegistryClient, referrers_tag
@@ -253,3 +255,42 @@ def test_hosts_toml_mirror_first_then_upstream(
     upstream.stop()
     with RegistryClient(hosts_dirs=[certs_d]) as client, pytest.raises(TransportError):
         client.resolve(up_ref)
+
+
+def test_tls_registry_with_hosts_toml_ca(
+    registry_factory: Callable[..., RegistryServer], tmp_path: Path
+) -> None:
+    server = registry_factory(tls=True)
+    assert server.ca_cert is not None and server.url.startswith("https://")
+    ref = Reference.parse(server.ref(unique_repo("tls")))
+    with (
+        RegistryClient(plain_http=False) as untrusted,
+        pytest.raises(TransportError, match="CERTIFICATE"),
+    ):
+        untrusted.push_blob(ref, b"data")
+    with RegistryClient(plain_http=False, skip_verify=True) as insecure:
+        pushed = insecure.push_blob(ref, b"data")
+    host_dir = tmp_path / "certs.d" / (server.host.replace(":", "_") + "_")
+    host_dir.mkdir(parents=True)
+    (host_dir / "ca.pem").write_bytes(server.ca_cert.read_bytes())
+    (host_dir / "hosts.toml").write_text(
+        f'server = "https://{server.host}"\n\n[host."https://{server.host}"]\n  ca = "ca.pem"\n'
+    )
+    with RegistryClient(hosts_dirs=[tmp_path / "certs.d"]) as trusted:
+        assert trusted.read_blob(ref, pushed.digest) == b"data"
+
+
+def test_docker_config_credentials_against_basic_registry(
+    basic_registry: RegistryServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = base64.b64encode(
+        f"{basic_registry.username}:{basic_registry.password}".encode()
+    ).decode()
+    (tmp_path / "config.json").write_text(
+        json.dumps({"auths": {basic_registry.host: {"auth": secret}}})
+    )
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+    ref = Reference.parse(basic_registry.ref(unique_repo("dockercfg")))
+    with RegistryClient(credentials=DockerConfig()) as client:
+        desc = client.push_blob(ref, b"with docker config")
+        assert client.read_blob(ref, desc.digest) == b"with docker config"

@@ -250,6 +250,73 @@ class TokenServer:
             self._httpd = None
 
 
+def write_tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server cert/key for 127.0.0.1 and localhost: (ca.pem, cert.pem, key.pem)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sociable test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = (directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
 # -- registry --------------------------------------------------------------------------------
 
 
@@ -265,10 +332,12 @@ class RegistryServer:
     username: str | None = None
     password: str | None = None
     token_server: TokenServer | None = None
+    ca_cert: Path | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        """`http://host`, or `https://host` when serving TLS (then `ca_cert` signs its cert)."""
+        return f"{'https' if self.ca_cert else 'http'}://{self.host}"
 
     @property
     def user(self) -> str:
@@ -308,10 +377,12 @@ def start_registry(
     *,
     token_server: TokenServer | None = None,
     port: int | None = None,
+    tls: bool = False,
 ) -> Iterator[RegistryServer]:
     """Run a docker-registry under `workdir` until the context exits.
 
-    `port` fixes the port (to restart a registry at the same address). Raises
+    `port` fixes the port (to restart a registry at the same address). `tls` serves HTTPS
+    with a certificate for 127.0.0.1 signed by a fresh CA (`RegistryServer.ca_cert`). Raises
     RegistryStartError (with the log tail) when it does not answer on `/v2/` in time.
     """
     binary = shutil.which(REGISTRY_BINARY)
@@ -357,6 +428,10 @@ def start_registry(
                 "rootcertbundle": str(bundle),
             }
         }
+    ca_cert = None
+    if tls:
+        ca_cert, cert, key = write_tls_files(workdir)
+        config["http"]["tls"] = {"certificate": str(cert), "key": str(key)}
     config_path = workdir / "config.yml"
     config_path.write_text(json.dumps(config))  # JSON is YAML
     log_path = workdir / "registry.log"
@@ -370,7 +445,7 @@ def start_registry(
     )
     log_file.close()
     server = RegistryServer(
-        host, storage, auth, process, log_path, username, password, token_server
+        host, storage, auth, process, log_path, username, password, token_server, ca_cert
     )
     try:
         _wait_ready(server)
@@ -388,7 +463,7 @@ def _wait_ready(server: RegistryServer) -> None:
                 f"docker-registry exited with {server.process.returncode}:\n{server.log_tail()}"
             )
         try:
-            status = httpx.get(f"{server.url}/v2/", timeout=1.0).status_code
+            status = httpx.get(f"{server.url}/v2/", timeout=1.0, verify=False).status_code
             if status in (200, 401):
                 return
             last = f"HTTP {status}"
