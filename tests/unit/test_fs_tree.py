@@ -415,8 +415,10 @@ def _host_resolve(host: LayerHost, path: str) -> Attr:
     return attr
 
 
-def write_tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> None:
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+def write_tar(
+    path: Path, members: list[tuple[tarfile.TarInfo, bytes]], fmt: int = tarfile.PAX_FORMAT
+) -> None:
+    with tarfile.open(path, "w", format=fmt) as tf:
         for info, data in members:
             info.size = len(data) if info.isreg() else 0
             tf.addfile(info, io.BytesIO(data))
@@ -431,9 +433,10 @@ def tinfo(name: str, kind: bytes = tarfile.REGTYPE, **kw: object) -> tarfile.Tar
     return info
 
 
-@pytest.fixture
-def tar_layer(tmp_path: Path) -> tuple[Path, list[FileMetadata]]:
-    long_name = "deep/" + "n" * 150 + "/file.txt"
+@pytest.fixture(params=[tarfile.PAX_FORMAT, tarfile.GNU_FORMAT], ids=["pax", "gnu"])
+def tar_layer(tmp_path: Path, request: pytest.FixtureRequest) -> tuple[Path, list[FileMetadata]]:
+    """A tar layer with long names (PAX records or GNU L entries) and an xattr (PAX only)."""
+    long_name = "deep/" + "n" * 150 + "/file-with-a-name-longer-than-100-bytes-" + "f" * 80
     members = [
         (tinfo("etc/", tarfile.DIRTYPE, mode=0o755), b""),
         (tinfo("etc/hosts", mode=0o644), b"127.0.0.1 localhost\n"),
@@ -442,7 +445,7 @@ def tar_layer(tmp_path: Path) -> tuple[Path, list[FileMetadata]]:
         (tinfo("x", pax_headers={"SCHILY.xattr.user.k": "v"}), b"xattr file"),
     ]
     path = tmp_path / "layer.tar"
-    write_tar(path, members)
+    write_tar(path, members, request.param)
     entries, _ = entries_from_tar(path)
     return path, entries
 
