@@ -924,10 +924,14 @@ class RegistryClient:
         else:
             digest, size = self._hash_file(path)
         desc = Descriptor(media_type, digest, size)
-        if self.blob_exists(ref, digest):
-            return desc
 
         def op(ep: RegistryHost) -> Descriptor:
+            # Existence is checked on the push endpoint itself, never on a pull-only mirror.
+            head = self._url(ep, f"/{ref.repository}/blobs/{digest}")
+            response = self._request(ep, ref.repository, "HEAD", head, actions=PUSH)
+            response.close()
+            if response.is_success:
+                return desc
             extra = [repository_scope(mount_from, PULL)] if mount_from else []
             params = {"mount": str(digest), "from": mount_from} if mount_from else None
             url = self._url(ep, f"/{ref.repository}/blobs/uploads/", params)
