@@ -512,7 +512,7 @@ class RegistryClient:
         *,
         obj: str | None = None,
     ) -> tuple[Descriptor, bytes]:
-        want = digest or ref.digest
+        want = digest if obj else (digest or ref.digest)
         target = obj or (str(want) if want else ref.object)
         url = self._url(ep, f"/{ref.repository}/manifests/{target}", self._pull_params(ep, ref))
         response = self._request(

@@ -458,6 +458,10 @@ def test_referrers_paging_client_filter_and_tag_fallback() -> None:
     with simple_registry(fallback).client() as client:
         assert [d.digest for d in client.referrers(REF, subject, "other/type")] == [d2["digest"]]
         assert len(client.referrers(REF, subject)) == 2
+        pinned = REF.with_digest(
+            Digest.of(b"the image")
+        )  # a pinned ref must not confuse the tag read
+        assert len(client.referrers(pinned, subject)) == 2
     with simple_registry(lambda r: httpx.Response(404)).client() as client:
         assert client.referrers(REF, subject) == []
 
