@@ -9,7 +9,9 @@
 - `mount_all` / `unmount` / `mounted`: perform the returned mounts for real
   like containerd's mounter, including its trick for overlay option strings
   longer than a page (chdir to the common lowerdir prefix, relative paths).
-- Fixtures `snapd` (a fresh daemon per test) and `snap` (a client to it).
+- Fixtures `snapd` (a fresh daemon per test) and `snap` (a client to it); not
+  registered globally (tests.support.containerd imports this module): a test
+  module opts in with `from tests.support.snapclient import snap, snapd`.
 
 Everything here needs root for mounting; the daemon itself does not.
 """
