@@ -1,7 +1,8 @@
 """zTOC flatbuffers codec, byte-identical to the AWS SOCI implementation (spec/soci.md §1).
 
-* `encode_ztoc` drives the `flatbuffers` runtime's `Builder` by hand in the exact call order of
-  the Go marshaler (§1.4), so equal inputs give equal bytes and equal digests.
+* `encode_ztoc` performs the Go marshaler's builder calls in their exact order (§1.4) on
+  `index.fbwriter.FlatWriter`, a fast writer that gives the same bytes as the `flatbuffers`
+  runtime's `Builder`; so equal inputs give equal bytes and equal digests.
 * `decode_ztoc` / `ZtocView` read a buffer with their own bounds-checked flatbuffers reader:
   every offset is checked against the buffer, so garbage raises `ZtocFormatError`, never an
   `IndexError` or `struct.error`. They accept what Go's decoder accepts (absent fields take
@@ -23,8 +24,7 @@ from array import array
 from collections.abc import Iterator, Sequence
 from typing import Final
 
-import flatbuffers
-
+from index.fbwriter import UOFFSET, Field, FlatBufferSizeError, FlatWriter
 from index.model import (
     CompressionAlgorithm,
     CompressionInfo,
@@ -97,69 +97,68 @@ class ZtocEncodeError(ZtocError):
 # --- encoding ------------------------------------------------------------------------------------
 
 
-def _check_range(value: int, bounds: tuple[int, int], what: str) -> int:
-    if not bounds[0] <= value <= bounds[1]:
-        raise ZtocEncodeError(f"{what} = {value} does not fit its flatbuffers field")
-    return value
-
-
 def _sort_key(key: str) -> bytes:
     return key.encode(_ENCODING, _ERRORS)
 
 
-def _create_string(builder: flatbuffers.Builder, text: str, what: str) -> int:
+def _encode_str(text: str, what: str) -> bytes:
     try:
-        return int(builder.CreateString(text, _ENCODING, _ERRORS))
+        return text.encode(_ENCODING, _ERRORS)
     except UnicodeEncodeError as e:
         raise ZtocEncodeError(f"{what} is not encodable as UTF-8: {text!r}") from e
 
 
-def _encode_entry(builder: flatbuffers.Builder, index: int, entry: FileMetadata) -> int:
+def _int_field(slot: int, kind: str, value: int, bounds: tuple[int, int], what: str) -> Field:
+    if not bounds[0] <= value <= bounds[1]:
+        raise ZtocEncodeError(f"{what} = {value} does not fit its flatbuffers field")
+    return (slot, kind, value)
+
+
+def _encode_entry(w: FlatWriter, index: int, entry: FileMetadata) -> int:
     what = f"entry {index} ({entry.name!r})"
-    name = _create_string(builder, entry.name, f"{what} name")
-    type_ = _create_string(builder, str(entry.type), f"{what} type")
-    linkname = _create_string(builder, entry.linkname, f"{what} linkname")
-    uname = _create_string(builder, entry.uname, f"{what} uname")
-    gname = _create_string(builder, entry.gname, f"{what} gname")
-    mod_time = _create_string(builder, entry.mod_time, f"{what} mod_time")
+    name = w.string(_encode_str(entry.name, f"{what} name"))
+    type_ = w.string(_encode_str(str(entry.type), f"{what} type"))
+    linkname = w.string(_encode_str(entry.linkname, f"{what} linkname"))
+    uname = w.string(_encode_str(entry.uname, f"{what} uname"))
+    gname = w.string(_encode_str(entry.gname, f"{what} gname"))
+    mod_time = w.string(_encode_str(entry.mod_time, f"{what} mod_time"))
 
     xattrs: list[int] = []
-    for key in sorted(entry.xattrs, key=_sort_key):
-        key_off = _create_string(builder, key, f"{what} xattr key")
-        value_off = _create_string(builder, entry.xattrs[key], f"{what} xattr {key!r}")
-        builder.StartObject(2)
-        builder.PrependUOffsetTRelativeSlot(_XATTR_KEY, key_off, 0)
-        builder.PrependUOffsetTRelativeSlot(_XATTR_VALUE, value_off, 0)
-        xattrs.append(builder.EndObject())
-    builder.StartVector(4, len(xattrs), 4)
-    for off in reversed(xattrs):
-        builder.PrependUOffsetTRelative(off)
-    xattrs_vec = builder.EndVector()
+    if entry.xattrs:
+        encoded = [
+            (
+                _encode_str(key, f"{what} xattr key"),
+                _encode_str(value, f"{what} xattr {key!r}"),
+            )
+            for key, value in entry.xattrs.items()
+        ]
+        encoded.sort(key=lambda kv: kv[0])  # bytewise, like Go's sort.Strings
+        for key_raw, value_raw in encoded:
+            key_off = w.string(key_raw)
+            value_off = w.string(value_raw)
+            xattrs.append(
+                w.table(2, ((_XATTR_KEY, UOFFSET, key_off), (_XATTR_VALUE, UOFFSET, value_off)))
+            )
+    xattrs_vec = w.offset_vector(xattrs)
 
-    builder.StartObject(_FM_NUM_FIELDS)
-    builder.PrependUOffsetTRelativeSlot(_FM_NAME, name, 0)
-    builder.PrependUOffsetTRelativeSlot(_FM_TYPE, type_, 0)
-    builder.PrependInt64Slot(
-        _FM_OFFSET, _check_range(entry.uncompressed_offset, _INT64, f"{what} offset"), 0
-    )
-    builder.PrependInt64Slot(
-        _FM_SIZE, _check_range(entry.uncompressed_size, _INT64, f"{what} size"), 0
-    )
-    builder.PrependUOffsetTRelativeSlot(_FM_LINKNAME, linkname, 0)
-    builder.PrependInt64Slot(_FM_MODE, _check_range(entry.mode, _INT64, f"{what} mode"), 0)
-    builder.PrependUint32Slot(_FM_UID, _check_range(entry.uid, _UINT32, f"{what} uid"), 0)
-    builder.PrependUint32Slot(_FM_GID, _check_range(entry.gid, _UINT32, f"{what} gid"), 0)
-    builder.PrependUOffsetTRelativeSlot(_FM_UNAME, uname, 0)
-    builder.PrependUOffsetTRelativeSlot(_FM_GNAME, gname, 0)
-    builder.PrependUOffsetTRelativeSlot(_FM_MOD_TIME, mod_time, 0)
-    builder.PrependInt64Slot(
-        _FM_DEVMAJOR, _check_range(entry.devmajor, _INT64, f"{what} devmajor"), 0
-    )
-    builder.PrependInt64Slot(
-        _FM_DEVMINOR, _check_range(entry.devminor, _INT64, f"{what} devminor"), 0
-    )
-    builder.PrependUOffsetTRelativeSlot(_FM_XATTRS, xattrs_vec, 0)
-    return int(builder.EndObject())
+    # Add order and default-skipping as in the Go marshaler (spec/soci.md §1.4).
+    fields: list[Field] = [
+        (_FM_NAME, UOFFSET, name),
+        (_FM_TYPE, UOFFSET, type_),
+        _int_field(_FM_OFFSET, "q", entry.uncompressed_offset, _INT64, f"{what} offset"),
+        _int_field(_FM_SIZE, "q", entry.uncompressed_size, _INT64, f"{what} size"),
+        (_FM_LINKNAME, UOFFSET, linkname),
+        _int_field(_FM_MODE, "q", entry.mode, _INT64, f"{what} mode"),
+        _int_field(_FM_UID, "I", entry.uid, _UINT32, f"{what} uid"),
+        _int_field(_FM_GID, "I", entry.gid, _UINT32, f"{what} gid"),
+        (_FM_UNAME, UOFFSET, uname),
+        (_FM_GNAME, UOFFSET, gname),
+        (_FM_MOD_TIME, UOFFSET, mod_time),
+        _int_field(_FM_DEVMAJOR, "q", entry.devmajor, _INT64, f"{what} devmajor"),
+        _int_field(_FM_DEVMINOR, "q", entry.devminor, _INT64, f"{what} devminor"),
+        (_FM_XATTRS, UOFFSET, xattrs_vec),
+    ]
+    return w.table(_FM_NUM_FIELDS, [f for f in fields if f[2]])
 
 
 def encode_ztoc(z: Ztoc) -> bytes:
@@ -167,55 +166,45 @@ def encode_ztoc(z: Ztoc) -> bytes:
 
     Entries are written in the order of `z.files` (tar order; the builder never reorders),
     each entry's `xattrs` sorted bytewise by key. The entry `type` is written as the string
-    value it holds. Raises `ZtocEncodeError` for numbers outside their field types or
-    unencodable strings.
+    value it holds. Raises `ZtocEncodeError` for numbers outside their field types,
+    unencodable strings, or a result larger than 2 GiB.
     """
-    builder = flatbuffers.Builder(0)
-    version = _create_string(builder, z.version, "version")
-    tool = _create_string(builder, z.build_tool_identifier, "build_tool_identifier")
+    w = FlatWriter()
+    version = w.string(_encode_str(z.version, "version"))
+    tool = w.string(_encode_str(z.build_tool_identifier, "build_tool_identifier"))
 
     entries = [0] * len(z.files)
     for i in range(len(z.files) - 1, -1, -1):
-        entries[i] = _encode_entry(builder, i, z.files[i])
-    builder.StartVector(4, len(entries), 4)
-    for off in reversed(entries):
-        builder.PrependUOffsetTRelative(off)
-    metadata = builder.EndVector()
-    builder.StartObject(1)
-    builder.PrependUOffsetTRelativeSlot(_TOC_METADATA, metadata, 0)
-    toc = builder.EndObject()
+        entries[i] = _encode_entry(w, i, z.files[i])
+    metadata = w.offset_vector(entries)
+    toc = w.table(1, [(_TOC_METADATA, UOFFSET, metadata)])
 
     info = z.compression
-    checkpoints = builder.CreateByteVector(bytes(info.checkpoints))
-    digests = [_create_string(builder, d, "span digest") for d in info.span_digests]
-    builder.StartVector(4, len(digests), 4)
-    for off in reversed(digests):
-        builder.PrependUOffsetTRelative(off)
-    digests_vec = builder.EndVector()
+    checkpoints = w.byte_vector(bytes(info.checkpoints))
+    digests = [w.string(_encode_str(d, "span digest")) for d in info.span_digests]
+    digests_vec = w.offset_vector(digests)
+    info_fields: list[Field] = [
+        _int_field(_CI_MAX_SPAN_ID, "i", info.max_span_id, _INT32, "max_span_id"),
+        (_CI_SPAN_DIGESTS, UOFFSET, digests_vec),
+        (_CI_CHECKPOINTS, UOFFSET, checkpoints),
+    ]
+    algorithm = _int_field(_CI_ALGORITHM, "b", int(info.algorithm), _INT8, "compression_algorithm")
+    if algorithm[2] != CompressionAlgorithm.GZIP:  # the schema default is not written
+        info_fields.append(algorithm)
+    compression_info = w.table(4, [f for f in info_fields if f[2]])
 
-    builder.StartObject(4)
-    builder.PrependInt32Slot(
-        _CI_MAX_SPAN_ID, _check_range(info.max_span_id, _INT32, "max_span_id"), 0
-    )
-    builder.PrependUOffsetTRelativeSlot(_CI_SPAN_DIGESTS, digests_vec, 0)
-    builder.PrependUOffsetTRelativeSlot(_CI_CHECKPOINTS, checkpoints, 0)
-    algorithm = _check_range(int(info.algorithm), _INT8, "compression_algorithm")
-    builder.PrependInt8Slot(_CI_ALGORITHM, algorithm, int(CompressionAlgorithm.GZIP))
-    compression_info = builder.EndObject()
-
-    builder.StartObject(6)
-    builder.PrependUOffsetTRelativeSlot(_ZTOC_VERSION, version, 0)
-    builder.PrependUOffsetTRelativeSlot(_ZTOC_TOOL, tool, 0)
-    builder.PrependUOffsetTRelativeSlot(_ZTOC_TOC, toc, 0)
-    builder.PrependInt64Slot(
-        _ZTOC_CSIZE, _check_range(z.compressed_archive_size, _INT64, "compressed size"), 0
-    )
-    builder.PrependInt64Slot(
-        _ZTOC_USIZE, _check_range(z.uncompressed_archive_size, _INT64, "uncompressed size"), 0
-    )
-    builder.PrependUOffsetTRelativeSlot(_ZTOC_CINFO, compression_info, 0)
-    builder.Finish(builder.EndObject())
-    return bytes(builder.Output())
+    root_fields: list[Field] = [
+        (_ZTOC_VERSION, UOFFSET, version),
+        (_ZTOC_TOOL, UOFFSET, tool),
+        (_ZTOC_TOC, UOFFSET, toc),
+        _int_field(_ZTOC_CSIZE, "q", z.compressed_archive_size, _INT64, "compressed size"),
+        _int_field(_ZTOC_USIZE, "q", z.uncompressed_archive_size, _INT64, "uncompressed size"),
+        (_ZTOC_CINFO, UOFFSET, compression_info),
+    ]
+    try:
+        return w.finish(w.table(6, [f for f in root_fields if f[2]]))
+    except FlatBufferSizeError as e:
+        raise ZtocEncodeError(f"zTOC with {len(z.files)} entries is too large: {e}") from e
 
 
 # --- bounds-checked flatbuffers reading ----------------------------------------------------------
