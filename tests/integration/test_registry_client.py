@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -294,3 +295,17 @@ def test_docker_config_credentials_against_basic_registry(
     with RegistryClient(credentials=DockerConfig()) as client:
         desc = client.push_blob(ref, b"with docker config")
         assert client.read_blob(ref, desc.digest) == b"with docker config"
+
+
+def test_one_client_shared_by_threads(auth_registry: RegistryServer) -> None:
+    """The daemon calls fetch_blob_range from worker threads through one client."""
+    ref = Reference.parse(auth_registry.ref(unique_repo("threads")))
+    data = os.urandom(1 << 20)
+    with client_for(auth_registry) as client:
+        layer = client.push_blob(ref, data, mediatypes.OCI_LAYER_GZIP)
+        offsets = [i * 7919 for i in range(64)]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            chunks = list(
+                pool.map(lambda off: client.fetch_blob_range(ref, layer.digest, off, 5000), offsets)
+            )
+    assert all(chunk == data[off : off + 5000] for off, chunk in zip(offsets, chunks, strict=True))
