@@ -72,12 +72,15 @@ def _key(model: Model, kind: str) -> str:
 
 
 CRASH_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-"""What a call sees when the daemon dies under it; any other error is a daemon bug."""
+"""What a call usually sees when the daemon dies under it."""
 
 
-def _failed(model: Model, e: grpc.RpcError) -> None:
-    if e.code() not in CRASH_CODES:
-        model.unexpected.append(f"{model.in_flight}: {e.code()} {e.details()}")
+def _failed(model: Model, e: grpc.RpcError, stop: threading.Event) -> None:
+    """Records ``e`` as a daemon bug unless it is explained by the kill: a crash code, or any
+    code when the main thread reports the kill (``stop``) within a few seconds."""
+    if e.code() in CRASH_CODES or stop.wait(timeout=5):
+        return
+    model.unexpected.append(f"{model.in_flight}: {e.code()} {e.details()}")
 
 
 def _stream(client: SnapClient, model: Model, rng: random.Random, stop: threading.Event) -> None:
@@ -94,7 +97,7 @@ def _stream(client: SnapClient, model: Model, rng: random.Random, stop: threadin
             try:
                 mounts = client.prepare(key, parent)
             except grpc.RpcError as e:
-                _failed(model, e)
+                _failed(model, e, stop)
                 return
             dir_id = snapshot_dir_of(mounts).name
             model.record_id(key, dir_id)
@@ -106,7 +109,7 @@ def _stream(client: SnapClient, model: Model, rng: random.Random, stop: threadin
             try:
                 client.commit(name, key)
             except grpc.RpcError as e:
-                _failed(model, e)
+                _failed(model, e, stop)
                 return
             snap = model.live.pop(key)
             model.live[name] = Snap(KIND_COMMITTED, snap.parent, snap.dir_id)
@@ -116,7 +119,7 @@ def _stream(client: SnapClient, model: Model, rng: random.Random, stop: threadin
             try:
                 client.remove(key)
             except grpc.RpcError as e:
-                _failed(model, e)
+                _failed(model, e, stop)
                 return
             del model.live[key]
         model.in_flight = None
@@ -183,10 +186,14 @@ def _check(client: SnapClient, model: Model, root: Path, round_no: int) -> None:
         else:
             probe = f"probe/{round_no}/{len(probes)}"
             probes.append(probe)
-            d = _nearest_lower(client.view(probe, name))
+            view_mounts = client.view(probe, name)
+            d = _nearest_lower(view_mounts)
         assert (d / "fs").is_dir(), f"{name!r}: {d}/fs missing"
         if snap.dir_id is not None:
-            assert d.name == snap.dir_id, f"{name!r} moved from id {snap.dir_id} to {d.name}"
+            assert d.name == snap.dir_id, (
+                f"{name!r} (parent {snap.parent!r}) moved from id {snap.dir_id} to {d.name}; "
+                f"mounts {client.mounts(name) if snap.kind == KIND_ACTIVE else view_mounts}"
+            )
         elif snap.kind == KIND_ACTIVE:
             model.record_id(name, d.name)
         snap.dir_id = d.name
