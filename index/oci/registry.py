@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import ssl
 import tempfile
 import threading
@@ -37,10 +36,8 @@ from index.oci.auth import Authenticator, TokenRequest, is_ecr_expired, reposito
 from index.oci.descriptor import Descriptor
 from index.oci.dockerconfig import CredentialProvider
 from index.oci.errors import (
-    DescriptorError,
     DigestMismatchError,
     NotFoundError,
-    RangeNotSatisfiableError,
     RegistryError,
     TransportError,
     UnauthorizedError,
@@ -57,6 +54,21 @@ from index.oci.hosts import (
     needs_namespace_param,
 )
 from index.oci.reference import Reference
+from index.oci.responses import (
+    error_detail,
+    index_entries,
+    iter_raw,
+    media_type_of,
+    next_link,
+    range_body,
+    read_capped,
+    referrer_descriptor,
+    referrers_tag,
+    status_error,
+    subject_of,
+)
+
+__all__ = ["PushResult", "RegistryClient", "referrers_tag"]
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +83,8 @@ DEFAULT_MONOLITHIC_MAX_BYTES = 32 * 1024 * 1024
 MAX_REDIRECTS = 5
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _IO_CHUNK = 1024 * 1024
-_CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-_LINK_RE = re.compile(r'<([^>]*)>\s*;\s*rel="?next"?')
-_TAG_INVALID_RE = re.compile(r"[^a-zA-Z0-9_.-]")
 PULL = ("pull",)
 PUSH = ("pull", "push")
-
-
-def referrers_tag(digest: Digest) -> str:
-    """The tag-schema tag holding the referrers of `digest` (`sha256-<hex>`)."""
-    alg, _, encoded = str(digest).partition(":")
-    return _TAG_INVALID_RE.sub("-", f"{alg[:32]}-{encoded[:64]}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,61 +98,6 @@ class PushResult:
     descriptor: Descriptor
     subject_indexed: bool = False
     referrers_tag_updated: bool = False
-
-
-def _media_type(response: httpx.Response) -> str:
-    return str(response.headers.get("content-type", "")).split(";", 1)[0].strip()
-
-
-def _iter_raw(response: httpx.Response) -> Iterator[bytes]:
-    """The body as sent (no content-decoding: digests are over the wire bytes)."""
-    if response.is_stream_consumed:  # already read (e.g. a response built from bytes)
-        yield response.content
-    else:
-        yield from response.iter_raw(_IO_CHUNK)
-
-
-def _error_detail(body: bytes) -> str:
-    try:
-        doc = json.loads(body)
-        errors = doc.get("errors") or []
-        joined = "; ".join(f"{e.get('code', '')}: {e.get('message', '')}" for e in errors)
-        return joined or body[:200].decode(errors="replace").strip()
-    except (ValueError, AttributeError, TypeError):
-        return body[:200].decode(errors="replace").strip()
-
-
-def _status_error(response: httpx.Response, what: str) -> RegistryError:
-    """The RegistryError for a non-success `response` (reads the body if streamed)."""
-    try:
-        body = response.read()
-    except httpx.HTTPError:
-        body = b""
-    status = response.status_code
-    message = (
-        f"{what}: HTTP {status} {_error_detail(body)} ({response.request.method} {response.url})"
-    )
-    url = str(response.url)
-    if status == 404:
-        return NotFoundError(message, url=url, status=status)
-    if status in (401, 403):
-        return UnauthorizedError(message, url=url, status=status)
-    if status == 416:
-        return RangeNotSatisfiableError(message, url=url, status=status)
-    return UnexpectedResponseError(message, url=url, status=status)
-
-
-def _descriptor_of_manifest(media_type: str, data: bytes) -> Descriptor:
-    """The referrer descriptor of a manifest: artifactType and annotations copied from it."""
-    try:
-        doc = json.loads(data)
-    except ValueError as e:
-        raise DescriptorError(f"manifest {Digest.of(data)} is not JSON") from e
-    artifact = doc.get("artifactType") or (doc.get("config") or {}).get("mediaType", "")
-    annotations = doc.get("annotations") or {}
-    return Descriptor.of(
-        media_type, data, annotations=dict(annotations), artifact_type=str(artifact)
-    )
 
 
 class RegistryClient:
@@ -347,7 +295,7 @@ class RegistryClient:
             ):
                 continue
             raise UnauthorizedError(
-                f"{method} {url}: HTTP {status} {_error_detail(body)} "
+                f"{method} {url}: HTTP {status} {error_detail(body)} "
                 f"({'credentials rejected' if authorization else 'no usable challenge or credentials'})",
                 url=str(url),
                 status=status,
@@ -410,23 +358,6 @@ class RegistryClient:
     def _pull_params(self, ep: RegistryHost, ref: Reference) -> dict[str, str]:
         return {"ns": ref.registry} if needs_namespace_param(ep.host, ref.registry) else {}
 
-    def _read_capped(self, response: httpx.Response, limit: int, what: str) -> bytes:
-        data = bytearray()
-        try:
-            for chunk in _iter_raw(response):
-                data += chunk
-                if len(data) > limit:
-                    raise UnexpectedResponseError(
-                        f"{what}: larger than {limit} bytes ({response.url})", url=str(response.url)
-                    )
-        except httpx.HTTPError as e:
-            raise TransportError(
-                f"{what}: reading {response.url}: {e}", url=str(response.url)
-            ) from e
-        finally:
-            response.close()
-        return bytes(data)
-
     # -- manifests ---------------------------------------------------------------------------
 
     def resolve(self, ref: Reference) -> Descriptor:
@@ -456,12 +387,12 @@ class RegistryClient:
                     str(ref.digest) if ref.digest else ""
                 )
                 length = response.headers.get("content-length")
-                media_type = _media_type(response)
+                media_type = media_type_of(response)
                 if raw and length and media_type:
                     digest = self._check_digest(raw, ref, str(url))
                     return Descriptor(media_type, digest, int(length))
             elif response.status_code not in (405, 400):
-                raise _status_error(response, f"resolve {ref}")
+                raise status_error(response, f"resolve {ref}")
             desc, _ = self._get_manifest_from(ep, ref, ref.digest)
             return desc
 
@@ -519,8 +450,8 @@ class RegistryClient:
             ep, ref.repository, "GET", url, headers={"Accept": ", ".join(accept)}, stream=True
         )
         if not response.is_success:
-            raise _status_error(response, f"get manifest {ref.name}@{target}")
-        data = self._read_capped(response, MAX_MANIFEST_BYTES, f"manifest {ref.name}@{target}")
+            raise status_error(response, f"get manifest {ref.name}@{target}")
+        data = read_capped(response, MAX_MANIFEST_BYTES, f"manifest {ref.name}@{target}")
         got = Digest.of(data)
         header = response.headers.get("docker-content-digest")
         expected = want or (Digest(header) if header and header.startswith("sha256:") else None)
@@ -529,7 +460,7 @@ class RegistryClient:
                 f"manifest {ref.name}@{target} from {url}: content hashes to {got}, expected {expected}",
                 url=str(url),
             )
-        media_type = _media_type(response)
+        media_type = media_type_of(response)
         if not media_type or media_type in (
             "application/json",
             "application/octet-stream",
@@ -569,31 +500,23 @@ class RegistryClient:
                 content=data,
             )
             if not response.is_success:
-                raise _status_error(response, f"push manifest {ref.name}:{target}")
+                raise status_error(response, f"push manifest {ref.name}:{target}")
             returned = response.headers.get("docker-content-digest")
             if returned and returned != desc.digest:
                 raise DigestMismatchError(
                     f"push manifest {ref.name}:{target}: registry stored {returned}, sent {desc.digest}",
                     url=str(url),
                 )
-            subject = self._subject_of(data)
+            subject = subject_of(data)
             indexed = "oci-subject" in response.headers
             updated = False
             if subject is not None and not indexed and update_referrers_tag:
                 updated = self._update_referrers_tag(
-                    ep, ref, subject, _descriptor_of_manifest(media_type, data)
+                    ep, ref, subject, referrer_descriptor(media_type, data)
                 )
             return PushResult(desc, indexed, updated)
 
         return self._each_endpoint(ref, CAP_PUSH, f"push manifest {ref.name}:{target}", op)
-
-    @staticmethod
-    def _subject_of(data: bytes) -> Digest | None:
-        try:
-            subject = json.loads(data).get("subject")
-            return Digest(subject["digest"]) if subject else None
-        except (ValueError, AttributeError, KeyError, TypeError, DigestError):
-            return None
 
     # -- referrers ---------------------------------------------------------------------------
 
@@ -628,35 +551,16 @@ class RegistryClient:
                     response.close()
                     return self._referrers_from_tag(ep, ref, subject, artifact_type)
                 if not response.is_success:
-                    raise _status_error(response, f"referrers of {ref.name}@{subject}")
-                data = self._read_capped(
+                    raise status_error(response, f"referrers of {ref.name}@{subject}")
+                data = read_capped(
                     response, MAX_MANIFEST_BYTES, f"referrers of {ref.name}@{subject}"
                 )
                 filtered = "artifacttype" in response.headers.get("oci-filters-applied", "").lower()
-                out += self._index_entries(data, str(url), None if filtered else artifact_type)
-                url = self._next_link(response)
+                out += index_entries(data, str(url), None if filtered else artifact_type)
+                url = next_link(response)
             return out
 
         return self._each_endpoint(ref, CAP_REFERRERS, f"referrers of {ref.name}@{subject}", op)
-
-    @staticmethod
-    def _next_link(response: httpx.Response) -> httpx.URL | None:
-        for value in response.headers.get_list("link"):
-            match = _LINK_RE.search(value)
-            if match:
-                return response.url.join(match.group(1))
-        return None
-
-    @staticmethod
-    def _index_entries(data: bytes, where: str, artifact_type: str | None) -> list[Descriptor]:
-        try:
-            doc = json.loads(data)
-            entries = [Descriptor.from_json(m) for m in doc.get("manifests") or []]
-        except (ValueError, AttributeError, DescriptorError) as e:
-            raise UnexpectedResponseError(f"{where}: malformed image index: {e}", url=where) from e
-        if artifact_type:
-            entries = [d for d in entries if d.artifact_type == artifact_type]
-        return entries
 
     def _referrers_from_tag(
         self, ep: RegistryHost, ref: Reference, subject: Digest, artifact_type: str | None
@@ -666,9 +570,7 @@ class RegistryClient:
             _, data = self._get_manifest_from(ep, ref, None, (mediatypes.OCI_INDEX,), obj=tag)
         except NotFoundError:
             return []
-        return self._index_entries(
-            data, f"{ep.base_url}/{ref.repository}/manifests/{tag}", artifact_type
-        )
+        return index_entries(data, f"{ep.base_url}/{ref.repository}/manifests/{tag}", artifact_type)
 
     def _update_referrers_tag(
         self, ep: RegistryHost, ref: Reference, subject: Digest, entry: Descriptor
@@ -680,7 +582,7 @@ class RegistryClient:
         tag = referrers_tag(subject)
         try:
             _, data = self._get_manifest_from(ep, ref, None, (mediatypes.OCI_INDEX,), obj=tag)
-            entries = self._index_entries(data, tag, None)
+            entries = index_entries(data, tag, None)
         except NotFoundError:
             entries = []
         if any(d.digest == entry.digest for d in entries):
@@ -702,7 +604,7 @@ class RegistryClient:
             content=body,
         )
         if not response.is_success:
-            raise _status_error(response, f"update referrers tag {ref.name}:{tag}")
+            raise status_error(response, f"update referrers tag {ref.name}:{tag}")
         return True
 
     # -- blobs -------------------------------------------------------------------------------
@@ -715,7 +617,7 @@ class RegistryClient:
             response = self._request(ep, ref.repository, "HEAD", url)
             response.close()
             if not response.is_success:
-                raise _status_error(response, f"head blob {ref.name}@{digest}")
+                raise status_error(response, f"head blob {ref.name}@{digest}")
             length = response.headers.get("content-length")
             if length is None:
                 raise UnexpectedResponseError(
@@ -803,9 +705,9 @@ class RegistryClient:
         count = 0
         with self._open_blob(ep, ref, digest, {"Accept-Encoding": "identity"}) as response:
             if not response.is_success:
-                raise _status_error(response, f"fetch blob {ref.name}@{digest}")
+                raise status_error(response, f"fetch blob {ref.name}@{digest}")
             try:
-                for chunk in _iter_raw(response):
+                for chunk in iter_raw(response):
                     hasher.update(chunk)
                     sink(chunk)
                     count += len(chunk)
@@ -844,7 +746,7 @@ class RegistryClient:
                     with self._lock:
                         self._blob_urls.pop(key, None)
                 else:
-                    return self._range_body(response, ref, digest, offset, length)
+                    return range_body(response, ref, digest, offset, length)
             with self._open_blob(ep, ref, digest, headers) as response:
                 redirected = (
                     response.url.path != self._url(ep, f"/{ref.repository}/blobs/{digest}").path
@@ -852,56 +754,9 @@ class RegistryClient:
                 if response.is_success and redirected:
                     with self._lock:
                         self._blob_urls[key] = response.url
-                return self._range_body(response, ref, digest, offset, length)
+                return range_body(response, ref, digest, offset, length)
 
         return self._each_endpoint(ref, CAP_PULL, f"read range of blob {ref.name}@{digest}", op)
-
-    @staticmethod
-    def _range_body(
-        response: httpx.Response, ref: Reference, digest: Digest, offset: int, length: int
-    ) -> bytes:
-        what = f"range {offset}+{length} of blob {ref.name}@{digest}"
-        try:
-            if response.status_code == 206:
-                match = _CONTENT_RANGE_RE.match(response.headers.get("content-range", ""))
-                if not match:
-                    raise RangeNotSatisfiableError(
-                        f"{what}: 206 with bad Content-Range {response.headers.get('content-range')!r}",
-                        url=str(response.url),
-                    )
-                start, end, total = int(match.group(1)), int(match.group(2)), match.group(3)
-                want_end = offset + length - 1
-                clipped = total != "*" and end == int(total) - 1 and end < want_end
-                if start != offset or (end != want_end and not clipped):
-                    raise RangeNotSatisfiableError(
-                        f"{what}: server sent bytes {start}-{end}, asked {offset}-{want_end}",
-                        url=str(response.url),
-                    )
-                data = response.read()
-                if len(data) != end - start + 1:
-                    raise TransportError(
-                        f"{what}: got {len(data)} bytes for {start}-{end}", url=str(response.url)
-                    )
-                return data
-            if response.status_code == 200:
-                buf = bytearray()
-                skipped = 0
-                for chunk in _iter_raw(response):
-                    if skipped < offset:
-                        take = min(len(chunk), offset - skipped)
-                        skipped += take
-                        chunk = chunk[take:]
-                    buf += chunk
-                    if len(buf) >= length:
-                        break
-                return bytes(buf[:length])
-            raise _status_error(response, what)
-        except httpx.HTTPError as e:
-            raise TransportError(
-                f"{what}: reading {response.url}: {e}", url=str(response.url)
-            ) from e
-        finally:
-            response.close()
 
     def push_blob(
         self,
@@ -948,7 +803,7 @@ class RegistryClient:
             if response.status_code == 201 and mount_from:
                 return desc
             if response.status_code != 202 or "location" not in response.headers:
-                raise _status_error(response, f"start upload of {digest} to {ref.name}")
+                raise status_error(response, f"start upload of {digest} to {ref.name}")
             location = response.url.join(response.headers["location"])
             if size <= self.monolithic_max_bytes:
                 data = source if isinstance(source, bytes) else Path(source).read_bytes()
@@ -973,7 +828,7 @@ class RegistryClient:
                         follow=False,
                     )
                     if response.status_code != 202 or "location" not in response.headers:
-                        raise _status_error(
+                        raise status_error(
                             response, f"upload chunk at {start} of {digest} to {ref.name}"
                         )
                     location = response.url.join(response.headers["location"])
@@ -998,7 +853,7 @@ class RegistryClient:
             follow=False,
         )
         if response.status_code not in (201, 204):
-            raise _status_error(response, f"finish upload of {digest} to {ref.name}")
+            raise status_error(response, f"finish upload of {digest} to {ref.name}")
 
     @staticmethod
     def _hash_file(path: Path) -> tuple[Digest, int]:
