@@ -319,12 +319,16 @@ class SqliteStore:
     def __init__(self, path: Path) -> None:
         self._path = path
         self._lock = threading.Lock()
+        self._read_lock = threading.Lock()
         self._closed = False
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        # Reads use their own connection: under WAL they see the last committed
+        # state and never wait for a writer's fsync.
+        self._rdb = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -332,16 +336,17 @@ class SqliteStore:
 
     @contextmanager
     def _tx(self, write: bool) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        lock, db = (self._lock, self._db) if write else (self._read_lock, self._rdb)
+        with lock:
             if self._closed:
                 raise RuntimeError(f"{self!r} is closed")
-            self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
-                yield self._db
+                yield db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            db.execute("COMMIT")
 
     def _row(self, db: sqlite3.Connection, key: str) -> tuple[int, int, int | None, str, int, int]:
         row = db.execute(
@@ -478,7 +483,8 @@ class SqliteStore:
             reclaim(ids)
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
             if not self._closed:
                 self._closed = True
+                self._rdb.close()
                 self._db.close()

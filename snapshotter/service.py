@@ -1,8 +1,9 @@
 """Snapshot semantics (Prepare ... Cleanup) over a metadata store and a layer mounter.
 
-Plain async Python: no grpc here. Blocking work (sqlite, directory walks,
-rmtree) runs in worker threads behind two named CapacityLimiters, `metadata`
-(size 1: one writer at a time keeps sqlite simple) and `disk`.
+Plain async Python: no grpc here. Blocking work runs in worker threads behind
+named CapacityLimiters: `metadata-write` (size 1: one sqlite writer at a time),
+`metadata-read` (reads never queue behind a writer's fsync) and `disk` (walks,
+rmtree).
 
 Directory layout is containerd's overlay layout (`snapshots.Layout`); the mount
 rules are in `snapshotter.mounts`. Removal is asynchronous: Remove deletes the
@@ -176,6 +177,7 @@ class SnapshotService:
         self._clock_ns = clock_ns
         self._sync_dirs = sync_dirs
         self._metadata_limiter = trio.CapacityLimiter(1)
+        self._read_limiter = trio.CapacityLimiter(4)
         self._disk_limiter = trio.CapacityLimiter(disk_threads)
 
     def __repr__(self) -> str:
@@ -183,6 +185,10 @@ class SnapshotService:
 
     async def _db(self, fn: Callable[[], T]) -> T:
         result: T = await trio.to_thread.run_sync(fn, limiter=self._metadata_limiter)
+        return result
+
+    async def _read(self, fn: Callable[[], T]) -> T:
+        result: T = await trio.to_thread.run_sync(fn, limiter=self._read_limiter)
         return result
 
     async def _disk(self, fn: Callable[[], T]) -> T:
@@ -318,7 +324,7 @@ class SnapshotService:
         Raises NotFound, FailedPrecondition (committed), Unavailable (a remote
         layer failed its check).
         """
-        snap = await self._db(lambda: self.store.get_snapshot(key))
+        snap = await self._read(lambda: self.store.get_snapshot(key))
         if snap.kind is Kind.COMMITTED:
             raise FailedPrecondition(f"snapshot {quote(key)} is committed and cannot be mounted")
         return await self._checked_mounts(snap, check_self=True)
@@ -331,7 +337,7 @@ class SnapshotService:
         """
         _validate_key("name", name)
         _validate_labels(labels)
-        snap = await self._db(lambda: self.store.get_snapshot(key))
+        snap = await self._read(lambda: self.store.get_snapshot(key))
         usage = Usage()
         if snap.kind is Kind.ACTIVE:
             usage = await self._disk(lambda: disk_usage(self.layout.fs(snap.id)))
@@ -347,7 +353,7 @@ class SnapshotService:
 
     async def stat(self, key: str) -> Info:
         """Info of `key`. Raises NotFound."""
-        return await self._db(lambda: self.store.get_info(key))
+        return await self._read(lambda: self.store.get_info(key))
 
     async def update(self, key: str, labels: Mapping[str, str], paths: Sequence[str]) -> Info:
         """Update labels of `key` (only labels are mutable; see metadata.apply_label_update).
@@ -365,12 +371,12 @@ class SnapshotService:
         Raises InvalidArgument for a malformed filter.
         """
         match = filters.parse_all(filter_strings)
-        infos = await self._db(self.store.list_infos)
+        infos = await self._read(self.store.list_infos)
         return [i for i in infos if match(i)]
 
     async def usage(self, key: str) -> Usage:
         """ACTIVE: measured now from the upper dir; others: stored. Raises NotFound."""
-        snap = await self._db(lambda: self.store.get_snapshot(key))
+        snap = await self._read(lambda: self.store.get_snapshot(key))
         if snap.kind is Kind.ACTIVE:
             return await self._disk(lambda: disk_usage(self.layout.fs(snap.id)))
         return snap.usage
