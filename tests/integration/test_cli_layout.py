@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from index.ztoc_codec import decode_ztoc
 
 from index.digest import Digest
 from index.extract import extract_file
 from index.manifest import parse_index
 from index.oci import mediatypes as mt
 from index.zinfo import SpanMap
+from index.ztoc_codec import decode_ztoc
 from tests.support import images
 
 
