@@ -31,6 +31,7 @@ UOFFSET: Final = "U"
 """Field kind of a reference to a string, vector or table (a 4-byte relative offset)."""
 
 _SIZES: Final = {"q": 8, "i": 4, "I": 4, "b": 1, "B": 1, "h": 2, "H": 2, UOFFSET: 4}
+_ZEROS: Final = tuple(bytes(n) for n in range(8))
 _pack_u32 = struct.Struct("<I").pack
 _pack_i32 = struct.Struct("<i").pack
 _PACKERS: Final = {k: struct.Struct("<" + k).pack for k in _SIZES if k != UOFFSET}
@@ -74,9 +75,12 @@ class FlatWriter:
     def string(self, raw: bytes) -> int:
         """`Builder.CreateString` of already-encoded bytes; returns its offset."""
         n = len(raw)
-        self._prep(4, n + 1)
-        self._parts.append(_pack_u32(n) + raw + b"\0")
-        self._off += n + 5
+        if self._minalign < 4:
+            self._minalign = 4
+        pad = -(self._off + n + 1) & 3
+        # written back to front: the alignment padding ends up after the string in memory
+        self._parts.append(_pack_u32(n) + raw + _ZEROS[pad + 1])
+        self._off += pad + n + 5
         return self._off
 
     def byte_vector(self, data: bytes) -> int:
@@ -105,19 +109,32 @@ class FlatWriter:
         leave out fields equal to their default, as the runtime does), `EndObject()`.
         Returns the table's offset."""
         parts = self._parts
-        object_end = self._off
+        append = parts.append
+        off = object_end = self._off
+        minalign = self._minalign
         slots = [0] * num_fields
         for slot, kind, value in fields:
             size = _SIZES[kind]
-            self._prep(size, 0)
+            if size > minalign:
+                minalign = size
+            pad = -off & (size - 1)
+            if pad:
+                append(_ZEROS[pad])
+                off += pad
             if kind == UOFFSET:
-                parts.append(_pack_u32(self._off - value + 4))
+                append(_pack_u32(off - value + 4))
             else:
-                parts.append(_PACKERS[kind](value))
-            self._off += size
-            slots[slot] = self._off
-        self._prep(4, 0)
-        object_offset = self._off + 4
+                append(_PACKERS[kind](value))
+            off += size
+            slots[slot] = off
+        if minalign < 4:
+            minalign = 4
+        pad = -off & 3
+        if pad:
+            append(_ZEROS[pad])
+            off += pad
+        self._minalign = minalign
+        object_offset = off + 4
         last = num_fields - 1
         while last >= 0 and not slots[last]:
             last -= 1

@@ -115,47 +115,62 @@ def _int_field(slot: int, kind: str, value: int, bounds: tuple[int, int], what: 
 
 
 def _encode_entry(w: FlatWriter, index: int, entry: FileMetadata) -> int:
-    what = f"entry {index} ({entry.name!r})"
-    name = w.string(_encode_str(entry.name, f"{what} name"))
-    type_ = w.string(_encode_str(str(entry.type), f"{what} type"))
-    linkname = w.string(_encode_str(entry.linkname, f"{what} linkname"))
-    uname = w.string(_encode_str(entry.uname, f"{what} uname"))
-    gname = w.string(_encode_str(entry.gname, f"{what} gname"))
-    mod_time = w.string(_encode_str(entry.mod_time, f"{what} mod_time"))
-
+    try:
+        name = w.string(entry.name.encode(_ENCODING, _ERRORS))
+        type_ = w.string(str(entry.type).encode(_ENCODING, _ERRORS))
+        linkname = w.string(entry.linkname.encode(_ENCODING, _ERRORS))
+        uname = w.string(entry.uname.encode(_ENCODING, _ERRORS))
+        gname = w.string(entry.gname.encode(_ENCODING, _ERRORS))
+        mod_time = w.string(entry.mod_time.encode(_ENCODING, _ERRORS))
+        encoded = sorted(  # bytewise key order, like Go's sort.Strings
+            (k.encode(_ENCODING, _ERRORS), v.encode(_ENCODING, _ERRORS))
+            for k, v in entry.xattrs.items()
+        )
+    except UnicodeEncodeError as e:
+        raise ZtocEncodeError(
+            f"entry {index} ({entry.name!r}) has a string not encodable as UTF-8"
+        ) from e
     xattrs: list[int] = []
-    if entry.xattrs:
-        encoded = [
-            (
-                _encode_str(key, f"{what} xattr key"),
-                _encode_str(value, f"{what} xattr {key!r}"),
-            )
-            for key, value in entry.xattrs.items()
-        ]
-        encoded.sort(key=lambda kv: kv[0])  # bytewise, like Go's sort.Strings
-        for key_raw, value_raw in encoded:
-            key_off = w.string(key_raw)
-            value_off = w.string(value_raw)
-            xattrs.append(
-                w.table(2, ((_XATTR_KEY, UOFFSET, key_off), (_XATTR_VALUE, UOFFSET, value_off)))
-            )
+    for key_raw, value_raw in encoded:
+        key_off = w.string(key_raw)
+        value_off = w.string(value_raw)
+        xattrs.append(
+            w.table(2, ((_XATTR_KEY, UOFFSET, key_off), (_XATTR_VALUE, UOFFSET, value_off)))
+        )
     xattrs_vec = w.offset_vector(xattrs)
 
+    offset, size, mode = entry.uncompressed_offset, entry.uncompressed_size, entry.mode
+    uid, gid, devmajor, devminor = entry.uid, entry.gid, entry.devmajor, entry.devminor
+    lo, hi = _INT64
+    if not (
+        lo <= offset <= hi
+        and lo <= size <= hi
+        and lo <= mode <= hi
+        and lo <= devmajor <= hi
+        and lo <= devminor <= hi
+        and 0 <= uid <= _UINT32[1]
+        and 0 <= gid <= _UINT32[1]
+    ):
+        raise ZtocEncodeError(
+            f"entry {index} ({entry.name!r}) has a number outside its flatbuffers field: "
+            f"offset={offset} size={size} mode={mode} uid={uid} gid={gid} "
+            f"devmajor={devmajor} devminor={devminor}"
+        )
     # Add order and default-skipping as in the Go marshaler (spec/soci.md §1.4).
     fields: list[Field] = [
         (_FM_NAME, UOFFSET, name),
         (_FM_TYPE, UOFFSET, type_),
-        _int_field(_FM_OFFSET, "q", entry.uncompressed_offset, _INT64, f"{what} offset"),
-        _int_field(_FM_SIZE, "q", entry.uncompressed_size, _INT64, f"{what} size"),
+        (_FM_OFFSET, "q", offset),
+        (_FM_SIZE, "q", size),
         (_FM_LINKNAME, UOFFSET, linkname),
-        _int_field(_FM_MODE, "q", entry.mode, _INT64, f"{what} mode"),
-        _int_field(_FM_UID, "I", entry.uid, _UINT32, f"{what} uid"),
-        _int_field(_FM_GID, "I", entry.gid, _UINT32, f"{what} gid"),
+        (_FM_MODE, "q", mode),
+        (_FM_UID, "I", uid),
+        (_FM_GID, "I", gid),
         (_FM_UNAME, UOFFSET, uname),
         (_FM_GNAME, UOFFSET, gname),
         (_FM_MOD_TIME, UOFFSET, mod_time),
-        _int_field(_FM_DEVMAJOR, "q", entry.devmajor, _INT64, f"{what} devmajor"),
-        _int_field(_FM_DEVMINOR, "q", entry.devminor, _INT64, f"{what} devminor"),
+        (_FM_DEVMAJOR, "q", devmajor),
+        (_FM_DEVMINOR, "q", devminor),
         (_FM_XATTRS, UOFFSET, xattrs_vec),
     ]
     return w.table(_FM_NUM_FIELDS, [f for f in fields if f[2]])
@@ -306,6 +321,22 @@ class _Reader:
         if not pos:
             return None
         return self.table(self.indirect(pos, what), what)
+
+
+_VTABLE_UNPACKERS: Final = tuple(
+    struct.Struct(f"<{n}H").unpack_from for n in range(_FM_NUM_FIELDS + 1)
+)
+_ABSENT_SLOTS: Final = tuple((0,) * (_FM_NUM_FIELDS - n) for n in range(_FM_NUM_FIELDS + 1))
+
+
+def _str_at(buf: bytes, pos: int) -> str:
+    """The string referenced by the offset at `pos`; `struct.error` if outside `buf`."""
+    target = pos + _unpack_u32(buf, pos)[0]
+    start = target + 4
+    stop = start + _unpack_u32(buf, target)[0]
+    if stop > len(buf):
+        raise struct.error("string beyond the buffer")
+    return buf[start:stop].decode(_ENCODING, _ERRORS)
 
 
 def _align_to_tar_block(offset: int) -> int:
@@ -478,6 +509,64 @@ class ZtocView:
         if not -len(self) <= i < len(self):
             raise IndexError(f"zTOC entry index {i} out of range ({len(self)} entries)")
         i %= len(self)
+        try:
+            return self._fast_entry(i)
+        except struct.error:
+            pass  # something lies outside the buffer: the checked path says what
+        return self._checked_entry(i)
+
+    def _fast_entry(self, i: int) -> FileMetadata:
+        """`entry` without per-field diagnostics; raises `struct.error` on any bound problem
+        (the caller then re-reads with `_checked_entry`) and ZtocFormatError for a bad type."""
+        buf = self._reader.buf
+        pos = self._entries_pos[i]
+        vtable = pos - _unpack_i32(buf, pos)[0]  # checked at construction
+        n = (_unpack_u16(buf, vtable)[0] - 3) // 2
+        n = 0 if n < 0 else _FM_NUM_FIELDS if n > _FM_NUM_FIELDS else n
+        fo = _VTABLE_UNPACKERS[n](buf, vtable + 4) + _ABSENT_SLOTS[n]
+        name = _str_at(buf, pos + fo[_FM_NAME]) if fo[_FM_NAME] else ""
+        raw_type = _str_at(buf, pos + fo[_FM_TYPE]) if fo[_FM_TYPE] else ""
+        entry_type = _ENTRY_TYPES.get(raw_type)
+        if entry_type is None:
+            raise ZtocFormatError(f"zTOC toc entry {i} ({name!r}) has unknown type {raw_type!r}")
+        xattrs: dict[str, str] = {}
+        if fo[_FM_XATTRS]:
+            p = pos + fo[_FM_XATTRS]
+            vec = p + _unpack_u32(buf, p)[0]
+            count = _unpack_u32(buf, vec)[0]
+            if vec + 4 + 4 * count > len(buf):
+                raise struct.error("xattrs vector beyond the buffer")
+            for j in range(vec + 4, vec + 4 + 4 * count, 4):
+                xt = j + _unpack_u32(buf, j)[0]
+                xvt = xt - _unpack_i32(buf, xt)[0]
+                if xvt < 0:
+                    raise struct.error("xattr vtable before the buffer")
+                xvt_len = _unpack_u16(buf, xvt)[0]
+                key_off = _unpack_u16(buf, xvt + 4)[0] if xvt_len > 4 else 0
+                value_off = _unpack_u16(buf, xvt + 6)[0] if xvt_len > 6 else 0
+                key = _str_at(buf, xt + key_off) if key_off else ""
+                xattrs[key] = _str_at(buf, xt + value_off) if value_off else ""
+            if count > 1:
+                xattrs = {k: xattrs[k] for k in sorted(xattrs, key=_sort_key)}
+        return FileMetadata(
+            name=name,
+            type=entry_type,
+            uncompressed_offset=UncompressedOffset(self._offsets[i]),
+            uncompressed_size=self._sizes[i],
+            linkname=_str_at(buf, pos + fo[_FM_LINKNAME]) if fo[_FM_LINKNAME] else "",
+            mode=_unpack_i64(buf, pos + fo[_FM_MODE])[0] if fo[_FM_MODE] else 0,
+            uid=_unpack_u32(buf, pos + fo[_FM_UID])[0] if fo[_FM_UID] else 0,
+            gid=_unpack_u32(buf, pos + fo[_FM_GID])[0] if fo[_FM_GID] else 0,
+            uname=_str_at(buf, pos + fo[_FM_UNAME]) if fo[_FM_UNAME] else "",
+            gname=_str_at(buf, pos + fo[_FM_GNAME]) if fo[_FM_GNAME] else "",
+            mod_time=_str_at(buf, pos + fo[_FM_MOD_TIME]) if fo[_FM_MOD_TIME] else "",
+            devmajor=_unpack_i64(buf, pos + fo[_FM_DEVMAJOR])[0] if fo[_FM_DEVMAJOR] else 0,
+            devminor=_unpack_i64(buf, pos + fo[_FM_DEVMINOR])[0] if fo[_FM_DEVMINOR] else 0,
+            xattrs=xattrs,
+        )
+
+    def _checked_entry(self, i: int) -> FileMetadata:
+        """`entry` with every read bounds-checked and named in the error message."""
         reader = self._reader
         table = self._table(i)
         what = f"toc entry {i}"

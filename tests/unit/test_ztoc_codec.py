@@ -149,6 +149,8 @@ def test_round_trip(z: Ztoc) -> None:
     view = ZtocView(data)
     assert len(view) == len(z.files)
     assert list(view) == list(z.files)
+    # the fast entry reader and the fully checked one (used for diagnostics) agree
+    assert [view._checked_entry(i) for i in range(len(view))] == list(z.files)
     assert [view.tar_header_offset(i) for i in range(len(view))] == tar_header_offsets(z.files)
 
 
