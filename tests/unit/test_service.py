@@ -223,3 +223,21 @@ async def test_stale_dir_with_reused_uncommitted_id_is_moved_aside(
     assert list(Path(m[0].source).iterdir()) == []
     await svc.cleanup()
     assert sorted(os.listdir(svc.layout.snapshots)) == ["1"]
+
+
+async def test_blocking_reads_match_async_reads(svc: SnapshotService) -> None:
+    import trio
+
+    from snapshotter.errors import InvalidArgument
+
+    await svc.prepare("a", "", {"x": "1"})
+    await svc.commit("c", "a", {"y": "2"})
+    await svc.view("v", "c", {})
+    assert await trio.to_thread.run_sync(svc.stat_blocking, "c") == await svc.stat("c")
+    got = await trio.to_thread.run_sync(svc.list_blocking, ["kind==view", "labels.y"])
+    assert got == await svc.list_snapshots(["kind==view", "labels.y"])
+    assert [i.name for i in got] == ["c", "v"]
+    with pytest.raises(NotFound):
+        await trio.to_thread.run_sync(svc.stat_blocking, "gone")
+    with pytest.raises(InvalidArgument):
+        await trio.to_thread.run_sync(svc.list_blocking, ["kind=="])
