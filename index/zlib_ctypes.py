@@ -157,10 +157,10 @@ class Inflater:
 
         Raises `ZlibError` if libz refuses (bad window bits, version mismatch, no memory).
         """
+        self._closed = True
         self._lib = libz()
         self.stream = ZStream()
         self._pstream = ctypes.byref(self.stream)
-        self._closed = True
         version = self._lib.zlibVersion()
         status = self._lib.inflateInit2_(
             self._pstream, window_bits, version, ctypes.sizeof(ZStream)
@@ -245,4 +245,5 @@ class Inflater:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        if not getattr(self, "_closed", True):
+            self.close()

@@ -147,15 +147,14 @@ def test_big_layer_all_compressors(how: Compressor | None) -> None:
     if how == "pigz" and not have_pigz():
         pytest.skip("PREREQUISITE MISSING: pigz is not installed; pigz layers untested")
     specs = [
-        TarEntrySpec("usr/share/doc/a.txt", size=1_500_000, content="text", seed=1),
-        TarEntrySpec("usr/lib/blob.so", size=700_000, content="random", seed=2),
-        TarEntrySpec("usr/lib/mixed", size=900_000, content="mixed", seed=3),
+        TarEntrySpec("usr/share/doc/a.txt", size=700_000, content="text", seed=1),
+        TarEntrySpec("usr/lib/blob.so", size=300_000, content="random", seed=2),
+        TarEntrySpec("usr/lib/mixed", size=500_000, content="mixed", seed=3),
         TarEntrySpec("usr/lib/empty"),
         TarEntrySpec("usr/lib/" + "long-name-" * 12, size=5000, content="text", seed=4),
         TarEntrySpec("usr/lib/zeros", size=300_000, content="zeros"),
     ]
-    for span_size in (4096, 65536):
-        check_all_files(make_tar(specs), how, span_size)
+    check_all_files(make_tar(specs), how, 4096 if how != "py6" else 65536)
 
 
 def test_gnu_and_ustar_formats() -> None:

@@ -287,7 +287,7 @@ def test_span_size_zero_checkpoints_every_block() -> None:
 
 
 def test_output_pieces_are_bounded() -> None:
-    data = content("text", 3_000_000, 8)
+    data = content("zeros", 3_000_000, 8)
     sizes: list[int] = []
     build_gzip_checkpoints(
         io.BytesIO(gzip.compress(data)),
