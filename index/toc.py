@@ -133,8 +133,25 @@ def _parse_octal(field: bytes) -> int:
     return value - (1 << 64) if value >> 63 else value  # Go's int64(uint64) conversion
 
 
+_NUMERIC_CACHE: dict[bytes, int] = {}
+_NUMERIC_CACHE_MAX: Final = 4096
+
+
 def _parse_numeric(field: bytes) -> int:
-    """Go's `parser.parseNumeric`: base-256 when the top bit is set, else octal."""
+    """Go's `parser.parseNumeric`: base-256 when the top bit is set, else octal.
+
+    Mode, owner and device fields repeat across headers, so parsed values are memoised
+    (a small bounded dict; only successful parses are kept)."""
+    value = _NUMERIC_CACHE.get(field)
+    if value is None:
+        value = _parse_numeric_uncached(field)
+        if len(_NUMERIC_CACHE) >= _NUMERIC_CACHE_MAX:
+            _NUMERIC_CACHE.clear()
+        _NUMERIC_CACHE[field] = value
+    return value
+
+
+def _parse_numeric_uncached(field: bytes) -> int:
     first = field[0]
     if not first & 0x80:
         return _parse_octal(field)
