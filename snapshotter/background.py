@@ -1,0 +1,173 @@
+"""Background fetch: fill the span cache of mounted layers while the link is idle.
+
+After a quiet period with no on-demand fetches (`DemandTracker`), the fetcher takes the next
+registered layer in round-robin order and fetches its next run of missing spans (at most
+`step_bytes`, coalesced like on-demand reads, verified, cached compressed, not inflated), then
+sleeps long enough to keep the average at `rate_bytes_per_sec`. On-demand reads preempt it:
+before every step it waits until on-demand fetching has been quiet for `quiet_period_ms`, so it
+never runs ahead of them; a step is at most `step_bytes`. A layer that is unregistered (its
+image removed) is dropped at once, cancelling its step in flight. A failing layer is retried
+after `error_backoff_sec`. Disabled, `serve` just waits to be cancelled.
+
+Structured concurrency: `serve` runs in a nursery its owner gives it and never returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import NoReturn, Protocol
+
+import trio
+
+from snapshotter.fetch import FetchError
+from snapshotter.fs.errors import LayerReadError
+from snapshotter.spans import DemandTracker
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class BackgroundConfig:
+    """Background fetch settings (wire into `snapshotter.config` as `[background_fetch]`).
+
+    `rate_bytes_per_sec` 0 means unlimited.
+    """
+
+    enabled: bool = True
+    quiet_period_ms: int = 2000
+    rate_bytes_per_sec: int = 64 * MiB
+    step_bytes: int = 8 * MiB
+    error_backoff_sec: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.quiet_period_ms < 0 or self.rate_bytes_per_sec < 0 or self.step_bytes <= 0:
+            raise ValueError(f"bad background fetch config {self!r}")
+        if self.error_backoff_sec < 0:
+            raise ValueError(
+                f"error_backoff_sec must not be negative, got {self.error_backoff_sec}"
+            )
+
+
+class Prefetchable(Protocol):
+    """A layer the fetcher can fill (`RemoteLayerReader` is one)."""
+
+    async def prefetch_step(self, max_bytes: int) -> int:
+        """Fetch the next missing run (≤ `max_bytes` unless one span is larger); bytes fetched,
+        0 when complete. Raises `FetchError`."""
+        ...
+
+    def is_complete(self) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BackgroundStatistics:
+    """Counters since start; `layers` = registered layers not yet complete."""
+
+    layers: int
+    bytes_fetched: int
+    steps: int
+    errors: int
+    completed_layers: int
+
+
+class BackgroundFetcher:
+    """Round-robin, rate-limited filling of registered layers (see the module doc)."""
+
+    def __init__(
+        self, config: BackgroundConfig | None = None, tracker: DemandTracker | None = None
+    ):
+        self.config = config or BackgroundConfig()
+        self.tracker = tracker or DemandTracker()
+        self._layers: OrderedDict[str, Prefetchable] = OrderedDict()
+        self._retry_at: dict[str, float] = {}
+        self._work = trio.Event()
+        self._current: tuple[str, trio.CancelScope] | None = None
+        self._bytes = self._steps = self._errors = self._completed = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<BackgroundFetcher enabled={self.config.enabled} layers={len(self._layers)} "
+            f"bytes={self._bytes} steps={self._steps} errors={self._errors}>"
+        )
+
+    def register(self, key: str, layer: Prefetchable) -> None:
+        """Queue `layer` (named `key`, e.g. its digest) for background fetching."""
+        self._layers[key] = layer
+        self._retry_at.pop(key, None)
+        self._work.set()
+
+    def unregister(self, key: str) -> None:
+        """Stop fetching `key` now (cancels its step in flight). Unknown keys are ignored."""
+        self._layers.pop(key, None)
+        self._retry_at.pop(key, None)
+        if self._current is not None and self._current[0] == key:
+            self._current[1].cancel()
+
+    def statistics(self) -> BackgroundStatistics:
+        return BackgroundStatistics(
+            layers=len(self._layers),
+            bytes_fetched=self._bytes,
+            steps=self._steps,
+            errors=self._errors,
+            completed_layers=self._completed,
+        )
+
+    def _next(self) -> tuple[str, Prefetchable] | float | None:
+        """The next layer to step, None when there is none, or the time of the next retry."""
+        now = trio.current_time()
+        earliest = math.inf
+        for key in list(self._layers):
+            layer = self._layers[key]
+            self._layers.move_to_end(key)
+            if layer.is_complete():
+                del self._layers[key]
+                self._completed += 1
+                continue
+            retry = self._retry_at.get(key, -math.inf)
+            if retry > now:
+                earliest = min(earliest, retry)
+                continue
+            return key, layer
+        return None if earliest == math.inf else earliest
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Run until cancelled. Signals readiness at once through `task_status`."""
+        task_status.started()
+        if not self.config.enabled:
+            await trio.sleep_forever()
+        quiet = self.config.quiet_period_ms / 1000.0
+        while True:
+            await self.tracker.wait_quiet(quiet)
+            picked = self._next()
+            if picked is None:
+                self._work = trio.Event()
+                await self._work.wait()
+                continue
+            if isinstance(picked, float):
+                with trio.move_on_at(picked):
+                    self._work = trio.Event()
+                    await self._work.wait()
+                continue
+            key, layer = picked
+            fetched = 0
+            with trio.CancelScope() as scope:
+                self._current = (key, scope)
+                try:
+                    fetched = await layer.prefetch_step(self.config.step_bytes)
+                    self._steps += 1
+                except (FetchError, LayerReadError) as e:
+                    self._errors += 1
+                    self._retry_at[key] = trio.current_time() + self.config.error_backoff_sec
+                    log.warning("background fetch of %s failed: %s", key, e)
+                finally:
+                    self._current = None
+            self._bytes += fetched
+            if fetched and self.config.rate_bytes_per_sec:
+                await trio.sleep(fetched / self.config.rate_bytes_per_sec)

@@ -1,0 +1,361 @@
+"""Where span bytes come from: the `BlobSource` seam and its registry and chain implementations.
+
+A source fetches a byte range `[start, end)` of a blob named by its digest. The consumer (the
+span reader, `snapshotter.spans`) passes a `check` callable that verifies what came back (span
+digests); a source runs it on every answer, so corrupt bytes count as a failure of that source:
+retried there, and then the next source of a chain is tried. Wrong bytes are never returned.
+
+Errors are translated once, here, from `index.oci` errors into this tree::
+
+    FetchError                  base: a range could not be fetched from a source
+    ├── SourceUnavailable       transient: no answer, broken or short body, 5xx, 429 (retried)
+    │   └── FetchTimeout        a request or a source's time budget ran out (retried)
+    ├── ContentMismatch         the bytes failed the caller's check (retried, then next source)
+    ├── BlobNotFound            the source does not have the blob (404)
+    ├── AccessDenied            authentication or authorization failed (401/403)
+    ├── BadRange                the source cannot serve the range (416, wrong Content-Range)
+    └── AllSourcesFailed        every source of a chain failed; `.errors` has each one's error
+
+Units: offsets and sizes in bytes, times in seconds unless the name says `_ms`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+import trio
+
+from index.digest import Digest
+from index.model import CompressedOffset
+from index.oci.errors import (
+    DigestMismatchError,
+    NotFoundError,
+    OciError,
+    RangeNotSatisfiableError,
+    RegistryError,
+    TransportError,
+    UnauthorizedError,
+)
+from index.oci.reference import Reference
+from index.oci.registry import RegistryClient
+
+log = logging.getLogger(__name__)
+
+Check = Callable[[bytes], None]
+"""Verifies fetched bytes; raises `ContentMismatch` when they are wrong. Runs in a worker
+thread (it may hash megabytes), so it must be thread-safe."""
+
+_TRANSIENT_STATUSES: Final = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+class FetchError(Exception):
+    """A byte range could not be fetched from a source. `source` names it."""
+
+    def __init__(self, message: str, *, source: str = "") -> None:
+        super().__init__(message)
+        self.source = source
+
+
+class SourceUnavailable(FetchError):
+    """Transient failure: no answer, a reset or short body, 5xx/429. Worth retrying."""
+
+
+class FetchTimeout(SourceUnavailable):
+    """A request exceeded its timeout, or a source exhausted its time budget in a chain."""
+
+
+class ContentMismatch(FetchError):
+    """The fetched bytes failed verification (a span digest). Retried, then next source."""
+
+
+class BlobNotFound(FetchError):
+    """The source answered that it does not hold the blob (404). Not retried there."""
+
+
+class AccessDenied(FetchError):
+    """The source refused us (401/403 after authenticating, no usable credentials)."""
+
+
+class BadRange(FetchError):
+    """The source cannot serve the range (416, or an answer for a different range)."""
+
+
+class AllSourcesFailed(FetchError):
+    """Every source of a chain failed; `errors` holds `(source name, error)` in order."""
+
+    def __init__(self, message: str, errors: Sequence[tuple[str, FetchError]]) -> None:
+        super().__init__(message, source="chain")
+        self.errors = tuple(errors)
+
+
+RETRYABLE: Final[tuple[type[FetchError], ...]] = (SourceUnavailable, ContentMismatch)
+"""Errors a source retries itself (with backoff) before giving up."""
+
+
+def translate_oci_error(e: OciError, what: str, source: str) -> FetchError:
+    """The fetch error for an `index.oci` error raised while fetching `what` from `source`.
+
+    The one table (most specific first): TransportError → SourceUnavailable; NotFoundError →
+    BlobNotFound; UnauthorizedError → AccessDenied; RangeNotSatisfiableError → BadRange;
+    DigestMismatchError → ContentMismatch; any other RegistryError → SourceUnavailable when its
+    status is transient (408/425/429/5xx) or absent, else BadRange (a 4xx we cannot use);
+    anything else (HostsConfigError, ...) → plain FetchError (not retried).
+    The caller chains the original (`raise translate_oci_error(e, ...) from e`).
+    """
+    message = f"{what} from {source}: {e}"
+    if isinstance(e, TransportError):
+        return SourceUnavailable(message, source=source)
+    if isinstance(e, NotFoundError):
+        return BlobNotFound(message, source=source)
+    if isinstance(e, UnauthorizedError):
+        return AccessDenied(message, source=source)
+    if isinstance(e, RangeNotSatisfiableError):
+        return BadRange(message, source=source)
+    if isinstance(e, DigestMismatchError):
+        return ContentMismatch(message, source=source)
+    if isinstance(e, RegistryError):
+        if e.status is None or e.status in _TRANSIENT_STATUSES or e.status >= 500:
+            return SourceUnavailable(message, source=source)
+        return BadRange(message, source=source)
+    return FetchError(message, source=source)
+
+
+class BlobSource(Protocol):
+    """Fetches byte ranges of content-addressed blobs (the reader's seam)."""
+
+    @property
+    def name(self) -> str:
+        """A short label for logs and status (`registry:host/repo`, `chain[...]`)."""
+        ...
+
+    async def fetch(
+        self,
+        digest: Digest,
+        start: CompressedOffset,
+        end: CompressedOffset,
+        *,
+        check: Check | None = None,
+    ) -> bytes:
+        """Exactly the bytes `[start, end)` of blob `digest`, which passed `check`.
+
+        Raises:
+            FetchError: a subclass saying why (after this source's own retries).
+            trio.Cancelled: as usual; nothing is left half-done.
+        """
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class FetchConfig:
+    """Fetch tuning (defaults here; wire into `snapshotter.config` as `[fetch]`).
+
+    `max_attempts` per range and source (1 = no retry); backoff doubles from
+    `backoff_initial_ms` up to `backoff_max_ms`, each delay scaled by a random factor in
+    [0.5, 1.0] (jitter); `request_timeout_sec` bounds one Range request;
+    `max_parallel_requests` sizes the limiter of registry worker threads;
+    `source_budget_sec` is a chain's time budget for one source per fetch.
+    """
+
+    max_attempts: int = 4
+    backoff_initial_ms: int = 50
+    backoff_max_ms: int = 2000
+    request_timeout_sec: float = 60.0
+    max_parallel_requests: int = 4
+    source_budget_sec: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if self.backoff_initial_ms < 0 or self.backoff_max_ms < self.backoff_initial_ms:
+            raise ValueError(f"bad backoff {self.backoff_initial_ms}..{self.backoff_max_ms} ms")
+        if self.request_timeout_sec <= 0 or self.source_budget_sec <= 0:
+            raise ValueError("timeouts must be positive")
+        if self.max_parallel_requests < 1:
+            raise ValueError(
+                f"max_parallel_requests must be at least 1, got {self.max_parallel_requests}"
+            )
+
+    def backoff_sec(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Delay before retry number `attempt` (1 = first retry), in seconds, with jitter."""
+        base = min(self.backoff_max_ms, self.backoff_initial_ms << min(max(attempt - 1, 0), 30))
+        factor: float = (rng or random).uniform(0.5, 1.0)
+        return base / 1000.0 * factor
+
+
+@dataclass(slots=True)
+class SourceStatistics:
+    """Counters of one source (a snapshot is returned by `statistics()`)."""
+
+    requests: int = 0
+    bytes_fetched: int = 0
+    retries: int = 0
+    failures: int = 0
+    last_error: str = ""
+
+    def copy(self) -> SourceStatistics:
+        return SourceStatistics(
+            self.requests, self.bytes_fetched, self.retries, self.failures, self.last_error
+        )
+
+
+class RegistrySource:
+    """Range reads of the blobs of one image repository through a `RegistryClient`.
+
+    The client is synchronous; each request runs in a worker thread under `limiter` (shared
+    by all layers of the daemon; its size is `config.max_parallel_requests`). Mirrors from
+    `hosts.toml`, auth and redirect caching are the client's business. Each request gets
+    `config.request_timeout_sec`; transient errors and bytes failing `check` are retried up to
+    `config.max_attempts` with jittered exponential backoff. The client is not closed here.
+    """
+
+    def __init__(
+        self,
+        client: RegistryClient,
+        ref: Reference,
+        *,
+        config: FetchConfig | None = None,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> None:
+        self._client = client
+        self._ref = ref
+        self.config = config or FetchConfig()
+        self._limiter = limiter or trio.CapacityLimiter(self.config.max_parallel_requests)
+        self._stats = SourceStatistics()
+        self._name = f"registry:{ref.registry}/{ref.repository}"
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def __repr__(self) -> str:
+        s = self._stats
+        return (
+            f"<RegistrySource {self._ref.registry}/{self._ref.repository} requests={s.requests} "
+            f"bytes={s.bytes_fetched} retries={s.retries} failures={s.failures}>"
+        )
+
+    def statistics(self) -> SourceStatistics:
+        """A copy of this source's counters."""
+        return self._stats.copy()
+
+    def _fetch_sync(self, digest: Digest, start: int, end: int, check: Check | None) -> bytes:
+        what = f"bytes {start}-{end} of {digest}"
+        try:
+            data = self._client.fetch_blob_range(self._ref, digest, start, end - start)
+        except OciError as e:
+            raise translate_oci_error(e, what, self._name) from e
+        if len(data) != end - start:
+            raise SourceUnavailable(
+                f"{what} from {self._name}: got {len(data)} bytes, want {end - start}",
+                source=self._name,
+            )
+        if check is not None:
+            check(data)
+        return data
+
+    async def _attempt(self, digest: Digest, start: int, end: int, check: Check | None) -> bytes:
+        self._stats.requests += 1
+        with trio.move_on_after(self.config.request_timeout_sec) as scope:
+            data: bytes = await trio.to_thread.run_sync(
+                self._fetch_sync, digest, start, end, check, limiter=self._limiter, cancellable=True
+            )
+            self._stats.bytes_fetched += len(data)
+            return data
+        assert scope.cancelled_caught
+        raise FetchTimeout(
+            f"bytes {start}-{end} of {digest} from {self._name}: no answer within "
+            f"{self.config.request_timeout_sec} s",
+            source=self._name,
+        )
+
+    async def fetch(
+        self,
+        digest: Digest,
+        start: CompressedOffset,
+        end: CompressedOffset,
+        *,
+        check: Check | None = None,
+    ) -> bytes:
+        """The bytes `[start, end)` of `digest`, verified by `check`. See `BlobSource.fetch`.
+
+        Raises `BadRange` for an empty or negative range, else the last attempt's FetchError.
+        """
+        if not 0 <= start < end:
+            raise BadRange(f"empty or negative range {start}-{end} of {digest}", source=self.name)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._attempt(digest, start, end, check)
+            except FetchError as e:
+                self._stats.last_error = str(e)
+                if not isinstance(e, RETRYABLE) or attempt >= self.config.max_attempts:
+                    self._stats.failures += 1
+                    raise
+                self._stats.retries += 1
+                delay = self.config.backoff_sec(attempt)
+                log.debug("retrying in %.3f s after: %s", delay, e)
+                await trio.sleep(delay)
+
+
+class ChainSource:
+    """Tries `sources` in order (peers, then the registry); the first success wins.
+
+    Each source gets `budget_sec` (or `FetchConfig.source_budget_sec`) per fetch including its
+    own retries; a source that fails, times out or serves bytes failing `check` moves the fetch
+    to the next one. Raises `AllSourcesFailed` (chained from the last error) when none succeeds.
+    """
+
+    def __init__(self, sources: Sequence[BlobSource], *, budget_sec: float = 120.0) -> None:
+        if not sources:
+            raise ValueError("a ChainSource needs at least one source")
+        if budget_sec <= 0:
+            raise ValueError(f"budget_sec must be positive, got {budget_sec}")
+        self.sources = tuple(sources)
+        self.budget_sec = budget_sec
+        self._name = "chain[" + ", ".join(s.name for s in self.sources) + "]"
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def __repr__(self) -> str:
+        return f"<ChainSource {self._name} budget={self.budget_sec}s>"
+
+    async def fetch(
+        self,
+        digest: Digest,
+        start: CompressedOffset,
+        end: CompressedOffset,
+        *,
+        check: Check | None = None,
+    ) -> bytes:
+        """The bytes from the first source that delivers them. Raises `AllSourcesFailed`."""
+        errors: list[tuple[str, FetchError]] = []
+        for source in self.sources:
+            with trio.move_on_after(self.budget_sec) as scope:
+                try:
+                    return await source.fetch(digest, start, end, check=check)
+                except FetchError as e:
+                    log.debug("source %s failed for %s: %s", source.name, digest, e)
+                    errors.append((source.name, e))
+                    continue
+            if scope.cancelled_caught:
+                errors.append(
+                    (
+                        source.name,
+                        FetchTimeout(
+                            f"bytes {start}-{end} of {digest}: source {source.name} used up its "
+                            f"{self.budget_sec} s budget",
+                            source=source.name,
+                        ),
+                    )
+                )
+        summary = "; ".join(f"{name}: {err}" for name, err in errors)
+        raise AllSourcesFailed(
+            f"bytes {start}-{end} of {digest}: every source failed ({summary})", errors
+        ) from errors[-1][1]
