@@ -1,0 +1,607 @@
+"""The remote read path with a fake `BlobSource` at the seam: state table, singleflight,
+coalescing, verification, retries across sources, the cache, and the background fetcher.
+
+The registry-backed versions of these checks are in tests/integration/test_remote_read.py.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import tarfile
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from index.builder import build_ztoc_from_stream
+from index.digest import Digest
+from index.model import CompressedOffset, CompressionAlgorithm, SpanId, UncompressedOffset, Ztoc
+from index.oci import errors as oci_errors
+from index.oci.reference import Reference
+from index.oci.registry import RegistryClient
+from snapshotter.background import BackgroundConfig, BackgroundFetcher
+from snapshotter.cache import SpanCache
+from snapshotter.fetch import (
+    AccessDenied,
+    AllSourcesFailed,
+    BadRange,
+    BlobNotFound,
+    ChainSource,
+    Check,
+    ContentMismatch,
+    FetchConfig,
+    FetchError,
+    FetchTimeout,
+    RegistrySource,
+    SourceUnavailable,
+    translate_oci_error,
+)
+from snapshotter.fs.errors import LayerReadError
+from snapshotter.spans import (
+    TRANSITIONS,
+    DemandTracker,
+    ReadConfig,
+    RemoteLayerReader,
+    SpanState,
+    SpanStateError,
+    SpanTable,
+    coalesce,
+)
+from tests.support.tarfixtures import TarEntrySpec, compress, make_tar
+
+SPAN = 64 * 1024
+
+
+# -- a layer and a fake source -------------------------------------------------------------------
+
+
+class Layer:
+    """A gzip layer in memory: tar bytes, blob, digest and zTOC (64 KiB spans)."""
+
+    def __init__(self, files: int = 12, size: int = 150_000) -> None:
+        entries = [
+            TarEntrySpec(f"dir/file{i:02d}", size=size + i * 977, content="mixed", seed=i)
+            for i in range(files)
+        ]
+        self.tar = make_tar(entries)
+        self.blob = compress(self.tar, "py6")
+        self.digest = Digest.of(self.blob)
+        self.ztoc: Ztoc = build_ztoc_from_stream(
+            io.BytesIO(self.blob), CompressionAlgorithm.GZIP, SPAN
+        )
+
+    def files(self) -> dict[str, tuple[int, bytes]]:
+        """name → (data offset in the tar stream, content)."""
+        out = {}
+        with tarfile.open(fileobj=io.BytesIO(self.tar)) as tf:
+            for m in tf.getmembers():
+                f = tf.extractfile(m)
+                assert f is not None
+                out[m.name] = (m.offset_data, f.read())
+        return out
+
+
+@pytest.fixture(scope="module")
+def layer() -> Layer:
+    return Layer()
+
+
+class MemorySource:
+    """Serves ranges of one blob; records calls; can fail, corrupt or hold requests."""
+
+    def __init__(self, blob: bytes, name: str = "memory") -> None:
+        self.blob = blob
+        self._name = name
+        self.calls: list[tuple[int, int]] = []
+        self.fail_next = 0
+        self.corrupt_next = 0
+        self.always_corrupt = False
+        self.gate: trio.Event | None = None
+        self.delay_sec = 0.0
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def fetch(
+        self,
+        digest: Digest,
+        start: CompressedOffset,
+        end: CompressedOffset,
+        *,
+        check: Check | None = None,
+    ) -> bytes:
+        self.calls.append((start, end))
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.delay_sec:
+            await trio.sleep(self.delay_sec)
+        if self.fail_next:
+            self.fail_next -= 1
+            raise SourceUnavailable(f"{self._name}: injected failure", source=self._name)
+        data = self.blob[start:end]
+        if self.always_corrupt or self.corrupt_next:
+            self.corrupt_next = max(self.corrupt_next - 1, 0)
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        if check is not None:
+            check(data)
+        return data
+
+    @property
+    def bytes_served(self) -> int:
+        return sum(e - s for s, e in self.calls)
+
+
+def make_reader(
+    layer: Layer,
+    source: MemorySource | ChainSource,
+    cache_dir: Path,
+    **config: int,
+) -> RemoteLayerReader:
+    return RemoteLayerReader(
+        layer.digest,
+        layer.ztoc,
+        source,
+        SpanCache(cache_dir),
+        config=ReadConfig(**config),
+    )
+
+
+async def read_all_files(reader: RemoteLayerReader, layer: Layer, chunk: int = 128 * 1024) -> None:
+    """Read every file through `reader` in `chunk`-sized reads and compare with tarfile."""
+    for name, (offset, data) in layer.files().items():
+        got = bytearray()
+        pos = 0
+        while pos < len(data):
+            got += await reader.read(UncompressedOffset(offset + pos), min(chunk, len(data) - pos))
+            pos += chunk
+        assert bytes(got) == data, name
+
+
+# -- the state table --------------------------------------------------------------------------
+
+
+def test_every_edge_of_the_transition_table() -> None:
+    for old, new in itertools.product(SpanState, SpanState):
+        table = SpanTable([10, 20])
+        # walk span 0 to `old` through legal edges
+        path = {
+            SpanState.UNREQUESTED: [],
+            SpanState.FETCHING: [SpanState.FETCHING],
+            SpanState.CACHED: [SpanState.FETCHING, SpanState.CACHED],
+            SpanState.INFLATED: [SpanState.CACHED, SpanState.INFLATED],
+        }[old]
+        for step in path:
+            table.set(SpanId(0), step)
+        assert table.state(SpanId(0)) is old
+        if new in TRANSITIONS[old]:
+            table.set(SpanId(0), new)
+            assert table.state(SpanId(0)) is new
+        else:
+            with pytest.raises(SpanStateError, match=f"{old.value} → {new.value}"):
+                table.set(SpanId(0), new)
+            assert table.state(SpanId(0)) is old
+
+
+def test_span_table_counts_local_bytes() -> None:
+    table = SpanTable([10, 20, 30])
+    table.set(SpanId(1), SpanState.FETCHING)
+    assert table.local_bytes == 0
+    table.set(SpanId(1), SpanState.CACHED)
+    table.set(SpanId(2), SpanState.CACHED)
+    assert table.local_bytes == 50
+    table.set(SpanId(2), SpanState.INFLATED)
+    assert table.local_bytes == 50
+    table.set(SpanId(1), SpanState.UNREQUESTED)
+    assert table.local_bytes == 30
+    assert table.count(SpanState.UNREQUESTED) == 2
+    assert table.count(SpanState.INFLATED) == 1
+
+
+def test_coalesce_groups_consecutive_spans_up_to_the_limit() -> None:
+    sizes = [4, 4, 4, 4, 10, 4, 4]
+    ids = [SpanId(i) for i in (0, 1, 2, 3, 4, 5, 6)]
+    assert coalesce(ids, sizes, 12) == [[0, 1, 2], [3], [4], [5, 6]]
+    assert coalesce([SpanId(i) for i in (0, 2, 3, 6)], sizes, 100) == [[0], [2, 3], [6]]
+    assert coalesce(ids, sizes, 1) == [[i] for i in range(7)]  # oversized spans stand alone
+    assert coalesce([], sizes, 10) == []
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+
+async def test_reads_every_file_with_few_requests(layer: Layer, tmp_path: Path) -> None:
+    source = MemorySource(layer.blob)
+    reader = make_reader(layer, source, tmp_path)
+    spans = reader.span_map.span_count
+    assert spans >= 15
+    await read_all_files(reader, layer)
+    # sequential reads ride along read-ahead: far fewer requests than spans
+    assert len(source.calls) <= spans // 3, source.calls
+    assert reader.is_complete()
+    progress = reader.progress()
+    assert progress.percent > 99.0
+    # every byte of every span was fetched exactly once
+    fetched = sorted(source.calls)
+    for (_, e1), (s2, _) in itertools.pairwise(fetched):
+        assert s2 >= e1 - 1  # spans may overlap by one byte (spec/soci.md §2.3)
+    status = reader.status()
+    assert status.states["unrequested"] == 0 and status.last_error == ""
+
+
+async def test_one_large_read_is_coalesced(layer: Layer, tmp_path: Path) -> None:
+    source = MemorySource(layer.blob)
+    reader = make_reader(layer, source, tmp_path, readahead_spans=0)
+    offset, size = UncompressedOffset(SPAN // 2), 8 * SPAN
+    spans = [SpanId(i) for i in reader.span_map.spans_for_range(offset, size)]
+    assert len(spans) >= 5
+    got = await reader.read(offset, size)
+    assert got == layer.tar[offset : offset + size]
+    assert len(source.calls) == 1
+    # with a one-span request limit the same read takes several requests (run in parallel)
+    source2 = MemorySource(layer.blob)
+    limit = max(reader.table.sizes[s] for s in spans)
+    reader2 = make_reader(
+        layer, source2, tmp_path / "b", readahead_spans=0, max_request_bytes=limit
+    )
+    source2.gate = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader2.read, offset, size)
+        await trio.testing.wait_all_tasks_blocked()
+        in_flight = len(source2.calls)
+        source2.gate.set()
+    assert in_flight == len(coalesce(spans, reader2.table.sizes, limit)) >= 3
+    assert await reader2.read(offset, size) == got
+
+
+def span_start(reader: RemoteLayerReader, span: int) -> UncompressedOffset:
+    return reader.span_map.uncompressed_range(SpanId(span))[0]
+
+
+async def test_concurrent_readers_share_one_fetch(layer: Layer, tmp_path: Path) -> None:
+    source = MemorySource(layer.blob)
+    source.gate = trio.Event()
+    reader = make_reader(layer, source, tmp_path, readahead_spans=0)
+    results: list[bytes] = []
+    at = span_start(reader, 3) + 100
+
+    async def read() -> None:
+        results.append(await reader.read(UncompressedOffset(at), 1000))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(10):
+            nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        assert reader.table.state(SpanId(3)) is SpanState.FETCHING
+        source.gate.set()
+    assert len(source.calls) == 1
+    assert results == [layer.tar[at : at + 1000]] * 10
+    assert reader.table.state(SpanId(3)) is SpanState.INFLATED
+
+
+async def test_random_reads_do_not_read_ahead(layer: Layer, tmp_path: Path) -> None:
+    source = MemorySource(layer.blob)
+    reader = make_reader(layer, source, tmp_path, readahead_spans=3)
+    await reader.read(span_start(reader, 10), 10)
+    await reader.read(span_start(reader, 2), 10)
+    assert len(source.calls) == 2
+    assert reader.table.count(SpanState.UNREQUESTED) == len(reader.table) - 2
+    # the next span after the last read is sequential: it brings 3 more along
+    await reader.read(span_start(reader, 3), 10)
+    assert len(source.calls) == 3
+    assert [reader.table.state(SpanId(i)) for i in range(3, 8)] == [
+        SpanState.INFLATED,
+        SpanState.CACHED,
+        SpanState.CACHED,
+        SpanState.CACHED,
+        SpanState.UNREQUESTED,
+    ]
+
+
+async def test_inflated_lru_is_bounded(layer: Layer, tmp_path: Path) -> None:
+    reader = make_reader(layer, MemorySource(layer.blob), tmp_path, inflated_cache_spans=2)
+    for i in range(5):
+        await reader.read(span_start(reader, i), 1)
+    assert reader.table.count(SpanState.INFLATED) == 2
+    assert reader.table.count(SpanState.CACHED) >= 3
+
+
+async def test_read_past_the_end_and_empty(layer: Layer, tmp_path: Path) -> None:
+    reader = make_reader(layer, MemorySource(layer.blob), tmp_path)
+    total = layer.ztoc.uncompressed_archive_size
+    assert await reader.read(UncompressedOffset(total), 10) == b""
+    assert await reader.read(UncompressedOffset(total - 5), 100) == layer.tar[total - 5 : total]
+    assert await reader.read(UncompressedOffset(0), 0) == b""
+
+
+# -- failures and verification ------------------------------------------------------------------
+
+
+async def test_corrupt_source_falls_through_to_the_next(layer: Layer, tmp_path: Path) -> None:
+    bad = MemorySource(layer.blob, "bad")
+    bad.always_corrupt = True
+    good = MemorySource(layer.blob, "good")
+    reader = make_reader(layer, ChainSource([bad, good]), tmp_path)
+    assert await reader.read(UncompressedOffset(SPAN), 5000) == layer.tar[SPAN : SPAN + 5000]
+    assert len(bad.calls) == 1 and len(good.calls) == 1
+
+
+async def test_every_source_failing_is_a_read_error_and_nothing_is_cached(
+    layer: Layer, tmp_path: Path
+) -> None:
+    bad = MemorySource(layer.blob, "bad")
+    bad.always_corrupt = True
+    down = MemorySource(layer.blob, "down")
+    down.fail_next = 100
+    reader = make_reader(layer, ChainSource([bad, down]), tmp_path)
+    with pytest.raises(LayerReadError, match="every source failed") as info:
+        await reader.read(UncompressedOffset(SPAN), 10)
+    assert isinstance(info.value.__cause__, AllSourcesFailed)
+    kinds = [type(e) for _, e in info.value.__cause__.errors]
+    assert kinds == [ContentMismatch, SourceUnavailable]
+    assert reader.table.state(SpanId(1)) is SpanState.UNREQUESTED
+    assert "every source failed" in reader.status().last_error
+    assert reader.cache.stats().entries == 0
+    # the span is not stuck: when a source recovers, the same read succeeds
+    down.fail_next = 0
+    assert await reader.read(UncompressedOffset(SPAN), 10) == layer.tar[SPAN : SPAN + 10]
+
+
+async def test_waiters_retry_after_the_fetch_they_waited_for_fails(
+    layer: Layer, tmp_path: Path
+) -> None:
+    source = MemorySource(layer.blob)
+    source.gate = trio.Event()
+    source.fail_next = 1
+    reader = make_reader(layer, source, tmp_path, readahead_spans=0)
+    outcomes: list[object] = []
+    at = span_start(reader, 5)
+
+    async def read() -> None:
+        try:
+            outcomes.append(await reader.read(at, 10))
+        except LayerReadError as e:
+            outcomes.append(e)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        source.gate.set()
+    # the first reader's fetch failed; the waiter fetched again and got the right bytes
+    assert len(source.calls) == 2
+    assert sum(isinstance(o, LayerReadError) for o in outcomes) == 1
+    assert layer.tar[at : at + 10] in outcomes
+
+
+async def test_cached_spans_are_not_fetched_again(layer: Layer, tmp_path: Path) -> None:
+    first = MemorySource(layer.blob)
+    await read_all_files(make_reader(layer, first, tmp_path), layer)
+    second = MemorySource(layer.blob)
+    reader = make_reader(layer, second, tmp_path)
+    assert reader.is_complete() and reader.progress().percent > 99.0
+    await read_all_files(reader, layer)
+    assert second.calls == []
+
+
+async def test_corrupt_cache_file_is_refetched(layer: Layer, tmp_path: Path) -> None:
+    source = MemorySource(layer.blob)
+    reader = make_reader(layer, source, tmp_path, readahead_spans=0, inflated_cache_spans=1)
+    at = span_start(reader, 2)
+    await reader.read(at, 10)
+    path = tmp_path / "spans" / f"sha256-{layer.digest.hex}" / "2"
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    fresh = make_reader(layer, source, tmp_path, readahead_spans=0)
+    assert fresh.table.state(SpanId(2)) is SpanState.CACHED
+    assert await fresh.read(at, 10) == layer.tar[at : at + 10]
+    assert len(source.calls) == 2
+    assert fresh.cache.stats().corrupt_dropped == 1
+    assert path.read_bytes() == data
+
+
+# -- fetch errors and sources --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (oci_errors.TransportError("reset"), SourceUnavailable),
+        (oci_errors.NotFoundError("gone", status=404), BlobNotFound),
+        (oci_errors.UnauthorizedError("no", status=401), AccessDenied),
+        (oci_errors.RangeNotSatisfiableError("416", status=416), BadRange),
+        (oci_errors.DigestMismatchError("bad"), ContentMismatch),
+        (oci_errors.UnexpectedResponseError("boom", status=503), SourceUnavailable),
+        (oci_errors.UnexpectedResponseError("slow down", status=429), SourceUnavailable),
+        (oci_errors.UnexpectedResponseError("teapot", status=418), BadRange),
+        (oci_errors.HostsConfigError("bad toml"), FetchError),
+    ],
+)
+def test_oci_errors_translate_once(error: oci_errors.OciError, expected: type) -> None:
+    got = translate_oci_error(error, "bytes 0-10 of x", "registry:r")
+    assert type(got) is expected
+    assert "bytes 0-10 of x from registry:r" in str(got) and got.source == "registry:r"
+
+
+def _mock_registry(blob: bytes, plan: list[int | str]) -> tuple[RegistryClient, list[str]]:
+    """A RegistryClient over MockTransport: each blob GET pops an action from `plan`
+    (an HTTP status, "corrupt", or "ok" when the plan is empty)."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        action = plan.pop(0) if plan else "ok"
+        seen.append(str(action))
+        if isinstance(action, int):
+            return httpx.Response(action, content=b"nope")
+        first, last = map(int, request.headers["range"].removeprefix("bytes=").split("-"))
+        body = blob[first : last + 1]
+        if action == "corrupt":
+            body = bytes([body[0] ^ 0x55]) + body[1:]
+        return httpx.Response(
+            206, content=body, headers={"Content-Range": f"bytes {first}-{last}/{len(blob)}"}
+        )
+
+    client = RegistryClient(transport=httpx.MockTransport(handler), plain_http=True)
+    return client, seen
+
+
+FAST = FetchConfig(max_attempts=3, backoff_initial_ms=1, backoff_max_ms=2)
+
+
+async def test_registry_source_retries_transient_errors(layer: Layer, tmp_path: Path) -> None:
+    client, seen = _mock_registry(layer.blob, [503, "corrupt"])
+    with client:
+        source = RegistrySource(client, Reference.parse("127.0.0.1:1/test/layer"), config=FAST)
+        reader = make_reader(layer, MemorySource(b""), tmp_path, readahead_spans=0)
+        reader.source = source
+        got = await reader.read(UncompressedOffset(0), 1000)
+    assert got == layer.tar[:1000]
+    assert seen == ["503", "corrupt", "ok"]
+    stats = source.statistics()
+    assert stats.retries == 2 and stats.failures == 0 and stats.requests == 3
+
+
+async def test_registry_source_gives_up(layer: Layer) -> None:
+    ref = Reference.parse("127.0.0.1:1/test/layer")
+    client, seen = _mock_registry(layer.blob, [404])
+    with client:
+        with pytest.raises(BlobNotFound) as info:
+            await RegistrySource(client, ref, config=FAST).fetch(
+                layer.digest, CompressedOffset(0), CompressedOffset(10)
+            )
+        assert isinstance(info.value.__cause__, oci_errors.NotFoundError)
+        assert seen == ["404"]  # not retried
+    client, seen = _mock_registry(layer.blob, [500, 502, 503, 504])
+    with client:
+        with pytest.raises(SourceUnavailable):
+            await RegistrySource(client, ref, config=FAST).fetch(
+                layer.digest, CompressedOffset(0), CompressedOffset(10)
+            )
+        assert seen == ["500", "502", "503"]  # max_attempts
+
+
+def test_backoff_grows_with_jitter() -> None:
+    config = FetchConfig(backoff_initial_ms=100, backoff_max_ms=1000)
+    for attempt, base in [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.8), (5, 1.0), (9, 1.0)]:
+        delays = {config.backoff_sec(attempt) for _ in range(20)}
+        assert all(base * 0.5 <= d <= base for d in delays)
+        assert len(delays) > 1
+
+
+async def test_chain_moves_on_when_a_source_exceeds_its_budget(
+    layer: Layer, autojump_clock: trio.testing.MockClock
+) -> None:
+    slow = MemorySource(layer.blob, "slow")
+    slow.delay_sec = 100.0
+    fast = MemorySource(layer.blob, "fast")
+    chain = ChainSource([slow, fast], budget_sec=5.0)
+    start = trio.current_time()
+    data = await chain.fetch(layer.digest, CompressedOffset(0), CompressedOffset(100))
+    assert data == layer.blob[:100]
+    assert 5.0 <= trio.current_time() - start < 6.0
+    slow2 = MemorySource(layer.blob, "slow2")
+    slow2.delay_sec = 100.0
+    with pytest.raises(AllSourcesFailed) as info:
+        await ChainSource([slow, slow2], budget_sec=1.0).fetch(
+            layer.digest, CompressedOffset(0), CompressedOffset(100)
+        )
+    assert [type(e) for _, e in info.value.errors] == [FetchTimeout, FetchTimeout]
+
+
+def test_chain_and_config_reject_nonsense() -> None:
+    with pytest.raises(ValueError):
+        ChainSource([])
+    with pytest.raises(ValueError):
+        FetchConfig(max_attempts=0)
+    with pytest.raises(ValueError):
+        ReadConfig(max_request_bytes=0)
+
+
+# -- background fetch -----------------------------------------------------------------------------
+
+
+async def test_background_fills_a_layer_after_the_quiet_period(
+    layer: Layer, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    tracker = DemandTracker()
+    source = MemorySource(layer.blob)
+    reader = RemoteLayerReader(
+        layer.digest, layer.ztoc, source, SpanCache(tmp_path), tracker=tracker
+    )
+    rate = 1024 * 1024
+    fetcher = BackgroundFetcher(
+        BackgroundConfig(quiet_period_ms=1000, rate_bytes_per_sec=rate, step_bytes=2 * SPAN),
+        tracker,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fetcher.serve)
+        start = trio.current_time()
+        # an on-demand read now: background waits a quiet second after it
+        await reader.read(UncompressedOffset(0), 10)
+        fetcher.register(str(layer.digest), reader)
+        await trio.sleep(0.5)
+        assert len(source.calls) == 1
+        while not reader.is_complete():
+            await trio.sleep(0.1)
+        elapsed = trio.current_time() - start
+        nursery.cancel_scope.cancel()
+    assert len(source.calls) > 2
+    background_bytes = source.bytes_served - source.calls[0][1] + source.calls[0][0]
+    assert elapsed >= 1.0 + (background_bytes - 2 * SPAN * 2) / rate  # rate-limited
+    stats = fetcher.statistics()
+    assert stats.errors == 0 and stats.bytes_fetched > 0
+    # every span was fetched, none twice
+    assert reader.progress().percent > 99.0
+    assert source.bytes_served <= layer.ztoc.compressed_archive_size + len(source.calls)
+
+
+async def test_background_is_disabled_and_stops_for_removed_layers(
+    layer: Layer, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    for enabled in (False, True):
+        source = MemorySource(layer.blob)
+        reader = make_reader(layer, source, tmp_path / str(enabled))
+        fetcher = BackgroundFetcher(
+            BackgroundConfig(
+                enabled=enabled, quiet_period_ms=0, rate_bytes_per_sec=SPAN, step_bytes=2 * SPAN
+            )
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fetcher.serve)
+            fetcher.register("layer", reader)
+            await trio.sleep(3.5)
+            calls = len(source.calls)
+            fetcher.unregister("layer")
+            await trio.sleep(10)
+            nursery.cancel_scope.cancel()
+        if enabled:
+            assert 0 < calls < reader.span_map.span_count
+        else:
+            assert calls == 0
+        assert len(source.calls) <= calls + 1
+        assert not reader.is_complete()
+
+
+async def test_background_backs_off_a_failing_layer(
+    layer: Layer, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    source = MemorySource(layer.blob)
+    source.fail_next = 1
+    reader = make_reader(layer, source, tmp_path)
+    fetcher = BackgroundFetcher(
+        BackgroundConfig(quiet_period_ms=0, rate_bytes_per_sec=0, error_backoff_sec=30)
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fetcher.serve)
+        fetcher.register("layer", reader)
+        await trio.sleep(29)
+        assert len(source.calls) == 1 and fetcher.statistics().errors == 1
+        await trio.sleep(2)
+        while not reader.is_complete():
+            await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert reader.progress().percent > 99.0
