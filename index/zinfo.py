@@ -15,6 +15,7 @@ uncompressed offsets the tar stream; they are different types (`index.model`).
 
 from __future__ import annotations
 
+import abc
 import bisect
 import ctypes
 import hashlib
@@ -611,7 +612,7 @@ def _digest(data: bytes | bytearray | memoryview) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-class SpanMap:
+class SpanMap(abc.ABC):
     """Spans of one layer, whatever its compression: ranges, lookup, verify, inflate.
 
     Build it with `SpanMap.from_ztoc(ztoc)` (or `from_compression_info`). Span ids run from 0
@@ -665,28 +666,29 @@ class SpanMap:
         )
 
     @property
+    @abc.abstractmethod
     def span_count(self) -> int:
-        raise NotImplementedError
+        """Number of spans (`max_span_id + 1`)."""
 
     def _check(self, span_id: int) -> None:
         if not 0 <= span_id < self.span_count:
             raise SpanError(f"span {span_id} out of range (layer has {self.span_count} spans)")
 
+    @abc.abstractmethod
     def compressed_range(self, span_id: SpanId) -> tuple[CompressedOffset, CompressedOffset]:
         """Blob bytes `[start, end)` to fetch for `span_id`. Raises `SpanError`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def uncompressed_range(self, span_id: SpanId) -> tuple[UncompressedOffset, UncompressedOffset]:
         """Tar-stream bytes `[start, end)` that `span_id` inflates to. Raises `SpanError`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def span_for_offset(self, offset: UncompressedOffset) -> SpanId:
         """The span holding uncompressed `offset`: the largest i with start_i <= offset.
 
         Offsets up to and including `uncompressed_archive_size` are accepted (the end maps to
         the last span). Raises `SpanError` for negative offsets, larger ones, or no spans.
         """
-        raise NotImplementedError
 
     def spans_for_range(self, offset: UncompressedOffset, size: int) -> range:
         """Span ids needed to read `[offset, offset + size)`; empty when `size` is 0.
@@ -719,12 +721,12 @@ class SpanMap:
         if actual != expected:
             raise SpanDigestMismatch(span_id, expected, actual)
 
+    @abc.abstractmethod
     def inflate(self, span_id: SpanId, compressed: bytes | bytearray | memoryview) -> bytes:
         """The uncompressed bytes of `span_id` from its compressed bytes (not verified).
 
         Raises `SpanError` / `SpanInflateError`.
         """
-        raise NotImplementedError
 
     def read_span(self, span_id: SpanId, compressed: bytes | bytearray | memoryview) -> bytes:
         """Verify, then inflate. Raises `SpanDigestMismatch`, `SpanInflateError`."""
