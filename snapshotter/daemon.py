@@ -24,8 +24,8 @@ import os
 import signal
 import socket
 import stat
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from .errors import ConfigError, SnapshotterError
 from .grpc_server import build_server
 from .metadata import SqliteStore
 from .mounts import detect_overlay_features
-from .service import SnapshotService
+from .service import DeclineMounter, LayerMounter, SnapshotService
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,16 @@ def prepare_socket_path(path: Path) -> None:
     _remove_stale_socket(path)
 
 
+MounterFactory = Callable[[Settings], AbstractAsyncContextManager[LayerMounter]]
+"""Opens the daemon's LayerMounter for its lifetime (see `serve`)."""
+
+
+@asynccontextmanager
+async def open_decline_mounter(settings: Settings) -> AsyncIterator[LayerMounter]:
+    """The default MounterFactory: no remote layers, every layer is local."""
+    yield DeclineMounter()
+
+
 @contextmanager
 def _store(root: Path) -> Iterator[SqliteStore]:
     store = SqliteStore(root / "metadata.db")
@@ -171,13 +181,22 @@ async def _serve_activated(fd: int, backend: Path) -> None:
 
 
 async def serve(
-    settings: Settings, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    settings: Settings,
+    *,
+    open_mounter: MounterFactory | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT or cancellation. Never returns early.
 
+    `open_mounter(settings)` supplies the LayerMounter for remote layers as an
+    async context manager entered after the store is open and exited after the
+    gRPC server stopped (so a FUSE host can live exactly as long as the
+    service); the default declines every layer.
     Raises DaemonError (address in use, activation missing for fd://),
     OSError (root not creatable). `task_status.started()` fires once serving.
     """
+    if open_mounter is None:
+        open_mounter = open_decline_mounter
     cfg = settings.config
     root = settings.root
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -186,55 +205,57 @@ async def serve(
         raise ConfigError('address "fd://" needs systemd socket activation (LISTEN_FDS)')
 
     with _store(root) as store:
-        service = SnapshotService(
-            store,
-            root,
-            features=detect_overlay_features(),
-            sync_dirs=cfg.snapshots.fsync_dirs,
-            disk_threads=cfg.snapshots.disk_threads,
-        )
-        await service.open()
-        token = trio.lowlevel.current_trio_token()
-        server = build_server(service, token, threads=cfg.daemon.grpc_threads)
-        if fds:
-            bind_path = root / "grpc.sock"
-            prepare_socket_path(bind_path)
-        else:
-            bind_path = Path(settings.address)
-            prepare_socket_path(bind_path)
-        if server.add_insecure_port(f"unix:{bind_path}") == 0:
-            raise DaemonError(f"cannot listen on {str(bind_path)!r}")
-        os.chmod(bind_path, 0o600 if fds else 0o660)
-        server.start()
-        try:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async with trio.open_nursery() as nursery:
-                    if fds:
-                        for fd in fds:
-                            nursery.start_soon(_serve_activated, fd, bind_path)
-                    log.info(
-                        "serving",
-                        extra={
-                            "address": settings.address,
-                            "root": str(root),
-                            "activated": bool(fds),
-                            "overlay_index_off": service.features.index_off,
-                            "overlay_userxattr": service.features.userxattr,
-                        },
-                    )
-                    notify("READY=1")
-                    task_status.started()
-                    async for signum in signals:
-                        log.info("shutting down", extra={"signal": signal.Signals(signum).name})
-                        break
-                    nursery.cancel_scope.cancel()
-        finally:
-            notify("STOPPING=1")
-            grace = cfg.daemon.shutdown_grace_sec
-            with trio.CancelScope(shield=True):
-                stopped = server.stop(grace)
-                await trio.to_thread.run_sync(stopped.wait)
-            if not fds:
-                bind_path.unlink(missing_ok=True)
-            service.close()
-            log.info("stopped")
+        async with open_mounter(settings) as mounter:
+            service = SnapshotService(
+                store,
+                root,
+                features=detect_overlay_features(),
+                sync_dirs=cfg.snapshots.fsync_dirs,
+                disk_threads=cfg.snapshots.disk_threads,
+                mounter=mounter,
+            )
+            await service.open()
+            token = trio.lowlevel.current_trio_token()
+            server = build_server(service, token, threads=cfg.daemon.grpc_threads)
+            if fds:
+                bind_path = root / "grpc.sock"
+                prepare_socket_path(bind_path)
+            else:
+                bind_path = Path(settings.address)
+                prepare_socket_path(bind_path)
+            if server.add_insecure_port(f"unix:{bind_path}") == 0:
+                raise DaemonError(f"cannot listen on {str(bind_path)!r}")
+            os.chmod(bind_path, 0o600 if fds else 0o660)
+            server.start()
+            try:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async with trio.open_nursery() as nursery:
+                        if fds:
+                            for fd in fds:
+                                nursery.start_soon(_serve_activated, fd, bind_path)
+                        log.info(
+                            "serving",
+                            extra={
+                                "address": settings.address,
+                                "root": str(root),
+                                "activated": bool(fds),
+                                "overlay_index_off": service.features.index_off,
+                                "overlay_userxattr": service.features.userxattr,
+                            },
+                        )
+                        notify("READY=1")
+                        task_status.started()
+                        async for signum in signals:
+                            log.info("shutting down", extra={"signal": signal.Signals(signum).name})
+                            break
+                        nursery.cancel_scope.cancel()
+            finally:
+                notify("STOPPING=1")
+                grace = cfg.daemon.shutdown_grace_sec
+                with trio.CancelScope(shield=True):
+                    stopped = server.stop(grace)
+                    await trio.to_thread.run_sync(stopped.wait)
+                if not fds:
+                    bind_path.unlink(missing_ok=True)
+                service.close()
+                log.info("stopped")
