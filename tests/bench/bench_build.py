@@ -4,9 +4,9 @@ Run: ``python -m tests.bench.bench_build [--layers N] [--repeat R] [--span-size 
 
 The corpus is a tar of /usr/bin and /usr/share (GNU tar, sorted names), compressed with
 `gzip -6`; the same files are also split into N layers of about equal size for the parallel
-run. Blobs are cached under /var/tmp/sociable-bench (keyed by the file list's size and mtime
-fingerprint) so later runs only time. Each timing is the best of R runs (the machine is
-shared; noise is real). Single-core numbers are taken with the process pinned to one CPU.
+run. Blobs are cached under /var/tmp/sociable-bench/corpus and reused while they exist
+(`--rebuild` to start over), so later runs only time. Each timing is the best of R runs
+(the machine is shared; noise is real). Single-core numbers are taken with the process pinned to one CPU.
 
 Prints a markdown table: MB/s of *uncompressed* output, and the ratio to `gzip -dc`.
 """
@@ -14,9 +14,9 @@ Prints a markdown table: MB/s of *uncompressed* output, and the ratio to `gzip -
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -55,13 +55,6 @@ def _file_list() -> list[tuple[str, int]]:
     return entries
 
 
-def _fingerprint(entries: Sequence[tuple[str, int]]) -> str:
-    h = hashlib.sha256()
-    for name, size in entries:
-        h.update(f"{name}\0{size}\n".encode("utf-8", "surrogateescape"))
-    return h.hexdigest()[:16]
-
-
 def _make_layer(names: Sequence[str], dest: Path) -> None:
     tmp = dest.with_suffix(".tmp")
     listing = dest.with_suffix(".list")
@@ -92,14 +85,21 @@ def _make_layer(names: Sequence[str], dest: Path) -> None:
     tmp.rename(dest)
 
 
-def prepare(layers: int) -> tuple[Path, list[Path]]:
-    """The big layer and its split into `layers` parts, built once and cached."""
-    entries = _file_list()
-    key = _fingerprint(entries)
-    base = CACHE / key
+def prepare(layers: int, rebuild: bool = False) -> tuple[Path, list[Path]]:
+    """The big layer and its split into `layers` parts, built once and cached.
+
+    The cache is reused as long as its files exist (packages installed later do not force a
+    rebuild, so numbers stay comparable); `rebuild` starts over from the current files.
+    """
+    base = CACHE / "corpus"
+    if rebuild and base.exists():
+        shutil.rmtree(base)
     base.mkdir(parents=True, exist_ok=True)
     big = base / "all.tar.gz"
     parts = [base / f"part{i}of{layers}.tar.gz" for i in range(layers)]
+    if big.exists() and all(p.exists() for p in parts):
+        return big, parts
+    entries = _file_list()
     todo: list[tuple[list[str], Path]] = []
     if not big.exists():
         todo.append(([n for n, _ in entries], big))
@@ -162,9 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=4, help="parts for the parallel run")
     ap.add_argument("--repeat", type=int, default=3, help="runs per timing (best is kept)")
     ap.add_argument("--span-size", type=int, default=DEFAULT_SPAN_SIZE)
+    ap.add_argument("--rebuild", action="store_true", help="rebuild the cached corpus")
     args = ap.parse_args(argv)
 
-    big, parts = prepare(args.layers)
+    big, parts = prepare(args.layers, args.rebuild)
     compressed = big.stat().st_size
     if compressed < MIN_COMPRESSED:
         print(f"warning: corpus is only {compressed / 1e6:.0f} MB compressed", file=sys.stderr)
