@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import json
 import os
 import random
 import shutil
@@ -20,6 +21,8 @@ from hypothesis import strategies as st
 from index import tartime
 from index.model import EntryType, FileMetadata
 from index.toc import TarError, TarFormatError, TocBuilder, UnsupportedTarEntry
+from tests.support import tar_go_corpus
+from tests.support.tar_go_corpus import END, base256, header, octal, pad, pax
 
 _TYPE_OF = {
     tarfile.REGTYPE: EntryType.REG,
@@ -274,76 +277,6 @@ def test_gnu_and_posix_formats_agree(tmp_path: Path) -> None:
 
 
 # --- hand-made headers ---------------------------------------------------------------------------
-
-
-def octal(value: int, width: int) -> bytes:
-    return f"{value:0{width - 1}o}".encode() + b"\0"
-
-
-def base256(value: int, width: int) -> bytes:
-    raw = value.to_bytes(width, "big", signed=True)
-    return bytes([raw[0] | 0x80]) + raw[1:]
-
-
-def header(
-    name: bytes = b"file",
-    *,
-    typeflag: bytes = b"0",
-    size: int | bytes = 0,
-    magic: bytes = b"ustar\x0000",
-    linkname: bytes = b"",
-    fields: dict[int, bytes] | None = None,
-    signed_checksum: bool = False,
-    checksum: bytes | None = None,
-) -> bytes:
-    block = bytearray(512)
-
-    def put(offset: int, value: bytes) -> None:
-        block[offset : offset + len(value)] = value
-
-    put(0, name)
-    put(100, octal(0o644, 8))
-    put(108, octal(1000, 8))
-    put(116, octal(1000, 8))
-    put(124, size if isinstance(size, bytes) else octal(size, 12))
-    put(136, octal(1_600_000_000, 12))
-    put(156, typeflag)
-    put(157, linkname)
-    put(257, magic)
-    if magic.startswith(b"ustar"):
-        put(265, b"user")
-        put(297, b"group")
-        put(329, octal(0, 8))
-        put(337, octal(0, 8))
-    for offset, value in (fields or {}).items():
-        put(offset, value)
-    block[148:156] = b" " * 8
-    total = sum(b - 256 if signed_checksum and b >= 128 else b for b in block)
-    block[148:156] = checksum if checksum is not None else f"{total:06o}".encode() + b"\0 "
-    return bytes(block)
-
-
-def pax(
-    records: dict[bytes, bytes] | bytes, typeflag: bytes = b"x", name: bytes = b"PaxHeaders/x"
-) -> bytes:
-    if isinstance(records, dict):
-        body = b""
-        for key, value in records.items():
-            rec = b" " + key + b"=" + value + b"\n"
-            length = len(rec) + 1
-            while len(str(length).encode() + rec) != length:
-                length += 1
-            body += str(length).encode() + rec
-    else:
-        body = records
-    return header(name, typeflag=typeflag, size=len(body)) + pad(body)
-
-
-def pad(data: bytes) -> bytes:
-    return data + bytes(-len(data) % 512)
-
-
-END = bytes(1024)
 
 
 def one(stream: bytes) -> FileMetadata:
@@ -640,3 +573,56 @@ def test_parse_pax_time(text: bytes, parsed: tuple[int, int]) -> None:
 def test_parse_pax_time_rejects(text: bytes) -> None:
     with pytest.raises(ValueError):
         tartime.parse_pax_time(text)
+
+
+# --- agreement with Go's archive/tar -------------------------------------------------------------
+
+
+def _as_go_record(entry: FileMetadata) -> dict[str, object]:
+    h = tar_go_corpus.hexs
+    return {
+        "name": h(entry.name),
+        "type": str(entry.type),
+        "linkname": h(entry.linkname),
+        "uname": h(entry.uname),
+        "gname": h(entry.gname),
+        "mod_time": entry.mod_time,
+        "offset": entry.uncompressed_offset,
+        "size": entry.uncompressed_size,
+        "mode": entry.mode,
+        "uid": entry.uid,
+        "gid": entry.gid,
+        "devmajor": entry.devmajor,
+        "devminor": entry.devminor,
+        "pax": [[h(k), h(v)] for k, v in entry.xattrs.items()],
+    }
+
+
+def test_agrees_with_go_archive_tar_on_a_mutated_corpus() -> None:
+    """Results recorded from Go's archive/tar (see tests/support/tar_go_corpus.py): the same
+    entries, offsets and archive size where Go succeeds, a failure where Go fails."""
+    lines = tar_go_corpus.DATA_FILE.read_text().splitlines()
+    expected = {record["case"]: record for record in map(json.loads, lines)}
+    cases = list(tar_go_corpus.corpus())
+    assert [case for case, _ in cases] == list(expected)
+    mismatches = []
+    for case, data in cases:
+        want = expected[case]
+        try:
+            entries, size = scan(data, random.Random(len(data)))
+        except TarError as e:
+            if want["ok"]:
+                mismatches.append(f"{case}: Go reads it, we fail: {e}")
+            continue
+        if not want["ok"]:
+            mismatches.append(f"{case}: Go fails ({want['error']}), we read {len(entries)} entries")
+            continue
+        got = (
+            size,
+            len(entries),
+            tar_go_corpus.entries_digest([_as_go_record(e) for e in entries]),
+        )
+        if got != (want["size"], want["entries"], want["digest"]):
+            mismatches.append(f"{case}: Go {want}, we {got}")
+    assert not mismatches, "\n".join(mismatches[:20])
+    assert sum(record["ok"] for record in expected.values()) > 150  # plenty of successes too
