@@ -25,11 +25,13 @@ import ctypes
 import ctypes.util
 import datetime
 import http.server
+import io
 import json
 import os
 import secrets
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -487,6 +489,12 @@ class CountingProxy:
     `Authorization` header (S3 rejects a second auth mechanism). `expire_storage_urls` makes
     every `/_storage` request with an old `sig` answer 403 (a presigned URL that expired).
     `fail_status`: the next `fail_count` requests get this status.
+
+    Body faults (`fault`, applied to the next `fault_count` successful answers with a body whose
+    path contains `fault_match`, blob reads by default; `faults_injected` counts them):
+    `"reset"` drops the connection with a TCP RST instead of answering, `"truncate"` sends the
+    headers with the full Content-Length but only half the body and closes, `"corrupt"` flips
+    one byte in the middle of the body. `fault_count = -1` means every matching answer.
     """
 
     upstream: str
@@ -494,6 +502,10 @@ class CountingProxy:
     expire_storage_urls: bool = False
     fail_status: int = 503
     fail_count: int = 0
+    fault: Literal["", "reset", "truncate", "corrupt"] = ""
+    fault_count: int = 0
+    fault_match: str = "/blobs/sha256:"
+    faults_injected: int = 0
     requests: Counter[str] = field(default_factory=Counter)
     bytes_sent: Counter[str] = field(default_factory=Counter)
     port: int = 0
@@ -594,7 +606,47 @@ class CountingProxy:
                         out["Location"] = urllib.parse.urlunsplit(
                             ("http", proxy.host, loc.path, loc.query, "")
                         )
+                if self._inject_fault(parts.path, resp.status_code, out, resp.content):
+                    return
                 self._send(resp.status_code, out, resp.content)
+
+            def _inject_fault(
+                self, path: str, status: int, headers: dict[str, str], body: bytes
+            ) -> bool:
+                """Apply the configured body fault; True when the answer was handled."""
+                if status not in (200, 206) or not body or proxy.fault_match not in path:
+                    return False
+                with proxy._lock:
+                    if not proxy.fault or proxy.fault_count == 0:
+                        return False
+                    if proxy.fault_count > 0:
+                        proxy.fault_count -= 1
+                    proxy.faults_injected += 1
+                    fault = proxy.fault
+                if fault == "corrupt":
+                    middle = len(body) // 2
+                    body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
+                    self._send(status, headers, body)
+                    return True
+                self.close_connection = True
+                if fault == "truncate":
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    with contextlib.suppress(OSError):
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                else:  # reset: abort the connection (RST) without an answer
+                    with contextlib.suppress(OSError):
+                        self.connection.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                        )
+                        self.connection.close()
+                self.wfile = io.BytesIO()  # finish() must not write to the dead socket
+                return True
 
             do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _handle
 
