@@ -18,7 +18,9 @@ below, and every transition is checked (`SpanStateError` on an illegal one: a bu
 Fetching (DESIGN.md D9): the span is the unit of verification, not of transfer. Adjacent
 missing spans of a read are coalesced into one Range request of at most `max_request_bytes`;
 on sequential access the request also takes the next `readahead_spans` missing spans; the runs
-of one read go out in parallel. Concurrent readers of a span wait for the one fetch in flight
+of one read go out in parallel. Given a `prefetch_nursery`, read-ahead is pipelined instead:
+when a sequential read comes within half a window of missing spans, the next
+`readahead_spans` missing spans are fetched by a task in that nursery while the read goes on. Concurrent readers of a span wait for the one fetch in flight
 (singleflight). Every span of a response is checked against its zTOC digest inside the
 source's worker thread, so a corrupt answer is an error of that source (retried there, then
 the next source: D4); wrong bytes are never cached or returned. A read fails with
@@ -186,13 +188,14 @@ class ReadConfig:
     """Read-path tuning (wire into `snapshotter.config` as `[fetch]`/`[read]` keys).
 
     `max_request_bytes`: the largest coalesced Range request (S3 likes 8-16 MiB);
-    `readahead_spans`: spans after a sequential read's last span fetched in the same request;
+    `readahead_spans`: missing spans after a sequential read's last span that are fetched with
+    it (in the same request, or pipelined in the prefetch nursery);
     `inflated_cache_spans`: inflated spans kept in memory per layer;
     `inflate_threads`: worker threads for inflation (0 = the CPU count).
     """
 
     max_request_bytes: int = 16 * MiB
-    readahead_spans: int = 3
+    readahead_spans: int = 4
     inflated_cache_spans: int = 8
     inflate_threads: int = 0
 
@@ -248,8 +251,10 @@ class RemoteLayerReader:
     `layer` is the blob digest, `ztoc` its zTOC, `cache` the (shared) span cache. Limiters
     are shared across layers: `inflate_limiter` (CPU-bound work, default: CPU count) and
     `io_limiter` (cache writes). `tracker` is told about on-demand fetches so background
-    fetching yields to them. Raises `LayerReadError` from the constructor when the zTOC's span
-    information is unusable. Nothing here needs closing; the cache and source are shared.
+    fetching yields to them. `prefetch_nursery`, if given, runs pipelined read-ahead fetches;
+    its owner cancels them (e.g. when the layer is unmounted). Raises `LayerReadError` from the
+    constructor when the zTOC's span information is unusable. Nothing here needs closing; the
+    cache and source are shared.
     """
 
     def __init__(
@@ -263,8 +268,10 @@ class RemoteLayerReader:
         tracker: DemandTracker | None = None,
         inflate_limiter: trio.CapacityLimiter | None = None,
         io_limiter: trio.CapacityLimiter | None = None,
+        prefetch_nursery: trio.Nursery | None = None,
     ) -> None:
         self.layer = layer
+        self._nursery = prefetch_nursery
         self.source = source
         self.cache = cache
         self.config = config or ReadConfig()
@@ -282,7 +289,7 @@ class RemoteLayerReader:
         self._inflight: dict[SpanId, _Fetch] = {}
         self._inflating: dict[SpanId, trio.Event] = {}
         self._lru: OrderedDict[SpanId, bytes] = OrderedDict()
-        self._last_span: int = -2
+        self._last_span: int = -1  # a first read at span 0 counts as sequential
         self._cursor = 0
         self.requests = 0
         self.network_bytes = 0
@@ -327,12 +334,10 @@ class RemoteLayerReader:
 
     # -- fetching ----------------------------------------------------------------------------
 
-    def _check_run(self, spans: Sequence[SpanId], base: int) -> _CheckRun:
-        return _CheckRun(self, spans, base)
-
-    def _slice(self, data: bytes, span: SpanId, base: int) -> bytes:
-        start, end = self._ranges[span]
-        return data[start - base : end - base]
+    def _slices(self, data: bytes, spans: Sequence[SpanId]) -> dict[SpanId, bytes]:
+        """Cut a response for `spans` (starting at the first span's start) into spans."""
+        base = self._ranges[spans[0]][0]
+        return {s: data[self._ranges[s][0] - base : self._ranges[s][1] - base] for s in spans}
 
     def _claim_from_cache(self, span: SpanId) -> bool:
         """UNREQUESTED → CACHED if the cache index lists the span (no I/O)."""
@@ -356,15 +361,13 @@ class RemoteLayerReader:
         ok = False
         try:
             self.requests += 1
+            check = _CheckRun(self, run, start)
             data = await self.source.fetch(
-                self.layer,
-                CompressedOffset(start),
-                CompressedOffset(end),
-                check=self._check_run(run, start),
+                self.layer, CompressedOffset(start), CompressedOffset(end), check=check
             )
             self.network_bytes += len(data)
-            for span in run:
-                fetch.results[span] = self._slice(data, span, start)
+            # the check sliced the verified bytes in the worker thread (no big copies here)
+            fetch.results.update(check.verified if check.verified else self._slices(data, run))
             try:
                 await trio.to_thread.run_sync(self._store, fetch.results, limiter=self._io_limiter)
             except CacheError as e:
@@ -399,6 +402,9 @@ class RemoteLayerReader:
         Raises `LayerReadError` when a fetch this call started failed on every source.
         """
         got: dict[SpanId, bytes] = {}
+        pipelined = self._nursery is not None
+        if sequential and pipelined and self.config.readahead_spans:
+            self._maybe_read_ahead(needed[-1])
         while True:
             waits: list[_Fetch] = []
             missing: list[SpanId] = []
@@ -412,7 +418,7 @@ class RemoteLayerReader:
                 return got
             mine: list[_Fetch] = []
             if missing:
-                if sequential and self.config.readahead_spans:
+                if sequential and not pipelined and self.config.readahead_spans:
                     missing += self._missing_after(missing[-1], self.config.readahead_spans)
                 runs = coalesce(missing, self.table.sizes, self.config.max_request_bytes)
                 mine = [self._start(run) for run in runs]
@@ -432,6 +438,35 @@ class RemoteLayerReader:
                 ) from error
             # Fetches of other readers that failed leave their spans UNREQUESTED: loop and
             # fetch them ourselves.
+
+    def _maybe_read_ahead(self, last: SpanId) -> None:
+        """Start a read-ahead task when a span in the first half of the window is missing."""
+        window = self.config.readahead_spans
+        first_half = range(last + 1, min(last + 1 + max(1, (window + 1) // 2), len(self.table)))
+        if not any(self.table.state(SpanId(s)) is SpanState.UNREQUESTED for s in first_half):
+            return
+        assert self._nursery is not None
+        with contextlib.suppress(RuntimeError):  # a closing nursery: the layer is going away
+            self._nursery.start_soon(self._read_ahead, last)
+
+    async def _read_ahead(self, last: SpanId) -> None:
+        """Fetch the missing spans of the window after `last` (pipelined read-ahead)."""
+        missing = [
+            SpanId(s)
+            for s in range(last + 1, min(last + 1 + self.config.readahead_spans, len(self.table)))
+            if self.table.state(SpanId(s)) is SpanState.UNREQUESTED
+            and not self._claim_from_cache(SpanId(s))
+        ]
+        if not missing:
+            return
+        fetches = [
+            self._start(run)
+            for run in coalesce(missing, self.table.sizes, self.config.max_request_bytes)
+        ]
+        with self.tracker.demand():
+            async with trio.open_nursery() as nursery:
+                for fetch in fetches:
+                    nursery.start_soon(self._run_fetch, fetch)
 
     async def prefetch_step(self, max_bytes: int) -> int:
         """Fetch the next run of missing spans (background work, not inflated).
@@ -561,16 +596,22 @@ class RemoteLayerReader:
 
 
 class _CheckRun:
-    """Verifies every span of a coalesced response (runs in the source's worker thread)."""
+    """Verifies every span of a coalesced response, in the source's worker thread.
 
-    __slots__ = ("_base", "_reader", "_spans")
+    On success `verified` holds the response cut into spans (so the trio thread never copies
+    megabytes); a failing call leaves it empty and raises `ContentMismatch`.
+    """
+
+    __slots__ = ("_base", "_reader", "_spans", "verified")
 
     def __init__(self, reader: RemoteLayerReader, spans: Sequence[SpanId], base: int) -> None:
         self._reader = reader
         self._spans = tuple(spans)
         self._base = base
+        self.verified: dict[SpanId, bytes] = {}
 
     def __call__(self, data: bytes) -> None:
+        self.verified = {}
         view = memoryview(data)
         for span in self._spans:
             start, end = self._reader._ranges[span]
@@ -580,3 +621,4 @@ class _CheckRun:
                 raise ContentMismatch(
                     f"layer {self._reader.layer}: {e}", source=self._reader.source.name
                 ) from e
+        self.verified = self._reader._slices(data, self._spans)

@@ -25,7 +25,7 @@ import tarfile
 import tempfile
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import trio
@@ -81,13 +81,16 @@ def regular_files(path: Path) -> list[tuple[int, int]]:
         return [(m.offset_data, m.size) for m in tf if m.isreg()]
 
 
+MakeReader = Callable[[trio.Nursery], LayerReader]
+
+
 async def read_everything(
-    reader: LayerReader, files: Sequence[tuple[int, int]], workers: int
-) -> int:
+    make: MakeReader, files: Sequence[tuple[int, int]], workers: int
+) -> tuple[int, LayerReader]:
     queue = list(files)
     total = 0
 
-    async def worker() -> None:
+    async def worker(reader: LayerReader) -> None:
         nonlocal total
         while queue:
             offset, size = queue.pop(0)
@@ -95,16 +98,21 @@ async def read_everything(
                 data = await reader.read(UncompressedOffset(offset + pos), min(READ, size - pos))
                 total += len(data)
 
-    async with trio.open_nursery() as nursery:
-        for _ in range(workers):
-            nursery.start_soon(worker)
-    return total
+    async with trio.open_nursery() as prefetch:
+        reader = make(prefetch)
+        async with trio.open_nursery() as nursery:
+            for _ in range(workers):
+                nursery.start_soon(worker, reader)
+        prefetch.cancel_scope.cancel()
+    return total, reader
 
 
-def timed(reader: LayerReader, files: Sequence[tuple[int, int]], workers: int) -> tuple[float, int]:
+def timed(
+    make: MakeReader, files: Sequence[tuple[int, int]], workers: int
+) -> tuple[float, int, LayerReader]:
     start = time.perf_counter()
-    total = trio.run(read_everything, reader, files, workers)
-    return time.perf_counter() - start, total
+    total, reader = trio.run(read_everything, make, files, workers)
+    return time.perf_counter() - start, total, reader
 
 
 def zlib_floor(path: Path) -> tuple[float, int]:
@@ -121,6 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--parallel", type=int, default=4, help="concurrent readers (default 4)")
     ap.add_argument("--span-size", type=int, default=DEFAULT_SPAN_SIZE)
+    ap.add_argument(
+        "--no-pipeline", action="store_true", help="read-ahead rides along, no prefetch nursery"
+    )
     args = ap.parse_args(argv)
 
     blob = bench_layer()
@@ -141,30 +152,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             with RegistryClient() as client:
                 client.push_blob(Reference.parse(f"{registry.host}/{repo}"), blob, MEDIA_LAYER_GZIP)
                 source = RegistrySource(client, Reference.parse(f"{registry.host}/{repo}"))
-                cache = SpanCache(work / "cache")
-                cold = RemoteLayerReader(digest, ztoc, source, cache)
-                secs, total = timed(cold, files, args.parallel)
-                requests = cold.requests
+                pipelined = not args.no_pipeline
+
+                def remote(cache_dir: Path) -> MakeReader:
+                    def make(nursery: trio.Nursery) -> LayerReader:
+                        return RemoteLayerReader(
+                            digest,
+                            ztoc,
+                            source,
+                            SpanCache(cache_dir),
+                            prefetch_nursery=nursery if pipelined else None,
+                        )
+
+                    return make
+
+                secs, total, cold = timed(remote(work / "cache"), files, args.parallel)
+                assert isinstance(cold, RemoteLayerReader)
                 rows.append(
                     (
                         "cold (registry)",
                         secs,
                         total,
-                        f"{requests} requests, {cold.span_map.span_count} spans",
+                        f"{cold.requests} requests, {cold.span_map.span_count} spans",
                     )
                 )
-                warm = RemoteLayerReader(digest, ztoc, source, SpanCache(work / "cache"))
-                secs, total = timed(warm, files, args.parallel)
-                rows.append(
-                    (
-                        "warm (span cache)",
-                        secs,
-                        total,
-                        f"{warm.requests} requests",
-                    )
-                )
-        local = LocalBlobReader(blob, ztoc)
-        secs, total = timed(local, files, args.parallel)
+                secs, total, warm = timed(remote(work / "cache"), files, args.parallel)
+                assert isinstance(warm, RemoteLayerReader)
+                rows.append(("warm (span cache)", secs, total, f"{warm.requests} requests"))
+        secs, total, _ = timed(lambda _: LocalBlobReader(blob, ztoc), files, args.parallel)
         rows.append(("local blob", secs, total, "LocalBlobReader"))
         local_rate = total / secs
         secs, total = zlib_floor(blob)

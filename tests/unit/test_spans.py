@@ -301,6 +301,46 @@ async def test_random_reads_do_not_read_ahead(layer: Layer, tmp_path: Path) -> N
     ]
 
 
+async def test_pipelined_read_ahead_does_not_hold_up_the_read(layer: Layer, tmp_path: Path) -> None:
+    source = MemorySource(layer.blob)
+    async with trio.open_nursery() as nursery:
+        reader = RemoteLayerReader(
+            layer.digest,
+            layer.ztoc,
+            source,
+            SpanCache(tmp_path),
+            config=ReadConfig(readahead_spans=4),
+            prefetch_nursery=nursery,
+        )
+        source.gate = trio.Event()
+        with trio.move_on_after(5):
+            async with trio.open_nursery() as inner:
+                inner.start_soon(reader.read, span_start(reader, 0), 10)
+                await trio.testing.wait_all_tasks_blocked()
+                # two requests in flight: span 0 alone, and the read-ahead window 1-4
+                assert sorted(source.calls) == [
+                    (reader._ranges[0][0], reader._ranges[0][1]),
+                    (reader._ranges[1][0], reader._ranges[4][1]),
+                ]
+                source.gate.set()
+        source.gate = None
+        await trio.testing.wait_all_tasks_blocked()
+        states = [reader.table.state(SpanId(i)) for i in range(6)]
+        assert states == [SpanState.INFLATED] + [SpanState.CACHED] * 4 + [SpanState.UNREQUESTED]
+        # reads inside the window start nothing new until the window's second half is reached
+        await reader.read(span_start(reader, 1), 10)
+        await reader.read(span_start(reader, 2), 10)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(source.calls) == 2
+        await reader.read(span_start(reader, 3), 10)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(source.calls) == 3
+        assert source.calls[-1] == (reader._ranges[5][0], reader._ranges[7][1])
+    # a random read does not read ahead
+    await reader.read(span_start(reader, 15), 10)
+    assert reader.table.state(SpanId(16)) is SpanState.UNREQUESTED
+
+
 async def test_inflated_lru_is_bounded(layer: Layer, tmp_path: Path) -> None:
     reader = make_reader(layer, MemorySource(layer.blob), tmp_path, inflated_cache_spans=2)
     for i in range(5):
