@@ -588,3 +588,40 @@ def test_inflater_errors_are_typed() -> None:
     inf.close()
     with pytest.raises(zc.ZlibError, match="closed"):
         inf.reset2(zc.WBITS_RAW)
+
+
+def test_inflate_releases_the_gil() -> None:
+    # Layers build in parallel threads only if libz runs without the GIL (ctypes.CDLL does
+    # this; PyDLL would not). One long inflate call in a thread; the main thread must run
+    # Python code while that call is in progress.
+    import threading
+    import time
+
+    data = content("text", 1_000_000, 21) * 20
+    comp = zlib.compress(data, 1)
+    out = (ctypes.c_char * len(data))()
+    inf = zc.Inflater(15)  # zlib header
+    inf.set_input(ctypes.cast(ctypes.c_char_p(comp), ctypes.c_void_p).value or 0, len(comp))
+    inf.set_output(ctypes.addressof(out), len(data))
+    window: list[float] = []
+    started = threading.Event()
+
+    def run() -> None:
+        started.set()
+        window.append(time.perf_counter())
+        assert inf.inflate(zc.Z_FINISH) == zc.Z_STREAM_END
+        window.append(time.perf_counter())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    started.wait()
+    ticks: list[float] = []
+    while thread.is_alive():
+        ticks.append(time.perf_counter())
+    thread.join()
+    inf.close()
+    assert out.raw == data
+    t0, t1 = window
+    margin = (t1 - t0) * 0.2
+    during = [t for t in ticks if t0 + margin < t < t1 - margin]
+    assert len(during) > 100, f"main thread ran {len(during)} times in a {t1 - t0:.3f} s C call"
