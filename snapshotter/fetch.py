@@ -209,7 +209,9 @@ class RegistrySource:
     by all layers of the daemon; its size is `config.max_parallel_requests`). Mirrors from
     `hosts.toml`, auth and redirect caching are the client's business. Each request gets
     `config.request_timeout_sec`; transient errors and bytes failing `check` are retried up to
-    `config.max_attempts` with jittered exponential backoff. The client is not closed here.
+    `config.max_attempts` with jittered exponential backoff. `check` runs on each endpoint's
+    answer, so a mirror serving wrong bytes is skipped for the next endpoint within one
+    attempt. The client is not closed here.
     """
 
     def __init__(
@@ -244,8 +246,20 @@ class RegistrySource:
 
     def _fetch_sync(self, digest: Digest, start: int, end: int, check: Check | None) -> bytes:
         what = f"bytes {start}-{end} of {digest}"
+
+        def per_endpoint(data: bytes) -> None:
+            # Bytes failing the check reject that endpoint only: the client then tries the
+            # next hosts.toml mirror, and the upstream last (D4).
+            assert check is not None
+            try:
+                check(data)
+            except ContentMismatch as e:
+                raise DigestMismatchError(str(e)) from e
+
         try:
-            data = self._client.fetch_blob_range(self._ref, digest, start, end - start)
+            data = self._client.fetch_blob_range(
+                self._ref, digest, start, end - start, check=per_endpoint if check else None
+            )
         except OciError as e:
             raise translate_oci_error(e, what, self._name) from e
         if len(data) != end - start:
@@ -253,8 +267,6 @@ class RegistrySource:
                 f"{what} from {self._name}: got {len(data)} bytes, want {end - start}",
                 source=self._name,
             )
-        if check is not None:
-            check(data)
         return data
 
     async def _attempt(self, digest: Digest, start: int, end: int, check: Check | None) -> bytes:

@@ -718,19 +718,34 @@ class RegistryClient:
                 ) from e
         return Digest.from_hasher(hasher), count
 
-    def fetch_blob_range(self, ref: Reference, digest: Digest, offset: int, length: int) -> bytes:
+    def fetch_blob_range(
+        self,
+        ref: Reference,
+        digest: Digest,
+        offset: int,
+        length: int,
+        *,
+        check: Callable[[bytes], None] | None = None,
+    ) -> bytes:
         """`length` bytes of a blob from byte `offset` (fewer only at the end of the blob).
 
         Uses `Range: bytes=offset-(offset+length-1)`; a 200 answer (range ignored) is sliced.
         The storage URL a registry redirects to is cached per blob and re-resolved through the
-        registry once when it answers 400/401/403. The bytes are NOT verified (callers check
-        them against a zTOC span digest). Raises RangeNotSatisfiableError (416, or a mismatching
-        Content-Range), NotFoundError, UnauthorizedError, TransportError.
+        registry once when it answers 400/401/403. The bytes are NOT verified here; `check`
+        (e.g. against zTOC span digests) runs on each endpoint's answer and raises
+        DigestMismatchError to reject it, which moves on to the next endpoint (mirror). Raises
+        RangeNotSatisfiableError (416, or a mismatching Content-Range), NotFoundError,
+        UnauthorizedError, TransportError, DigestMismatchError.
         """
         if offset < 0 or length <= 0:
             raise ValueError(f"bad range offset={offset} length={length}")
         headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
         key = (ref.registry, ref.repository, str(digest))
+
+        def checked(data: bytes) -> bytes:
+            if check is not None:
+                check(data)
+            return data
 
         def op(ep: RegistryHost) -> bytes:
             with self._lock:
@@ -746,7 +761,7 @@ class RegistryClient:
                     with self._lock:
                         self._blob_urls.pop(key, None)
                 else:
-                    return range_body(response, ref, digest, offset, length)
+                    return checked(range_body(response, ref, digest, offset, length))
             with self._open_blob(ep, ref, digest, headers) as response:
                 redirected = (
                     response.url.path != self._url(ep, f"/{ref.repository}/blobs/{digest}").path
@@ -754,7 +769,7 @@ class RegistryClient:
                 if response.is_success and redirected:
                     with self._lock:
                         self._blob_urls[key] = response.url
-                return range_body(response, ref, digest, offset, length)
+                return checked(range_body(response, ref, digest, offset, length))
 
         return self._each_endpoint(ref, CAP_PULL, f"read range of blob {ref.name}@{digest}", op)
 

@@ -266,6 +266,30 @@ async def test_chain_falls_back_from_a_corrupt_mirror_to_the_registry(
         assert blob_requests(upstream_proxy) == bad_mirror.faults_injected
 
 
+async def test_hosts_toml_mirror_with_corrupt_bytes_is_skipped_for_upstream(
+    registry: RegistryServer, layer: PushedLayer, pushed: str, tmp_path: Path
+) -> None:
+    files = layer.files[:50]
+    with (
+        start_proxy(registry, fault="corrupt", fault_count=-1) as mirror,
+        start_proxy(registry) as upstream,
+    ):
+        certs_d = tmp_path / "certs.d"
+        host_dir = certs_d / (upstream.host.replace(":", "_") + "_")
+        host_dir.mkdir(parents=True)
+        (host_dir / "hosts.toml").write_text(
+            f'server = "http://{upstream.host}"\n\n'
+            f'[host."http://{mirror.host}"]\n  capabilities = ["pull", "resolve"]\n'
+        )
+        with registry_source(upstream.host, pushed, hosts_dirs=[certs_d]) as source:
+            reader = make_reader(layer, source, tmp_path / "cache")
+            await check_files(reader, files)
+            stats = source.statistics()
+        assert mirror.faults_injected > 0
+        assert blob_requests(upstream) == mirror.faults_injected
+        assert stats.retries == 0 and stats.failures == 0  # skipped within each attempt
+
+
 # -- auth, redirects, background --------------------------------------------------------------------
 
 
