@@ -5,16 +5,17 @@ The caller supplies `read_compressed(start, end)`, which returns the blob bytes 
 with ONE call covering them (transfer in bulk), then each span is verified against its zTOC
 digest before it is inflated (verify per span): wrong bytes are never returned.
 
-Links are followed like a filesystem would: symlink targets relative to the link's directory
-(absolute ones from the layer root, `..` stops at the root), directory symlinks inside paths
-too, and hardlink targets as archive paths. Only entries of this one layer are visible.
+Links are followed as `soci ztoc get-file` does by default (a link's target is looked up as a
+literal entry name), falling back to filesystem-style path resolution where that finds nothing;
+or as a filesystem would throughout (`follow="path"`). Only entries of this one layer are
+visible.
 """
 
 from __future__ import annotations
 
 import posixpath
 from collections.abc import Callable, Mapping
-from typing import Final
+from typing import Final, Literal
 
 from index.model import (
     CompressedOffset,
@@ -113,31 +114,99 @@ def resolve_path(
         resolved = []
 
 
-def resolve_entry(ztoc: Ztoc, entry_or_name: FileMetadata | str) -> FileMetadata:
-    """The regular-file entry behind a name or entry, links followed.
+LinkFollowing = Literal["soci", "path"]
+"""How `resolve_entry` follows names and links.
 
-    Raises `EntryNotFound`, `LinkError`, `NotARegularFile`.
+* ``"soci"`` (default), as `soci ztoc get-file` does: the first entry whose name equals the
+  given name, and while that entry has a `linkname`, the first entry named exactly that
+  (symlinks and hardlinks alike). Where that literal lookup finds nothing (where soci fails),
+  the name is also tried without `./` and `/` decorations, then resolved as a path (below).
+* ``"path"``: as a filesystem would (`resolve_path`): symlinks relative to their directory,
+  directory symlinks inside the path, hardlinks by archive path; the last entry of a name wins.
+"""
+
+
+def _first_by_name(ztoc: Ztoc) -> tuple[dict[str, FileMetadata], dict[str, FileMetadata]]:
+    exact: dict[str, FileMetadata] = {}
+    normalized: dict[str, FileMetadata] = {}
+    for e in ztoc.files:
+        exact.setdefault(e.name, e)
+        normalized.setdefault(normalize_name(e.name), e)
+    return exact, normalized
+
+
+def _symlink_start(link: FileMetadata) -> str:
+    """The path a symlink's target names, for path resolution."""
+    if link.linkname.startswith("/"):
+        return link.linkname
+    return posixpath.join(posixpath.dirname(normalize_name(link.name)), link.linkname)
+
+
+def _resolve_soci(
+    ztoc: Ztoc, table: Mapping[str, FileMetadata], entry_or_name: FileMetadata | str
+) -> FileMetadata:
+    exact, normalized = _first_by_name(ztoc)
+
+    def literal(name: str) -> FileMetadata | None:
+        return exact.get(name) or normalized.get(normalize_name(name))
+
+    if isinstance(entry_or_name, str):
+        found = literal(entry_or_name)
+        entry = found if found is not None else resolve_path(table, entry_or_name)
+    else:
+        entry = entry_or_name
+    follows = 0
+    while entry.linkname and entry.type in (EntryType.SYMLINK, EntryType.HARDLINK):
+        follows += 1
+        if follows > MAX_LINK_FOLLOWS:
+            raise LinkError(f"{entry.name!r}: more than {MAX_LINK_FOLLOWS} links followed")
+        target = literal(entry.linkname)
+        if target is None:
+            start = _symlink_start(entry) if entry.type == EntryType.SYMLINK else entry.linkname
+            try:
+                target = resolve_path(table, start)
+            except EntryNotFound as e:
+                raise LinkError(
+                    f"{entry.name!r}: {entry.type} to {entry.linkname!r}, which is not in the layer"
+                ) from e
+        entry = target
+    return entry
+
+
+def _resolve_path_mode(
+    table: Mapping[str, FileMetadata], entry_or_name: FileMetadata | str
+) -> FileMetadata:
+    if isinstance(entry_or_name, str):
+        return resolve_path(table, entry_or_name)
+    entry = entry_or_name
+    if entry.type not in (EntryType.SYMLINK, EntryType.HARDLINK):
+        return entry
+    # Resolve the link itself, even if a later entry shadows its name.
+    start = _symlink_start(entry) if entry.type == EntryType.SYMLINK else entry.linkname
+    try:
+        return resolve_path(table, start)
+    except EntryNotFound as e:
+        raise LinkError(
+            f"{entry.name!r}: {entry.type} to {entry.linkname!r}, which is not in the layer"
+        ) from e
+
+
+def resolve_entry(
+    ztoc: Ztoc, entry_or_name: FileMetadata | str, *, follow: LinkFollowing = "soci"
+) -> FileMetadata:
+    """The regular-file entry behind a name or entry, links followed (see `LinkFollowing`).
+
+    Raises `EntryNotFound` (no such name), `LinkError` (dangling link, loop, too deep),
+    `NotARegularFile` (a directory, device, fifo... after following links).
     """
     table = entry_table(ztoc)
-    name = entry_or_name if isinstance(entry_or_name, str) else entry_or_name.name
-    if isinstance(entry_or_name, FileMetadata) and entry_or_name.type == EntryType.REG:
-        entry = entry_or_name
-    elif isinstance(entry_or_name, FileMetadata) and entry_or_name.type == EntryType.SYMLINK:
-        # Resolve the link itself, even if a later entry shadows its name.
-        parent = posixpath.dirname(normalize_name(name))
-        target = entry_or_name.linkname
-        start = target if target.startswith("/") else posixpath.join(parent, target)
-        try:
-            entry = resolve_path(table, start)
-        except EntryNotFound as e:
-            raise LinkError(f"{name!r}: dangling symlink to {target!r}") from e
-    elif isinstance(entry_or_name, FileMetadata) and entry_or_name.type == EntryType.HARDLINK:
-        try:
-            entry = resolve_path(table, entry_or_name.linkname)
-        except EntryNotFound as e:
-            raise LinkError(f"{name!r}: hardlink to missing {entry_or_name.linkname!r}") from e
+    if follow == "soci":
+        entry = _resolve_soci(ztoc, table, entry_or_name)
+    elif follow == "path":
+        entry = _resolve_path_mode(table, entry_or_name)
     else:
-        entry = resolve_path(table, name)
+        raise ValueError(f"unknown link following mode {follow!r}")
+    name = entry_or_name if isinstance(entry_or_name, str) else entry_or_name.name
     if entry.type != EntryType.REG:
         raise NotARegularFile(f"{name!r} is a {entry.type} entry ({entry.name!r}), not a file")
     return entry
@@ -216,12 +285,13 @@ def extract_file(
     read_compressed: ReadCompressed,
     *,
     span_map: SpanMap | None = None,
+    follow: LinkFollowing = "soci",
 ) -> bytes:
-    """The whole content of a regular file, by entry or path, links followed.
+    """The whole content of a regular file, by entry or name, links followed (`follow`).
 
     Raises `EntryNotFound`, `LinkError`, `NotARegularFile`, `SpanReadError`, `ExtractError`.
     """
-    entry = resolve_entry(ztoc, entry_or_name)
+    entry = resolve_entry(ztoc, entry_or_name, follow=follow)
     return read_file_range(
         ztoc, entry, 0, entry.uncompressed_size, read_compressed, span_map=span_map
     )

@@ -15,6 +15,7 @@ from index.extract import (
     EntryNotFound,
     ExtractError,
     LinkError,
+    LinkFollowing,
     NotARegularFile,
     SpanReadError,
     extract_file,
@@ -229,7 +230,7 @@ def test_entry_objects_of_links_are_followed() -> None:
     ("name", "error"),
     [
         ("loop1", LinkError),
-        ("dangling", EntryNotFound),
+        ("dangling", LinkError),
         ("missing", EntryNotFound),
         ("etc", NotARegularFile),
         ("lib", NotARegularFile),
@@ -243,11 +244,40 @@ def test_link_and_lookup_errors(name: str, error: type[ExtractError]) -> None:
     assert blob.calls == []
 
 
-def test_dangling_symlink_entry() -> None:
+@pytest.mark.parametrize("follow", ["soci", "path"])
+def test_dangling_symlink_entry(follow: LinkFollowing) -> None:
     ztoc, _, _ = _link_layer()
     entry = next(e for e in ztoc.files if e.name == "dangling")
     with pytest.raises(LinkError):
-        resolve_entry(ztoc, entry)
+        resolve_entry(ztoc, entry, follow=follow)
+
+
+@pytest.mark.parametrize("name", ["lib/conf", "etc/rel", "hard2", "tolib/abs", "etc/up"])
+def test_path_mode_follows_the_same_links(name: str) -> None:
+    ztoc, blob, files = _link_layer()
+    assert extract_file(ztoc, name, blob, follow="path") == files["etc/conf"]
+
+
+def test_soci_mode_looks_link_targets_up_literally() -> None:
+    # soci's get-file looks a link's target up as an entry name, whatever the link's directory;
+    # a filesystem resolves it relative to the link. The two differ when both names exist.
+    specs = [
+        TarEntrySpec("conf", size=100, content="text", seed=1),
+        TarEntrySpec("etc/conf", size=200, content="text", seed=2),
+        TarEntrySpec("etc/rel", "symlink", target="conf"),
+        TarEntrySpec("etc/x", "hardlink", target="etc/conf"),
+        TarEntrySpec("dup", size=10, content="text", seed=3),
+        TarEntrySpec("dup", size=20, content="text", seed=4),
+    ]
+    tar = make_tar(specs)
+    ztoc, data = index_layer(tar, "py6", 4096)
+    blob = Blob(data)
+    assert extract_file(ztoc, "etc/rel", blob) == specs[0].data()
+    assert extract_file(ztoc, "etc/rel", blob, follow="path") == specs[1].data()
+    assert extract_file(ztoc, "etc/x", blob) == specs[1].data()
+    # Duplicate names: soci takes the first entry, a filesystem ends up with the last.
+    assert extract_file(ztoc, "dup", blob) == specs[4].data()
+    assert extract_file(ztoc, "dup", blob, follow="path") == specs[5].data()
 
 
 # ---------------------------------------------------------------------------------------------
