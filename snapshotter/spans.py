@@ -47,7 +47,7 @@ import trio
 
 from index.digest import Digest
 from index.model import CompressedOffset, SpanId, UncompressedOffset, Ztoc
-from index.zinfo import SpanDigestMismatch, SpanError, SpanMap, ZinfoError
+from index.zinfo import GzipSpanMap, SpanDigestMismatch, SpanError, SpanMap, ZinfoError
 from snapshotter.cache import CacheError, SpanCache
 from snapshotter.fetch import BlobSource, ContentMismatch, FetchError
 from snapshotter.fs.errors import LayerReadError
@@ -294,6 +294,7 @@ class RemoteLayerReader:
         self.requests = 0
         self.network_bytes = 0
         self.last_error = ""
+        cache.retain_layer(layer)  # in use again: no longer evictable first (rare tiny I/O)
         for span in cache.spans_of(layer):
             if 0 <= span < len(self.table):
                 self.table.set(span, SpanState.CACHED)
@@ -494,6 +495,33 @@ class RemoteLayerReader:
         if fetch.error is not None:
             raise fetch.error
         return total
+
+    async def check_gzip_header(self) -> None:
+        """Fetch the bytes before span 0 and require a gzip member header (spec/soci.md §2.4.9).
+
+        A no-op for uncompressed layers. Raises `LayerReadError` when the bytes cannot be
+        fetched or are not a gzip header (the zTOC does not describe this blob).
+        """
+        if not isinstance(self.span_map, GzipSpanMap) or not len(self.table):
+            return
+        end = self._ranges[0][0] + (1 if self.span_map.zinfo.checkpoints[0].bits else 0)
+        if end <= 0:
+            return
+
+        def is_gzip(data: bytes) -> None:
+            if len(data) < 10 or data[:3] != b"\x1f\x8b\x08":
+                raise ContentMismatch(
+                    f"layer {self.layer}: bytes 0-{end} are not a gzip header", source=""
+                )
+
+        try:
+            with self.tracker.demand():
+                await self.source.fetch(
+                    self.layer, CompressedOffset(0), CompressedOffset(end), check=is_gzip
+                )
+        except FetchError as e:
+            self.last_error = str(e)
+            raise LayerReadError(f"layer {self.layer}: gzip header: {e}") from e
 
     # -- inflating ---------------------------------------------------------------------------
 

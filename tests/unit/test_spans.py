@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import itertools
 import tarfile
+import time
 from pathlib import Path
 
 import httpx
@@ -301,6 +302,15 @@ async def test_random_reads_do_not_read_ahead(layer: Layer, tmp_path: Path) -> N
     ]
 
 
+async def settle(reader: RemoteLayerReader) -> None:
+    """Wait until no fetch is in flight (cache writes run in threads, so
+    `wait_all_tasks_blocked` alone is not enough)."""
+    await trio.testing.wait_all_tasks_blocked()
+    with trio.fail_after(5):
+        while reader.table.count(SpanState.FETCHING):
+            await trio.sleep(0.005)
+
+
 async def test_pipelined_read_ahead_does_not_hold_up_the_read(layer: Layer, tmp_path: Path) -> None:
     source = MemorySource(layer.blob)
     async with trio.open_nursery() as nursery:
@@ -324,16 +334,16 @@ async def test_pipelined_read_ahead_does_not_hold_up_the_read(layer: Layer, tmp_
                 ]
                 source.gate.set()
         source.gate = None
-        await trio.testing.wait_all_tasks_blocked()
+        await settle(reader)
         states = [reader.table.state(SpanId(i)) for i in range(6)]
         assert states == [SpanState.INFLATED] + [SpanState.CACHED] * 4 + [SpanState.UNREQUESTED]
         # reads inside the window start nothing new until the window's second half is reached
         await reader.read(span_start(reader, 1), 10)
         await reader.read(span_start(reader, 2), 10)
-        await trio.testing.wait_all_tasks_blocked()
+        await settle(reader)
         assert len(source.calls) == 2
         await reader.read(span_start(reader, 3), 10)
-        await trio.testing.wait_all_tasks_blocked()
+        await settle(reader)
         assert len(source.calls) == 3
         assert source.calls[-1] == (reader._ranges[5][0], reader._ranges[7][1])
     # a random read does not read ahead
@@ -421,8 +431,10 @@ async def test_waiters_retry_after_the_fetch_they_waited_for_fails(
 async def test_cached_spans_are_not_fetched_again(layer: Layer, tmp_path: Path) -> None:
     first = MemorySource(layer.blob)
     await read_all_files(make_reader(layer, first, tmp_path), layer)
+    SpanCache(tmp_path).release_layer(layer.digest)  # image removed, then pulled again
     second = MemorySource(layer.blob)
     reader = make_reader(layer, second, tmp_path)
+    assert not reader.cache.is_released(layer.digest)
     assert reader.is_complete() and reader.progress().percent > 99.0
     await read_all_files(reader, layer)
     assert second.calls == []
@@ -522,6 +534,31 @@ async def test_registry_source_gives_up(layer: Layer) -> None:
                 layer.digest, CompressedOffset(0), CompressedOffset(10)
             )
         assert seen == ["500", "502", "503"]  # max_attempts
+
+
+async def test_registry_source_times_out_slow_requests(layer: Layer) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        time.sleep(0.5)  # the worker thread is abandoned; the read is not
+        return httpx.Response(503)
+
+    config = FetchConfig(max_attempts=2, backoff_initial_ms=1, request_timeout_sec=0.05)
+    with RegistryClient(transport=httpx.MockTransport(handler), plain_http=True) as client:
+        source = RegistrySource(client, Reference.parse("127.0.0.1:1/t/l"), config=config)
+        start = time.monotonic()
+        with pytest.raises(FetchTimeout, match=r"no answer within 0\.05 s"):
+            await source.fetch(layer.digest, CompressedOffset(0), CompressedOffset(10))
+        assert time.monotonic() - start < 0.4
+        assert source.statistics().requests == 2
+
+
+async def test_gzip_header_check(layer: Layer, tmp_path: Path) -> None:
+    source = MemorySource(layer.blob)
+    reader = make_reader(layer, source, tmp_path)
+    await reader.check_gzip_header()
+    assert source.calls[0][0] == 0 and source.calls[0][1] >= 10
+    source.always_corrupt = True
+    with pytest.raises(LayerReadError, match="not a gzip header"):
+        await reader.check_gzip_header()
 
 
 def test_backoff_grows_with_jitter() -> None:
