@@ -29,6 +29,7 @@ from snapshotter.spans import DemandTracker
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+_IDLE_POLL_SEC = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,3 +172,6 @@ class BackgroundFetcher:
             self._bytes += fetched
             if fetched and self.config.rate_bytes_per_sec:
                 await trio.sleep(fetched / self.config.rate_bytes_per_sec)
+            elif not fetched:
+                # nothing to start (the missing spans are all in flight elsewhere): do not spin
+                await trio.sleep(_IDLE_POLL_SEC)
