@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 from index.model import (
     BUILD_TOOL_IDENTIFIER,
@@ -30,6 +30,7 @@ from index.oci.mediatypes import LayerCompression, layer_compression
 from index.toc import TarError, TocBuilder
 from index.zinfo import (
     DEFAULT_READ_SIZE,
+    Readable,
     ZinfoError,
     build_gzip_checkpoints,
     build_tar_spans,
@@ -67,6 +68,26 @@ class TocSink(Protocol):
 
 TocFactory = Callable[[], TocSink]
 
+ProgressCallback = Callable[[int], None]
+"""Called with the number of blob bytes read so far."""
+
+
+class _ProgressReader:
+    """Wraps a binary stream; reports the running byte count after every `read`."""
+
+    __slots__ = ("_done", "_on_progress", "_src")
+
+    def __init__(self, src: Readable, on_progress: ProgressCallback) -> None:
+        self._src = src
+        self._on_progress = on_progress
+        self._done = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._src.read(size)
+        self._done += len(data)
+        self._on_progress(self._done)
+        return data
+
 
 def _default_toc_factory() -> TocSink:
     return TocBuilder()
@@ -91,20 +112,25 @@ def algorithm_for_media_type(media_type: str, *, name: str = "") -> CompressionA
 
 
 def build_ztoc_from_stream(
-    src: BinaryIO,
+    src: Readable,
     algorithm: CompressionAlgorithm,
     span_size: int = DEFAULT_SPAN_SIZE,
     *,
     toc_factory: TocFactory = _default_toc_factory,
     read_size: int = DEFAULT_READ_SIZE,
     name: str = "layer",
+    on_progress: ProgressCallback | None = None,
 ) -> Ztoc:
     """Build a zTOC from a layer blob read from `src` to its end.
 
-    `compressed_archive_size` is the number of bytes read. Raises `LayerBuildError` (chained
-    to the checkpoint, TOC or I/O error) when the blob cannot be indexed.
+    `compressed_archive_size` is the number of bytes read. `on_progress`, if given, is called
+    with the number of blob bytes read so far after each read (from the building thread).
+    Raises `LayerBuildError` (chained to the checkpoint, TOC or I/O error) when the blob cannot
+    be indexed.
     """
     toc = toc_factory()
+    if on_progress is not None:
+        src = _ProgressReader(src, on_progress)
     try:
         if algorithm == CompressionAlgorithm.GZIP:
             gz = build_gzip_checkpoints(src, span_size, toc.feed, read_size=read_size)
@@ -145,10 +171,11 @@ def build_ztoc(
     *,
     toc_factory: TocFactory = _default_toc_factory,
     read_size: int = DEFAULT_READ_SIZE,
+    on_progress: ProgressCallback | None = None,
 ) -> Ztoc:
     """Build the zTOC of the layer blob at `path` in one pass.
 
-    Raises `LayerSkipped` (zstd), `NotALayer` (not a layer media type), `LayerBuildError`
+    `on_progress` gets the bytes read so far (see `build_ztoc_from_stream`). Raises `LayerSkipped` (zstd), `NotALayer` (not a layer media type), `LayerBuildError`
     (unreadable file, corrupt data, unsupported tar entry).
     """
     algorithm = algorithm_for_media_type(media_type, name=str(path))
@@ -158,7 +185,13 @@ def build_ztoc(
         raise LayerBuildError(f"{path}: cannot open the layer: {e}") from e
     with f:
         return build_ztoc_from_stream(
-            f, algorithm, span_size, toc_factory=toc_factory, read_size=read_size, name=str(path)
+            f,
+            algorithm,
+            span_size,
+            toc_factory=toc_factory,
+            read_size=read_size,
+            name=str(path),
+            on_progress=on_progress,
         )
 
 

@@ -22,7 +22,7 @@ import hashlib
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, Final
+from typing import Final, Protocol
 
 from index.model import (
     CompressedOffset,
@@ -287,6 +287,14 @@ def decode_tar_zinfo(blob: bytes) -> TarZinfo:
 # Building
 
 
+class Readable(Protocol):
+    """A byte stream the builders read from (a file opened "rb", `io.BytesIO`, ...)."""
+
+    def read(self, size: int = -1, /) -> bytes:
+        """Up to `size` bytes; b"" at the end."""
+        ...
+
+
 OutputCallback = Callable[[memoryview], None]
 """Receives uncompressed bytes in order. The view is only valid during the call."""
 
@@ -331,7 +339,7 @@ def _address(buf: bytes) -> int:
 
 
 def build_gzip_checkpoints(
-    src: BinaryIO,
+    src: Readable,
     span_size: int,
     on_output: OutputCallback,
     *,
@@ -479,7 +487,7 @@ def build_gzip_checkpoints(
 
 
 def build_tar_spans(
-    src: BinaryIO,
+    src: Readable,
     span_size: int,
     on_output: OutputCallback,
     *,

@@ -246,3 +246,13 @@ def test_read_size_does_not_change_the_ztoc(tmp_path: Path, tar_bytes: bytes) ->
     small = build_ztoc(path, GZ, 4096, read_size=16384)
     assert big == small
     assert big.compression.max_span_id > 10
+
+
+def test_progress_reports_bytes_read(tmp_path: Path, tar_bytes: bytes) -> None:
+    blob = compress(tar_bytes, "py6")
+    path = _write(tmp_path, "a.tar.gz", blob)
+    seen: list[int] = []
+    ztoc = build_ztoc(path, GZ, 65536, read_size=50_000, on_progress=seen.append)
+    assert seen == sorted(seen)
+    assert seen[-1] == len(blob) == ztoc.compressed_archive_size
+    assert len(seen) >= len(blob) // 50_000
