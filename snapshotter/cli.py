@@ -3,6 +3,7 @@
     sociable-snapshotter [--address SOCKET] [--root DIR] [--config FILE] [--log-level L]
     sociable-snapshotter [--config FILE] config default
     sociable-snapshotter [--config FILE] config check [--containerd-config PATH]
+    sociable-snapshotter [--root DIR] status
 
 Exit codes: 0 success; 1 error (message on stderr) or problems found by
 `config check`; 2 usage error (argparse). `main()` is the one exit point.
@@ -11,6 +12,7 @@ Exit codes: 0 success; 1 error (message on stderr) or problems found by
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +24,8 @@ from .configcheck import check_all
 from .daemon import Settings, serve
 from .errors import SnapshotterError
 from .logs import LEVELS, setup_logging
+from .remote.mounter import open_remote_mounter
+from .remote.status import layer_statuses
 
 PROG = "sociable-snapshotter"
 
@@ -46,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="containerd config.toml (default from [containerd] config_path)",
     )
+    sub.add_parser("status", help="print the status of every lazily mounted layer (JSON lines)")
     return p
 
 
@@ -68,6 +73,10 @@ def run(argv: Sequence[str]) -> int:
         sys.stdout.write(config_mod.render_default())
         return 0
     settings = _settings(args)
+    if args.command == "status":
+        for line in layer_statuses(settings.root):
+            print(line)
+        return 0
     if args.command == "config":
         path = args.containerd_config or Path(settings.config.containerd.config_path)
         problems = check_all(settings.config, settings.address, settings.root, path)
@@ -77,7 +86,7 @@ def run(argv: Sequence[str]) -> int:
             print(f"ok: config and {path} look right for {PROG}")
         return 1 if problems else 0
     setup_logging(args.log_level or settings.config.daemon.log_level)
-    trio.run(serve, settings)
+    trio.run(functools.partial(serve, settings, open_mounter=open_remote_mounter))
     return 0
 
 

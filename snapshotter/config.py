@@ -84,12 +84,75 @@ class ContainerdConfig:
 
 
 @dataclass(frozen=True)
+class RemoteConfig:
+    """[remote]: lazily mounted layers (SOCI index discovery, FUSE, span cache, fallbacks)."""
+
+    enable: bool = field(
+        default=True,
+        metadata=_doc("Serve indexed layers lazily; false = every layer is pulled by containerd."),
+    )
+    soci_v2: bool = field(
+        default=True,
+        metadata=_doc("Find indexes through the image manifest annotation (SOCI v2)."),
+    )
+    soci_v1: bool = field(
+        default=False,
+        metadata=_doc("Find indexes through referrers, with the tag-schema fallback (SOCI v1)."),
+    )
+    local_store: bool = field(
+        default=True,
+        metadata=_doc("Use an index recorded in <root>/content for the image manifest."),
+    )
+    local_unpack: bool = field(
+        default=True,
+        metadata=_doc(
+            "Unpack layers the index does not cover ourselves (keeps the image lazy above "
+            "them); false leaves them to containerd."
+        ),
+    )
+    hosts_dir: str = field(
+        default="/etc/containerd/certs.d",
+        metadata=_doc("containerd registry config_path (hosts.toml mirrors); empty = none."),
+    )
+    docker_config: str = field(
+        default="",
+        metadata=_doc("docker config.json for credentials; empty = $DOCKER_CONFIG or ~/.docker."),
+    )
+    mount_timeout_sec: float = field(
+        default=30.0,
+        metadata=_doc("Longest a lazy mount may take (index, zTOCs, tree) before falling back."),
+    )
+    cache_max_bytes: int = field(
+        default=10 * 1024 * 1024 * 1024,
+        metadata=_doc("Size bound of the span cache under <root>/cache, in bytes."),
+    )
+    max_parallel_requests: int = field(
+        default=4, metadata=_doc("Registry requests in flight at once (all layers).")
+    )
+    request_timeout_sec: float = field(
+        default=60.0, metadata=_doc("Timeout of one registry Range request.")
+    )
+    background_fetch: bool = field(
+        default=True,
+        metadata=_doc("Fetch the rest of mounted layers in the background after a quiet period."),
+    )
+    background_quiet_period_ms: int = field(
+        default=2000, metadata=_doc("Quiet time after on-demand reads before background fetch.")
+    )
+    background_rate_bytes_per_sec: int = field(
+        default=64 * 1024 * 1024,
+        metadata=_doc("Background fetch rate limit in bytes per second; 0 = unlimited."),
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration file."""
 
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     snapshots: SnapshotsConfig = field(default_factory=SnapshotsConfig)
     containerd: ContainerdConfig = field(default_factory=ContainerdConfig)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -126,6 +189,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("[snapshots] disk_threads: must be at least 1")
     if not cfg.containerd.plugin_name:
         raise ConfigError("[containerd] plugin_name: must not be empty")
+    r = cfg.remote
+    if r.mount_timeout_sec <= 0 or r.request_timeout_sec <= 0:
+        raise ConfigError("[remote] mount_timeout_sec and request_timeout_sec must be positive")
+    if r.max_parallel_requests < 1:
+        raise ConfigError("[remote] max_parallel_requests: must be at least 1")
+    if r.cache_max_bytes < 0 or r.background_rate_bytes_per_sec < 0:
+        raise ConfigError("[remote] cache_max_bytes and background_rate_bytes_per_sec must not be negative")
+    if r.background_quiet_period_ms < 0:
+        raise ConfigError("[remote] background_quiet_period_ms: must not be negative")
 
 
 def from_mapping(data: dict[str, Any]) -> Config:

@@ -14,6 +14,7 @@ crash).
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import logging
 import os
@@ -42,18 +43,30 @@ MAX_LABEL_BYTES = 4096
 REMOTE_LABEL_VALUE = "remote snapshot"
 
 
+class MountResult(enum.Enum):
+    """What a LayerMounter did with a layer on an unpack Prepare."""
+
+    DECLINED = "declined"
+    """Nothing: containerd unpacks the layer into the active snapshot."""
+    REMOTE = "remote"
+    """Mounted lazily on `fs`: committed with the remote label, usage zero."""
+    LOCAL = "local"
+    """Unpacked by the mounter into `fs`: committed as an ordinary layer, usage measured."""
+
+
 class LayerMounter(Protocol):
     """The seam for lazily served layers (issue 4). Declared here, where it is used.
 
     All paths are a snapshot's `fs` directory.
     """
 
-    async def mount(self, mountpoint: Path, labels: Mapping[str, str]) -> bool:
+    async def mount(self, mountpoint: Path, labels: Mapping[str, str]) -> MountResult | bool:
         """Mount the layer described by `labels` on `mountpoint`.
 
-        Return False to decline (the layer is then handled locally). Any
-        exception is logged and treated as a decline. On failure the mounter
-        leaves nothing mounted.
+        Return MountResult (True means REMOTE, False DECLINED). DECLINED leaves
+        the layer to containerd. Any exception is logged and treated as a
+        decline. On failure the mounter leaves nothing mounted and `mountpoint`
+        empty.
         """
         ...
 
@@ -80,8 +93,8 @@ class DeclineMounter:
     def __repr__(self) -> str:
         return "<DeclineMounter>"
 
-    async def mount(self, mountpoint: Path, labels: Mapping[str, str]) -> bool:
-        return False
+    async def mount(self, mountpoint: Path, labels: Mapping[str, str]) -> MountResult | bool:
+        return MountResult.DECLINED
 
     async def check(self, mountpoint: Path) -> None:
         return None
@@ -294,19 +307,26 @@ class SnapshotService:
     ) -> None:
         fs = self.layout.fs(snap.id)
         try:
-            mounted = await self.mounter.mount(fs, labels)
+            result = await self.mounter.mount(fs, labels)
         except Exception as e:  # the mounter's failure means: pull it normally
             log.warning(
                 "remote mount failed, layer handled locally",
                 extra={"key": key, "target": target, "error": repr(e)},
             )
-            mounted = False
-        if not mounted:
+            result = MountResult.DECLINED
+        if result is True:
+            result = MountResult.REMOTE
+        if result is False or result is MountResult.DECLINED:
             return
-        remote_labels = {**labels, LABEL_REMOTE: REMOTE_LABEL_VALUE}
+        if result is MountResult.REMOTE:
+            commit_labels = {**labels, LABEL_REMOTE: REMOTE_LABEL_VALUE}
+            usage = Usage()
+        else:
+            commit_labels = dict(labels)
+            usage = await self._disk(lambda: disk_usage(fs))
         with contextlib.suppress(AlreadyExists):
             await self._db(
-                lambda: self.store.commit(target, key, remote_labels, Usage(), self._clock_ns())
+                lambda: self.store.commit(target, key, commit_labels, usage, self._clock_ns())
             )
         raise AlreadyExists(f"target snapshot {quote(target)}: already exists")
 
@@ -435,6 +455,7 @@ class SnapshotService:
 __all__ = [
     "DeclineMounter",
     "LayerMounter",
+    "MountResult",
     "SnapshotService",
     "SnapshotterError",
     "disk_usage",
