@@ -273,7 +273,13 @@ class RegistrySource:
         self._stats.requests += 1
         with trio.move_on_after(self.config.request_timeout_sec) as scope:
             data: bytes = await trio.to_thread.run_sync(
-                self._fetch_sync, digest, start, end, check, limiter=self._limiter, cancellable=True
+                self._fetch_sync,
+                digest,
+                start,
+                end,
+                check,
+                limiter=self._limiter,
+                abandon_on_cancel=True,
             )
             self._stats.bytes_fetched += len(data)
             return data

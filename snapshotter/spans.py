@@ -607,19 +607,19 @@ class RemoteLayerReader:
         if len(spans) == 1:
             return [await self._inflated(spans[0], got.get(spans[0]))]
         results: list[bytes | None] = [None] * len(spans)
-        refetch: list[BaseException] = []
+        errors: list[_Refetch | LayerReadError] = []
 
         async def one(i: int, span: SpanId) -> None:
             try:
                 results[i] = await self._inflated(span, got.get(span))
-            except _Refetch as e:
-                refetch.append(e)
+            except (_Refetch, LayerReadError) as e:  # re-raised bare, not in an ExceptionGroup
+                errors.append(e)
 
         async with trio.open_nursery() as nursery:
             for i, span in enumerate(spans):
                 nursery.start_soon(one, i, span)
-        if refetch:
-            raise refetch[0]
+        if errors:
+            raise next((e for e in errors if isinstance(e, LayerReadError)), errors[0])
         return [r for r in results if r is not None]
 
 

@@ -23,6 +23,7 @@ from index.model import CompressedOffset, CompressionAlgorithm, SpanId, Uncompre
 from index.oci import errors as oci_errors
 from index.oci.reference import Reference
 from index.oci.registry import RegistryClient
+from index.zinfo import SpanInflateError, SpanMap
 from snapshotter.background import BackgroundConfig, BackgroundFetcher
 from snapshotter.cache import SpanCache
 from snapshotter.fetch import (
@@ -426,6 +427,32 @@ async def test_waiters_retry_after_the_fetch_they_waited_for_fails(
     assert len(source.calls) == 2
     assert sum(isinstance(o, LayerReadError) for o in outcomes) == 1
     assert layer.tar[at : at + 10] in outcomes
+
+
+class _BrokenInflate:
+    """A span map whose span 2 never inflates (as if the zTOC's checkpoint were wrong)."""
+
+    def __init__(self, inner: SpanMap) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    def inflate(self, span: SpanId, data: bytes) -> bytes:
+        if span == 2:
+            raise SpanInflateError(f"span {span}: injected")
+        return self._inner.inflate(span, data)
+
+
+async def test_inflate_failure_is_a_plain_read_error(layer: Layer, tmp_path: Path) -> None:
+    reader = make_reader(layer, MemorySource(layer.blob), tmp_path)
+    reader.span_map = _BrokenInflate(reader.span_map)  # type: ignore[assignment]
+    start = span_start(reader, 1)
+    with pytest.raises(LayerReadError, match="span 2: injected") as info:
+        await reader.read(start, span_start(reader, 4) - start)  # spans 1-3, inflated in parallel
+    assert isinstance(info.value.__cause__, SpanInflateError)
+    assert "injected" in reader.status().last_error
+    assert await reader.read(start, 10) == layer.tar[start : start + 10]
 
 
 async def test_cached_spans_are_not_fetched_again(layer: Layer, tmp_path: Path) -> None:
