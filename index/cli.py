@@ -117,12 +117,14 @@ def _build(
     layers = {layer.digest: layer for m in selected.manifests for layer in m.layers}
     total = sum(layer.size for layer in layers.values())
     with console.bar(total, f"indexing {len(layers)} layers") as bar:
+        lock = threading.Lock()
 
-        def done(layer: Descriptor) -> None:
-            bar.update(layer.size)
+        def advance(n: int) -> None:
+            with lock:
+                bar.update(n)
 
         ztocs = conv.build_layer_ztocs(
-            source, selected.manifests, opts, store, console.info, on_layer_done=done
+            source, selected.manifests, opts, store, console.info, advance=advance
         )
     built = conv.build_indexes(source, selected, ztocs, v2=v2, store=store, report=console.info)
     return selected, built

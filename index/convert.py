@@ -170,9 +170,17 @@ def select_manifests(source: ImageSource, opts: BuildOptions) -> SelectedImage:
 
 
 def _build_one_layer(
-    source: ImageSource, layer: Descriptor, opts: BuildOptions, store: LocalStore, report: Reporter
+    source: ImageSource,
+    layer: Descriptor,
+    opts: BuildOptions,
+    store: LocalStore,
+    report: Reporter,
+    advance: Callable[[int], None],
 ) -> ZtocDescriptor | None:
-    """The zTOC for one layer, built or reused; None (with a message) when the layer is skipped."""
+    """The zTOC for one layer, built or reused; None (with a message) when the layer is skipped.
+
+    `advance(n)` is told of every `n` more blob bytes indexed (from the building thread).
+    """
     if not mt.is_layer(layer.media_type):
         raise ConvertError(f"layer {layer.digest}: {layer.media_type} is not a layer mediaType")
     if layer.size < opts.min_layer_size:
@@ -186,9 +194,16 @@ def _build_one_layer(
         return ZtocDescriptor(
             found.digest, found.size, layer.digest, layer.media_type, opts.span_size
         )
+    done = 0
+
+    def on_progress(total: int) -> None:
+        nonlocal done
+        advance(total - done)
+        done = total
+
     try:
         with source.blob_file(layer) as path:
-            ztoc = build_ztoc(path, layer.media_type, opts.span_size)
+            ztoc = build_ztoc(path, layer.media_type, opts.span_size, on_progress=on_progress)
     except LayerSkipped as e:
         report(f"ztoc skipped - layer {layer.digest} ({layer.media_type}): {e}")
         return None
@@ -204,9 +219,12 @@ def build_layer_ztocs(
     opts: BuildOptions,
     store: LocalStore,
     report: Reporter,
-    on_layer_done: Callable[[Descriptor], None] | None = None,
+    advance: Callable[[int], None] = lambda n: None,
 ) -> dict[Digest, ZtocDescriptor | None]:
     """Build (or reuse) one zTOC per distinct layer of `manifests`, in parallel.
+
+    `advance(n)` is called (from worker threads) as `n` more bytes of layer blobs are done, so
+    that the sizes of all layers add up to the total once every layer is built or skipped.
 
     A layer that fails (an unsupported tar entry, a corrupt blob) is reported and left out, as
     the AWS CLI does; the caller decides whether an index with what is left is worth having.
@@ -218,21 +236,28 @@ def build_layer_ztocs(
     results: dict[Digest, ZtocDescriptor | None] = {}
 
     def work(layer: Descriptor) -> tuple[Descriptor, ZtocDescriptor | None]:
+        counted = 0
+
+        def count(n: int) -> None:
+            nonlocal counted
+            counted += n
+            advance(n)
+
         try:
-            return layer, _build_one_layer(source, layer, opts, store, report)
+            return layer, _build_one_layer(source, layer, opts, store, report, count)
         except ConvertError:
             raise
         except Exception as e:
             report(f"ztoc failed - layer {layer.digest} of {source.name}: {e}")
             return layer, None
+        finally:
+            advance(max(0, layer.size - counted))  # skipped, reused or failed: count it done
 
     # Largest first so that the longest build starts early and the pool stays busy.
     ordered = sorted(layers.values(), key=lambda d: d.size, reverse=True)
     with ThreadPoolExecutor(max_workers=max(1, opts.workers), thread_name_prefix="ztoc") as pool:
         for layer, ztoc in pool.map(work, ordered):
             results[layer.digest] = ztoc
-            if on_layer_done is not None:
-                on_layer_done(layer)
     return results
 
 
