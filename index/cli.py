@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 from tqdm import tqdm
 
 from index import convert as conv
+from index import pull as pull_cmd
 from index.digest import Digest, DigestError
 from index.manifest import parse_index
 from index.model import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE, CompressionAlgorithm, Ztoc
@@ -465,6 +466,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("digests", nargs="*")
     p.add_argument("--ref")
     p.set_defaults(func=cmd_index_rm)
+
+    pull_cmd.add_parser(sub)
 
     zt = sub.add_parser("ztoc", help="inspect locally stored zTOCs").add_subparsers(
         dest="sub", required=True

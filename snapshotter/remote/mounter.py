@@ -229,7 +229,7 @@ class RemoteMounter:
                         self._modes,
                         parallel=self.config.max_parallel_requests,
                     ),
-                    cancellable=True,
+                    abandon_on_cancel=True,
                 )
             except NoIndex:
                 self._no_index[manifest] = trio.current_time() + NO_INDEX_TTL_SEC

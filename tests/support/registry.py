@@ -539,10 +539,13 @@ class CountingProxy:
 
             def _send(self, status: int, headers: dict[str, str], body: bytes) -> None:
                 self.send_response(status)
+                length = str(len(body))
                 for k, v in headers.items():
-                    if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                    if k.lower() == "content-length" and self.command == "HEAD":
+                        length = v  # a HEAD answer reports the size of what a GET would send
+                    elif k.lower() not in ("content-length", "transfer-encoding", "connection"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", length)
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(body)
@@ -600,6 +603,8 @@ class CountingProxy:
                     if k.lower()
                     not in ("content-length", "transfer-encoding", "connection", "content-encoding")
                 }
+                if self.command == "HEAD" and "content-length" in resp.headers:
+                    out["Content-Length"] = resp.headers["content-length"]
                 if "location" in resp.headers:
                     loc = urllib.parse.urlsplit(resp.headers["location"])
                     if loc.netloc == urllib.parse.urlsplit(proxy.upstream).netloc:

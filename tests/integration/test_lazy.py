@@ -1,0 +1,294 @@
+"""Lazy layers end to end: containerd 1.6 + CRI, a local registry behind a counting proxy,
+an image indexed with `sociable convert`, pulled with `sociable pull` (CRI PullImage).
+
+One module-scoped stack (registry proxy, daemon, containerd) runs the scenarios in order:
+lazy pull (only index, manifests, config and zTOCs cross the wire), a container reading files
+whose checksums are checked, the local-unpack path for a layer below `--min-layer-size`, an
+image without an index (left to containerd), a daemon restart with lazy layers mounted, and
+image removal + GC (every layer unmounted, no directory left).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_cli_layout import sociable
+from tests.support import images
+from tests.support.containerd import (
+    Containerd,
+    PushedImages,
+    require_containerd,
+    start_containerd,
+)
+from tests.support.registry import CountingProxy, RegistryServer, start_proxy
+from tests.support.snapclient import SnapDaemon, run_daemon
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = "k8s.io"
+MIN_LAYER_SIZE = 100_000
+"""Skips the 250-byte whiteout layer: it goes through the local-unpack path."""
+
+PY_FILES = ("os.py", "json/decoder.py", "email/message.py", "_bulk_padding.bin")
+"""Files of the bulk layer the container reads (paths under /usr/lib/python3.11)."""
+
+
+@dataclass
+class Stack:
+    proxy: CountingProxy
+    daemon: SnapDaemon
+    containerd: Containerd
+    image: images.Image
+    lazy_ref: str
+    plain_ref: str
+
+    def pull(self, ref: str) -> str:
+        """`sociable pull` through CRI; returns its stdout."""
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "index.cli",
+                "pull",
+                "--address",
+                str(self.containerd.address),
+                ref,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            check=False,
+        )
+        assert proc.returncode == 0, (
+            f"sociable pull {ref}: {proc.stderr}\n--- daemon ---\n{self.daemon.log_tail(80)}"
+            f"\n--- containerd ---\n{self.containerd.log_tail()}"
+        )
+        return proc.stdout
+
+    def run(self, ref: str, name: str, script: str) -> str:
+        return self.containerd.run(ref, name, "/bin/sh", "-c", script, namespace=K8S, timeout=300)
+
+    def blob_bytes(self, digest: str) -> int:
+        return sum(n for k, n in self.proxy.bytes_sent.items() if k.endswith(digest))
+
+    def blob_gets(self, digest: str) -> int:
+        return sum(n for k, n in self.proxy.requests.items() if k.endswith(digest))
+
+    def daemon_events(self) -> list[dict[str, object]]:
+        out = []
+        for line in self.daemon.log.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+
+def bulk_sums(image: images.Image) -> dict[str, str]:
+    """sha256 of the PY_FILES as stored in the image's bulk layer (the padding file is
+    generated, so read the layer with tarfile)."""
+    import gzip
+    import tarfile
+
+    want = {f"usr/lib/python3.11/{p}" for p in PY_FILES}
+    out: dict[str, str] = {}
+    with gzip.open(image.layers[-1].path) as gz, tarfile.open(fileobj=gz, mode="r|") as tf:
+        for m in tf:
+            name = m.name.lstrip("./")
+            if name in want and m.isreg():
+                f = tf.extractfile(m)
+                assert f is not None
+                out["/" + name] = hashlib.sha256(f.read()).hexdigest()
+    assert len(out) == len(want), f"bulk layer lacks some of {sorted(want)}"
+    return out
+
+
+def parse_sums(output: str) -> dict[str, str]:
+    sums = {}
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and len(parts[0]) == 64:
+            sums[parts[1]] = parts[0]
+    return sums
+
+
+@pytest.fixture(scope="module")
+def stack(
+    registry: RegistryServer,
+    pushed_images: PushedImages,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    require_containerd()
+    base = tmp_path_factory.mktemp("lazy")
+    image = images.bulk_image()
+    lazy_ref = f"{registry.host}/lazy/bulk:v1-soci"
+    sociable(
+        "convert",
+        "--min-layer-size",
+        str(MIN_LAYER_SIZE),
+        f"oci-layout:{image.layout}:{image.tag}",
+        lazy_ref,
+        root=base / "convert-root",
+    )
+    plain = images.write_oci_layout(
+        base / "plain",
+        [images.busybox_layer(), [images.File(path="data/plain.txt", data=b"not indexed\n")]],
+        tag="v1",
+    )
+    plain_ref = images.push(plain, registry.host, "lazy/plain", "v1")
+    config = base / "sociable.toml"
+    config.write_text('[remote]\nhosts_dir = ""\nbackground_fetch = false\n')
+    with (
+        start_proxy(registry) as proxy,
+        run_daemon(base / "sociable", config=config) as daemon,
+        start_containerd(
+            base / "containerd",
+            proxy_address=daemon.address,
+            registry_hosts=[proxy.host, registry.host],
+            sandbox_image=pushed_images.pause_ref,
+        ) as ctd,
+    ):
+        yield Stack(
+            proxy=proxy,
+            daemon=daemon,
+            containerd=ctd,
+            image=image,
+            lazy_ref=lazy_ref.replace(registry.host, proxy.host),
+            plain_ref=plain_ref,
+        )
+
+
+def test_lazy_pull_fetches_no_layer_and_container_reads(stack: Stack) -> None:
+    image = stack.image
+    busybox, features, whiteout, bulk = image.layers
+    stack.proxy.requests.clear()
+    stack.proxy.bytes_sent.clear()
+
+    start = time.monotonic()
+    out = stack.pull(stack.lazy_ref)
+    pull_sec = time.monotonic() - start
+    assert "pulled sha256:" in out
+
+    served = dict(stack.proxy.bytes_sent)
+    print(f"\nlazy pull took {pull_sec:.2f} s; registry served {sum(served.values())} bytes:")
+    for key, n in sorted(served.items()):
+        print(f"  {n:>10}  {key}")
+    # Indexed layers: not one byte before a container runs.
+    for layer in (busybox, features, bulk):
+        assert stack.blob_bytes(layer.digest) == 0, f"layer {layer.digest} was fetched"
+    # The layer below --min-layer-size was unpacked locally by the snapshotter (full GET).
+    assert stack.blob_bytes(whiteout.digest) == whiteout.size
+    events = stack.daemon_events()
+    reasons = [e.get("reason") for e in events if e.get("msg") == "lazy layer fallback"]
+    assert reasons.count("no_ztoc") == 1, reasons
+    assert sum(1 for e in events if e.get("msg") == "lazy layer mounted") == 3
+    assert any(e.get("msg") == "layer unpacked locally" for e in events)
+
+    # The lazily mounted layers are visible to an operator.
+    status = subprocess.run(
+        [sys.executable, "-m", "snapshotter.cli", "--root", str(stack.daemon.root), "status"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    ).stdout.splitlines()
+    digests = {json.loads(line)["digest"] for line in status}
+    assert digests == {busybox.digest, features.digest, bulk.digest}
+
+    # A container reads a few files through overlay over the FUSE layers.
+    files = " ".join(f"/usr/lib/python3.11/{p}" for p in PY_FILES)
+    script = (
+        f"sha256sum {files} /data/hello.txt /data/hello-link.txt; "
+        "cat /data/hello.txt; ls /data/opaque; test ! -e /data/doomed.txt && echo doomed-gone"
+    )
+    output = stack.run(stack.lazy_ref, "lazy-1", script)
+    sums = parse_sums(output)
+    want = bulk_sums(image)
+    for path, digest in want.items():
+        assert sums.get(path) == digest, f"{path}: {sums.get(path)} != {digest}\n{output}"
+    assert sums["/data/hello.txt"] == hashlib.sha256(b"hello from layer 3\n").hexdigest()
+    assert sums["/data/hello-link.txt"] == hashlib.sha256(b"hello from layer 2\n").hexdigest()
+    assert "new.txt" in output and "old.txt" not in output
+    assert "doomed-gone" in output
+
+    fetched = stack.blob_bytes(bulk.digest)
+    print(
+        f"after the container: bulk layer {fetched} of {bulk.size} bytes fetched "
+        f"({100.0 * fetched / bulk.size:.1f}%) in {stack.blob_gets(bulk.digest)} requests; "
+        f"total served {sum(stack.proxy.bytes_sent.values())} bytes"
+    )
+    assert 0 < fetched < bulk.size
+
+
+def test_image_without_index_is_left_to_containerd(stack: Stack) -> None:
+    stack.pull(stack.plain_ref)
+    output = stack.run(stack.plain_ref, "plain-1", "cat /data/plain.txt")
+    assert output.strip() == "not indexed"
+    reasons = [
+        e.get("reason")
+        for e in stack.daemon_events()
+        if e.get("msg") == "lazy layer fallback" and e.get("image") == stack.plain_ref
+    ]
+    assert reasons == ["no_index"], reasons
+
+
+def test_restart_keeps_lazy_layers(stack: Stack) -> None:
+    stack.daemon.kill9()
+    stack.daemon.start()
+    events = stack.daemon_events()
+    restored = [e for e in events if e.get("msg") == "lazy layer restored"]
+    assert len(restored) >= 3, [e for e in events if "restore" in str(e.get("msg"))]
+    # containerd re-dials the proxy socket with backoff (up to 3 s): wait until it answers.
+    deadline = time.monotonic() + 30
+    while True:
+        res = stack.containerd.ctr(
+            "snapshots", "--snapshotter", "sociable", "ls", namespace=K8S, check=False
+        )
+        if res.returncode == 0:
+            break
+        assert time.monotonic() < deadline, res.stderr
+        time.sleep(0.5)
+    output = stack.run(stack.lazy_ref, "lazy-2", "sha256sum /usr/lib/python3.11/os.py")
+    want = bulk_sums(stack.image)["/usr/lib/python3.11/os.py"]
+    assert parse_sums(output).get("/usr/lib/python3.11/os.py") == want, output
+
+
+def test_remove_and_gc_unmounts_everything(stack: Stack) -> None:
+    cri = stack.containerd.cri()
+    for ref in (stack.lazy_ref, stack.plain_ref):
+        cri.remove_image(ref)
+    stack.containerd.gc(namespace=K8S)
+    snapshots = stack.daemon.root / "snapshots"
+    fuse = stack.daemon.root / "fuse"
+    deadline = time.monotonic() + 60
+    while True:
+        left = sorted(p.name for p in snapshots.iterdir())
+        layers = sorted(p.name for p in fuse.iterdir())
+        mounts = [
+            line.split()[4]
+            for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if line.split()[4].startswith(str(snapshots))
+        ]
+        if not left and not layers and not mounts:
+            break
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"left: dirs {left}, FUSE layers {layers}, mounts {mounts}\n"
+                f"{stack.daemon.log_tail(60)}"
+            )
+        time.sleep(0.5)
+    unmounted = [e for e in stack.daemon_events() if e.get("msg") == "lazy layer unmounted"]
+    assert len(unmounted) >= 3
