@@ -4,6 +4,7 @@ run as a user runs them (the console script in a subprocess) on generated and re
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -218,3 +219,112 @@ def test_create_v1_from_layout(source_layout: images.Image, tmp_path: Path) -> N
     sociable("index", "rm", digest, root=root)
     assert sociable("index", "list", "-q", root=root).stdout.strip() == ""
     assert sociable("ztoc", "list", "-q", root=root).stdout.strip() == ""
+
+
+def _two_platform_layout(tmp: Path) -> tuple[Path, list[str]]:
+    """A layout whose tag points at an image index with linux/amd64 and linux/arm64 images
+    (same layer content, different configs), as multi-platform images in registries are."""
+    amd = images.busybox_image(tmp / "amd", tag="x")
+    layout = tmp / "multi"
+    shutil.copytree(amd.layout, layout)
+    blobs = layout / "blobs" / "sha256"
+    manifest = json.loads((blobs / Digest(amd.manifest_digest).hex).read_bytes())
+    config = json.loads((blobs / Digest(amd.config_digest).hex).read_bytes())
+    config["architecture"] = "arm64"
+    config_raw = json.dumps(config).encode()
+    (blobs / Digest.of(config_raw).hex).write_bytes(config_raw)
+    manifest["config"] = {
+        **manifest["config"],
+        "digest": Digest.of(config_raw),
+        "size": len(config_raw),
+    }
+    arm_raw = json.dumps(manifest).encode()
+    (blobs / Digest.of(arm_raw).hex).write_bytes(arm_raw)
+    amd_raw = (blobs / Digest(amd.manifest_digest).hex).read_bytes()
+    index = {
+        "schemaVersion": 2,
+        "mediaType": mt.OCI_INDEX,
+        "manifests": [
+            {
+                "mediaType": mt.OCI_MANIFEST,
+                "digest": amd.manifest_digest,
+                "size": len(amd_raw),
+                "platform": {"architecture": "amd64", "os": "linux"},
+            },
+            {
+                "mediaType": mt.OCI_MANIFEST,
+                "digest": Digest.of(arm_raw),
+                "size": len(arm_raw),
+                "platform": {"architecture": "arm64", "os": "linux", "variant": "v8"},
+            },
+        ],
+    }
+    index_raw = json.dumps(index).encode()
+    (blobs / Digest.of(index_raw).hex).write_bytes(index_raw)
+    (layout / "index.json").write_text(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    {
+                        "mediaType": mt.OCI_INDEX,
+                        "digest": Digest.of(index_raw),
+                        "size": len(index_raw),
+                        "annotations": {mt.ANNOTATION_REF_NAME: "multi"},
+                    }
+                ],
+            }
+        )
+    )
+    return layout, [amd.manifest_digest, str(Digest.of(arm_raw))]
+
+
+def test_convert_platform_selection(tmp_path: Path) -> None:
+    layout, manifest_digests = _two_platform_layout(tmp_path)
+    root = tmp_path / "root"
+
+    def converted(*flags: str) -> list[dict[str, Any]]:
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        sociable(
+            "convert",
+            "--standalone",
+            "--format",
+            "oci-dir",
+            "--min-layer-size",
+            "0",
+            *flags,
+            str(layout),
+            str(out),
+            root=root,
+        )
+        top = json.loads((out / "index.json").read_text())["manifests"][0]
+        manifests: list[dict[str, Any]] = jblob(out, top["digest"])["manifests"]
+        return manifests
+
+    # Only arm64: its manifest is rewritten and indexed, amd64 is left exactly as it was.
+    entries = converted("--platform", "linux/arm64")
+    assert entries[0]["digest"] == manifest_digests[0]
+    assert entries[1]["digest"] != manifest_digests[1]
+    socis = [e for e in entries if e.get("artifactType") == mt.SOCI_INDEX_V2]
+    assert [s["platform"]["architecture"] for s in socis] == ["arm64"]
+
+    # Every platform: two SOCI indexes, each bound to its own rewritten manifest.
+    entries = converted("--all-platforms")
+    socis = [e for e in entries if e.get("artifactType") == mt.SOCI_INDEX_V2]
+    images_ = [e for e in entries if e.get("artifactType") != mt.SOCI_INDEX_V2]
+    assert sorted(s["platform"]["architecture"] for s in socis) == ["amd64", "arm64"]
+    assert {s["annotations"][mt.ANNOTATION_IMAGE_MANIFEST_DIGEST] for s in socis} == {
+        i["digest"] for i in images_
+    }
+
+    missing = sociable(
+        "convert",
+        "--standalone",
+        "--platform",
+        "linux/s390x",
+        str(layout),
+        str(tmp_path / "none"),
+        root=root,
+        check=False,
+    )
+    assert missing.returncode == 1 and "no manifest for linux/s390x" in missing.stderr
