@@ -26,6 +26,7 @@ from tests.integration.test_cli_layout import sociable
 from tests.support import images
 from tests.support.containerd import (
     Containerd,
+    CtrError,
     PushedImages,
     require_containerd,
     start_containerd,
@@ -246,24 +247,48 @@ def test_image_without_index_is_left_to_containerd(stack: Stack) -> None:
 
 
 def test_restart_keeps_lazy_layers(stack: Stack) -> None:
-    stack.daemon.kill9()
-    stack.daemon.start()
+    restart_daemon(stack)
     events = stack.daemon_events()
     restored = [e for e in events if e.get("msg") == "lazy layer restored"]
     assert len(restored) >= 3, [e for e in events if "restore" in str(e.get("msg"))]
-    # containerd re-dials the proxy socket with backoff (up to 3 s): wait until it answers.
+    output = stack.run(stack.lazy_ref, "lazy-2", "sha256sum /usr/lib/python3.11/os.py")
+    want = bulk_sums(stack.image)["/usr/lib/python3.11/os.py"]
+    assert parse_sums(output).get("/usr/lib/python3.11/os.py") == want, output
+
+
+def restart_daemon(stack: Stack) -> None:
+    """kill -9 and start the daemon; wait until containerd talks to it again (it re-dials
+    the proxy socket with backoff, up to 3 s)."""
+    stack.daemon.kill9()
+    stack.daemon.start()
     deadline = time.monotonic() + 30
     while True:
         res = stack.containerd.ctr(
             "snapshots", "--snapshotter", "sociable", "ls", namespace=K8S, check=False
         )
         if res.returncode == 0:
-            break
+            return
         assert time.monotonic() < deadline, res.stderr
         time.sleep(0.5)
-    output = stack.run(stack.lazy_ref, "lazy-2", "sha256sum /usr/lib/python3.11/os.py")
-    want = bulk_sums(stack.image)["/usr/lib/python3.11/os.py"]
-    assert parse_sums(output).get("/usr/lib/python3.11/os.py") == want, output
+
+
+def test_unrestorable_layer_answers_unavailable(stack: Stack) -> None:
+    records = stack.daemon.root / "remote"
+    assert len(list(records.glob("snap-*.json"))) >= 3
+    for record in records.glob("snap-*.json"):
+        record.unlink()  # restore must now rediscover the index through the registry...
+    stack.proxy.fail_status, stack.proxy.fail_count = 503, 10_000  # ...which is down
+    try:
+        restart_daemon(stack)
+        failed = [e for e in stack.daemon_events() if e.get("msg") == "lazy layer restore failed"]
+        assert len(failed) >= 3
+        with pytest.raises(CtrError, match="unavailable"):
+            stack.run(stack.lazy_ref, "lazy-3", "true")
+    finally:
+        stack.proxy.fail_count = 0
+    restart_daemon(stack)
+    output = stack.run(stack.lazy_ref, "lazy-4", "cat /data/hello.txt")
+    assert output.strip() == "hello from layer 3"
 
 
 def test_remove_and_gc_unmounts_everything(stack: Stack) -> None:
