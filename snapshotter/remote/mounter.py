@@ -417,7 +417,13 @@ class RemoteMounter:
         name = layer_name(mountpoint)
         try:
             record = await self._restore_record(name, labels)
-            await self._mount_lazy(mountpoint, name, record)
+            try:
+                await self._mount_lazy(mountpoint, name, record)
+            except MountError as e:
+                # e.g. the zTOC was removed from the local store: rediscover and refetch it
+                log.info("lazy layer record unusable", extra={"fuse_dir": name, "error": str(e)})
+                record = await self._discover_record(labels)
+                await self._mount_lazy(mountpoint, name, record)
         except (RemoteError, OSError, ValueError, KeyError, TypeError) as e:
             self._broken[name] = str(e)
             log.warning("lazy layer restore failed", extra={"fuse_dir": name, "error": str(e)})
@@ -429,7 +435,13 @@ class RemoteMounter:
         try:
             return LayerRecord.from_json(await trio.to_thread.run_sync(path.read_bytes))
         except FileNotFoundError:
-            pass
+            return await self._discover_record(labels)
+
+    async def _discover_record(self, labels: Mapping[str, str]) -> LayerRecord:
+        """A restore record rebuilt from the snapshot's labels (index discovery, zTOC fetch).
+
+        Raises BadLabels, NoIndex, IndexFetchError, NoZtoc, OciError.
+        """
         ll = LayerLabels.parse(labels)
         ref = Reference.parse(ll.image_ref)
         artifacts = await self._artifacts(ll, ref)
