@@ -524,7 +524,12 @@ async def open_remote_mounter(settings: Settings) -> AsyncIterator[LayerMounter]
         log.error("lazy layers disabled", extra={"reason": "fuse", "error": str(e)})
         yield DeclineMounter()
         return
-    store = LocalStore(root)
+    try:
+        store = LocalStore(root)
+    except StoreError as e:
+        log.error("lazy layers disabled", extra={"reason": "store", "error": str(e)})
+        yield DeclineMounter()
+        return
     hosts_dirs = [cfg.hosts_dir] if cfg.hosts_dir else []
     client = RegistryClient(
         credentials=DockerConfig(cfg.docker_config or None), hosts_dirs=hosts_dirs
@@ -541,35 +546,32 @@ async def open_remote_mounter(settings: Settings) -> AsyncIterator[LayerMounter]
             tracker,
         )
         host = LayerHost()
-        try:
-            fuse_cm = open_fuse_host(fuse_dir, host)
-            fuse = await fuse_cm.__aenter__()
-        except RuntimeError as e:
-            log.error("lazy layers disabled", extra={"reason": "fuse", "error": str(e)})
-            yield DeclineMounter()
-            return
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(background.serve)
-                mounter = RemoteMounter(
-                    root=root,
-                    config=cfg,
-                    fuse=fuse,
-                    client=client,
-                    store=store,
-                    cache=cache,
-                    background=background,
-                    tracker=tracker,
-                    nursery=nursery,
-                    userxattr=detect_overlay_features().userxattr,
-                )
-                try:
-                    yield mounter
-                finally:
-                    await mounter.detach_all()
-                    nursery.cancel_scope.cancel()
-        finally:
-            await fuse_cm.__aexit__(None, None, None)
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                fuse = await stack.enter_async_context(open_fuse_host(fuse_dir, host))
+            except RuntimeError as e:
+                log.error("lazy layers disabled", extra={"reason": "fuse", "error": str(e)})
+                yield DeclineMounter()
+                return
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            await nursery.start(background.serve)
+            mounter = RemoteMounter(
+                root=root,
+                config=cfg,
+                fuse=fuse,
+                client=client,
+                store=store,
+                cache=cache,
+                background=background,
+                tracker=tracker,
+                nursery=nursery,
+                userxattr=detect_overlay_features().userxattr,
+            )
+            try:
+                yield mounter
+            finally:
+                await mounter.detach_all()
+                nursery.cancel_scope.cancel()
     finally:
         client.close()
         store.close()
