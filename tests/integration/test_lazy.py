@@ -10,6 +10,7 @@ image removal + GC (every layer unmounted, no directory left).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -126,14 +127,24 @@ def parse_sums(output: str) -> dict[str, str]:
     return sums
 
 
+@dataclass(frozen=True)
+class Images:
+    image: images.Image
+    lazy_ref: str
+    plain_ref: str
+    registry: RegistryServer
+    pause_ref: str
+
+
 @pytest.fixture(scope="module")
-def stack(
+def pushed(
     registry: RegistryServer,
     pushed_images: PushedImages,
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Stack]:
+) -> Images:
+    """The bulk image converted (v2) into the registry, and a small image without an index."""
     require_containerd()
-    base = tmp_path_factory.mktemp("lazy")
+    base = tmp_path_factory.mktemp("lazy-images")
     image = images.bulk_image()
     lazy_ref = f"{registry.host}/lazy/bulk:v1-soci"
     sociable(
@@ -150,8 +161,16 @@ def stack(
         tag="v1",
     )
     plain_ref = images.push(plain, registry.host, "lazy/plain", "v1")
+    return Images(image, lazy_ref, plain_ref, registry, pushed_images.pause_ref)
+
+
+@contextlib.contextmanager
+def open_stack(pushed: Images, base: Path, remote_config: str) -> Iterator[Stack]:
+    """A counting proxy, a daemon with `[remote]` settings `remote_config`, and containerd."""
+    base.mkdir(parents=True, exist_ok=True)
     config = base / "sociable.toml"
-    config.write_text('[remote]\nhosts_dir = ""\nbackground_fetch = false\n')
+    config.write_text(f'[remote]\nhosts_dir = ""\n{remote_config}\n')
+    registry = pushed.registry
     with (
         start_proxy(registry) as proxy,
         run_daemon(base / "sociable", config=config) as daemon,
@@ -159,17 +178,24 @@ def stack(
             base / "containerd",
             proxy_address=daemon.address,
             registry_hosts=[proxy.host, registry.host],
-            sandbox_image=pushed_images.pause_ref,
+            sandbox_image=pushed.pause_ref,
         ) as ctd,
     ):
         yield Stack(
             proxy=proxy,
             daemon=daemon,
             containerd=ctd,
-            image=image,
-            lazy_ref=lazy_ref.replace(registry.host, proxy.host),
-            plain_ref=plain_ref,
+            image=pushed.image,
+            lazy_ref=pushed.lazy_ref.replace(registry.host, proxy.host),
+            plain_ref=pushed.plain_ref,
         )
+
+
+@pytest.fixture(scope="module")
+def stack(pushed: Images, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The module's stack, background fetch off so the proxy counts on-demand bytes only."""
+    with open_stack(pushed, tmp_path_factory.mktemp("lazy"), "background_fetch = false") as st:
+        yield st
 
 
 def test_lazy_pull_fetches_no_layer_and_container_reads(stack: Stack) -> None:
@@ -323,3 +349,53 @@ def test_remove_and_gc_unmounts_everything(stack: Stack) -> None:
         time.sleep(0.5)
     unmounted = [e for e in stack.daemon_events() if e.get("msg") == "lazy layer unmounted"]
     assert len(unmounted) >= 3
+
+
+def wait_fully_fetched(stack: Stack, count: int, timeout_s: float = 120) -> list[dict[str, object]]:
+    """Polls `sociable-snapshotter status` until `count` layers report 100 % fetched."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = subprocess.run(
+            [sys.executable, "-m", "snapshotter.cli", "--root", str(stack.daemon.root), "status"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            check=True,
+        ).stdout
+        status = [json.loads(line) for line in out.splitlines()]
+        if len(status) == count and all(s["fetchedPercent"] == 100 for s in status):
+            return status
+        assert time.monotonic() < deadline, f"not fetched in {timeout_s} s: {status}"
+        time.sleep(0.5)
+
+
+def test_background_fetch_fills_layers_and_cache_survives_removal(
+    pushed: Images, tmp_path: Path
+) -> None:
+    config = "background_quiet_period_ms = 0\nbackground_rate_bytes_per_sec = 0"
+    with open_stack(pushed, tmp_path / "bg", config) as st:
+        bulk = st.image.layers[-1]
+        st.pull(st.lazy_ref)
+        wait_fully_fetched(st, 3)
+        # Every span, i.e. all of the blob but the 8-byte gzip trailer.
+        assert st.blob_bytes(bulk.digest) >= bulk.size - 8
+        fetched = sum(st.proxy.bytes_sent.values())
+        # Everything is local now: the container reads without the registry.
+        output = st.run(st.lazy_ref, "bg-1", "sha256sum /usr/lib/python3.11/os.py")
+        want = bulk_sums(st.image)["/usr/lib/python3.11/os.py"]
+        assert parse_sums(output).get("/usr/lib/python3.11/os.py") == want
+        assert sum(st.proxy.bytes_sent.values()) == fetched
+        # Removed and pulled again: the spans are still cached, no layer byte is fetched.
+        st.containerd.cri().remove_image(st.lazy_ref)
+        st.containerd.gc(namespace=K8S)
+        deadline = time.monotonic() + 60
+        while list((st.daemon.root / "fuse").iterdir()):
+            assert time.monotonic() < deadline, "layers still mounted after GC"
+            time.sleep(0.5)
+        before = {layer.digest: st.blob_bytes(layer.digest) for layer in st.image.layers}
+        st.pull(st.lazy_ref)
+        output = st.run(st.lazy_ref, "bg-2", "sha256sum /usr/lib/python3.11/os.py")
+        assert parse_sums(output).get("/usr/lib/python3.11/os.py") == want
+        for layer in st.image.layers[:2] + st.image.layers[3:]:
+            assert st.blob_bytes(layer.digest) == before[layer.digest], layer.digest
+        print(f"\nbackground fetch: registry served {fetched} bytes for a full fill")
