@@ -195,7 +195,9 @@ def _validate(cfg: Config) -> None:
     if r.max_parallel_requests < 1:
         raise ConfigError("[remote] max_parallel_requests: must be at least 1")
     if r.cache_max_bytes < 0 or r.background_rate_bytes_per_sec < 0:
-        raise ConfigError("[remote] cache_max_bytes and background_rate_bytes_per_sec must not be negative")
+        raise ConfigError(
+            "[remote] cache_max_bytes and background_rate_bytes_per_sec must not be negative"
+        )
     if r.background_quiet_period_ms < 0:
         raise ConfigError("[remote] background_quiet_period_ms: must not be negative")
 
