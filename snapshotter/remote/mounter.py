@@ -32,6 +32,7 @@ import functools
 import json
 import logging
 import math
+import shutil
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -158,6 +159,8 @@ class RemoteMounter:
         self.records_dir = root / "remote"
         self.records_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.tmp_dir = root / "unpack"
+        # Downloads a killed process left behind (never in use: this process just started).
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self._nursery = nursery
         self._modes = DiscoveryModes(config.soci_v2, config.soci_v1, config.local_store)
         self._fetch_config = FetchConfig(
