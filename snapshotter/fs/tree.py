@@ -12,8 +12,24 @@ bytes live in the uncompressed tar stream. It follows spec/soci.md §5.6:
   every name; the target must appear earlier in the tar, else `TreeBuildError`;
 * directories have nlink 2 + number of subdirectories; symlinks have size `len(target)`;
   `blocks` counts 512-byte units of `ceil(size / 4096) * 4096` bytes;
-* mode = type bits from the entry type | the entry's permission, setuid, setgid and sticky bits;
-* xattrs come from the PAX records `SCHILY.xattr.<name>` (prefix stripped);
+* mode = type bits from the entry type | the entry's permission, setuid, setgid and sticky bits,
+  except symlinks, which are always 0777 (Linux has no lchmod; containerd never chmods them).
+
+Metadata follows containerd 1.6's applier (`archive.createTarFile`), which for every header
+does lchown(uid, gid), then setxattr for each `SCHILY.xattr.*` record, then chmod (not for
+symlinks), then utimes (not following symlinks):
+
+* a hardlink header applies its own uid, gid, mode and mtime to the shared inode, so the last
+  header naming an inode wins; its lchown drops `security.capability` (the kernel removes it on
+  every chown of a non-directory) and its xattrs are added to the inode's;
+* a `dir` entry for a directory that already exists in this layer keeps the directory and adds
+  its xattrs to those it has (setxattr never removes one);
+* xattrs are the PAX records `SCHILY.xattr.<name>` (prefix stripped) that the applier manages
+  to set (`archive_xattrs`): `trusted.*` never (containerd refuses them from archives, so a
+  `trusted.overlay.opaque` record cannot make a directory opaque), `user.*` only on regular
+  files and directories (the kernel refuses the others with EPERM, which containerd ignores),
+  `security.*` always, and no other namespace (`system.*` POSIX ACLs are not served; unknown
+  namespaces fail with EOPNOTSUPP, which containerd ignores);
 * OCI whiteouts appear in overlayfs form: `.wh.<name>` is hidden and shown as a character
   device 0/0 called `<name>` (mode S_IFCHR, uid/gid 0, nlink 1) unless the same directory of
   this layer has a real `<name>`; `.wh..wh..opq` is hidden and its directory reports the xattr
@@ -33,7 +49,7 @@ import posixpath
 import re
 import stat
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NewType
 
@@ -58,6 +74,9 @@ OPAQUE_MARKER = b".wh..wh..opq"
 TRUSTED_OPAQUE_XATTR = b"trusted.overlay.opaque"
 USER_OPAQUE_XATTR = b"user.overlay.opaque"
 _PAX_XATTR_PREFIX = "SCHILY.xattr."
+_ARCHIVE_XATTR_NAMESPACES = ("user.", "security.")
+_USER_XATTR_PREFIX = "user."
+CAPABILITY_XATTR = b"security.capability"
 _BLOCK_SIZE = 4096
 _NO_ENTRY = 0xFFFFFFFF
 
@@ -114,6 +133,32 @@ def _encode(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
+Xattrs = tuple[tuple[bytes, bytes], ...]
+"""Extended attributes as `(name, value)` pairs sorted by name."""
+
+
+def archive_xattrs(records: Mapping[str, str], mode: int) -> dict[bytes, bytes]:
+    """The xattrs containerd's applier sets from one tar header's PAX `records`.
+
+    `mode` is the type (and permission) bits of the inode they land on. Keeps `SCHILY.xattr.*`
+    records (prefix stripped) in the `security.` namespace, and in `user.` when `mode` is a
+    regular file or a directory; drops `trusted.*`, `system.*` and unknown namespaces. Values
+    are UTF-8 (surrogate escapes kept as the original bytes). Never raises.
+    """
+    user_ok = stat.S_ISREG(mode) or stat.S_ISDIR(mode)
+    result: dict[bytes, bytes] = {}
+    for key, value in records.items():
+        if not key.startswith(_PAX_XATTR_PREFIX):
+            continue
+        name = key[len(_PAX_XATTR_PREFIX) :]
+        if not name.startswith(_ARCHIVE_XATTR_NAMESPACES):
+            continue
+        if name.startswith(_USER_XATTR_PREFIX) and not user_ok:
+            continue
+        result[_encode(name)] = _encode(value)
+    return result
+
+
 @dataclass(frozen=True, slots=True)
 class NodeAttr:
     """The attributes of one node; times in nanoseconds since the epoch, sizes in bytes.
@@ -157,6 +202,20 @@ class DirEntry:
     next_offset: int
 
 
+@dataclass(frozen=True, slots=True)
+class HeaderAttr:
+    """What the tar header that created a node recorded, as applied: permission bits (with
+    setuid, setgid, sticky), owner, mtime in nanoseconds and the xattrs the applier set
+    (`archive_xattrs`). It differs from the node's attributes only when later hardlink
+    headers changed the inode."""
+
+    perm: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    xattrs: Xattrs
+
+
 class LayerTree:
     """An immutable layer tree. Build one with `build_tree`.
 
@@ -179,6 +238,7 @@ class LayerTree:
         "_names",
         "_nlink",
         "_node_entry",
+        "_origin",
         "_rdev",
         "_size",
         "_uid",
@@ -198,7 +258,8 @@ class LayerTree:
         child_count: array[int],
         node_entry: array[int],
         links: dict[int, bytes],
-        xattrs: dict[int, tuple[tuple[bytes, bytes], ...]],
+        xattrs: dict[int, Xattrs],
+        origin: dict[int, HeaderAttr],
     ) -> None:
         self._mode = nodes.mode
         self._uid = nodes.uid
@@ -218,6 +279,7 @@ class LayerTree:
         self._node_entry = node_entry
         self._links = links
         self._xattrs = xattrs
+        self._origin = origin
         self.total_file_bytes = sum(
             self._size[n] for n in range(len(self._mode)) if stat.S_ISREG(self._mode[n])
         )
@@ -312,6 +374,21 @@ class LayerTree:
             if key == name:
                 return value
         raise NoSuchAttribute(f"{self.path_of(node)!r} has no xattr {name!r}")
+
+    def header_attr(self, node: NodeId) -> HeaderAttr:
+        """The metadata `node`'s creating tar header recorded (see `HeaderAttr`); a directory's
+        overlay opaque marker is not part of it. Raises `NotFound`."""
+        self._check(node)
+        origin = self._origin.get(node)
+        if origin is not None:
+            return origin
+        return HeaderAttr(
+            perm=self._mode[node] & 0o7777,
+            uid=self._uid[node],
+            gid=self._gid[node],
+            mtime_ns=self._mtime[node],
+            xattrs=self._xattrs.get(node, ()),
+        )
 
     def data_range(self, node: NodeId) -> tuple[UncompressedOffset, int]:
         """(offset of the file's data in the uncompressed tar stream, size in bytes)."""
@@ -408,7 +485,8 @@ class _Builder:
         self.e_name: list[bytes] = []
         self.paths: dict[str, int] = {}
         self.links: dict[int, bytes] = {}
-        self.xattrs: dict[int, tuple[tuple[bytes, bytes], ...]] = {}
+        self.xattrs: dict[int, Xattrs] = {}
+        self.origin: dict[int, HeaderAttr] = {}
         self._mtimes: dict[str, int] = {}
         self.node_first = array("I")
 
@@ -452,17 +530,19 @@ class _Builder:
         if first[node] == _NO_ENTRY:
             first[node] = entry
 
-    def _set_xattrs(self, node: int, meta: FileMetadata) -> None:
-        if not meta.xattrs:
-            self.xattrs.pop(node, None)
+    def _add_xattrs(self, node: int, meta: FileMetadata, *, chowned: bool = False) -> None:
+        """setxattr for each record the applier keeps, over what the inode has; `chowned`: a
+        later header's lchown of a non-directory removed `security.capability` first."""
+        old = self.xattrs.get(node, ())
+        if not meta.xattrs and not (chowned and old):
             return
-        pairs = sorted(
-            (_encode(key[len(_PAX_XATTR_PREFIX) :]), _encode(value))
-            for key, value in meta.xattrs.items()
-            if key.startswith(_PAX_XATTR_PREFIX)
-        )
-        if pairs:
-            self.xattrs[node] = tuple(pairs)
+        merged = dict(old)
+        if chowned:
+            merged.pop(CAPABILITY_XATTR, None)
+        if meta.xattrs:
+            merged.update(archive_xattrs(meta.xattrs, self.nodes.mode[node]))
+        if merged:
+            self.xattrs[node] = tuple(sorted(merged.items()))
         else:
             self.xattrs.pop(node, None)
 
@@ -477,12 +557,12 @@ class _Builder:
             if len(self._mtimes) < 4096:  # layers reuse a few timestamps; keep the cache small
                 self._mtimes[meta.mod_time] = mtime
         if meta.type == EntryType.HARDLINK:
-            self._add_hardlink(meta, path)
+            self._add_hardlink(meta, path, mtime)
             return
         type_bits = _TYPE_BITS.get(meta.type)
         if type_bits is None:
             raise TreeBuildError(f"entry {meta.name!r}: unsupported type {meta.type!r}")
-        mode = type_bits | (meta.mode & 0o7777)
+        mode = type_bits | (0o777 if meta.type == EntryType.SYMLINK else meta.mode & 0o7777)
         if not path:
             if meta.type != EntryType.DIR:
                 raise TreeBuildError(f"entry {meta.name!r}: the layer root must be a directory")
@@ -512,7 +592,7 @@ class _Builder:
         )
         if meta.type == EntryType.SYMLINK:
             self.links[node] = _encode(meta.linkname)
-        self._set_xattrs(node, meta)
+        self._add_xattrs(node, meta)
         self._link(path, parent, base, node)
 
     def _update_dir(self, node: NodeId, meta: FileMetadata, mode: int, mtime: int) -> None:
@@ -520,9 +600,9 @@ class _Builder:
         self.nodes.uid[node] = meta.uid
         self.nodes.gid[node] = meta.gid
         self.nodes.mtime[node] = mtime
-        self._set_xattrs(node, meta)
+        self._add_xattrs(node, meta)
 
-    def _add_hardlink(self, meta: FileMetadata, path: str) -> None:
+    def _add_hardlink(self, meta: FileMetadata, path: str, mtime: int) -> None:
         target = clean_name(meta.linkname)
         entry = self.paths.get(target)
         if entry is None:
@@ -538,6 +618,31 @@ class _Builder:
         parent_path, _, base = path.rpartition("/")
         parent = self._ensure_dir(parent_path, meta.name)
         self._link(path, parent, base, node)
+        self._apply_link_header(node, meta, mtime)
+
+    def _apply_link_header(self, node: int, meta: FileMetadata, mtime: int) -> None:
+        """The hardlink header's lchown, setxattr, chmod (not on a symlink) and utimes land on
+        the shared inode; what its creating header recorded is kept for verification."""
+        nodes = self.nodes
+        self._keep_origin(node)
+        nodes.uid[node] = meta.uid
+        nodes.gid[node] = meta.gid
+        self._add_xattrs(node, meta, chowned=True)
+        if not stat.S_ISLNK(nodes.mode[node]):
+            nodes.mode[node] = stat.S_IFMT(nodes.mode[node]) | (meta.mode & 0o7777)
+        nodes.mtime[node] = mtime
+
+    def _keep_origin(self, node: int) -> None:
+        """Remember what `node`'s creating header recorded, before anything else changes it."""
+        if node not in self.origin:
+            nodes = self.nodes
+            self.origin[node] = HeaderAttr(
+                perm=nodes.mode[node] & 0o7777,
+                uid=nodes.uid[node],
+                gid=nodes.gid[node],
+                mtime_ns=nodes.mtime[node],
+                xattrs=self.xattrs.get(node, ()),
+            )
 
     def finish(self) -> LayerTree:
         self.paths.clear()
@@ -566,7 +671,9 @@ class _Builder:
                         kept.append(e)
             groups[parent] = kept
         for node in opaque:
-            self.xattrs[node] = ((self.opaque_xattr, b"y"), *self.xattrs.get(node, ()))
+            self._keep_origin(node)
+            others = tuple(kv for kv in self.xattrs.get(node, ()) if kv[0] != self.opaque_xattr)
+            self.xattrs[node] = ((self.opaque_xattr, b"y"), *others)
         return self._layout(groups)
 
     def _layout(self, groups: dict[int, list[int]]) -> LayerTree:
@@ -610,6 +717,7 @@ class _Builder:
             node_entry=node_entry,
             links=self.links,
             xattrs=self.xattrs,
+            origin=self.origin,
         )
 
 

@@ -5,6 +5,10 @@ start)` through the layer reader (so they are digest-checked like any span) and 
 they parse as exactly one tar member whose name, type, size, mtime, mode, uid, gid and
 `SCHILY.xattr.*` records match the tree (spec/soci.md §5.6, read path). A zTOC that points
 into the wrong bytes therefore gives EIO instead of wrong file contents.
+
+The header is compared with what that header recorded (`LayerTree.header_attr`), not with the
+inode's final attributes, which later hardlink headers may have changed; its xattr records are
+filtered as the tree filters them (`archive_xattrs`: no `trusted.*`, for one).
 """
 
 from __future__ import annotations
@@ -15,15 +19,7 @@ import tarfile
 from decimal import Decimal, InvalidOperation
 
 from snapshotter.fs.errors import HeaderMismatch
-from snapshotter.fs.tree import (
-    TRUSTED_OPAQUE_XATTR,
-    USER_OPAQUE_XATTR,
-    LayerTree,
-    NodeId,
-    clean_name,
-)
-
-_PAX_XATTR_PREFIX = "SCHILY.xattr."
+from snapshotter.fs.tree import LayerTree, NodeId, archive_xattrs, clean_name
 
 
 def _mtime_ns(info: tarfile.TarInfo) -> int:
@@ -61,27 +57,17 @@ def check_header(header: bytes, tree: LayerTree, node: NodeId, layer: str) -> No
             f"{where}: header is {info.offset_data} bytes, the zTOC says {len(header)}"
         )
     attr = tree.attr(node)
-    want_xattrs = {
-        name: tree.getxattr(node, name)
-        for name in tree.listxattr(node)
-        if name not in (TRUSTED_OPAQUE_XATTR, USER_OPAQUE_XATTR)
-    }
-    got_xattrs = {
-        k[len(_PAX_XATTR_PREFIX) :].encode("utf-8", "surrogateescape"): v.encode(
-            "utf-8", "surrogateescape"
-        )
-        for k, v in info.pax_headers.items()
-        if k.startswith(_PAX_XATTR_PREFIX)
-    }
+    recorded = tree.header_attr(node)
+    got_xattrs = archive_xattrs(info.pax_headers, stat.S_IFREG)
     checks: list[tuple[str, object, object]] = [
         ("name", clean_name(info.name), path),
         ("type", info.isreg(), stat.S_ISREG(attr.mode)),
         ("size", info.size, attr.size),
-        ("mtime", _mtime_ns(info), attr.mtime_ns),
-        ("mode", info.mode & 0o7777, attr.mode & 0o7777),
-        ("uid", info.uid, attr.uid),
-        ("gid", info.gid, attr.gid),
-        ("xattrs", got_xattrs, want_xattrs),
+        ("mtime", _mtime_ns(info), recorded.mtime_ns),
+        ("mode", info.mode & 0o7777, recorded.perm),
+        ("uid", info.uid, recorded.uid),
+        ("gid", info.gid, recorded.gid),
+        ("xattrs", got_xattrs, dict(recorded.xattrs)),
     ]
     for field, got, want in checks:
         if got != want:

@@ -61,8 +61,9 @@ LOWER: list[Entry] = [
     Dir(path="usr"),
     Dir(path="usr/bin"),
     File(path="usr/bin/tool", size=300_000, mode=0o4755),
-    Hardlink(path="usr/bin/tool2", target="usr/bin/tool"),
-    Hardlink(path="etc/tool3", target="usr/bin/tool"),
+    Hardlink(path="usr/bin/tool2", target="usr/bin/tool", mode=0o4755),
+    # The last header naming an inode sets its metadata (containerd's applier).
+    Hardlink(path="etc/tool3", target="usr/bin/tool", mode=0o4750, uid=3, gid=4),
     Symlink(path="usr/bin/t", target="tool"),
     Symlink(path="usr/bin/abs", target="/etc/passwd"),
     File(path="empty", data=b""),
@@ -176,6 +177,29 @@ def _node(info: tarfile.TarInfo, data: bytes) -> Node:
     )
 
 
+def _link_into(view: dict[str, Node], info: tarfile.TarInfo) -> None:
+    """Adds hard-link member ``info`` to ``view``: a new name for its target's inode, whose
+    owner, permissions (not a symlink's), mtime and xattrs take the member's own values, as
+    containerd's applier leaves them (every header is applied to the inode; the last one wins;
+    the lchown drops ``security.capability``, setxattr adds)."""
+    target = view[info.linkname]
+    group = target.links or info.linkname
+    xattrs = {k: v for k, v in target.xattrs if k != "security.capability"}
+    xattrs.update(_xattrs(info))
+    node = replace(
+        target,
+        perm=target.perm if target.kind == stat.S_IFLNK else info.mode & 0o7777,
+        uid=info.uid,
+        gid=info.gid,
+        mtime=int(info.mtime),
+        xattrs=tuple(sorted(xattrs.items())),
+        links=group,
+    )
+    for path in [p for p, n in view.items() if p == info.linkname or n.links == group]:
+        view[path] = node
+    view[info.name.rstrip("/")] = node
+
+
 WHITEOUT_NODE = Node(stat.S_IFCHR, 0, 0, 0, None, None, None, 0, (), None)
 
 
@@ -192,8 +216,7 @@ def expected_layer_view(blob: Path) -> dict[str, Node]:
         elif base.startswith(".wh."):
             whiteouts.append(f"{head}/{base[4:]}" if head else base[4:])
         elif info.islnk():
-            view[name] = replace(view[info.linkname], links=info.linkname)
-            view[info.linkname] = view[name]
+            _link_into(view, info)
         else:
             view[name] = _node(info, data)
     for path in whiteouts:
@@ -226,8 +249,7 @@ def expected_merged_view(blobs: list[Path]) -> dict[str, Node]:
             if name.rpartition("/")[2].startswith(".wh."):
                 continue
             if info.islnk():
-                merged[name] = replace(merged[info.linkname], links=info.linkname)
-                merged[info.linkname] = merged[name]
+                _link_into(merged, info)
                 continue
             if name in merged and not (info.isdir() and merged[name].kind == stat.S_IFDIR):
                 drop(name, keep_self=False)

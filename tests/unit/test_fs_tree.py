@@ -44,8 +44,10 @@ from snapshotter.fs.inodes import FUSE_ROOT_INODE, node_inode, split_inode
 from snapshotter.fs.readers import LocalBlobReader, LocalTarReader
 from snapshotter.fs.tree import (
     ROOT_NODE,
+    HeaderAttr,
     LayerTree,
     NodeId,
+    archive_xattrs,
     build_tree,
     clean_name,
     header_offsets,
@@ -212,8 +214,8 @@ def test_types_modes_rdev_blocks_symlinks() -> None:
 def test_hardlinks_share_node_and_count_links() -> None:
     tree = tree_of(
         fm("a", size=10, mode=0o700),
-        fm("d/b", EntryType.HARDLINK, linkname="a"),
-        fm("d/c", EntryType.HARDLINK, linkname="./d/b"),
+        fm("d/b", EntryType.HARDLINK, linkname="a", mode=0o700),
+        fm("d/c", EntryType.HARDLINK, linkname="./d/b", mode=0o700),
     )
     a, b, c = (resolve(tree, p) for p in ("a", "d/b", "d/c"))
     assert a == b == c
@@ -222,6 +224,61 @@ def test_hardlinks_share_node_and_count_links() -> None:
     assert tree.path_of(a) == "a"
     sorted_first = tree_of(fm("z/target", size=1), fm("a", EntryType.HARDLINK, linkname="z/target"))
     assert sorted_first.path_of(resolve(sorted_first, "a")) == "z/target"
+
+
+T1 = "2024-05-06T07:08:09.123456789Z"
+
+
+def test_last_header_naming_an_inode_sets_its_metadata() -> None:
+    """As containerd's applier: each hardlink header's lchown, setxattr, chmod and utimes land
+    on the shared inode; the creating header's metadata stays available for verification."""
+    tree = tree_of(
+        fm(
+            "f",
+            size=3,
+            mode=0o4750,
+            uid=5,
+            gid=6,
+            xattrs={
+                "SCHILY.xattr.security.capability": "cap",
+                "SCHILY.xattr.user.a": "1",
+                "SCHILY.xattr.trusted.t": "t",
+            },
+        ),
+        fm("h1", EntryType.HARDLINK, linkname="f", mode=0o600, uid=11, gid=12),
+        fm(
+            "h2",
+            EntryType.HARDLINK,
+            linkname="h1",
+            mode=0o2604,
+            uid=13,
+            gid=14,
+            mod_time=T1,
+            xattrs={"SCHILY.xattr.user.b": "2", "SCHILY.xattr.user.a": "new"},
+        ),
+        fm("s", EntryType.SYMLINK, linkname="f", uid=1, gid=1),
+        fm("s-link", EntryType.HARDLINK, linkname="s", mode=0o600, uid=7, gid=8),
+    )
+    node = resolve(tree, "f")
+    attr = tree.attr(node)
+    assert attr.mode == stat.S_IFREG | 0o2604 and (attr.uid, attr.gid) == (13, 14)
+    assert attr.mtime_ns == parse_rfc3339_ns(T1) and attr.nlink == 3
+    # The second header's lchown removed security.capability; setxattr merges, never removes.
+    assert tree.listxattr(node) == (b"user.a", b"user.b")
+    assert tree.getxattr(node, b"user.a") == b"new"
+    assert tree.header_attr(node) == HeaderAttr(
+        perm=0o4750,
+        uid=5,
+        gid=6,
+        mtime_ns=T0_NS,
+        xattrs=((b"security.capability", b"cap"), (b"user.a", b"1")),
+    )
+    link = tree.attr(resolve(tree, "s"))
+    assert link.mode == stat.S_IFLNK | 0o777 and (link.uid, link.gid) == (7, 8)
+    plain = tree_of(fm("p", mode=0o640, uid=3))
+    assert plain.header_attr(resolve(plain, "p")) == HeaderAttr(
+        perm=0o640, uid=3, gid=0, mtime_ns=T0_NS, xattrs=()
+    )
 
 
 def test_hardlink_target_must_come_first() -> None:
@@ -257,8 +314,49 @@ def test_xattrs_from_schily_records_only() -> None:
     node = resolve(tree, "f")
     assert tree.listxattr(node) == (b"security.capability", b"user.b")
     assert tree.getxattr(node, b"user.b") == b"2"
+    assert tree.header_attr(node).xattrs == (
+        (b"security.capability", b"\x01\x00"),
+        (b"user.b", b"2"),
+    )
     with pytest.raises(NoSuchAttribute):
         tree.getxattr(node, b"path")
+
+
+def test_xattrs_are_those_containerd_sets() -> None:
+    """trusted.* never (containerd refuses them), user.* on files and directories only (EPERM
+    elsewhere, ignored), security.* always, no other namespace."""
+    records = {
+        "SCHILY.xattr.trusted.overlay.opaque": "y",
+        "SCHILY.xattr.trusted.x": "t",
+        "SCHILY.xattr.user.u": "u",
+        "SCHILY.xattr.security.selinux": "s",
+        "SCHILY.xattr.system.posix_acl_access": "acl",
+        "SCHILY.xattr.nonamespace": "n",
+    }
+    for kind, user in (
+        (EntryType.REG, True),
+        (EntryType.DIR, True),
+        (EntryType.SYMLINK, False),
+        (EntryType.FIFO, False),
+        (EntryType.CHAR, False),
+    ):
+        tree = tree_of(fm("e", kind, linkname="t", xattrs=records))
+        names = tree.listxattr(resolve(tree, "e"))
+        assert names == ((b"security.selinux", b"user.u") if user else (b"security.selinux",))
+    assert archive_xattrs({"SCHILY.xattr.user.ü": "\udcff"}, stat.S_IFREG) == {
+        "user.ü".encode(): b"\xff"
+    }
+
+
+def test_repeated_dir_entry_adds_xattrs() -> None:
+    tree = tree_of(
+        fm("d/", EntryType.DIR, xattrs={"SCHILY.xattr.user.a": "1"}),
+        fm("d/", EntryType.DIR, mode=0o700, xattrs={"SCHILY.xattr.user.b": "2"}),
+        fm("d/", EntryType.DIR, mode=0o750),
+    )
+    d = resolve(tree, "d")
+    assert tree.attr(d).mode == stat.S_IFDIR | 0o750
+    assert tree.listxattr(d) == (b"user.a", b"user.b")
 
 
 # -- whiteouts and opaque directories ----------------------------------------------------------
@@ -301,6 +399,28 @@ def test_opaque_dir_reports_overlay_xattr_first(userxattr: bool, key: bytes) -> 
         tree.lookup(d, b".wh..wh..opq")
     with pytest.raises(NoSuchAttribute):
         tree.getxattr(ROOT_NODE, key)
+
+
+def test_only_the_oci_marker_makes_a_directory_opaque() -> None:
+    """A PAX trusted.overlay.opaque record is dropped (containerd never sets trusted.* from an
+    archive), so it cannot hide the lower layers' content."""
+    tree = tree_of(
+        fm("fake/", EntryType.DIR, xattrs={"SCHILY.xattr.trusted.overlay.opaque": "y"}),
+        fm("fake/f", size=1),
+    )
+    fake = resolve(tree, "fake")
+    assert tree.listxattr(fake) == ()
+    with pytest.raises(NoSuchAttribute):
+        tree.getxattr(fake, b"trusted.overlay.opaque")
+    marked = tree_of(
+        fm("d/", EntryType.DIR, xattrs={"SCHILY.xattr.user.overlay.opaque": "x"}),
+        fm("d/.wh..wh..opq"),
+        userxattr=True,
+    )
+    d = resolve(marked, "d")
+    assert marked.listxattr(d) == (b"user.overlay.opaque",)
+    assert marked.getxattr(d, b"user.overlay.opaque") == b"y"
+    assert marked.header_attr(d).xattrs == ((b"user.overlay.opaque", b"x"),)
 
 
 # -- listings, lookups, offsets ----------------------------------------------------------------
@@ -489,6 +609,35 @@ async def test_header_mismatch_is_eio_and_recorded(
     unverified.add_layer("l1", build_tree(forged), LocalTarReader(path))
     fh = unverified.open(_host_resolve(unverified, "l1/etc/hosts").inode, os.O_RDONLY).fh
     assert await unverified.read(fh, 0, 9) == b"127.0.0.1"
+
+
+async def test_hardlinked_file_verifies_against_its_own_header(tmp_path: Path) -> None:
+    """Hardlink headers with other metadata change the inode, not what the file's header is
+    checked against; the trusted.* record is in the header but not in the tree."""
+    members = [
+        (
+            tinfo(
+                "f",
+                mode=0o640,
+                uid=5,
+                gid=6,
+                pax_headers={"SCHILY.xattr.trusted.t": "t", "SCHILY.xattr.user.u": "u"},
+            ),
+            b"shared bytes",
+        ),
+        (tinfo("h", tarfile.LNKTYPE, linkname="f", mode=0o604, uid=13, gid=14, mtime=5), b""),
+    ]
+    path = tmp_path / "links.tar"
+    write_tar(path, members)
+    entries, _ = entries_from_tar(path)
+    host = LayerHost()
+    host.add_layer("l1", build_tree(entries), LocalTarReader(path))
+    attr = _host_resolve(host, "l1/h")
+    assert (stat.S_IMODE(attr.mode), attr.uid, attr.gid) == (0o604, 13, 14)
+    assert host.listxattr(attr.inode) == (b"user.u",)
+    fh = host.open(attr.inode, os.O_RDONLY).fh
+    assert await host.read(fh, 0, 100) == b"shared bytes"
+    assert host.status("l1").read_errors == 0
 
 
 async def test_reader_failure_is_layer_read_error(
