@@ -137,7 +137,8 @@ class RemoteConfig:
         metadata=_doc("Fetch the rest of mounted layers in the background after a quiet period."),
     )
     background_quiet_period_ms: int = field(
-        default=2000, metadata=_doc("Quiet time after on-demand reads before background fetch.")
+        default=10000,
+        metadata=_doc("Quiet time after a layer mount or on-demand read before background fetch."),
     )
     background_rate_bytes_per_sec: int = field(
         default=64 * 1024 * 1024,

@@ -171,6 +171,11 @@ class DemandTracker:
             if self.active == 0:
                 self._idle.set()
 
+    def touch(self) -> None:
+        """Count now as on-demand activity: a new layer mount pauses background fetching for
+        a full quiet period, as the container that needs it is about to start reading."""
+        self.last_end = max(self.last_end, trio.current_time())
+
     async def wait_quiet(self, period_sec: float) -> None:
         """Return once no on-demand fetch has run for `period_sec` seconds."""
         while True:
@@ -289,7 +294,7 @@ class RemoteLayerReader:
         self._inflight: dict[SpanId, _Fetch] = {}
         self._inflating: dict[SpanId, trio.Event] = {}
         self._lru: OrderedDict[SpanId, bytes] = OrderedDict()
-        self._last_span: int = -1  # a first read at span 0 counts as sequential
+        self._last_span: int = -2  # the first read is not sequential
         self._cursor = 0
         self.requests = 0
         self.network_bytes = 0
@@ -584,7 +589,12 @@ class RemoteLayerReader:
             spans = [SpanId(s) for s in self.span_map.spans_for_range(offset, end - offset)]
         except SpanError as e:
             raise LayerReadError(f"layer {self.layer}: range {offset}+{size}: {e}") from e
-        sequential = spans[0] in (self._last_span, self._last_span + 1)
+        # Sequential means the reads have moved on into the next span. Reads that stay inside
+        # one span (small files, several FUSE requests of one file) do not widen the fetch:
+        # read-ahead there would fetch megabytes for a few kilobytes of scattered reads.
+        sequential = spans[0] == self._last_span + 1 or (
+            spans[0] == self._last_span and len(spans) > 1
+        )
         self._last_span = spans[-1]
         for _ in range(4):
             got = await self._ensure(spans, sequential)

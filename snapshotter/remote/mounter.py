@@ -300,6 +300,7 @@ class RemoteMounter:
         self.cache.retain_layer(layer)
         self._mounted[name] = _Mounted(name, mountpoint, record, reader)
         self._broken.pop(name, None)
+        self.tracker.touch()
         self.background.register(name, reader)
 
     async def _local(
