@@ -17,7 +17,9 @@ bytes live in the uncompressed tar stream. It follows spec/soci.md §5.6:
 
 Metadata follows containerd 1.6's applier (`archive.createTarFile`), which for every header
 does lchown(uid, gid), then setxattr for each `SCHILY.xattr.*` record, then chmod (not for
-symlinks), then utimes (not following symlinks):
+symlinks), then utimes (not following symlinks). Where SOCI's runtime differs (it shows every
+`SCHILY.xattr.*` record and the first header's metadata), this tree follows containerd, so a
+lazily mounted image looks exactly like the same image unpacked by containerd:
 
 * a hardlink header applies its own uid, gid, mode and mtime to the shared inode, so the last
   header naming an inode wins; its lchown drops `security.capability` (the kernel removes it on
@@ -36,7 +38,9 @@ symlinks), then utimes (not following symlinks):
   `trusted.overlay.opaque` (or `user.overlay.opaque` with `userxattr`) = `y`.
 
 Memory: nodes and directory entries live in parallel `array.array`s and every name in one bytes
-blob, so a tree costs about 100-150 bytes per entry instead of a Python object per entry.
+blob, so a tree costs about 100-150 bytes per entry instead of a Python object per entry; only
+nodes a later hardlink header changed (and opaque directories) keep their creating header's
+metadata (`header_attr`) in a sparse dict.
 Node ids are assigned in tar order and are therefore the same every time the same zTOC is built.
 """
 
