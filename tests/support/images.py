@@ -287,7 +287,9 @@ def _add_tree(tf: tarfile.TarFile, source: TreeSource) -> None:
         elif stat.S_ISREG(st.st_mode):
             key = (st.st_dev, st.st_ino)
             if st.st_nlink > 1 and key in seen:
-                _add_entry(tf, Hardlink(path=name, target=seen[key]))
+                # The link header carries the inode's metadata: containerd applies every
+                # header's mode and owner to the shared inode, so the last one wins.
+                _add_entry(tf, Hardlink(path=name, target=seen[key], mode=meta.mode))
                 return
             seen[key] = name
             ti = _tarinfo(name, meta)
@@ -654,7 +656,7 @@ def bulk_image(tag: str = "latest") -> Image:
     stdlib = python_stdlib_dir()
     total, prints = _tree_size(stdlib, BULK_EXCLUDE)
     pad = max(0, BULK_MIN_BYTES + 1024 * 1024 - total)
-    key = _cache_key("bulk-v1", _file_fingerprint(BUSYBOX), prints, pad, tag)
+    key = _cache_key("bulk-v2", _file_fingerprint(BUSYBOX), prints, pad, tag)
     py_layer: list[Entry | TreeSource] = [
         TreeSource(src=stdlib, dest="usr/lib/python3.11", exclude=BULK_EXCLUDE)
     ]
