@@ -658,7 +658,8 @@ def render(
             "of the lazy snapshot vs the same file on local disk (ext4). Cold = page cache "
             "dropped for the file (`POSIX_FADV_DONTNEED`); lazy cold reads come from the span "
             "cache after the first read fetched the spans. This scenario runs a fresh daemon "
-            "with `background_fetch = false`, so the first read is fetched on demand only.",
+            "with `background_fetch = false`, so the first read is fetched on demand only. "
+            "MB/s are of file bytes; the link carries gzip, so a first read can beat the link.",
             "",
             "| read | lazy MB/s | local MB/s | lazy / local |",
             "|---|---:|---:|---:|",
