@@ -743,6 +743,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         )
             if not args.skip_reads:
                 reads = fuse_reads(run_dir, reg, ref, image, big)
+    # The daemons' span caches and containerd roots (hundreds of MB); image and registry stay.
+    shutil.rmtree(run_dir, ignore_errors=True)
     section = render(args, image, small, runs, reads, big, command)
     print()
     print(section)
