@@ -7,8 +7,10 @@ and what to set, e.g.
 
 Checked in the containerd file (version 2 = containerd 1.6/1.7, version 3 = 2.x):
 the proxy plugin table (type, address equal to ours), CRI's `snapshotter`,
-`disable_snapshot_annotations = false`, and a registry `config_path` (needed for
-hosts.toml mirrors).
+`disable_snapshot_annotations = false`, a registry `config_path` (needed for
+hosts.toml mirrors), and where CRI's ImageFsInfo (kubelet's image-filesystem stats and
+image GC) looks for the snapshotter's disk: `<containerd root>/io.containerd.snapshotter.v1.<name>`
+on 1.6/1.7, `[proxy_plugins.<name>.exports] root` on 2.x.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .config import DEFAULT_ADDRESS, Config
 SNAPSHOT_PLUGIN_TYPES = ("snapshot", "io.containerd.snapshotter.v1")
 CRI_V2 = "io.containerd.grpc.v1.cri"
 CRI_V3_IMAGES = "io.containerd.cri.v1.images"
+DEFAULT_CONTAINERD_ROOT = "/var/lib/containerd"
 
 
 def _table(data: dict[str, Any], *path: str) -> dict[str, Any] | None:
@@ -93,6 +96,32 @@ def check_containerd(cfg: Config, address: str, text: str, where: str) -> list[s
     return problems
 
 
+def check_image_fs(cfg: Config, text: str, where: str, root: Path) -> list[str]:
+    """Whether CRI's ImageFsInfo can find the disk our snapshots live on (`root`)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return []  # reported by check_containerd
+    name = cfg.containerd.plugin_name
+    if data.get("version", 1) == 3:
+        exports = _table(data, "proxy_plugins", name, "exports") or {}
+        if not exports.get("root"):
+            return [
+                f"{where}: [proxy_plugins.{name}.exports] root is not set; set root = "
+                f'"{root}" so CRI can report the image filesystem kubelet garbage-collects'
+            ]
+        return []
+    ctd_root = Path(str(data.get("root", DEFAULT_CONTAINERD_ROOT)))
+    fs_dir = ctd_root / f"io.containerd.snapshotter.v1.{name}"
+    if not fs_dir.exists():
+        return [
+            f"{where}: {fs_dir} does not exist; CRI's ImageFsInfo (kubelet image stats and "
+            f"image GC) looks there: create it on the same filesystem as {root}, or bind-mount "
+            f"{root} there"
+        ]
+    return []
+
+
 def check_ours(cfg: Config, address: str, root: Path) -> list[str]:
     """Problems with our own settings that loading cannot catch (filesystem state)."""
     problems: list[str] = []
@@ -113,4 +142,5 @@ def check_all(cfg: Config, address: str, root: Path, containerd_config: Path) ->
         problems.append(f"{where}: cannot be read: {e.strerror}")
         return problems
     problems.extend(check_containerd(cfg, address, text, where))
+    problems.extend(check_image_fs(cfg, text, where, root))
     return problems

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from snapshotter import config
-from snapshotter.configcheck import check_all, check_containerd
+from snapshotter.configcheck import check_all, check_containerd, check_image_fs
 from snapshotter.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -149,9 +149,27 @@ def test_check_version_and_invalid_toml() -> None:
     assert check_containerd(cfg, "/x", "[[", "c")[0].startswith("c: not valid TOML")
 
 
+def with_root(text: str, ctd_root: Path) -> str:
+    """A containerd config with `root` set and the image-fs directory CRI needs created."""
+    (ctd_root / "io.containerd.snapshotter.v1.sociable").mkdir(parents=True, exist_ok=True)
+    return f'root = "{ctd_root}"\n' + text
+
+
+def test_check_image_fs_dir(tmp_path: Path) -> None:
+    cfg = config.Config()
+    text = f'root = "{tmp_path / "ctd"}"\n' + GOOD_V2
+    [problem] = check_image_fs(cfg, text, "c", tmp_path / "root")
+    assert "io.containerd.snapshotter.v1.sociable does not exist" in problem
+    assert check_image_fs(cfg, with_root(GOOD_V2, tmp_path / "ctd"), "c", tmp_path) == []
+    [v3] = check_image_fs(cfg, GOOD_V3, "c", tmp_path / "root")
+    assert "[proxy_plugins.sociable.exports] root is not set" in v3
+    exported = GOOD_V3 + '[proxy_plugins.sociable.exports]\n  root = "/var/lib/sociable"\n'
+    assert check_image_fs(cfg, exported, "c", tmp_path) == []
+
+
 def test_check_cli_exit_codes(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
-    good.write_text(GOOD_V2)
+    good.write_text(with_root(GOOD_V2, tmp_path / "ctd"))
     bad = tmp_path / "bad.toml"
     bad.write_text("version = 2\n")
     ours = tmp_path / "ours.toml"
@@ -179,14 +197,14 @@ def test_check_cli_exit_codes(tmp_path: Path) -> None:
     ok = run(good)
     assert ok.returncode == 0 and ok.stdout.startswith("ok:")
     r = run(bad)
-    assert r.returncode == 1 and len(r.stdout.strip().splitlines()) == 4
+    assert r.returncode == 1 and len(r.stdout.strip().splitlines()) == 5
     missing = run(tmp_path / "absent.toml")
     assert missing.returncode == 1 and "cannot be read" in missing.stdout
 
 
 def test_check_all_reads_file(tmp_path: Path) -> None:
     p = tmp_path / "config.toml"
-    p.write_text(GOOD_V2)
+    p.write_text(with_root(GOOD_V2, tmp_path / "ctd"))
     assert check_all(config.Config(), config.DEFAULT_ADDRESS, tmp_path / "root", p) == []
     long_addr = "/" + "a" * 120
     assert any("longer than" in x for x in check_all(config.Config(), long_addr, tmp_path, p))
