@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from typing import NewType
 
 from index.model import EntryType, FileMetadata, UncompressedOffset
+from index.ztoc_codec import ZtocView
 from snapshotter.fs.errors import (
     NoSuchAttribute,
     NotADirectory,
@@ -731,9 +732,14 @@ def header_offsets(files: Sequence[FileMetadata]) -> list[int]:
     In offset order, the first entry's header starts at 0 and each later one at the 512-aligned
     end of the previous entry's data.
 
+    A `ZtocView` (already sorted and checked at construction) answers from its compact
+    offset arrays without decoding any entry.
+
     Raises:
         TreeBuildError: a derived header offset lies beyond the entry's data offset.
     """
+    if isinstance(files, ZtocView):
+        return [files.tar_header_offset(i) for i in range(len(files))]
     order = sorted(range(len(files)), key=lambda i: files[i].uncompressed_offset)
     result = [0] * len(files)
     position = 0

@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import shutil
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -72,6 +73,7 @@ from .errors import (
     UnpackError,
 )
 from .labels import TARGET_REF, LayerLabels
+from .preresolve import Preresolver
 from .unpack import unpack_layer
 
 if TYPE_CHECKING:
@@ -177,6 +179,9 @@ class RemoteMounter:
         self._mounted: dict[str, _Mounted] = {}
         self._broken: dict[str, str] = {}
         self._logged: set[tuple[str, str]] = set()
+        self._preresolver: Preresolver[tuple[Ztoc, LayerTree]] = Preresolver(
+            self._load_tree, nursery
+        )
 
     def __repr__(self) -> str:
         return (
@@ -259,9 +264,26 @@ class RemoteMounter:
         )
         return light, tree
 
+    def _preresolve(self, artifacts: ImageArtifacts, ll: LayerLabels) -> None:
+        """Start building the trees of the image's layers above this one (all the index's
+        other layers without `cri.image-layers`) in the background (`preresolve`)."""
+        if ll.image_layers:
+            above = ll.image_layers[1:] if ll.image_layers[0] == ll.layer_digest else ()
+            layers: Sequence[Digest] = above or ll.image_layers
+        else:
+            layers = [Digest(z.layer_digest) for z in artifacts.index.ztocs]
+        ztocs = []
+        for layer in layers:
+            zdesc = artifacts.index.ztoc_for_layer(layer)
+            if zdesc is not None and layer != ll.layer_digest:
+                ztocs.append(Digest(zdesc.digest))
+        self._preresolver.start(artifacts.manifest_digest, ztocs)
+
     async def _mount_lazy(self, mountpoint: Path, name: str, record: LayerRecord) -> None:
         """Add the layer to the FUSE host and bind it on `mountpoint`. Raises MountError."""
-        ztoc, tree = await trio.to_thread.run_sync(self._load_tree, Digest(record.ztoc_digest))
+        t0 = time.monotonic()
+        ztoc, tree = await self._preresolver.take(Digest(record.ztoc_digest))
+        t1 = time.monotonic()
         layer = Digest(record.layer_digest)
         try:
             ref = Reference.parse(record.image_ref)
@@ -283,11 +305,13 @@ class RemoteMounter:
             )
         except (FsError, ValueError) as e:
             raise MountError(f"layer {layer} as {name}: {e}") from e
+        t2 = time.monotonic()
         try:
             await trio.to_thread.run_sync(bindmount.bind, layer_dir, mountpoint)
         except OSError as e:
             self.fuse.remove_layer(name)
             raise MountError(f"layer {layer}: {e}") from e
+        t3 = time.monotonic()
         slot = self.fuse.host.status(name).slot
         if slot != record.slot:
             record = LayerRecord(**{**asdict(record), "slot": slot})
@@ -302,6 +326,16 @@ class RemoteMounter:
         self._broken.pop(name, None)
         self.tracker.touch()
         self.background.register(name, reader)
+        log.debug(
+            "lazy layer mount timings",
+            extra={
+                "layer": str(layer),
+                "tree_ms": round((t1 - t0) * 1000),
+                "fuse_ms": round((t2 - t1) * 1000),
+                "bind_ms": round((t3 - t2) * 1000),
+                "record_ms": round((time.monotonic() - t3) * 1000),
+            },
+        )
 
     async def _local(
         self, mountpoint: Path, ll: LayerLabels, ref: Reference, why: RemoteError
@@ -355,6 +389,7 @@ class RemoteMounter:
                 once_key="labels",
             )
             return MountResult.DECLINED
+        begin = time.monotonic()
         try:
             with trio.fail_after(self.config.mount_timeout_sec):
                 artifacts = await self._artifacts(ll, ref)
@@ -369,6 +404,8 @@ class RemoteMounter:
                 err, image=ll.image_ref, layer=ll.layer_digest, once_key=ll.manifest_digest
             )
             return MountResult.DECLINED
+        discovered = time.monotonic()
+        self._preresolve(artifacts, ll)
         zdesc = artifacts.index.ztoc_for_layer(ll.layer_digest)
         if zdesc is None:
             return await self._local(
@@ -401,6 +438,8 @@ class RemoteMounter:
                 "layer": ll.layer_digest,
                 "fuse_dir": name,
                 "index": artifacts.index_digest,
+                "discovery_ms": round((discovered - begin) * 1000),
+                "mount_ms": round((time.monotonic() - discovered) * 1000),
             },
         )
         return MountResult.REMOTE
@@ -539,7 +578,12 @@ async def open_remote_mounter(settings: Settings) -> AsyncIterator[LayerMounter]
         credentials=DockerConfig(cfg.docker_config or None), hosts_dirs=hosts_dirs
     )
     try:
-        cache = SpanCache(root / "cache", CacheConfig(max_bytes=cfg.cache_max_bytes))
+        cache = SpanCache(
+            root / "cache",
+            CacheConfig(
+                max_bytes=cfg.cache_max_bytes, inflated_max_bytes=cfg.inflated_cache_max_bytes
+            ),
+        )
         tracker = DemandTracker()
         background = BackgroundFetcher(
             BackgroundConfig(
