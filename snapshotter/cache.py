@@ -1,12 +1,26 @@
-"""The on-disk span cache: verified compressed spans, keyed by (layer digest, span id).
+"""The on-disk span caches: verified compressed spans, and a tier of inflated hot spans.
 
-Design (DESIGN.md D10): the cache holds the ORIGINAL compressed bytes of each span, which can
-be proven against the zTOC span digest at any time (and served to peers as they are). Layout
-under `root`::
+Design (DESIGN.md D10): `SpanCache` holds the ORIGINAL compressed bytes of each span, keyed by
+(layer digest, span id), which can be proven against the zTOC span digest at any time (and
+served to peers as they are). Layout under `root`::
 
     spans/sha256-<layer hex>/<span id>     one file per span
     spans/sha256-<layer hex>/.released     the layer's image was removed: evict it first
     tmp/                                   files being written (removed at start)
+    inflated/                              the inflated tier (same layout, see below)
+
+The inflated tier (`InflatedCache`, DESIGN.md D10 "may keep hot spans inflated") holds the
+tar-stream bytes a span inflates to, so a read that misses the reader's small in-memory LRU
+costs one positioned read of the bytes it needs instead of reading, hashing and inflating a
+whole compressed span. Its files are keyed by (layer digest, uncompressed start offset of the
+span) and named `inflated/spans/sha256-<layer hex>/<start>`: the tar stream of a layer is a
+function of its blob digest, so the key names the content whatever zTOC (span size) produced
+it. Only bytes inflated from verified compressed spans are written (by the reader's inflate
+thread); a file is complete because it is written to `tmp/` and renamed, and every read checks
+its size against the span's uncompressed length (a torn or foreign file is deleted and is a
+miss). It survives restarts like the compressed cache; it is bounded separately
+(`CacheConfig.inflated_max_bytes`) and follows the compressed cache's layer marks:
+`release_layer`, `retain_layer` and `drop_layer` apply to both tiers.
 
 Writes go to `tmp/` and are renamed into place, so a file under `spans/` is always complete.
 Every `get` hashes the file against the digest the caller expects; a corrupt file is deleted
@@ -32,14 +46,14 @@ from pathlib import Path
 from typing import Final
 
 from index.digest import Digest, DigestError
-from index.model import SpanId
+from index.model import SpanId, UncompressedOffset
 
 log = logging.getLogger(__name__)
 
 RELEASED_MARK: Final = ".released"
 _LAYER_PREFIX: Final = "sha256-"
 
-_Key = tuple[Digest, SpanId]
+_Key = tuple[Digest, int]
 
 
 class CacheError(Exception):
@@ -49,16 +63,19 @@ class CacheError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
-    """Span cache settings (wire into `snapshotter.config` as `[cache]`).
+    """Span cache settings (`[remote] cache_max_bytes`, `inflated_cache_max_bytes`).
 
-    `max_bytes` bounds the total size of cached span files (default 10 GiB).
+    `max_bytes` bounds the total size of cached compressed span files (default 10 GiB);
+    `inflated_max_bytes` bounds the inflated tier (0, the library default, turns it off; the
+    daemon's default is 4 GiB).
     """
 
     max_bytes: int = 10 * 1024 * 1024 * 1024
+    inflated_max_bytes: int = 0
 
     def __post_init__(self) -> None:
-        if self.max_bytes < 0:
-            raise ValueError(f"cache max_bytes must not be negative, got {self.max_bytes}")
+        if self.max_bytes < 0 or self.inflated_max_bytes < 0:
+            raise ValueError(f"cache sizes must not be negative, got {self!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,20 +106,24 @@ def _parse_layer_dir(name: str) -> Digest | None:
         return None
 
 
-class SpanCache:
-    """A bounded, content-addressed, restart-safe cache of compressed spans (see module doc).
+class _SpanFiles:
+    """A bounded, restart-safe LRU of files keyed by (layer digest, integer key): the storage,
+    index, eviction and layer marks both tiers share. `what` names it in messages, `key_noun`
+    names a key ("span 3").
 
     Raises `CacheError` from the constructor when `root` cannot be created.
     """
 
-    def __init__(self, root: Path, config: CacheConfig | None = None) -> None:
+    def __init__(self, root: Path, max_bytes: int, what: str, key_noun: str) -> None:
         self.root = root
-        self.config = config or CacheConfig()
+        self.max_bytes = max_bytes
+        self._what = what
+        self._key_noun = key_noun
         self._spans_dir = root / "spans"
         self._tmp_dir = root / "tmp"
         self._lock = threading.Lock()
         self._lru: OrderedDict[_Key, int] = OrderedDict()
-        self._by_layer: dict[Digest, set[SpanId]] = {}
+        self._by_layer: dict[Digest, set[int]] = {}
         self._released: set[Digest] = set()
         self._bytes = 0
         self._hits = self._misses = self._puts = self._evictions = self._corrupt = 0
@@ -111,13 +132,13 @@ class SpanCache:
             self._spans_dir.mkdir(parents=True, exist_ok=True)
             self._tmp_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise CacheError(f"span cache {root}: cannot create its directories: {e}") from e
+            raise CacheError(f"{what} {root}: cannot create its directories: {e}") from e
         self._load()
 
     def __repr__(self) -> str:
         return (
-            f"<SpanCache {self.root} entries={len(self._lru)} bytes={self._bytes}"
-            f"/{self.config.max_bytes} released={len(self._released)}>"
+            f"<{type(self).__name__} {self.root} entries={len(self._lru)} bytes={self._bytes}"
+            f"/{self.max_bytes} released={len(self._released)}>"
         )
 
     # -- index -----------------------------------------------------------------------------
@@ -142,11 +163,11 @@ class SpanCache:
                     st = entry.stat()
                 except OSError:
                     continue
-                found.append((st.st_mtime_ns, (layer, SpanId(int(entry.name))), st.st_size))
+                found.append((st.st_mtime_ns, (layer, int(entry.name)), st.st_size))
         found.sort(key=lambda item: item[0])
         for _, key, size in found:
             self._insert(key, size)
-        log.debug("span cache %s: %d spans, %d bytes", self.root, len(self._lru), self._bytes)
+        log.debug("%s %s: %d files, %d bytes", self._what, self.root, len(self._lru), self._bytes)
 
     def _insert(self, key: _Key, size: int) -> None:
         old = self._lru.pop(key, None)
@@ -167,18 +188,16 @@ class SpanCache:
             if not spans:
                 del self._by_layer[key[0]]
 
-    def _path(self, layer: Digest, span: SpanId) -> Path:
-        return self._spans_dir / _layer_dir_name(layer) / str(int(span))
+    def _path(self, layer: Digest, key: int) -> Path:
+        return self._spans_dir / _layer_dir_name(layer) / str(int(key))
 
     # -- queries ---------------------------------------------------------------------------
 
-    def contains(self, layer: Digest, span: SpanId) -> bool:
-        """Whether the index lists the span (no I/O; the file is verified only by `get`)."""
+    def _contains(self, layer: Digest, key: int) -> bool:
         with self._lock:
-            return (layer, span) in self._lru
+            return (layer, key) in self._lru
 
-    def spans_of(self, layer: Digest) -> frozenset[SpanId]:
-        """The span ids of `layer` the index lists."""
+    def _keys_of(self, layer: Digest) -> frozenset[int]:
         with self._lock:
             return frozenset(self._by_layer.get(layer, ()))
 
@@ -188,7 +207,7 @@ class SpanCache:
             return CacheStats(
                 entries=len(self._lru),
                 bytes=self._bytes,
-                max_bytes=self.config.max_bytes,
+                max_bytes=self.max_bytes,
                 released_layers=len(self._released),
                 hits=self._hits,
                 misses=self._misses,
@@ -199,56 +218,22 @@ class SpanCache:
 
     # -- get / put -------------------------------------------------------------------------
 
-    def get(self, layer: Digest, span: SpanId, expected: str) -> bytes | None:
-        """The cached bytes of the span if they hash to `expected` (`sha256:<hex>`), else None.
+    def _put(self, layer: Digest, name: int, data: bytes) -> None:
+        """Store `data` under (layer, name) atomically, then evict down to `max_bytes`.
 
-        A file that does not match is deleted (counted in `corrupt_dropped`); an unreadable
-        or missing one is a miss. Refreshes the span's recency. Never raises for I/O errors.
-        """
-        key = (layer, span)
-        path = self._path(layer, span)
-        try:
-            data = path.read_bytes()
-        except OSError:
-            with self._lock:
-                self._forget(key)
-                self._misses += 1
-            return None
-        if "sha256:" + hashlib.sha256(data).hexdigest() != expected:
-            log.warning("span cache: %s span %d does not match %s; dropped", layer, span, expected)
-            with contextlib.suppress(OSError):
-                path.unlink()
-            with self._lock:
-                self._forget(key)
-                self._corrupt += 1
-                self._misses += 1
-            return None
-        with contextlib.suppress(OSError):
-            os.utime(path)
-        with self._lock:
-            if key in self._lru:
-                self._lru.move_to_end(key)
-            else:
-                self._insert(key, len(data))
-            self._hits += 1
-        return data
-
-    def put(self, layer: Digest, span: SpanId, data: bytes) -> None:
-        """Store verified `data` as the span (atomically), then evict down to `max_bytes`.
-
-        A span larger than `max_bytes` is not stored. Raises `CacheError` when the file cannot
+        Data larger than `max_bytes` is not stored. Raises `CacheError` when the file cannot
         be written (nothing is left behind).
         """
         size = len(data)
-        if size > self.config.max_bytes:
+        if size > self.max_bytes:
             return
-        key = (layer, span)
-        final = self._path(layer, span)
+        key = (layer, name)
+        final = self._path(layer, name)
         with self._lock:
             self._tmp_seq += 1
             tmp = (
                 self._tmp_dir
-                / f"{layer.hex[:16]}-{int(span)}-{threading.get_ident()}-{self._tmp_seq}"
+                / f"{layer.hex[:16]}-{int(name)}-{threading.get_ident()}-{self._tmp_seq}"
             )
         try:
             final.parent.mkdir(exist_ok=True)
@@ -258,7 +243,9 @@ class SpanCache:
         except OSError as e:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            raise CacheError(f"span cache {self.root}: storing {layer} span {span}: {e}") from e
+            raise CacheError(
+                f"{self._what} {self.root}: storing {layer} {self._key_noun} {name}: {e}"
+            ) from e
         with self._lock:
             self._insert(key, size)
             self._puts += 1
@@ -268,15 +255,15 @@ class SpanCache:
     def _pick_victims(self, keep: _Key) -> list[_Key]:
         """Remove entries from the index until the total fits; returns them (lock held)."""
         victims: list[_Key] = []
-        if self._bytes <= self.config.max_bytes:
+        if self._bytes <= self.max_bytes:
             return victims
         if self._released:
             for candidate in [k for k in self._lru if k[0] in self._released and k != keep]:
-                if self._bytes <= self.config.max_bytes:
+                if self._bytes <= self.max_bytes:
                     break
                 self._forget(candidate)
                 victims.append(candidate)
-        while self._bytes > self.config.max_bytes:
+        while self._bytes > self.max_bytes:
             oldest = next((k for k in self._lru if k != keep), None)
             if oldest is None:
                 break
@@ -321,7 +308,7 @@ class SpanCache:
         try:
             (layer_dir / RELEASED_MARK).touch()
         except OSError as e:
-            raise CacheError(f"span cache {self.root}: marking {layer} released: {e}") from e
+            raise CacheError(f"{self._what} {self.root}: marking {layer} released: {e}") from e
 
     def retain_layer(self, layer: Digest) -> None:
         """Clear `layer`'s released mark (it is in use again). Idempotent, never raises."""
@@ -337,7 +324,7 @@ class SpanCache:
             return layer in self._released
 
     def drop_layer(self, layer: Digest) -> int:
-        """Delete every cached span of `layer` now; returns the bytes freed. Never raises."""
+        """Delete every file of `layer` now; returns the bytes freed. Never raises."""
         with self._lock:
             keys = [(layer, s) for s in self._by_layer.get(layer, ())]
             freed = sum(self._lru.get(k, 0) for k in keys)
@@ -347,3 +334,177 @@ class SpanCache:
         self._delete(keys)
         self._tidy_layer(layer)
         return freed
+
+
+class SpanCache(_SpanFiles):
+    """A bounded, content-addressed, restart-safe cache of compressed spans (see module doc).
+
+    `inflated` is the inflated tier under `root/inflated` when `config.inflated_max_bytes` is
+    positive, else None. Raises `CacheError` from the constructor when a directory cannot be
+    created.
+    """
+
+    def __init__(self, root: Path, config: CacheConfig | None = None) -> None:
+        self.config = config or CacheConfig()
+        super().__init__(root, self.config.max_bytes, "span cache", "span")
+        self.inflated: InflatedCache | None = (
+            InflatedCache(root / "inflated", self.config.inflated_max_bytes)
+            if self.config.inflated_max_bytes > 0
+            else None
+        )
+
+    def contains(self, layer: Digest, span: SpanId) -> bool:
+        """Whether the index lists the span (no I/O; the file is verified only by `get`)."""
+        return self._contains(layer, span)
+
+    def spans_of(self, layer: Digest) -> frozenset[SpanId]:
+        """The span ids of `layer` the index lists."""
+        return frozenset(SpanId(k) for k in self._keys_of(layer))
+
+    def get(self, layer: Digest, span: SpanId, expected: str) -> bytes | None:
+        """The cached bytes of the span if they hash to `expected` (`sha256:<hex>`), else None.
+
+        A file that does not match is deleted (counted in `corrupt_dropped`); an unreadable
+        or missing one is a miss. Refreshes the span's recency. Never raises for I/O errors.
+        """
+        key = (layer, span)
+        path = self._path(layer, span)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            with self._lock:
+                self._forget(key)
+                self._misses += 1
+            return None
+        if "sha256:" + hashlib.sha256(data).hexdigest() != expected:
+            log.warning("span cache: %s span %d does not match %s; dropped", layer, span, expected)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            with self._lock:
+                self._forget(key)
+                self._corrupt += 1
+                self._misses += 1
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)
+        with self._lock:
+            # Not listed any more: evicted while it was read, and its file is being deleted;
+            # the bytes are still good, but listing it again would leave an entry without file.
+            if key in self._lru:
+                self._lru.move_to_end(key)
+            self._hits += 1
+        return data
+
+    def put(self, layer: Digest, span: SpanId, data: bytes) -> None:
+        """Store verified `data` as the span (atomically), then evict down to `max_bytes`.
+
+        A span larger than `max_bytes` is not stored. Raises `CacheError` when the file cannot
+        be written (nothing is left behind).
+        """
+        self._put(layer, span, data)
+
+    # -- layer marks: both tiers -----------------------------------------------------------
+
+    def release_layer(self, layer: Digest) -> None:
+        """Mark `layer`'s spans (and inflated spans) evictable first: its image was removed.
+        Persists. Idempotent. Raises `CacheError` when a mark cannot be written."""
+        super().release_layer(layer)
+        if self.inflated is not None:
+            self.inflated.release_layer(layer)
+
+    def retain_layer(self, layer: Digest) -> None:
+        """Clear `layer`'s released marks in both tiers. Idempotent, never raises."""
+        super().retain_layer(layer)
+        if self.inflated is not None:
+            self.inflated.retain_layer(layer)
+
+    def drop_layer(self, layer: Digest) -> int:
+        """Delete every cached and inflated span of `layer` now; returns the bytes freed (both
+        tiers). Never raises."""
+        freed = super().drop_layer(layer)
+        if self.inflated is not None:
+            freed += self.inflated.drop_layer(layer)
+        return freed
+
+
+class InflatedCache(_SpanFiles):
+    """The inflated tier: tar-stream bytes of spans, keyed by (layer, uncompressed start).
+
+    Only `SpanCache` creates one (see the module doc). Thread-safe; call from worker threads
+    (`read` and `put` do disk I/O; `contains` does not).
+    """
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        super().__init__(root, max_bytes, "inflated span cache", "span at tar offset")
+
+    def contains(self, layer: Digest, start: UncompressedOffset) -> bool:
+        """Whether the index lists the span starting at tar offset `start` (no I/O)."""
+        return self._contains(layer, start)
+
+    def put(self, layer: Digest, start: UncompressedOffset, data: bytes) -> None:
+        """Store the inflated span starting at tar offset `start`; `data` MUST come from a
+        verified compressed span. Atomic (temp file + rename); evicts down to the bound.
+        Raises `CacheError` when the file cannot be written."""
+        self._put(layer, start, data)
+
+    def read(
+        self, layer: Digest, start: UncompressedOffset, length: int, offset: int, size: int
+    ) -> bytes | None:
+        """Bytes `[offset, offset + size)` of the inflated span that starts at tar offset
+        `start` and is `length` bytes long (offsets relative to the span), or None on a miss.
+
+        Reads only the bytes asked for (one `pread`). A file whose size is not `length` (torn,
+        or written for another span layout) is deleted and counted in `corrupt_dropped`. Also
+        refreshes the span's recency (the file mtime only when it was not already the most
+        recent entry, so a run of reads in one span costs one `utime`). Never raises.
+        """
+        key = (layer, int(start))
+        want = max(0, min(size, length - offset))
+        with self._lock:
+            if key not in self._lru:
+                self._misses += 1
+                return None
+            was_newest = next(reversed(self._lru)) == key
+            self._lru.move_to_end(key)
+        path = self._path(layer, start)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            with self._lock:
+                self._forget(key)
+                self._misses += 1
+            return None
+        try:
+            actual = os.fstat(fd).st_size
+            if actual != length:
+                log.warning(
+                    "inflated span cache: %s span at %d has %d bytes, expected %d; dropped",
+                    layer,
+                    start,
+                    actual,
+                    length,
+                )
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                with self._lock:
+                    self._forget(key)
+                    self._corrupt += 1
+                    self._misses += 1
+                return None
+            data = os.pread(fd, want, offset) if want else b""
+            if not was_newest:
+                with contextlib.suppress(OSError):
+                    os.utime(fd)
+        except OSError:
+            with self._lock:
+                self._misses += 1
+            return None
+        finally:
+            os.close(fd)
+        if len(data) != want:
+            with self._lock:
+                self._misses += 1
+            return None
+        with self._lock:
+            self._hits += 1
+        return data

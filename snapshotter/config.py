@@ -126,6 +126,13 @@ class RemoteConfig:
         default=10 * 1024 * 1024 * 1024,
         metadata=_doc("Size bound of the span cache under <root>/cache, in bytes."),
     )
+    inflated_cache_max_bytes: int = field(
+        default=4 * 1024 * 1024 * 1024,
+        metadata=_doc(
+            "Size bound of the inflated-span tier under <root>/cache/inflated, in bytes: hot "
+            "spans kept uncompressed so a read skips re-verifying and inflating; 0 = off."
+        ),
+    )
     max_parallel_requests: int = field(
         default=4, metadata=_doc("Registry requests in flight at once (all layers).")
     )
@@ -199,6 +206,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             "[remote] cache_max_bytes and background_rate_bytes_per_sec must not be negative"
         )
+    if r.inflated_cache_max_bytes < 0:
+        raise ConfigError("[remote] inflated_cache_max_bytes: must not be negative")
     if r.background_quiet_period_ms < 0:
         raise ConfigError("[remote] background_quiet_period_ms: must not be negative")
 

@@ -27,6 +27,14 @@ the next source: D4); wrong bytes are never cached or returned. A read fails wit
 `LayerReadError` only when every source failed. Inflation runs in worker threads behind a
 limiter sized to the CPU count; the last `inflated_cache_spans` inflated spans stay in memory.
 
+The inflated disk tier (`SpanCache.inflated`, when configured) sits in front of the table and
+is not a state of it: the table tracks the compressed bytes (what is fetched, what progress
+reports), the tier only saves inflation. The inflate thread writes every span it inflates
+(from verified compressed bytes only) to the tier; a read whose spans are all in the memory
+LRU or the tier is served with one positioned read per span of just the bytes it needs, in a
+worker thread, without touching the table (so it also works after the compressed copy was
+evicted: no refetch). A tier miss (evicted, torn) falls back to the path above.
+
 Units: bytes; offsets into the tar stream are `UncompressedOffset`, into the blob
 `CompressedOffset`.
 """
@@ -48,7 +56,7 @@ import trio
 from index.digest import Digest
 from index.model import CompressedOffset, SpanId, UncompressedOffset, Ztoc
 from index.zinfo import GzipSpanMap, SpanDigestMismatch, SpanError, SpanMap, ZinfoError
-from snapshotter.cache import CacheError, SpanCache
+from snapshotter.cache import CacheError, InflatedCache, SpanCache
 from snapshotter.fetch import BlobSource, ContentMismatch, FetchError
 from snapshotter.fs.errors import LayerReadError
 from snapshotter.fs.readers import FetchProgress
@@ -291,6 +299,8 @@ class RemoteLayerReader:
         self.table = SpanTable([end - start for start, end in self._ranges])
         self._inflate_limiter = inflate_limiter or default_inflate_limiter(self.config)
         self._io_limiter = io_limiter or trio.CapacityLimiter(4)
+        self._tier: InflatedCache | None = cache.inflated
+        self._tier_warned = False
         self._inflight: dict[SpanId, _Fetch] = {}
         self._inflating: dict[SpanId, trio.Event] = {}
         self._lru: OrderedDict[SpanId, bytes] = OrderedDict()
@@ -531,11 +541,24 @@ class RemoteLayerReader:
     # -- inflating ---------------------------------------------------------------------------
 
     def _load_inflate(self, span: SpanId, compressed: bytes | None) -> bytes:
+        """In a worker thread: the verified compressed span (given, or from the cache, which
+        hashes it) inflated, and written to the inflated tier. Raises `_Refetch`, `ZinfoError`.
+        """
         if compressed is None:
             compressed = self.cache.get(self.layer, span, self.span_map.span_digests[span])
             if compressed is None:
                 raise _Refetch(span)
-        return self.span_map.inflate(span, compressed)
+        data = self.span_map.inflate(span, compressed)
+        if self._tier is not None:
+            start, end = self.span_map.uncompressed_range(span)
+            if len(data) == end - start:
+                try:
+                    self._tier.put(self.layer, start, data)
+                except CacheError as e:
+                    if not self._tier_warned:  # once per layer: a full disk would flood the log
+                        self._tier_warned = True
+                        log.warning("layer %s: inflated span %d not kept: %s", self.layer, span, e)
+        return data
 
     async def _inflated(self, span: SpanId, compressed: bytes | None) -> bytes:
         """The inflated span. Raises `_Refetch` or `LayerReadError` (inflation failed)."""
@@ -596,6 +619,12 @@ class RemoteLayerReader:
             spans[0] == self._last_span and len(spans) > 1
         )
         self._last_span = spans[-1]
+        if self._tier is not None:
+            local = await self._read_local(spans, offset, end)
+            if local is not None:
+                if sequential and self._nursery is not None and self.config.readahead_spans:
+                    self._maybe_read_ahead(spans[-1])
+                return local
         for _ in range(4):
             got = await self._ensure(spans, sequential)
             try:
@@ -612,6 +641,41 @@ class RemoteLayerReader:
             hi = min(end - span_start, len(data))
             out.append(data[lo:hi])
         return out[0] if len(out) == 1 else b"".join(out)
+
+    async def _read_local(self, spans: Sequence[SpanId], offset: int, end: int) -> bytes | None:
+        """`[offset, end)` from the memory LRU and the inflated tier, or None when a span is
+        in neither (or the tier lost it meanwhile). None too when every span is in the LRU:
+        the ordinary path serves those without a thread hop."""
+        tier = self._tier
+        assert tier is not None
+        plan: list[tuple[UncompressedOffset, int, int, int, bytes | None]] = []
+        from_disk = False
+        for span in spans:
+            start, stop = self.span_map.uncompressed_range(span)
+            lo, hi = max(offset - start, 0), min(end, stop) - start
+            hit = self._lru.get(span)
+            if hit is None:
+                if not tier.contains(self.layer, start):
+                    return None
+                from_disk = True
+            plan.append((start, stop - start, lo, hi, hit))
+        if not from_disk:
+            return None
+
+        def load() -> bytes | None:
+            parts: list[bytes] = []
+            for start, length, lo, hi, hit in plan:
+                part = (
+                    hit[lo:hi]
+                    if hit is not None
+                    else tier.read(self.layer, start, length, lo, hi - lo)
+                )
+                if part is None:
+                    return None
+                parts.append(part)
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+        return await trio.to_thread.run_sync(load)
 
     async def _inflate_all(self, spans: list[SpanId], got: Mapping[SpanId, bytes]) -> list[bytes]:
         if len(spans) == 1:

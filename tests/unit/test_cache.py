@@ -6,12 +6,13 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from index.digest import Digest
-from index.model import SpanId
+from index.model import SpanId, UncompressedOffset
 from snapshotter.cache import RELEASED_MARK, CacheConfig, CacheError, SpanCache
 
 LAYER_A = Digest("sha256:" + "a" * 64)
@@ -215,3 +216,103 @@ def test_concurrent_puts_and_gets_keep_the_bound(tmp_path: Path) -> None:
     assert stats.bytes <= 20_000 and stats.entries == stats.bytes // 1000
     on_disk = [f for f in (tmp_path / "spans").rglob("*") if f.is_file()]
     assert len(on_disk) == stats.entries
+
+
+# -- the inflated tier ----------------------------------------------------------------------------
+
+
+def inflated_cache(root: Path, inflated_max_bytes: int = 1 << 20) -> SpanCache:
+    return SpanCache(root, CacheConfig(max_bytes=1 << 20, inflated_max_bytes=inflated_max_bytes))
+
+
+def test_inflated_tier_is_off_unless_configured(tmp_path: Path) -> None:
+    assert SpanCache(tmp_path).inflated is None
+    assert not (tmp_path / "inflated").exists()
+    with pytest.raises(ValueError, match="must not be negative"):
+        CacheConfig(inflated_max_bytes=-1)
+
+
+def test_inflated_reads_only_the_bytes_asked_for(tmp_path: Path) -> None:
+    tier = inflated_cache(tmp_path).inflated
+    assert tier is not None
+    data = span_bytes(LAYER_A, 7, 5000)
+    start = UncompressedOffset(4_194_304)
+    tier.put(LAYER_A, start, data)
+    path = tmp_path / "inflated" / "spans" / f"sha256-{'a' * 64}" / str(start)
+    assert path.read_bytes() == data
+    assert list((tmp_path / "inflated" / "tmp").iterdir()) == []
+    assert tier.contains(LAYER_A, start) and not tier.contains(LAYER_B, start)
+    assert tier.read(LAYER_A, start, 5000, 100, 4096) == data[100:4196]
+    assert tier.read(LAYER_A, start, 5000, 4000, 4096) == data[4000:]  # clipped at the end
+    assert tier.read(LAYER_A, start, 5000, 5000, 10) == b""
+    assert tier.read(LAYER_A, UncompressedOffset(0), 5000, 0, 10) is None
+    stats = tier.stats()
+    assert (stats.entries, stats.bytes, stats.hits, stats.misses) == (1, 5000, 3, 1)
+
+
+def test_torn_inflated_file_is_dropped(tmp_path: Path) -> None:
+    tier = inflated_cache(tmp_path).inflated
+    assert tier is not None
+    start = UncompressedOffset(0)
+    tier.put(LAYER_A, start, span_bytes(LAYER_A, 0, 3000))
+    path = tmp_path / "inflated" / "spans" / f"sha256-{'a' * 64}" / "0"
+    with open(path, "r+b") as f:  # a file cut short behind the cache's back
+        f.truncate(1000)
+    assert tier.read(LAYER_A, start, 3000, 0, 10) is None
+    assert not path.exists() and not tier.contains(LAYER_A, start)
+    assert tier.stats().corrupt_dropped == 1
+    # a file of another span layout (same start, other length) is not served either
+    tier.put(LAYER_A, start, span_bytes(LAYER_A, 0, 3000))
+    assert tier.read(LAYER_A, start, 2999, 0, 10) is None
+    # deleted behind the cache's back: a miss, forgotten
+    tier.put(LAYER_A, start, span_bytes(LAYER_A, 0, 3000))
+    path.unlink()
+    assert tier.read(LAYER_A, start, 3000, 0, 10) is None
+    assert tier.stats().entries == 0
+
+
+def test_inflated_tier_is_bounded_lru_and_survives_a_restart(tmp_path: Path) -> None:
+    cache = inflated_cache(tmp_path, inflated_max_bytes=10_000)
+    tier = cache.inflated
+    assert tier is not None
+    for i in range(3):
+        tier.put(LAYER_A, UncompressedOffset(i * 4000), span_bytes(LAYER_A, i, 4000))
+    # 12000 > 10000: the oldest (0) went
+    assert not tier.contains(LAYER_A, UncompressedOffset(0))
+    assert tier.stats().bytes == 8000 and tier.stats().evictions == 1
+    assert tier.read(LAYER_A, UncompressedOffset(4000), 4000, 0, 1) is not None  # now newest
+    time.sleep(0.01)
+    on_disk = tmp_path / "inflated" / "spans" / f"sha256-{'a' * 64}"
+    assert sorted(p.name for p in on_disk.iterdir()) == ["4000", "8000"]
+    assert os.stat(on_disk / "4000").st_mtime_ns >= os.stat(on_disk / "8000").st_mtime_ns
+
+    reopened = inflated_cache(tmp_path, inflated_max_bytes=10_000).inflated
+    assert reopened is not None
+    assert reopened.stats().entries == 2
+    assert reopened.read(LAYER_A, UncompressedOffset(8000), 4000, 0, 4000) == span_bytes(
+        LAYER_A, 2, 4000
+    )
+    reopened.put(LAYER_B, UncompressedOffset(0), span_bytes(LAYER_B, 0, 4000))
+    assert reopened.stats().bytes == 8000  # the least recently used A span went
+
+
+def test_layer_marks_and_drop_cover_both_tiers(tmp_path: Path) -> None:
+    cache = inflated_cache(tmp_path, inflated_max_bytes=9000)
+    tier = cache.inflated
+    assert tier is not None
+    put(cache, LAYER_A, 0)
+    tier.put(LAYER_A, UncompressedOffset(0), span_bytes(LAYER_A, 0, 4000))
+    tier.put(LAYER_B, UncompressedOffset(0), span_bytes(LAYER_B, 0, 4000))
+    cache.release_layer(LAYER_A)
+    assert cache.is_released(LAYER_A) and tier.is_released(LAYER_A)
+    cache.retain_layer(LAYER_A)
+    assert not cache.is_released(LAYER_A) and not tier.is_released(LAYER_A)
+    cache.release_layer(LAYER_A)
+    # the released layer's inflated span is evicted first, although B's is older
+    tier.put(LAYER_B, UncompressedOffset(4000), span_bytes(LAYER_B, 1, 4000))
+    assert not tier.contains(LAYER_A, UncompressedOffset(0))
+    assert tier.contains(LAYER_B, UncompressedOffset(0))
+    assert not (tmp_path / "inflated" / "spans" / f"sha256-{'a' * 64}").exists()
+    assert cache.drop_layer(LAYER_B) == 8000
+    assert tier.stats().entries == 0
+    assert not (tmp_path / "inflated" / "spans" / f"sha256-{'b' * 64}").exists()

@@ -25,7 +25,7 @@ from index.oci.reference import Reference
 from index.oci.registry import RegistryClient
 from index.zinfo import SpanInflateError, SpanMap
 from snapshotter.background import BackgroundConfig, BackgroundFetcher
-from snapshotter.cache import SpanCache
+from snapshotter.cache import CacheConfig, SpanCache
 from snapshotter.fetch import (
     AccessDenied,
     AllSourcesFailed,
@@ -712,3 +712,102 @@ async def test_background_backs_off_a_failing_layer(
             await trio.sleep(1)
         nursery.cancel_scope.cancel()
     assert reader.progress().percent > 99.0
+
+
+# -- the inflated tier ----------------------------------------------------------------------------
+
+
+class _CountingInflate:
+    """A span map whose `inflate` calls are counted."""
+
+    def __init__(self, inner: SpanMap) -> None:
+        self._inner = inner
+        self.inflates = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    def inflate(self, span: SpanId, data: bytes) -> bytes:
+        self.inflates += 1
+        return self._inner.inflate(span, data)
+
+
+def tier_reader(
+    layer: Layer, source: MemorySource, cache_dir: Path, **config: int
+) -> tuple[RemoteLayerReader, _CountingInflate]:
+    reader = RemoteLayerReader(
+        layer.digest,
+        layer.ztoc,
+        source,
+        SpanCache(cache_dir, CacheConfig(inflated_max_bytes=64 << 20)),
+        config=ReadConfig(**config),
+    )
+    counting = _CountingInflate(reader.span_map)
+    reader.span_map = counting  # type: ignore[assignment]
+    return reader, counting
+
+
+async def test_inflated_spans_are_kept_on_disk_and_served_without_inflating(
+    layer: Layer, tmp_path: Path
+) -> None:
+    first, counted = tier_reader(layer, MemorySource(layer.blob), tmp_path, inflated_cache_spans=1)
+    await read_all_files(first, layer)
+    spans = first.span_map.span_count
+    assert counted.inflates >= spans
+    tier = first.cache.inflated
+    assert tier is not None and tier.stats().entries == spans
+    for i in range(spans):
+        start, end = first.span_map.uncompressed_range(SpanId(i))
+        path = tmp_path / "inflated" / "spans" / f"sha256-{layer.digest.hex}" / str(start)
+        assert path.read_bytes() == layer.tar[start:end]
+
+    # a new reader (empty memory LRU), the compressed spans gone: served from the tier alone
+    SpanCache(tmp_path).drop_layer(layer.digest)
+    source = MemorySource(layer.blob)
+    again, counted = tier_reader(layer, source, tmp_path, inflated_cache_spans=1)
+    await read_all_files(again, layer, chunk=4096)
+    files = layer.files()
+    offset = files[sorted(files)[3]][0] + 1000
+    assert (
+        await again.read(UncompressedOffset(offset), 3 * SPAN)
+        == layer.tar[offset : offset + 3 * SPAN]
+    )
+    assert counted.inflates == 0 and source.calls == []
+    assert again.cache.stats().hits == 0  # no compressed span was read or hashed
+    assert again.cache.inflated is not None
+    assert again.cache.inflated.stats().hits > 100
+
+
+async def test_a_torn_inflated_file_falls_back_to_the_compressed_span(
+    layer: Layer, tmp_path: Path
+) -> None:
+    source = MemorySource(layer.blob)
+    reader, counted = tier_reader(layer, source, tmp_path, readahead_spans=0)
+    at = span_start(reader, 2)
+    assert await reader.read(at, 10) == layer.tar[at : at + 10]
+    path = tmp_path / "inflated" / "spans" / f"sha256-{layer.digest.hex}" / str(at)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])  # torn (e.g. written by a broken tool)
+    fresh, counted = tier_reader(layer, source, tmp_path, readahead_spans=0)
+    assert await fresh.read(at + 5, 100) == layer.tar[at + 5 : at + 105]
+    assert counted.inflates == 1 and len(source.calls) == 1  # re-inflated from the disk cache
+    assert fresh.cache.inflated is not None
+    assert fresh.cache.inflated.stats().corrupt_dropped == 1
+    assert path.read_bytes() == whole  # written again, whole
+
+
+async def test_reads_mixing_memory_tier_and_missing_spans(layer: Layer, tmp_path: Path) -> None:
+    source = MemorySource(layer.blob)
+    reader, counted = tier_reader(
+        layer, source, tmp_path, readahead_spans=0, inflated_cache_spans=2
+    )
+    for i in (1, 3):  # spans 1 and 3 local (tier; 3 also in memory), 2 never read
+        await reader.read(span_start(reader, i), 1)
+    start, end = span_start(reader, 1) + 7, span_start(reader, 4) - 3
+    assert await reader.read(start, end - start) == layer.tar[start:end]
+    assert reader.table.state(SpanId(2)) in (SpanState.CACHED, SpanState.INFLATED)
+    # now all three are local: served by the tier path in one go
+    inflates = counted.inflates
+    fresh, counted = tier_reader(layer, source, tmp_path, readahead_spans=0)
+    assert await fresh.read(start, end - start) == layer.tar[start:end]
+    assert counted.inflates == 0 and inflates >= 3
