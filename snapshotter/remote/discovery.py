@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from index import manifest as soci_manifest
 from index.digest import Digest, DigestError
-from index.manifest import IndexManifestError, SociIndex
+from index.manifest import IndexManifestError, SociIndex, ZtocDescriptor
 from index.oci import mediatypes as mt
 from index.oci.errors import NotFoundError, OciError
 from index.oci.reference import Reference
@@ -142,8 +143,13 @@ def fetch_artifacts(
     modes: DiscoveryModes,
     *,
     parallel: int = 4,
+    on_ztoc: Callable[[ZtocDescriptor], None] | None = None,
 ) -> ImageArtifacts:
     """Find the index of `manifest` and make it and all its zTOCs local (see module doc).
+
+    `on_ztoc` is called (from a worker thread) with each zTOC's descriptor as soon as that
+    zTOC is in the local store, so work on it can start while others still download; what
+    it raises is logged and ignored.
 
     Raises NoIndex, IndexFetchError (any fetch, digest or decode failure: a partial fetch
     is a failure).
@@ -154,8 +160,18 @@ def fetch_artifacts(
         index = soci_manifest.parse_index(data)
     except IndexManifestError as e:
         raise IndexFetchError(f"SOCI index {ref.name}@{digest}: {e}") from e
+
+    def fetch(z: ZtocDescriptor) -> int:
+        size = _fetch_ztoc(client, store, ref, z.digest)
+        if on_ztoc is not None:
+            try:
+                on_ztoc(z)
+            except Exception as e:
+                log.debug("zTOC callback failed", extra={"digest": z.digest, "error": repr(e)})
+        return size
+
     with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="ztoc") as pool:
-        fetched = sum(pool.map(lambda z: _fetch_ztoc(client, store, ref, z.digest), index.ztocs))
+        fetched = sum(pool.map(fetch, index.ztocs))
     try:
         for z in index.ztocs:
             store.add_ztoc(z.digest, z.size, z.layer_digest, z.layer_media_type, z.span_size)

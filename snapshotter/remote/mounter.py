@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, cast
 import trio
 
 from index.digest import Digest
+from index.manifest import ZtocDescriptor
 from index.model import FileMetadata, Ztoc
 from index.oci.dockerconfig import DockerConfig
 from index.oci.errors import OciError
@@ -225,6 +226,11 @@ class RemoteMounter:
                 and self._no_index.get(manifest, -math.inf) > trio.current_time()
             ):
                 raise NoIndex(f"no SOCI index for image manifest {ref.name}@{manifest} (cached)")
+            token = trio.lowlevel.current_trio_token()
+
+            def on_ztoc(z: ZtocDescriptor) -> None:
+                trio.from_thread.run_sync(self._ztoc_ready, ll, z, trio_token=token)
+
             try:
                 artifacts: ImageArtifacts = await trio.to_thread.run_sync(
                     functools.partial(
@@ -236,6 +242,7 @@ class RemoteMounter:
                         ll.index_digest,
                         self._modes,
                         parallel=self.config.max_parallel_requests,
+                        on_ztoc=on_ztoc,
                     ),
                     abandon_on_cancel=True,
                 )
@@ -264,20 +271,21 @@ class RemoteMounter:
         )
         return light, tree
 
+    def _ztoc_ready(self, ll: LayerLabels, z: ZtocDescriptor) -> None:
+        """zTOC `z` of the image of `ll` is in the local store: queue its tree (`preresolve`)
+        if containerd will ask for its layer (in `cri.image-layers`, this layer to the top;
+        every layer of the index without that label)."""
+        if not ll.image_layers or z.layer_digest in ll.image_layers:
+            self._preresolver.add(ll.manifest_digest, Digest(z.digest))
+
     def _preresolve(self, artifacts: ImageArtifacts, ll: LayerLabels) -> None:
-        """Start building the trees of the image's layers above this one (all the index's
-        other layers without `cri.image-layers`) in the background (`preresolve`)."""
-        if ll.image_layers:
-            above = ll.image_layers[1:] if ll.image_layers[0] == ll.layer_digest else ()
-            layers: Sequence[Digest] = above or ll.image_layers
-        else:
-            layers = [Digest(z.layer_digest) for z in artifacts.index.ztocs]
-        ztocs = []
-        for layer in layers:
-            zdesc = artifacts.index.ztoc_for_layer(layer)
-            if zdesc is not None and layer != ll.layer_digest:
-                ztocs.append(Digest(zdesc.digest))
-        self._preresolver.start(artifacts.manifest_digest, ztocs)
+        """Queue the trees of the image's layers from this one up (`_ztoc_ready`): for an
+        index cached by an earlier Prepare or pull; zTOCs already queued are skipped."""
+        index = artifacts.index
+        for layer in ll.image_layers or [Digest(z.layer_digest) for z in index.ztocs]:
+            z = index.ztoc_for_layer(layer)
+            if z is not None:
+                self._ztoc_ready(ll, z)
 
     async def _mount_lazy(self, mountpoint: Path, name: str, record: LayerRecord) -> None:
         """Add the layer to the FUSE host and bind it on `mountpoint`. Raises MountError."""

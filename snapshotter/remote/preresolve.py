@@ -2,9 +2,10 @@
 
 containerd prepares an image's layers one after another, so a per-layer cost such as
 decoding a zTOC and building the layer tree (`build_tree`, about a second per 50k entries)
-adds up serially. On the first Prepare of an image, `Preresolver.start` queues the trees of
-the layers containerd will ask for next (from `cri.image-layers`, or every layer of the
-index) and builds them in worker threads under a bounded limiter (spec/soci.md §5.3-5.4:
+adds up serially. On the first Prepare of an image, each zTOC of the layers containerd will
+ask for (from `cri.image-layers`, or every layer of the index) is queued with
+`Preresolver.add` as soon as it is in the local store, while the others still download, and
+its tree is built in worker threads under a bounded limiter (spec/soci.md §5.3-5.4:
 SOCI pre-resolves the other zTOC-indexed layers of the image). When the Prepare for one of
 them arrives, `Preresolver.take` waits for the resolution already done or in flight instead
 of redoing it (singleflight); a background failure is forgotten and the layer is loaded
@@ -45,12 +46,21 @@ class _Entry(Generic[T]):
     """The background result, boxed (a result may itself be None)."""
 
 
+@dataclass(eq=False)
+class _Image(Generic[T]):
+    digest: Digest
+    queue: deque[tuple[Digest, _Entry[T]]] = field(default_factory=deque)
+    seen: set[Digest] = field(default_factory=set)
+    scopes: list[trio.CancelScope] = field(default_factory=list)
+    workers: int = 0
+
+
 class Preresolver(Generic[T]):
     """Per-image, singleflight background calls of `load(key)` (see the module doc).
 
     `load` is a blocking function run in a worker thread; whatever it raises in the
     background is logged at debug level and not kept. At most `parallel` calls run at once,
-    in the order the keys were given. Background tasks run in `nursery`.
+    in the order the keys were added. Background tasks run in `nursery`.
     """
 
     def __init__(
@@ -65,45 +75,50 @@ class Preresolver(Generic[T]):
         self._nursery = nursery
         self._parallel = max(1, parallel)
         self._ttl_sec = ttl_sec
-        self._image: Digest | None = None
-        self._scope = trio.CancelScope()
+        self._state: _Image[T] | None = None
         self._entries: dict[Digest, _Entry[T]] = {}
 
     def __repr__(self) -> str:
-        return f"<Preresolver image={self._image} pending={len(self._entries)}>"
+        return f"<Preresolver image={self.image} pending={len(self._entries)}>"
 
     @property
     def image(self) -> Digest | None:
         """The image whose layers are being (or were) resolved, None when nothing is kept."""
-        return self._image
+        return None if self._state is None else self._state.digest
 
     def pending(self) -> list[Digest]:
-        """Keys started and not yet taken, in start order."""
+        """Keys added and not yet taken, in order."""
         return list(self._entries)
 
-    def start(self, image: Digest, keys: Iterable[Digest]) -> bool:
-        """Queue `load(key)` for each key (duplicates once) if `image` is not already the
-        current one; a different current image is dropped first. Returns whether anything
-        was queued. Never raises."""
-        if image == self._image:
+    def add(self, image: Digest, key: Digest) -> bool:
+        """Queue `load(key)` for `image` unless this image already queued `key`; a different
+        current image is dropped first (its expiry timer starts with its first key). Returns
+        whether `key` was queued. Never raises."""
+        state = self._state
+        if state is None or state.digest != image:
+            self.drop()
+            state = self._state = _Image(image)
+            state.scopes.append(scope := trio.CancelScope())
+            self._nursery.start_soon(self._expire, scope)
+            log.debug("layer pre-resolution started", extra={"image": image})
+        if key in state.seen:
             return False
-        self.drop()
-        wanted = list(dict.fromkeys(keys))
-        if not wanted:
-            return False
-        self._image = image
-        self._scope = trio.CancelScope()
-        queue: deque[tuple[Digest, _Entry[T]]] = deque()
-        for key in wanted:
-            entry: _Entry[T] = _Entry()
-            self._entries[key] = entry
-            queue.append((key, entry))
-        self._nursery.start_soon(self._run, queue, self._scope)
-        log.debug("layer pre-resolution started", extra={"image": image, "layers": len(wanted)})
+        state.seen.add(key)
+        entry: _Entry[T] = _Entry()
+        self._entries[key] = entry
+        state.queue.append((key, entry))
+        if state.workers < self._parallel:
+            state.workers += 1
+            state.scopes.append(scope := trio.CancelScope())
+            self._nursery.start_soon(self._worker, state, scope)
         return True
 
+    def start(self, image: Digest, keys: Iterable[Digest]) -> bool:
+        """`add` each key in order; returns whether any was queued. Never raises."""
+        return [self.add(image, key) for key in keys].count(True) > 0
+
     async def take(self, key: Digest) -> T:
-        """The result of `load(key)`: the background one when it was started for the current
+        """The result of `load(key)`: the background one when it was added for the current
         image (waiting for it if in flight), else computed now in a worker thread. Each
         background result is handed out once. Raises what `load` raises when computed now."""
         entry = self._entries.get(key)
@@ -120,49 +135,51 @@ class Preresolver(Generic[T]):
 
     def drop(self) -> None:
         """Cancel queued resolutions and forget every untaken result. Never raises."""
-        self._scope.cancel()
         for entry in self._entries.values():
             entry.outcome = None
             entry.done.set()
         if self._entries:
             log.debug(
                 "layer pre-resolution dropped",
-                extra={"image": self._image, "layers": len(self._entries)},
+                extra={"image": self.image, "layers": len(self._entries)},
             )
         self._entries.clear()
         self._forget()
 
     def _forget(self) -> None:
-        self._image = None
-        self._scope.cancel()
+        if self._state is not None:
+            for scope in self._state.scopes:
+                scope.cancel()
+        self._state = None
 
-    async def _run(self, queue: deque[tuple[Digest, _Entry[T]]], scope: trio.CancelScope) -> None:
-        """One image: `parallel` workers over `queue` and the expiry timer, all ended by
-        `scope` (cancelled by `drop`, `_forget` or the timer)."""
+    async def _worker(self, state: _Image[T], scope: trio.CancelScope) -> None:
+        """Resolve the image's queued keys in order (the order containerd will ask for them)."""
+        try:
+            with scope:
+                while state.queue:
+                    key, entry = state.queue.popleft()
+                    if entry.done.is_set():
+                        continue
+                    begin = time.monotonic()
+                    try:
+                        result = await trio.to_thread.run_sync(self._load, key)
+                    except Exception as e:  # the Prepare loads it again and reports the failure
+                        log.debug(
+                            "layer pre-resolution failed", extra={"ztoc": key, "error": repr(e)}
+                        )
+                    else:
+                        if not entry.done.is_set():
+                            entry.outcome = (result,)
+                        log.debug(
+                            "layer pre-resolved",
+                            extra={"ztoc": key, "ms": round((time.monotonic() - begin) * 1000)},
+                        )
+                    finally:
+                        entry.done.set()
+        finally:
+            state.workers -= 1
+
+    async def _expire(self, scope: trio.CancelScope) -> None:
         with scope:
-            async with trio.open_nursery() as nursery:
-                for _ in range(min(self._parallel, len(queue))):
-                    nursery.start_soon(self._worker, queue)
-                await trio.sleep(self._ttl_sec)
-                self.drop()
-
-    async def _worker(self, queue: deque[tuple[Digest, _Entry[T]]]) -> None:
-        """Resolve queued keys in order (the order containerd will ask for them)."""
-        while queue:
-            key, entry = queue.popleft()
-            if entry.done.is_set():
-                continue
-            begin = time.monotonic()
-            try:
-                result = await trio.to_thread.run_sync(self._load, key)
-            except Exception as e:  # the Prepare loads it again and reports the failure
-                log.debug("layer pre-resolution failed", extra={"ztoc": key, "error": repr(e)})
-            else:
-                if not entry.done.is_set():
-                    entry.outcome = (result,)
-                log.debug(
-                    "layer pre-resolved",
-                    extra={"ztoc": key, "ms": round((time.monotonic() - begin) * 1000)},
-                )
-            finally:
-                entry.done.set()
+            await trio.sleep(self._ttl_sec)
+            self.drop()

@@ -168,3 +168,25 @@ async def test_untaken_results_expire(autojump_clock: trio.abc.Clock) -> None:
         await trio.sleep(2)
         assert pre.pending() == [] and pre.image is None
         assert await pre.take(Z[0]) == f"tree-{Z[0][-4:]}-2"
+
+
+async def test_keys_added_one_by_one_resolve_in_order_once() -> None:
+    load = Loader()
+    order: list[Digest] = []
+    original = load.__call__
+
+    def recording(key: Digest) -> str:
+        order.append(key)
+        return original(key)
+
+    async with nursery_cancelled_at_exit() as nursery:
+        pre: Preresolver[str] = Preresolver(recording, nursery, parallel=1)
+        assert pre.add(IMAGE_A, Z[2])
+        await settle(pre)  # the worker ran out of keys and ended
+        assert pre.add(IMAGE_A, Z[0]) and pre.add(IMAGE_A, Z[1])
+        assert not pre.add(IMAGE_A, Z[2])  # already queued for this image
+        await settle(pre)
+        assert order == [Z[2], Z[0], Z[1]]
+        for key in (Z[0], Z[1], Z[2]):
+            assert await pre.take(key) == f"tree-{key[-4:]}-1"
+        assert pre.image is None
