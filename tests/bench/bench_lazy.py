@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -945,6 +946,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench_lazy needs root (namespaces, tc, containerd, mounts)", file=sys.stderr)
         return 2
     command = "python -m tests.bench.bench_lazy " + " ".join(argv or sys.argv[1:])
+    # One run at a time: runs share WORKDIR and the network namespace, and a second run would
+    # delete the first one's directories and namespace under it.
+    WORKDIR.mkdir(parents=True, exist_ok=True)
+    lock = (WORKDIR / ".lock").open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"bench_lazy: another run holds {WORKDIR / '.lock'}; wait for it", file=sys.stderr)
+        return 2
 
     files = [walk_files(s) for s in SOURCES]
     key = image_key(files)
