@@ -16,6 +16,9 @@ from index import gojson
 from index.digest import Digest, DigestError
 from index.model import BUILD_TOOL_IDENTIFIER
 from index.oci import mediatypes as mt
+from index.oci.descriptor import Descriptor
+from index.oci.errors import DescriptorError, PlatformError
+from index.oci.platform import Platform
 
 
 class IndexManifestError(ValueError):
@@ -24,51 +27,28 @@ class IndexManifestError(ValueError):
 
 # --- descriptors, in Go struct order -------------------------------------------------------------
 
-_DESCRIPTOR_FIELDS = (
-    "mediaType",
-    "digest",
-    "size",
-    "urls",
-    "annotations",
-    "data",
-    "platform",
-    "artifactType",
-)
-_PLATFORM_FIELDS = ("architecture", "os", "os.version", "os.features", "variant")
-
 
 def go_platform(platform: Mapping[str, Any]) -> dict[str, Any]:
-    """A platform object in image-spec field order, empty optional fields dropped."""
-    out: dict[str, Any] = {
-        "architecture": platform.get("architecture", ""),
-        "os": platform.get("os", ""),
-    }
-    for key in _PLATFORM_FIELDS[2:]:
-        if platform.get(key):
-            out[key] = platform[key]
-    return out
+    """A platform object in image-spec field order, empty optional fields dropped.
+
+    Raises IndexManifestError when `os` or `architecture` is missing.
+    """
+    try:
+        return Platform.from_json(platform).to_json()
+    except PlatformError as e:
+        raise IndexManifestError(str(e)) from e
 
 
 def go_descriptor(desc: Mapping[str, Any]) -> dict[str, Any]:
-    """A descriptor in image-spec field order: empty `omitempty` fields dropped, maps sorted.
+    """A descriptor as Go's `ocispec.Descriptor` re-marshals it: field order, empty
+    `omitempty` fields and unknown fields dropped, annotations sorted.
 
-    Unknown fields are dropped, as Go's decoder into `ocispec.Descriptor` drops them.
+    Raises IndexManifestError for a descriptor without a valid digest or size.
     """
-    out: dict[str, Any] = {
-        "mediaType": desc.get("mediaType", ""),
-        "digest": desc.get("digest", ""),
-        "size": int(desc.get("size", 0)),
-    }
-    for key in _DESCRIPTOR_FIELDS[3:]:
-        value = desc.get(key)
-        if not value:
-            continue
-        if key == "annotations":
-            value = gojson.sorted_map(value)
-        elif key == "platform":
-            value = go_platform(value)
-        out[key] = value
-    return out
+    try:
+        return Descriptor.from_json(desc).to_json()
+    except DescriptorError as e:
+        raise IndexManifestError(str(e)) from e
 
 
 def go_manifest(manifest: Mapping[str, Any]) -> dict[str, Any]:
