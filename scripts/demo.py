@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -165,7 +166,14 @@ def main() -> None:
                 f"index build: {total / 1e6:.1f} MB of layers in {build_s:.1f} s "
                 "(CLI start-up included)"
             )
-            print(status.rstrip())
+            print(f"\n{'lazy layer':<14}{'fetched':>10}{'of':>10}{'served to reads':>17}")
+            for line in status.splitlines():
+                layer = json.loads(line)
+                print(
+                    f"{layer['digest'][7:19]:<14}{layer['fetchedSize'] / 1e6:>8.2f}MB"
+                    f"{layer['totalSize'] / 1e6:>8.2f}MB{layer['bytesServed'] / 1e6:>15.2f}MB"
+                    f"  ({layer['fetchedPercent']:.0f}% local)"
+                )
             print(f"\n{'':34}{'seconds':>10}{'MB fetched':>12}")
             print(f"{'lazy: pull (index, zTOCs, config)':34}{pull_s:>10.2f}{pulled / 1e6:>12.2f}")
             print(
