@@ -56,13 +56,12 @@ from snapshotter.fs.inodes import (
     split_inode,
 )
 from snapshotter.fs.readers import LayerReader, ReportsProgress
-from snapshotter.fs.tree import ROOT_NODE, LayerTree, NodeAttr, NodeId
+from snapshotter.fs.tree import BLOCK_SIZE, ROOT_NODE, LayerTree, NodeAttr, NodeId
 from snapshotter.fs.verify import check_header
 
 STATE_DIR_NAME: Final = b".sociable"
 STATUS_FILE_NAME: Final = b"status.json"
 _WRITE_FLAGS: Final = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
-_BLOCK: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +85,11 @@ class Attr:
     @property
     def blocks(self) -> int:
         """Allocated size in 512-byte units (`ceil(size / 4096) * 8`)."""
-        return -(-self.size // _BLOCK) * (_BLOCK // 512)
+        return -(-self.size // BLOCK_SIZE) * (BLOCK_SIZE // 512)
 
     @property
     def blksize(self) -> int:
-        return _BLOCK
+        return BLOCK_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,9 +442,11 @@ class LayerHost:
 
     def statfs(self) -> FsStats:
         """Totals over all mounted layers (statfs must succeed for overlayfs)."""
-        blocks = sum(-(-layer.tree.total_file_bytes // _BLOCK) for layer in self._by_slot.values())
+        blocks = sum(
+            -(-layer.tree.total_file_bytes // BLOCK_SIZE) for layer in self._by_slot.values()
+        )
         files = 1 + sum(layer.tree.node_count + 2 for layer in self._by_slot.values())
-        return FsStats(block_size=_BLOCK, blocks=blocks, files=files, name_max=255)
+        return FsStats(block_size=BLOCK_SIZE, blocks=blocks, files=files, name_max=255)
 
     # -- directories ------------------------------------------------------------------------
 

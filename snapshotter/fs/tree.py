@@ -82,7 +82,8 @@ _PAX_XATTR_PREFIX = "SCHILY.xattr."
 _ARCHIVE_XATTR_NAMESPACES = ("user.", "security.")
 _USER_XATTR_PREFIX = "user."
 CAPABILITY_XATTR = b"security.capability"
-_BLOCK_SIZE = 4096
+BLOCK_SIZE = 4096
+"""The block size every inode and statfs report (bytes)."""
 _NO_ENTRY = 0xFFFFFFFF
 
 _TYPE_BITS: dict[EntryType, int] = {
@@ -183,11 +184,11 @@ class NodeAttr:
 
     @property
     def blocks(self) -> int:
-        return -(-self.size // _BLOCK_SIZE) * (_BLOCK_SIZE // 512)
+        return -(-self.size // BLOCK_SIZE) * (BLOCK_SIZE // 512)
 
     @property
     def blksize(self) -> int:
-        return _BLOCK_SIZE
+        return BLOCK_SIZE
 
     @property
     def is_dir(self) -> bool:
