@@ -1,7 +1,7 @@
 """`sociable pull REF`: pull an image through containerd's CRI so its layers load lazily.
 
 The CRI call needs gRPC, which the `index` package does not import; the command runs
-`python -m snapshotter.remote.cripull` (installed with the same package) and passes its
+`python -m snapshotter.cri.pull` (installed with the same package) and passes its
 exit status through. See docs/cli.md.
 """
 
@@ -12,7 +12,7 @@ import subprocess
 import sys
 from typing import Any
 
-CRIPULL_MODULE = "snapshotter.remote.cripull"
+CRIPULL_MODULE = "snapshotter.cri.pull"
 
 
 def add_parser(sub: Any) -> None:

@@ -33,10 +33,10 @@ import trio
 
 from .config import Config
 from .errors import ConfigError, SnapshotterError
-from .grpc_server import build_server
-from .metadata import SqliteStore
-from .mounts import detect_overlay_features
-from .service import DeclineMounter, LayerMounter, SnapshotService
+from .snapshots.grpc_server import build_server
+from .snapshots.metadata import SqliteStore
+from .snapshots.mounts import detect_overlay_features
+from .snapshots.service import DeclineMounter, LayerMounter, SnapshotService
 
 log = logging.getLogger(__name__)
 

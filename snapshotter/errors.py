@@ -2,7 +2,7 @@
 
 The tree is small on purpose; each class says when you see it. The gRPC layer
 translates these to status codes in exactly one table
-(`snapshotter.grpc_server.STATUS_FOR_ERROR`); nothing else inspects them by type
+(`snapshotter.snapshots.grpc_server.STATUS_FOR_ERROR`); nothing else inspects them by type
 to pick a code.
 
     SnapshotterError

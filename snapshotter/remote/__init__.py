@@ -9,5 +9,4 @@ Modules, one concern each:
   overlay whiteouts, diffID check).
 - `bindmount`: mount(2)/umount2(2) and `/proc/self/mountinfo` helpers.
 - `mounter`: `RemoteMounter`, the daemon's `LayerMounter`, and `open_remote_mounter`.
-- `cripull`: `sociable pull` — CRI `PullImage` against containerd.
 """

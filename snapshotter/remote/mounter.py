@@ -51,16 +51,16 @@ from index.oci.reference import Reference
 from index.oci.registry import RegistryClient
 from index.store import LocalStore, StoreError
 from index.ztoc_codec import ZtocError, ZtocView
-from snapshotter.background import BackgroundConfig, BackgroundFetcher
-from snapshotter.cache import CacheConfig, SpanCache
 from snapshotter.config import RemoteConfig
 from snapshotter.errors import Unavailable
-from snapshotter.fetch import FetchConfig, RegistrySource
 from snapshotter.fs import LayerHost, LayerTree, build_tree
 from snapshotter.fs.errors import FsError
-from snapshotter.mounts import detect_overlay_features
-from snapshotter.service import DeclineMounter, LayerMounter, MountResult
-from snapshotter.spans import DemandTracker, RemoteLayerReader, default_inflate_limiter
+from snapshotter.lazy.background import BackgroundConfig, BackgroundFetcher
+from snapshotter.lazy.cache import CacheConfig, SpanCache
+from snapshotter.lazy.sources import FetchConfig, RegistrySource
+from snapshotter.lazy.spans import DemandTracker, RemoteLayerReader, default_inflate_limiter
+from snapshotter.snapshots.mounts import detect_overlay_features
+from snapshotter.snapshots.service import DeclineMounter, LayerMounter, MountResult
 
 from . import bindmount
 from .discovery import DiscoveryModes, ImageArtifacts, fetch_artifacts

@@ -35,10 +35,10 @@ from index.digest import Digest
 from index.model import DEFAULT_SPAN_SIZE, UncompressedOffset, Ztoc
 from index.oci.reference import Reference
 from index.oci.registry import RegistryClient
-from snapshotter.cache import SpanCache
-from snapshotter.fetch import RegistrySource
 from snapshotter.fs.readers import LayerReader, LocalBlobReader
-from snapshotter.spans import RemoteLayerReader
+from snapshotter.lazy.cache import SpanCache
+from snapshotter.lazy.sources import RegistrySource
+from snapshotter.lazy.spans import RemoteLayerReader
 from tests.support.images import (
     MEDIA_LAYER_GZIP,
     Entry,

@@ -29,11 +29,11 @@ from index.model import UncompressedOffset, Ztoc
 from index.oci.dockerconfig import StaticCredentials
 from index.oci.reference import Reference
 from index.oci.registry import RegistryClient
-from snapshotter.background import BackgroundConfig, BackgroundFetcher
-from snapshotter.cache import CacheConfig, SpanCache
-from snapshotter.fetch import BlobSource, ChainSource, FetchConfig, RegistrySource
 from snapshotter.fs.errors import LayerReadError
-from snapshotter.spans import ReadConfig, RemoteLayerReader
+from snapshotter.lazy.background import BackgroundConfig, BackgroundFetcher
+from snapshotter.lazy.cache import CacheConfig, SpanCache
+from snapshotter.lazy.sources import BlobSource, ChainSource, FetchConfig, RegistrySource
+from snapshotter.lazy.spans import ReadConfig, RemoteLayerReader
 from tests.support.images import MEDIA_LAYER_GZIP, TreeSource, python_stdlib_dir, write_layer
 from tests.support.registry import CountingProxy, RegistryServer, start_proxy
 

@@ -13,7 +13,7 @@ import pytest
 
 from index.digest import Digest
 from index.model import SpanId, UncompressedOffset
-from snapshotter.cache import RELEASED_MARK, CacheConfig, CacheError, SpanCache
+from snapshotter.lazy.cache import RELEASED_MARK, CacheConfig, CacheError, SpanCache
 
 LAYER_A = Digest("sha256:" + "a" * 64)
 LAYER_B = Digest("sha256:" + "b" * 64)

@@ -7,7 +7,7 @@ import pytest
 import trio
 
 from snapshotter import errors
-from snapshotter.grpc_server import STATUS_FOR_ERROR, status_for
+from snapshotter.snapshots.grpc_server import STATUS_FOR_ERROR, status_for
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from snapshotter.errors import InvalidArgument
-from snapshotter.filters import parse, parse_all
-from snapshotter.model import Info, Kind, quote
+from snapshotter.snapshots.filters import parse, parse_all
+from snapshotter.snapshots.model import Info, Kind, quote
 
 INFOS = [
     Info("base", "", Kind.COMMITTED, 1, 1, {"containerd.io/snapshot.ref": "sha256:aa", "l": "1"}),

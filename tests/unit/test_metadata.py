@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from snapshotter.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from snapshotter.metadata import MemoryStore, MetaStore, SqliteStore, apply_label_update
-from snapshotter.model import Kind, Snapshot, SnapshotId, Usage
+from snapshotter.snapshots.metadata import MemoryStore, MetaStore, SqliteStore, apply_label_update
+from snapshotter.snapshots.model import Kind, Snapshot, SnapshotId, Usage
 
 StoreFactory = Callable[[], MetaStore]
 

@@ -19,8 +19,8 @@ from index.oci.descriptor import Descriptor
 from index.oci.errors import NotFoundError
 from index.oci.reference import Reference
 from index.store import LocalStore
+from snapshotter.cri.pull import decode_pull_response, encode_pull_request
 from snapshotter.remote import labels as L
-from snapshotter.remote.cripull import decode_pull_response, encode_pull_request
 from snapshotter.remote.discovery import DiscoveryModes, find_index_digest
 from snapshotter.remote.errors import BadLabels, IndexFetchError, NoIndex, UnpackError
 from snapshotter.remote.mounter import LayerRecord, layer_name

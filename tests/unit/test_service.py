@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from snapshotter.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
-from snapshotter.metadata import MemoryStore, MetaStore, SqliteStore
-from snapshotter.model import LABEL_REMOTE, LABEL_TARGET_REF, Kind, Usage
-from snapshotter.mounts import OverlayFeatures
-from snapshotter.service import SnapshotService, disk_usage
+from snapshotter.snapshots.metadata import MemoryStore, MetaStore, SqliteStore
+from snapshotter.snapshots.model import LABEL_REMOTE, LABEL_TARGET_REF, Kind, Usage
+from snapshotter.snapshots.mounts import OverlayFeatures
+from snapshotter.snapshots.service import SnapshotService, disk_usage
 
 
 class FakeMounter:

@@ -24,9 +24,10 @@ from index.oci import errors as oci_errors
 from index.oci.reference import Reference
 from index.oci.registry import RegistryClient
 from index.zinfo import SpanInflateError, SpanMap
-from snapshotter.background import BackgroundConfig, BackgroundFetcher
-from snapshotter.cache import CacheConfig, SpanCache
-from snapshotter.fetch import (
+from snapshotter.fs.errors import LayerReadError
+from snapshotter.lazy.background import BackgroundConfig, BackgroundFetcher
+from snapshotter.lazy.cache import CacheConfig, SpanCache
+from snapshotter.lazy.sources import (
     AccessDenied,
     AllSourcesFailed,
     BadRange,
@@ -41,8 +42,7 @@ from snapshotter.fetch import (
     SourceUnavailable,
     translate_oci_error,
 )
-from snapshotter.fs.errors import LayerReadError
-from snapshotter.spans import (
+from snapshotter.lazy.spans import (
     TRANSITIONS,
     DemandTracker,
     ReadConfig,

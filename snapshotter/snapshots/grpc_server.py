@@ -20,8 +20,8 @@ import grpc
 import trio
 from google.protobuf import empty_pb2, timestamp_pb2
 
-from .api import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
-from .errors import (
+from ..api import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
+from ..errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,

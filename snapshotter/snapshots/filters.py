@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .errors import InvalidArgument
+from ..errors import InvalidArgument
 from .model import Info, quote
 
 _FIELD_CHARS = re.compile(r"[A-Za-z0-9_]+")

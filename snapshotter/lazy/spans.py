@@ -56,10 +56,10 @@ import trio
 from index.digest import Digest
 from index.model import CompressedOffset, SpanId, UncompressedOffset, Ztoc
 from index.zinfo import GzipSpanMap, SpanDigestMismatch, SpanError, SpanMap, ZinfoError
-from snapshotter.cache import CacheError, InflatedCache, SpanCache
-from snapshotter.fetch import BlobSource, ContentMismatch, FetchError
 from snapshotter.fs.errors import LayerReadError
 from snapshotter.fs.readers import FetchProgress
+from snapshotter.lazy.cache import CacheError, InflatedCache, SpanCache
+from snapshotter.lazy.sources import BlobSource, ContentMismatch, FetchError
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .model import Info, Kind, Snapshot, SnapshotId, Usage, quote
 
 Materialize = Callable[[Snapshot], None]

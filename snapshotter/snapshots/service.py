@@ -6,7 +6,7 @@ named CapacityLimiters: `metadata-write` (size 1: one sqlite writer at a time),
 rmtree).
 
 Directory layout is containerd's overlay layout (`snapshots.Layout`); the mount
-rules are in `snapshotter.mounts`. Removal is asynchronous: Remove deletes the
+rules are in `snapshotter.snapshots.mounts`. Removal is asynchronous: Remove deletes the
 record, Cleanup reclaims directories no record owns (including leftovers of a
 crash).
 """
@@ -27,8 +27,8 @@ from typing import Protocol, TypeVar
 
 import trio
 
+from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, SnapshotterError
 from . import filters
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, SnapshotterError
 from .metadata import MetaStore
 from .model import LABEL_REMOTE, LABEL_TARGET_REF, Info, Kind, Snapshot, SnapshotId, Usage, quote
 from .mounts import Layout, Mount, OverlayFeatures, mounts_for

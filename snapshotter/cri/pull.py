@@ -6,7 +6,7 @@ snapshotter (`snapshotter = "sociable"`), whose remote handshake then mounts ind
 lazily. `ctr images pull` sets none of these labels. Images land in containerd namespace
 `k8s.io` (CRI's).
 
-    python -m snapshotter.remote.cripull [--address SOCK] [--user USER[:PASS]] [--timeout S] REF
+    python -m snapshotter.cri.pull [--address SOCK] [--user USER[:PASS]] [--timeout S] REF
 
 `sociable pull` (index/pull.py) runs this module. The request and answer are encoded by
 hand (`PullImageRequest{1: ImageSpec{1: image}, 2: AuthConfig{1: username, 2: password}}`,

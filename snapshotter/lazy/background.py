@@ -22,9 +22,9 @@ from typing import NoReturn, Protocol
 
 import trio
 
-from snapshotter.fetch import FetchError
 from snapshotter.fs.errors import LayerReadError
-from snapshotter.spans import DemandTracker
+from snapshotter.lazy.sources import FetchError
+from snapshotter.lazy.spans import DemandTracker
 
 log = logging.getLogger(__name__)
 
