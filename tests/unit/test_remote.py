@@ -21,10 +21,10 @@ from index.oci.reference import Reference
 from index.store import LocalStore
 from snapshotter.cri.pull import decode_pull_response, encode_pull_request
 from snapshotter.remote import labels as L
+from snapshotter.remote.apply import apply_tar
 from snapshotter.remote.discovery import DiscoveryModes, find_index_digest
 from snapshotter.remote.errors import BadLabels, IndexFetchError, NoIndex, UnpackError
 from snapshotter.remote.mounter import LayerRecord, layer_name
-from snapshotter.remote.unpack import apply_tar
 from tests.support.containerd import cri_message
 
 D1 = Digest("sha256:" + "1" * 64)
