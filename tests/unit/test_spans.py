@@ -6,41 +6,23 @@ The registry-backed versions of these checks are in tests/integration/test_remot
 
 from __future__ import annotations
 
-import io
 import itertools
-import tarfile
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
 import trio.testing
 
-from index.builder import build_ztoc_from_stream
-from index.digest import Digest
-from index.model import CompressedOffset, CompressionAlgorithm, SpanId, UncompressedOffset, Ztoc
-from index.oci import errors as oci_errors
-from index.oci.reference import Reference
-from index.oci.registry import RegistryClient
+from index.model import SpanId, UncompressedOffset
 from index.zinfo import SpanInflateError, SpanMap
 from snapshotter.fs.errors import LayerReadError
 from snapshotter.lazy.background import BackgroundConfig, BackgroundFetcher
 from snapshotter.lazy.cache import CacheConfig, SpanCache
 from snapshotter.lazy.sources import (
-    AccessDenied,
     AllSourcesFailed,
-    BadRange,
-    BlobNotFound,
     ChainSource,
-    Check,
     ContentMismatch,
-    FetchConfig,
-    FetchError,
-    FetchTimeout,
-    RegistrySource,
     SourceUnavailable,
-    translate_oci_error,
 )
 from snapshotter.lazy.spans import (
     TRANSITIONS,
@@ -52,7 +34,7 @@ from snapshotter.lazy.spans import (
     SpanTable,
     coalesce,
 )
-from tests.support.tarfixtures import TarEntrySpec, compress, make_tar
+from tests.support.lazylayer import Layer, MemorySource
 
 SPAN = 64 * 1024
 
@@ -60,81 +42,9 @@ SPAN = 64 * 1024
 # -- a layer and a fake source -------------------------------------------------------------------
 
 
-class Layer:
-    """A gzip layer in memory: tar bytes, blob, digest and zTOC (64 KiB spans)."""
-
-    def __init__(self, files: int = 12, size: int = 150_000) -> None:
-        entries = [
-            TarEntrySpec(f"dir/file{i:02d}", size=size + i * 977, content="mixed", seed=i)
-            for i in range(files)
-        ]
-        self.tar = make_tar(entries)
-        self.blob = compress(self.tar, "py6")
-        self.digest = Digest.of(self.blob)
-        self.ztoc: Ztoc = build_ztoc_from_stream(
-            io.BytesIO(self.blob), CompressionAlgorithm.GZIP, SPAN
-        )
-
-    def files(self) -> dict[str, tuple[int, bytes]]:
-        """name → (data offset in the tar stream, content)."""
-        out = {}
-        with tarfile.open(fileobj=io.BytesIO(self.tar)) as tf:
-            for m in tf.getmembers():
-                f = tf.extractfile(m)
-                assert f is not None
-                out[m.name] = (m.offset_data, f.read())
-        return out
-
-
 @pytest.fixture(scope="module")
 def layer() -> Layer:
     return Layer()
-
-
-class MemorySource:
-    """Serves ranges of one blob; records calls; can fail, corrupt or hold requests."""
-
-    def __init__(self, blob: bytes, name: str = "memory") -> None:
-        self.blob = blob
-        self._name = name
-        self.calls: list[tuple[int, int]] = []
-        self.fail_next = 0
-        self.corrupt_next = 0
-        self.always_corrupt = False
-        self.gate: trio.Event | None = None
-        self.delay_sec = 0.0
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    async def fetch(
-        self,
-        digest: Digest,
-        start: CompressedOffset,
-        end: CompressedOffset,
-        *,
-        check: Check | None = None,
-    ) -> bytes:
-        self.calls.append((start, end))
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.delay_sec:
-            await trio.sleep(self.delay_sec)
-        if self.fail_next:
-            self.fail_next -= 1
-            raise SourceUnavailable(f"{self._name}: injected failure", source=self._name)
-        data = self.blob[start:end]
-        if self.always_corrupt or self.corrupt_next:
-            self.corrupt_next = max(self.corrupt_next - 1, 0)
-            data = bytes([data[0] ^ 0xFF]) + data[1:]
-        if check is not None:
-            check(data)
-        return data
-
-    @property
-    def bytes_served(self) -> int:
-        return sum(e - s for s, e in self.calls)
 
 
 def make_reader(
@@ -486,101 +396,6 @@ async def test_corrupt_cache_file_is_refetched(layer: Layer, tmp_path: Path) -> 
     assert path.read_bytes() == data
 
 
-# -- fetch errors and sources --------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("error", "expected"),
-    [
-        (oci_errors.TransportError("reset"), SourceUnavailable),
-        (oci_errors.NotFoundError("gone", status=404), BlobNotFound),
-        (oci_errors.UnauthorizedError("no", status=401), AccessDenied),
-        (oci_errors.RangeNotSatisfiableError("416", status=416), BadRange),
-        (oci_errors.DigestMismatchError("bad"), ContentMismatch),
-        (oci_errors.UnexpectedResponseError("boom", status=503), SourceUnavailable),
-        (oci_errors.UnexpectedResponseError("slow down", status=429), SourceUnavailable),
-        (oci_errors.UnexpectedResponseError("teapot", status=418), BadRange),
-        (oci_errors.HostsConfigError("bad toml"), FetchError),
-    ],
-)
-def test_oci_errors_translate_once(error: oci_errors.OciError, expected: type) -> None:
-    got = translate_oci_error(error, "bytes 0-10 of x", "registry:r")
-    assert type(got) is expected
-    assert "bytes 0-10 of x from registry:r" in str(got) and got.source == "registry:r"
-
-
-def _mock_registry(blob: bytes, plan: list[int | str]) -> tuple[RegistryClient, list[str]]:
-    """A RegistryClient over MockTransport: each blob GET pops an action from `plan`
-    (an HTTP status, "corrupt", or "ok" when the plan is empty)."""
-    seen: list[str] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        action = plan.pop(0) if plan else "ok"
-        seen.append(str(action))
-        if isinstance(action, int):
-            return httpx.Response(action, content=b"nope")
-        first, last = map(int, request.headers["range"].removeprefix("bytes=").split("-"))
-        body = blob[first : last + 1]
-        if action == "corrupt":
-            body = bytes([body[0] ^ 0x55]) + body[1:]
-        return httpx.Response(
-            206, content=body, headers={"Content-Range": f"bytes {first}-{last}/{len(blob)}"}
-        )
-
-    client = RegistryClient(transport=httpx.MockTransport(handler), plain_http=True)
-    return client, seen
-
-
-FAST = FetchConfig(max_attempts=3, backoff_initial_ms=1, backoff_max_ms=2)
-
-
-async def test_registry_source_retries_transient_errors(layer: Layer, tmp_path: Path) -> None:
-    client, seen = _mock_registry(layer.blob, [503, "corrupt"])
-    with client:
-        source = RegistrySource(client, Reference.parse("127.0.0.1:1/test/layer"), config=FAST)
-        reader = make_reader(layer, MemorySource(b""), tmp_path, readahead_spans=0)
-        reader.source = source
-        got = await reader.read(UncompressedOffset(0), 1000)
-    assert got == layer.tar[:1000]
-    assert seen == ["503", "corrupt", "ok"]
-    stats = source.statistics()
-    assert stats.retries == 2 and stats.failures == 0 and stats.requests == 3
-
-
-async def test_registry_source_gives_up(layer: Layer) -> None:
-    ref = Reference.parse("127.0.0.1:1/test/layer")
-    client, seen = _mock_registry(layer.blob, [404])
-    with client:
-        with pytest.raises(BlobNotFound) as info:
-            await RegistrySource(client, ref, config=FAST).fetch(
-                layer.digest, CompressedOffset(0), CompressedOffset(10)
-            )
-        assert isinstance(info.value.__cause__, oci_errors.NotFoundError)
-        assert seen == ["404"]  # not retried
-    client, seen = _mock_registry(layer.blob, [500, 502, 503, 504])
-    with client:
-        with pytest.raises(SourceUnavailable):
-            await RegistrySource(client, ref, config=FAST).fetch(
-                layer.digest, CompressedOffset(0), CompressedOffset(10)
-            )
-        assert seen == ["500", "502", "503"]  # max_attempts
-
-
-async def test_registry_source_times_out_slow_requests(layer: Layer) -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        time.sleep(0.5)  # the worker thread is abandoned; the read is not
-        return httpx.Response(503)
-
-    config = FetchConfig(max_attempts=2, backoff_initial_ms=1, request_timeout_sec=0.05)
-    with RegistryClient(transport=httpx.MockTransport(handler), plain_http=True) as client:
-        source = RegistrySource(client, Reference.parse("127.0.0.1:1/t/l"), config=config)
-        start = time.monotonic()
-        with pytest.raises(FetchTimeout, match=r"no answer within 0\.05 s"):
-            await source.fetch(layer.digest, CompressedOffset(0), CompressedOffset(10))
-        assert time.monotonic() - start < 0.4
-        assert source.statistics().requests == 2
-
-
 async def test_gzip_header_check(layer: Layer, tmp_path: Path) -> None:
     source = MemorySource(layer.blob)
     reader = make_reader(layer, source, tmp_path)
@@ -591,39 +406,7 @@ async def test_gzip_header_check(layer: Layer, tmp_path: Path) -> None:
         await reader.check_gzip_header()
 
 
-def test_backoff_grows_with_jitter() -> None:
-    config = FetchConfig(backoff_initial_ms=100, backoff_max_ms=1000)
-    for attempt, base in [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.8), (5, 1.0), (9, 1.0)]:
-        delays = {config.backoff_sec(attempt) for _ in range(20)}
-        assert all(base * 0.5 <= d <= base for d in delays)
-        assert len(delays) > 1
-
-
-async def test_chain_moves_on_when_a_source_exceeds_its_budget(
-    layer: Layer, autojump_clock: trio.testing.MockClock
-) -> None:
-    slow = MemorySource(layer.blob, "slow")
-    slow.delay_sec = 100.0
-    fast = MemorySource(layer.blob, "fast")
-    chain = ChainSource([slow, fast], budget_sec=5.0)
-    start = trio.current_time()
-    data = await chain.fetch(layer.digest, CompressedOffset(0), CompressedOffset(100))
-    assert data == layer.blob[:100]
-    assert 5.0 <= trio.current_time() - start < 6.0
-    slow2 = MemorySource(layer.blob, "slow2")
-    slow2.delay_sec = 100.0
-    with pytest.raises(AllSourcesFailed) as info:
-        await ChainSource([slow, slow2], budget_sec=1.0).fetch(
-            layer.digest, CompressedOffset(0), CompressedOffset(100)
-        )
-    assert [type(e) for _, e in info.value.errors] == [FetchTimeout, FetchTimeout]
-
-
-def test_chain_and_config_reject_nonsense() -> None:
-    with pytest.raises(ValueError):
-        ChainSource([])
-    with pytest.raises(ValueError):
-        FetchConfig(max_attempts=0)
+def test_read_config_rejects_nonsense() -> None:
     with pytest.raises(ValueError):
         ReadConfig(max_request_bytes=0)
 

@@ -1,0 +1,89 @@
+"""A gzip layer in memory with its zTOC, and a fake `BlobSource` over it (unit tests of the
+lazy read path and its sources)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import trio
+
+from index.builder import build_ztoc_from_stream
+from index.digest import Digest
+from index.model import CompressedOffset, CompressionAlgorithm, Ztoc
+from snapshotter.lazy.sources import Check, SourceUnavailable
+from tests.support.tarfixtures import TarEntrySpec, compress, make_tar
+
+SPAN = 64 * 1024
+
+
+class Layer:
+    """A gzip layer in memory: tar bytes, blob, digest and zTOC (64 KiB spans)."""
+
+    def __init__(self, files: int = 12, size: int = 150_000) -> None:
+        entries = [
+            TarEntrySpec(f"dir/file{i:02d}", size=size + i * 977, content="mixed", seed=i)
+            for i in range(files)
+        ]
+        self.tar = make_tar(entries)
+        self.blob = compress(self.tar, "py6")
+        self.digest = Digest.of(self.blob)
+        self.ztoc: Ztoc = build_ztoc_from_stream(
+            io.BytesIO(self.blob), CompressionAlgorithm.GZIP, SPAN
+        )
+
+    def files(self) -> dict[str, tuple[int, bytes]]:
+        """name → (data offset in the tar stream, content)."""
+        out = {}
+        with tarfile.open(fileobj=io.BytesIO(self.tar)) as tf:
+            for m in tf.getmembers():
+                f = tf.extractfile(m)
+                assert f is not None
+                out[m.name] = (m.offset_data, f.read())
+        return out
+
+
+class MemorySource:
+    """Serves ranges of one blob; records calls; can fail, corrupt or hold requests."""
+
+    def __init__(self, blob: bytes, name: str = "memory") -> None:
+        self.blob = blob
+        self._name = name
+        self.calls: list[tuple[int, int]] = []
+        self.fail_next = 0
+        self.corrupt_next = 0
+        self.always_corrupt = False
+        self.gate: trio.Event | None = None
+        self.delay_sec = 0.0
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def fetch(
+        self,
+        digest: Digest,
+        start: CompressedOffset,
+        end: CompressedOffset,
+        *,
+        check: Check | None = None,
+    ) -> bytes:
+        self.calls.append((start, end))
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.delay_sec:
+            await trio.sleep(self.delay_sec)
+        if self.fail_next:
+            self.fail_next -= 1
+            raise SourceUnavailable(f"{self._name}: injected failure", source=self._name)
+        data = self.blob[start:end]
+        if self.always_corrupt or self.corrupt_next:
+            self.corrupt_next = max(self.corrupt_next - 1, 0)
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        if check is not None:
+            check(data)
+        return data
+
+    @property
+    def bytes_served(self) -> int:
+        return sum(e - s for s, e in self.calls)
