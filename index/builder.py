@@ -94,7 +94,7 @@ def _default_toc_factory() -> TocSink:
 
 
 def algorithm_for_media_type(media_type: str, *, name: str = "") -> CompressionAlgorithm:
-    """The zTOC compression algorithm for a layer media type (spec/soci.md §2.5).
+    """The zTOC compression algorithm for a layer media type (docs/format.md).
 
     Raises `LayerSkipped` for zstd layers and `NotALayer` for other media types. `name`
     (e.g. the layer digest) is only used in messages.

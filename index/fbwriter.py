@@ -1,7 +1,7 @@
 """A fast, byte-exact stand-in for the `flatbuffers` runtime's `Builder`, for zTOC encoding.
 
 The `flatbuffers` Python `Builder` is a faithful port of the Go one (the AWS marshaler's output
-is reproduced by it, spec/soci.md §1.4), but it spends about 100 µs per zTOC entry in small
+is reproduced by it), but it spends about 100 µs per zTOC entry in small
 method calls. `FlatWriter` produces the *same bytes* for the same sequence of operations while
 doing the arithmetic in bulk:
 

@@ -1,4 +1,4 @@
-"""JSON bytes exactly as Go's `encoding/json.Marshal` writes them (spec/soci.md conventions).
+"""JSON bytes exactly as Go's `encoding/json.Marshal` writes them (the byte form SOCI's Go tools produce).
 
 No whitespace, fields in the order the caller built the dict (Go struct declaration order),
 `<`, `>`, `&`, U+2028 and U+2029 escaped, non-ASCII written as UTF-8, no trailing newline.

@@ -1,4 +1,4 @@
-"""SOCI index manifests (v1 and v2) and the v2 binding of an image (spec/soci.md §3).
+"""SOCI index manifests (v1 and v2) and the v2 binding of an image (docs/format.md).
 
 Everything here produces bytes in Go's canonical JSON (index.gojson) with the field order of
 image-spec v1.1.1's structs, so an index built here has the digest the AWS tools would give it.

@@ -1,7 +1,7 @@
 """The zTOC data model, shared by the codec, the builder and every reader.
 
 Offsets in the compressed blob and in the uncompressed tar stream are different types so that
-one can never be passed where the other is meant (spec/soci.md §1-2).
+one can never be passed where the other is meant (docs/format.md).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ DEFAULT_MIN_LAYER_SIZE = 10 * 1024 * 1024
 
 
 class EntryType(enum.StrEnum):
-    """The `type` strings of a zTOC entry (spec/soci.md §1.1)."""
+    """The `type` strings of a zTOC entry (the tar header types SOCI records)."""
 
     REG = "reg"
     DIR = "dir"

@@ -1,4 +1,4 @@
-"""zTOC flatbuffers codec, byte-identical to the AWS SOCI implementation (spec/soci.md §1).
+"""zTOC flatbuffers codec, byte-identical to the AWS SOCI implementation (docs/format.md).
 
 * `encode_ztoc` performs the Go marshaler's builder calls in their exact order (§1.4) on
   `index.fbwriter.FlatWriter`, a fast writer that gives the same bytes as the `flatbuffers`
@@ -156,7 +156,7 @@ def _encode_entry(w: FlatWriter, index: int, entry: FileMetadata) -> int:
             f"offset={offset} size={size} mode={mode} uid={uid} gid={gid} "
             f"devmajor={devmajor} devminor={devminor}"
         )
-    # Add order and default-skipping as in the Go marshaler (spec/soci.md §1.4).
+    # Add order and default-skipping as in the Go marshaler (docs/format.md, "zTOC bytes").
     fields: list[Field] = [
         (_FM_NAME, UOFFSET, name),
         (_FM_TYPE, UOFFSET, type_),

@@ -1,4 +1,4 @@
-"""Media types, artifact types and annotation keys of OCI, Docker and SOCI (spec/soci.md §3.2)."""
+"""Media types, artifact types and annotation keys of OCI, Docker and SOCI."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ MANIFEST_ACCEPT = (
     OCI_INDEX,
     "*/*",
 )
-"""The Accept list containerd sends when resolving a tag (spec/containerd.md §6.4)."""
+"""The Accept list containerd sends when resolving a tag."""
 
 
 class LayerCompression(enum.Enum):

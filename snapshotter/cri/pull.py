@@ -10,7 +10,7 @@ lazily. `ctr images pull` sets none of these labels. Images land in containerd n
 
 `sociable pull` (index/pull.py) runs this module. The request and answer are encoded by
 hand (`PullImageRequest{1: ImageSpec{1: image}, 2: AuthConfig{1: username, 2: password}}`,
-`PullImageResponse{1: image_ref}`; spec/containerd.md §4.2), so no CRI stubs are needed.
+`PullImageResponse{1: image_ref}`), so no CRI stubs are needed.
 Exit status: 0 pulled (prints the image id), 1 failed (message on stderr), 2 usage.
 """
 

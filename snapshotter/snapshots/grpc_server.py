@@ -52,7 +52,7 @@ STATUS_FOR_ERROR: Mapping[type[SnapshotterError], grpc.StatusCode] = {
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
 }
-"""The one mapping from domain errors to gRPC status codes (spec/containerd.md §1.6)."""
+"""The one mapping from domain errors to gRPC status codes (docs/architecture.md, error tables)."""
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:

@@ -724,9 +724,9 @@ def _verdict(ok: bool) -> str:
 
 
 def goal_lines(runs: Sequence[Run], reads: Sequence[ReadResult]) -> list[str]:
-    """Issue 4's goals against this run's numbers."""
+    """The lazy-pull goals against this run's numbers."""
     by = {(r.name, r.workload): r for r in runs}
-    out = ["Goals (issue 4):", ""]
+    out = ["Goals:", ""]
     for workload, goal, text in (("small", 0.1, "small workload"), ("all", 1.2, "read-every-file")):
         base, lazy = by.get(("overlayfs (full pull)", workload)), by.get(("lazy, cold", workload))
         if base and lazy:
@@ -745,7 +745,7 @@ WARM_GOAL_PREFIX = "- warm reads at least 0.9x of local disk"
 
 
 def warm_goal_line(reads: Sequence[ReadResult]) -> str:
-    """Issue 4's warm-read goal against the last warm pass of each read kind (empty when no
+    """The warm-read goal against the last warm pass of each read kind (empty when no
     reads were measured): vs the plain local file, and vs containerd's overlayfs view."""
     last: dict[str, ReadResult] = {}
     for rr in reads:
@@ -826,7 +826,7 @@ def render_reads(
         ]
     warm = warm_goal_line(reads)
     if warm:
-        lines += ["", "Warm-read goal (issue 4):", "", warm]
+        lines += ["", "Warm-read goal:", "", warm]
     return lines
 
 

@@ -1,7 +1,7 @@
 """containerd's snapshotter test suite (1.6.20 `snapshots/testsuite`), re-done against
 the real daemon over its gRPC socket, with the returned mounts performed for real.
 
-Every case of spec/containerd.md §3.5 has a test here (Rename is skipped upstream
+Every case of that suite has a test here (Rename is skipped upstream
 in 1.6.20 too). Layer checks follow `checkSnapshots`: Prepare on the previous
 committed snapshot, mount, apply changes, unmount, Commit, then View the commit and
 compare its mounted tree with a flat directory the same changes were applied to.

@@ -1,4 +1,4 @@
-"""sociable-snapshotter under a real containerd (issue 3).
+"""sociable-snapshotter under a real containerd.
 
 Each test starts the daemon and a private Debian containerd 1.6 whose
 ``[proxy_plugins.sociable]`` points at it, with images from a local registry:

@@ -1,4 +1,4 @@
-"""Crash consistency of the snapshotter daemon (issue 3).
+"""Crash consistency of the snapshotter daemon.
 
 A thread streams random Prepare/Commit/Remove calls over the real gRPC socket while the main
 thread ``kill -9``s the daemon at a random moment. After a restart the test checks that:

@@ -182,7 +182,7 @@ def _kill(pid: int) -> None:
 
 def hosts_toml(host: str) -> str:
     """A ``hosts.toml`` for a plain-HTTP registry at ``host`` (``127.0.0.1:PORT``). containerd
-    1.6 needs at least one ``[host]`` table (spec/containerd.md §6.3)."""
+    1.6 needs at least one ``[host]`` table."""
     return (
         f'server = "http://{host}"\n\n'
         f'[host."http://{host}"]\n'
@@ -474,7 +474,7 @@ def start_containerd(
     for d in (paths.root, paths.state, paths.cni_conf):
         d.mkdir(parents=True, exist_ok=True)
     write_certs_d(paths.certs_d, registry_hosts)
-    # CRI 1.6 reports image-fs usage for this path (spec/containerd.md §2.8).
+    # CRI 1.6 reports image-fs usage for this path.
     (paths.root / f"io.containerd.snapshotter.v1.{proxy_name}").mkdir(exist_ok=True)
     paths.config.write_text(
         render_config(
@@ -521,7 +521,7 @@ def start_containerd(
 
 def _cri_file() -> descriptor_pb2.FileDescriptorProto:
     """The subset of ``runtime.v1`` (cri-api) messages the tests use, with the upstream field
-    numbers (spec/containerd.md §4.2). Unknown fields in answers are skipped by protobuf."""
+    numbers (those of the CRI v1 API). Unknown fields in answers are skipped by protobuf."""
     F = descriptor_pb2.FieldDescriptorProto
     fdp = descriptor_pb2.FileDescriptorProto(
         name="sociable_tests/cri_image_service.proto", package="runtime.v1", syntax="proto3"

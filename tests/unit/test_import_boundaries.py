@@ -1,4 +1,4 @@
-"""Imports flow one way (DESIGN.md §2): `index` never imports `snapshotter`, grpc, pyfuse3 or
+"""Imports flow one way (docs/architecture.md): `index` never imports `snapshotter`, grpc, pyfuse3 or
 trio, and the pure filesystem tree never imports pyfuse3 or grpc."""
 
 from __future__ import annotations

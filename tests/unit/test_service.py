@@ -1,6 +1,6 @@
 """SnapshotService over a real directory and both stores, with a fake LayerMounter.
 
-The remote-layer seam is exercised here (the real mounter is issue 4's); real
+The remote-layer seam is exercised here (the real mounter has its own tests); real
 mounts and the gRPC wire are covered by tests/integration/test_conformance.py.
 """
 

@@ -265,7 +265,7 @@ def test_encode_rejects_values_outside_their_field_types() -> None:
 
 
 def builder_encode(z: Ztoc) -> bytes:
-    """The Go marshaler's call sequence (spec/soci.md §1.4) on the flatbuffers runtime's own
+    """The Go marshaler's call sequence on the flatbuffers runtime's own
     `Builder`, which the spec verified against the AWS output; the oracle for `encode_ztoc`."""
     b = flatbuffers.Builder(0)
 
