@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from index.errors import SociableError
 from index.model import (
     BUILD_TOOL_IDENTIFIER,
     DEFAULT_SPAN_SIZE,
@@ -37,7 +38,7 @@ from index.zinfo import (
 )
 
 
-class BuildError(Exception):
+class BuildError(SociableError):
     """Base of the errors raised while building a zTOC."""
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import re
 
+from index.errors import SociableError
+
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
-class DigestError(ValueError):
+class DigestError(SociableError, ValueError):
     """A string is not a valid `sha256:<64 hex>` digest."""
 
 

@@ -24,6 +24,8 @@ import struct
 from collections.abc import Sequence
 from typing import Final
 
+from index.errors import SociableError
+
 MAX_BUFFER_SIZE: Final = 2**31
 """The runtime refuses to grow a buffer past 2 GiB; so does `finish`."""
 
@@ -40,7 +42,7 @@ Field = tuple[int, str, int]
 """(slot, kind, value): kind is a `struct` code (`q`, `i`, `I`, `b`, …) or `UOFFSET`."""
 
 
-class FlatBufferSizeError(ValueError):
+class FlatBufferSizeError(SociableError, ValueError):
     """The finished buffer would exceed `MAX_BUFFER_SIZE`."""
 
 

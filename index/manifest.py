@@ -14,6 +14,7 @@ from typing import Any
 
 from index import gojson
 from index.digest import Digest, DigestError
+from index.errors import SociableError
 from index.model import BUILD_TOOL_IDENTIFIER
 from index.oci import mediatypes as mt
 from index.oci.descriptor import Descriptor
@@ -21,7 +22,7 @@ from index.oci.errors import DescriptorError, PlatformError
 from index.oci.platform import Platform
 
 
-class IndexManifestError(ValueError):
+class IndexManifestError(SociableError, ValueError):
     """A SOCI index or an image manifest/index is not what the format requires."""
 
 

@@ -39,6 +39,7 @@ import re
 from typing import Final
 
 from index import tartime
+from index.errors import SociableError
 from index.model import EntryType, FileMetadata, UncompressedOffset
 
 BLOCK_SIZE: Final = 512
@@ -93,7 +94,7 @@ _ST_SPECIAL: Final = 2  # collecting the payload of an x/g/L/K record
 _ST_DONE: Final = 3
 
 
-class TarError(ValueError):
+class TarError(SociableError, ValueError):
     """Base of the errors `TocBuilder` raises; the builder cannot be used after one."""
 
 

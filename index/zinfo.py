@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+from index.errors import SociableError
 from index.model import (
     CompressedOffset,
     CompressionAlgorithm,
@@ -69,7 +70,7 @@ _ZERO_WINDOW: Final = bytes(WINDOW_SIZE)
 _LEGACY_FIRST_IN: Final = 10
 
 
-class ZinfoError(Exception):
+class ZinfoError(SociableError):
     """Base of the errors raised by this module."""
 
 

@@ -17,6 +17,8 @@ import ctypes.util
 from types import TracebackType
 from typing import Final
 
+from index.errors import SociableError
+
 Z_NO_FLUSH: Final = 0
 Z_SYNC_FLUSH: Final = 2
 Z_FINISH: Final = 4
@@ -61,7 +63,7 @@ _ERROR_NAMES: Final = {
 }
 
 
-class ZlibError(Exception):
+class ZlibError(SociableError):
     """libz returned an error status (corrupt data, bad arguments, out of memory)."""
 
     def __init__(self, operation: str, status: int, message: str | None) -> None:

@@ -24,6 +24,7 @@ from array import array
 from collections.abc import Iterator, Sequence
 from typing import Final
 
+from index.errors import SociableError
 from index.fbwriter import UOFFSET, Field, FlatBufferSizeError, FlatWriter
 from index.model import (
     CompressionAlgorithm,
@@ -77,7 +78,7 @@ _unpack_i64 = struct.Struct("<q").unpack_from
 _unpack_i8 = struct.Struct("<b").unpack_from
 
 
-class ZtocError(ValueError):
+class ZtocError(SociableError, ValueError):
     """Base of the codec's errors."""
 
 

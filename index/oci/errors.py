@@ -24,8 +24,10 @@ exceptions are chained with `raise ... from`.
 
 from __future__ import annotations
 
+from index.errors import SociableError
 
-class OciError(Exception):
+
+class OciError(SociableError):
     """Base class of every error raised by `index.oci`."""
 
 
