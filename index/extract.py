@@ -17,15 +17,9 @@ import posixpath
 from collections.abc import Callable, Mapping
 from typing import Final, Literal
 
-from index.model import (
-    CompressedOffset,
-    EntryType,
-    FileMetadata,
-    SpanId,
-    UncompressedOffset,
-    Ztoc,
-)
-from index.zinfo import SpanError, SpanMap, ZinfoError
+from index.errors import SociableError
+from index.model import CompressedOffset, EntryType, FileMetadata, UncompressedOffset, Ztoc
+from index.zinfo import SpanError, SpanMap, ZinfoError, assemble
 
 ReadCompressed = Callable[[CompressedOffset, CompressedOffset], bytes]
 """Returns the layer blob bytes `[start, end)`; it must return exactly `end - start` bytes."""
@@ -34,7 +28,7 @@ MAX_LINK_FOLLOWS: Final = 40
 """Like Linux's ELOOP limit."""
 
 
-class ExtractError(Exception):
+class ExtractError(SociableError):
     """Base of the errors raised when reading a file through a zTOC."""
 
 
@@ -237,12 +231,13 @@ def read_file_range(
     if offset >= end:
         return b""
     spans = span_map if span_map is not None else _span_map(ztoc)
-    first = UncompressedOffset(entry.uncompressed_offset + offset)
-    last = entry.uncompressed_offset + end
     try:
-        ids = spans.spans_for_range(first, last - first)
-        fetch_start = spans.compressed_range(SpanId(ids[0]))[0]
-        fetch_end = spans.compressed_range(SpanId(ids[-1]))[1]
+        slices = spans.slices_for_range(
+            UncompressedOffset(entry.uncompressed_offset + offset), end - offset
+        )
+        ids = [s.span for s in slices]
+        fetch_start = spans.compressed_range(ids[0])[0]
+        fetch_end = spans.compressed_range(ids[-1])[1]
     except SpanError as e:
         raise ExtractError(f"{entry.name!r}: zTOC spans do not cover its data: {e}") from e
     try:
@@ -251,25 +246,12 @@ def read_file_range(
         raise SpanReadError(
             f"{entry.name!r}: cannot fetch compressed bytes [{fetch_start}, {fetch_end}): {e}"
         ) from e
-    if len(blob) != fetch_end - fetch_start:
-        raise SpanReadError(
-            f"{entry.name!r}: fetched {len(blob)} bytes for [{fetch_start}, {fetch_end}), "
-            f"want {fetch_end - fetch_start}"
-        )
-    view = memoryview(blob)
-    pieces: list[bytes] = []
-    for i in ids:
-        span_id = SpanId(i)
-        c_start, c_end = spans.compressed_range(span_id)
-        u_start, u_end = spans.uncompressed_range(span_id)
-        try:
-            data = spans.read_span(span_id, view[c_start - fetch_start : c_end - fetch_start])
-        except ZinfoError as e:
-            raise SpanReadError(f"{entry.name!r}: span {span_id}: {e}") from e
-        lo = max(first, u_start) - u_start
-        hi = min(last, u_end) - u_start
-        pieces.append(data[lo:hi])
-    return b"".join(pieces)
+    try:
+        compressed = spans.split_compressed(ids, blob)
+        inflated = [spans.read_span(i, c) for i, c in zip(ids, compressed, strict=True)]
+    except ZinfoError as e:
+        raise SpanReadError(f"{entry.name!r}: {e}") from e
+    return assemble(slices, inflated)
 
 
 def _span_map(ztoc: Ztoc) -> SpanMap:

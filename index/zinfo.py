@@ -1,13 +1,14 @@
 """Checkpoints (zInfo) and spans: building them, (de)serializing them, reading one span.
 
-This is the `compression_info.checkpoints` part of a zTOC (spec/soci.md §2):
+This is the `compression_info.checkpoints` part of a zTOC (docs/format.md, "Checkpoint blob"):
 
 * gzip layers: zran checkpoints at deflate block boundaries, each with the 32 KiB of output
-  before it, in the LE "v2" blob (§2.1; legacy v1 blobs are read and re-written as v1);
-* uncompressed tar layers: the `TarZinfo` flatbuffer, spans are fixed slices (§2.7).
+  before it, in the LE "v2" blob (legacy v1 blobs are read and re-written as v1);
+* uncompressed tar layers: the `TarZinfo` flatbuffer, spans are fixed slices.
 
 `SpanMap` is the one interface readers use over both: span ranges, offset → span, digest
-verification and inflation of one span on its own.
+verification and inflation of one span on its own, and the one span read every reader shares
+(`slices_for_range` → fetch → `split_compressed` → verify/inflate → `assemble`).
 
 Units: every size and offset is in bytes. Compressed offsets index the layer blob,
 uncompressed offsets the tar stream; they are different types (`index.model`).
@@ -22,7 +23,7 @@ import hashlib
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final, NamedTuple, Protocol
 
 from index.errors import SociableError
 from index.model import (
@@ -138,7 +139,7 @@ class GzipZinfo:
 def encode_gzip_zinfo(
     span_size: int, checkpoints: Sequence[Checkpoint], *, legacy_v1: bool = False
 ) -> bytes:
-    """Serialize checkpoints to the gzip zinfo blob (§2.1).
+    """Serialize checkpoints to the gzip zinfo blob (docs/format.md).
 
     With `legacy_v1` the first checkpoint is left out (it must be the synthetic
     in=10/out=0/bits=0/zero-window one) and N still counts it. Raises `ZinfoFormatError` for a
@@ -238,7 +239,7 @@ class TarZinfo:
 
 
 def encode_tar_zinfo(zinfo: TarZinfo) -> bytes:
-    """Serialize a `TarZinfo` flatbuffer (§2.7)."""
+    """Serialize a `TarZinfo` flatbuffer (docs/format.md, "Uncompressed tar layers")."""
     import flatbuffers
 
     builder = flatbuffers.Builder(0)
@@ -305,7 +306,7 @@ class GzipBuildResult:
     """What one pass over a gzip blob yields.
 
     `uncompressed_size` is the full decompressed length (all members), `compressed_size` the
-    number of blob bytes read, `span_digests` one `sha256:<hex>` per checkpoint (§2.3).
+    number of blob bytes read, `span_digests` one `sha256:<hex>` per checkpoint.
     """
 
     span_size: int
@@ -349,7 +350,7 @@ def build_gzip_checkpoints(
 ) -> GzipBuildResult:
     """Inflate a gzip blob once: zran checkpoints, span digests, and the output stream.
 
-    The checkpoint rules are SOCI's (§2.2): inflate with windowBits 47 and `Z_BLOCK`; after
+    The checkpoint rules are SOCI's (docs/format.md): inflate with windowBits 47 and `Z_BLOCK`; after
     each return, when `data_type` has bit 128 and not bit 64, add a checkpoint if nothing has
     been output yet or more than `span_size` uncompressed bytes were output since the last one.
     Concatenated members are followed (`inflateReset2(47)`, totals kept). `Z_BLOCK` stops at
@@ -557,7 +558,7 @@ def inflate_span(
     compressed: bytes | bytearray | memoryview,
     uncompressed_archive_size: int,
 ) -> bytes:
-    """Inflate gzip span `span_id` from its compressed bytes alone (§2.4).
+    """Inflate gzip span `span_id` from its compressed bytes alone.
 
     `compressed` is blob range `[in_i - (bits_i ? 1 : 0), end_i)` as the span map gives it. The
     result is exactly the span's uncompressed length. Member boundaries inside the span are
@@ -615,6 +616,26 @@ def inflate_span(
     finally:
         del out_c
     return bytes(out)
+
+
+class SpanSlice(NamedTuple):
+    """The part of one span a read takes: `span`, its tar-stream `start` and inflated `length`,
+    and the bytes `[lo, hi)` of its inflated data (offsets relative to `start`)."""
+
+    span: SpanId
+    start: UncompressedOffset
+    length: int
+    lo: int
+    hi: int
+
+
+def assemble(slices: Sequence[SpanSlice], inflated: Sequence[bytes]) -> bytes:
+    """The bytes a read asked for: each `slices[i]` cut from `inflated[i]` (the whole inflated
+    span), joined. One span is one slice, without a join."""
+    if len(slices) == 1:
+        s = slices[0]
+        return inflated[0][s.lo : s.hi]
+    return b"".join(data[s.lo : s.hi] for s, data in zip(slices, inflated, strict=True))
 
 
 def _digest(data: bytes | bytearray | memoryview) -> str:
@@ -712,8 +733,38 @@ class SpanMap(abc.ABC):
         last = self.span_for_offset(UncompressedOffset(offset + size - 1))
         return range(first, last + 1)
 
+    def slices_for_range(self, offset: UncompressedOffset, size: int) -> list[SpanSlice]:
+        """What reading `[offset, offset + size)` takes from each span, in span order; empty
+        when `size` is 0. Raises `SpanError` if the range is outside the tar stream."""
+        out: list[SpanSlice] = []
+        end = offset + size
+        for i in self.spans_for_range(offset, size):
+            span = SpanId(i)
+            start, stop = self.uncompressed_range(span)
+            out.append(
+                SpanSlice(span, start, stop - start, max(offset - start, 0), min(end, stop) - start)
+            )
+        return out
+
+    def split_compressed(
+        self, spans: Sequence[SpanId], data: bytes | bytearray | memoryview
+    ) -> list[memoryview]:
+        """`data`, the blob bytes from the compressed start of `spans[0]` to the end of
+        `spans[-1]` (consecutive ids), cut into one view per span (no copy). Raises `SpanError`
+        when `data` has the wrong length."""
+        base = self.compressed_range(spans[0])[0]
+        want = self.compressed_range(spans[-1])[1] - base
+        if len(data) != want:
+            raise SpanError(f"spans {spans[0]}-{spans[-1]}: fetched {len(data)} bytes, want {want}")
+        view = memoryview(data)
+        out: list[memoryview] = []
+        for span in spans:
+            start, end = self.compressed_range(span)
+            out.append(view[start - base : end - base])
+        return out
+
     def soci_spans_for_range(self, offset: UncompressedOffset, size: int) -> range:
-        """SOCI's span range `span(offset) .. span(offset + size)` (inclusive, §2.4.8, §3.3).
+        """SOCI's span range `span(offset) .. span(offset + size)` (inclusive).
 
         An exclusive end on a span boundary includes the next span, as the AWS code does; use
         this where output must match it (prefetch artifacts), `spans_for_range` to read.
@@ -751,7 +802,7 @@ class SpanMap(abc.ABC):
 
 
 class GzipSpanMap(SpanMap):
-    """Spans between gzip checkpoints (§2.3-2.4)."""
+    """Spans between gzip checkpoints."""
 
     __slots__ = ("_outs", "zinfo")
 
@@ -799,7 +850,7 @@ class GzipSpanMap(SpanMap):
 
 
 class TarSpanMap(SpanMap):
-    """Fixed slices of an uncompressed tar blob (§2.7); inflating is the identity."""
+    """Fixed slices of an uncompressed tar blob; inflating is the identity."""
 
     __slots__ = ("tar",)
 
