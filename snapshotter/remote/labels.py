@@ -1,8 +1,10 @@
-"""Snapshot label keys the remote handshake reads and writes (spec/soci.md §5.2).
+"""Snapshot label keys of the remote-snapshot handshake, and the parsed `LayerLabels`.
 
 containerd passes a Prepare only the labels under `containerd.io/snapshot/` plus
 `containerd.io/snapshot.ref`; CRI adds the `cri.*` keys when
-`disable_snapshot_annotations = false` (spec/containerd.md §2.7).
+`disable_snapshot_annotations = false` (see docs/snapshotter.md). The two keys the Snapshots
+service itself reads or writes (`TARGET_REF`, `REMOTE`) are defined once in
+`snapshotter.snapshots.model` and re-exported here; the others exist only here.
 """
 
 from __future__ import annotations
@@ -11,11 +13,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from index.digest import Digest, DigestError
+from snapshotter.snapshots.model import LABEL_REMOTE as REMOTE
+from snapshotter.snapshots.model import LABEL_TARGET_REF as TARGET_REF
 
 from .errors import BadLabels
 
-TARGET_REF = "containerd.io/snapshot.ref"
-"""The chain id containerd wants committed; marks an image-unpack Prepare."""
+__all__ = [
+    "CRI_IMAGE_LAYERS",
+    "CRI_IMAGE_REF",
+    "CRI_LAYER_DIGEST",
+    "CRI_MANIFEST_DIGEST",
+    "REMOTE",
+    "SOCI_INDEX_DIGEST",
+    "TARGET_REF",
+    "LayerLabels",
+]
+
 CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
 """Normalised image reference given to PullImage (`docker.io/library/x:tag`)."""
 CRI_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
@@ -26,8 +39,6 @@ CRI_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
 """Comma-separated layer digests from this layer to the top (cut at 4096 bytes)."""
 SOCI_INDEX_DIGEST = "containerd.io/snapshot/remote/soci.index.digest"
 """Explicit SOCI index digest (nerdctl `--soci-index-digest`): used as-is."""
-REMOTE = "containerd.io/snapshot/remote"
-"""Put by the service on snapshots whose layer is served lazily (value `remote snapshot`)."""
 
 
 @dataclass(frozen=True, slots=True)

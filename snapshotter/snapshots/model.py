@@ -21,6 +21,9 @@ LABEL_TARGET_REF = "containerd.io/snapshot.ref"
 LABEL_REMOTE = "containerd.io/snapshot/remote"
 """Label this daemon puts on snapshots whose layer is mounted lazily."""
 
+LABEL_REMOTE_VALUE = "remote snapshot"
+"""The value of `LABEL_REMOTE` (what containerd's remote snapshotters put there)."""
+
 
 class Kind(enum.IntEnum):
     """Snapshot kinds; values are those of the wire enum `Kind`."""

@@ -30,7 +30,17 @@ import trio
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, SnapshotterError
 from . import filters
 from .metadata import MetaStore
-from .model import LABEL_REMOTE, LABEL_TARGET_REF, Info, Kind, Snapshot, SnapshotId, Usage, quote
+from .model import (
+    LABEL_REMOTE,
+    LABEL_REMOTE_VALUE,
+    LABEL_TARGET_REF,
+    Info,
+    Kind,
+    Snapshot,
+    SnapshotId,
+    Usage,
+    quote,
+)
 from .mounts import Layout, Mount, OverlayFeatures, mounts_for
 
 log = logging.getLogger(__name__)
@@ -39,8 +49,6 @@ T = TypeVar("T")
 
 MAX_LABEL_BYTES = 4096
 """Largest key+value of one label, in bytes (containerd's limit)."""
-
-REMOTE_LABEL_VALUE = "remote snapshot"
 
 
 class MountResult(enum.Enum):
@@ -55,7 +63,7 @@ class MountResult(enum.Enum):
 
 
 class LayerMounter(Protocol):
-    """The seam for lazily served layers (issue 4). Declared here, where it is used.
+    """The seam for lazily served layers (docs/snapshotter.md). Declared here, where it is used.
 
     All paths are a snapshot's `fs` directory.
     """
@@ -168,8 +176,8 @@ class SnapshotService:
     """containerd snapshotter semantics over `store`, with the on-disk tree at `root`.
 
     Construct, then `await open()` before use; `close()` releases the store.
-    Every method raises the domain errors of `snapshotter.errors` as documented
-    in spec/containerd.md §2.3.
+    Every method raises the domain errors of `snapshotter.errors` (each method's
+    docstring names them).
     """
 
     def __init__(
@@ -319,7 +327,7 @@ class SnapshotService:
         if result is False or result is MountResult.DECLINED:
             return
         if result is MountResult.REMOTE:
-            commit_labels = {**labels, LABEL_REMOTE: REMOTE_LABEL_VALUE}
+            commit_labels = {**labels, LABEL_REMOTE: LABEL_REMOTE_VALUE}
             usage = Usage()
         else:
             commit_labels = dict(labels)
