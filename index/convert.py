@@ -2,8 +2,9 @@
 
 The image comes from an `ImageSource` (a registry or an OCI layout); zTOCs and indexes go to the
 `LocalStore`. Layers are built in parallel threads (the inflate loop and hashing release the
-GIL). The v2 output (the rewritten manifests and OCI index, spec/soci.md §3.4) is returned as
-bytes for a sink to write; nothing here talks to a registry directly.
+GIL). The v2 output (the rewritten manifests and OCI index, docs/format.md) is returned as
+bytes for a sink to write; nothing here talks to a registry directly, and a converted image's
+indexes are recorded in the store (`record_converted`) only once its sink has written it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Protocol
 
 from index.builder import LayerSkipped, build_ztoc
 from index.digest import Digest
+from index.errors import SociableError
 from index.manifest import (
     SociIndex,
     ZtocDescriptor,
@@ -32,12 +34,13 @@ from index.manifest import (
 from index.model import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
 from index.oci import mediatypes as mt
 from index.oci.descriptor import Descriptor
+from index.oci.errors import OciError
 from index.oci.platform import Platform, select_platform
-from index.store import LocalStore
+from index.store import LocalStore, StoreError
 from index.ztoc_codec import encode_ztoc
 
 
-class ConvertError(Exception):
+class ConvertError(SociableError):
     """An image cannot be indexed: the message names the image, platform or layer and why."""
 
 
@@ -245,8 +248,8 @@ def build_layer_ztocs(
 
         try:
             return layer, _build_one_layer(source, layer, opts, store, report, count)
-        except ConvertError:
-            raise
+        except (ConvertError, OciError, StoreError):
+            raise  # the source or the store failed, not this layer: stop
         except Exception as e:
             report(f"ztoc failed - layer {layer.digest} of {source.name}: {e}")
             return layer, None
@@ -295,6 +298,15 @@ def build_indexes(
 
 
 @dataclass(frozen=True)
+class BoundIndex:
+    """A v2 index and the rewritten image manifest that now carries it."""
+
+    built: BuiltIndex
+    manifest_digest: Digest
+    """The digest of the rewritten image manifest (annotated with the index digest)."""
+
+
+@dataclass(frozen=True)
 class ConvertedImage:
     """The v2 output of `convert`: new blobs and manifests to add next to the original image."""
 
@@ -305,14 +317,17 @@ class ConvertedImage:
     """Rewritten image manifests and the SOCI index manifests, by digest."""
     blobs: dict[Digest, bytes]
     """zTOCs and the `{}` config blob, by digest."""
+    bound: tuple[BoundIndex, ...] = ()
+    """Each index with the rewritten manifest it is bound to (for `record_converted`)."""
 
 
 def bind_v2(
-    selected: SelectedImage, built: Sequence[BuiltIndex], store: LocalStore, image_ref: str
+    selected: SelectedImage, built: Sequence[BuiltIndex], store: LocalStore
 ) -> ConvertedImage:
-    """Rewrite the image's manifests and OCI index to carry the v2 indexes (spec/soci.md §3.4).
+    """Rewrite the image's manifests and OCI index to carry the v2 indexes (docs/format.md).
 
-    Also records each index in the store against its rewritten manifest's digest.
+    Reads the zTOC blobs from `store`; records nothing (see `record_converted`).
+    Raises StoreError when a zTOC blob is missing or corrupt.
     """
     by_manifest = {b.image.desc.digest: b for b in built}
     if selected.image_index is not None:
@@ -326,6 +341,7 @@ def bind_v2(
     image_by_digest = {m.desc.digest: m for m in selected.manifests}
     new_entries: list[dict[str, Any]] = []
     index_descs: list[dict[str, Any]] = []
+    bound: list[BoundIndex] = []
     for entry in entries:
         digest = entry.get("digest")
         m = image_by_digest.get(Digest(digest)) if isinstance(digest, str) else None
@@ -351,21 +367,32 @@ def bind_v2(
             for z in b.index.ztocs:
                 blobs[z.digest] = store.get_blob(z.digest)
             index_descs.append(index_descriptor_v2(b.index_bytes, new_digest, m.platform.to_json()))
-            store.add_index(
-                b.digest,
-                len(b.index_bytes),
-                new_digest,
-                image_ref,
-                str(m.platform),
-                b.index.artifact_type,
-                [z.digest for z in b.index.ztocs],
-            )
+            bound.append(BoundIndex(b, new_digest))
     image_index["manifests"] = new_entries
     for desc in index_descs:
         add_index_descriptor(image_index, desc)
     root_bytes = image_index_json(image_index)
     root = Descriptor(mt.OCI_INDEX, Digest.of(root_bytes), len(root_bytes))
-    return ConvertedImage(root, root_bytes, manifests, blobs)
+    return ConvertedImage(root, root_bytes, manifests, blobs, tuple(bound))
+
+
+def record_converted(store: LocalStore, converted: ConvertedImage, image_ref: str) -> None:
+    """Record each index of `converted` in `store` under `image_ref` (the destination).
+
+    Call only after the destination holds the converted image: a failed write must leave
+    `sociable index list` as it was. Raises StoreError.
+    """
+    for bi in converted.bound:
+        b = bi.built
+        store.add_index(
+            b.digest,
+            len(b.index_bytes),
+            bi.manifest_digest,
+            image_ref,
+            str(b.image.platform),
+            b.index.artifact_type,
+            [z.digest for z in b.index.ztocs],
+        )
 
 
 @contextlib.contextmanager

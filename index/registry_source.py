@@ -21,7 +21,6 @@ from index.oci.dockerconfig import (
     DockerConfig,
     StaticCredentials,
 )
-from index.oci.errors import NotFoundError, RegistryError
 from index.oci.reference import Reference
 from index.oci.registry import RegistryClient
 from index.store import IndexRecord, LocalStore
@@ -56,33 +55,23 @@ class RegistrySource:
     def __repr__(self) -> str:
         return f"RegistrySource({self.name!r})"
 
+    # RegistryError passes through unchanged: its message names the reference and digest.
+
     def resolve(self) -> Descriptor:
-        try:
-            return self.client.resolve(self.ref)
-        except RegistryError as e:
-            raise ConvertError(f"{self.name}: {e}") from e
+        return self.client.resolve(self.ref)
 
     def read_manifest(self, desc: Descriptor) -> bytes:
-        try:
-            return self.client.get_manifest(self.ref, desc.digest)[1]
-        except RegistryError as e:
-            raise ConvertError(f"{self.name}: manifest {desc.digest}: {e}") from e
+        return self.client.get_manifest(self.ref, desc.digest)[1]
 
     def read_blob(self, desc: Descriptor) -> bytes:
-        try:
-            return self.client.read_blob(self.ref, desc.digest)
-        except RegistryError as e:
-            raise ConvertError(f"{self.name}: blob {desc.digest}: {e}") from e
+        return self.client.read_blob(self.ref, desc.digest)
 
     @contextlib.contextmanager
     def blob_file(self, desc: Descriptor) -> Iterator[Path]:
         tmpdir = Path(tempfile.mkdtemp(prefix="sociable-layer-"))
         path = tmpdir / desc.digest.hex
         try:
-            try:
-                self.client.fetch_blob(self.ref, desc.digest, path, desc.size)
-            except RegistryError as e:
-                raise ConvertError(f"{self.name}: layer {desc.digest}: {e}") from e
+            self.client.fetch_blob(self.ref, desc.digest, path, desc.size)
             yield path
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -194,9 +183,6 @@ def layer_range_reader(
     with make_client(args) as client:
 
         def read(start: int, end: int) -> bytes:
-            try:
-                return client.fetch_blob_range(ref, layer_digest, start, end - start)
-            except NotFoundError as e:
-                raise ConvertError(f"layer {layer_digest} is not in {image}: {e}") from e
+            return client.fetch_blob_range(ref, layer_digest, start, end - start)
 
         yield read

@@ -10,9 +10,8 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from index.convert import ConvertedImage, ConvertError
+from index.convert import ConvertedImage
 from index.oci.descriptor import Descriptor
-from index.oci.errors import LayoutError
 from index.oci.layout import OciLayout
 
 
@@ -27,30 +26,23 @@ class LayoutSource:
     def __repr__(self) -> str:
         return f"LayoutSource({self.name!r})"
 
+    # LayoutError passes through unchanged: its message names the layout and the blob.
+
     def resolve(self) -> Descriptor:
-        try:
-            return self.layout.resolve(self.tag)
-        except LayoutError as e:
-            raise ConvertError(f"{self.name}: {e}") from e
+        return self.layout.resolve(self.tag)
 
     def read_manifest(self, desc: Descriptor) -> bytes:
         return self.read_blob(desc)
 
     def read_blob(self, desc: Descriptor) -> bytes:
-        try:
-            return self.layout.read_blob(desc.digest, desc.size)
-        except LayoutError as e:
-            raise ConvertError(f"{self.name}: {e}") from e
+        return self.layout.read_blob(desc.digest, desc.size)
 
     @contextlib.contextmanager
     def blob_file(self, desc: Descriptor) -> Iterator[Path]:
         # A layer in a directory layout is already a file: verify it, then hand it over as is.
-        try:
-            with self.layout.open_blob(desc.digest, desc.size) as f:
-                while f.read(1 << 20):
-                    pass
-        except LayoutError as e:
-            raise ConvertError(f"{self.name}: layer {desc.digest}: {e}") from e
+        with self.layout.open_blob(desc.digest, desc.size) as f:
+            while f.read(1 << 20):
+                pass
         yield self.layout.root / "blobs" / "sha256" / desc.digest.hex
 
 

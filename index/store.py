@@ -5,7 +5,7 @@ Layout under the root (default `/var/lib/sociable`, shared with the snapshotter)
     content/                 an OCI image layout (`oci-layout`, `blobs/sha256/<hex>`)
     artifacts.db             sqlite: what each stored blob is (index or zTOC) and what it indexes
 
-The DB plays the role of SOCI's `artifacts.db` (spec/soci.md §4): it maps a zTOC to the layer it
+The DB plays the role of SOCI's `artifacts.db` (docs/cli.md, "The local store"): it maps a zTOC to the layer it
 indexes (and the span size it was built with, for reuse) and an index to the image manifest,
 reference and platform it was built for. Blob writes are atomic (temp file + rename) and every
 blob is verified against its digest when read.
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from index.digest import Digest
+from index.errors import SociableError
 from index.oci.errors import BlobNotInLayoutError, LayoutError
 from index.oci.layout import OciLayout
 
@@ -54,12 +55,16 @@ CREATE TABLE IF NOT EXISTS index_ztocs (
 """
 
 
-class StoreError(Exception):
+class StoreError(SociableError):
     """The local store is unusable, or lacks what was asked for."""
 
 
 class BlobNotFound(StoreError):
     """No blob with that digest is stored."""
+
+
+class IndexNotFound(StoreError):
+    """No index with that digest is recorded."""
 
 
 class BlobCorrupt(StoreError):
@@ -129,18 +134,25 @@ class LocalStore:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; sqlite errors become StoreError (the transaction rolls back)."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                raise StoreError(f"local store {self.root}: artifacts.db: {e}") from e
 
     def _query(self, sql: str, args: Sequence[object] = ()) -> list[Any]:
         with self._lock:
-            return self._db.execute(sql, args).fetchall()
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as e:
+                raise StoreError(f"local store {self.root}: artifacts.db: {e}") from e
 
     # --- blobs ---------------------------------------------------------------------------------
 
@@ -151,8 +163,11 @@ class LocalStore:
         return self.content.blob_path(digest)
 
     def put_blob(self, data: bytes) -> Digest:
-        """Store `data` (idempotent) and return its digest."""
-        return self.content.write_blob(data).digest
+        """Store `data` (idempotent) and return its digest. Raises StoreError."""
+        try:
+            return self.content.write_blob(data).digest
+        except (OSError, LayoutError) as e:
+            raise StoreError(f"cannot write a blob to the local store {self.root}: {e}") from e
 
     def get_blob(self, digest: Digest) -> bytes:
         """The blob's bytes, verified. Raises BlobNotFound, or BlobCorrupt on a digest mismatch."""
@@ -246,11 +261,11 @@ class LocalStore:
     def remove_index(self, digest: str) -> None:
         """Drop an index record and its blob, and zTOCs no other index refers to.
 
-        Raises StoreError when no such index is stored.
+        Raises IndexNotFound when no such index is stored.
         """
         with self._tx() as db:
             if db.execute("SELECT 1 FROM indexes WHERE digest = ?", (digest,)).fetchone() is None:
-                raise StoreError(f"no index {digest} in the local store {self.root}")
+                raise IndexNotFound(f"no index {digest} in the local store {self.root}")
             ztocs = [
                 r[0]
                 for r in db.execute(

@@ -184,7 +184,7 @@ def test_convert_standalone_archive_and_errors(source_layout: images.Image, tmp_
     again = sociable(
         "convert", "--standalone", str(source_layout.layout), str(out), root=root, check=False
     )
-    assert again.returncode == 1 and "already exists" in again.stderr
+    assert again.returncode == 2 and "already exists" in again.stderr
 
     # Every layer under the default 10 MiB minimum: a clear error, non-zero exit.
     small = sociable(
@@ -200,7 +200,7 @@ def test_convert_standalone_archive_and_errors(source_layout: images.Image, tmp_
     assert "is less than min-layer-size 10485760" in small.stderr
 
     missing = sociable("create", "oci-layout:/nonexistent/layout:tag", root=root, check=False)
-    assert missing.returncode == 1 and "does not exist" in missing.stderr
+    assert missing.returncode == 3 and "does not exist" in missing.stderr
 
 
 def test_create_v1_from_layout(source_layout: images.Image, tmp_path: Path) -> None:
