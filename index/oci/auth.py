@@ -1,8 +1,8 @@
 """Registry authentication: challenges, the Docker token flow, and a per-host token cache.
 
-The pieces here do no I/O themselves: `Authenticator` is handed a `fetch` callable that sends
-one `TokenRequest` and returns `(status, body)`, so a sync client (httpx.Client) and an async
-one can share the policy (spec/containerd.md §6.5):
+The pieces here do no I/O themselves: `Authenticator` is handed an async `fetch` callable that
+sends one `TokenRequest` and returns `(status, body)` (the registry session owns the network),
+so the policy stays pure and testable:
 
 1. requests go out without auth until a host answers 401 with `WWW-Authenticate`;
 2. for a `Bearer` challenge a token is requested for the host + scope set: with credentials,
@@ -20,7 +20,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from index.oci.dockerconfig import CredentialProvider, Credentials
@@ -180,7 +180,7 @@ def parse_token_response(body: bytes, now: float) -> Token:
     )
 
 
-FetchToken = Callable[[TokenRequest], tuple[int, bytes]]
+FetchToken = Callable[[TokenRequest], Awaitable[tuple[int, bytes]]]
 """Sends a token request; returns (HTTP status, body). Raises RegistryError on no answer."""
 
 
@@ -191,7 +191,9 @@ def _basic(username: str, secret: str) -> str:
 class Authenticator:
     """Per-client auth state: the last challenge of each host and cached bearer tokens.
 
-    Thread-safe. `credentials` is asked per endpoint host; None means anonymous.
+    Safe to share between tasks and threads (its state is behind a lock never held across an
+    await). `credentials` is asked per endpoint host; None means anonymous. Two tasks missing
+    the same token at once may both fetch one; the last one stored wins.
     """
 
     def __init__(
@@ -221,7 +223,9 @@ class Authenticator:
         extra = challenge.params.get("scope", "")
         return sorted(set(scopes) | set(extra.split()))
 
-    def authorization(self, host: str, scopes: Sequence[str], fetch: FetchToken) -> str | None:
+    async def authorization(
+        self, host: str, scopes: Sequence[str], fetch: FetchToken
+    ) -> str | None:
         """The `Authorization` header value for a request to `host`, or None (anonymous).
 
         May request a token through `fetch`. Raises UnauthorizedError when a Basic challenge
@@ -245,12 +249,12 @@ class Authenticator:
         with self._lock:
             token = self._tokens.get(key)
         if token is None or token.expires_at <= now:
-            token = self._fetch_token(host, challenge, all_scopes, creds, fetch)
+            token = await self._fetch_token(host, challenge, all_scopes, creds, fetch)
             with self._lock:
                 self._tokens[key] = token
         return "Bearer " + token.value
 
-    def _fetch_token(
+    async def _fetch_token(
         self,
         host: str,
         challenge: Challenge,
@@ -261,7 +265,7 @@ class Authenticator:
         requests = token_requests(challenge, scopes, creds)
         status, body = 0, b""
         for i, request in enumerate(requests):
-            status, body = fetch(request)
+            status, body = await fetch(request)
             if 200 <= status < 300:
                 return parse_token_response(body, self._clock())
             last = i == len(requests) - 1

@@ -2,7 +2,7 @@
 
 Lookup is per endpoint host (a mirror gets the mirror's credentials). Docker Hub's hosts
 (`docker.io`, `index.docker.io`, `registry-1.docker.io`) are looked up under
-`https://index.docker.io/v1/`, as the docker CLI stores them (spec/soci.md §5.9).
+`https://index.docker.io/v1/`, as the docker CLI stores them.
 """
 
 from __future__ import annotations

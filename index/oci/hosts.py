@@ -1,4 +1,4 @@
-"""containerd `hosts.toml` registry host configuration (spec/containerd.md §6.1-6.4).
+"""containerd `hosts.toml` registry host configuration (the `config_path` directory layout).
 
 `HostsConfig.load(roots, registry)` finds the configuration directory of `registry` under the
 first root that has one (`<host>_<port>_`, then the host verbatim, then `_default`), reads its
@@ -70,6 +70,8 @@ class RegistryHost:
     skip_verify: bool = False
     headers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     is_upstream: bool = True
+    source: Path | None = field(default=None, compare=False)
+    """The hosts.toml this endpoint was configured by (None: built-in default)."""
 
     @property
     def base_url(self) -> str:
@@ -149,6 +151,7 @@ def _parse_table(
         skip_verify=skip_verify,
         headers=headers,
         is_upstream=upstream,
+        source=where,
     )
 
 

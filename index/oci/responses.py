@@ -1,15 +1,16 @@
 """Turning distribution API answers into values, or into the right RegistryError.
 
-Pure functions over `httpx.Response` objects and bytes, shared by every client flavour:
-error translation (status → exception class, registry error JSON → message), bodies read as
-sent on the wire, Range answers checked against what was asked, referrers index parsing.
+Functions over `httpx.Response` objects (streamed by an `httpx.AsyncClient`; the ones that
+read a body are async) and bytes: error translation (status → exception class, registry
+error JSON → message), bodies read as sent on the wire, Range answers checked against what
+was asked, referrers index parsing.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 import httpx
 
@@ -43,12 +44,13 @@ def media_type_of(response: httpx.Response) -> str:
     return str(response.headers.get("content-type", "")).split(";", 1)[0].strip()
 
 
-def iter_raw(response: httpx.Response) -> Iterator[bytes]:
+async def iter_raw(response: httpx.Response) -> AsyncIterator[bytes]:
     """The body as sent (no content-decoding: digests are over the wire bytes)."""
     if response.is_stream_consumed:  # already read (e.g. a response built from bytes)
         yield response.content
     else:
-        yield from response.iter_raw(IO_CHUNK_BYTES)
+        async for chunk in response.aiter_raw(IO_CHUNK_BYTES):
+            yield chunk
 
 
 def error_detail(body: bytes) -> str:
@@ -62,12 +64,15 @@ def error_detail(body: bytes) -> str:
         return body[:200].decode(errors="replace").strip()
 
 
-def status_error(response: httpx.Response, what: str) -> RegistryError:
-    """The RegistryError for a non-success `response` (reads the body if streamed)."""
+async def status_error(response: httpx.Response, what: str) -> RegistryError:
+    """The RegistryError for a non-success `response` (reads the body if streamed, and
+    closes it)."""
     try:
-        body = response.read()
+        body = await response.aread()
     except httpx.HTTPError:
         body = b""
+    finally:
+        await response.aclose()
     status = response.status_code
     message = (
         f"{what}: HTTP {status} {error_detail(body)} ({response.request.method} {response.url})"
@@ -95,14 +100,14 @@ def referrer_descriptor(media_type: str, data: bytes) -> Descriptor:
     )
 
 
-def read_capped(response: httpx.Response, limit: int, what: str) -> bytes:
+async def read_capped(response: httpx.Response, limit: int, what: str) -> bytes:
     """The whole body, at most `limit` bytes; closes the response.
 
     Raises UnexpectedResponseError when larger, TransportError when the stream breaks.
     """
     data = bytearray()
     try:
-        for chunk in iter_raw(response):
+        async for chunk in iter_raw(response):
             data += chunk
             if len(data) > limit:
                 raise UnexpectedResponseError(
@@ -111,7 +116,7 @@ def read_capped(response: httpx.Response, limit: int, what: str) -> bytes:
     except httpx.HTTPError as e:
         raise TransportError(f"{what}: reading {response.url}: {e}", url=str(response.url)) from e
     finally:
-        response.close()
+        await response.aclose()
     return bytes(data)
 
 
@@ -148,7 +153,15 @@ def index_entries(data: bytes, where: str, artifact_type: str | None) -> list[De
     return entries
 
 
-def range_body(
+def _total_of(response: httpx.Response) -> int:
+    """The Content-Length of a 200 answer (-1 when absent or malformed)."""
+    try:
+        return int(response.headers.get("content-length", "-1"))
+    except ValueError:
+        return -1
+
+
+async def range_body(
     response: httpx.Response, ref: Reference, digest: Digest, offset: int, length: int
 ) -> bytes:
     """The `length` bytes at `offset` from a Range answer; closes the response.
@@ -174,7 +187,7 @@ def range_body(
                     f"{what}: server sent bytes {start}-{end}, asked {offset}-{want_end}",
                     url=str(response.url),
                 )
-            data = response.read()
+            data = await response.aread()
             if len(data) != end - start + 1:
                 raise TransportError(
                     f"{what}: got {len(data)} bytes for {start}-{end}", url=str(response.url)
@@ -183,7 +196,7 @@ def range_body(
         if response.status_code == 200:
             buf = bytearray()
             skipped = 0
-            for chunk in iter_raw(response):
+            async for chunk in iter_raw(response):
                 if skipped < offset:
                     take = min(len(chunk), offset - skipped)
                     skipped += take
@@ -191,9 +204,13 @@ def range_body(
                 buf += chunk
                 if len(buf) >= length:
                     break
+            if len(buf) < length and (offset + len(buf)) < _total_of(response):
+                raise TransportError(
+                    f"{what}: body ended after {len(buf)} bytes", url=str(response.url)
+                )
             return bytes(buf[:length])
-        raise status_error(response, what)
+        raise await status_error(response, what)
     except httpx.HTTPError as e:
         raise TransportError(f"{what}: reading {response.url}: {e}", url=str(response.url)) from e
     finally:
-        response.close()
+        await response.aclose()
