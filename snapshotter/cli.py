@@ -5,33 +5,80 @@
     sociable-snapshotter [--config FILE] config check [--containerd-config PATH]
     sociable-snapshotter [--root DIR] status
 
-Exit codes: 0 success; 1 error (message on stderr) or problems found by
-`config check`; 2 usage error (argparse). `main()` is the one exit point.
+`main()` is the one exit point: an error is one line `sociable-snapshotter: error: ...`
+on stderr and the exit status `EXIT_CODES` gives its class (docs/cli.md, "Exit status").
+An unexpected exception (a bug) is one line saying so; its traceback is printed only with
+`--debug` or SOCIABLE_DEBUG=1. SIGINT or SIGTERM while serving is a clean shutdown (0).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib.metadata
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Final, NoReturn
 
 import trio
 
 from . import config as config_mod
-from .configcheck import check_all
-from .daemon import Settings, serve
-from .errors import SnapshotterError
+from .configcheck import check_all, is_warning
+from .daemon import AddressInUse, Settings, serve
+from .errors import ConfigError, SnapshotterError, UsageError, leaf_error
 from .logs import LEVELS, setup_logging
 from .remote.mounter import open_remote_mounter
 from .remote.status import layer_statuses
+from .rootlock import RootLocked
 
 PROG = "sociable-snapshotter"
+DEBUG_ENV = "SOCIABLE_DEBUG"
+
+EXIT_OK: Final = 0
+EXIT_ERROR: Final = 1
+"""`config check` found errors; any other failure; an unexpected exception (a bug)."""
+EXIT_USAGE: Final = 2
+EXIT_IN_USE: Final = 3
+EXIT_LOCAL: Final = 6
+EXIT_INTERRUPTED: Final = 130
+
+EXIT_CODES: Final[tuple[tuple[type[BaseException], int], ...]] = (
+    (UsageError, EXIT_USAGE),
+    (ConfigError, EXIT_USAGE),
+    (RootLocked, EXIT_IN_USE),
+    (AddressInUse, EXIT_IN_USE),
+    (SnapshotterError, EXIT_ERROR),
+    (OSError, EXIT_LOCAL),
+    (KeyboardInterrupt, EXIT_INTERRUPTED),
+)
+"""Error class -> exit status; the first row the (unwrapped) error is an instance of wins."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is raised (as UsageError) for `main` to report in one line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("sociable")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="containerd proxy snapshotter daemon")
+    p = _Parser(prog=PROG, description="containerd proxy snapshotter daemon")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"print the traceback of an unexpected error (also {DEBUG_ENV}=1)",
+    )
     p.add_argument("--address", help=f"unix socket or fd:// (default {config_mod.DEFAULT_ADDRESS})")
     p.add_argument("--root", help=f"state directory (default {config_mod.DEFAULT_ROOT})")
     p.add_argument(
@@ -40,11 +87,13 @@ def _parser() -> argparse.ArgumentParser:
         help=f"TOML config file (default {config_mod.DEFAULT_CONFIG_PATH}; missing default = all defaults)",
     )
     p.add_argument("--log-level", choices=LEVELS, help="log level (default from config: info)")
-    sub = p.add_subparsers(dest="command")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
     cfg = sub.add_parser("config", help="print or check the configuration")
-    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     cfg_sub.add_parser("default", help="print the full default config file")
-    check = cfg_sub.add_parser("check", help="check our config and containerd's")
+    check = cfg_sub.add_parser(
+        "check", help="check our config and containerd's (warnings do not fail the check)"
+    )
     check.add_argument(
         "--containerd-config",
         type=Path,
@@ -66,7 +115,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 def run(argv: Sequence[str]) -> int:
     """Run the command line `argv` (without the program name); return the exit code.
 
-    Raises SnapshotterError / OSError for main() to report.
+    Raises SnapshotterError / OSError (possibly inside an ExceptionGroup from the daemon's
+    nurseries) for main() to report.
     """
     args = _parser().parse_args(argv)
     if args.command == "config" and args.config_command == "default":
@@ -79,29 +129,58 @@ def run(argv: Sequence[str]) -> int:
         return 0
     if args.command == "config":
         path = args.containerd_config or Path(settings.config.containerd.config_path)
-        problems = check_all(settings.config, settings.address, settings.root, path)
-        for line in problems:
+        findings = check_all(settings.config, settings.address, settings.root, path)
+        for line in findings:
             print(line)
-        if not problems:
-            print(f"ok: config and {path} look right for {PROG}")
-        return 1 if problems else 0
+        errors = [f for f in findings if not is_warning(f)]
+        if not errors:
+            warned = f" ({len(findings)} warnings)" if findings else ""
+            print(f"ok: config and {path} look right for {PROG}{warned}")
+        return EXIT_ERROR if errors else EXIT_OK
     setup_logging(args.log_level or settings.config.daemon.log_level)
     trio.run(functools.partial(serve, settings, open_mounter=open_remote_mounter))
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point: run, report errors once, exit with the code."""
+def _debug(argv: Sequence[str]) -> bool:
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def exit_code(error: BaseException) -> int | None:
+    """The exit status `EXIT_CODES` gives `error`; None when it is not in the table (a bug)."""
+    for cls, code in EXIT_CODES:
+        if isinstance(error, cls):
+            return code
+    return None
+
+
+def report(error: BaseException, *, debug: bool) -> int:
+    """Print `error` (an exception group: its first leaf) as one line on stderr; its status."""
+    leaf, count = leaf_error(error)
+    more = f" (and {count - 1} more errors)" if count > 1 else ""
+    code = exit_code(leaf)
+    if isinstance(leaf, KeyboardInterrupt):
+        message = "interrupted"
+    elif code is None:
+        if debug:
+            traceback.print_exception(error, file=sys.stderr)
+        hint = "" if debug else f"; run with --debug or {DEBUG_ENV}=1 for the traceback"
+        message = f"unexpected {type(leaf).__name__}: {leaf} (this is a bug{hint})"
+    elif isinstance(leaf, OSError) and leaf.strerror:
+        message = f"{leaf.filename}: {leaf.strerror}" if leaf.filename else leaf.strerror
+    else:
+        message = str(leaf)
+    print(f"{PROG}: error: {' '.join(message.split())}{more}", file=sys.stderr)
+    return EXIT_ERROR if code is None else code
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Entry point: run, report an error once, exit with its status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        code = run(sys.argv[1:] if argv is None else argv)
-    except SnapshotterError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        code = 1
-    except OSError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        code = 1
-    except KeyboardInterrupt:
-        code = 130
+        code = run(argv)
+    except (Exception, KeyboardInterrupt, BaseExceptionGroup) as e:
+        code = report(e, debug=_debug(argv))
     sys.exit(code)
 
 

@@ -11,6 +11,11 @@ the proxy plugin table (type, address equal to ours), CRI's `snapshotter`,
 hosts.toml mirrors), and where CRI's ImageFsInfo (kubelet's image-filesystem stats and
 image GC) looks for the snapshotter's disk: `<containerd root>/io.containerd.snapshotter.v1.<name>`
 on 1.6/1.7, `[proxy_plugins.<name>.exports] root` on 2.x.
+
+A finding is an error (the snapshotter will not work as configured) unless it starts with
+`warning: ` (it works, but something is degraded): the image-filesystem findings are
+warnings, because containerd creates `io.containerd.snapshotter.v1.<name>` itself once it
+has used the snapshotter, so a fresh machine could otherwise never pass the check.
 """
 
 from __future__ import annotations
@@ -25,6 +30,12 @@ SNAPSHOT_PLUGIN_TYPES = ("snapshot", "io.containerd.snapshotter.v1")
 CRI_V2 = "io.containerd.grpc.v1.cri"
 CRI_V3_IMAGES = "io.containerd.cri.v1.images"
 DEFAULT_CONTAINERD_ROOT = "/var/lib/containerd"
+WARNING_PREFIX = "warning: "
+
+
+def is_warning(finding: str) -> bool:
+    """Whether a finding of `check_all` is a warning (it does not fail the check)."""
+    return finding.startswith(WARNING_PREFIX)
 
 
 def _table(data: dict[str, Any], *path: str) -> dict[str, Any] | None:
@@ -107,7 +118,7 @@ def check_image_fs(cfg: Config, text: str, where: str, root: Path) -> list[str]:
         exports = _table(data, "proxy_plugins", name, "exports") or {}
         if not exports.get("root"):
             return [
-                f"{where}: [proxy_plugins.{name}.exports] root is not set; set root = "
+                f"{WARNING_PREFIX}{where}: [proxy_plugins.{name}.exports] root is not set; set root = "
                 f'"{root}" so CRI can report the image filesystem kubelet garbage-collects'
             ]
         return []
@@ -115,7 +126,7 @@ def check_image_fs(cfg: Config, text: str, where: str, root: Path) -> list[str]:
     fs_dir = ctd_root / f"io.containerd.snapshotter.v1.{name}"
     if not fs_dir.exists():
         return [
-            f"{where}: {fs_dir} does not exist; CRI's ImageFsInfo (kubelet image stats and "
+            f"{WARNING_PREFIX}{where}: {fs_dir} does not exist (containerd creates it once it has used the snapshotter); CRI's ImageFsInfo (kubelet image stats and "
             f"image GC) looks there: create it on the same filesystem as {root}, or bind-mount "
             f"{root} there"
         ]
@@ -133,7 +144,7 @@ def check_ours(cfg: Config, address: str, root: Path) -> list[str]:
 
 
 def check_all(cfg: Config, address: str, root: Path, containerd_config: Path) -> list[str]:
-    """Every problem found, one line each; [] when all is well."""
+    """Every finding, one line each (warnings start with `warning: `); [] when all is well."""
     problems = check_ours(cfg, address, root)
     where = f"containerd config {containerd_config}"
     try:

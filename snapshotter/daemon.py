@@ -1,7 +1,14 @@
-"""The daemon's trio main: store, service, gRPC server, systemd integration.
+"""The daemon's trio main: root lock, store, service, gRPC server, systemd integration.
 
-`serve(settings)` opens the metadata store under the root, serves the Snapshots
-API on a unix socket and returns after SIGTERM/SIGINT (or cancellation) once
+`serve(settings)` starts up in this order, and any failure stops it before it serves:
+
+1. the root directory (created 0700) and its lock (`snapshotter.rootlock`): a second
+   daemon on the same root is refused before it touches anything under it;
+2. the metadata store (`<root>/metadata.db`);
+3. the layer mounter (`open_mounter`; the remote one clears stale mounts under the root);
+4. the socket (a live socket at the address is refused, naming its holder's pid).
+
+It then serves the Snapshots API until SIGTERM/SIGINT (or cancellation) and returns once
 in-flight requests had `shutdown_grace_sec` to finish.
 
 Listening: a plain path gets a fresh socket (parent directory created 0700 if
@@ -24,6 +31,7 @@ import os
 import signal
 import socket
 import stat
+import struct
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -33,6 +41,7 @@ import trio
 
 from .config import Config
 from .errors import ConfigError, SnapshotterError
+from .rootlock import lock_root
 from .snapshots.grpc_server import build_server
 from .snapshots.metadata import SqliteStore
 from .snapshots.mounts import detect_overlay_features
@@ -46,7 +55,21 @@ SPLICE_CHUNK_BYTES = 256 * 1024
 
 
 class DaemonError(SnapshotterError):
-    """The daemon cannot start: socket in use, bad activation environment, ..."""
+    """The daemon cannot start: bad socket path, bad activation environment, ..."""
+
+
+class AddressInUse(DaemonError):
+    """Another process answers on the socket address."""
+
+
+def _peer_pid(sock: socket.socket) -> int | None:
+    """The pid that listened on the unix socket `sock` is connected to (SO_PEERCRED)."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid = struct.unpack("3i", creds)[0]
+    return pid if pid > 0 else None
 
 
 @dataclass(frozen=True)
@@ -122,7 +145,9 @@ def _remove_stale_socket(path: Path) -> None:
                 path.unlink(missing_ok=True)
                 return
             raise DaemonError(f"address {str(path)!r} cannot be probed: {e.strerror}") from e
-    raise DaemonError(f"address {str(path)!r} is in use by another process")
+        pid = _peer_pid(probe)
+    holder = f"pid {pid}" if pid is not None else "another process"
+    raise AddressInUse(f"address {str(path)!r} is in use by {holder}")
 
 
 def prepare_socket_path(path: Path) -> None:
@@ -192,19 +217,21 @@ async def serve(
     async context manager entered after the store is open and exited after the
     gRPC server stopped (so a FUSE host can live exactly as long as the
     service); the default declines every layer.
-    Raises DaemonError (address in use, activation missing for fd://),
-    OSError (root not creatable). `task_status.started()` fires once serving.
+    Start-up order and what stops it: see the module docstring. Raises RootLocked (another
+    daemon on the root), AddressInUse, DaemonError (bad activation environment),
+    ConfigError (fd:// without activation), OSError (root not creatable); errors from inside
+    the mounter's task scope may arrive wrapped in an ExceptionGroup.
+    `task_status.started()` fires once serving.
     """
     if open_mounter is None:
         open_mounter = open_decline_mounter
     cfg = settings.config
     root = settings.root
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
     fds = activation_fds()
     if settings.address == FD_ADDRESS and not fds:
         raise ConfigError('address "fd://" needs systemd socket activation (LISTEN_FDS)')
-
-    with _store(root) as store:
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with lock_root(root), _store(root) as store:
         async with open_mounter(settings) as mounter:
             service = SnapshotService(
                 store,

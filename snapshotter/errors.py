@@ -14,7 +14,15 @@ to pick a code.
     │                        parent not committed
     ├── Unavailable          a lazily mounted layer failed its health check
     ├── Unimplemented        an operation this daemon does not offer
-    └── ConfigError          a configuration file is missing or invalid
+    ├── ConfigError          a configuration file is missing or invalid
+    ├── UsageError           the command line is malformed
+    ├── RootLocked           another daemon holds the root (snapshotter.rootlock)
+    └── DaemonError          the daemon cannot start (snapshotter.daemon)
+        └── AddressInUse     another process answers on the socket address
+
+The command line's exit status for each is one table, `snapshotter.cli.EXIT_CODES`.
+Errors raised inside trio nurseries arrive as ExceptionGroups; `leaf_error` is the one
+place that unwraps them.
 """
 
 from __future__ import annotations
@@ -50,3 +58,23 @@ class Unimplemented(SnapshotterError):
 
 class ConfigError(SnapshotterError):
     """A configuration file cannot be read or holds an invalid value."""
+
+
+class UsageError(SnapshotterError):
+    """The command line is malformed (unknown option, missing operand)."""
+
+
+def leaf_error(error: BaseException) -> tuple[BaseException, int]:
+    """The first leaf of `error` (itself unless it is an exception group) and how many leaves
+    it has: a group of one error is reported as that error."""
+    if not isinstance(error, BaseExceptionGroup):
+        return error, 1
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [error]
+    while stack:
+        e = stack.pop(0)
+        if isinstance(e, BaseExceptionGroup):
+            stack[:0] = list(e.exceptions)
+        else:
+            leaves.append(e)
+    return leaves[0], len(leaves)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.containerd import mounts_under
 from tests.support.snapclient import REPO, SnapClient, SnapDaemon, run_daemon
 
 
@@ -124,8 +125,12 @@ def test_live_socket_is_not_stolen_and_daemons_run_side_by_side(tmp_path: Path) 
             timeout=60,
             check=False,
         )
-        assert r.returncode == 1
-        assert "in use" in r.stderr
+        assert r.returncode == 3
+        [line] = r.stderr.splitlines()
+        assert a.proc is not None
+        assert line == (
+            f"sociable-snapshotter: error: address {str(a.address)!r} is in use by pid {a.proc.pid}"
+        )
         assert ca.stat("only-in-a").kind == "active"  # the first daemon is untouched
         ca.close()
         cb.close()
@@ -141,8 +146,9 @@ def test_fd_address_without_activation_is_an_error(tmp_path: Path) -> None:
         timeout=60,
         check=False,
     )
-    assert r.returncode == 1
-    assert "LISTEN_FDS" in r.stderr
+    assert r.returncode == 2
+    [line] = r.stderr.splitlines()
+    assert "LISTEN_FDS" in line
 
 
 def test_missing_explicit_config_is_an_error(tmp_path: Path) -> None:
@@ -155,7 +161,46 @@ def test_missing_explicit_config_is_an_error(tmp_path: Path) -> None:
         timeout=60,
         check=False,
     )
-    assert r.returncode == 1 and "does not exist" in r.stderr
+    assert r.returncode == 2
+    [line] = r.stderr.splitlines()
+    assert "no.toml" in line and "does not exist" in line
+
+
+def test_second_daemon_on_the_same_root_is_refused(tmp_path: Path) -> None:
+    """The root lock: a second daemon with the same root and another socket exits at once
+    naming the first one's pid, and leaves the first one's FUSE mount and state alone."""
+    with run_daemon(tmp_path / "a") as a:
+        assert a.proc is not None
+        c = a.client()
+        c.prepare("k", "", {})
+        mounts = mounts_under(a.root)
+        other = tmp_path / "b.sock"
+        r = subprocess.run(
+            _cmd(a.root, str(other)),
+            env=_env(),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,  # without the lock the second daemon serves until killed
+            check=False,
+        )
+        assert r.returncode == 3
+        [line] = r.stderr.splitlines()
+        assert line == (
+            f"sociable-snapshotter: error: root {a.root} is in use by another "
+            f"sociable-snapshotter (pid {a.proc.pid}; lock {a.root / 'daemon.lock'})"
+        )
+        assert not other.exists()
+        assert mounts_under(a.root) == mounts
+        assert c.stat("k").kind == "active"
+        c.prepare("k2", "", {})
+        assert sorted(i.name for i in c.list()) == ["k", "k2"]
+        c.close()
+    # The lock dies with its holder: the same root starts again.
+    with run_daemon(tmp_path / "a") as again:
+        c = again.client()
+        assert sorted(i.name for i in c.list()) == ["k", "k2"]
+        c.close()
 
 
 def test_socket_activation(tmp_path: Path, notify_socket: tuple[socket.socket, Path]) -> None:
