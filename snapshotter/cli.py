@@ -130,8 +130,8 @@ def run(argv: Sequence[str]) -> int:
     if args.command == "config":
         path = args.containerd_config or Path(settings.config.containerd.config_path)
         findings = check_all(settings.config, settings.address, settings.root, path)
-        for line in findings:
-            print(line)
+        for finding in findings:
+            print(finding)
         errors = [f for f in findings if not is_warning(f)]
         if not errors:
             warned = f" ({len(findings)} warnings)" if findings else ""
