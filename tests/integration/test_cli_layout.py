@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -14,24 +12,10 @@ from typing import Any
 import pytest
 
 from index.digest import Digest
-from index.extract import extract_file
 from index.manifest import parse_index
 from index.oci import mediatypes as mt
-from index.zinfo import SpanMap
-from index.ztoc_codec import decode_ztoc
 from tests.support import images
-
-
-def sociable(*args: str, root: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "index.cli", "--root", str(root), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"sociable {' '.join(args)} failed:\n{proc.stderr}")
-    return proc
+from tests.support.cli import check_layer_files, sociable
 
 
 def blob(layout: Path, digest: str) -> bytes:
@@ -40,27 +24,6 @@ def blob(layout: Path, digest: str) -> bytes:
 
 def jblob(layout: Path, digest: str) -> Any:
     return json.loads(blob(layout, digest))
-
-
-def check_layer_files(layer_path: Path, ztoc_bytes: bytes) -> int:
-    """Every regular file of the layer, extracted through zTOC + spans, equals tarfile's."""
-    ztoc = decode_ztoc(ztoc_bytes)
-    spans = SpanMap.from_ztoc(ztoc)
-    assert spans.span_count >= 1
-    data = layer_path.read_bytes()
-
-    def read(start: int, end: int) -> bytes:
-        return data[start:end]
-
-    count = 0
-    with tarfile.open(layer_path, "r:gz") as tf:
-        for member in tf:
-            if not member.isreg():
-                continue
-            expected = tf.extractfile(member).read()  # type: ignore[union-attr]
-            assert extract_file(ztoc, member.name, read) == expected, member.name
-            count += 1
-    return count
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,15 @@ from index.oci.dockerconfig import StaticCredentials
 from index.oci.reference import Reference
 from index.oci.registry import RegistryClient
 from index.ztoc_codec import decode_ztoc
-from tests.integration.test_cli_layout import check_layer_files, sociable
 from tests.support import images
+from tests.support.cli import check_layer_files, sociable
 from tests.support.registry import RegistryServer
 
 pytestmark = pytest.mark.slow
+
+BUSYBOX_IMAGE_REGULAR_FILES = [3, 9, 5]
+"""Regular files per layer of `images.busybox_image` (busybox + passwd + group; the features
+layer; the whiteout layer, whose `.wh.` markers are regular files too)."""
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +64,13 @@ def test_create_push_v1_and_read_back(
         soci = parse_index(raw)
         assert soci.subject is not None and soci.subject["digest"] == image.manifest_digest
         assert client.read_blob(r, mt.EMPTY_CONFIG_DIGEST) == b"{}"
+        checked = []
         for z, layer in zip(soci.ztocs, image.layers, strict=True):
             data = client.read_blob(r, z.digest)
             assert Digest.of(data) == z.digest
-            assert check_layer_files(layer.path, data) >= 0
+            checked.append(check_layer_files(layer.path, data))
             assert decode_ztoc(data).compressed_archive_size == layer.size
+        assert checked == BUSYBOX_IMAGE_REGULAR_FILES
 
     # A second push finds the existing index; --existing-index skip pushes nothing.
     again = sociable("push", "--existing-index", "skip", ref, root=root)
@@ -123,12 +129,14 @@ def test_convert_to_registry_and_read_back(
         assert manifest["annotations"][mt.ANNOTATION_INDEX_DIGEST] == soci_desc["digest"]
         _, index_raw = client.get_manifest(Reference.parse(dst), Digest(soci_desc["digest"]))
         soci = parse_index(index_raw)
+        checked = []
         for z, layer in zip(soci.ztocs, image.layers, strict=True):
             ztoc = client.read_blob(Reference.parse(dst), z.digest)
             assert (root / "content" / "blobs" / "sha256" / z.digest.hex).read_bytes() == ztoc
-            assert check_layer_files(layer.path, ztoc) >= 0
+            checked.append(check_layer_files(layer.path, ztoc))
             # The layers were copied to the destination repository unchanged.
             assert client.head_blob(Reference.parse(dst), layer.digest).size == layer.size
+        assert checked == BUSYBOX_IMAGE_REGULAR_FILES
 
 
 def test_real_content_standalone_then_skopeo(registry: RegistryServer, tmp_path: Path) -> None:

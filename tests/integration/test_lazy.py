@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_cli_layout import sociable
 from tests.support import images
+from tests.support.cli import sociable
 from tests.support.containerd import (
     Containerd,
     CtrError,
