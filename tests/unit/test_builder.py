@@ -218,7 +218,7 @@ def test_parallel_builds_match_sequential(tmp_path: Path, tar_bytes: bytes) -> N
     for i in (0, 1, 2, 5):
         assert outcomes[i].error is None
         assert outcomes[i].ztoc == build_ztoc(jobs[i].path, jobs[i].media_type, 65536)
-        assert outcomes[i].seconds >= 0
+        assert 0 < outcomes[i].seconds < 60  # measured, in seconds (not ns, not unset)
     with pytest.raises(ValueError):
         build_ztocs_parallel(jobs, 65536, max_workers=0)
 
