@@ -30,6 +30,7 @@ from index.oci.blobs import FileSink
 from index.oci.client import DEFAULT_READ_MAX_BYTES, AsyncRegistryClient
 from index.oci.descriptor import Descriptor
 from index.oci.dockerconfig import CredentialProvider
+from index.oci.errors import TransportError
 from index.oci.hosts import HostsConfig
 from index.oci.reference import Reference
 from index.oci.responses import referrers_tag
@@ -162,6 +163,10 @@ class RegistryClient:
         self.close()
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the portal. Raises TransportError when the client is closed."""
+        if self._closed:
+            coro.close()
+            raise TransportError("the registry client is closed")
         return self._portal.run(coro)
 
     def hosts(self, registry: str) -> HostsConfig:

@@ -100,7 +100,8 @@ def ssl_context(ep: RegistryHost) -> ssl.SSLContext | bool:
 class RegistrySession:
     """Endpoints, connection pools, auth, redirects and blob locations (see the module doc).
 
-    Close with `await aclose()`. `transport` replaces the network for every endpoint (tests).
+    Close with `await aclose()`. `transport` replaces the network for every endpoint (tests);
+    it is closed with the session.
     `clock` is monotonic seconds (location TTLs, hosts re-check interval).
     """
 
@@ -158,15 +159,19 @@ class RegistrySession:
         """The pool for `ep`'s TLS configuration. Raises HostsConfigError (bad cert files)."""
         if self._closed:
             raise TransportError("the registry client is closed")
-        key: tuple[object, ...] = (
-            ("transport",) if self._transport else (ep.skip_verify, ep.ca, ep.client)
-        )
+        tls = ep.scheme == "https"
+        key: tuple[object, ...] = (ep.skip_verify, ep.ca, ep.client) if tls else ("http",)
         client = self._clients.get(key)
         if client is None:
+            # The certificate files are loaded even when a test transport replaces the
+            # network, so a bad hosts.toml fails the same way with and without one.
+            verify = ssl_context(ep) if tls else True
             if self._transport is not None:
-                client = httpx.AsyncClient(transport=self._transport, timeout=self._timeout)
+                client = httpx.AsyncClient(
+                    transport=self._transport, verify=verify, timeout=self._timeout
+                )
             else:
-                client = httpx.AsyncClient(verify=ssl_context(ep), timeout=self._timeout)
+                client = httpx.AsyncClient(verify=verify, timeout=self._timeout)
             # An evicted pool may still serve a streaming response: close it one eviction later.
             for old in self._retired:
                 await old.aclose()
