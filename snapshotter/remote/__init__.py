@@ -4,9 +4,17 @@ Modules, one concern each:
 
 - `labels`: label keys (CRI's and ours) and the parsed `LayerLabels` of a Prepare.
 - `errors`: this package's exceptions (`NoIndex`, `NoZtoc`, ...), each a fallback reason.
-- `discovery`: find an image's SOCI index (spec/soci.md §3.5) and fetch its zTOCs.
-- `unpack`: the local fallback for a layer without a zTOC (download, decompress, diffID check);
-  `apply`: applying a tar stream with overlay whiteouts, as containerd's applier does.
-- `bindmount`: mount(2)/umount2(2) and `/proc/self/mountinfo` helpers.
-- `mounter`: `RemoteMounter`, the daemon's `LayerMounter`, and `open_remote_mounter`.
+- `discovery`: find an image's SOCI index (docs/format.md, "Finding an index") and fetch its zTOCs.
+- `catalog`: the discovery cache (image manifest -> index and zTOCs; singleflight, bounded).
+- `trees`, `preresolve`: layer trees from zTOCs, built ahead in the background.
+- `records`: restore records (`<root>/remote/snap-<id>.json`).
+- `layers`: mounting a lazy layer (FUSE host, bind mount, its task scope, background fetch).
+- `local`, `unpack`, `apply`: the local-unpack fallback (download, decompress, apply the tar
+  with overlay whiteouts as containerd's applier does).
+- `bindmount`: mount(2)/umount2(2) and mount-table helpers.
+- `mounter`: `RemoteMounter` (the fallback matrix) and `DegradedMounter`.
+- `compose`: `open_remote_mounter`, the composition root, start-up policy and task tree.
+- `status`: `<root>/status.json` and `sociable-snapshotter status`.
+
+See docs/architecture.md and docs/snapshotter.md.
 """

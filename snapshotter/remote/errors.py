@@ -6,7 +6,8 @@
     ├── NoZtoc           the index has no zTOC for this layer: unpacked locally (`no_ztoc`)
     ├── IndexFetchError  the index or a zTOC could not be fetched or decoded (`index_fetch`)
     ├── MountError       the layer could not be mounted (tree, reader, bind mount) (`mount`)
-    └── UnpackError      the local unpack failed (fetch, gunzip, tar, diffID) (`unpack`)
+    ├── UnpackError      the local unpack failed (fetch, gunzip, tar, diffID) (`unpack`)
+    └── LazyUnavailable  lazy loading failed to start: every layer is declined (`degraded`)
 
 The `reason` class attribute is the stable value of the `reason` log key.
 """
@@ -54,3 +55,9 @@ class UnpackError(RemoteError):
     """The local unpack of a layer failed (download, decompress, apply or diffID)."""
 
     reason = "unpack"
+
+
+class LazyUnavailable(RemoteError):
+    """Lazy loading could not start (cache, store, FUSE, registry client, ...)."""
+
+    reason = "degraded"

@@ -5,8 +5,7 @@ decoding a zTOC and building the layer tree (`build_tree`, about a second per 50
 adds up serially. On the first Prepare of an image, each zTOC of the layers containerd will
 ask for (from `cri.image-layers`, or every layer of the index) is queued with
 `Preresolver.add` as soon as it is in the local store, while the others still download, and
-its tree is built in worker threads under a bounded limiter (spec/soci.md §5.3-5.4:
-SOCI pre-resolves the other zTOC-indexed layers of the image). When the Prepare for one of
+its tree is built in worker threads, at most `parallel` at once. When the Prepare for one of
 them arrives, `Preresolver.take` waits for the resolution already done or in flight instead
 of redoing it (singleflight); a background failure is forgotten and the layer is loaded
 again in the Prepare, so fallbacks behave exactly as without pre-resolution.
@@ -14,6 +13,10 @@ again in the Prepare, so fallbacks behave exactly as without pre-resolution.
 Memory is bounded: only one image's resolved-but-not-yet-taken results are kept; they are
 dropped when a different image starts, when every queued layer was taken, or `ttl_sec`
 after the start. Use from the trio thread.
+
+Tasks: the workers and the expiry timer run in the `TaskScope` the owner passes (the
+mounter's `preresolve` scope); a worker's own boundary turns a failed `load` into a debug
+line, anything else reaching the scope's boundary is logged and counted there.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Generic, TypeVar
 import trio
 
 from index.digest import Digest
+from snapshotter.tasks import TaskScope
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +64,20 @@ class Preresolver(Generic[T]):
 
     `load` is a blocking function run in a worker thread; whatever it raises in the
     background is logged at debug level and not kept. At most `parallel` calls run at once,
-    in the order the keys were added. Background tasks run in `nursery`.
+    in the order the keys were added. Background tasks run in `tasks`; once it is closed,
+    nothing new starts in the background and `take` computes results itself.
     """
 
     def __init__(
         self,
         load: Callable[[Digest], T],
-        nursery: trio.Nursery,
+        tasks: TaskScope,
         *,
         parallel: int = DEFAULT_PARALLEL,
         ttl_sec: float = DEFAULT_TTL_SEC,
     ) -> None:
         self._load = load
-        self._nursery = nursery
+        self._tasks = tasks
         self._parallel = max(1, parallel)
         self._ttl_sec = ttl_sec
         self._state: _Image[T] | None = None
@@ -99,7 +104,7 @@ class Preresolver(Generic[T]):
             self.drop()
             state = self._state = _Image(image)
             state.scopes.append(scope := trio.CancelScope())
-            self._nursery.start_soon(self._expire, scope)
+            self._tasks.start_soon(self._expire, scope, name="preresolve expiry")
             log.debug("layer pre-resolution started", extra={"image": image})
         if key in state.seen:
             return False
@@ -110,7 +115,9 @@ class Preresolver(Generic[T]):
         if state.workers < self._parallel:
             state.workers += 1
             state.scopes.append(scope := trio.CancelScope())
-            self._nursery.start_soon(self._worker, state, scope)
+            if not self._tasks.start_soon(self._worker, state, scope, name="preresolve worker"):
+                state.workers -= 1
+                self.drop()  # the scope is closed: `take` computes every result itself
         return True
 
     def start(self, image: Digest, keys: Iterable[Digest]) -> bool:

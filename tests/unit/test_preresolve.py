@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator
 
 import pytest
 import trio
@@ -13,6 +11,7 @@ import trio.testing
 
 from index.digest import Digest
 from snapshotter.remote.preresolve import Preresolver
+from snapshotter.tasks import open_task_scope
 
 IMAGE_A = Digest("sha256:" + "a" * 64)
 IMAGE_B = Digest("sha256:" + "b" * 64)
@@ -49,14 +48,6 @@ class Loader:
                 self.running -= 1
 
 
-@contextlib.asynccontextmanager
-async def nursery_cancelled_at_exit() -> AsyncIterator[trio.Nursery]:
-    """A nursery whose leftover tasks (expiry timers) are cancelled when the test ends."""
-    async with trio.open_nursery() as nursery:
-        yield nursery
-        nursery.cancel_scope.cancel()
-
-
 async def settle(pre: Preresolver[str]) -> None:
     """Wait until no background resolution is queued or running."""
     with trio.fail_after(10):
@@ -68,8 +59,8 @@ async def settle(pre: Preresolver[str]) -> None:
 
 async def test_background_result_taken_without_reloading() -> None:
     load = Loader()
-    async with nursery_cancelled_at_exit() as nursery:
-        pre: Preresolver[str] = Preresolver(load, nursery)
+    async with open_task_scope("preresolve") as tasks:
+        pre: Preresolver[str] = Preresolver(load, tasks)
         assert pre.start(IMAGE_A, [Z[0], Z[1], Z[0]])
         await settle(pre)
         assert load.calls == Counter({Z[0]: 1, Z[1]: 1})
@@ -87,8 +78,8 @@ async def test_background_result_taken_without_reloading() -> None:
 
 async def test_take_waits_for_the_resolution_in_flight() -> None:
     load = Loader(hold=True)
-    async with nursery_cancelled_at_exit() as nursery:
-        pre: Preresolver[str] = Preresolver(load, nursery)
+    async with open_task_scope("preresolve") as tasks:
+        pre: Preresolver[str] = Preresolver(load, tasks)
         pre.start(IMAGE_A, [Z[0]])
         await trio.testing.wait_all_tasks_blocked(0.01)
         assert load.calls[Z[0]] == 1  # running in its worker thread
@@ -97,7 +88,7 @@ async def test_take_waits_for_the_resolution_in_flight() -> None:
         async def prepare() -> None:
             got.append(await pre.take(Z[0]))
 
-        nursery.start_soon(prepare)
+        tasks.start_soon(prepare)
         await trio.testing.wait_all_tasks_blocked(0.01)
         assert got == []
         load.release.set()
@@ -110,8 +101,8 @@ async def test_take_waits_for_the_resolution_in_flight() -> None:
 
 async def test_background_failure_falls_back_to_loading_in_the_prepare() -> None:
     load = Loader(fail={Z[0]})
-    async with nursery_cancelled_at_exit() as nursery:
-        pre: Preresolver[str] = Preresolver(load, nursery)
+    async with open_task_scope("preresolve") as tasks:
+        pre: Preresolver[str] = Preresolver(load, tasks)
         pre.start(IMAGE_A, [Z[0]])
         await settle(pre)
         assert load.calls[Z[0]] == 1
@@ -121,8 +112,8 @@ async def test_background_failure_falls_back_to_loading_in_the_prepare() -> None
 
 async def test_a_failure_in_the_prepare_is_raised_as_without_preresolution() -> None:
     load = Loader()
-    async with nursery_cancelled_at_exit() as nursery:
-        pre: Preresolver[str] = Preresolver(load, nursery)
+    async with open_task_scope("preresolve") as tasks:
+        pre: Preresolver[str] = Preresolver(load, tasks)
         load.fail = {Z[2]}
         with pytest.raises(ValueError, match="cannot load"):
             await pre.take(Z[2])
@@ -130,8 +121,8 @@ async def test_a_failure_in_the_prepare_is_raised_as_without_preresolution() -> 
 
 async def test_parallelism_is_bounded() -> None:
     load = Loader(hold=True)
-    async with nursery_cancelled_at_exit() as nursery:
-        pre: Preresolver[str] = Preresolver(load, nursery, parallel=2)
+    async with open_task_scope("preresolve") as tasks:
+        pre: Preresolver[str] = Preresolver(load, tasks, parallel=2)
         pre.start(IMAGE_A, Z)
         await trio.testing.wait_all_tasks_blocked(0.05)
         assert sum(load.calls.values()) == 2
@@ -143,8 +134,8 @@ async def test_parallelism_is_bounded() -> None:
 
 async def test_only_one_image_is_kept() -> None:
     load = Loader(hold=True)
-    async with nursery_cancelled_at_exit() as nursery:
-        pre: Preresolver[str] = Preresolver(load, nursery, parallel=1)
+    async with open_task_scope("preresolve") as tasks:
+        pre: Preresolver[str] = Preresolver(load, tasks, parallel=1)
         pre.start(IMAGE_A, [Z[0], Z[1], Z[2]])
         await trio.testing.wait_all_tasks_blocked(0.01)
         assert pre.start(IMAGE_B, [Z[3]])
@@ -159,8 +150,8 @@ async def test_only_one_image_is_kept() -> None:
 
 async def test_untaken_results_expire(autojump_clock: trio.abc.Clock) -> None:
     load = Loader()
-    async with nursery_cancelled_at_exit() as nursery:
-        pre: Preresolver[str] = Preresolver(load, nursery, ttl_sec=30.0)
+    async with open_task_scope("preresolve") as tasks:
+        pre: Preresolver[str] = Preresolver(load, tasks, ttl_sec=30.0)
         pre.start(IMAGE_A, [Z[0], Z[1]])
         await settle(pre)
         await trio.sleep(29)
@@ -179,8 +170,8 @@ async def test_keys_added_one_by_one_resolve_in_order_once() -> None:
         order.append(key)
         return original(key)
 
-    async with nursery_cancelled_at_exit() as nursery:
-        pre: Preresolver[str] = Preresolver(recording, nursery, parallel=1)
+    async with open_task_scope("preresolve") as tasks:
+        pre: Preresolver[str] = Preresolver(recording, tasks, parallel=1)
         assert pre.add(IMAGE_A, Z[2])
         await settle(pre)  # the worker ran out of keys and ended
         assert pre.add(IMAGE_A, Z[0]) and pre.add(IMAGE_A, Z[1])
@@ -190,3 +181,16 @@ async def test_keys_added_one_by_one_resolve_in_order_once() -> None:
         for key in (Z[0], Z[1], Z[2]):
             assert await pre.take(key) == f"tree-{key[-4:]}-1"
         assert pre.image is None
+
+
+async def test_closed_scope_means_take_computes_itself() -> None:
+    """Once the owner's scope is closed nothing runs in the background, and a key added
+    then is not left waiting for a worker that never starts."""
+    load = Loader()
+    async with open_task_scope("preresolve") as tasks:
+        pre: Preresolver[str] = Preresolver(load, tasks)
+        await tasks.aclose()
+        pre.add(IMAGE_A, Z[0])
+        with trio.fail_after(5):
+            assert await pre.take(Z[0]) == f"tree-{Z[0][-4:]}-1"
+        assert pre.pending() == []

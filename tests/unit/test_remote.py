@@ -24,7 +24,7 @@ from snapshotter.remote import labels as L
 from snapshotter.remote.apply import apply_tar
 from snapshotter.remote.discovery import DiscoveryModes, find_index_digest
 from snapshotter.remote.errors import BadLabels, IndexFetchError, NoIndex, UnpackError
-from snapshotter.remote.mounter import LayerRecord, layer_name
+from snapshotter.remote.records import LayerRecord, layer_name
 from tests.support.containerd import cri_message
 
 D1 = Digest("sha256:" + "1" * 64)

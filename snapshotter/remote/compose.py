@@ -1,0 +1,203 @@
+"""`open_remote_mounter`: the composition root of lazy loading (the daemon's MounterFactory).
+
+The only place that knows every part: it builds them from the config, owns them for the
+daemon's lifetime and closes them in reverse order.
+
+Start-up policy, in one place: anything that breaks lazy loading (stale mounts that cannot
+be cleared, the local store, the registry client or hosts dir, the span cache, the restore
+records, FUSE, ...) degrades to ordinary snapshots: one `lazy layers disabled` error line
+(keys `component`, `error`), a `degraded` entry in `<root>/status.json`, and a
+`DegradedMounter`. Only the metadata store and the socket (opened by the daemon, not here)
+stop the daemon.
+
+Task tree (every task lives in a scope owned by what it serves):
+
+    remote                    root TaskScope of the mounter, open while the daemon serves
+    ├── status writer         rewrites <root>/status.json when it changes
+    ├── background            the background fetcher's loop
+    ├── preresolve            layer-tree pre-resolution workers and their expiry timer
+    └── layer snap-<id>       one per mounted lazy layer (read-ahead), closed by unmount
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+import trio
+
+from index.oci.client import AsyncRegistryClient
+from index.oci.dockerconfig import DockerConfig
+from index.store import LocalStore
+from snapshotter.lazy.background import BackgroundConfig, BackgroundFetcher
+from snapshotter.lazy.cache import CacheConfig, SpanCache
+from snapshotter.lazy.sources import FetchConfig
+from snapshotter.lazy.spans import DemandTracker
+from snapshotter.snapshots.mounts import detect_overlay_features
+from snapshotter.snapshots.service import DeclineMounter, LayerMounter
+from snapshotter.tasks import TaskScope, open_task_scope
+
+from . import bindmount
+from .catalog import ImageCatalog
+from .discovery import DiscoveryModes
+from .layers import LazyLayers, RegistrySources
+from .local import RegistryUnpacker
+from .mounter import DegradedMounter, RemoteMounter
+from .records import RecordStore
+from .status import remove_daemon_status, write_daemon_status
+from .trees import LayerTrees
+
+if TYPE_CHECKING:
+    from snapshotter.daemon import Settings
+
+log = logging.getLogger(__name__)
+
+STATUS_INTERVAL_SEC = 1.0
+"""How often the status writer looks for changes, in seconds."""
+
+
+class _Step:
+    """The start-up step running now: names the component in the degraded-start line."""
+
+    name = "start"
+
+
+async def _write_status(settings: Settings, doc: dict[str, object]) -> None:
+    try:
+        await trio.to_thread.run_sync(write_daemon_status, settings.root, doc)
+    except OSError as e:
+        log.warning("cannot write the status file", extra={"error": str(e)})
+
+
+async def _status_writer(settings: Settings, status: Callable[[], dict[str, object]]) -> None:
+    """Rewrite `<root>/status.json` whenever `status()` changes (checked every second)."""
+    last = ""
+    while True:
+        doc = status()
+        text = json.dumps(doc, sort_keys=True)
+        if text != last:
+            await _write_status(settings, doc)
+            last = text
+        await trio.sleep(STATUS_INTERVAL_SEC)
+
+
+async def _build(
+    settings: Settings, stack: contextlib.AsyncExitStack, step: _Step
+) -> RemoteMounter:
+    """Every part of lazy loading, entered into `stack`. Raises whatever a part raises."""
+    from snapshotter.fs import LayerHost
+    from snapshotter.fs.fuse import cleanup_stale_mount, open_fuse_host
+
+    cfg = settings.config.remote
+    root = settings.root
+    fuse_dir = root / "fuse"
+    step.name = "stale mounts"
+    await trio.to_thread.run_sync(bindmount.detach_all_under, root / "snapshots")
+    await trio.to_thread.run_sync(cleanup_stale_mount, fuse_dir)
+    fuse_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    step.name = "store"
+    store = LocalStore(root)
+    stack.callback(store.close)
+    step.name = "registry"
+    requests = trio.CapacityLimiter(cfg.max_parallel_requests)  # registry requests, all layers
+    client = AsyncRegistryClient(
+        credentials=DockerConfig(cfg.docker_config or None),
+        hosts_dirs=[cfg.hosts_dir] if cfg.hosts_dir else [],
+        gate=lambda: requests,
+    )
+    stack.push_async_callback(client.aclose)
+    step.name = "cache"
+    cache = SpanCache(
+        root / "cache",
+        CacheConfig(max_bytes=cfg.cache_max_bytes, inflated_max_bytes=cfg.inflated_cache_max_bytes),
+    )
+    step.name = "records"
+    records = RecordStore(root / "remote")
+    userxattr = detect_overlay_features().userxattr
+    unpacker = RegistryUnpacker(client, root / "unpack", userxattr=userxattr)
+    tracker = DemandTracker()
+    background = BackgroundFetcher(
+        BackgroundConfig(
+            enabled=cfg.background_fetch,
+            quiet_period_ms=cfg.background_quiet_period_ms,
+            rate_bytes_per_sec=cfg.background_rate_bytes_per_sec,
+        ),
+        tracker,
+    )
+    step.name = "fuse"
+    fuse = await stack.enter_async_context(open_fuse_host(fuse_dir, LayerHost()))
+    step.name = "tasks"
+    scope: TaskScope = await stack.enter_async_context(open_task_scope("remote"))
+    background_scope = await scope.open_child("background")
+    background_scope.start_soon(background.serve, name="background fetch")
+    trees = LayerTrees(store, await scope.open_child("preresolve"), userxattr=userxattr)
+    catalog = ImageCatalog(
+        client,
+        store,
+        DiscoveryModes(cfg.soci_v2, cfg.soci_v1, cfg.local_store),
+        queue_tree=trees.queue,
+    )
+    fetch_config = FetchConfig(request_timeout_sec=cfg.request_timeout_sec)
+    layers = LazyLayers(
+        fuse=fuse,
+        tasks=scope,
+        trees=trees,
+        sources=RegistrySources(client, fetch_config),
+        records=records,
+        cache=cache,
+        background=background,
+        tracker=tracker,
+    )
+    stack.push_async_callback(layers.close)
+    mounter = RemoteMounter(
+        catalog=catalog,
+        layers=layers,
+        unpacker=unpacker,
+        records=records,
+        mount_timeout_sec=cfg.mount_timeout_sec,
+        local_unpack=cfg.local_unpack,
+    )
+    scope.start_soon(_status_writer, settings, mounter.status, name="status writer")
+    return mounter
+
+
+@asynccontextmanager
+async def open_remote_mounter(settings: Settings) -> AsyncIterator[LayerMounter]:
+    """The daemon's LayerMounter for its lifetime: a `RemoteMounter` serving lazy layers
+    from a FUSE host at `<root>/fuse`, a `DegradedMounter` when lazy loading cannot start
+    (see the module doc), a `DeclineMounter` when `[remote] enable = false`.
+
+    Mounts left by a previous process (bind mounts under `<root>/snapshots`, the FUSE mount)
+    are lazily unmounted first. Never raises for a part of lazy loading; on exit every task
+    is cancelled, every bind mount detached and the FUSE host unmounted.
+    """
+    root = settings.root
+    if not settings.config.remote.enable:
+        await _write_status(settings, {"lazyLayers": "disabled", "component": "config"})
+        try:
+            yield DeclineMounter()
+        finally:
+            remove_daemon_status(root)
+        return
+    step = _Step()
+    stack = contextlib.AsyncExitStack()
+    try:
+        mounter: RemoteMounter | DegradedMounter = await _build(settings, stack, step)
+    except Exception as e:  # the start-up policy: lazy loading broken -> degraded, logged once
+        with trio.CancelScope(shield=True):
+            await stack.aclose()
+        log.error(
+            "lazy layers disabled",
+            extra={"component": step.name, "error": f"{type(e).__name__}: {e}"},
+        )
+        mounter = DegradedMounter(step.name, f"{type(e).__name__}: {e}")
+        await _write_status(settings, mounter.status())
+    try:
+        async with stack:
+            yield mounter
+    finally:
+        remove_daemon_status(root)

@@ -1,0 +1,252 @@
+"""Mounting lazy layers: FUSE host, bind mount, the layer's task scope, background fetch.
+
+`LazyLayers.mount(mountpoint, name, record)` takes the layer's tree (`LayerTrees`), makes a
+`RemoteLayerReader` over the `RegistrySource` of the image's repository with the shared span
+cache, adds it to the daemon's FUSE host as top-level directory `name` (`snap-<id>`),
+bind-mounts that directory on the snapshot's `fs`, persists the restore record and registers
+the layer with the background fetcher. Each layer gets its own child `TaskScope` (named
+`layer snap-<id>`) from the mounter's scope; the reader runs its read-ahead there, so
+`unmount` (or shutdown) cancels every task of the layer and nothing of it outlives it.
+
+Error boundaries: a task of the layer's scope that raises something unexpected is logged,
+counted and kept by that scope (`statuses()`: `taskErrors`, `lastTaskError`); a failed
+background step is the fetcher's boundary, recorded on the reader (`errors`, `lastError` in
+the layer's status file). Neither stops the other layers or the daemon.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from index.digest import Digest
+from index.oci.client import AsyncRegistryClient
+from index.oci.errors import OciError
+from index.oci.reference import Reference
+from snapshotter.fs.errors import FsError
+from snapshotter.lazy import DemandTracker, RemoteLayerReader, default_inflate_limiter
+from snapshotter.lazy.background import BackgroundFetcher
+from snapshotter.lazy.cache import SpanCache
+from snapshotter.lazy.sources import FetchConfig, RegistrySource
+from snapshotter.tasks import TaskScope
+
+from . import bindmount
+from .errors import MountError
+from .records import LayerRecord, RecordStore, layer_name
+from .trees import LayerTrees
+
+if TYPE_CHECKING:
+    from snapshotter.fs.fuse import FuseMount
+
+log = logging.getLogger(__name__)
+
+MAX_SOURCES = 64
+"""Registry sources (one per repository) kept for reuse; readers keep their own."""
+
+
+class RegistrySources:
+    """One `RegistrySource` per repository, shared by its layers; LRU-bounded."""
+
+    def __init__(
+        self, client: AsyncRegistryClient, config: FetchConfig, *, max_sources: int = MAX_SOURCES
+    ) -> None:
+        self._client = client
+        self._config = config
+        self._max = max(1, max_sources)
+        self._sources: OrderedDict[str, RegistrySource] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"<RegistrySources {len(self._sources)}>"
+
+    def get(self, ref: Reference) -> RegistrySource:
+        key = f"{ref.registry}/{ref.repository}"
+        source = self._sources.get(key)
+        if source is None:
+            source = RegistrySource(self._client, ref, config=self._config)
+            self._sources[key] = source
+            while len(self._sources) > self._max:
+                self._sources.popitem(last=False)
+        self._sources.move_to_end(key)
+        return source
+
+
+@dataclass(eq=False)
+class _Layer:
+    name: str
+    mountpoint: Path
+    record: LayerRecord
+    reader: RemoteLayerReader
+    scope: TaskScope
+
+
+class LazyLayers:
+    """The mounted lazy layers (see the module doc). Use from the trio thread."""
+
+    def __init__(
+        self,
+        *,
+        fuse: FuseMount,
+        tasks: TaskScope,
+        trees: LayerTrees,
+        sources: RegistrySources,
+        records: RecordStore,
+        cache: SpanCache,
+        background: BackgroundFetcher,
+        tracker: DemandTracker,
+    ) -> None:
+        self.fuse = fuse
+        self.tasks = tasks
+        self.trees = trees
+        self.sources = sources
+        self.records = records
+        self.cache = cache
+        self.background = background
+        self.tracker = tracker
+        self._inflate_limiter = default_inflate_limiter()
+        self._io_limiter = trio.CapacityLimiter(4)
+        self._layers: dict[str, _Layer] = {}
+
+    def __repr__(self) -> str:
+        return f"<LazyLayers {len(self._layers)}>"
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    async def mount(self, mountpoint: Path, name: str, record: LayerRecord) -> None:
+        """Serve the layer of `record` as `name` on `mountpoint` (see the module doc).
+
+        Raises MountError; on any failure or cancellation nothing of the layer is left
+        (no FUSE directory, bind mount, record or task).
+        """
+        t0 = time.monotonic()
+        ztoc, tree = await self.trees.take(Digest(record.ztoc_digest))
+        t1 = time.monotonic()
+        layer = Digest(record.layer_digest)
+        try:
+            scope = await self.tasks.open_child(f"layer {name}")
+        except RuntimeError as e:  # the mounter is shutting down
+            raise MountError(f"layer {layer}: {e}") from e
+        added = bound = False
+        try:
+            try:
+                reader = RemoteLayerReader(
+                    layer,
+                    ztoc,
+                    self.sources.get(Reference.parse(record.image_ref)),
+                    self.cache,
+                    tracker=self.tracker,
+                    inflate_limiter=self._inflate_limiter,
+                    io_limiter=self._io_limiter,
+                    tasks=scope,
+                )
+                layer_dir = self.fuse.add_layer(
+                    name, tree, reader, slot=record.slot or None, digest=str(layer)
+                )
+                added = True
+            except (OciError, FsError, ValueError) as e:
+                raise MountError(f"layer {layer} as {name}: {e}") from e
+            t2 = time.monotonic()
+            try:
+                await trio.to_thread.run_sync(bindmount.bind, layer_dir, mountpoint)
+                bound = True
+                t3 = time.monotonic()
+                record = record.with_slot(self.fuse.host.status(name).slot)
+                await trio.to_thread.run_sync(self.records.write, name, record)
+            except OSError as e:
+                raise MountError(f"layer {layer}: {e}") from e
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                if bound:
+                    with contextlib.suppress(OSError):
+                        await trio.to_thread.run_sync(bindmount.detach, mountpoint)
+                if added:
+                    with contextlib.suppress(FsError):
+                        self.fuse.remove_layer(name)
+                await scope.aclose()
+            raise
+        entry = _Layer(name, mountpoint, record, reader, scope)
+        self._layers[name] = entry
+        self.tracker.touch()
+        self.background.register(name, reader)
+        log.debug(
+            "lazy layer mount timings",
+            extra={
+                "layer": str(layer),
+                "tree_ms": round((t1 - t0) * 1000),
+                "fuse_ms": round((t2 - t1) * 1000),
+                "bind_ms": round((t3 - t2) * 1000),
+                "record_ms": round((time.monotonic() - t3) * 1000),
+            },
+        )
+
+    async def unmount(self, mountpoint: Path) -> None:
+        """Detach the bind mount on `mountpoint`; if a layer was served there: stop its
+        background fetch, drop it from the FUSE host, close its task scope (cancelling its
+        read-ahead), remove its record and mark its cached spans evictable first. Never
+        raises; shielded from cancellation."""
+        try:
+            name = layer_name(mountpoint)
+        except ValueError:
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                while await trio.to_thread.run_sync(bindmount.detach, mountpoint):
+                    pass
+            except OSError as e:
+                log.warning("unmount failed", extra={"path": str(mountpoint), "error": str(e)})
+            layer = self._layers.pop(name, None)
+            if layer is None:
+                return
+            self.background.unregister(name)
+            with contextlib.suppress(FsError):
+                self.fuse.remove_layer(name)
+            await layer.scope.aclose()
+            try:
+                await trio.to_thread.run_sync(self.records.remove, name)
+            except OSError as e:
+                log.warning(
+                    "cannot remove restore record", extra={"fuse_dir": name, "error": str(e)}
+                )
+            digest = Digest(layer.record.layer_digest)
+            if not any(m.record.layer_digest == digest for m in self._layers.values()):
+                try:
+                    await trio.to_thread.run_sync(self.cache.release_layer, digest)
+                except Exception as e:  # a mark that cannot be written is not worth failing for
+                    log.warning(
+                        "cannot release cached spans", extra={"layer": digest, "error": repr(e)}
+                    )
+            log.info("lazy layer unmounted", extra={"fuse_dir": name, "layer": digest})
+
+    async def close(self) -> None:
+        """Shutdown: detach every bind mount and close every layer's scope (the FUSE host and
+        the records stay for the next start). Never raises; shielded."""
+        with trio.CancelScope(shield=True):
+            for layer in list(self._layers.values()):
+                with contextlib.suppress(OSError):
+                    await trio.to_thread.run_sync(bindmount.detach, layer.mountpoint)
+                self.background.unregister(layer.name)
+                await layer.scope.aclose()
+            self._layers.clear()
+
+    def statuses(self) -> dict[str, dict[str, object]]:
+        """Per mounted layer (by FUSE directory name): its digest and the errors its tasks
+        met (`taskErrors`, `lastTaskError`; read-ahead and background)."""
+        out: dict[str, dict[str, object]] = {}
+        for name in sorted(self._layers):
+            layer = self._layers[name]
+            stats = layer.scope.statistics()
+            doc: dict[str, object] = {
+                "digest": layer.record.layer_digest,
+                "taskErrors": stats.errors,
+            }
+            if stats.last_error:
+                doc["lastTaskError"] = stats.last_error
+            out[name] = doc
+        return out
