@@ -30,8 +30,8 @@ from .configcheck import check_all, is_warning
 from .daemon import AddressInUse, Settings, serve
 from .errors import ConfigError, SnapshotterError, UsageError, leaf_error
 from .logs import LEVELS, setup_logging
-from .remote.mounter import open_remote_mounter
-from .remote.status import layer_statuses
+from .remote.compose import open_remote_mounter
+from .remote.status import status_report
 from .rootlock import RootLocked
 
 PROG = "sociable-snapshotter"
@@ -124,8 +124,11 @@ def run(argv: Sequence[str]) -> int:
         return 0
     settings = _settings(args)
     if args.command == "status":
-        for line in layer_statuses(settings.root):
+        report = status_report(settings.root)
+        for line in report.lines:
             print(line)
+        if report.note:
+            print(report.note, file=sys.stderr)
         return 0
     if args.command == "config":
         path = args.containerd_config or Path(settings.config.containerd.config_path)
