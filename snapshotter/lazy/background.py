@@ -2,14 +2,23 @@
 
 After a quiet period with no on-demand fetches (`DemandTracker`), the fetcher takes the next
 registered layer in round-robin order and fetches its next run of missing spans (at most
-`step_bytes`, coalesced like on-demand reads, verified, cached compressed, not inflated), then
-sleeps long enough to keep the average at `rate_bytes_per_sec`. On-demand reads preempt it:
-before every step it waits until on-demand fetching has been quiet for `quiet_period_ms`, so it
-never runs ahead of them; a step is at most `step_bytes`. A layer that is unregistered (its
-image removed) is dropped at once, cancelling its step in flight. A failing layer is retried
-after `error_backoff_sec`. Disabled, `serve` just waits to be cancelled.
+`step_bytes`, verified, cached compressed, not inflated), then sleeps long enough to keep the
+average at `rate_bytes_per_sec`. On-demand reads preempt it: before every step it waits until
+on-demand fetching has been quiet for `quiet_period_ms`, so it never runs ahead of them; a step
+is at most `step_bytes`. A layer that is unregistered (its image removed, or unmounted) is
+dropped at once, cancelling its step in flight; a layer whose task scope is closed is dropped
+too (its step raises `LayerClosed` before any request). Disabled, `serve` just waits to be
+cancelled.
 
-Structured concurrency: `serve` runs in a nursery its owner gives it and never returns.
+The step is an error boundary: a step that raises any `Exception` (a `FetchError`, or e.g. a
+`FileNotFoundError` from building a TLS context for a `hosts.toml` whose `ca` file is missing)
+fails that layer only: it is logged once (`background fetch failed`, keys `layer`, `error`),
+counted (`BackgroundStatistics.errors`, and on the layer: `record_error`, which the reader's
+status shows as `errors`/`last_error`), and the layer is retried after `error_backoff_sec`;
+the other layers go on. `trio.Cancelled` and `KeyboardInterrupt` propagate.
+
+Structured concurrency: `serve` runs in the task scope its owner (the mounter) gives it and
+never returns; it starts no tasks of its own.
 """
 
 from __future__ import annotations
@@ -22,9 +31,9 @@ from typing import NoReturn, Protocol
 
 import trio
 
-from snapshotter.fs.errors import LayerReadError
+from snapshotter.lazy.demand import DemandTracker
+from snapshotter.lazy.reader import LayerClosed
 from snapshotter.lazy.sources import FetchError
-from snapshotter.lazy.spans import DemandTracker
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +43,8 @@ _IDLE_POLL_SEC = 0.1
 
 @dataclass(frozen=True, slots=True)
 class BackgroundConfig:
-    """Background fetch settings (wire into `snapshotter.config` as `[background_fetch]`).
-
-    `rate_bytes_per_sec` 0 means unlimited.
-    """
+    """Background fetch settings (`[remote] background_*` keys;
+    `RemoteConfig.background_config()`). `rate_bytes_per_sec` 0 means unlimited."""
 
     enabled: bool = True
     quiet_period_ms: int = 2000
@@ -59,10 +66,15 @@ class Prefetchable(Protocol):
 
     async def prefetch_step(self, max_bytes: int) -> int:
         """Fetch the next missing run (≤ `max_bytes` unless one span is larger); bytes fetched,
-        0 when complete. Raises `FetchError`."""
+        0 when complete. Raises `LayerClosed` when the layer is gone; any other exception is
+        a failed step."""
         ...
 
     def is_complete(self) -> bool: ...
+
+    def record_error(self, message: str) -> None:
+        """Count a failed step on the layer (for its status)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +115,8 @@ class BackgroundFetcher:
         self._work.set()
 
     def unregister(self, key: str) -> None:
-        """Stop fetching `key` now (cancels its step in flight). Unknown keys are ignored."""
+        """Stop fetching `key` now (cancels its step in flight, so no further request for it
+        reaches its source). Unknown keys are ignored."""
         self._layers.pop(key, None)
         self._retry_at.pop(key, None)
         if self._current is not None and self._current[0] == key:
@@ -127,6 +140,7 @@ class BackgroundFetcher:
             self._layers.move_to_end(key)
             if layer.is_complete():
                 del self._layers[key]
+                self._retry_at.pop(key, None)
                 self._completed += 1
                 continue
             retry = self._retry_at.get(key, -math.inf)
@@ -163,10 +177,11 @@ class BackgroundFetcher:
                 try:
                     fetched = await layer.prefetch_step(self.config.step_bytes)
                     self._steps += 1
-                except (FetchError, LayerReadError) as e:
-                    self._errors += 1
-                    self._retry_at[key] = trio.current_time() + self.config.error_backoff_sec
-                    log.warning("background fetch of %s failed: %s", key, e)
+                except LayerClosed:  # unmounted, not yet unregistered: drop it quietly
+                    self._layers.pop(key, None)
+                    self._retry_at.pop(key, None)
+                except Exception as e:
+                    self._failed(key, layer, e)
                 finally:
                     self._current = None
             self._bytes += fetched
@@ -175,3 +190,15 @@ class BackgroundFetcher:
             elif not fetched:
                 # nothing to start (the missing spans are all in flight elsewhere): do not spin
                 await trio.sleep(_IDLE_POLL_SEC)
+
+    def _failed(self, key: str, layer: Prefetchable, error: Exception) -> None:
+        """The step boundary: count, record on the layer, log once, back the layer off."""
+        self._errors += 1
+        self._retry_at[key] = trio.current_time() + self.config.error_backoff_sec
+        message = f"background fetch: {type(error).__name__}: {error}"
+        layer.record_error(message)
+        log.warning(
+            "background fetch failed",
+            extra={"layer": key, "error": f"{type(error).__name__}: {error}"},
+            exc_info=not isinstance(error, FetchError),  # a traceback for the unexpected
+        )

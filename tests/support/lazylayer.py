@@ -44,7 +44,8 @@ class Layer:
 
 
 class MemorySource:
-    """Serves ranges of one blob; records calls; can fail, corrupt or hold requests."""
+    """Serves ranges of one blob; records calls (and cancelled ones); can fail, corrupt, hold
+    requests (`gate`) or raise any exception (`raise_next`)."""
 
     def __init__(self, blob: bytes, name: str = "memory") -> None:
         self.blob = blob
@@ -55,6 +56,8 @@ class MemorySource:
         self.always_corrupt = False
         self.gate: trio.Event | None = None
         self.delay_sec = 0.0
+        self.cancelled = 0
+        self.raise_next: list[Exception] = []
 
     @property
     def name(self) -> str:
@@ -69,10 +72,16 @@ class MemorySource:
         check: Check | None = None,
     ) -> bytes:
         self.calls.append((start, end))
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.delay_sec:
-            await trio.sleep(self.delay_sec)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            if self.delay_sec:
+                await trio.sleep(self.delay_sec)
+        except trio.Cancelled:
+            self.cancelled += 1
+            raise
+        if self.raise_next:
+            raise self.raise_next.pop(0)
         if self.fail_next:
             self.fail_next -= 1
             raise SourceUnavailable(f"{self._name}: injected failure", source=self._name)

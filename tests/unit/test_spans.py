@@ -1,5 +1,6 @@
-"""The remote read path with a fake `BlobSource` at the seam: state table, singleflight,
-coalescing, verification, retries across sources, the cache, and the background fetcher.
+"""The remote read path with a fake `BlobSource` at the seam: state table, read-ahead policy,
+coalescing, shared fetches and inflations, verification, retries across sources, the caches,
+and the layer's task scope.
 
 The registry-backed versions of these checks are in tests/integration/test_remote_read.py.
 """
@@ -16,17 +17,9 @@ import trio.testing
 from index.model import SpanId, UncompressedOffset
 from index.zinfo import SpanInflateError, SpanMap
 from snapshotter.fs.errors import LayerReadError
-from snapshotter.lazy.background import BackgroundConfig, BackgroundFetcher
-from snapshotter.lazy.cache import CacheConfig, SpanCache
-from snapshotter.lazy.sources import (
-    AllSourcesFailed,
-    ChainSource,
-    ContentMismatch,
-    SourceUnavailable,
-)
-from snapshotter.lazy.spans import (
+from snapshotter.lazy import (
     TRANSITIONS,
-    DemandTracker,
+    LayerClosed,
     ReadConfig,
     RemoteLayerReader,
     SpanState,
@@ -34,6 +27,15 @@ from snapshotter.lazy.spans import (
     SpanTable,
     coalesce,
 )
+from snapshotter.lazy.cache import CacheConfig, SpanCache
+from snapshotter.lazy.readahead import ReadAhead
+from snapshotter.lazy.sources import (
+    AllSourcesFailed,
+    ChainSource,
+    ContentMismatch,
+    SourceUnavailable,
+)
+from snapshotter.tasks import open_task_scope
 from tests.support.lazylayer import Layer, MemorySource
 
 SPAN = 64 * 1024
@@ -139,7 +141,7 @@ async def test_reads_every_file_with_few_requests(layer: Layer, tmp_path: Path) 
     # every byte of every span was fetched exactly once
     fetched = sorted(source.calls)
     for (_, e1), (s2, _) in itertools.pairwise(fetched):
-        assert s2 >= e1 - 1  # spans may overlap by one byte (spec/soci.md §2.3)
+        assert s2 >= e1 - 1  # gzip spans may share the byte of a checkpoint's partial bits
     status = reader.status()
     assert status.states["unrequested"] == 0 and status.last_error == ""
 
@@ -222,19 +224,29 @@ async def settle(reader: RemoteLayerReader) -> None:
             await trio.sleep(0.005)
 
 
+def crange(reader: RemoteLayerReader, first: int, last: int | None = None) -> tuple[int, int]:
+    """The compressed range of spans `first..last` (a request for them)."""
+    last = first if last is None else last
+    return (
+        reader.span_map.compressed_range(SpanId(first))[0],
+        reader.span_map.compressed_range(SpanId(last))[1],
+    )
+
+
 async def test_pipelined_read_ahead_does_not_hold_up_the_read(layer: Layer, tmp_path: Path) -> None:
     source = MemorySource(layer.blob)
-    async with trio.open_nursery() as nursery:
+    async with open_task_scope("test") as root:
+        scope = await root.open_child("layer")
         reader = RemoteLayerReader(
             layer.digest,
             layer.ztoc,
             source,
             SpanCache(tmp_path),
             config=ReadConfig(readahead_spans=4),
-            prefetch_nursery=nursery,
+            tasks=scope,
         )
         await reader.read(span_start(reader, 0), 10)  # a first read: no read-ahead
-        assert source.calls == [(reader._ranges[0][0], reader._ranges[0][1])]
+        assert source.calls == [crange(reader, 0)]
         source.calls.clear()
         source.gate = trio.Event()
         with trio.move_on_after(5):
@@ -242,10 +254,7 @@ async def test_pipelined_read_ahead_does_not_hold_up_the_read(layer: Layer, tmp_
                 inner.start_soon(reader.read, span_start(reader, 1), 10)
                 await trio.testing.wait_all_tasks_blocked()
                 # moving on into span 1 is sequential: span 1 alone, and the window 2-5
-                assert sorted(source.calls) == [
-                    (reader._ranges[1][0], reader._ranges[1][1]),
-                    (reader._ranges[2][0], reader._ranges[5][1]),
-                ]
+                assert sorted(source.calls) == [crange(reader, 1), crange(reader, 2, 5)]
                 source.gate.set()
         source.gate = None
         await settle(reader)
@@ -259,14 +268,16 @@ async def test_pipelined_read_ahead_does_not_hold_up_the_read(layer: Layer, tmp_
         await reader.read(span_start(reader, 4), 10)
         await settle(reader)
         assert len(source.calls) == 3
-        assert source.calls[-1] == (reader._ranges[6][0], reader._ranges[8][1])
-    # a random read does not read ahead
-    await reader.read(span_start(reader, 15), 10)
-    assert reader.table.state(SpanId(16)) is SpanState.UNREQUESTED
+        assert source.calls[-1] == crange(reader, 6, 8)
+        # a random read does not read ahead
+        await reader.read(span_start(reader, 15), 10)
+        await settle(reader)
+        assert reader.table.state(SpanId(16)) is SpanState.UNREQUESTED
+        await scope.aclose()
 
 
 async def test_inflated_lru_is_bounded(layer: Layer, tmp_path: Path) -> None:
-    reader = make_reader(layer, MemorySource(layer.blob), tmp_path, inflated_cache_spans=2)
+    reader = make_reader(layer, MemorySource(layer.blob), tmp_path, memory_cache_spans=2)
     for i in range(5):
         await reader.read(span_start(reader, i), 1)
     assert reader.table.count(SpanState.INFLATED) == 2
@@ -359,7 +370,7 @@ class _BrokenInflate:
 
 async def test_inflate_failure_is_a_plain_read_error(layer: Layer, tmp_path: Path) -> None:
     reader = make_reader(layer, MemorySource(layer.blob), tmp_path)
-    reader.span_map = _BrokenInflate(reader.span_map)  # type: ignore[assignment]
+    reader.inflater.span_map = _BrokenInflate(reader.span_map)  # type: ignore[assignment]
     start = span_start(reader, 1)
     with pytest.raises(LayerReadError, match="span 2: injected") as info:
         await reader.read(start, span_start(reader, 4) - start)  # spans 1-3, inflated in parallel
@@ -382,7 +393,7 @@ async def test_cached_spans_are_not_fetched_again(layer: Layer, tmp_path: Path) 
 
 async def test_corrupt_cache_file_is_refetched(layer: Layer, tmp_path: Path) -> None:
     source = MemorySource(layer.blob)
-    reader = make_reader(layer, source, tmp_path, readahead_spans=0, inflated_cache_spans=1)
+    reader = make_reader(layer, source, tmp_path, readahead_spans=0, memory_cache_spans=1)
     at = span_start(reader, 2)
     await reader.read(at, 10)
     path = tmp_path / "spans" / f"sha256-{layer.digest.hex}" / "2"
@@ -396,105 +407,9 @@ async def test_corrupt_cache_file_is_refetched(layer: Layer, tmp_path: Path) -> 
     assert path.read_bytes() == data
 
 
-async def test_gzip_header_check(layer: Layer, tmp_path: Path) -> None:
-    source = MemorySource(layer.blob)
-    reader = make_reader(layer, source, tmp_path)
-    await reader.check_gzip_header()
-    assert source.calls[0][0] == 0 and source.calls[0][1] >= 10
-    source.always_corrupt = True
-    with pytest.raises(LayerReadError, match="not a gzip header"):
-        await reader.check_gzip_header()
-
-
 def test_read_config_rejects_nonsense() -> None:
     with pytest.raises(ValueError):
         ReadConfig(max_request_bytes=0)
-
-
-# -- background fetch -----------------------------------------------------------------------------
-
-
-async def test_background_fills_a_layer_after_the_quiet_period(
-    layer: Layer, tmp_path: Path, autojump_clock: trio.testing.MockClock
-) -> None:
-    tracker = DemandTracker()
-    source = MemorySource(layer.blob)
-    reader = RemoteLayerReader(
-        layer.digest, layer.ztoc, source, SpanCache(tmp_path), tracker=tracker
-    )
-    rate = 1024 * 1024
-    fetcher = BackgroundFetcher(
-        BackgroundConfig(quiet_period_ms=1000, rate_bytes_per_sec=rate, step_bytes=2 * SPAN),
-        tracker,
-    )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(fetcher.serve)
-        start = trio.current_time()
-        # an on-demand read now: background waits a quiet second after it
-        await reader.read(UncompressedOffset(0), 10)
-        fetcher.register(str(layer.digest), reader)
-        await trio.sleep(0.5)
-        assert len(source.calls) == 1
-        while not reader.is_complete():
-            await trio.sleep(0.1)
-        elapsed = trio.current_time() - start
-        nursery.cancel_scope.cancel()
-    assert len(source.calls) > 2
-    background_bytes = source.bytes_served - source.calls[0][1] + source.calls[0][0]
-    assert elapsed >= 1.0 + (background_bytes - 2 * SPAN * 2) / rate  # rate-limited
-    stats = fetcher.statistics()
-    assert stats.errors == 0 and stats.bytes_fetched > 0
-    # every span was fetched, none twice
-    assert reader.progress().percent > 99.0
-    assert source.bytes_served <= layer.ztoc.compressed_archive_size + len(source.calls)
-
-
-async def test_background_is_disabled_and_stops_for_removed_layers(
-    layer: Layer, tmp_path: Path, autojump_clock: trio.testing.MockClock
-) -> None:
-    for enabled in (False, True):
-        source = MemorySource(layer.blob)
-        reader = make_reader(layer, source, tmp_path / str(enabled))
-        fetcher = BackgroundFetcher(
-            BackgroundConfig(
-                enabled=enabled, quiet_period_ms=0, rate_bytes_per_sec=SPAN, step_bytes=2 * SPAN
-            )
-        )
-        async with trio.open_nursery() as nursery:
-            await nursery.start(fetcher.serve)
-            fetcher.register("layer", reader)
-            await trio.sleep(3.5)
-            calls = len(source.calls)
-            fetcher.unregister("layer")
-            await trio.sleep(10)
-            nursery.cancel_scope.cancel()
-        if enabled:
-            assert 0 < calls < reader.span_map.span_count
-        else:
-            assert calls == 0
-        assert len(source.calls) <= calls + 1
-        assert not reader.is_complete()
-
-
-async def test_background_backs_off_a_failing_layer(
-    layer: Layer, tmp_path: Path, autojump_clock: trio.testing.MockClock
-) -> None:
-    source = MemorySource(layer.blob)
-    source.fail_next = 1
-    reader = make_reader(layer, source, tmp_path)
-    fetcher = BackgroundFetcher(
-        BackgroundConfig(quiet_period_ms=0, rate_bytes_per_sec=0, error_backoff_sec=30)
-    )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(fetcher.serve)
-        fetcher.register("layer", reader)
-        await trio.sleep(29)
-        assert len(source.calls) == 1 and fetcher.statistics().errors == 1
-        await trio.sleep(2)
-        while not reader.is_complete():
-            await trio.sleep(1)
-        nursery.cancel_scope.cancel()
-    assert reader.progress().percent > 99.0
 
 
 # -- the inflated tier ----------------------------------------------------------------------------
@@ -526,14 +441,14 @@ def tier_reader(
         config=ReadConfig(**config),
     )
     counting = _CountingInflate(reader.span_map)
-    reader.span_map = counting  # type: ignore[assignment]
+    reader.inflater.span_map = counting  # type: ignore[assignment]
     return reader, counting
 
 
 async def test_inflated_spans_are_kept_on_disk_and_served_without_inflating(
     layer: Layer, tmp_path: Path
 ) -> None:
-    first, counted = tier_reader(layer, MemorySource(layer.blob), tmp_path, inflated_cache_spans=1)
+    first, counted = tier_reader(layer, MemorySource(layer.blob), tmp_path, memory_cache_spans=1)
     await read_all_files(first, layer)
     spans = first.span_map.span_count
     assert counted.inflates >= spans
@@ -547,7 +462,7 @@ async def test_inflated_spans_are_kept_on_disk_and_served_without_inflating(
     # a new reader (empty memory LRU), the compressed spans gone: served from the tier alone
     SpanCache(tmp_path).drop_layer(layer.digest)
     source = MemorySource(layer.blob)
-    again, counted = tier_reader(layer, source, tmp_path, inflated_cache_spans=1)
+    again, counted = tier_reader(layer, source, tmp_path, memory_cache_spans=1)
     await read_all_files(again, layer, chunk=4096)
     files = layer.files()
     offset = files[sorted(files)[3]][0] + 1000
@@ -572,7 +487,7 @@ async def test_a_torn_inflated_file_falls_back_to_the_compressed_span(
     whole = path.read_bytes()
     path.write_bytes(whole[: len(whole) // 2])  # torn (e.g. written by a broken tool)
     fresh, counted = tier_reader(layer, source, tmp_path, readahead_spans=0)
-    assert await fresh.read(at + 5, 100) == layer.tar[at + 5 : at + 105]
+    assert await fresh.read(UncompressedOffset(at + 5), 100) == layer.tar[at + 5 : at + 105]
     assert counted.inflates == 1 and len(source.calls) == 1  # re-inflated from the disk cache
     assert fresh.cache.inflated is not None
     assert fresh.cache.inflated.stats().corrupt_dropped == 1
@@ -581,16 +496,122 @@ async def test_a_torn_inflated_file_falls_back_to_the_compressed_span(
 
 async def test_reads_mixing_memory_tier_and_missing_spans(layer: Layer, tmp_path: Path) -> None:
     source = MemorySource(layer.blob)
-    reader, counted = tier_reader(
-        layer, source, tmp_path, readahead_spans=0, inflated_cache_spans=2
-    )
+    reader, counted = tier_reader(layer, source, tmp_path, readahead_spans=0, memory_cache_spans=2)
     for i in (1, 3):  # spans 1 and 3 local (tier; 3 also in memory), 2 never read
         await reader.read(span_start(reader, i), 1)
     start, end = span_start(reader, 1) + 7, span_start(reader, 4) - 3
-    assert await reader.read(start, end - start) == layer.tar[start:end]
+    assert await reader.read(UncompressedOffset(start), end - start) == layer.tar[start:end]
     assert reader.table.state(SpanId(2)) in (SpanState.CACHED, SpanState.INFLATED)
     # now all three are local: served by the tier path in one go
     inflates = counted.inflates
     fresh, counted = tier_reader(layer, source, tmp_path, readahead_spans=0)
-    assert await fresh.read(start, end - start) == layer.tar[start:end]
+    assert await fresh.read(UncompressedOffset(start), end - start) == layer.tar[start:end]
     assert counted.inflates == 0 and inflates >= 3
+
+
+# -- the read-ahead policy --------------------------------------------------------------------
+
+
+def test_read_ahead_policy() -> None:
+    policy = ReadAhead(window=4, span_count=10)
+    assert not policy.observe(SpanId(0), SpanId(0))  # a first read is not sequential
+    assert not policy.observe(SpanId(0), SpanId(0))  # reads inside one span are not
+    assert policy.observe(SpanId(1), SpanId(1))  # moving on into the next span is
+    assert policy.observe(SpanId(1), SpanId(2))  # so is a read crossing into the next span
+    assert not policy.observe(SpanId(7), SpanId(7))  # a jump is not
+    assert policy.ride_along(SpanId(7)) == range(8, 10)  # clipped at the last span
+    missing = {3, 4, 5, 6}
+    # started only when a span of the window's first half (3, 4) is missing
+    assert policy.pipelined_window(SpanId(2), lambda s: s in missing) == range(3, 7)
+    missing = {5, 6}
+    assert policy.pipelined_window(SpanId(2), lambda s: s in missing) is None
+    assert not ReadAhead(window=0, span_count=10).observe(SpanId(0), SpanId(1))
+
+
+# -- the layer's task scope and errors at the reader boundary -------------------------------------
+
+
+async def test_closing_the_layer_scope_cancels_its_read_ahead(layer: Layer, tmp_path: Path) -> None:
+    source = MemorySource(layer.blob)
+    async with open_task_scope("test") as root:
+        scope = await root.open_child("layer")
+        reader = RemoteLayerReader(
+            layer.digest,
+            layer.ztoc,
+            source,
+            SpanCache(tmp_path),
+            config=ReadConfig(readahead_spans=4),
+            tasks=scope,
+        )
+        await reader.read(span_start(reader, 0), 10)
+        source.gate = trio.Event()
+        results: list[bytes] = []
+
+        async def read_span_1() -> None:
+            results.append(await reader.read(span_start(reader, 1), 10))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_span_1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert sorted(source.calls[1:]) == [crange(reader, 1), crange(reader, 2, 5)]
+            assert reader.tracker.active == 2
+            await scope.aclose()  # the layer is unmounted: its read-ahead is cancelled
+            assert source.cancelled == 1 and reader.tracker.active == 1
+            assert reader.table.state(SpanId(2)) is SpanState.UNREQUESTED
+            source.gate.set()  # the read already in flight completes
+        assert results == [layer.tar[span_start(reader, 1) : span_start(reader, 1) + 10]]
+        calls = len(source.calls)
+        # no further request for the layer: reads fail at once
+        with pytest.raises(LayerClosed):
+            await reader.read(span_start(reader, 2), 10)
+        with pytest.raises(LayerClosed):
+            await reader.prefetch_step(SPAN)
+        assert len(source.calls) == calls == 3
+        assert root.statistics().errors == 0
+
+
+async def test_an_unexpected_read_ahead_error_is_counted_and_the_layer_goes_on(
+    layer: Layer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = MemorySource(layer.blob)
+    warm = make_reader(layer, source, tmp_path, readahead_spans=0)
+    for span in (0, 1):  # spans 0 and 1 in the cache: the reads below make no request
+        await warm.read(span_start(warm, span), 10)
+    source.calls.clear()
+    async with open_task_scope("test") as root:
+        scope = await root.open_child("layer one")
+        reader = RemoteLayerReader(
+            layer.digest,
+            layer.ztoc,
+            source,
+            SpanCache(tmp_path),
+            config=ReadConfig(readahead_spans=4),
+            tasks=scope,
+        )
+        # e.g. a hosts.toml whose `ca` file is missing: building the TLS context fails
+        source.raise_next = [FileNotFoundError(2, "No such file or directory", "ca.pem")]
+        await reader.read(span_start(reader, 0), 10)
+        await reader.read(span_start(reader, 1), 10)  # sequential: read-ahead of 2-5 fails
+        await settle(reader)
+        assert source.calls == [crange(reader, 2, 5)]
+        status = reader.status()
+        assert status.errors == 1 and "FileNotFoundError" in status.last_error
+        assert scope.statistics().errors == 1 and not scope.closed and not root.closed
+        failed = [r for r in caplog.records if r.getMessage() == "task failed"]
+        assert [getattr(r, "scope", None) for r in failed] == ["layer one"]
+        # the layer keeps serving, and the spans the read-ahead held are fetched on demand
+        at = span_start(reader, 2)
+        assert await reader.read(at, 10) == layer.tar[at : at + 10]
+
+
+async def test_an_unexpected_source_error_reaches_the_caller_bare(
+    layer: Layer, tmp_path: Path
+) -> None:
+    source = MemorySource(layer.blob)
+    source.raise_next = [RuntimeError("a bug")]
+    reader = make_reader(layer, source, tmp_path)
+    at = span_start(reader, 4)
+    with pytest.raises(RuntimeError, match="a bug"):  # not in an ExceptionGroup
+        await reader.read(at, 10)
+    assert reader.table.state(SpanId(4)) is SpanState.UNREQUESTED
+    assert await reader.read(at, 10) == layer.tar[at : at + 10]

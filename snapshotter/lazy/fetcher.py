@@ -1,0 +1,285 @@
+"""Span fetching of one layer: the span table, coalesced Range requests, and the fetches in
+flight that concurrent readers share.
+
+The span is the unit of verification, not of transfer: the missing spans a caller needs (plus
+the read-ahead it asks to take along) are coalesced into Range requests of at most
+`max_request_bytes`, which go out in parallel. Every span of an answer is checked against its
+zTOC digest inside the source's worker thread (`_CheckRun`), so a corrupt answer is a failure
+of that source (retried there, then the next source of a chain); wrong bytes are never cached
+or returned. Verified spans are written to the span cache (compressed) and move to CACHED.
+
+A caller that needs a span some other fetch holds (FETCHING) waits for that fetch; when it
+failed or was cancelled the span is UNREQUESTED again and the caller fetches it itself. Not a
+`SingleFlight` per span: one request carries several spans (keys), and which spans join a
+request is decided when it starts (coalescing, read-ahead), so a waiter waits on the
+multi-span `_Fetch` that holds its span.
+
+Errors: a request's `FetchError` (or any other exception) is recorded on its `_Fetch` and
+raised, unchanged, to the caller that started it (`ensure` when it needed one of its spans,
+`fetch_missing`, `step`); waiters fetch again instead. The callers' boundaries count them
+(`LayerCounters`) and translate them. Units: bytes, compressed offsets.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from index.digest import Digest
+from index.model import CompressedOffset, SpanId
+from index.zinfo import SpanError, SpanMap
+from snapshotter.lazy.cache import CacheError, SpanCache
+from snapshotter.lazy.demand import DemandTracker
+from snapshotter.lazy.sources import BlobSource, ContentMismatch
+from snapshotter.lazy.table import SpanState, SpanTable, coalesce
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class LayerCounters:
+    """What one layer's reader has done: Range requests and their bytes, failures counted by
+    the boundaries that handled them (reads, read-ahead, background steps) and the last one's
+    message."""
+
+    requests: int = 0
+    network_bytes: int = 0
+    errors: int = 0
+    last_error: str = ""
+
+    def record_error(self, message: str) -> None:
+        self.errors += 1
+        self.last_error = message
+
+
+@dataclass(eq=False)
+class _Fetch:
+    """One Range request in flight: its spans, verified bytes per span, and completion."""
+
+    spans: list[SpanId]
+    done: trio.Event = field(default_factory=trio.Event)
+    results: dict[SpanId, bytes] = field(default_factory=dict)
+    error: Exception | None = None
+
+
+class SpanFetcher:
+    """Makes spans of `layer` local (see the module doc). Use from the trio thread.
+
+    `table` is the layer's span table (this object moves spans UNREQUESTED ↔ FETCHING → CACHED;
+    the inflater moves CACHED ↔ INFLATED). `io_limiter` bounds cache writes; on-demand fetches
+    run under `tracker.demand()`. Nothing here needs closing.
+    """
+
+    def __init__(
+        self,
+        layer: Digest,
+        span_map: SpanMap,
+        source: BlobSource,
+        cache: SpanCache,
+        table: SpanTable,
+        *,
+        max_request_bytes: int,
+        tracker: DemandTracker,
+        io_limiter: trio.CapacityLimiter,
+        counters: LayerCounters,
+    ) -> None:
+        self.layer = layer
+        self.span_map = span_map
+        self.source = source
+        self.cache = cache
+        self.table = table
+        self.max_request_bytes = max_request_bytes
+        self.tracker = tracker
+        self.counters = counters
+        self._io_limiter = io_limiter
+        self._inflight: dict[SpanId, _Fetch] = {}
+        self._cursor = 0
+
+    def __repr__(self) -> str:
+        return f"<SpanFetcher {self.layer} in_flight={len(self._inflight)} {self.table!r}>"
+
+    def missing(self, span: SpanId) -> bool:
+        """Whether `span` must be fetched: UNREQUESTED and not in the disk cache (a span the
+        cache index lists moves to CACHED here; no I/O)."""
+        if self.table.state(span) is not SpanState.UNREQUESTED:
+            return False
+        if self.cache.contains(self.layer, span):
+            self.table.set(span, SpanState.CACHED)
+            return False
+        return True
+
+    async def ensure(
+        self, needed: Sequence[SpanId], ride_along: range = range(0)
+    ) -> dict[SpanId, bytes]:
+        """Make every span of `needed` local; returns the verified compressed bytes of the
+        spans fetched or waited for here (the others are in the cache).
+
+        When this call starts a request, the missing spans at the start of `ride_along` join
+        it. Raises the error of a request this call started for a needed span (`FetchError`,
+        or whatever else the source raised).
+        """
+        got: dict[SpanId, bytes] = {}
+        while True:
+            waits: list[_Fetch] = []
+            missing: list[SpanId] = []
+            for span in needed:
+                if self.table.state(span) is SpanState.FETCHING:
+                    waits.append(self._inflight[span])
+                elif self.missing(span):
+                    missing.append(span)
+            if not missing and not waits:
+                return got
+            mine: list[_Fetch] = []
+            if missing:
+                for extra in ride_along:
+                    if extra <= missing[-1]:
+                        continue
+                    if extra != missing[-1] + 1 or not self.missing(SpanId(extra)):
+                        break
+                    missing.append(SpanId(extra))
+                mine = self._start_runs(missing)
+            with self.tracker.demand():
+                async with trio.open_nursery() as nursery:
+                    for fetch in mine:
+                        nursery.start_soon(self._run, fetch)
+                    for fetch in waits:
+                        nursery.start_soon(fetch.done.wait)
+            for fetch in (*mine, *waits):
+                got.update(fetch.results)
+            wanted = set(needed)
+            for fetch in mine:
+                if fetch.error is not None and not wanted.isdisjoint(fetch.spans):
+                    raise fetch.error
+            # Fetches of other readers that failed left their spans UNREQUESTED: loop and
+            # fetch them ourselves.
+
+    async def fetch_missing(self, spans: range) -> None:
+        """Fetch the missing spans among `spans` (read-ahead), as on-demand work.
+
+        Raises the first failed request's error (`FetchError` or another exception) once all
+        are done; the failed spans are UNREQUESTED again.
+        """
+        missing = [SpanId(s) for s in spans if self.missing(SpanId(s))]
+        if not missing:
+            return
+        fetches = self._start_runs(missing)
+        with self.tracker.demand():
+            async with trio.open_nursery() as nursery:
+                for fetch in fetches:
+                    nursery.start_soon(self._run, fetch)
+        for fetch in fetches:
+            if fetch.error is not None:
+                raise fetch.error
+
+    async def step(self, max_bytes: int) -> int:
+        """Fetch the next run of missing spans after the previous step's (background work).
+
+        Returns the compressed bytes fetched, 0 when nothing is missing or startable. Raises
+        the request's error (`FetchError` or another exception).
+        """
+        n = len(self.table)
+        run: list[SpanId] = []
+        total = 0
+        for i in range(n):
+            span = SpanId((self._cursor + i) % n)
+            if self.missing(span):
+                if run and (span != run[-1] + 1 or total + self.table.sizes[span] > max_bytes):
+                    break
+                run.append(span)
+                total += self.table.sizes[span]
+            elif run:
+                break
+        if not run:
+            return 0
+        self._cursor = (run[-1] + 1) % n
+        fetch = self._start(run)
+        await self._run(fetch)
+        if fetch.error is not None:
+            raise fetch.error
+        return total
+
+    # -- one request -----------------------------------------------------------------------
+
+    def _start_runs(self, missing: list[SpanId]) -> list[_Fetch]:
+        return [
+            self._start(run) for run in coalesce(missing, self.table.sizes, self.max_request_bytes)
+        ]
+
+    def _start(self, run: list[SpanId]) -> _Fetch:
+        fetch = _Fetch(run)
+        for span in run:
+            self.table.set(span, SpanState.FETCHING)
+            self._inflight[span] = fetch
+        return fetch
+
+    async def _run(self, fetch: _Fetch) -> None:
+        """Fetch, verify and store one run. Never raises an Exception: it is stored in
+        `fetch.error`; cancellation propagates. Either way the spans leave FETCHING and
+        waiters are woken."""
+        run = fetch.spans
+        start = self.span_map.compressed_range(run[0])[0]
+        end = self.span_map.compressed_range(run[-1])[1]
+        ok = False
+        try:
+            self.counters.requests += 1
+            check = _CheckRun(self.span_map, run, self.layer, self.source.name)
+            data = await self.source.fetch(
+                self.layer, CompressedOffset(start), CompressedOffset(end), check=check
+            )
+            self.counters.network_bytes += len(data)
+            if not check.verified:  # a source that did not run the check: run it here
+                await trio.to_thread.run_sync(check, data)
+            # the check cut the verified bytes in the worker thread (no big copies here)
+            fetch.results.update(check.verified)
+            try:
+                await trio.to_thread.run_sync(self._store, fetch.results, limiter=self._io_limiter)
+            except CacheError as e:
+                log.warning("layer %s: spans %s not cached: %s", self.layer, run, e)
+            ok = True
+        except Exception as e:
+            fetch.error = e
+            log.debug("layer %s: fetching spans %d-%d failed: %r", self.layer, run[0], run[-1], e)
+        finally:
+            for span in run:
+                del self._inflight[span]
+                self.table.set(span, SpanState.CACHED if ok else SpanState.UNREQUESTED)
+            fetch.done.set()
+
+    def _store(self, results: Mapping[SpanId, bytes]) -> None:
+        for span, data in results.items():
+            self.cache.put(self.layer, span, data)
+
+
+class _CheckRun:
+    """Verifies every span of a coalesced answer, in the source's worker thread.
+
+    On success `verified` holds the answer cut into spans (so the trio thread never copies
+    megabytes); a failing call leaves it empty and raises `ContentMismatch`.
+    """
+
+    __slots__ = ("_layer", "_source", "_span_map", "_spans", "verified")
+
+    def __init__(
+        self, span_map: SpanMap, spans: Sequence[SpanId], layer: Digest, source: str
+    ) -> None:
+        self._span_map = span_map
+        self._spans = tuple(spans)
+        self._layer = layer
+        self._source = source
+        self.verified: dict[SpanId, bytes] = {}
+
+    def __call__(self, data: bytes) -> None:
+        self.verified = {}
+        try:
+            views = self._span_map.split_compressed(self._spans, data)
+            for span, view in zip(self._spans, views, strict=True):
+                self._span_map.verify(span, view)
+        except SpanError as e:  # SpanDigestMismatch, or an answer of the wrong length
+            raise ContentMismatch(f"layer {self._layer}: {e}", source=self._source) from e
+        if len(views) == 1:
+            self.verified = {self._spans[0]: data}
+        else:
+            self.verified = {s: bytes(v) for s, v in zip(self._spans, views, strict=True)}

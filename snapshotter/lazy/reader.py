@@ -1,0 +1,317 @@
+"""`RemoteLayerReader`: the `LayerReader` of a lazily mounted layer, and its error boundary.
+
+One FUSE read, top to bottom (`read`):
+
+1. the tar-stream range → the spans it needs and the slice of each (`SpanMap.slices_for_range`);
+2. the read-ahead policy notes the read (`ReadAhead.observe`: sequential or not);
+3. all spans in the memory LRU or the inflated tier → served from there (`SpanInflater.
+   read_local`, one worker thread), pipelined read-ahead started when sequential;
+4. else the span fetcher makes them local (`SpanFetcher.ensure`: cache, or coalesced verified
+   Range requests shared with concurrent readers, read-ahead riding along unless pipelined);
+5. the inflater inflates them (`SpanInflater.inflate_all`: memory LRU, or one shared
+   inflation in a worker thread, written to the tier);
+6. the slices are cut and joined (`index.zinfo.assemble`).
+
+Errors are translated here, once, into `LayerReadError` (chained); the FUSE adapter turns that
+into EIO:
+
+    raised below                              read() raises
+    SpanError (range outside the stream)      LayerReadError
+    FetchError (every source failed)          LayerReadError; counted (`errors`, `last_error`)
+    ZinfoError (a verified span won't inflate) LayerReadError; counted
+    SpanGone four times in a row              LayerReadError
+    the layer's task scope is closed          LayerClosed (a LayerReadError): no request made
+    anything else                             propagates (the caller's boundary: the FUSE host
+                                              counts it as a read error)
+
+Tasks: given `tasks` (the LAYER's `TaskScope`, closed by its owner on unmount), pipelined
+read-ahead runs there; closing it cancels them and makes later reads and background steps
+raise `LayerClosed` without a request. Without `tasks`, read-ahead rides along in the read's
+own request. Units: bytes; `UncompressedOffset` into the tar stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+
+from index.digest import Digest
+from index.model import SpanId, UncompressedOffset, Ztoc
+from index.zinfo import SpanError, SpanMap, ZinfoError, assemble
+from snapshotter.fs.errors import LayerReadError
+from snapshotter.fs.readers import FetchProgress
+from snapshotter.lazy.cache import SpanCache
+from snapshotter.lazy.demand import DemandTracker
+from snapshotter.lazy.fetcher import LayerCounters, SpanFetcher
+from snapshotter.lazy.inflater import SpanGone, SpanInflater
+from snapshotter.lazy.readahead import ReadAhead
+from snapshotter.lazy.sources import BlobSource, FetchError
+from snapshotter.lazy.table import SpanState, SpanTable
+from snapshotter.tasks import TaskScope
+
+log = logging.getLogger(__name__)
+
+MiB: Final = 1024 * 1024
+_MAX_REFETCH: Final = 4
+
+
+class LayerClosed(LayerReadError):
+    """The layer's task scope is closed (it was unmounted): nothing is fetched for it."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadConfig:
+    """Read-path tuning (`[remote]` keys of the same names; `RemoteConfig.read_config()`).
+
+    `max_request_bytes`: the largest coalesced Range request (S3 likes 8-16 MiB);
+    `readahead_spans`: missing spans after a sequential read's last span that are fetched with
+    it (in the same request, or pipelined in the layer's task scope); 0 = no read-ahead;
+    `memory_cache_spans`: inflated spans kept in memory per layer;
+    `inflate_threads`: worker threads for inflation, all layers (0 = the CPU count).
+    """
+
+    max_request_bytes: int = 16 * MiB
+    readahead_spans: int = 4
+    memory_cache_spans: int = 8
+    inflate_threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_request_bytes <= 0:
+            raise ValueError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
+        if self.readahead_spans < 0:
+            raise ValueError(f"readahead_spans must not be negative, got {self.readahead_spans}")
+        if self.memory_cache_spans < 1:
+            raise ValueError(
+                f"memory_cache_spans must be at least 1, got {self.memory_cache_spans}"
+            )
+        if self.inflate_threads < 0:
+            raise ValueError(f"inflate_threads must not be negative, got {self.inflate_threads}")
+
+
+def default_inflate_limiter(config: ReadConfig | None = None) -> trio.CapacityLimiter:
+    """A limiter for inflation threads: `config.inflate_threads`, or the CPU count."""
+    threads = (config.inflate_threads if config else 0) or os.cpu_count() or 2
+    return trio.CapacityLimiter(threads)
+
+
+@dataclass(frozen=True, slots=True)
+class LayerFetchStatus:
+    """What an operator sees for one layer (`fetched_bytes` of the compressed blob).
+
+    `errors` counts failures of this layer's fetches, inflations, read-ahead and background
+    steps; `last_error` is the latest one's message ("" when none).
+    """
+
+    layer: str
+    source: str
+    spans: int
+    states: Mapping[str, int]
+    fetched_bytes: int
+    total_bytes: int
+    requests: int
+    network_bytes: int
+    errors: int
+    last_error: str
+
+    @property
+    def percent(self) -> float:
+        return 100.0 if self.total_bytes <= 0 else 100.0 * self.fetched_bytes / self.total_bytes
+
+
+class RemoteLayerReader:
+    """A `LayerReader` (and `ReportsProgress`) over a layer blob held by `source`.
+
+    `layer` is the blob digest, `ztoc` its zTOC, `cache` the (shared) span cache. Limiters
+    are shared across layers: `inflate_limiter` (CPU-bound work, default: `config`'s
+    `inflate_threads`) and `io_limiter` (cache writes). `tracker` is told about on-demand
+    fetches so background fetching yields to them. `tasks` is the layer's own task scope (see
+    the module doc); its owner closes it. Raises `LayerReadError` from the constructor when
+    the zTOC's span information is unusable. Nothing here needs closing; cache and source are
+    shared.
+    """
+
+    def __init__(
+        self,
+        layer: Digest,
+        ztoc: Ztoc,
+        source: BlobSource,
+        cache: SpanCache,
+        *,
+        config: ReadConfig | None = None,
+        tracker: DemandTracker | None = None,
+        inflate_limiter: trio.CapacityLimiter | None = None,
+        io_limiter: trio.CapacityLimiter | None = None,
+        tasks: TaskScope | None = None,
+    ) -> None:
+        self.layer = layer
+        self.source = source
+        self.cache = cache
+        self.config = config or ReadConfig()
+        self.tracker = tracker or DemandTracker()
+        self._tasks = tasks
+        try:
+            self.span_map = SpanMap.from_ztoc(ztoc)
+            ranges = [
+                self.span_map.compressed_range(SpanId(i)) for i in range(self.span_map.span_count)
+            ]
+        except ZinfoError as e:
+            raise LayerReadError(f"layer {layer}: zTOC has unusable span info: {e}") from e
+        self.table = SpanTable([end - start for start, end in ranges])
+        self.counters = LayerCounters()
+        self.fetcher = SpanFetcher(
+            layer,
+            self.span_map,
+            source,
+            cache,
+            self.table,
+            max_request_bytes=self.config.max_request_bytes,
+            tracker=self.tracker,
+            io_limiter=io_limiter or trio.CapacityLimiter(4),
+            counters=self.counters,
+        )
+        self.inflater = SpanInflater(
+            layer,
+            self.span_map,
+            cache,
+            self.table,
+            memory_spans=self.config.memory_cache_spans,
+            limiter=inflate_limiter or default_inflate_limiter(self.config),
+        )
+        self.read_ahead = ReadAhead(self.config.readahead_spans, len(self.table))
+        cache.retain_layer(layer)  # in use again: no longer evictable first (rare tiny I/O)
+        for span in cache.spans_of(layer):
+            if 0 <= span < len(self.table):
+                self.table.set(span, SpanState.CACHED)
+
+    def __repr__(self) -> str:
+        return (
+            f"<RemoteLayerReader {self.layer} via {self.source.name} {self.table!r} "
+            f"requests={self.counters.requests} errors={self.counters.errors}>"
+        )
+
+    @property
+    def closed(self) -> bool:
+        """Whether the layer's task scope is closed (the layer is going away)."""
+        return self._tasks is not None and self._tasks.closed
+
+    # -- status ------------------------------------------------------------------------------
+
+    def progress(self) -> FetchProgress:
+        """Compressed bytes held locally vs the blob size."""
+        total = self.span_map.compressed_archive_size
+        return FetchProgress(min(self.table.local_bytes, total), total)
+
+    def status(self) -> LayerFetchStatus:
+        progress = self.progress()
+        c = self.counters
+        return LayerFetchStatus(
+            layer=str(self.layer),
+            source=self.source.name,
+            spans=len(self.table),
+            states={s.value: self.table.count(s) for s in SpanState},
+            fetched_bytes=progress.fetched_bytes,
+            total_bytes=progress.total_bytes,
+            requests=c.requests,
+            network_bytes=c.network_bytes,
+            errors=c.errors,
+            last_error=c.last_error,
+        )
+
+    def is_complete(self) -> bool:
+        """Whether every span is local (cached or inflated)."""
+        return (
+            self.table.count(SpanState.UNREQUESTED) == 0
+            and self.table.count(SpanState.FETCHING) == 0
+        )
+
+    def record_error(self, message: str) -> None:
+        """Count a failure of work done for this layer elsewhere (a background step)."""
+        self.counters.record_error(message)
+
+    # -- the LayerReader API ---------------------------------------------------------------
+
+    async def read(self, offset: UncompressedOffset, size: int) -> bytes:
+        """Bytes `[offset, offset + size)` of the tar stream (fewer only at its end).
+
+        Raises `LayerReadError` (chained; see the module's table): the range is outside the
+        stream, a span could not be fetched from any source, a verified span does not inflate,
+        or the layer is closed (`LayerClosed`).
+        """
+        end = min(offset + size, self.span_map.uncompressed_archive_size)
+        if end <= offset:
+            return b""
+        if self.closed:
+            raise LayerClosed(f"layer {self.layer}: unmounted")
+        try:
+            slices = self.span_map.slices_for_range(offset, end - offset)
+        except SpanError as e:
+            raise LayerReadError(f"layer {self.layer}: range {offset}+{size}: {e}") from e
+        spans = [s.span for s in slices]
+        sequential = self.read_ahead.observe(spans[0], spans[-1])
+        pipelined = sequential and self._tasks is not None
+        if pipelined:
+            self._start_read_ahead(spans[-1])
+        local = await self.inflater.read_local(slices)
+        if local is not None:
+            return local
+        ride_along = (
+            self.read_ahead.ride_along(spans[-1]) if sequential and not pipelined else range(0)
+        )
+        try:
+            parts = await self._load(spans, ride_along)
+        except FetchError as e:
+            self.counters.record_error(str(e))
+            raise LayerReadError(f"layer {self.layer}: spans {spans[0]}-{spans[-1]}: {e}") from e
+        except ZinfoError as e:
+            self.counters.record_error(str(e))
+            raise LayerReadError(f"layer {self.layer}: {e}") from e
+        return assemble(slices, parts)
+
+    async def _load(self, spans: Sequence[SpanId], ride_along: range) -> list[bytes]:
+        """The inflated `spans`: made local, then inflated; fetched again when a cached copy
+        vanishes meanwhile. Raises `FetchError`, `ZinfoError`, `LayerReadError`."""
+        for _ in range(_MAX_REFETCH):
+            got = await self.fetcher.ensure(spans, ride_along)
+            try:
+                return await self.inflater.inflate_all(spans, got)
+            except SpanGone:
+                continue
+        raise LayerReadError(f"layer {self.layer}: spans {spans} keep vanishing from the cache")
+
+    # -- read-ahead and background -----------------------------------------------------------
+
+    def _start_read_ahead(self, last: SpanId) -> None:
+        """Start a pipelined read-ahead task in the layer's scope when the policy says so."""
+        assert self._tasks is not None
+        window = self.read_ahead.pipelined_window(last, self.fetcher.missing)
+        if window is not None:
+            # False: the scope is closing, the layer is going away; nothing to do
+            self._tasks.start_soon(self._read_ahead_task, window, name="read-ahead")
+
+    async def _read_ahead_task(self, window: range) -> None:
+        """Fetch the window's missing spans: the read-ahead task's boundary. A `FetchError` is
+        counted and ends the task (the read that needs the span fetches it again); anything
+        else is counted and raised to the scope's boundary, which logs it."""
+        try:
+            await self.fetcher.fetch_missing(window)
+        except FetchError as e:
+            self.counters.record_error(f"read-ahead: {e}")
+        except Exception as e:
+            self.counters.record_error(f"read-ahead: {type(e).__name__}: {e}")
+            raise
+
+    async def prefetch_step(self, max_bytes: int) -> int:
+        """Fetch the next run of missing spans (background work, not inflated).
+
+        Returns the compressed bytes fetched, 0 when nothing is missing. Raises `LayerClosed`
+        when the layer is closed (no request made), else the request's error (`FetchError`,
+        or anything else the source raised) for the caller's boundary.
+        """
+        if self.closed:
+            raise LayerClosed(f"layer {self.layer}: unmounted")
+        return await self.fetcher.step(max_bytes)

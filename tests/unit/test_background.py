@@ -1,0 +1,214 @@
+"""Background fetch with a fake `BlobSource` at the seam: quiet period, rate limit, removal,
+back-off, and the step's error boundary (one layer's failure never stops the fetcher)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from index.model import UncompressedOffset
+from snapshotter.lazy import (
+    BackgroundConfig,
+    BackgroundFetcher,
+    DemandTracker,
+    RemoteLayerReader,
+)
+from snapshotter.lazy.cache import SpanCache
+from snapshotter.tasks import open_task_scope
+from tests.support.lazylayer import SPAN, Layer, MemorySource
+
+
+@pytest.fixture(scope="module")
+def layer() -> Layer:
+    return Layer()
+
+
+def make_reader(layer: Layer, source: MemorySource, cache_dir: Path) -> RemoteLayerReader:
+    return RemoteLayerReader(layer.digest, layer.ztoc, source, SpanCache(cache_dir))
+
+
+async def test_background_fills_a_layer_after_the_quiet_period(
+    layer: Layer, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    tracker = DemandTracker()
+    source = MemorySource(layer.blob)
+    reader = RemoteLayerReader(
+        layer.digest, layer.ztoc, source, SpanCache(tmp_path), tracker=tracker
+    )
+    rate = 1024 * 1024
+    fetcher = BackgroundFetcher(
+        BackgroundConfig(quiet_period_ms=1000, rate_bytes_per_sec=rate, step_bytes=2 * SPAN),
+        tracker,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fetcher.serve)
+        start = trio.current_time()
+        # an on-demand read now: background waits a quiet second after it
+        await reader.read(UncompressedOffset(0), 10)
+        fetcher.register(str(layer.digest), reader)
+        await trio.sleep(0.5)
+        assert len(source.calls) == 1
+        while not reader.is_complete():
+            await trio.sleep(0.1)
+        elapsed = trio.current_time() - start
+        nursery.cancel_scope.cancel()
+    assert len(source.calls) > 2
+    background_bytes = source.bytes_served - source.calls[0][1] + source.calls[0][0]
+    assert elapsed >= 1.0 + (background_bytes - 2 * SPAN * 2) / rate  # rate-limited
+    stats = fetcher.statistics()
+    assert stats.errors == 0 and stats.bytes_fetched > 0
+    # every span was fetched, none twice
+    assert reader.progress().percent > 99.0
+    assert source.bytes_served <= layer.ztoc.compressed_archive_size + len(source.calls)
+
+
+async def test_background_is_disabled_and_stops_for_removed_layers(
+    layer: Layer, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    for enabled in (False, True):
+        source = MemorySource(layer.blob)
+        reader = make_reader(layer, source, tmp_path / str(enabled))
+        fetcher = BackgroundFetcher(
+            BackgroundConfig(
+                enabled=enabled, quiet_period_ms=0, rate_bytes_per_sec=SPAN, step_bytes=2 * SPAN
+            )
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fetcher.serve)
+            fetcher.register("layer", reader)
+            await trio.sleep(3.5)
+            calls = len(source.calls)
+            fetcher.unregister("layer")
+            await trio.sleep(10)
+            nursery.cancel_scope.cancel()
+        if enabled:
+            assert 0 < calls < reader.span_map.span_count
+        else:
+            assert calls == 0
+        assert len(source.calls) <= calls + 1
+        assert not reader.is_complete()
+
+
+async def test_background_backs_off_a_failing_layer(
+    layer: Layer, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    source = MemorySource(layer.blob)
+    source.fail_next = 1
+    reader = make_reader(layer, source, tmp_path)
+    fetcher = BackgroundFetcher(
+        BackgroundConfig(quiet_period_ms=0, rate_bytes_per_sec=0, error_backoff_sec=30)
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fetcher.serve)
+        fetcher.register("layer", reader)
+        await trio.sleep(29)
+        assert len(source.calls) == 1 and fetcher.statistics().errors == 1
+        await trio.sleep(2)
+        while not reader.is_complete():
+            await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert reader.progress().percent > 99.0
+
+
+class Watched:
+    """A reader whose completion by a background step sets `done` (an event to wait for:
+    under the autojump clock, polling with sleeps would race the cache-writing threads)."""
+
+    def __init__(self, reader: RemoteLayerReader) -> None:
+        self.reader = reader
+        self.done = trio.Event()
+
+    async def prefetch_step(self, max_bytes: int) -> int:
+        fetched = await self.reader.prefetch_step(max_bytes)
+        if self.reader.is_complete():
+            self.done.set()
+        return fetched
+
+    def is_complete(self) -> bool:
+        return self.reader.is_complete()
+
+    def record_error(self, message: str) -> None:
+        self.reader.record_error(message)
+
+
+async def test_an_unexpected_step_error_fails_that_layer_only(
+    layer: Layer,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broken_source = MemorySource(layer.blob, "broken")
+    # e.g. a hosts.toml whose `ca` file is missing: building the TLS context fails
+    broken_source.raise_next = [
+        FileNotFoundError(2, "No such file or directory", "/etc/certs/ca.pem"),
+        RuntimeError("a bug"),
+    ]
+    broken = Watched(make_reader(layer, broken_source, tmp_path / "broken"))
+    good_source = MemorySource(layer.blob, "good")
+    good = Watched(make_reader(layer, good_source, tmp_path / "good"))
+    fetcher = BackgroundFetcher(
+        BackgroundConfig(quiet_period_ms=0, rate_bytes_per_sec=0, error_backoff_sec=30)
+    )
+    with caplog.at_level(logging.WARNING, logger="snapshotter.lazy.background"):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fetcher.serve)
+            fetcher.register("broken", broken)
+            fetcher.register("good", good)
+            await good.done.wait()  # the other layer is filled while "broken" backs off
+            assert trio.current_time() < 30
+            assert len(broken_source.calls) == 1 and not broken.is_complete()
+            status = broken.reader.status()
+            assert status.errors == 1
+            assert "FileNotFoundError" in status.last_error and "ca.pem" in status.last_error
+            await trio.sleep(31)  # backed off, then retried: the second failure
+            status = broken.reader.status()
+            assert status.errors == 2 and "RuntimeError: a bug" in status.last_error
+            await broken.done.wait()  # the third try succeeds
+            nursery.cancel_scope.cancel()
+    stats = fetcher.statistics()
+    assert stats.errors == 2
+    assert good.reader.status().errors == 0
+    failures = [r for r in caplog.records if r.getMessage() == "background fetch failed"]
+    assert [getattr(r, "layer", None) for r in failures] == ["broken", "broken"]
+    assert "FileNotFoundError" in getattr(failures[0], "error", "")
+
+
+async def test_no_request_after_unregister_or_after_the_layer_scope_closes(
+    layer: Layer, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    fetcher = BackgroundFetcher(
+        BackgroundConfig(quiet_period_ms=0, rate_bytes_per_sec=SPAN, step_bytes=2 * SPAN)
+    )
+    async with open_task_scope("test") as root:
+        await root.open_child("background")
+        root_nursery_scope = await root.open_child("fetcher")
+        root_nursery_scope.start_soon(fetcher.serve)
+        # unregister while a step is in flight: the request is cancelled, none follows
+        first = MemorySource(layer.blob)
+        first.gate = trio.Event()
+        reader1 = make_reader(layer, first, tmp_path / "1")
+        fetcher.register("one", reader1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(first.calls) == 1
+        fetcher.unregister("one")
+        await trio.testing.wait_all_tasks_blocked()
+        assert first.cancelled == 1
+        first.gate.set()
+        await trio.sleep(60)
+        assert len(first.calls) == 1
+        # the layer's scope closed (unmounted) but still registered: dropped, no request
+        second = MemorySource(layer.blob)
+        scope = await root.open_child("layer two")
+        reader2 = RemoteLayerReader(
+            layer.digest, layer.ztoc, second, SpanCache(tmp_path / "2"), tasks=scope
+        )
+        await scope.aclose()
+        fetcher.register("two", reader2)
+        await trio.sleep(60)
+        assert second.calls == []
+        assert fetcher.statistics().layers == 0 and fetcher.statistics().errors == 0
+        assert reader2.status().errors == 0
