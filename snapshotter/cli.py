@@ -30,7 +30,6 @@ from .configcheck import check_all, is_warning
 from .daemon import AddressInUse, Settings, serve
 from .errors import ConfigError, SnapshotterError, UsageError, leaf_error
 from .logs import LEVELS, setup_logging
-from .remote.compose import open_remote_mounter
 from .remote.status import status_report
 from .rootlock import RootLocked
 
@@ -141,6 +140,8 @@ def run(argv: Sequence[str]) -> int:
             print(f"ok: config and {path} look right for {PROG}{warned}")
         return EXIT_ERROR if errors else EXIT_OK
     setup_logging(args.log_level or settings.config.daemon.log_level)
+    from .remote.compose import open_remote_mounter  # only the daemon needs FUSE and registries
+
     trio.run(functools.partial(serve, settings, open_mounter=open_remote_mounter))
     return 0
 
