@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -31,6 +31,7 @@ import trio
 
 from index.digest import Digest
 from index.model import CompressedOffset
+from index.oci.client import AsyncRegistryClient
 from index.oci.errors import (
     DigestMismatchError,
     NotFoundError,
@@ -41,13 +42,15 @@ from index.oci.errors import (
     UnauthorizedError,
 )
 from index.oci.reference import Reference
-from index.oci.registry import RegistryClient
 
 log = logging.getLogger(__name__)
 
 Check = Callable[[bytes], None]
 """Verifies fetched bytes; raises `ContentMismatch` when they are wrong. Runs in a worker
 thread (it may hash megabytes), so it must be thread-safe."""
+
+DEFAULT_VERIFY_THREADS = 2
+"""Worker threads a `RegistrySource` runs `check` in when it is given no limiter."""
 
 _TRANSIENT_STATUSES: Final = frozenset({408, 425, 429, 500, 502, 503, 504})
 
@@ -96,18 +99,20 @@ RETRYABLE: Final[tuple[type[FetchError], ...]] = (SourceUnavailable, ContentMism
 """Errors a source retries itself (with backoff) before giving up."""
 
 
-def translate_oci_error(e: OciError, what: str, source: str) -> FetchError:
+def translate_oci_error(e: OciError | OSError, what: str, source: str) -> FetchError:
     """The fetch error for an `index.oci` error raised while fetching `what` from `source`.
 
-    The one table (most specific first): TransportError → SourceUnavailable; NotFoundError →
+    The one table (most specific first): TransportError, or an OSError that escaped the client
+    (it translates its own, so this is a safety net) → SourceUnavailable; NotFoundError →
     BlobNotFound; UnauthorizedError → AccessDenied; RangeNotSatisfiableError → BadRange;
     DigestMismatchError → ContentMismatch; any other RegistryError → SourceUnavailable when its
     status is transient (408/425/429/5xx) or absent, else BadRange (a 4xx we cannot use);
-    anything else (HostsConfigError, ...) → plain FetchError (not retried).
+    anything else (HostsConfigError: an invalid hosts.toml, or a CA or client certificate
+    file that cannot be loaded; CredentialsError) → plain FetchError (not retried).
     The caller chains the original (`raise translate_oci_error(e, ...) from e`).
     """
     message = f"{what} from {source}: {e}"
-    if isinstance(e, TransportError):
+    if isinstance(e, (TransportError, OSError)):
         return SourceUnavailable(message, source=source)
     if isinstance(e, NotFoundError):
         return BlobNotFound(message, source=source)
@@ -151,33 +156,26 @@ class BlobSource(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class FetchConfig:
-    """Fetch tuning (defaults here; wire into `snapshotter.config` as `[fetch]`).
+    """Retry and timeout policy of a `RegistrySource`.
 
     `max_attempts` per range and source (1 = no retry); backoff doubles from
     `backoff_initial_ms` up to `backoff_max_ms`, each delay scaled by a random factor in
-    [0.5, 1.0] (jitter); `request_timeout_sec` bounds one Range request;
-    `max_parallel_requests` sizes the limiter of registry worker threads;
-    `source_budget_sec` is a chain's time budget for one source per fetch.
+    [0.5, 1.0] (jitter); `request_timeout_sec` bounds one Range request (including its
+    wait for a gate slot and the check). How many requests run at once is the client's gate.
     """
 
     max_attempts: int = 4
     backoff_initial_ms: int = 50
     backoff_max_ms: int = 2000
     request_timeout_sec: float = 60.0
-    max_parallel_requests: int = 4
-    source_budget_sec: float = 120.0
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
         if self.backoff_initial_ms < 0 or self.backoff_max_ms < self.backoff_initial_ms:
             raise ValueError(f"bad backoff {self.backoff_initial_ms}..{self.backoff_max_ms} ms")
-        if self.request_timeout_sec <= 0 or self.source_budget_sec <= 0:
-            raise ValueError("timeouts must be positive")
-        if self.max_parallel_requests < 1:
-            raise ValueError(
-                f"max_parallel_requests must be at least 1, got {self.max_parallel_requests}"
-            )
+        if self.request_timeout_sec <= 0:
+            raise ValueError("request_timeout_sec must be positive")
 
     def backoff_sec(self, attempt: int, rng: random.Random | None = None) -> float:
         """Delay before retry number `attempt` (1 = first retry), in seconds, with jitter."""
@@ -203,29 +201,30 @@ class SourceStatistics:
 
 
 class RegistrySource:
-    """Range reads of the blobs of one image repository through a `RegistryClient`.
+    """Range reads of the blobs of one image repository through an `AsyncRegistryClient`.
 
-    The client is synchronous; each request runs in a worker thread under `limiter` (shared
-    by all layers of the daemon; its size is `config.max_parallel_requests`). Mirrors from
-    `hosts.toml`, auth and redirect caching are the client's business. Each request gets
-    `config.request_timeout_sec`; transient errors and bytes failing `check` are retried up to
-    `config.max_attempts` with jittered exponential backoff. `check` runs on each endpoint's
-    answer, so a mirror serving wrong bytes is skipped for the next endpoint within one
-    attempt. The client is not closed here.
+    Requests are native trio I/O: the client's gate (the daemon's one limiter of
+    `max_parallel_requests`) bounds them, and `config.request_timeout_sec` cancels a request
+    that has not finished (its connection is closed, its gate slot freed at once). Mirrors
+    from `hosts.toml`, auth and blob locations are the client's business. Transient errors
+    and bytes failing `check` are retried up to `config.max_attempts` with jittered
+    exponential backoff. `check` (hashing megabytes) runs in a worker thread under
+    `verify_limiter` on each endpoint's answer, so a mirror serving wrong bytes is skipped for
+    the next endpoint within one attempt. The client is not closed here.
     """
 
     def __init__(
         self,
-        client: RegistryClient,
+        client: AsyncRegistryClient,
         ref: Reference,
         *,
         config: FetchConfig | None = None,
-        limiter: trio.CapacityLimiter | None = None,
+        verify_limiter: trio.CapacityLimiter | None = None,
     ) -> None:
         self._client = client
         self._ref = ref
         self.config = config or FetchConfig()
-        self._limiter = limiter or trio.CapacityLimiter(self.config.max_parallel_requests)
+        self._verify_limiter = verify_limiter or trio.CapacityLimiter(DEFAULT_VERIFY_THREADS)
         self._stats = SourceStatistics()
         self._name = f"registry:{ref.registry}/{ref.repository}"
 
@@ -244,49 +243,43 @@ class RegistrySource:
         """A copy of this source's counters."""
         return self._stats.copy()
 
-    def _fetch_sync(self, digest: Digest, start: int, end: int, check: Check | None) -> bytes:
-        what = f"bytes {start}-{end} of {digest}"
+    def _endpoint_check(self, check: Check) -> Callable[[bytes], Awaitable[None]]:
+        """`check` as the client's per-endpoint check: in a worker thread, and a
+        ContentMismatch becomes the DigestMismatchError that rejects that endpoint only (the
+        client then tries the next hosts.toml mirror, and the upstream last)."""
 
-        def per_endpoint(data: bytes) -> None:
-            # Bytes failing the check reject that endpoint only: the client then tries the
-            # next hosts.toml mirror, and the upstream last (D4).
-            assert check is not None
+        async def per_endpoint(data: bytes) -> None:
             try:
-                check(data)
+                await trio.to_thread.run_sync(check, data, limiter=self._verify_limiter)
             except ContentMismatch as e:
                 raise DigestMismatchError(str(e)) from e
 
-        try:
-            data = self._client.fetch_blob_range(
-                self._ref, digest, start, end - start, check=per_endpoint if check else None
-            )
-        except OciError as e:
-            raise translate_oci_error(e, what, self._name) from e
-        if len(data) != end - start:
-            raise SourceUnavailable(
-                f"{what} from {self._name}: got {len(data)} bytes, want {end - start}",
-                source=self._name,
-            )
-        return data
+        return per_endpoint
 
     async def _attempt(self, digest: Digest, start: int, end: int, check: Check | None) -> bytes:
+        what = f"bytes {start}-{end} of {digest}"
         self._stats.requests += 1
         with trio.move_on_after(self.config.request_timeout_sec) as scope:
-            data: bytes = await trio.to_thread.run_sync(
-                self._fetch_sync,
-                digest,
-                start,
-                end,
-                check,
-                limiter=self._limiter,
-                abandon_on_cancel=True,
-            )
+            try:
+                data = await self._client.fetch_blob_range(
+                    self._ref,
+                    digest,
+                    start,
+                    end - start,
+                    check=self._endpoint_check(check) if check else None,
+                )
+            except (OciError, OSError) as e:
+                raise translate_oci_error(e, what, self._name) from e
+            if len(data) != end - start:
+                raise SourceUnavailable(
+                    f"{what} from {self._name}: got {len(data)} bytes, want {end - start}",
+                    source=self._name,
+                )
             self._stats.bytes_fetched += len(data)
             return data
         assert scope.cancelled_caught
         raise FetchTimeout(
-            f"bytes {start}-{end} of {digest} from {self._name}: no answer within "
-            f"{self.config.request_timeout_sec} s",
+            f"{what} from {self._name}: no answer within {self.config.request_timeout_sec} s",
             source=self._name,
         )
 
@@ -323,7 +316,7 @@ class RegistrySource:
 class ChainSource:
     """Tries `sources` in order (peers, then the registry); the first success wins.
 
-    Each source gets `budget_sec` (or `FetchConfig.source_budget_sec`) per fetch including its
+    Each source gets `budget_sec` (seconds) per fetch including its
     own retries; a source that fails, times out or serves bytes failing `check` moves the fetch
     to the next one. Raises `AllSourcesFailed` (chained from the last error) when none succeeds.
     """

@@ -16,9 +16,10 @@ import itertools
 import os
 import random
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import trio
@@ -26,6 +27,7 @@ import trio
 from index.builder import build_ztoc
 from index.digest import Digest
 from index.model import UncompressedOffset, Ztoc
+from index.oci.client import AsyncRegistryClient
 from index.oci.dockerconfig import StaticCredentials
 from index.oci.reference import Reference
 from index.oci.registry import RegistryClient
@@ -36,6 +38,8 @@ from snapshotter.lazy.sources import BlobSource, ChainSource, FetchConfig, Regis
 from snapshotter.lazy.spans import ReadConfig, RemoteLayerReader
 from tests.support.images import MEDIA_LAYER_GZIP, TreeSource, python_stdlib_dir, write_layer
 from tests.support.registry import CountingProxy, RegistryServer, start_proxy
+
+T = TypeVar("T")
 
 SPAN_SIZE = 256 * 1024
 READ_CHUNK = 128 * 1024  # the FUSE request size (spec/landscape.md §5.4)
@@ -89,12 +93,19 @@ def pushed(registry: RegistryServer, layer: PushedLayer) -> str:
     return push_layer(registry, layer)
 
 
-@contextlib.contextmanager
-def registry_source(
+@contextlib.asynccontextmanager
+async def registry_source(
     host: str, repo: str, *, config: FetchConfig = FAST_RETRY, **client_args: object
-) -> Iterator[RegistrySource]:
-    with RegistryClient(**client_args) as client:  # type: ignore[arg-type]
+) -> AsyncIterator[RegistrySource]:
+    async with AsyncRegistryClient(**client_args) as client:  # type: ignore[arg-type]
         yield RegistrySource(client, Reference.parse(f"{host}/{repo}"), config=config)
+
+
+@contextlib.asynccontextmanager
+async def _sync(cm: contextlib.AbstractContextManager[T]) -> AsyncIterator[T]:
+    """A synchronous context manager usable in one `async with` with `registry_source`."""
+    with cm as value:
+        yield value
 
 
 def make_reader(
@@ -146,7 +157,7 @@ def blob_requests(proxy: CountingProxy) -> int:
 async def test_every_file_reads_back_with_few_requests(
     registry: RegistryServer, layer: PushedLayer, pushed: str, tmp_path: Path
 ) -> None:
-    with start_proxy(registry) as proxy, registry_source(proxy.host, pushed) as source:
+    async with _sync(start_proxy(registry)) as proxy, registry_source(proxy.host, pushed) as source:
         reader = make_reader(layer, source, tmp_path)
         spans = reader.span_map.span_count
         await check_files(reader, layer.files)
@@ -168,7 +179,7 @@ async def test_concurrent_random_reads(
     registry: RegistryServer, layer: PushedLayer, pushed: str, tmp_path: Path
 ) -> None:
     files = random.Random(7).sample(layer.files, 300)
-    with start_proxy(registry) as proxy, registry_source(proxy.host, pushed) as source:
+    async with _sync(start_proxy(registry)) as proxy, registry_source(proxy.host, pushed) as source:
         reader = make_reader(layer, source, tmp_path)
         await check_files(reader, files, parallel=8)
         assert blob_requests(proxy) <= reader.span_map.span_count
@@ -178,7 +189,7 @@ async def test_second_reader_over_the_same_cache_fetches_nothing(
     registry: RegistryServer, layer: PushedLayer, pushed: str, tmp_path: Path
 ) -> None:
     files = layer.files[::5]
-    with start_proxy(registry) as proxy, registry_source(proxy.host, pushed) as source:
+    async with _sync(start_proxy(registry)) as proxy, registry_source(proxy.host, pushed) as source:
         await check_files(make_reader(layer, source, tmp_path), files)
         first = blob_requests(proxy)
         again = make_reader(layer, source, tmp_path)  # e.g. after a daemon restart
@@ -191,7 +202,7 @@ async def test_cache_bound_evicts_and_refetches(
     registry: RegistryServer, layer: PushedLayer, pushed: str, tmp_path: Path
 ) -> None:
     bound = layer.size // 3
-    with start_proxy(registry) as proxy, registry_source(proxy.host, pushed) as source:
+    async with _sync(start_proxy(registry)) as proxy, registry_source(proxy.host, pushed) as source:
         reader = make_reader(
             layer,
             source,
@@ -217,7 +228,7 @@ async def test_faults_are_retried_and_never_served(
     registry: RegistryServer, layer: PushedLayer, pushed: str, tmp_path: Path, fault: str
 ) -> None:
     files = layer.files[: len(layer.files) // 4]
-    with start_proxy(registry) as proxy, registry_source(proxy.host, pushed) as source:
+    async with _sync(start_proxy(registry)) as proxy, registry_source(proxy.host, pushed) as source:
         if fault == "status":
             proxy.fail_status, proxy.fail_count = 503, 2
         else:
@@ -234,7 +245,7 @@ async def test_every_source_failing_is_eio_and_recoverable(
     registry: RegistryServer, layer: PushedLayer, pushed: str, tmp_path: Path
 ) -> None:
     _, offset, data = layer.files[len(layer.files) // 2]
-    with start_proxy(registry) as proxy, registry_source(proxy.host, pushed) as source:
+    async with _sync(start_proxy(registry)) as proxy, registry_source(proxy.host, pushed) as source:
         proxy.fault, proxy.fault_count = "corrupt", -1
         reader = make_reader(layer, source, tmp_path)
         with pytest.raises(LayerReadError, match="digest mismatch"):
@@ -254,10 +265,10 @@ async def test_chain_falls_back_from_a_corrupt_mirror_to_the_registry(
     registry: RegistryServer, layer: PushedLayer, pushed: str, tmp_path: Path
 ) -> None:
     files = layer.files[:50]
-    with (
-        start_proxy(registry, fault="corrupt", fault_count=-1) as bad_mirror,
+    async with (
+        _sync(start_proxy(registry, fault="corrupt", fault_count=-1)) as bad_mirror,
         registry_source(bad_mirror.host, pushed, config=FetchConfig(max_attempts=1)) as mirror,
-        start_proxy(registry) as upstream_proxy,
+        _sync(start_proxy(registry)) as upstream_proxy,
         registry_source(upstream_proxy.host, pushed) as upstream,
     ):
         reader = make_reader(layer, ChainSource([mirror, upstream]), tmp_path)
@@ -281,7 +292,7 @@ async def test_hosts_toml_mirror_with_corrupt_bytes_is_skipped_for_upstream(
             f'server = "http://{upstream.host}"\n\n'
             f'[host."http://{mirror.host}"]\n  capabilities = ["pull", "resolve"]\n'
         )
-        with registry_source(upstream.host, pushed, hosts_dirs=[certs_d]) as source:
+        async with registry_source(upstream.host, pushed, hosts_dirs=[certs_d]) as source:
             reader = make_reader(layer, source, tmp_path / "cache")
             await check_files(reader, files)
             stats = source.statistics()
@@ -300,11 +311,11 @@ async def test_token_auth_registry(
     assert auth_registry.token_server is not None
     before = sum(auth_registry.token_server.requests.values())
     creds = StaticCredentials(auth_registry.username or "", auth_registry.password or "")
-    with registry_source(auth_registry.host, repo, credentials=creds) as source:
+    async with registry_source(auth_registry.host, repo, credentials=creds) as source:
         reader = make_reader(layer, source, tmp_path)
         await check_files(reader, layer.files[::40], parallel=4)
     assert sum(auth_registry.token_server.requests.values()) > before
-    with registry_source(auth_registry.host, repo) as anonymous:
+    async with registry_source(auth_registry.host, repo) as anonymous:
         reader = make_reader(layer, anonymous, tmp_path / "anon")
         _, offset, data = layer.files[0]
         with pytest.raises(LayerReadError, match="401"):
@@ -314,8 +325,8 @@ async def test_token_auth_registry(
 async def test_redirects_to_expiring_storage_urls(
     registry: RegistryServer, layer: PushedLayer, pushed: str, tmp_path: Path
 ) -> None:
-    with (
-        start_proxy(registry, redirect_blobs=True, expire_storage_urls=True) as proxy,
+    async with (
+        _sync(start_proxy(registry, redirect_blobs=True, expire_storage_urls=True)) as proxy,
         registry_source(proxy.host, pushed) as source,
     ):
         reader = make_reader(layer, source, tmp_path)
@@ -326,7 +337,7 @@ async def test_redirects_to_expiring_storage_urls(
 async def test_background_fetch_completes_the_layer(
     registry: RegistryServer, layer: PushedLayer, pushed: str, tmp_path: Path
 ) -> None:
-    with start_proxy(registry) as proxy, registry_source(proxy.host, pushed) as source:
+    async with _sync(start_proxy(registry)) as proxy, registry_source(proxy.host, pushed) as source:
         reader = make_reader(layer, source, tmp_path)
         fetcher = BackgroundFetcher(
             BackgroundConfig(quiet_period_ms=50, rate_bytes_per_sec=0, step_bytes=2 * 1024 * 1024),

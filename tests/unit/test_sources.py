@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import threading
 from pathlib import Path
 
 import httpx
@@ -12,8 +12,8 @@ import trio.testing
 
 from index.model import CompressedOffset, UncompressedOffset
 from index.oci import errors as oci_errors
+from index.oci.client import AsyncRegistryClient
 from index.oci.reference import Reference
-from index.oci.registry import RegistryClient
 from snapshotter.lazy.cache import SpanCache
 from snapshotter.lazy.sources import (
     AccessDenied,
@@ -61,8 +61,8 @@ def test_oci_errors_translate_once(error: oci_errors.OciError, expected: type) -
     assert "bytes 0-10 of x from registry:r" in str(got) and got.source == "registry:r"
 
 
-def _mock_registry(blob: bytes, plan: list[int | str]) -> tuple[RegistryClient, list[str]]:
-    """A RegistryClient over MockTransport: each blob GET pops an action from `plan`
+def _mock_registry(blob: bytes, plan: list[int | str]) -> tuple[AsyncRegistryClient, list[str]]:
+    """An AsyncRegistryClient over MockTransport: each blob GET pops an action from `plan`
     (an HTTP status, "corrupt", or "ok" when the plan is empty)."""
     seen: list[str] = []
 
@@ -79,7 +79,7 @@ def _mock_registry(blob: bytes, plan: list[int | str]) -> tuple[RegistryClient, 
             206, content=body, headers={"Content-Range": f"bytes {first}-{last}/{len(blob)}"}
         )
 
-    client = RegistryClient(transport=httpx.MockTransport(handler), plain_http=True)
+    client = AsyncRegistryClient(transport=httpx.MockTransport(handler), plain_http=True)
     return client, seen
 
 
@@ -88,7 +88,7 @@ FAST = FetchConfig(max_attempts=3, backoff_initial_ms=1, backoff_max_ms=2)
 
 async def test_registry_source_retries_transient_errors(layer: Layer, tmp_path: Path) -> None:
     client, seen = _mock_registry(layer.blob, [503, "corrupt"])
-    with client:
+    async with client:
         source = RegistrySource(client, Reference.parse("127.0.0.1:1/test/layer"), config=FAST)
         reader = RemoteLayerReader(layer.digest, layer.ztoc, source, SpanCache(tmp_path))
         got = await reader.read(UncompressedOffset(0), 1000)
@@ -101,7 +101,7 @@ async def test_registry_source_retries_transient_errors(layer: Layer, tmp_path: 
 async def test_registry_source_gives_up(layer: Layer) -> None:
     ref = Reference.parse("127.0.0.1:1/test/layer")
     client, seen = _mock_registry(layer.blob, [404])
-    with client:
+    async with client:
         with pytest.raises(BlobNotFound) as info:
             await RegistrySource(client, ref, config=FAST).fetch(
                 layer.digest, CompressedOffset(0), CompressedOffset(10)
@@ -109,7 +109,7 @@ async def test_registry_source_gives_up(layer: Layer) -> None:
         assert isinstance(info.value.__cause__, oci_errors.NotFoundError)
         assert seen == ["404"]  # not retried
     client, seen = _mock_registry(layer.blob, [500, 502, 503, 504])
-    with client:
+    async with client:
         with pytest.raises(SourceUnavailable):
             await RegistrySource(client, ref, config=FAST).fetch(
                 layer.digest, CompressedOffset(0), CompressedOffset(10)
@@ -117,19 +117,88 @@ async def test_registry_source_gives_up(layer: Layer) -> None:
         assert seen == ["500", "502", "503"]  # max_attempts
 
 
-async def test_registry_source_times_out_slow_requests(layer: Layer) -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        time.sleep(0.5)  # the worker thread is abandoned; the read is not
+async def test_registry_source_times_out_slow_requests(
+    layer: Layer, autojump_clock: trio.testing.MockClock
+) -> None:
+    cancelled: list[bool] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        try:
+            await trio.sleep(1000)
+        except trio.Cancelled:
+            cancelled.append(True)
+            raise
         return httpx.Response(503)
 
-    config = FetchConfig(max_attempts=2, backoff_initial_ms=1, request_timeout_sec=0.05)
-    with RegistryClient(transport=httpx.MockTransport(handler), plain_http=True) as client:
+    config = FetchConfig(max_attempts=2, backoff_initial_ms=1, request_timeout_sec=5)
+    async with AsyncRegistryClient(
+        transport=httpx.MockTransport(handler), plain_http=True
+    ) as client:
         source = RegistrySource(client, Reference.parse("127.0.0.1:1/t/l"), config=config)
-        start = time.monotonic()
-        with pytest.raises(FetchTimeout, match=r"no answer within 0\.05 s"):
+        start = trio.current_time()
+        with pytest.raises(FetchTimeout, match=r"no answer within 5 s"):
             await source.fetch(layer.digest, CompressedOffset(0), CompressedOffset(10))
-        assert time.monotonic() - start < 0.4
+        assert 10 <= trio.current_time() - start < 10.1
         assert source.statistics().requests == 2
+    assert cancelled == [True, True]  # each request was cancelled, no thread left behind
+
+
+async def test_registry_source_checks_in_a_worker_thread_and_skips_a_bad_mirror(
+    layer: Layer, tmp_path: Path
+) -> None:
+    (tmp_path / "127.0.0.1:1").mkdir()
+    (tmp_path / "127.0.0.1:1" / "hosts.toml").write_text(
+        '[host."http://mirror.test"]\ncapabilities = ["pull"]\n'
+    )
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.host)
+        first, last = map(int, request.headers["range"].removeprefix("bytes=").split("-"))
+        body = layer.blob[first : last + 1]
+        if request.url.host == "mirror.test":
+            body = body[::-1]
+        return httpx.Response(
+            206, content=body, headers={"Content-Range": f"bytes {first}-{last}/{len(layer.blob)}"}
+        )
+
+    threads: set[str] = set()
+
+    def check(data: bytes) -> None:
+        threads.add(threading.current_thread().name)
+        if data != layer.blob[:100]:
+            raise ContentMismatch("span digest")
+
+    limiter = trio.CapacityLimiter(1)
+    async with AsyncRegistryClient(
+        transport=httpx.MockTransport(handler), hosts_dirs=[tmp_path], plain_http=True
+    ) as client:
+        source = RegistrySource(
+            client, Reference.parse("127.0.0.1:1/t/l"), config=FAST, verify_limiter=limiter
+        )
+        got = await source.fetch(
+            layer.digest, CompressedOffset(0), CompressedOffset(100), check=check
+        )
+    assert got == layer.blob[:100]
+    assert seen == ["mirror.test", "127.0.0.1"]  # one attempt: the mirror, then upstream
+    assert threading.current_thread().name not in threads and len(threads) >= 1
+    assert source.statistics().retries == 0
+
+
+async def test_registry_source_turns_a_bad_ca_file_into_a_fetch_error(
+    layer: Layer, tmp_path: Path
+) -> None:
+    (tmp_path / "reg.test").mkdir()
+    (tmp_path / "reg.test" / "hosts.toml").write_text(
+        'server = "https://reg.test"\nca = "missing.pem"\n'
+    )
+    async with AsyncRegistryClient(
+        transport=httpx.MockTransport(lambda r: httpx.Response(500)), hosts_dirs=[tmp_path]
+    ) as client:
+        source = RegistrySource(client, Reference.parse("reg.test/t/l"), config=FAST)
+        with pytest.raises(FetchError, match=r"missing\.pem") as info:
+            await source.fetch(layer.digest, CompressedOffset(0), CompressedOffset(10))
+    assert isinstance(info.value.__cause__, oci_errors.HostsConfigError)
 
 
 def test_backoff_grows_with_jitter() -> None:
