@@ -1,10 +1,12 @@
 """Tar timestamps the way Go's `archive/tar` and `time` packages treat them.
 
-Two jobs, both byte-compatible with the AWS tools (spec/soci.md §1.3.4):
+Two jobs, both byte-compatible with Go's `archive/tar` (so with the zTOC builder and with
+containerd's applier; see docs/format.md):
 
 * `parse_pax_time` reads a PAX `mtime`/`atime`/`ctime` record value exactly as Go's
   `parsePAXTime` does (decimal seconds, optional fraction, at most nanosecond precision,
-  right-truncated);
+  right-truncated); `pax_time_ns` gives the same instant in nanoseconds. Both the zTOC side
+  and the local applier use them, so a layer's times are the same however it is served;
 * `format_mod_time` renders an instant as Go's `time.Time.MarshalText` in UTC
   (`2006-01-02T15:04:05.999999999Z`), which is what a zTOC stores in `mod_time`.
 
@@ -56,6 +58,16 @@ def parse_pax_time(text: bytes) -> tuple[int, int]:
     if secs_text.startswith(b"-"):
         nanos = -nanos
     return secs, nanos
+
+
+def pax_time_ns(text: bytes) -> int:
+    """A PAX time record value as nanoseconds since the epoch, exactly (`parse_pax_time`).
+
+    `b"1700000022.999999999"` gives `1700000022999999999`. Raises `ValueError` as
+    `parse_pax_time` does.
+    """
+    secs, nanos = parse_pax_time(text)
+    return secs * NANOS_PER_SECOND + nanos
 
 
 def civil_from_days(days: int) -> tuple[int, int, int]:

@@ -1,17 +1,18 @@
 """A thin pyfuse3 adapter over `LayerHost`: it translates calls and errors, nothing more.
 
 Every handler calls one host method. `FsError`s become `pyfuse3.FUSEError(errno)` through ONE
-table (`ERRNO_TABLE`, most specific class first); any other exception is logged once here and
-becomes EIO, so no exception ever escapes into pyfuse3's main loop (which would end it).
+table (`ERRNO_TABLE`, most specific class first, `errno_for`); any other exception is logged
+once here, with the layer the request touched, and becomes EIO (`fuse_error`), so no exception
+ever escapes into pyfuse3's main loop (which would end it).
 
-Caching (DESIGN.md D7): layer inodes are immutable, so entries and attributes get long
+Caching: layer inodes are immutable, so entries and attributes get long
 timeouts and files open with `keep_cache`; the FUSE root, state directory and status file
 (whose contents change) get zero timeouts and direct I/O. The mount's read-ahead window
 (`/sys/class/bdi/<dev>/read_ahead_kb`, 128 KiB for a new FUSE mount, which the FUSE init reply
 can only lower) is raised to `READ_AHEAD_KB` after mounting, so a sequential reader keeps
 several 128 KiB FUSE reads in flight and spans inflate in parallel.
 
-pyfuse3 keeps its session in module globals: one mount per process (DESIGN.md D1).
+pyfuse3 keeps its session in module globals: one mount per process.
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ from snapshotter.fs.errors import (
     ReadOnly,
     TreeBuildError,
 )
-from snapshotter.fs.host import Attr, LayerHost
+from snapshotter.fs.host import LayerHost
 from snapshotter.fs.readers import LayerReader
-from snapshotter.fs.tree import LayerTree
+from snapshotter.fs.tree import Attr, LayerTree
+from snapshotter.mountinfo import is_mountpoint, mount_at
 
 log = logging.getLogger(__name__)
 
@@ -86,35 +88,20 @@ READ_AHEAD_KB: Final = 1024
 """Read-ahead window of the mount in KiB (cold sequential reads: 1.5x over the default 128)."""
 
 
-def mount_device(mountpoint: Path) -> str | None:
-    """`major:minor` of the filesystem mounted at `mountpoint` (the last one mounted there),
-    from /proc/self/mountinfo, so no FUSE request is made. None when nothing is mounted."""
-    target = os.path.abspath(mountpoint)
-    found = None
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and fields[4].encode().decode("unicode_escape") == target:
-                    found = fields[2]
-    except OSError:
-        return None
-    return found
-
-
 def set_read_ahead(mountpoint: Path, kb: int) -> bool:
     """Set the read-ahead window of the mount at `mountpoint` to `kb` KiB (needs root).
 
     Returns False, logged, when the device or its bdi cannot be found or written; the mount
     works either way (only cold sequential reads are slower).
     """
-    dev = mount_device(mountpoint)
-    path = Path(f"/sys/class/bdi/{dev}/read_ahead_kb")
+    path = Path("/sys/class/bdi/?/read_ahead_kb")
     try:
-        if dev is None:
+        mount = mount_at(mountpoint)
+        if mount is None:
             raise FileNotFoundError(f"no mount at {mountpoint} in /proc/self/mountinfo")
+        path = Path(f"/sys/class/bdi/{mount.device}/read_ahead_kb")
         path.write_text(f"{kb}\n")
-    except OSError as e:
+    except (OSError, ValueError) as e:
         log.warning("cannot set read-ahead of %s to %d KiB (%s): %s", mountpoint, kb, path, e)
         return False
     return True
@@ -131,22 +118,37 @@ def errno_for(exc: BaseException) -> int:
 _QUIET: Final = frozenset({errno.ENOENT, errno.ENODATA})
 
 
+def fuse_error(op: str, exc: Exception, layer: str) -> Any:
+    """The `pyfuse3.FUSEError` a request `op` failing with `exc` answers, logged once here.
+
+    `layer` names what the request touched (`LayerHost.describe`). Domain errors get
+    `errno_for(exc)`: EIO ones are logged as warnings, the others at debug level (ENOENT and
+    ENODATA, the common answers to lookups and xattr probes, not at all). Any other exception
+    is a bug: logged with its traceback, answered EIO.
+    """
+    if isinstance(exc, FsError):
+        code = errno_for(exc)
+        if code == errno.EIO:
+            log.warning("fuse %s failed in %s: %s", op, layer, exc)
+        elif code not in _QUIET:
+            log.debug("fuse %s in %s: %s", op, layer, exc)
+        return pyfuse3.FUSEError(code)
+    log.error("fuse %s: unexpected error in %s, answering EIO", op, layer, exc_info=exc)
+    return pyfuse3.FUSEError(errno.EIO)
+
+
 @contextmanager
-def _translated(op: str) -> Iterator[None]:
+def _translated(
+    op: str, host: LayerHost, *, inode: int | None = None, fh: int | None = None
+) -> Iterator[None]:
+    """The error boundary of one request: everything but `FUSEError` goes through
+    `fuse_error`; nothing else escapes into pyfuse3's main loop."""
     try:
         yield
     except pyfuse3.FUSEError:
         raise
-    except FsError as e:
-        code = errno_for(e)
-        if code == errno.EIO:
-            log.warning("fuse %s failed: %s", op, e)
-        elif code not in _QUIET:
-            log.debug("fuse %s: %s", op, e)
-        raise pyfuse3.FUSEError(code) from e
     except Exception as e:
-        log.exception("fuse %s: unexpected error, answering EIO", op)
-        raise pyfuse3.FUSEError(errno.EIO) from e
+        raise fuse_error(op, e, host.describe(inode=inode, fh=fh)) from e
 
 
 def entry_attributes(attr: Attr) -> Any:
@@ -182,7 +184,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         self.host = host
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
-        with _translated("lookup"):
+        with _translated("lookup", self.host, inode=parent_inode):
             return entry_attributes(self.host.lookup(parent_inode, name))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -190,19 +192,19 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         return None
 
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
-        with _translated("getattr"):
+        with _translated("getattr", self.host, inode=inode):
             return entry_attributes(self.host.getattr(inode))
 
     async def readlink(self, inode: int, ctx: Any = None) -> bytes:
-        with _translated("readlink"):
+        with _translated("readlink", self.host, inode=inode):
             return self.host.readlink(inode)
 
     async def opendir(self, inode: int, ctx: Any = None) -> int:
-        with _translated("opendir"):
+        with _translated("opendir", self.host, inode=inode):
             return self.host.opendir(inode)
 
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        with _translated("readdir"):
+        with _translated("readdir", self.host, fh=fh):
             for item in self.host.readdir(fh, start_id):
                 if not pyfuse3.readdir_reply(
                     token, item.name, entry_attributes(item.attr), item.next_offset
@@ -210,34 +212,34 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
                     break
 
     async def releasedir(self, fh: int) -> None:
-        with _translated("releasedir"):
+        with _translated("releasedir", self.host, fh=fh):
             self.host.releasedir(fh)
 
     async def open(self, inode: int, flags: int, ctx: Any = None) -> Any:
-        with _translated("open"):
+        with _translated("open", self.host, inode=inode):
             result = self.host.open(inode, flags)
             return pyfuse3.FileInfo(
                 fh=result.fh, keep_cache=result.cacheable, direct_io=not result.cacheable
             )
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        with _translated("read"):
+        with _translated("read", self.host, fh=fh):
             return await self.host.read(fh, off, size)
 
     async def release(self, fh: int) -> None:
-        with _translated("release"):
+        with _translated("release", self.host, fh=fh):
             self.host.release(fh)
 
     async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
-        with _translated("getxattr"):
+        with _translated("getxattr", self.host, inode=inode):
             return self.host.getxattr(inode, name)
 
     async def listxattr(self, inode: int, ctx: Any = None) -> Sequence[bytes]:
-        with _translated("listxattr"):
+        with _translated("listxattr", self.host, inode=inode):
             return list(self.host.listxattr(inode))
 
     async def statfs(self, ctx: Any = None) -> Any:
-        with _translated("statfs"):
+        with _translated("statfs", self.host):
             stats = self.host.statfs()
             data = pyfuse3.StatvfsData()
             data.f_bsize = stats.block_size
@@ -252,7 +254,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
             return data
 
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:
-        with _translated("access"):
+        with _translated("access", self.host, inode=inode):
             try:
                 groups = tuple(pyfuse3.get_sup_groups(ctx.pid))
             except OSError:  # the caller may be gone already
@@ -336,37 +338,19 @@ async def open_fuse_host(
         pyfuse3.close(unmount=True)
 
 
-def _mount_points() -> set[str]:
-    points: set[str] = set()
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4:
-                    points.add(fields[4].encode().decode("unicode_escape"))
-    except OSError:
-        pass
-    return points
-
-
-def is_mounted(path: Path) -> bool:
-    """True if `path` is a mountpoint (also for a dead FUSE mount whose stat fails)."""
-    return os.path.abspath(path) in _mount_points()
-
-
 def cleanup_stale_mount(path: Path) -> bool:
     """Lazily unmount whatever is mounted at `path` (e.g. left by a crashed server).
 
     Tries `fusermount3 -u -z`, then `umount -l`. Returns True if something was unmounted;
     raises `OSError` if `path` stays mounted.
     """
-    if not is_mounted(path):
+    if not is_mountpoint(path):
         return False
     for cmd in (["fusermount3", "-u", "-z", os.fspath(path)], ["umount", "-l", os.fspath(path)]):
         try:
             subprocess.run(cmd, check=False, capture_output=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired):
             continue
-        if not is_mounted(path):
+        if not is_mountpoint(path):
             return True
     raise OSError(errno.EBUSY, f"{path} is still mounted after fusermount3 -u -z and umount -l")

@@ -1,4 +1,4 @@
-"""The multi-layer host: one filesystem whose top-level directories are layers (DESIGN.md D1).
+"""The multi-layer host: one filesystem whose top-level directories are layers.
 
 Pure domain logic: no pyfuse3. The FUSE adapter (`snapshotter.fs.fuse`) only translates the
 calls below and their `FsError`s.
@@ -14,6 +14,11 @@ Layout of the mounted filesystem::
 
 The state directory shadows a real `.sociable` at the layer root (as SOCI's
 `.soci-snapshotter` does); layer contents are unaffected everywhere else.
+
+Every directory lists `.` and `..` first, as Linux filesystems do (readdir offsets 1 and 2):
+`.` is the directory itself, `..` its parent; a layer root's parent is the FUSE root (a layer
+is a subdirectory of this one filesystem, bind-mounted elsewhere, and a bind mount of a
+subdirectory of ext4 lists its real parent too) and the FUSE root's parent is itself.
 
 Reads of regular files go through the layer's `LayerReader`. Before the first read of a file
 the host (unless `verify_headers=False`) reads its tar header through the same reader and checks
@@ -56,40 +61,14 @@ from snapshotter.fs.inodes import (
     split_inode,
 )
 from snapshotter.fs.readers import LayerReader, ReportsProgress
-from snapshotter.fs.tree import BLOCK_SIZE, ROOT_NODE, LayerTree, NodeAttr, NodeId
+from snapshotter.fs.tree import BLOCK_SIZE, ROOT_NODE, Attr, LayerTree, NodeId, blocks_of
 from snapshotter.fs.verify import check_header
 
 STATE_DIR_NAME: Final = b".sociable"
 STATUS_FILE_NAME: Final = b"status.json"
 _WRITE_FLAGS: Final = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
-
-
-@dataclass(frozen=True, slots=True)
-class Attr:
-    """Attributes of one inode as the kernel sees them; times in ns, sizes in bytes.
-
-    `cacheable` is False for inodes whose attributes change (the FUSE root, the state
-    directory and status file): the adapter gives them zero timeouts and no page cache.
-    """
-
-    inode: InodeNo
-    mode: int
-    nlink: int
-    uid: int
-    gid: int
-    rdev: int
-    size: int
-    mtime_ns: int
-    cacheable: bool
-
-    @property
-    def blocks(self) -> int:
-        """Allocated size in 512-byte units (`ceil(size / 4096) * 8`)."""
-        return -(-self.size // BLOCK_SIZE) * (BLOCK_SIZE // 512)
-
-    @property
-    def blksize(self) -> int:
-        return BLOCK_SIZE
+DOT_ENTRIES: Final = 2
+"""`.` and `..`: readdir offsets 1 and 2; a directory's own entries follow from offset 3."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +279,21 @@ class LayerHost:
             raise NotFound(f"no layer {name!r} is mounted")
         return layer
 
+    def describe(self, *, inode: int | None = None, fh: int | None = None) -> str:
+        """What an inode or open handle belongs to, for log messages (`layer <name>`, `the
+        host root`, or `unknown ...`). Never raises."""
+        if fh is not None:
+            handle = self._handles.get(fh)
+            if isinstance(handle, _FileHandle):
+                return f"layer {handle.layer.name}"
+            if handle is None:
+                return f"unknown handle {fh}"
+            inode = handle
+        if inode is None or inode == FUSE_ROOT_INODE:
+            return "the host root"
+        layer = self._by_slot.get(split_inode(inode)[0])
+        return f"unknown inode {inode}" if layer is None else f"layer {layer.name}"
+
     # -- inodes -----------------------------------------------------------------------------
 
     def _resolve(self, inode: int) -> tuple[_Layer, int]:
@@ -340,18 +334,8 @@ class LayerHost:
         )
 
     @staticmethod
-    def _node_attr(layer: _Layer, attr: NodeAttr) -> Attr:
-        return Attr(
-            inode=node_inode(layer.slot, attr.node),
-            mode=attr.mode,
-            nlink=attr.nlink,
-            uid=attr.uid,
-            gid=attr.gid,
-            rdev=attr.rdev,
-            size=attr.size,
-            mtime_ns=attr.mtime_ns,
-            cacheable=True,
-        )
+    def _node_attr(layer: _Layer, node: NodeId) -> Attr:
+        return layer.tree.attr(node, node_inode(layer.slot, node))
 
     def getattr(self, inode: int) -> Attr:
         """Attributes of `inode`. Raises `NotFound`."""
@@ -361,7 +345,7 @@ class LayerHost:
         node = local_to_node(local)
         if node is None:
             return self._state_attr(layer, local)
-        return self._node_attr(layer, layer.tree.attr(node))
+        return self._node_attr(layer, node)
 
     def lookup(self, parent: int, name: bytes) -> Attr:
         """Attributes of entry `name` in directory `parent`.
@@ -373,7 +357,7 @@ class LayerHost:
             layer = self._by_name.get(name)
             if layer is None:
                 raise NotFound(f"no layer {name!r} is mounted")
-            return self._node_attr(layer, layer.tree.attr(ROOT_NODE))
+            return self._node_attr(layer, ROOT_NODE)
         layer, local = self._resolve(parent)
         node = local_to_node(local)
         if node is None:
@@ -388,7 +372,7 @@ class LayerHost:
             child = layer.tree.lookup(node, name)
         except NotFound as e:
             raise NotFound(f"layer {layer.name}: {e}") from e
-        return self._node_attr(layer, layer.tree.attr(child))
+        return self._node_attr(layer, child)
 
     def readlink(self, inode: int) -> bytes:
         """Target of symlink `inode`. Raises `NotASymlink`, `NotFound`."""
@@ -443,7 +427,8 @@ class LayerHost:
     def statfs(self) -> FsStats:
         """Totals over all mounted layers (statfs must succeed for overlayfs)."""
         blocks = sum(
-            -(-layer.tree.total_file_bytes // BLOCK_SIZE) for layer in self._by_slot.values()
+            blocks_of(layer.tree.total_file_bytes) * 512 // BLOCK_SIZE
+            for layer in self._by_slot.values()
         )
         files = 1 + sum(layer.tree.node_count + 2 for layer in self._by_slot.values())
         return FsStats(block_size=BLOCK_SIZE, blocks=blocks, files=files, name_max=255)
@@ -460,28 +445,50 @@ class LayerHost:
     def readdir(self, fh: int, offset: int) -> Iterator[Listing]:
         """Entries of an open directory from position `offset` (0 or an earlier `next_offset`).
 
-        The root lists layers in slot order (`next_offset` = slot + 1, stable while layers come
-        and go); other directories list by name. `.`, `..` and the state directory are not
+        Every directory starts with `.` (offset 1) and `..` (offset 2). Then the root lists
+        layers in slot order (`next_offset` = slot + 2, stable while layers come and go); other
+        directories list by name (`next_offset` = position + 2). The state directory is not
         listed. Raises `BadHandle`, `NotFound` if the layer was removed.
         """
         inode = self._handles.get(fh)
         if not isinstance(inode, int):
             raise BadHandle(f"directory handle {fh} is not open")
         if inode == FUSE_ROOT_INODE:
-            for slot in sorted(s for s in self._by_slot if s + 1 > offset):
+            if offset < DOT_ENTRIES:
+                yield from self._dots(offset, self._root_attr(), self._root_attr())
+            for slot in sorted(s for s in self._by_slot if s + DOT_ENTRIES > offset):
                 layer = self._by_slot[slot]
-                attr = self._node_attr(layer, layer.tree.attr(ROOT_NODE))
-                yield Listing(layer.name.encode("utf-8", "surrogateescape"), attr, slot + 1)
+                attr = self._node_attr(layer, ROOT_NODE)
+                name = layer.name.encode("utf-8", "surrogateescape")
+                yield Listing(name, attr, slot + DOT_ENTRIES)
             return
         layer, local = self._resolve(inode)
         node = local_to_node(local)
         if node is None:
-            if offset < 1:
-                yield Listing(STATUS_FILE_NAME, self._state_attr(layer, STATUS_FILE_LOCAL), 1)
+            if offset < DOT_ENTRIES:
+                own = self._state_attr(layer, local)
+                yield from self._dots(offset, own, self._node_attr(layer, ROOT_NODE))
+            if offset <= DOT_ENTRIES:
+                status = self._state_attr(layer, STATUS_FILE_LOCAL)
+                yield Listing(STATUS_FILE_NAME, status, DOT_ENTRIES + 1)
             return
-        for entry in layer.tree.readdir(node, offset):
-            attr = self._node_attr(layer, layer.tree.attr(entry.node))
-            yield Listing(entry.name, attr, entry.next_offset)
+        if offset < DOT_ENTRIES:
+            tree = layer.tree
+            own = self._node_attr(layer, node)
+            if node == ROOT_NODE:
+                yield from self._dots(offset, own, self._root_attr())
+            else:
+                yield from self._dots(offset, own, self._node_attr(layer, tree.parent(node)))
+        for entry in layer.tree.readdir(node, max(offset - DOT_ENTRIES, 0)):
+            attr = self._node_attr(layer, entry.node)
+            yield Listing(entry.name, attr, entry.next_offset + DOT_ENTRIES)
+
+    @staticmethod
+    def _dots(offset: int, own: Attr, parent: Attr) -> Iterator[Listing]:
+        """`.` and `..` from listing position `offset` (0 or 1)."""
+        if offset < 1:
+            yield Listing(b".", own, 1)
+        yield Listing(b"..", parent, 2)
 
     def releasedir(self, fh: int) -> None:
         """Close a directory handle. Raises `BadHandle` if it is not an open directory."""

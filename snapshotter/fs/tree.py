@@ -2,9 +2,13 @@
 
 A `LayerTree` answers what a mounted layer looks like: lookups, sorted directory listings with
 stable offsets, attributes, symlink targets, extended attributes and where each regular file's
-bytes live in the uncompressed tar stream. It follows spec/soci.md §5.6:
+bytes live in the uncompressed tar stream. Names, whiteouts, xattrs and times follow the rules
+of containerd's applier in `index.applyrules` (shared with the local applier,
+`snapshotter.remote.apply`), and:
 
-* names are cleaned like Go's `path.Clean("/" + name)`; the layer root is the empty path;
+* names are cleaned by `clean_path` (Go's `path.Clean("/" + name)`: `..` stops at the layer
+  root); an entry naming the root itself is ignored, as containerd ignores it, so the layer
+  root is always 0755, uid/gid 0, mtime 0;
 * missing parent directories are created implicitly (0755, uid/gid 0, mtime 0); a later `dir`
   entry for the same path replaces their attributes; a later entry for an existing non-directory
   path replaces it (as extracting the tar would);
@@ -33,8 +37,8 @@ lazily mounted image looks exactly like the same image unpacked by containerd:
   `security.*` always, and no other namespace (`system.*` POSIX ACLs are not served; unknown
   namespaces fail with EOPNOTSUPP, which containerd ignores);
 * OCI whiteouts appear in overlayfs form: `.wh.<name>` is hidden and shown as a character
-  device 0/0 called `<name>` (mode S_IFCHR, uid/gid 0, nlink 1) unless the same directory of
-  this layer has a real `<name>`; `.wh..wh..opq` is hidden and its directory reports the xattr
+  device 0/0 called `<name>` (mode S_IFCHR, the whiteout header's uid/gid, nlink 1) unless the
+  same directory of this layer has a real `<name>`; `.wh..wh..opq` is hidden and its directory reports the xattr
   `trusted.overlay.opaque` (or `user.overlay.opaque` with `userxattr`) = `y`.
 
 Memory: nodes and directory entries live in parallel `array.array`s and every name in one bytes
@@ -49,14 +53,22 @@ from __future__ import annotations
 import bisect
 import calendar
 import os
-import posixpath
 import re
 import stat
 from array import array
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NewType
 
+from index.applyrules import (
+    CAPABILITY_XATTR,
+    OPAQUE_MARKER_BYTES,
+    WHITEOUT_PREFIX_BYTES,
+    archive_xattrs,
+    bound_time_ns,
+    clean_path,
+    opaque_xattr,
+)
 from index.model import EntryType, FileMetadata, UncompressedOffset
 from index.ztoc_codec import ZtocView
 from snapshotter.fs.errors import (
@@ -74,14 +86,7 @@ ROOT_NODE = NodeId(0)
 MAX_NODES = (1 << 32) - 16
 """Node ids must fit in the low 32 bits of an inode number (see `snapshotter.fs.inodes`)."""
 
-WHITEOUT_PREFIX = b".wh."
-OPAQUE_MARKER = b".wh..wh..opq"
-TRUSTED_OPAQUE_XATTR = b"trusted.overlay.opaque"
-USER_OPAQUE_XATTR = b"user.overlay.opaque"
-_PAX_XATTR_PREFIX = "SCHILY.xattr."
-_ARCHIVE_XATTR_NAMESPACES = ("user.", "security.")
-_USER_XATTR_PREFIX = "user."
-CAPABILITY_XATTR = b"security.capability"
+_CAPABILITY_XATTR = CAPABILITY_XATTR.encode()
 BLOCK_SIZE = 4096
 """The block size every inode and statfs report (bytes)."""
 _NO_ENTRY = 0xFFFFFFFF
@@ -125,16 +130,6 @@ def parse_rfc3339_ns(value: str) -> int:
     return seconds * 1_000_000_000 + nanos
 
 
-def clean_name(name: str) -> str:
-    """A tar entry name as a path relative to the layer root (Go `path.Clean("/"+name)`).
-
-    `"./usr//bin/"` gives `"usr/bin"`; the root itself (`"./"`, `"/"`) gives `""`; `..` cannot
-    climb above the root.
-    """
-    cleaned = posixpath.normpath("/" + name.lstrip("/"))
-    return cleaned.lstrip("/")
-
-
 def _encode(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
@@ -143,37 +138,23 @@ Xattrs = tuple[tuple[bytes, bytes], ...]
 """Extended attributes as `(name, value)` pairs sorted by name."""
 
 
-def archive_xattrs(records: Mapping[str, str], mode: int) -> dict[bytes, bytes]:
-    """The xattrs containerd's applier sets from one tar header's PAX `records`.
-
-    `mode` is the type (and permission) bits of the inode they land on. Keeps `SCHILY.xattr.*`
-    records (prefix stripped) in the `security.` namespace, and in `user.` when `mode` is a
-    regular file or a directory; drops `trusted.*`, `system.*` and unknown namespaces. Values
-    are UTF-8 (surrogate escapes kept as the original bytes). Never raises.
-    """
-    user_ok = stat.S_ISREG(mode) or stat.S_ISDIR(mode)
-    result: dict[bytes, bytes] = {}
-    for key, value in records.items():
-        if not key.startswith(_PAX_XATTR_PREFIX):
-            continue
-        name = key[len(_PAX_XATTR_PREFIX) :]
-        if not name.startswith(_ARCHIVE_XATTR_NAMESPACES):
-            continue
-        if name.startswith(_USER_XATTR_PREFIX) and not user_ok:
-            continue
-        result[_encode(name)] = _encode(value)
-    return result
+def blocks_of(size: int) -> int:
+    """Allocated size of `size` bytes in 512-byte units: whole `BLOCK_SIZE` blocks."""
+    return -(-size // BLOCK_SIZE) * (BLOCK_SIZE // 512)
 
 
 @dataclass(frozen=True, slots=True)
-class NodeAttr:
-    """The attributes of one node; times in nanoseconds since the epoch, sizes in bytes.
+class Attr:
+    """The attributes of one inode as the kernel sees them (the one attribute record of the
+    layer filesystem); times in nanoseconds since the epoch, sizes in bytes.
 
-    `blocks` is in 512-byte units, `blksize` in bytes. atime and ctime are not kept: they are
-    reported equal to the layer's zero time, as SOCI does.
+    `inode` is the tree's node id for `LayerTree.attr(node)`, the kernel's inode number when
+    the host asks. `cacheable` is False for inodes whose attributes change (the host's root,
+    state directory and status file): the FUSE adapter gives them zero timeouts and no page
+    cache. atime and ctime are not kept: they are reported as 0, as SOCI does.
     """
 
-    node: NodeId
+    inode: int
     mode: int
     nlink: int
     uid: int
@@ -181,10 +162,12 @@ class NodeAttr:
     rdev: int
     size: int
     mtime_ns: int
+    cacheable: bool = True
 
     @property
     def blocks(self) -> int:
-        return -(-self.size // BLOCK_SIZE) * (BLOCK_SIZE // 512)
+        """Allocated size in 512-byte units (`blocks_of`)."""
+        return blocks_of(self.size)
 
     @property
     def blksize(self) -> int:
@@ -193,10 +176,6 @@ class NodeAttr:
     @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
-
-    @property
-    def is_reg(self) -> bool:
-        return stat.S_ISREG(self.mode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,11 +286,14 @@ class LayerTree:
         if not 0 <= node < len(self._mode):
             raise NotFound(f"node {node} is not in this layer tree")
 
-    def attr(self, node: NodeId) -> NodeAttr:
-        """The attributes of `node`. Raises `NotFound` for an unknown node id."""
+    def attr(self, node: NodeId, inode: int | None = None) -> Attr:
+        """The attributes of `node`, numbered `inode` (default: the node id).
+
+        Raises `NotFound` for an unknown node id.
+        """
         self._check(node)
-        return NodeAttr(
-            node=node,
+        return Attr(
+            inode=node if inode is None else inode,
             mode=self._mode[node],
             nlink=self._nlink[node],
             uid=self._uid[node],
@@ -345,11 +327,21 @@ class LayerTree:
             return NodeId(self._entry_node[lo + i])
         raise NotFound(f"no entry {name!r} in {self.path_of(parent)!r}")
 
+    def parent(self, node: NodeId) -> NodeId:
+        """The directory that holds directory `node`; the root's parent is the root (its `..`
+        within the tree). Raises `NotFound` for an unknown node id."""
+        self._check(node)
+        entry = self._node_entry[node]
+        if node == ROOT_NODE or entry == _NO_ENTRY:
+            return ROOT_NODE
+        return NodeId(self._entry_parent[entry])
+
     def readdir(self, parent: NodeId, offset: int = 0) -> Iterator[DirEntry]:
         """The entries of directory `parent` sorted by name, from listing position `offset`.
 
         `offset` is 0 or a `next_offset` returned earlier; the tree never changes, so offsets
-        stay valid. `.` and `..` are not listed. Raises `NotADirectory`.
+        stay valid. `.` and `..` are not listed here (the host adds them: a layer root's `..` is
+        outside the tree). Raises `NotADirectory`.
         """
         lo, hi = self._dir_range(parent)
         for i in range(lo + max(offset, 0), hi):
@@ -544,7 +536,7 @@ class _Builder:
             return
         merged = dict(old)
         if chowned:
-            merged.pop(CAPABILITY_XATTR, None)
+            merged.pop(_CAPABILITY_XATTR, None)
         if meta.xattrs:
             merged.update(archive_xattrs(meta.xattrs, self.nodes.mode[node]))
         if merged:
@@ -553,15 +545,17 @@ class _Builder:
             self.xattrs.pop(node, None)
 
     def add(self, meta: FileMetadata, hdr_off: int) -> None:
-        path = clean_name(meta.name)
+        path = clean_path(meta.name)
         mtime = self._mtimes.get(meta.mod_time)
         if mtime is None:
             try:
-                mtime = parse_rfc3339_ns(meta.mod_time)
+                mtime = bound_time_ns(parse_rfc3339_ns(meta.mod_time))
             except ValueError as e:
                 raise TreeBuildError(f"entry {meta.name!r}: bad mod_time: {e}") from e
             if len(self._mtimes) < 4096:  # layers reuse a few timestamps; keep the cache small
                 self._mtimes[meta.mod_time] = mtime
+        if not path:
+            return  # containerd ignores an entry that resolves to the root
         if meta.type == EntryType.HARDLINK:
             self._add_hardlink(meta, path, mtime)
             return
@@ -569,11 +563,6 @@ class _Builder:
         if type_bits is None:
             raise TreeBuildError(f"entry {meta.name!r}: unsupported type {meta.type!r}")
         mode = type_bits | (0o777 if meta.type == EntryType.SYMLINK else meta.mode & 0o7777)
-        if not path:
-            if meta.type != EntryType.DIR:
-                raise TreeBuildError(f"entry {meta.name!r}: the layer root must be a directory")
-            self._update_dir(ROOT_NODE, meta, mode, mtime)
-            return
         parent_path, _, base = path.rpartition("/")
         parent = self._ensure_dir(parent_path, meta.name)
         existing = self.paths.get(path)
@@ -609,7 +598,7 @@ class _Builder:
         self._add_xattrs(node, meta)
 
     def _add_hardlink(self, meta: FileMetadata, path: str, mtime: int) -> None:
-        target = clean_name(meta.linkname)
+        target = clean_path(meta.linkname)
         entry = self.paths.get(target)
         if entry is None:
             raise TreeBuildError(
@@ -619,8 +608,6 @@ class _Builder:
         node = self.e_node[entry]
         if self._is_dir(node):
             raise TreeBuildError(f"hardlink {meta.name!r} -> {meta.linkname!r}: target is a dir")
-        if not path:
-            raise TreeBuildError(f"hardlink {meta.name!r}: cannot replace the layer root")
         parent_path, _, base = path.rpartition("/")
         parent = self._ensure_dir(parent_path, meta.name)
         self._link(path, parent, base, node)
@@ -657,22 +644,31 @@ class _Builder:
             groups.setdefault(parent, []).append(entry)
         opaque: set[int] = set()
         for parent, entries in groups.items():
-            if not any(self.e_name[e].startswith(WHITEOUT_PREFIX) for e in entries):
+            if not any(self.e_name[e].startswith(WHITEOUT_PREFIX_BYTES) for e in entries):
                 continue
-            real = {self.e_name[e] for e in entries if not self.e_name[e].startswith(b".wh.")}
+            real = {
+                self.e_name[e]
+                for e in entries
+                if not self.e_name[e].startswith(WHITEOUT_PREFIX_BYTES)
+            }
             kept: list[int] = []
             for e in entries:
                 name = self.e_name[e]
-                if not name.startswith(WHITEOUT_PREFIX):
+                if not name.startswith(WHITEOUT_PREFIX_BYTES):
                     kept.append(e)
-                elif name == OPAQUE_MARKER:
+                elif name == OPAQUE_MARKER_BYTES:
                     opaque.add(parent)
                 else:
-                    hidden = name[len(WHITEOUT_PREFIX) :]
+                    hidden = name[len(WHITEOUT_PREFIX_BYTES) :]
                     if hidden and hidden not in real:
                         real.add(hidden)
                         self.e_name[e] = hidden
-                        self.e_node[e] = self.nodes.add(mode=stat.S_IFCHR)
+                        header = self.e_node[e]  # the `.wh.` entry's own node: its owner
+                        self.e_node[e] = self.nodes.add(
+                            mode=stat.S_IFCHR,
+                            uid=self.nodes.uid[header],
+                            gid=self.nodes.gid[header],
+                        )
                         self._note_first_entry(self.e_node[e], e)
                         kept.append(e)
             groups[parent] = kept
@@ -728,7 +724,7 @@ class _Builder:
 
 
 def header_offsets(files: Sequence[FileMetadata]) -> list[int]:
-    """The derived tar header offset of each entry (spec/soci.md §1.1), in the input order.
+    """The derived tar header offset of each entry (docs/format.md), in the input order.
 
     In offset order, the first entry's header starts at 0 and each later one at the 512-aligned
     end of the previous entry's data.
@@ -768,7 +764,7 @@ def build_tree(files: Sequence[FileMetadata], *, userxattr: bool = False) -> Lay
             not earlier in the layer or is a directory, a parent path that is not a directory,
             an unsupported type, a malformed mod_time or inconsistent offsets.
     """
-    builder = _Builder(USER_OPAQUE_XATTR if userxattr else TRUSTED_OPAQUE_XATTR)
+    builder = _Builder(opaque_xattr(userxattr).encode())
     for meta, hdr_off in zip(files, header_offsets(files), strict=True):
         builder.add(meta, hdr_off)
     return builder.finish()

@@ -3,7 +3,7 @@
 Before a regular file's first read, the host reads the header blocks `[header start, data
 start)` through the layer reader (so they are digest-checked like any span) and requires that
 they parse as exactly one tar member whose name, type, size, mtime, mode, uid, gid and
-`SCHILY.xattr.*` records match the tree (spec/soci.md §5.6, read path). A zTOC that points
+`SCHILY.xattr.*` records match the tree (docs/format.md). A zTOC that points
 into the wrong bytes therefore gives EIO instead of wrong file contents.
 
 The header is compared with what that header recorded (`LayerTree.header_attr`), not with the
@@ -16,20 +16,10 @@ from __future__ import annotations
 import io
 import stat
 import tarfile
-from decimal import Decimal, InvalidOperation
 
+from index.applyrules import archive_xattrs, clean_path, tar_times_ns
 from snapshotter.fs.errors import HeaderMismatch
-from snapshotter.fs.tree import LayerTree, NodeId, archive_xattrs, clean_name
-
-
-def _mtime_ns(info: tarfile.TarInfo) -> int:
-    raw = info.pax_headers.get("mtime")
-    if raw is not None:
-        try:
-            return int(Decimal(raw) * 1_000_000_000)
-        except InvalidOperation:
-            pass
-    return int(info.mtime) * 1_000_000_000
+from snapshotter.fs.tree import LayerTree, NodeId
 
 
 def check_header(header: bytes, tree: LayerTree, node: NodeId, layer: str) -> None:
@@ -58,12 +48,16 @@ def check_header(header: bytes, tree: LayerTree, node: NodeId, layer: str) -> No
         )
     attr = tree.attr(node)
     recorded = tree.header_attr(node)
+    try:
+        mtime_ns = tar_times_ns(info.pax_headers, info.mtime)[1]
+    except ValueError as e:
+        raise HeaderMismatch(f"{where}: tar header mtime does not parse: {e}") from e
     got_xattrs = archive_xattrs(info.pax_headers, stat.S_IFREG)
     checks: list[tuple[str, object, object]] = [
-        ("name", clean_name(info.name), path),
+        ("name", clean_path(info.name), path),
         ("type", info.isreg(), stat.S_ISREG(attr.mode)),
         ("size", info.size, attr.size),
-        ("mtime", _mtime_ns(info), recorded.mtime_ns),
+        ("mtime", mtime_ns, recorded.mtime_ns),
         ("mode", info.mode & 0o7777, recorded.perm),
         ("uid", info.uid, recorded.uid),
         ("gid", info.gid, recorded.gid),

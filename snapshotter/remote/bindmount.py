@@ -1,4 +1,4 @@
-"""Bind mounts of FUSE layer subtrees onto snapshot `fs` directories, and mount lookups.
+"""Bind mounts of FUSE layer subtrees onto snapshot `fs` directories, and their removal.
 
 Each call is a blocking syscall or file read. Paths inside the daemon's own FUSE mount
 must never be touched from the trio thread that serves that mount (the kernel would wait
@@ -11,8 +11,9 @@ import ctypes
 import ctypes.util
 import errno
 import os
-from dataclasses import dataclass
 from pathlib import Path
+
+from snapshotter.mountinfo import mounts_under
 
 MS_BIND = 4096
 MS_REC = 16384
@@ -27,53 +28,6 @@ _libc.mount.argtypes = [
     ctypes.c_void_p,
 ]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-
-
-@dataclass(frozen=True, slots=True)
-class MountEntry:
-    """One line of `/proc/self/mountinfo`: `root` is the path inside the source filesystem."""
-
-    mount_id: int
-    root: str
-    mountpoint: str
-    fstype: str
-
-
-def _unescape(field: str) -> str:
-    return (
-        field.encode().decode("unicode_escape").encode("latin-1").decode("utf-8", "surrogateescape")
-    )
-
-
-def mount_table() -> list[MountEntry]:
-    """The mounts of this process's namespace, in mount order. Raises OSError."""
-    out: list[MountEntry] = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            out.append(
-                MountEntry(
-                    int(fields[0]), _unescape(fields[3]), _unescape(fields[4]), fields[sep + 1]
-                )
-            )
-    return out
-
-
-def mounts_under(base: Path) -> list[MountEntry]:
-    """Mounts at or below `base`, deepest (latest) first. Raises OSError."""
-    prefix = os.path.abspath(base)
-    found = [
-        m for m in mount_table() if m.mountpoint == prefix or m.mountpoint.startswith(prefix + "/")
-    ]
-    return list(reversed(found))
-
-
-def mount_at(path: Path) -> MountEntry | None:
-    """The topmost mount whose mountpoint is exactly `path`, or None. Raises OSError."""
-    target = os.path.abspath(path)
-    found = [m for m in mount_table() if m.mountpoint == target]
-    return found[-1] if found else None
 
 
 def bind(source: Path, target: Path) -> None:
@@ -99,7 +53,8 @@ def detach(target: Path) -> bool:
 def detach_all_under(base: Path) -> int:
     """Lazily unmount every mount at or below `base`, deepest first; returns how many.
 
-    Errors on single mounts are ignored (a later pass or the caller notices).
+    Errors on single mounts are ignored (a later pass or the caller notices); raises
+    `OSError`/`ValueError` only when `/proc/self/mountinfo` cannot be read or parsed.
     """
     count = 0
     for entry in mounts_under(base):

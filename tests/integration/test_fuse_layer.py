@@ -25,8 +25,16 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.fs.fuse import cleanup_stale_mount, is_mounted
-from tests.support.fuselayers import FuseServer, LayerBlob, fuse_server
+from snapshotter.fs.fuse import cleanup_stale_mount
+from snapshotter.mountinfo import is_mountpoint
+from snapshotter.remote.apply import apply_tar, decompressed
+from tests.support.fuselayers import (
+    MEDIA_LAYER_GZIP,
+    FuseServer,
+    LayerBlob,
+    fuse_server,
+    read_dir_raw,
+)
 from tests.support.images import (
     BlockDev,
     CharDev,
@@ -41,6 +49,7 @@ from tests.support.images import (
     Whiteout,
     write_layer,
 )
+from tests.support.treecompare import Tree, assert_same_tree, scan_tree
 
 pytestmark = pytest.mark.root
 
@@ -349,7 +358,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, layers: list[Layer]) -> Ite
     with fuse_server(work, specs) as srv:
         yield srv
     assert srv.proc.poll() is not None
-    assert not is_mounted(srv.mountpoint)
+    assert not is_mountpoint(srv.mountpoint)
 
 
 def test_each_layer_matches_its_tar(server: FuseServer, layers: list[Layer]) -> None:
@@ -422,7 +431,7 @@ def test_overlay_merge_matches_whiteout_extraction(
         assert (upper / "etc/passwd").read_bytes() == b"copied up\n"
     finally:
         subprocess.run(["umount", str(merged)], check=False, capture_output=True)
-    assert not is_mounted(merged)
+    assert not is_mountpoint(merged)
 
 
 def test_concurrent_reads_give_the_same_bytes(server: FuseServer, layers: list[Layer]) -> None:
@@ -473,10 +482,10 @@ def test_server_killed_mount_is_cleaned(layers: list[Layer], tmp_path: Path) -> 
         assert (srv.mountpoint / "upper/etc/group").read_bytes() == b"wheel:x:10:\n"
         srv.proc.send_signal(signal.SIGKILL)
         srv.proc.wait(timeout=30)
-        assert is_mounted(srv.mountpoint)  # a dead FUSE mount stays until cleaned
+        assert is_mountpoint(srv.mountpoint)  # a dead FUSE mount stays until cleaned
         raise RuntimeError("boom")
     assert srv.proc.poll() is not None
-    assert not is_mounted(srv.mountpoint)
+    assert not is_mountpoint(srv.mountpoint)
     assert cleanup_stale_mount(srv.mountpoint) is False
 
 
@@ -487,9 +496,9 @@ def test_clean_shutdown_unmounts(layers: list[Layer], tmp_path: Path) -> None:
         srv.proc.wait(timeout=30)
         assert srv.proc.returncode == 0, srv.log()
         deadline = time.monotonic() + 10
-        while is_mounted(srv.mountpoint) and time.monotonic() < deadline:
+        while is_mountpoint(srv.mountpoint) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not is_mounted(srv.mountpoint), "the server unmounts on SIGTERM"
+        assert not is_mountpoint(srv.mountpoint), "the server unmounts on SIGTERM"
 
 
 def test_remove_and_readd_layer_while_mounted(layers: list[Layer], tmp_path: Path) -> None:
@@ -522,3 +531,100 @@ def test_remove_and_readd_layer_while_mounted(layers: list[Layer], tmp_path: Pat
         status = json.loads(status_path.read_text())
         assert status["bytesServed"] == len(b"wheel:x:10:\n") and served_before == 0
         assert srv.control([{"remove": "nope"}])[0].startswith("error: NotFound")
+
+
+# -- the lazy layer against the same layer unpacked on ext4 by the local applier -----------------
+
+LAYER_NAMES = ("lower", "middle", "upper")
+
+
+@pytest.fixture(scope="module")
+def applied(tmp_path_factory: pytest.TempPathFactory, layers: list[Layer]) -> dict[str, Path]:
+    """Each layer applied on its own by `snapshotter.remote.apply` into an ext4 directory."""
+    base = tmp_path_factory.mktemp("applied")
+    out: dict[str, Path] = {}
+    for name, layer in zip(LAYER_NAMES, layers, strict=True):
+        dest = base / name
+        dest.mkdir()
+        with decompressed(layer.path, MEDIA_LAYER_GZIP) as stream:
+            apply_tar(stream, dest)
+        out[name] = dest
+    return out
+
+
+def _whiteout_times_zeroed(tree: Tree) -> Tree:
+    """containerd creates a whiteout device at unpack time (no mtime from the tar); the lazy
+    tree reports 0. Everything else about whiteouts is compared."""
+    nodes = {
+        p: replace(n, mtime_ns=0) if n.kind == "char" and n.rdev == (0, 0) else n
+        for p, n in tree.nodes.items()
+    }
+    return Tree(root=tree.root, nodes=nodes)
+
+
+def test_local_applier_matches_lazy_layer(
+    server: FuseServer, applied: dict[str, Path], layers: list[Layer]
+) -> None:
+    for name in LAYER_NAMES:
+        local = _whiteout_times_zeroed(scan_tree(applied[name]))
+        lazy = _whiteout_times_zeroed(scan_tree(server.mountpoint / name))
+        assert_same_tree(local, lazy)
+    assert stat.S_ISCHR(os.lstat(applied["middle"] / "etc/group").st_mode)
+
+
+def _dir_listings(root: Path) -> dict[str, list[bytes]]:
+    """`readdir` names (`.` and `..` included) of every directory below `root`, sorted."""
+    out: dict[str, list[bytes]] = {}
+    for dirpath, _, _ in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        out[rel] = sorted(name for name, _, _ in read_dir_raw(Path(dirpath)))
+    return out
+
+
+def test_dot_and_dotdot_are_listed_as_on_ext4(
+    server: FuseServer, applied: dict[str, Path], tmp_path: Path
+) -> None:
+    """`ls -a` in a lazy layer shows `.` and `..` like the same layer on ext4, directly and
+    through overlayfs, with the right inode numbers and offsets that resume anywhere."""
+    for name in LAYER_NAMES:
+        lazy = _dir_listings(server.mountpoint / name)
+        assert lazy == _dir_listings(applied[name])
+        assert all(names[:2] == [b".", b".."] for names in lazy.values())
+    ls = subprocess.run(
+        ["ls", "-a1f", str(server.mountpoint / "lower/etc")], capture_output=True, check=True
+    )
+    assert ls.stdout.split(b"\n")[:2] == [b".", b".."]
+
+    for directory, parent in (
+        (server.mountpoint, server.mountpoint),  # the filesystem root is its own parent
+        (server.mountpoint / "lower", server.mountpoint),
+        (server.mountpoint / "lower/etc", server.mountpoint / "lower"),
+        (server.mountpoint / "lower/etc/secret", server.mountpoint / "lower/etc"),
+    ):
+        listing = read_dir_raw(directory)
+        inodes = {name: ino for name, ino, _ in listing}
+        assert inodes[b"."] == os.stat(directory).st_ino
+        assert inodes[b".."] == os.stat(parent).st_ino
+        for i, (_, _, off) in enumerate(listing):
+            assert read_dir_raw(directory, off) == listing[i + 1 :]
+
+    def overlay(lowers: list[Path], target: Path) -> None:
+        target.mkdir()
+        options = "lowerdir=" + ":".join(map(str, lowers))
+        subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", options, str(target)],
+            check=True,
+            capture_output=True,
+        )
+
+    lazy_view, local_view = tmp_path / "lazy", tmp_path / "local"
+    overlay([server.mountpoint / n for n in reversed(LAYER_NAMES)], lazy_view)
+    try:
+        overlay([applied[n] for n in reversed(LAYER_NAMES)], local_view)
+        try:
+            assert _dir_listings(lazy_view) == _dir_listings(local_view)
+            assert read_dir_raw(lazy_view / "usr/bin")[0][0] in (b".", b"..")
+        finally:
+            subprocess.run(["umount", str(local_view)], check=False, capture_output=True)
+    finally:
+        subprocess.run(["umount", str(lazy_view)], check=False, capture_output=True)

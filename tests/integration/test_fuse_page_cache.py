@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.fs.fuse import READ_AHEAD_KB, mount_device
+from snapshotter.fs.fuse import READ_AHEAD_KB
+from snapshotter.mountinfo import mount_at
 from tests.support.fuselayers import FuseServer, LayerBlob, fuse_server
 from tests.support.images import File, write_layer
 
@@ -59,8 +60,10 @@ def random_pass(path: Path, offsets: list[int]) -> bytes:
 
 
 def test_read_ahead_is_raised_at_mount(server: FuseServer) -> None:
-    dev = mount_device(server.mountpoint)
-    assert dev is not None and dev.startswith("0:")
+    mount = mount_at(server.mountpoint)
+    assert mount is not None and mount.fstype == "fuse.sociable"
+    dev = mount.device
+    assert dev.startswith("0:")
     assert int(Path(f"/sys/class/bdi/{dev}/read_ahead_kb").read_text()) == READ_AHEAD_KB
 
 

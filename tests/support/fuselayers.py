@@ -16,6 +16,8 @@ through `FuseMount` and writes ``<ready_file>.ack`` with their results.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gzip
 import json
 import os
@@ -42,6 +44,7 @@ from index.model import (
     UncompressedOffset,
     Ztoc,
 )
+from index.tartime import format_mod_time, parse_pax_time
 from index.zinfo import build_gzip_checkpoints
 
 MEDIA_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -59,26 +62,60 @@ _TYPES = {
 }
 
 
-def mod_time_text(ns: int) -> str:
-    """Nanoseconds since the epoch as Go's `time.MarshalText` writes them in UTC."""
-    seconds, nanos = divmod(ns, 1_000_000_000)
-    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-    if nanos:
-        text += "." + f"{nanos:09d}".rstrip("0")
-    return text + "Z"
-
-
-def _mtime_ns(info: tarfile.TarInfo) -> int:
+def _mod_time(info: tarfile.TarInfo) -> str:
+    """The zTOC `mod_time` of a member: its PAX mtime parsed exactly, as the builder does."""
     raw = info.pax_headers.get("mtime")
-    if raw is not None:
-        from decimal import Decimal
+    if raw is None:
+        return format_mod_time(int(info.mtime))
+    return format_mod_time(*parse_pax_time(raw.encode("utf-8", "surrogateescape")))
 
-        return int(Decimal(raw) * 1_000_000_000)
-    return int(info.mtime) * 1_000_000_000
+
+def read_dir_raw(path: Path, offset: int = 0) -> list[tuple[bytes, int, int]]:
+    """`(name, d_ino, d_off)` of every entry `readdir(3)` returns for directory `path`, `.` and
+    `..` included (unlike `os.scandir`), starting at `offset` (0, or a `d_off` returned
+    earlier: `seekdir`). Raises `OSError`."""
+    with os.scandir(path):  # a clear OSError for a path that is not a readable directory
+        pass
+    dirp = _libc.opendir(os.fsencode(path))
+    if not dirp:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+    try:
+        if offset:
+            _libc.seekdir(dirp, offset)
+        out = []
+        while True:
+            ent = _libc.readdir(dirp)
+            if not ent:
+                break
+            d = ent.contents
+            out.append((d.d_name, d.d_ino, d.d_off))
+        return out
+    finally:
+        _libc.closedir(dirp)
+
+
+class _Dirent(ctypes.Structure):
+    _fields_ = (
+        ("d_ino", ctypes.c_uint64),
+        ("d_off", ctypes.c_int64),
+        ("d_reclen", ctypes.c_ushort),
+        ("d_type", ctypes.c_ubyte),
+        ("d_name", ctypes.c_char * 256),
+    )
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.opendir.restype = ctypes.c_void_p
+_libc.opendir.argtypes = (ctypes.c_char_p,)
+_libc.readdir.restype = ctypes.POINTER(_Dirent)
+_libc.readdir.argtypes = (ctypes.c_void_p,)
+_libc.seekdir.argtypes = (ctypes.c_void_p, ctypes.c_long)
+_libc.closedir.argtypes = (ctypes.c_void_p,)
 
 
 def entries_from_tar(path: Path) -> tuple[list[FileMetadata], int]:
-    """zTOC entries of an uncompressed tar file, and the tar-reader EOF offset (spec §1.3)."""
+    """zTOC entries of an uncompressed tar file, and the tar-reader EOF offset."""
     entries: list[FileMetadata] = []
     with tarfile.open(path, mode="r:", errors="surrogateescape") as tf:
         for info in tf:
@@ -99,7 +136,7 @@ def entries_from_tar(path: Path) -> tuple[list[FileMetadata], int]:
                     gid=info.gid,
                     uname=info.uname,
                     gname=info.gname,
-                    mod_time=mod_time_text(_mtime_ns(info)),
+                    mod_time=_mod_time(info),
                     devmajor=info.devmajor,
                     devminor=info.devminor,
                     xattrs=dict(sorted(info.pax_headers.items())),
@@ -189,7 +226,8 @@ def fuse_server(
 
     Raises `RuntimeError` (with the child's log) if it does not come up within `timeout_s`.
     """
-    from snapshotter.fs.fuse import cleanup_stale_mount, is_mounted
+    from snapshotter.fs.fuse import cleanup_stale_mount
+    from snapshotter.mountinfo import is_mountpoint
 
     mountpoint = workdir / "mnt"
     mountpoint.mkdir(parents=True, exist_ok=True)
@@ -222,7 +260,7 @@ def fuse_server(
     server = FuseServer(mountpoint, proc, log_path)
     try:
         deadline = time.monotonic() + timeout_s
-        while not (ready.exists() and is_mounted(mountpoint)):
+        while not (ready.exists() and is_mountpoint(mountpoint)):
             if proc.poll() is not None:
                 raise RuntimeError(f"FUSE server exited with {proc.returncode}:\n{server.log()}")
             if time.monotonic() > deadline:

@@ -1,7 +1,8 @@
 """Generated tar archives and gzip blobs for the zinfo / extract / builder tests.
 
 `TarEntrySpec` lists describe an archive; `make_tar` writes it with `tarfile` (PAX format, so
-long names, unicode and big ids work); `compress` turns a tar into a gzip blob with one of
+long names, unicode and big ids work); `member` and `members_tar` write hand-made members
+(any name, PAX records, metadata) for the applier tests; `compress` turns a tar into a gzip blob with one of
 several compressors (Python gzip levels, the `gzip` and `pigz` commands, multi-member splits).
 Everything is deterministic for a given spec.
 """
@@ -16,7 +17,7 @@ import subprocess
 import tarfile
 import zlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 EntryKind = Literal["reg", "dir", "symlink", "hardlink", "fifo", "char", "block"]
 ContentKind = Literal["random", "text", "zeros", "mixed"]
@@ -91,6 +92,30 @@ def make_tar(entries: list[TarEntrySpec], fmt: int = tarfile.PAX_FORMAT) -> byte
             data = spec.data()
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data) if data else None)
+    return buf.getvalue()
+
+
+def member(name: str, kind: bytes = tarfile.REGTYPE, **fields: Any) -> tarfile.TarInfo:
+    """A tar member called `name` (kept as given, `..` and all): mode 0755 for directories,
+    else 0644, mtime 1700000000, no owner names; `fields` set any other `TarInfo` attribute
+    (`uid`, `linkname`, `pax_headers`, ...)."""
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = fields.pop("mode", 0o755 if kind == tarfile.DIRTYPE else 0o644)
+    info.mtime = fields.pop("mtime", 1_700_000_000)
+    info.uname = info.gname = ""
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info
+
+
+def members_tar(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    """A PAX tar of `(member, data)` pairs; a regular member's size is its data's length."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for info, data in members:
+            info.size = len(data) if info.isreg() else 0
+            tf.addfile(info, io.BytesIO(data) if info.isreg() else None)
     return buf.getvalue()
 
 

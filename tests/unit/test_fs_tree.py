@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from index.applyrules import archive_xattrs, clean_path
 from index.model import EntryType, FileMetadata, UncompressedOffset
 from snapshotter.fs.errors import (
     BadHandle,
@@ -36,7 +37,6 @@ from snapshotter.fs.errors import (
 from snapshotter.fs.host import (
     STATE_DIR_NAME,
     STATUS_FILE_NAME,
-    Attr,
     LayerHost,
     default_slot,
 )
@@ -44,12 +44,11 @@ from snapshotter.fs.inodes import FUSE_ROOT_INODE, node_inode, split_inode
 from snapshotter.fs.readers import LocalBlobReader, LocalTarReader
 from snapshotter.fs.tree import (
     ROOT_NODE,
+    Attr,
     HeaderAttr,
     LayerTree,
     NodeId,
-    archive_xattrs,
     build_tree,
-    clean_name,
     header_offsets,
     parse_rfc3339_ns,
 )
@@ -119,10 +118,25 @@ def resolve(tree: LayerTree, path: str) -> NodeId:
         ("/", ""),
         ("a/./b/../c", "a/c"),
         ("../../x", "x"),
+        ("a/../../b", "b"),
+        ("..", ""),
+        ("../", ""),
     ],
 )
-def test_clean_name(raw: str, clean: str) -> None:
-    assert clean_name(raw) == clean
+def test_clean_path(raw: str, clean: str) -> None:
+    """One rule for `..`, containerd's: it stops at the layer root."""
+    assert clean_path(raw) == clean
+
+
+def test_dotdot_names_stay_inside_the_layer() -> None:
+    tree = tree_of(
+        fm("../../etc/escaped", size=3),
+        fm("a/../../../b", EntryType.DIR),
+        fm("../", EntryType.DIR, mode=0o700, uid=9),
+    )
+    assert set(walk(tree)) == {"etc", "etc/escaped", "b"}
+    root = tree.attr(ROOT_NODE)
+    assert root.mode == stat.S_IFDIR | 0o755 and root.uid == 0
 
 
 def test_parse_rfc3339_keeps_nanoseconds_and_offsets() -> None:
@@ -165,10 +179,12 @@ def test_implicit_parents_then_explicit_dir_overrides() -> None:
     assert tree.attr(resolve(tree, "a/b/c")).uid == 7
 
 
-def test_root_entry_sets_root_attributes() -> None:
-    tree = tree_of(fm("./", EntryType.DIR, mode=0o750, uid=3), fm("f"))
+def test_root_entry_is_ignored_as_containerd_does() -> None:
+    records = {"SCHILY.xattr.user.x": "v"}
+    tree = tree_of(fm("./", EntryType.DIR, mode=0o750, uid=3, xattrs=records), fm("f"))
     root = tree.attr(ROOT_NODE)
-    assert root.mode == stat.S_IFDIR | 0o750 and root.uid == 3
+    assert (root.mode, root.uid, root.mtime_ns) == (stat.S_IFDIR | 0o755, 0, 0)
+    assert tree.listxattr(ROOT_NODE) == ()
     assert set(walk(tree)) == {"f"}
 
 
@@ -652,6 +668,41 @@ async def test_reader_failure_is_layer_read_error(
     assert "missing.tar" in (host.status("gone").last_error or "")
 
 
+def _listing_from(host: LayerHost, fh: int, offset: int) -> list[tuple[bytes, int, int]]:
+    return [(x.name, x.attr.inode, x.next_offset) for x in host.readdir(fh, offset)]
+
+
+def test_readdir_lists_dot_and_dotdot_with_stable_offsets(
+    tar_layer: tuple[Path, list[FileMetadata]],
+) -> None:
+    """Every directory lists `.` (itself) and `..` (its parent) first, as ext4 does; a listing
+    resumed at any offset it handed out continues exactly where the full listing goes on."""
+    path, entries = tar_layer
+    host = LayerHost()
+    host.add_layer("a", build_tree(entries), LocalTarReader(path), slot=5)
+    layer_root = host.lookup(FUSE_ROOT_INODE, b"a").inode
+    etc = host.lookup(layer_root, b"etc").inode
+    state = host.lookup(layer_root, STATE_DIR_NAME).inode
+    expected_dots = {
+        FUSE_ROOT_INODE: (FUSE_ROOT_INODE, FUSE_ROOT_INODE),
+        layer_root: (layer_root, FUSE_ROOT_INODE),
+        etc: (etc, layer_root),
+        state: (state, layer_root),
+    }
+    for directory, (own, parent) in expected_dots.items():
+        fh = host.opendir(directory)
+        full = _listing_from(host, fh, 0)
+        assert [(name, ino) for name, ino, _ in full[:2]] == [(b".", own), (b"..", parent)]
+        assert [off for _, _, off in full[:2]] == [1, 2]
+        assert len({off for _, _, off in full}) == len(full)
+        for i, (_, _, off) in enumerate(full):
+            assert _listing_from(host, fh, off) == full[i + 1 :]
+        host.releasedir(fh)
+    fh = host.opendir(etc)
+    names = [name for name, _, _ in _listing_from(host, fh, 0)]
+    assert names[2:] == sorted(names[2:]) and b"hosts" in names
+
+
 def test_host_layout_state_dir_and_errors(tar_layer: tuple[Path, list[FileMetadata]]) -> None:
     path, entries = tar_layer
     host = LayerHost()
@@ -669,8 +720,8 @@ def test_host_layout_state_dir_and_errors(tar_layer: tuple[Path, list[FileMetada
     assert stat.S_ISDIR(root.mode) and root.nlink == 4
     fh = host.opendir(FUSE_ROOT_INODE)
     listing = list(host.readdir(fh, 0))
-    assert [x.name for x in listing] == [b"b", b"a"]  # slot order
-    assert [x.name for x in host.readdir(fh, listing[0].next_offset)] == [b"a"]
+    assert [x.name for x in listing] == [b".", b"..", b"b", b"a"]  # then slot order
+    assert [x.name for x in host.readdir(fh, listing[2].next_offset)] == [b"a"]
     host.releasedir(fh)
     with pytest.raises(BadHandle):
         host.releasedir(fh)

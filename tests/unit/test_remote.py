@@ -1,13 +1,9 @@
-"""Unit tests of snapshotter.remote: labels, discovery order, local unpack, CRI wire format."""
+"""Unit tests of snapshotter.remote: labels, discovery order, CRI wire format (the local
+applier: test_apply.py)."""
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import os
-import stat
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +17,8 @@ from index.oci.reference import Reference
 from index.store import LocalStore
 from snapshotter.cri.pull import decode_pull_response, encode_pull_request
 from snapshotter.remote import labels as L
-from snapshotter.remote.apply import apply_tar
 from snapshotter.remote.discovery import DiscoveryModes, find_index_digest
-from snapshotter.remote.errors import BadLabels, IndexFetchError, NoIndex, UnpackError
+from snapshotter.remote.errors import BadLabels, IndexFetchError, NoIndex
 from snapshotter.remote.records import LayerRecord, layer_name
 from tests.support.containerd import cri_message
 
@@ -127,73 +122,3 @@ def test_cri_wire_format_matches_protobuf() -> None:
     answer = cri_message("PullImageResponse")(image_ref="sha256:" + "a" * 64).SerializeToString()
     assert decode_pull_response(answer) == "sha256:" + "a" * 64
     assert decode_pull_response(b"") == ""
-
-
-def make_tar(entries: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for info, data in entries:
-            info.size = len(data) if info.isreg() else 0
-            tf.addfile(info, io.BytesIO(data) if info.isreg() else None)
-    return buf.getvalue()
-
-
-def entry(name: str, kind: bytes = tarfile.REGTYPE, **kw: Any) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.mode = kw.pop("mode", 0o755 if kind == tarfile.DIRTYPE else 0o644)
-    info.mtime = kw.pop("mtime", 1_700_000_000)
-    for k, v in kw.items():
-        setattr(info, k, v)
-    return info
-
-
-@pytest.mark.root
-def test_apply_tar_converts_whiteouts(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("PREREQUISITE MISSING: root (mknod, chown, trusted.* xattrs)")
-    x = entry("d/x.txt", uid=1234, gid=99, mode=0o4750)
-    x.pax_headers = {"SCHILY.xattr.user.test": "v"}
-    data = make_tar(
-        [
-            (entry("d", tarfile.DIRTYPE), b""),
-            (x, b"hello\n"),
-            (entry("d/link", tarfile.LNKTYPE, linkname="d/x.txt"), b""),
-            (entry("d/sym", tarfile.SYMTYPE, linkname="x.txt"), b""),
-            (entry("d/fifo", tarfile.FIFOTYPE), b""),
-            (entry("d/null", tarfile.CHRTYPE, devmajor=1, devminor=3), b""),
-            (entry("d/.wh.gone"), b""),
-            (entry("o/.wh..wh..opq"), b""),
-            (entry("o/new"), b"n"),
-        ]
-    )
-    root = tmp_path / "fs"
-    root.mkdir()
-    assert apply_tar(io.BytesIO(data), root) == "sha256:" + hashlib.sha256(data).hexdigest()
-    st = os.lstat(root / "d/x.txt")
-    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 99, 0o4750)
-    assert st.st_nlink == 2 and os.lstat(root / "d/link").st_ino == st.st_ino
-    assert os.getxattr(root / "d/x.txt", "user.test") == b"v"
-    assert int(st.st_mtime) == 1_700_000_000
-    assert os.readlink(root / "d/sym") == "x.txt"
-    assert stat.S_ISFIFO(os.lstat(root / "d/fifo").st_mode)
-    assert os.lstat(root / "d/null").st_rdev == os.makedev(1, 3)
-    gone = os.lstat(root / "d/gone")
-    assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == 0
-    assert not (root / "d/.wh.gone").exists()
-    assert os.getxattr(root / "o", "trusted.overlay.opaque") == b"y"
-    assert not (root / "o/.wh..wh..opq").exists() and (root / "o/new").read_bytes() == b"n"
-
-
-def test_apply_tar_refuses_escapes(tmp_path: Path) -> None:
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    for entries in (
-        [(entry("../evil"), b"x")],
-        [(entry("a", tarfile.SYMTYPE, linkname=str(outside)), b""), (entry("a/evil"), b"x")],
-    ):
-        root = tmp_path / f"fs{len(entries)}"
-        root.mkdir()
-        with pytest.raises(UnpackError, match=r"outside|escapes"):
-            apply_tar(io.BytesIO(make_tar(entries)), root)
-    assert list(outside.iterdir()) == []
