@@ -33,6 +33,7 @@ import trio
 from index.builder import build_ztoc
 from index.digest import Digest
 from index.model import DEFAULT_SPAN_SIZE, UncompressedOffset, Ztoc
+from index.oci.client import AsyncRegistryClient
 from index.oci.reference import Reference
 from index.oci.registry import RegistryClient
 from snapshotter.fs.readers import LayerReader, LocalBlobReader
@@ -151,11 +152,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             repo = "bench/remote-read"
             with RegistryClient() as client:
                 client.push_blob(Reference.parse(f"{registry.host}/{repo}"), blob, MEDIA_LAYER_GZIP)
-                source = RegistrySource(client, Reference.parse(f"{registry.host}/{repo}"))
                 pipelined = not args.no_pipeline
 
                 def remote(cache_dir: Path) -> MakeReader:
                     def make(nursery: trio.Nursery) -> LayerReader:
+                        # One async client per trio.run (its connections belong to that run);
+                        # the process ends soon after, so it is not closed explicitly.
+                        source = RegistrySource(
+                            AsyncRegistryClient(), Reference.parse(f"{registry.host}/{repo}")
+                        )
                         return RemoteLayerReader(
                             digest,
                             ztoc,
