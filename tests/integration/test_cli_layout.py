@@ -291,3 +291,18 @@ def test_convert_platform_selection(tmp_path: Path) -> None:
         check=False,
     )
     assert missing.returncode == 1 and "no manifest for linux/s390x" in missing.stderr
+
+
+def test_failed_convert_records_nothing(source_layout: images.Image, tmp_path: Path) -> None:
+    """A convert whose destination cannot be written leaves `index list` as it was."""
+    root = tmp_path / "root"
+    src = f"oci-layout:{source_layout.layout}:v1"
+    sociable("create", "--min-layer-size", "0", src, root=root)
+    before = sociable("index", "list", "-q", root=root).stdout
+    assert len(before.split()) == 1
+    for dst in ("127.0.0.1:9/nobody/app:soci", "oci-layout:/proc/sociable-cannot-write:soci"):
+        r = sociable("-q", "convert", "--min-layer-size", "0", src, dst, root=root, check=False)
+        assert r.returncode != 0
+        [line] = r.stderr.splitlines()
+        assert "127.0.0.1:9" in line or "/proc/sociable-cannot-write" in line, line
+        assert sociable("index", "list", "-q", root=root).stdout == before
