@@ -12,9 +12,15 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # imported where used: loading the config needs no trio
+    from snapshotter.lazy.background import BackgroundConfig
+    from snapshotter.lazy.cache import CacheConfig
+    from snapshotter.lazy.reader import ReadConfig
+    from snapshotter.lazy.sources import FetchConfig
 
 DEFAULT_CONFIG_PATH = Path("/etc/sociable/config.toml")
 DEFAULT_ADDRESS = "/run/sociable/sociable.sock"
@@ -151,6 +157,80 @@ class RemoteConfig:
         default=64 * 1024 * 1024,
         metadata=_doc("Background fetch rate limit in bytes per second; 0 = unlimited."),
     )
+    background_step_bytes: int = field(
+        default=8 * 1024 * 1024,
+        metadata=_doc("Most compressed bytes one background fetch request takes."),
+    )
+    background_error_backoff_sec: float = field(
+        default=30.0,
+        metadata=_doc("After a failed background step, seconds before that layer is tried again."),
+    )
+    max_request_bytes: int = field(
+        default=16 * 1024 * 1024,
+        metadata=_doc("Largest Range request a read's missing spans are coalesced into, in bytes."),
+    )
+    readahead_spans: int = field(
+        default=4,
+        metadata=_doc("Spans fetched ahead of a sequential reader (per layer); 0 = no read-ahead."),
+    )
+    memory_cache_spans: int = field(
+        default=8, metadata=_doc("Inflated spans kept in memory per mounted layer.")
+    )
+    inflate_threads: int = field(
+        default=0, metadata=_doc("Threads inflating spans, all layers together; 0 = CPU count.")
+    )
+    fetch_max_attempts: int = field(
+        default=4,
+        metadata=_doc("Tries of one Range request at one source (transient errors, bad bytes)."),
+    )
+    fetch_backoff_initial_ms: int = field(
+        default=50, metadata=_doc("Delay before the first retry; doubles per retry, jittered.")
+    )
+    fetch_backoff_max_ms: int = field(
+        default=2000, metadata=_doc("Longest delay between retries of a Range request.")
+    )
+
+    def read_config(self) -> ReadConfig:
+        """The read-path settings. Raises ValueError for values `ReadConfig` rejects."""
+        from snapshotter.lazy.reader import ReadConfig
+
+        return ReadConfig(
+            max_request_bytes=self.max_request_bytes,
+            readahead_spans=self.readahead_spans,
+            memory_cache_spans=self.memory_cache_spans,
+            inflate_threads=self.inflate_threads,
+        )
+
+    def background_config(self) -> BackgroundConfig:
+        """The background fetch settings. Raises ValueError for values it rejects."""
+        from snapshotter.lazy.background import BackgroundConfig
+
+        return BackgroundConfig(
+            enabled=self.background_fetch,
+            quiet_period_ms=self.background_quiet_period_ms,
+            rate_bytes_per_sec=self.background_rate_bytes_per_sec,
+            step_bytes=self.background_step_bytes,
+            error_backoff_sec=self.background_error_backoff_sec,
+        )
+
+    def fetch_config(self) -> FetchConfig:
+        """The registry fetch settings. Raises ValueError for values it rejects."""
+        from snapshotter.lazy.sources import FetchConfig
+
+        return FetchConfig(
+            max_attempts=self.fetch_max_attempts,
+            backoff_initial_ms=self.fetch_backoff_initial_ms,
+            backoff_max_ms=self.fetch_backoff_max_ms,
+            request_timeout_sec=self.request_timeout_sec,
+        )
+
+    def cache_config(self) -> CacheConfig:
+        """The span cache settings. Raises ValueError for negative sizes."""
+        from snapshotter.lazy.cache import CacheConfig
+
+        return CacheConfig(
+            max_bytes=self.cache_max_bytes, inflated_max_bytes=self.inflated_cache_max_bytes
+        )
 
 
 @dataclass(frozen=True)
@@ -210,6 +290,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("[remote] inflated_cache_max_bytes: must not be negative")
     if r.background_quiet_period_ms < 0:
         raise ConfigError("[remote] background_quiet_period_ms: must not be negative")
+    try:  # the read, fetch and background settings check their own values
+        r.read_config()
+        r.fetch_config()
+        r.background_config()
+    except ValueError as e:
+        raise ConfigError(f"[remote] {e}") from e
 
 
 def from_mapping(data: dict[str, Any]) -> Config:

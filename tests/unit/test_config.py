@@ -11,6 +11,7 @@ import pytest
 from snapshotter import config
 from snapshotter.configcheck import check_all, check_containerd, check_image_fs
 from snapshotter.errors import ConfigError
+from snapshotter.lazy import BackgroundConfig, ReadConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -100,6 +101,14 @@ def test_missing_default_file_means_defaults(
         ('[daemon]\nroot = "relative"\n', "absolute"),
         ('[daemon]\naddress = "tcp://x"\n', "address"),
         ("[daemon\n", "not valid TOML"),
+        ("[remote]\nmax_request_bytes = 0\n", "[remote] max_request_bytes must be positive"),
+        ("[remote]\nreadahead_spans = -1\n", "[remote] readahead_spans must not be negative"),
+        ("[remote]\nmemory_cache_spans = 0\n", "[remote] memory_cache_spans must be at least 1"),
+        ("[remote]\ninflate_threads = -2\n", "[remote] inflate_threads"),
+        ("[remote]\nfetch_max_attempts = 0\n", "[remote] max_attempts must be at least 1"),
+        ("[remote]\nfetch_backoff_max_ms = 1\n", "[remote] bad backoff"),
+        ("[remote]\nbackground_step_bytes = 0\n", "[remote] bad background fetch config"),
+        ("[remote]\nbackground_error_backoff_sec = -1\n", "[remote] error_backoff_sec"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -208,3 +217,31 @@ def test_check_all_reads_file(tmp_path: Path) -> None:
     assert check_all(config.Config(), config.DEFAULT_ADDRESS, tmp_path / "root", p) == []
     long_addr = "/" + "a" * 120
     assert any("longer than" in x for x in check_all(config.Config(), long_addr, tmp_path, p))
+
+
+def test_remote_keys_reach_the_read_fetch_and_background_settings(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text(
+        "[remote]\nmax_request_bytes = 1048576\nreadahead_spans = 0\nmemory_cache_spans = 2\n"
+        "inflate_threads = 3\nfetch_max_attempts = 2\nfetch_backoff_initial_ms = 10\n"
+        "fetch_backoff_max_ms = 20\nrequest_timeout_sec = 5\nbackground_fetch = false\n"
+        "background_quiet_period_ms = 7\nbackground_rate_bytes_per_sec = 0\n"
+        "background_step_bytes = 65536\nbackground_error_backoff_sec = 1.5\n"
+        "cache_max_bytes = 100\ninflated_cache_max_bytes = 0\n"
+    )
+    r = config.load(p).remote
+    read = r.read_config()
+    assert (read.max_request_bytes, read.readahead_spans) == (1048576, 0)
+    assert (read.memory_cache_spans, read.inflate_threads) == (2, 3)
+    fetch = r.fetch_config()
+    assert (fetch.max_attempts, fetch.backoff_initial_ms, fetch.backoff_max_ms) == (2, 10, 20)
+    assert fetch.request_timeout_sec == 5.0
+    bg = r.background_config()
+    assert (bg.enabled, bg.quiet_period_ms, bg.rate_bytes_per_sec) == (False, 7, 0)
+    assert (bg.step_bytes, bg.error_backoff_sec) == (65536, 1.5)
+    cache = r.cache_config()
+    assert (cache.max_bytes, cache.inflated_max_bytes) == (100, 0)
+    # the defaults are the library's defaults
+    d = config.Config().remote
+    assert d.read_config() == ReadConfig()
+    assert d.background_config() == BackgroundConfig(quiet_period_ms=10000)
