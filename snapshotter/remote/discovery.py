@@ -1,34 +1,51 @@
-"""Find an image's SOCI index and bring its zTOCs into the local store (spec/soci.md §3.5).
+"""Find an image's SOCI index and bring its zTOCs into the local store.
 
 Discovery order, fixed: the explicit `soci.index.digest` label; the v2 annotation
 `com.amazon.soci.index-digest` on the image manifest fetched from the registry by its
 digest; v1 referrers (referrers API, then the `sha256-<hex>` tag schema) when enabled;
 the local store's record of an index for that manifest. The index manifest and every zTOC
 are read from the local store when present, otherwise fetched from the image's repository
-(zTOCs in parallel, each verified by digest) and stored. Everything here is synchronous and
-runs in worker threads; the registry client and the store are thread-safe.
+(zTOCs concurrently, each verified by digest; the client's gate bounds how many requests
+are in flight) and stored. Registry reads are native trio I/O; local store calls (blocking
+file and sqlite I/O) run in worker threads under `STORE_THREADS`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import trio
 
 from index import manifest as soci_manifest
 from index.digest import Digest, DigestError
 from index.manifest import IndexManifestError, SociIndex, ZtocDescriptor
 from index.oci import mediatypes as mt
+from index.oci.client import AsyncRegistryClient
 from index.oci.errors import NotFoundError, OciError
 from index.oci.reference import Reference
-from index.oci.registry import RegistryClient
 from index.store import LocalStore, StoreError
 
 from .errors import IndexFetchError, NoIndex
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+STORE_THREADS = trio.CapacityLimiter(4)
+"""Worker threads for local store calls made by discovery (process-wide)."""
+
+
+async def _store(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)` (a blocking LocalStore call) in a worker thread under
+    STORE_THREADS."""
+    return await trio.to_thread.run_sync(
+        functools.partial(fn, *args, **kwargs), limiter=STORE_THREADS
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +68,11 @@ class ImageArtifacts:
     """How the index was found: `label`, `v2`, `v1` or `local`."""
 
 
-def _manifest_annotation(client: RegistryClient, ref: Reference, manifest: Digest) -> str | None:
+async def _manifest_annotation(
+    client: AsyncRegistryClient, ref: Reference, manifest: Digest
+) -> str | None:
     try:
-        _, data = client.get_manifest(ref, manifest)
+        _, data = await client.get_manifest(ref, manifest)
         doc = json.loads(data)
     except NotFoundError:
         return None
@@ -64,8 +83,8 @@ def _manifest_annotation(client: RegistryClient, ref: Reference, manifest: Diges
     return str(value) if value else None
 
 
-def find_index_digest(
-    client: RegistryClient,
+async def find_index_digest(
+    client: AsyncRegistryClient,
     store: LocalStore,
     ref: Reference,
     manifest: Digest,
@@ -75,14 +94,14 @@ def find_index_digest(
     """The index digest for image manifest `manifest` and how it was found.
 
     Raises NoIndex (nothing found, or every mode disabled), IndexFetchError (the registry
-    failed in a way other than "not found", or an annotation is not a digest).
+    failed in a way other than "not found", or an annotation is not a digest), StoreError.
     """
     if explicit is not None:
         return explicit, "label"
     if not (modes.soci_v2 or modes.soci_v1 or modes.local_store):
         raise NoIndex("all lazy pull modes are disabled")
     if modes.soci_v2:
-        value = _manifest_annotation(client, ref, manifest)
+        value = await _manifest_annotation(client, ref, manifest)
         if value:
             try:
                 return Digest(value), "v2"
@@ -92,98 +111,115 @@ def find_index_digest(
                 ) from e
     if modes.soci_v1:
         try:
-            found = client.referrers(ref, manifest, mt.SOCI_INDEX_V1)
+            found = await client.referrers(ref, manifest, mt.SOCI_INDEX_V1)
         except OciError as e:
             raise IndexFetchError(f"referrers of {ref.name}@{manifest}: {e}") from e
         if found:
             return found[0].digest, "v1"
     if modes.local_store:
-        records = store.list_indexes(image_digest=str(manifest))
+        records = await _store(store.list_indexes, image_digest=str(manifest))
         if records:
             return records[-1].digest, "local"
     raise NoIndex(f"no SOCI index for image manifest {ref.name}@{manifest}")
 
 
-def _index_bytes(
-    client: RegistryClient, store: LocalStore, ref: Reference, digest: Digest
+async def _index_bytes(
+    client: AsyncRegistryClient, store: LocalStore, ref: Reference, digest: Digest
 ) -> bytes:
-    if store.has_blob(digest):
+    if await _store(store.has_blob, digest):
         try:
-            return store.get_blob(digest)
+            return await _store(store.get_blob, digest)
         except StoreError as e:
             log.warning(
                 "local index copy unusable, refetching", extra={"digest": digest, "error": str(e)}
             )
     try:
-        _, data = client.get_manifest(ref, digest, accept=(mt.OCI_MANIFEST,))
+        _, data = await client.get_manifest(ref, digest, accept=(mt.OCI_MANIFEST,))
     except OciError as e:
         raise IndexFetchError(f"SOCI index {ref.name}@{digest}: {e}") from e
-    store.put_blob(data)
+    await _store(store.put_blob, data)
     return data
 
 
-def _fetch_ztoc(client: RegistryClient, store: LocalStore, ref: Reference, digest: Digest) -> int:
+async def _fetch_ztoc(
+    client: AsyncRegistryClient, store: LocalStore, ref: Reference, digest: Digest
+) -> int:
     """Bring zTOC `digest` into the store; returns the bytes fetched (0 if already there)."""
-    if store.has_blob(digest):
+    if await _store(store.has_blob, digest):
         return 0
     try:
-        data = client.read_blob(ref, digest)
+        data = await client.read_blob(ref, digest)
     except OciError as e:
         raise IndexFetchError(f"zTOC {ref.name}@{digest}: {e}") from e
-    store.put_blob(data)
+    await _store(store.put_blob, data)
     return len(data)
 
 
-def fetch_artifacts(
-    client: RegistryClient,
+async def _fetch_ztocs(
+    client: AsyncRegistryClient,
+    store: LocalStore,
+    ref: Reference,
+    index: SociIndex,
+    on_ztoc: Callable[[ZtocDescriptor], None] | None,
+) -> int:
+    """Every zTOC of `index` into the store, concurrently; the bytes fetched.
+
+    The first failure cancels the others and is raised (IndexFetchError, StoreError,
+    OSError).
+    """
+    fetched = 0
+    failures: list[Exception] = []
+
+    async def one(z: ZtocDescriptor, cancel: trio.CancelScope) -> None:
+        nonlocal fetched
+        try:
+            fetched += await _fetch_ztoc(client, store, ref, z.digest)
+        except (IndexFetchError, StoreError, OSError) as e:
+            failures.append(e)
+            cancel.cancel()
+            return
+        if on_ztoc is not None:
+            try:
+                on_ztoc(z)
+            except Exception as e:
+                log.debug("zTOC callback failed", extra={"digest": z.digest, "error": repr(e)})
+
+    async with trio.open_nursery() as nursery:
+        for z in index.ztocs:
+            nursery.start_soon(one, z, nursery.cancel_scope, name=f"ztoc {z.digest}")
+    if failures:
+        raise failures[0]
+    return fetched
+
+
+async def fetch_artifacts(
+    client: AsyncRegistryClient,
     store: LocalStore,
     ref: Reference,
     manifest: Digest,
     explicit: Digest | None,
     modes: DiscoveryModes,
     *,
-    parallel: int = 4,
     on_ztoc: Callable[[ZtocDescriptor], None] | None = None,
 ) -> ImageArtifacts:
     """Find the index of `manifest` and make it and all its zTOCs local (see module doc).
 
-    `on_ztoc` is called (from a worker thread) with each zTOC's descriptor as soon as that
-    zTOC is in the local store, so work on it can start while others still download; what
-    it raises is logged and ignored.
+    `on_ztoc` is called (in the calling trio thread) with each zTOC's descriptor as soon as
+    that zTOC is in the local store, so work on it can start while others still download;
+    what it raises is logged and ignored.
 
     Raises NoIndex, IndexFetchError (any fetch, digest or decode failure: a partial fetch
-    is a failure).
+    is a failure), StoreError or OSError (the local store).
     """
-    digest, how = find_index_digest(client, store, ref, manifest, explicit, modes)
-    data = _index_bytes(client, store, ref, digest)
+    digest, how = await find_index_digest(client, store, ref, manifest, explicit, modes)
+    data = await _index_bytes(client, store, ref, digest)
     try:
         index = soci_manifest.parse_index(data)
     except IndexManifestError as e:
         raise IndexFetchError(f"SOCI index {ref.name}@{digest}: {e}") from e
-
-    def fetch(z: ZtocDescriptor) -> int:
-        size = _fetch_ztoc(client, store, ref, z.digest)
-        if on_ztoc is not None:
-            try:
-                on_ztoc(z)
-            except Exception as e:
-                log.debug("zTOC callback failed", extra={"digest": z.digest, "error": repr(e)})
-        return size
-
-    with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="ztoc") as pool:
-        fetched = sum(pool.map(fetch, index.ztocs))
+    fetched = await _fetch_ztocs(client, store, ref, index, on_ztoc)
     try:
-        for z in index.ztocs:
-            store.add_ztoc(z.digest, z.size, z.layer_digest, z.layer_media_type, z.span_size)
-        store.add_index(
-            digest,
-            len(data),
-            str(manifest),
-            str(ref),
-            "",
-            index.artifact_type,
-            [z.digest for z in index.ztocs],
-        )
+        await _store(_record, store, ref, manifest, digest, len(data), index)
     except Exception as e:  # records are a convenience for `sociable index list`
         log.warning(
             "cannot record index in the local store", extra={"digest": digest, "error": repr(e)}
@@ -200,3 +236,24 @@ def fetch_artifacts(
         },
     )
     return ImageArtifacts(manifest, digest, index, how)
+
+
+def _record(
+    store: LocalStore,
+    ref: Reference,
+    manifest: Digest,
+    digest: Digest,
+    size: int,
+    index: SociIndex,
+) -> None:
+    for z in index.ztocs:
+        store.add_ztoc(z.digest, z.size, z.layer_digest, z.layer_media_type, z.span_size)
+    store.add_index(
+        digest,
+        size,
+        str(manifest),
+        str(ref),
+        "",
+        index.artifact_type,
+        [z.digest for z in index.ztocs],
+    )

@@ -1,45 +1,87 @@
 """The local fallback for a layer the index does not cover: download, decompress, apply.
 
-The blob is streamed from the registry into a temporary file (verified against the layer
-digest by the client), decompressed (gzip, zstd or plain tar by media type) and applied into
-the snapshot's empty `fs` directory with OCI whiteouts converted to overlayfs form:
-`.wh.<name>` becomes a character device 0/0 named `<name>`, `.wh..wh..opq` sets
-`trusted.overlay.opaque=y` (`user.overlay.opaque` with `userxattr`) on its directory. The
-uncompressed stream is hashed on the way and must equal the image config's
-`rootfs.diff_ids` entry for the layer. Synchronous: run it in a worker thread.
+The blob is streamed from the registry (native trio I/O through the client, one gate slot
+for the whole download) into a temporary file, verified against the layer digest by the
+client, then decompressed (gzip, zstd or plain tar by media type) and applied into the
+snapshot's empty `fs` directory by `apply.apply_tar` in a worker thread. The uncompressed
+stream is hashed on the way and must equal the image config's `rootfs.diff_ids` entry for
+the layer.
+
+Cancellation (the caller's timeout, daemon shutdown) is prompt: the download's request is
+cancelled, and the apply thread stops between tar members; `dest` is then emptied and the
+temporary file removed before `trio.Cancelled` propagates. Blocking file work runs in worker
+threads under `UNPACK_THREADS`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
+import trio
 import zstandard
 
 from index.digest import Digest
+from index.oci.blobs import FileSink
+from index.oci.client import AsyncRegistryClient
 from index.oci.errors import OciError
 from index.oci.reference import Reference
-from index.oci.registry import RegistryClient
 
 from .apply import apply_tar, clear_dir, decompressed
 from .errors import UnpackError
 
+T = TypeVar("T")
 
-def layer_diff_id(
-    client: RegistryClient, ref: Reference, manifest: Digest, layer: Digest
+UNPACK_THREADS = trio.CapacityLimiter(2)
+"""Worker threads for local unpack: temp-file writes, decompress+apply, cleanup."""
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    return await trio.to_thread.run_sync(
+        functools.partial(fn, *args, **kwargs), limiter=UNPACK_THREADS
+    )
+
+
+async def _offload(fn: Callable[[], object]) -> object:
+    return await _in_thread(fn)
+
+
+def _cancel_requested() -> bool:
+    """True in an unpack worker thread once its trio caller is cancelled."""
+    try:
+        trio.from_thread.check_cancelled()
+    except trio.Cancelled:
+        return True
+    return False
+
+
+def _apply(tmp: Path, media_type: str, dest: Path, userxattr: bool) -> Digest:
+    """Decompress and apply (worker thread). Raises UnpackError."""
+    try:
+        with decompressed(tmp, media_type) as stream:
+            return apply_tar(stream, dest, userxattr=userxattr, cancelled=_cancel_requested)
+    except (OSError, EOFError, zstandard.ZstdError) as e:
+        raise UnpackError(f"decompressing {tmp.name} into {dest}: {e}") from e
+
+
+async def layer_diff_id(
+    client: AsyncRegistryClient, ref: Reference, manifest: Digest, layer: Digest
 ) -> tuple[Digest, str]:
     """The diffID and media type of `layer` in image manifest `manifest`.
 
     Raises UnpackError when the manifest or config cannot be read or does not list the layer.
     """
     try:
-        _, data = client.get_manifest(ref, manifest)
+        _, data = await client.get_manifest(ref, manifest)
         doc = json.loads(data)
         layers = doc["layers"]
         position = next(i for i, d in enumerate(layers) if d.get("digest") == layer)
-        config = json.loads(client.read_blob(ref, Digest(doc["config"]["digest"])))
+        config = json.loads(await client.read_blob(ref, Digest(doc["config"]["digest"])))
         diff_id = Digest(config["rootfs"]["diff_ids"][position])
         return diff_id, str(layers[position].get("mediaType", ""))
     except StopIteration as e:
@@ -48,8 +90,8 @@ def layer_diff_id(
         raise UnpackError(f"image {ref.name}@{manifest}: cannot read diffID of {layer}: {e}") from e
 
 
-def unpack_layer(
-    client: RegistryClient,
+async def unpack_layer(
+    client: AsyncRegistryClient,
     ref: Reference,
     manifest: Digest,
     layer: Digest,
@@ -61,30 +103,39 @@ def unpack_layer(
     """Download `layer` of image `manifest` and apply it into the empty directory `dest`.
 
     Returns the compressed bytes downloaded. On failure `dest` is emptied again and
-    UnpackError raised (download, digest, decompress, apply or diffID mismatch).
+    UnpackError raised (download, digest, decompress, apply or diffID mismatch); on
+    cancellation `dest` is emptied and `trio.Cancelled` propagates. The temporary file in
+    `tmp_dir` is always removed.
     """
-    diff_id, media_type = layer_diff_id(client, ref, manifest, layer)
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix="layer-", dir=tmp_dir)
-    os.close(fd)
+    diff_id, media_type = await layer_diff_id(client, ref, manifest, layer)
+    try:
+        await _in_thread(tmp_dir.mkdir, parents=True, exist_ok=True)
+        fd, tmp_name = await _in_thread(tempfile.mkstemp, prefix="layer-", dir=tmp_dir)
+    except OSError as e:
+        raise UnpackError(f"temporary file in {tmp_dir}: {e}") from e
     tmp = Path(tmp_name)
     try:
         try:
-            desc = client.fetch_blob(ref, layer, tmp)
-        except OciError as e:
+            try:
+                desc = await client.fetch_blob(ref, layer, FileSink(fd, _offload))
+            finally:
+                os.close(fd)
+        except (OciError, OSError) as e:
             raise UnpackError(f"downloading {ref.name}@{layer}: {e}") from e
-        try:
-            with decompressed(tmp, media_type) as stream:
-                got = apply_tar(stream, dest, userxattr=userxattr)
-        except (OSError, EOFError, zstandard.ZstdError) as e:
-            raise UnpackError(f"decompressing {ref.name}@{layer}: {e}") from e
+        got = await trio.to_thread.run_sync(
+            _apply, tmp, media_type, dest, userxattr, limiter=UNPACK_THREADS
+        )
         if got != diff_id:
             raise UnpackError(
                 f"layer {layer}: uncompressed content hashes to {got}, config says {diff_id}"
             )
         return desc.size
     except BaseException:
-        clear_dir(dest)
+        with trio.CancelScope(shield=True):
+            await _in_thread(clear_dir, dest)
+        # An apply stopped by cancellation surfaces as UnpackError: report the cancellation.
+        await trio.lowlevel.checkpoint_if_cancelled()
         raise
     finally:
-        tmp.unlink(missing_ok=True)
+        with trio.CancelScope(shield=True):
+            await _in_thread(tmp.unlink, missing_ok=True)

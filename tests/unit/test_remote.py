@@ -67,14 +67,18 @@ class FakeClient:
         self.referrer_list = referrers
         self.calls: list[str] = []
 
-    def get_manifest(self, ref: Reference, digest: Digest, **kw: Any) -> tuple[Descriptor, bytes]:
+    async def get_manifest(
+        self, ref: Reference, digest: Digest, **kw: Any
+    ) -> tuple[Descriptor, bytes]:
         self.calls.append(f"manifest {digest}")
         if digest not in self.manifests:
             raise NotFoundError(f"{digest} not found")
         data = self.manifests[digest]
         return Descriptor(mt.OCI_MANIFEST, Digest.of(data), len(data)), data
 
-    def referrers(self, ref: Reference, subject: Digest, artifact_type: str) -> list[Descriptor]:
+    async def referrers(
+        self, ref: Reference, subject: Digest, artifact_type: str
+    ) -> list[Descriptor]:
         self.calls.append(f"referrers {subject} {artifact_type}")
         return self.referrer_list
 
@@ -86,30 +90,30 @@ def manifest_with(annotation: str | None) -> bytes:
     return json.dumps(doc).encode()
 
 
-def test_discovery_order(tmp_path: Path) -> None:
+async def test_discovery_order(tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "store")
     v1 = [Descriptor(mt.OCI_MANIFEST, D3, 10, artifact_type=mt.SOCI_INDEX_V1)]
     both = FakeClient({D1: manifest_with(D4)}, v1)
     modes = DiscoveryModes(soci_v2=True, soci_v1=True)
     # 1. the explicit label wins without asking the registry
-    assert find_index_digest(both, store, REF, D1, D2, modes) == (D2, "label")  # type: ignore[arg-type]
+    assert await find_index_digest(both, store, REF, D1, D2, modes) == (D2, "label")  # type: ignore[arg-type]
     assert both.calls == []
     # 2. the v2 annotation comes before referrers
-    assert find_index_digest(both, store, REF, D1, None, modes) == (D4, "v2")  # type: ignore[arg-type]
+    assert await find_index_digest(both, store, REF, D1, None, modes) == (D4, "v2")  # type: ignore[arg-type]
     assert both.calls == [f"manifest {D1}"]
     # 3. referrers when the manifest has no annotation (and only when enabled)
     plain = FakeClient({D1: manifest_with(None)}, v1)
-    assert find_index_digest(plain, store, REF, D1, None, modes) == (D3, "v1")  # type: ignore[arg-type]
+    assert await find_index_digest(plain, store, REF, D1, None, modes) == (D3, "v1")  # type: ignore[arg-type]
     with pytest.raises(NoIndex):
-        find_index_digest(plain, store, REF, D1, None, DiscoveryModes())  # type: ignore[arg-type]
+        await find_index_digest(plain, store, REF, D1, None, DiscoveryModes())  # type: ignore[arg-type]
     # 4. the local store's record last
     store.add_index(D2, 100, str(D1), "registry.test/app:1", "", mt.SOCI_INDEX_V2, [])
-    assert find_index_digest(plain, store, REF, D1, None, DiscoveryModes()) == (D2, "local")  # type: ignore[arg-type]
+    assert await find_index_digest(plain, store, REF, D1, None, DiscoveryModes()) == (D2, "local")  # type: ignore[arg-type]
     with pytest.raises(NoIndex, match="disabled"):
-        find_index_digest(plain, store, REF, D1, None, DiscoveryModes(False, False, False))  # type: ignore[arg-type]
+        await find_index_digest(plain, store, REF, D1, None, DiscoveryModes(False, False, False))  # type: ignore[arg-type]
     bad = FakeClient({D1: manifest_with("sha256:short")}, [])
     with pytest.raises(IndexFetchError):
-        find_index_digest(bad, store, REF, D1, None, modes)  # type: ignore[arg-type]
+        await find_index_digest(bad, store, REF, D1, None, modes)  # type: ignore[arg-type]
     store.close()
 
 
