@@ -37,9 +37,10 @@ from index.oci.client import AsyncRegistryClient
 from index.oci.reference import Reference
 from index.oci.registry import RegistryClient
 from snapshotter.fs.readers import LayerReader, LocalBlobReader
+from snapshotter.lazy import RemoteLayerReader
 from snapshotter.lazy.cache import SpanCache
 from snapshotter.lazy.sources import RegistrySource
-from snapshotter.lazy.spans import RemoteLayerReader
+from snapshotter.tasks import TaskScope, open_task_scope
 from tests.support.images import (
     MEDIA_LAYER_GZIP,
     Entry,
@@ -82,7 +83,7 @@ def regular_files(path: Path) -> list[tuple[int, int]]:
         return [(m.offset_data, m.size) for m in tf if m.isreg()]
 
 
-MakeReader = Callable[[trio.Nursery], LayerReader]
+MakeReader = Callable[[TaskScope], LayerReader]
 
 
 async def read_everything(
@@ -99,12 +100,12 @@ async def read_everything(
                 data = await reader.read(UncompressedOffset(offset + pos), min(READ, size - pos))
                 total += len(data)
 
-    async with trio.open_nursery() as prefetch:
-        reader = make(prefetch)
+    async with open_task_scope("bench") as root:
+        layer_scope = await root.open_child("layer")  # as the mounter: one scope per layer
+        reader = make(layer_scope)
         async with trio.open_nursery() as nursery:
             for _ in range(workers):
                 nursery.start_soon(worker, reader)
-        prefetch.cancel_scope.cancel()
     return total, reader
 
 
@@ -131,7 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--parallel", type=int, default=4, help="concurrent readers (default 4)")
     ap.add_argument("--span-size", type=int, default=DEFAULT_SPAN_SIZE)
     ap.add_argument(
-        "--no-pipeline", action="store_true", help="read-ahead rides along, no prefetch nursery"
+        "--no-pipeline",
+        action="store_true",
+        help="read-ahead rides along in the read's request (no layer task scope)",
     )
     args = ap.parse_args(argv)
 
@@ -155,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pipelined = not args.no_pipeline
 
                 def remote(cache_dir: Path) -> MakeReader:
-                    def make(nursery: trio.Nursery) -> LayerReader:
+                    def make(tasks: TaskScope) -> LayerReader:
                         # One async client per trio.run (its connections belong to that run);
                         # the process ends soon after, so it is not closed explicitly.
                         source = RegistrySource(
@@ -166,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             ztoc,
                             source,
                             SpanCache(cache_dir),
-                            prefetch_nursery=nursery if pipelined else None,
+                            tasks=tasks if pipelined else None,
                         )
 
                     return make
@@ -178,12 +181,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "cold (registry)",
                         secs,
                         total,
-                        f"{cold.requests} requests, {cold.span_map.span_count} spans",
+                        f"{cold.counters.requests} requests, {cold.span_map.span_count} spans",
                     )
                 )
                 secs, total, warm = timed(remote(work / "cache"), files, args.parallel)
                 assert isinstance(warm, RemoteLayerReader)
-                rows.append(("warm (span cache)", secs, total, f"{warm.requests} requests"))
+                rows.append(
+                    ("warm (span cache)", secs, total, f"{warm.counters.requests} requests")
+                )
         secs, total, _ = timed(lambda _: LocalBlobReader(blob, ztoc), files, args.parallel)
         rows.append(("local blob", secs, total, "LocalBlobReader"))
         local_rate = total / secs

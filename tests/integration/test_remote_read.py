@@ -32,17 +32,16 @@ from index.oci.dockerconfig import StaticCredentials
 from index.oci.reference import Reference
 from index.oci.registry import RegistryClient
 from snapshotter.fs.errors import LayerReadError
-from snapshotter.lazy.background import BackgroundConfig, BackgroundFetcher
+from snapshotter.lazy import BackgroundConfig, BackgroundFetcher, ReadConfig, RemoteLayerReader
 from snapshotter.lazy.cache import CacheConfig, SpanCache
 from snapshotter.lazy.sources import BlobSource, ChainSource, FetchConfig, RegistrySource
-from snapshotter.lazy.spans import ReadConfig, RemoteLayerReader
 from tests.support.images import MEDIA_LAYER_GZIP, TreeSource, python_stdlib_dir, write_layer
 from tests.support.registry import CountingProxy, RegistryServer, start_proxy
 
 T = TypeVar("T")
 
 SPAN_SIZE = 256 * 1024
-READ_CHUNK = 128 * 1024  # the FUSE request size (spec/landscape.md §5.4)
+READ_CHUNK = 128 * 1024  # the FUSE request size (max_read of the mount)
 FAST_RETRY = FetchConfig(max_attempts=4, backoff_initial_ms=5, backoff_max_ms=20)
 _repo_counter = itertools.count()
 
@@ -195,7 +194,7 @@ async def test_second_reader_over_the_same_cache_fetches_nothing(
         again = make_reader(layer, source, tmp_path)  # e.g. after a daemon restart
         await check_files(again, files)
         assert first > 0 and blob_requests(proxy) == first
-        assert again.requests == 0 and again.cache.stats().hits > 0
+        assert again.status().requests == 0 and again.cache.stats().hits > 0
 
 
 async def test_cache_bound_evicts_and_refetches(
@@ -208,7 +207,7 @@ async def test_cache_bound_evicts_and_refetches(
             source,
             tmp_path,
             max_bytes=bound,
-            read_config=ReadConfig(inflated_cache_spans=2),
+            read_config=ReadConfig(memory_cache_spans=2),
         )
         await check_files(reader, layer.files)
         stats = reader.cache.stats()
