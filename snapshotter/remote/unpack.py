@@ -37,6 +37,8 @@ from .errors import UnpackError
 
 T = TypeVar("T")
 
+DEFAULT_UNPACK_TIMEOUT_SEC = 600.0
+"""How long the mounter lets one local unpack (download and apply) take."""
 UNPACK_THREADS = trio.CapacityLimiter(2)
 """Worker threads for local unpack: temp-file writes, decompress+apply, cleanup."""
 

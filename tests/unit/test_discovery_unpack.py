@@ -25,6 +25,8 @@ from index.store import LocalStore
 from snapshotter.remote.apply import apply_tar
 from snapshotter.remote.discovery import DiscoveryModes, fetch_artifacts
 from snapshotter.remote.errors import IndexFetchError, UnpackError
+from snapshotter.remote.labels import LayerLabels
+from snapshotter.remote.local import RegistryUnpacker
 from snapshotter.remote.unpack import unpack_layer
 
 REF = Reference.parse("reg.example/team/app:v1")
@@ -229,3 +231,29 @@ def test_apply_tar_stops_when_cancelled(tmp_path: Path) -> None:
         apply_tar(io.BytesIO(gzip.decompress(blobs[str(layer)])), tmp_path, cancelled=cancelled)
     assert asked[0] == 6
     assert sum(1 for _ in tmp_path.rglob("f*")) == 5
+
+
+async def test_the_mounters_unpacker_times_out_into_unpack_error(tmp_path: Path) -> None:
+    blobs, manifest, layer = layer_image(5)
+    serve = blob_server(blobs)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith(str(layer)):
+            await trio.sleep_forever()
+        return await serve(request)
+
+    dest = tmp_path / "fs"
+    dest.mkdir()
+    labels = LayerLabels.parse(
+        {
+            "containerd.io/snapshot.ref": "sha256:" + "0" * 64,
+            "containerd.io/snapshot/cri.image-ref": str(REF),
+            "containerd.io/snapshot/cri.manifest-digest": str(manifest),
+            "containerd.io/snapshot/cri.layer-digest": str(layer),
+        }
+    )
+    async with AsyncRegistryClient(transport=httpx.MockTransport(handler)) as client:
+        unpacker = RegistryUnpacker(client, tmp_path / "tmp", userxattr=False, timeout_sec=0.3)
+        with pytest.raises(UnpackError, match=r"not unpacked within 0\.3 s"):
+            await unpacker.unpack(labels, REF, dest)
+    assert list(dest.iterdir()) == [] and list((tmp_path / "tmp").iterdir()) == []
