@@ -579,3 +579,33 @@ def test_creds_store_and_chain(docker_env: Path) -> None:
 def test_missing_docker_config_means_no_credentials(tmp_path: Path) -> None:
     assert DockerConfig(tmp_path / "none.json").credentials("docker.io") is None
     assert StaticCredentials.parse("user:pa:ss").credentials("any") == Credentials("user", "pa:ss")
+
+
+@pytest.mark.parametrize("token_answer", ["reset", "refused"])
+def test_credentials_never_appear_in_errors_or_logs(
+    token_answer: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "s3cr3t-Pa55"
+    encoded = base64.b64encode(f"alice:{secret}".encode()).decode()
+
+    def tokens(request: httpx.Request) -> httpx.Response:
+        if token_answer == "reset":
+            raise httpx.ReadError("connection reset", request=request)
+        return httpx.Response(401, json={"details": "bad credentials"})
+
+    net = FakeNetwork()
+    net.hosts["auth.example"] = tokens
+    net.hosts[REGISTRY] = bearer_registry(set())
+    caplog.set_level("DEBUG")
+    with (
+        net.client(credentials=StaticCredentials("alice", secret)) as client,
+        pytest.raises((TransportError, UnauthorizedError)) as info,
+    ):
+        client.read_blob(REF, BLOB_DIGEST)
+    texts = [str(info.value), repr(info.value), caplog.text]
+    cause: BaseException | None = info.value
+    while cause is not None:
+        texts.append(str(cause))
+        cause = cause.__cause__
+    for text in texts:
+        assert secret not in text and encoded not in text
