@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from index import gojson
 from index.digest import Digest
 from index.oci import mediatypes
+from index.oci.client import AsyncRegistryClient
 from index.oci.descriptor import Descriptor
 from index.oci.dockerconfig import DockerConfig, StaticCredentials
-from index.oci.errors import NotFoundError, TransportError, UnauthorizedError
+from index.oci.errors import HostsConfigError, NotFoundError, TransportError, UnauthorizedError
 from index.oci.reference import Reference
 from index.oci.registry import RegistryClient, referrers_tag
 from tests.support.registry import RegistryServer, TokenServer, start_proxy
@@ -279,6 +281,21 @@ def test_tls_registry_with_hosts_toml_ca(
     )
     with RegistryClient(hosts_dirs=[tmp_path / "certs.d"]) as trusted:
         assert trusted.read_blob(ref, pushed.digest) == b"data"
+    # A mirror whose ca file does not exist fails on its own; the upstream still serves.
+    (host_dir / "hosts.toml").write_text(
+        f'server = "https://{server.host}"\nca = "ca.pem"\n\n'
+        f'[host."https://mirror.invalid"]\n  ca = "missing-ca.pem"\n'
+    )
+    with RegistryClient(hosts_dirs=[tmp_path / "certs.d"]) as client:
+        assert client.read_blob(ref, pushed.digest) == b"data"
+    (host_dir / "hosts.toml").write_text(
+        f'server = "https://{server.host}"\nca = "missing-ca.pem"\n'
+    )
+    with (
+        RegistryClient(hosts_dirs=[tmp_path / "certs.d"]) as client,
+        pytest.raises(HostsConfigError, match=r"missing-ca\.pem of host"),
+    ):
+        client.read_blob(ref, pushed.digest)
 
 
 def test_docker_config_credentials_against_basic_registry(
@@ -309,3 +326,25 @@ def test_one_client_shared_by_threads(auth_registry: RegistryServer) -> None:
                 pool.map(lambda off: client.fetch_blob_range(ref, layer.digest, off, 5000), offsets)
             )
     assert all(chunk == data[off : off + 5000] for off, chunk in zip(offsets, chunks, strict=True))
+
+
+async def test_async_client_on_trio_with_a_gate(auth_registry: RegistryServer) -> None:
+    """The daemon's path: native trio I/O, token auth, one gate slot per operation."""
+    ref = Reference.parse(auth_registry.ref(unique_repo("async")))
+    data = os.urandom(1 << 20)
+    with client_for(auth_registry) as sync_client:
+        layer = sync_client.push_blob(ref, data, mediatypes.OCI_LAYER_GZIP)
+    limiter = trio.CapacityLimiter(2)
+    creds = StaticCredentials(auth_registry.username or "", auth_registry.password or "")
+    got: dict[int, bytes] = {}
+    async with AsyncRegistryClient(credentials=creds, gate=lambda: limiter) as client:
+
+        async def read(offset: int) -> None:
+            got[offset] = await client.fetch_blob_range(ref, layer.digest, offset, 5000)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(32):
+                nursery.start_soon(read, i * 7919)
+        assert await client.read_blob(ref, layer.digest, max_bytes=2 << 20) == data
+    assert limiter.borrowed_tokens == 0
+    assert all(chunk == data[off : off + 5000] for off, chunk in got.items()) and len(got) == 32
