@@ -1,6 +1,6 @@
 """The on-disk span caches: verified compressed spans, and a tier of inflated hot spans.
 
-Design (DESIGN.md D10): `SpanCache` holds the ORIGINAL compressed bytes of each span, keyed by
+`SpanCache` holds the ORIGINAL compressed bytes of each span, keyed by
 (layer digest, span id), which can be proven against the zTOC span digest at any time (and
 served to peers as they are). Layout under `root`::
 
@@ -9,7 +9,7 @@ served to peers as they are). Layout under `root`::
     tmp/                                   files being written (removed at start)
     inflated/                              the inflated tier (same layout, see below)
 
-The inflated tier (`InflatedCache`, DESIGN.md D10 "may keep hot spans inflated") holds the
+The inflated tier (`InflatedCache`: hot spans kept inflated) holds the
 tar-stream bytes a span inflates to, so a read that misses the reader's small in-memory LRU
 costs one positioned read of the bytes it needs instead of reading, hashing and inflating a
 whole compressed span. Its files are keyed by (layer digest, uncompressed start offset of the
