@@ -824,6 +824,55 @@ async def test_adapter_translates_without_mounting(
     assert stats.f_bsize == 4096 and stats.f_namemax == 255
 
 
+async def test_adapter_logs_each_failure_once_with_its_layer(
+    tar_layer: tuple[Path, list[FileMetadata]],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """EIO from the domain: one warning naming the layer; an unexpected exception (a bug):
+    EIO, one error record with the traceback and the layer; ENOENT: not logged."""
+    import pyfuse3
+
+    from snapshotter.fs.fuse import FuseOperations
+
+    _, entries = tar_layer
+    host = LayerHost()
+    host.add_layer("lay", build_tree(entries), LocalTarReader(tmp_path / "missing"))
+    ops = FuseOperations(host)
+    layer_root = await ops.lookup(FUSE_ROOT_INODE, b"lay")
+    etc = await ops.lookup(layer_root.st_ino, b"etc")
+    hosts = await ops.lookup(etc.st_ino, b"hosts")
+    fh = (await ops.open(hosts.st_ino, os.O_RDONLY)).fh
+
+    caplog.clear()
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await ops.read(fh, 0, 10)
+    assert info.value.errno == errno.EIO
+    assert [(r.levelname, "layer lay" in r.getMessage()) for r in caplog.records] == [
+        ("WARNING", True)
+    ]
+
+    def broken(self: LayerTree, node: NodeId, inode: int | None = None) -> Attr:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(LayerTree, "attr", broken)
+    caplog.clear()
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await ops.getattr(etc.st_ino)
+    assert info.value.errno == errno.EIO
+    assert len(caplog.records) == 1
+    record = caplog.records[0]
+    assert record.levelname == "ERROR" and "layer lay" in record.getMessage()
+    assert record.exc_info is not None and record.exc_info[0] is ZeroDivisionError
+
+    monkeypatch.undo()
+    caplog.clear()
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await ops.lookup(etc.st_ino, b"nope")
+    assert info.value.errno == errno.ENOENT and caplog.records == []
+
+
 # -- local blob reader -------------------------------------------------------------------------
 
 
