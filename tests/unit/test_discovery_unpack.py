@@ -9,7 +9,7 @@ import io
 import json
 import tarfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 
 import httpx
@@ -30,7 +30,7 @@ from snapshotter.remote.local import RegistryUnpacker
 from snapshotter.remote.unpack import unpack_layer
 
 REF = Reference.parse("reg.example/team/app:v1")
-Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
+Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
 
 
 def blob_server(
