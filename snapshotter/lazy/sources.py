@@ -49,8 +49,9 @@ Check = Callable[[bytes], None]
 """Verifies fetched bytes; raises `ContentMismatch` when they are wrong. Runs in a worker
 thread (it may hash megabytes), so it must be thread-safe."""
 
-DEFAULT_VERIFY_THREADS = 2
-"""Worker threads a `RegistrySource` runs `check` in when it is given no limiter."""
+VERIFY_THREADS = trio.CapacityLimiter(2)
+"""Worker threads the `RegistrySource`s given no `verify_limiter` run `check` in (shared by
+all of them, process-wide)."""
 
 _TRANSIENT_STATUSES: Final = frozenset({408, 425, 429, 500, 502, 503, 504})
 
@@ -224,7 +225,7 @@ class RegistrySource:
         self._client = client
         self._ref = ref
         self.config = config or FetchConfig()
-        self._verify_limiter = verify_limiter or trio.CapacityLimiter(DEFAULT_VERIFY_THREADS)
+        self._verify_limiter = verify_limiter or VERIFY_THREADS
         self._stats = SourceStatistics()
         self._name = f"registry:{ref.registry}/{ref.repository}"
 
