@@ -1,4 +1,4 @@
-"""hosts.toml lookup order, schema, defaults and endpoint lists (spec/containerd.md §6)."""
+"""hosts.toml lookup order, schema, defaults and endpoint lists (containerd's config_path layout)."""
 
 from __future__ import annotations
 
