@@ -344,3 +344,19 @@ def test_sync_facade_check_rejects_and_errors_cross_threads() -> None:
         pytest.raises(DigestMismatchError),
     ):
         client.fetch_blob_range(REF, DIGEST, 0, 10, check=reject)
+
+
+def test_sync_facade_accepts_a_synchronous_only_transport() -> None:
+    class SyncOnly(httpx.BaseTransport):
+        def __init__(self) -> None:
+            self.threads: set[str] = set()
+
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            self.threads.add(threading.current_thread().name)
+            return ranged(request)
+
+    transport = SyncOnly()
+    with RegistryClient(transport=transport) as client:
+        assert client.fetch_blob_range(REF, DIGEST, 5, 10) == BLOB[5:15]
+        assert client.read_blob(REF, DIGEST) == BLOB
+    assert "registry-portal" not in transport.threads  # run in worker threads, off the loop
