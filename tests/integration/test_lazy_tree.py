@@ -22,15 +22,11 @@ Python (whiteouts applied by hand).
 from __future__ import annotations
 
 import contextlib
-import gzip
-import hashlib
-import io
-import json
 import os
 import shutil
 import stat
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -254,36 +250,6 @@ def _gnu_entries() -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
     yield hard, None
 
 
-def _write_raw_layer(
-    entries: Iterator[tuple[tarfile.TarInfo, bytes | None]], fmt: int, blobs: Path
-) -> images.Layer:
-    """A gzip layer of hand-made tar members, written like :func:`images.write_layer`."""
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=fmt) as tf:
-        for ti, data in entries:
-            tf.addfile(ti, io.BytesIO(data) if data is not None else None)
-    tar_bytes = raw.getvalue()
-    gz = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=gz, mtime=0, compresslevel=6) as g:
-        g.write(tar_bytes)
-    blob = gz.getvalue()
-    digest = hashlib.sha256(blob).hexdigest()
-    (blobs / digest).write_bytes(blob)
-    return images.Layer(
-        path=blobs / digest,
-        digest=f"sha256:{digest}",
-        diff_id="sha256:" + hashlib.sha256(tar_bytes).hexdigest(),
-        size=len(blob),
-    )
-
-
-def _put_json(blobs: Path, doc: object) -> tuple[str, int]:
-    data = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-    digest = hashlib.sha256(data).hexdigest()
-    (blobs / digest).write_bytes(data)
-    return f"sha256:{digest}", len(data)
-
-
 def build_feature_image(layout: Path, tag: str = "v1") -> images.Image:
     """Writes the six-layer feature image as an OCI layout (deterministic but for nothing)."""
     blobs = layout / "blobs" / "sha256"
@@ -292,50 +258,104 @@ def build_feature_image(layout: Path, tag: str = "v1") -> images.Image:
         images.write_layer(lower_layer(), blobs),
         images.write_layer(features_layer(), blobs),
         images.write_layer(upper_layer(), blobs),
-        _write_raw_layer(_pax_ns_entries(), tarfile.PAX_FORMAT, blobs),
+        images.write_raw_layer(_pax_ns_entries(), blobs),
         images.write_layer(whiteout_dir_layer(), blobs),
-        _write_raw_layer(_gnu_entries(), tarfile.GNU_FORMAT, blobs),
+        images.write_raw_layer(_gnu_entries(), blobs, fmt=tarfile.GNU_FORMAT),
     )
     cmd = ["/bin/sh", "-c", "cat /f/shared"]
-    config = {
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {"Cmd": cmd, "Env": [images.DEFAULT_PATH_ENV]},
-        "rootfs": {"type": "layers", "diff_ids": [lyr.diff_id for lyr in layers]},
+    return images.write_image_layout(layout, layers, tag=tag, cmd=cmd)
+
+
+LOCAL_MIN_LAYER_SIZE = 64 * 1024
+"""`convert --min-layer-size` for the local-unpack image: the busybox layer gets a zTOC, the
+small layer does not (the zstd layer never does), so the daemon unpacks those two itself."""
+LOCAL_TIMES = {
+    "up": "1700000022.999999999",  # float seconds give ...023.000000000
+    "low": "1700000031.123456789",  # float seconds give ...031.123456768
+    "dir": "1700000044.000000001",
+    "link": "1700000055.987654321",
+}
+
+
+def _timed(name: str, kind: bytes, mtime: str, **fields: object) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.type = kind
+    ti.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+    ti.mtime = int(Decimal(mtime))
+    ti.uname = ti.gname = ""
+    ti.pax_headers = {"mtime": mtime, "atime": "1800000000.5"}
+    for key, value in fields.items():
+        setattr(ti, key, value)
+    return ti
+
+
+def _small_local_entries() -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
+    """Layer 2 of the local-unpack image (gzip, under the minimum size): nanosecond PAX times on
+    every type, a hard link whose header changes the inode, names with `..`, an ignored root
+    entry, a whiteout and an opaque directory over the lazy layer below, a trusted.* xattr."""
+    t = LOCAL_TIMES
+    yield _timed("./", tarfile.DIRTYPE, t["up"], mode=0o700, uid=9), None
+    yield _timed("ns", tarfile.DIRTYPE, t["dir"]), None
+    for key in ("up", "low"):
+        data = f"{key}\n".encode()
+        yield _timed(f"ns/{key}", tarfile.REGTYPE, t[key], size=len(data)), data
+    yield _timed("ns/link", tarfile.SYMTYPE, t["link"], linkname="up"), None
+    yield _timed("ns/hard", tarfile.LNKTYPE, t["low"], linkname="ns/up", mode=0o600, uid=3), None
+    data = b"escaped?\n"
+    yield _timed("../../ns/dotdot", tarfile.REGTYPE, t["low"], size=len(data)), data
+    yield _timed("ns/sub/../../ns/clamped", tarfile.DIRTYPE, t["dir"]), None
+    trusted = _timed("ns/trusted", tarfile.REGTYPE, t["up"], size=1)
+    trusted.pax_headers = {
+        **trusted.pax_headers,
+        "SCHILY.xattr.trusted.overlay.opaque": "y",
+        "SCHILY.xattr.user.kept": "k",
     }
-    config_digest, config_size = _put_json(blobs, config)
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": images.MEDIA_MANIFEST,
-        "config": {"mediaType": images.MEDIA_CONFIG, "digest": config_digest, "size": config_size},
-        "layers": [
-            {"mediaType": lyr.media_type, "digest": lyr.digest, "size": lyr.size} for lyr in layers
-        ],
-    }
-    manifest_digest, manifest_size = _put_json(blobs, manifest)
-    index = {
-        "schemaVersion": 2,
-        "mediaType": images.MEDIA_INDEX,
-        "manifests": [
-            {
-                "mediaType": images.MEDIA_MANIFEST,
-                "digest": manifest_digest,
-                "size": manifest_size,
-                "platform": {"architecture": "amd64", "os": "linux"},
-                "annotations": {images.REF_NAME_ANNOTATION: tag},
-            }
-        ],
-    }
-    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
-    (layout / "index.json").write_text(json.dumps(index))
-    return images.Image(
-        layout=layout,
-        tag=tag,
-        manifest_digest=manifest_digest,
-        config_digest=config_digest,
-        layers=layers,
-        cmd=tuple(cmd),
+    yield trusted, b"t"
+    # Without its own entry `bin` would get the unpack time (the whiteout device is created in
+    # it), on both sides but not the same instant.
+    yield _timed("bin", tarfile.DIRTYPE, t["dir"]), None
+    yield _timed("bin/.wh.vi", tarfile.REGTYPE, t["up"], size=0), b""
+    yield _timed("etc", tarfile.DIRTYPE, t["dir"]), None
+    yield _timed("etc/.wh..wh..opq", tarfile.REGTYPE, t["up"], size=0), b""
+    yield _timed("etc/only", tarfile.REGTYPE, t["low"], size=1), b"o"
+
+
+def _zstd_local_entries() -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
+    """Layer 3 (zstd: never indexed): replaces and adds nanosecond-timed entries."""
+    t = LOCAL_TIMES
+    yield _timed("ns", tarfile.DIRTYPE, t["low"]), None
+    data = b"zstd replaced\n"
+    yield _timed("ns/low", tarfile.REGTYPE, t["up"], size=len(data), mode=0o640), data
+    yield _timed("zstd", tarfile.DIRTYPE, t["dir"]), None
+    yield _timed("zstd/f", tarfile.REGTYPE, t["link"], size=2), b"zz"
+
+
+def build_local_unpack_image(layout: Path, tag: str = "v1") -> images.Image:
+    """A lazily served busybox layer under a small gzip layer and a zstd layer that the daemon
+    unpacks itself (`snapshotter.remote.apply`), both with nanosecond PAX times."""
+    blobs = layout / "blobs" / "sha256"
+    layers = (
+        images.write_layer(images.busybox_layer(), blobs),
+        images.write_raw_layer(_small_local_entries(), blobs),
+        images.write_raw_layer(_zstd_local_entries(), blobs, compression="zstd"),
     )
+    assert layers[0].size >= LOCAL_MIN_LAYER_SIZE > layers[1].size
+    return images.write_image_layout(layout, layers, tag=tag, cmd=("/bin/ls", "/ns"))
+
+
+def check_local_tree(tree: Tree) -> None:
+    """Spot checks that the local-unpack image's features reached the reference tree."""
+    n = tree.nodes
+    ns = {key: int(Decimal(value) * 1_000_000_000) for key, value in LOCAL_TIMES.items()}
+    assert n["ns/trusted"].mtime_ns == ns["up"] and ns["up"] % 10**9 == 999_999_999
+    assert n["ns/up"].mtime_ns == ns["low"]  # the hard link's header wins
+    assert n["ns/low"].mtime_ns == ns["up"] and n["ns"].mtime_ns == ns["low"]
+    assert n["ns/link"].mtime_ns == ns["link"] and n["zstd/f"].mtime_ns == ns["link"]
+    assert (n["ns/up"].mode, n["ns/up"].uid, n["ns/up"].nlink) == (0o600, 3, 2)
+    assert "ns/dotdot" in n and "ns/clamped" in n
+    assert dict(n["ns/trusted"].xattrs) == {"user.kept": b"k"}
+    assert "bin/vi" not in n and "bin/sh" in n
+    assert sorted(p for p in n if p.startswith("etc/")) == ["etc/only"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,6 +474,26 @@ def feature_image(registry: RegistryServer, tmp_path_factory: pytest.TempPathFac
     return Pushed(image=image, ref=dst)
 
 
+@pytest.fixture(scope="module")
+def local_unpack_image(
+    registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory
+) -> Pushed:
+    require_containerd()
+    base = tmp_path_factory.mktemp("local-tree")
+    image = build_local_unpack_image(base / "layout")
+    src = images.push(image, registry.host, "local-tree/src", "v1")
+    dst = registry.ref("local-tree/indexed", "v1")
+    sociable(
+        "convert",
+        "--min-layer-size",
+        str(LOCAL_MIN_LAYER_SIZE),
+        src,
+        dst,
+        root=base / "index-root",
+    )
+    return Pushed(image=image, ref=dst)
+
+
 @contextlib.contextmanager
 def mounted_view(
     ctd: Containerd, snapshotter: str, namespace: str, parent: str, target: Path
@@ -510,11 +550,18 @@ def check_feature_tree(tree: Tree, image: images.Image) -> None:
     assert len(image.layers) == 6
 
 
-def test_lazy_tree_equals_overlayfs_tree(
-    feature_image: Pushed, registry: RegistryServer, tmp_path: Path
+def compare_with_overlayfs(
+    pushed: Pushed,
+    registry: RegistryServer,
+    tmp_path: Path,
+    *,
+    lazy_layers: int,
+    check: Callable[[Tree], None],
 ) -> None:
-    image = feature_image.image
-    top = image.chain_ids[-1]
+    """Pull `pushed` with containerd's overlayfs snapshotter and through CRI with sociable,
+    require `lazy_layers` of its layers to be mounted lazily (the others are unpacked by the
+    daemon), `check` the overlayfs view and compare both views attribute by attribute."""
+    top = pushed.image.chain_ids[-1]
     with (
         run_daemon(tmp_path / "sociable") as daemon,
         start_containerd(
@@ -527,23 +574,47 @@ def test_lazy_tree_equals_overlayfs_tree(
     ):
         backend = daemon.client()
         try:
-            ctd.pull(feature_image.ref, snapshotter="overlayfs")
-            ctd.cri().pull_image(feature_image.ref)
+            ctd.pull(pushed.ref, snapshotter="overlayfs")
+            ctd.cri().pull_image(pushed.ref)
             remote = _remote_layers(backend)
             if lazy_path_available():
-                assert remote == len(image.layers), (
-                    f"{remote} of {len(image.layers)} layers were mounted lazily:\n"
-                    f"{daemon.log_tail()}"
+                assert remote == lazy_layers, (
+                    f"{remote} of {len(pushed.image.layers)} layers were mounted lazily, "
+                    f"expected {lazy_layers}:\n{daemon.log_tail()}"
                 )
             with (
                 mounted_view(ctd, "overlayfs", "default", top, tmp_path / "ovl") as ovl,
                 mounted_view(ctd, PROXY_NAME, "k8s.io", top, tmp_path / "soc") as soc,
             ):
                 reference = scan_tree(ovl)
-                check_feature_tree(reference, image)
+                check(reference)
                 assert_same_tree(reference, scan_tree(soc))
         finally:
             backend.close()
+
+
+def test_lazy_tree_equals_overlayfs_tree(
+    feature_image: Pushed, registry: RegistryServer, tmp_path: Path
+) -> None:
+    image = feature_image.image
+    compare_with_overlayfs(
+        feature_image,
+        registry,
+        tmp_path,
+        lazy_layers=len(image.layers),
+        check=lambda tree: check_feature_tree(tree, image),
+    )
+
+
+def test_locally_unpacked_layers_equal_overlayfs_tree(
+    local_unpack_image: Pushed, registry: RegistryServer, tmp_path: Path
+) -> None:
+    """Layers without a zTOC (under the minimum size; zstd) are unpacked by the daemon and
+    must look exactly as containerd unpacks them: nanosecond PAX mtimes kept, hard-link
+    headers applied, `..` clamped at the root, trusted.* xattrs dropped."""
+    compare_with_overlayfs(
+        local_unpack_image, registry, tmp_path, lazy_layers=1, check=check_local_tree
+    )
 
 
 def test_overlayfs_tree_equals_plain_extraction(

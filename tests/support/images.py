@@ -35,7 +35,9 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
+
+import zstandard
 
 FIXED_MTIME = 1_700_000_000
 """The mtime (seconds since the epoch) of every generated tar entry."""
@@ -48,6 +50,7 @@ MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
 MEDIA_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MEDIA_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 DEFAULT_PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -376,6 +379,45 @@ def write_layer(spec: LayerSpec | Iterable[Entry | TreeSource], blobs_dir: Path)
     )
 
 
+def write_raw_layer(
+    members: Iterable[tuple[tarfile.TarInfo, bytes | None]],
+    blobs_dir: Path,
+    *,
+    fmt: int = tarfile.PAX_FORMAT,
+    compression: Literal["gzip", "zstd"] = "gzip",
+) -> Layer:
+    """A layer of hand-made tar members, written as given: any name (``..`` included), PAX
+    records (``mtime``/``atime`` with nanoseconds, xattrs), GNU long names with
+    ``fmt=tarfile.GNU_FORMAT``. Compressed deterministically with gzip (as
+    :func:`write_layer`) or zstd (level 3, media type :data:`MEDIA_LAYER_ZSTD`), stored as
+    ``blobs_dir/<hex digest>``. Raises :class:`ImageBuildError`."""
+    raw = io.BytesIO()
+    try:
+        with tarfile.open(fileobj=raw, mode="w", format=fmt) as tf:
+            for info, data in members:
+                tf.addfile(info, io.BytesIO(data) if data is not None else None)
+    except (ValueError, tarfile.TarError) as e:
+        raise ImageBuildError(f"raw layer: {e}") from e
+    tar_bytes = raw.getvalue()
+    if compression == "zstd":
+        blob = zstandard.ZstdCompressor(level=3).compress(tar_bytes)
+        media_type = MEDIA_LAYER_ZSTD
+    else:
+        out = io.BytesIO()
+        with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=6) as gz:
+            gz.write(tar_bytes)
+        blob, media_type = out.getvalue(), MEDIA_LAYER_GZIP
+    blobs_dir.mkdir(parents=True, exist_ok=True)
+    digest, size = _put_blob(blobs_dir, blob)
+    return Layer(
+        path=blobs_dir / digest.removeprefix("sha256:"),
+        digest=digest,
+        diff_id="sha256:" + hashlib.sha256(tar_bytes).hexdigest(),
+        size=size,
+        media_type=media_type,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # OCI layout
 
@@ -434,6 +476,22 @@ def write_oci_layout(
     blobs = layout / "blobs" / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)
     layers = tuple(write_layer(spec, blobs) for spec in layer_specs)
+    return write_image_layout(layout, layers, tag=tag, cmd=cmd, env=env)
+
+
+def write_image_layout(
+    layout: Path,
+    layers: Sequence[Layer],
+    *,
+    tag: str = "latest",
+    cmd: Sequence[str] = ("/bin/sh",),
+    env: Sequence[str] = (DEFAULT_PATH_ENV,),
+) -> Image:
+    """Writes the config, manifest and ``index.json`` of a linux/amd64 image whose layers (bottom
+    first) are already in ``layout/blobs/sha256`` (:func:`write_layer`,
+    :func:`write_raw_layer`). Raises :class:`ImageBuildError`."""
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
     config = {
         "architecture": "amd64",
         "os": "linux",
@@ -472,7 +530,7 @@ def write_oci_layout(
         tag=tag,
         manifest_digest=manifest_digest,
         config_digest=config_digest,
-        layers=layers,
+        layers=tuple(layers),
         cmd=tuple(cmd),
     )
 
