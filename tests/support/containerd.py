@@ -39,6 +39,7 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+from snapshotter import mountinfo
 from snapshotter.api import snapshots_pb2_grpc as pb_grpc
 from tests.support import images
 from tests.support.registry import RegistryServer
@@ -123,24 +124,9 @@ def capabilities() -> Capabilities:
 # Mount and process cleanup
 
 
-def _unescape_mountinfo(path: str) -> str:
-    return (
-        path.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
-    )
-
-
 def mounts_under(base: Path) -> list[str]:
     """Mount points at or below ``base`` (from /proc/self/mountinfo), deepest first."""
-    prefix = str(base.resolve())
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = _unescape_mountinfo(line.split()[4])
-            if mp == prefix or mp.startswith(prefix + "/"):
-                found.append(mp)
+    found = [m.mountpoint for m in mountinfo.mounts_under(base.resolve())]
     return sorted(found, key=lambda p: (p.count("/"), p), reverse=True)
 
 

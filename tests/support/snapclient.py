@@ -33,6 +33,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from snapshotter import mountinfo
 from snapshotter.api import snapshots_pb2 as pb
 from snapshotter.api import snapshots_pb2_grpc as pb_grpc
 
@@ -361,13 +362,8 @@ def mounted(mounts: Sequence[MountSpec], target: Path) -> Iterator[Path]:
 
 def sweep_mounts(base: Path) -> None:
     """Lazily unmount every mount point under `base`, deepest first."""
-    prefix = str(base.resolve()) + "/"
-    points: list[str] = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = line.split()[4].replace("\\040", " ")
-            if mp.startswith(prefix):
-                points.append(mp)
+    root = base.resolve()
+    points = [m.mountpoint for m in mountinfo.mounts_under(root) if m.mountpoint != str(root)]
     for mp in sorted(points, key=len, reverse=True):
         subprocess.run(["umount", "-l", mp], capture_output=True, check=False)
 
