@@ -2,7 +2,7 @@
 
 `TocBuilder` is fed the *uncompressed* tar stream in chunks of any size and produces the
 `FileMetadata` entries and the `uncompressed_archive_size` that the AWS builder (Go
-`archive/tar` behind a byte-counting reader, spec/soci.md §1.3) produces for the same bytes.
+`archive/tar` behind a byte-counting reader; see docs/format.md) produces for the same bytes.
 
 Speed matters (the layer builder feeds it hundreds of MB/s): file data is never looked at or
 copied, only skipped by arithmetic; Python touches 512-byte headers and the payloads of PAX

@@ -1,4 +1,4 @@
-"""The FUSE layer mount and the kernel page cache (DESIGN.md D7): the read-ahead window is
+"""The FUSE layer mount and the kernel page cache (docs/benchmarks.md): the read-ahead window is
 raised at mount, and re-reads of a layer file, directly or through an overlayfs view whose
 lower is the layer, are served from the page cache without reaching the daemon."""
 
