@@ -179,6 +179,18 @@ def test_implicit_parents_then_explicit_dir_overrides() -> None:
     assert tree.attr(resolve(tree, "a/b/c")).uid == 7
 
 
+def test_whiteout_owner_and_bounded_times_follow_containerd() -> None:
+    tree = tree_of(
+        fm("d/.wh.gone", uid=7, gid=8),
+        fm("d/old", mod_time="1969-12-31T23:59:59.5Z"),
+        fm("d/ns", mod_time="2023-11-14T22:13:42.999999999Z"),
+    )
+    gone = tree.attr(resolve(tree, "d/gone"))
+    assert stat.S_ISCHR(gone.mode) and (gone.uid, gone.gid, gone.rdev) == (7, 8, 0)
+    assert tree.attr(resolve(tree, "d/old")).mtime_ns == 0
+    assert tree.attr(resolve(tree, "d/ns")).mtime_ns == 1_700_000_022_999_999_999
+
+
 def test_root_entry_is_ignored_as_containerd_does() -> None:
     records = {"SCHILY.xattr.user.x": "v"}
     tree = tree_of(fm("./", EntryType.DIR, mode=0o750, uid=3, xattrs=records), fm("f"))
