@@ -454,44 +454,37 @@ class Pushed:
     """The converted (indexed) image reference in the registry."""
 
 
+def push_and_convert(
+    registry: RegistryServer,
+    base: Path,
+    build: Callable[[Path], images.Image],
+    repo: str,
+    *convert_args: str,
+) -> Pushed:
+    """Build the image under `base`, push it to `<repo>/src:v1` and index it into
+    `<repo>/indexed:v1` with `sociable convert <convert_args>`."""
+    require_containerd()
+    image = build(base / "layout")
+    src = images.push(image, registry.host, f"{repo}/src", "v1")
+    dst = registry.ref(f"{repo}/indexed", "v1")
+    sociable("convert", *convert_args, src, dst, root=base / "index-root")
+    return Pushed(image=image, ref=dst)
+
+
 @pytest.fixture(scope="module")
 def feature_image(registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory) -> Pushed:
-    require_containerd()
     base = tmp_path_factory.mktemp("lazy-tree")
-    image = build_feature_image(base / "layout")
-    src = images.push(image, registry.host, "lazy-tree/src", "v1")
-    dst = registry.ref("lazy-tree/indexed", "v1")
-    sociable(
-        "convert",
-        "--min-layer-size",
-        "0",
-        "--span-size",
-        str(SPAN_SIZE),
-        src,
-        dst,
-        root=base / "index-root",
-    )
-    return Pushed(image=image, ref=dst)
+    args = ("--min-layer-size", "0", "--span-size", str(SPAN_SIZE))
+    return push_and_convert(registry, base, build_feature_image, "lazy-tree", *args)
 
 
 @pytest.fixture(scope="module")
 def local_unpack_image(
     registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Pushed:
-    require_containerd()
     base = tmp_path_factory.mktemp("local-tree")
-    image = build_local_unpack_image(base / "layout")
-    src = images.push(image, registry.host, "local-tree/src", "v1")
-    dst = registry.ref("local-tree/indexed", "v1")
-    sociable(
-        "convert",
-        "--min-layer-size",
-        str(LOCAL_MIN_LAYER_SIZE),
-        src,
-        dst,
-        root=base / "index-root",
-    )
-    return Pushed(image=image, ref=dst)
+    args = ("--min-layer-size", str(LOCAL_MIN_LAYER_SIZE))
+    return push_and_convert(registry, base, build_local_unpack_image, "local-tree", *args)
 
 
 @contextlib.contextmanager
