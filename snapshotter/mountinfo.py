@@ -14,6 +14,7 @@ Reading the file is a blocking syscall: call these from a worker thread in async
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from dataclasses import dataclass
@@ -76,14 +77,20 @@ def parse_mountinfo(data: bytes) -> list[MountEntry]:
 def mount_table(path: Path = MOUNTINFO) -> list[MountEntry]:
     """The mounts of this process's mount namespace, in mount order.
 
-    Raises `OSError` when the file cannot be read, `ValueError` when it does not parse.
+    Raises `OSError` when the file cannot be read or does not parse (EIO, the `ValueError`
+    chained), so callers handle one exception.
     """
-    return parse_mountinfo(path.read_bytes())
+    data = path.read_bytes()
+    try:
+        return parse_mountinfo(data)
+    except ValueError as e:
+        raise OSError(errno.EIO, f"{path}: {e}") from e
 
 
 def mounts_under(base: Path) -> list[MountEntry]:
     """Mounts at or below `base` (made absolute, not resolved), latest first (so the deepest
-    and the most recently stacked come before what they cover). Raises as `mount_table`."""
+    and the most recently stacked come before what they cover). Raises `OSError` as
+    `mount_table`."""
     prefix = os.path.abspath(base)
     under = prefix.rstrip("/") + "/"
     found = [m for m in mount_table() if m.mountpoint == prefix or m.mountpoint.startswith(under)]
@@ -93,7 +100,7 @@ def mounts_under(base: Path) -> list[MountEntry]:
 def mount_at(path: Path) -> MountEntry | None:
     """The topmost mount whose mountpoint is exactly `path` (made absolute), or None.
 
-    Raises as `mount_table`.
+    Raises `OSError` as `mount_table`.
     """
     target = os.path.abspath(path)
     found = [m for m in mount_table() if m.mountpoint == target]
@@ -105,5 +112,5 @@ def is_mountpoint(path: Path) -> bool:
     kernel still lists it). False when mountinfo cannot be read."""
     try:
         return mount_at(path) is not None
-    except (OSError, ValueError):
+    except OSError:
         return False

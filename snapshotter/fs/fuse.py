@@ -101,7 +101,7 @@ def set_read_ahead(mountpoint: Path, kb: int) -> bool:
             raise FileNotFoundError(f"no mount at {mountpoint} in /proc/self/mountinfo")
         path = Path(f"/sys/class/bdi/{mount.device}/read_ahead_kb")
         path.write_text(f"{kb}\n")
-    except (OSError, ValueError) as e:
+    except OSError as e:
         log.warning("cannot set read-ahead of %s to %d KiB (%s): %s", mountpoint, kb, path, e)
         return False
     return True

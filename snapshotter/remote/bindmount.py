@@ -54,7 +54,7 @@ def detach_all_under(base: Path) -> int:
     """Lazily unmount every mount at or below `base`, deepest first; returns how many.
 
     Errors on single mounts are ignored (a later pass or the caller notices); raises
-    `OSError`/`ValueError` only when `/proc/self/mountinfo` cannot be read or parsed.
+    `OSError` only when `/proc/self/mountinfo` cannot be read or parsed.
     """
     count = 0
     for entry in mounts_under(base):

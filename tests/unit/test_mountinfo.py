@@ -58,3 +58,7 @@ def test_mount_table_reads_this_process_mounts(tmp_path: Path) -> None:
     sample = tmp_path / "mountinfo"
     sample.write_bytes(SAMPLE)
     assert mount_table(sample) == parse_mountinfo(SAMPLE)
+    sample.write_bytes(b"not mountinfo\n")
+    with pytest.raises(OSError, match="malformed") as info:
+        mount_table(sample)
+    assert isinstance(info.value.__cause__, ValueError)
