@@ -236,17 +236,22 @@ class LazyLayers:
             self._layers.clear()
 
     def statuses(self) -> dict[str, dict[str, object]]:
-        """Per mounted layer (by FUSE directory name): its digest and the errors its tasks
-        met (`taskErrors`, `lastTaskError`; read-ahead and background)."""
+        """Per mounted layer (by FUSE directory name): its digest, the unexpected errors of
+        its task scope (`taskErrors`, `lastTaskError`) and the reader's failures, background
+        steps included (`fetchErrors`, `lastFetchError`)."""
         out: dict[str, dict[str, object]] = {}
         for name in sorted(self._layers):
             layer = self._layers[name]
             stats = layer.scope.statistics()
+            reader = layer.reader.status()
             doc: dict[str, object] = {
                 "digest": layer.record.layer_digest,
                 "taskErrors": stats.errors,
+                "fetchErrors": reader.errors,
             }
             if stats.last_error:
                 doc["lastTaskError"] = stats.last_error
+            if reader.last_error:
+                doc["lastFetchError"] = reader.last_error
             out[name] = doc
         return out
