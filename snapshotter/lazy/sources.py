@@ -1,7 +1,7 @@
 """Where span bytes come from: the `BlobSource` seam and its registry and chain implementations.
 
 A source fetches a byte range `[start, end)` of a blob named by its digest. The consumer (the
-span reader, `snapshotter.lazy.spans`) passes a `check` callable that verifies what came back (span
+span reader, `snapshotter.lazy.reader`) passes a `check` callable that verifies what came back (span
 digests); a source runs it on every answer, so corrupt bytes count as a failure of that source:
 retried there, and then the next source of a chain is tried. Wrong bytes are never returned.
 

@@ -33,10 +33,8 @@ import trio
 from index.oci.client import AsyncRegistryClient
 from index.oci.dockerconfig import DockerConfig
 from index.store import LocalStore
-from snapshotter.lazy.background import BackgroundConfig, BackgroundFetcher
-from snapshotter.lazy.cache import CacheConfig, SpanCache
-from snapshotter.lazy.sources import FetchConfig
-from snapshotter.lazy.spans import DemandTracker
+from snapshotter.lazy import BackgroundFetcher, DemandTracker
+from snapshotter.lazy.cache import SpanCache
 from snapshotter.snapshots.mounts import detect_overlay_features
 from snapshotter.snapshots.service import DeclineMounter, LayerMounter
 from snapshotter.tasks import TaskScope, open_task_scope
@@ -111,23 +109,13 @@ async def _build(
     )
     stack.push_async_callback(client.aclose)
     step.name = "cache"
-    cache = SpanCache(
-        root / "cache",
-        CacheConfig(max_bytes=cfg.cache_max_bytes, inflated_max_bytes=cfg.inflated_cache_max_bytes),
-    )
+    cache = SpanCache(root / "cache", cfg.cache_config())
     step.name = "records"
     records = RecordStore(root / "remote")
     userxattr = detect_overlay_features().userxattr
     unpacker = RegistryUnpacker(client, root / "unpack", userxattr=userxattr)
     tracker = DemandTracker()
-    background = BackgroundFetcher(
-        BackgroundConfig(
-            enabled=cfg.background_fetch,
-            quiet_period_ms=cfg.background_quiet_period_ms,
-            rate_bytes_per_sec=cfg.background_rate_bytes_per_sec,
-        ),
-        tracker,
-    )
+    background = BackgroundFetcher(cfg.background_config(), tracker)
     step.name = "fuse"
     fuse = await stack.enter_async_context(open_fuse_host(fuse_dir, LayerHost()))
     step.name = "tasks"
@@ -141,16 +129,16 @@ async def _build(
         DiscoveryModes(cfg.soci_v2, cfg.soci_v1, cfg.local_store),
         queue_tree=trees.queue,
     )
-    fetch_config = FetchConfig(request_timeout_sec=cfg.request_timeout_sec)
     layers = LazyLayers(
         fuse=fuse,
         tasks=scope,
         trees=trees,
-        sources=RegistrySources(client, fetch_config),
+        sources=RegistrySources(client, cfg.fetch_config()),
         records=records,
         cache=cache,
         background=background,
         tracker=tracker,
+        read_config=cfg.read_config(),
     )
     stack.push_async_callback(layers.close)
     mounter = RemoteMounter(

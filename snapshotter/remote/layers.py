@@ -31,7 +31,7 @@ from index.oci.client import AsyncRegistryClient
 from index.oci.errors import OciError
 from index.oci.reference import Reference
 from snapshotter.fs.errors import FsError
-from snapshotter.lazy import DemandTracker, RemoteLayerReader, default_inflate_limiter
+from snapshotter.lazy import DemandTracker, ReadConfig, RemoteLayerReader, default_inflate_limiter
 from snapshotter.lazy.background import BackgroundFetcher
 from snapshotter.lazy.cache import SpanCache
 from snapshotter.lazy.sources import FetchConfig, RegistrySource
@@ -100,6 +100,7 @@ class LazyLayers:
         cache: SpanCache,
         background: BackgroundFetcher,
         tracker: DemandTracker,
+        read_config: ReadConfig | None = None,
     ) -> None:
         self.fuse = fuse
         self.tasks = tasks
@@ -109,8 +110,9 @@ class LazyLayers:
         self.cache = cache
         self.background = background
         self.tracker = tracker
-        self._inflate_limiter = default_inflate_limiter()
-        self._io_limiter = trio.CapacityLimiter(4)
+        self.read_config = read_config or ReadConfig()
+        self._inflate_limiter = default_inflate_limiter(self.read_config)
+        self._io_limiter = trio.CapacityLimiter(4)  # span-cache writes, all layers
         self._layers: dict[str, _Layer] = {}
 
     def __repr__(self) -> str:
@@ -141,6 +143,7 @@ class LazyLayers:
                     ztoc,
                     self.sources.get(Reference.parse(record.image_ref)),
                     self.cache,
+                    config=self.read_config,
                     tracker=self.tracker,
                     inflate_limiter=self._inflate_limiter,
                     io_limiter=self._io_limiter,

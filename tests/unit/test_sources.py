@@ -14,6 +14,7 @@ from index.model import CompressedOffset, UncompressedOffset
 from index.oci import errors as oci_errors
 from index.oci.client import AsyncRegistryClient
 from index.oci.reference import Reference
+from snapshotter.lazy import RemoteLayerReader
 from snapshotter.lazy.cache import SpanCache
 from snapshotter.lazy.sources import (
     AccessDenied,
@@ -29,7 +30,6 @@ from snapshotter.lazy.sources import (
     SourceUnavailable,
     translate_oci_error,
 )
-from snapshotter.lazy.spans import RemoteLayerReader
 from tests.support.lazylayer import Layer, MemorySource
 
 
