@@ -37,7 +37,7 @@ import threading
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -490,6 +490,11 @@ class CountingProxy:
     every `/_storage` request with an old `sig` answer 403 (a presigned URL that expired).
     `fail_status`: the next `fail_count` requests get this status.
 
+    A slow backend: `hold(path, range_header)` (the Range header or "") gives the seconds to
+    hold a request after counting it, before answering (0: at once); a held request is then
+    forwarded, or answered `hold_status` when that is set (a slow failing backend). `held`
+    counts held requests, `holding` those being held now.
+
     Body faults (`fault`, applied to the next `fault_count` successful answers with a body whose
     path contains `fault_match`, blob reads by default; `faults_injected` counts them):
     `"reset"` drops the connection with a TCP RST instead of answering, `"truncate"` sends the
@@ -506,6 +511,10 @@ class CountingProxy:
     fault_count: int = 0
     fault_match: str = "/blobs/sha256:"
     faults_injected: int = 0
+    hold: Callable[[str, str], float] | None = None
+    hold_status: int = 0
+    held: int = 0
+    holding: int = 0
     requests: Counter[str] = field(default_factory=Counter)
     bytes_sent: Counter[str] = field(default_factory=Counter)
     port: int = 0
@@ -562,6 +571,8 @@ class CountingProxy:
                 if failing:
                     self._send(proxy.fail_status, {}, b"injected failure")
                     return
+                if self._held(parts.path):
+                    return
                 length = int(self.headers.get("Content-Length", "0") or 0)
                 body = self.rfile.read(length) if length else b""
                 headers = {
@@ -614,6 +625,26 @@ class CountingProxy:
                 if self._inject_fault(parts.path, resp.status_code, out, resp.content):
                     return
                 self._send(resp.status_code, out, resp.content)
+
+            def _held(self, path: str) -> bool:
+                """Hold the request as `proxy.hold` says; True when it was answered here."""
+                delay = proxy.hold(path, self.headers.get("Range", "")) if proxy.hold else 0.0
+                if delay <= 0:
+                    return False
+                with proxy._lock:
+                    proxy.held += 1
+                    proxy.holding += 1
+                try:
+                    time.sleep(delay)
+                finally:
+                    with proxy._lock:
+                        proxy.holding -= 1
+                if not proxy.hold_status:
+                    return False
+                self.close_connection = True
+                with contextlib.suppress(OSError):  # the client may have given up meanwhile
+                    self._send(proxy.hold_status, {}, b"held, then failed")
+                return True
 
             def _inject_fault(
                 self, path: str, status: int, headers: dict[str, str], body: bytes
