@@ -6,6 +6,10 @@ e.g. one per mounted layer) and close them when what they serve goes away (`awai
 child.aclose()` cancels every task in it and waits for them). Closing a scope closes its
 children.
 
+Work an owner does in its caller's task on the scope's behalf (e.g. a read of a layer) can be
+tied to the scope too: `with scope.cancelled_on_close() as cs:` runs the block so that closing
+the scope cancels it (`cs.cancelled_caught` tells the caller).
+
 The boundary: a task started with `start_soon` that raises an exception not listed in the
 scope's `fatal` types is logged once with the scope's name (`task failed`, keys `scope`,
 `task`, `error`), counted, and kept as `last_error` for status; its siblings and the parent go
@@ -18,8 +22,8 @@ See docs/architecture.md (the task tree).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +56,7 @@ class TaskScope:
         self._running = 0
         self._nursery: trio.Nursery | None = None
         self._cancel = trio.CancelScope()
+        self._borrowed: set[trio.CancelScope] = set()  # blocks of cancelled_on_close
         self._done = trio.Event()
         self._closed = False
 
@@ -128,6 +133,21 @@ class TaskScope:
             self._closed = True
             self._done.set()
 
+    @contextmanager
+    def cancelled_on_close(self) -> Iterator[trio.CancelScope]:
+        """Run the block (in the caller's task) so that closing this scope cancels it; when
+        the scope is closed already, the block is cancelled at its first checkpoint. Yields the
+        block's CancelScope: `cancelled_caught` afterwards says it was cut short."""
+        block = trio.CancelScope()
+        if self._closed:
+            block.cancel()
+        self._borrowed.add(block)
+        try:
+            with block:
+                yield block
+        finally:
+            self._borrowed.discard(block)
+
     async def aclose(self) -> None:
         """Cancel every task of this scope (and its children) and wait until they are gone.
 
@@ -135,6 +155,8 @@ class TaskScope:
         """
         self._closed = True
         self._cancel.cancel()
+        for borrowed in self._borrowed:
+            borrowed.cancel()
         if self._nursery is None:
             return
         with trio.CancelScope(shield=True):

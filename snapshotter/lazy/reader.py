@@ -25,16 +25,19 @@ into EIO:
                                               counts it as a read error)
 
 Tasks: given `tasks` (the LAYER's `TaskScope`, closed by its owner on unmount), pipelined
-read-ahead runs there; closing it cancels them and makes later reads and background steps
-raise `LayerClosed` without a request. Without `tasks`, read-ahead rides along in the read's
+read-ahead runs there; closing it cancels them, cancels the fetches of reads in progress (they
+raise `LayerClosed`: no retry, no refetch after the unmount) and makes later reads and
+background steps raise `LayerClosed` without a request. Without `tasks`, read-ahead rides along in the read's
 own request. Units: bytes; `UncompressedOffset` into the tar stream.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Final
 
@@ -263,7 +266,10 @@ class RemoteLayerReader:
             self.read_ahead.ride_along(spans[-1]) if sequential and not pipelined else range(0)
         )
         try:
-            parts = await self._load(spans, ride_along)
+            with self._cancelled_on_close() as block:
+                parts = await self._load(spans, ride_along)
+            if block.cancelled_caught:  # unmounted meanwhile: no retry, no refetch
+                raise LayerClosed(f"layer {self.layer}: unmounted during the read")
         except FetchError as e:
             self.counters.record_error(str(e))
             raise LayerReadError(f"layer {self.layer}: spans {spans[0]}-{spans[-1]}: {e}") from e
@@ -271,6 +277,12 @@ class RemoteLayerReader:
             self.counters.record_error(str(e))
             raise LayerReadError(f"layer {self.layer}: {e}") from e
         return assemble(slices, parts)
+
+    def _cancelled_on_close(self) -> AbstractContextManager[trio.CancelScope]:
+        """The block of an on-demand fetch: cancelled when the layer's scope closes."""
+        if self._tasks is None:
+            return contextlib.nullcontext(trio.CancelScope())
+        return self._tasks.cancelled_on_close()
 
     async def _load(self, spans: Sequence[SpanId], ride_along: range) -> list[bytes]:
         """The inflated `spans`: made local, then inflated; fetched again when a cached copy

@@ -5,9 +5,10 @@ lazy layers of an image converted with `sociable convert` into a real docker-reg
 the Snapshots API (Prepare with CRI's labels, answered ALREADY_EXISTS), and serves them from
 its FUSE host; the test reads the layers' files from `<root>/fuse/snap-<id>`:
 
-- unmounting a layer (Remove + Cleanup) while its read-ahead waits on a slow, failing registry
-  cancels that work: no request for the layer's blob reaches the registry afterwards (the read
-  path's retries would otherwise go on), and the other layer keeps serving;
+- unmounting a layer (Remove + Cleanup) while its read-ahead and a background step wait on a
+  slow, failing registry cancels that work: no request for the layer's blob reaches the
+  registry afterwards (the retries would otherwise go on), and the other layer keeps serving;
+- a read of the layer in progress at the unmount fails (EIO) instead of retrying its fetch;
 - a background step of one layer raising an unexpected exception (injected into the daemon
   process by a `sitecustomize` module on its PYTHONPATH, the seam being
   `RemoteLayerReader.prefetch_step`) fails that layer's background fetch only: the daemon stays
@@ -239,6 +240,16 @@ def read_sequentially(path: Path, end: int, chunk: int = 128 * 1024) -> bytes:
         os.close(fd)
 
 
+def read_at(path: Path, offset: int, size: int) -> bytes:
+    """One read of `size` bytes at `offset` of `path`, the kernel's read-ahead off."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
 def read_whole(path: Path) -> bytes:
     return _bounded(path.read_bytes)
 
@@ -308,6 +319,45 @@ def test_unmount_cancels_the_layers_read_ahead_and_background_fetch(
             assert m.daemon.alive()
             assert read_whole(m.dirs[1] / b.name) == b.data
             assert m.snap.stat(m.targets[1]).labels.get(L.REMOTE)
+
+
+def test_unmount_stops_a_read_in_progress_from_fetching(
+    pushed: Pushed, registry: RegistryServer, tmp_path: Path
+) -> None:
+    a, b = pushed.layers
+    held_from = a.spans.compressed_range(SpanId(2))[0]
+    with start_proxy(registry) as proxy:
+        # Layer A's bytes from span 2 on: slow, then failing (the read would retry).
+        proxy.hold_status = 503
+        proxy.hold = lambda path, rng: (
+            HOLD_SEC if a.digest in path and _range_start(rng) >= held_from else 0.0
+        )
+        with mounted(tmp_path / "d", "background_fetch = false", proxy.host, pushed) as m:
+            offset = int(a.spans.uncompressed_range(SpanId(3))[0]) - a.data_offset
+            offset -= offset % PAGE
+            outcome: list[bytes | OSError] = []
+
+            def read_span_3() -> None:
+                try:
+                    outcome.append(read_at(m.dirs[0] / a.name, offset, PAGE))
+                except OSError as e:
+                    outcome.append(e)
+
+            reader = threading.Thread(target=read_span_3, name="fuse-read", daemon=True)
+            reader.start()
+            wait_for("the read's request to reach the registry", lambda: proxy.holding > 0, 10)
+
+            m.snap.remove(m.targets[0])
+            m.snap.cleanup()
+            unmounted = blob_gets(proxy, a.digest)
+            reader.join(IO_TIMEOUT_SEC)
+            assert not reader.is_alive(), "the read did not end at the unmount"
+            assert isinstance(outcome[0], OSError), outcome  # EIO: the layer went away
+            time.sleep(HOLD_SEC + 2.0)  # a retry would be sent within this
+            assert blob_gets(proxy, a.digest) == unmounted, (
+                f"requests for layer A after its unmount: {dict(proxy.requests)}"
+            )
+            assert read_whole(m.dirs[1] / b.name) == b.data
 
 
 SITECUSTOMIZE = textwrap.dedent(
