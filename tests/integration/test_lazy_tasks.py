@@ -288,21 +288,23 @@ def test_unmount_cancels_the_layers_read_ahead_and_background_fetch(
         f"background_step_bytes = {step}"  # one span of layer A per background step
     )
     with start_proxy(registry) as proxy:
-        # The registry is slow, then fails, for layer A's bytes from span 2 on: where a
-        # sequential reader's read-ahead and the background fetch go once spans 0 and 1 (read
-        # on demand, or by the background) are local.
+        # The registry is slow, then fails, for layer A's bytes from span 2 on: where the
+        # background fetch and a sequential reader's read-ahead go once spans 0 and 1 are local.
         proxy.hold_status = 503
         proxy.hold = lambda path, rng: (
             HOLD_SEC if a.digest in path and _range_start(rng) >= held_from else 0.0
         )
         with mounted(tmp_path / "d", config, proxy.host, pushed) as m:
+            # First the background fetch takes spans 0 and 1 and waits on span 2 (it must start
+            # before the read-ahead: it waits for on-demand fetching to be quiet).
+            wait_for("A's background step on span 2", lambda: proxy.holding >= 1, 10)
             end = a.pages_before_span_end(1)
             started = time.monotonic()
             got = _bounded(lambda: read_sequentially(m.dirs[0] / a.name, end))
             assert got == a.data[:end]
             assert time.monotonic() - started < HOLD_SEC, "the reads waited for held requests"
-            # One request of the read-ahead (its window is one request), one background step.
-            wait_for("A's read-ahead and background step", lambda: proxy.holding >= 2, 10)
+            # The sequential read started read-ahead of spans 3-5 (one request): held too.
+            wait_for("A's read-ahead", lambda: proxy.holding >= 2, 10)
 
             m.snap.remove(m.targets[0])
             m.snap.cleanup()  # reclaims the snapshot: returns once the layer is unmounted
