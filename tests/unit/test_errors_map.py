@@ -1,4 +1,4 @@
-"""The one table from domain errors to gRPC status codes (spec/containerd.md §1.6)."""
+"""The one table from domain errors to gRPC status codes (docs/architecture.md, error tables)."""
 
 from __future__ import annotations
 
