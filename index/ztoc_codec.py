@@ -1,6 +1,6 @@
 """zTOC flatbuffers codec, byte-identical to the AWS SOCI implementation (docs/format.md).
 
-* `encode_ztoc` performs the Go marshaler's builder calls in their exact order (§1.4) on
+* `encode_ztoc` performs the Go marshaler's builder calls in their exact order (docs/format.md) on
   `index.fbwriter.FlatWriter`, a fast writer that gives the same bytes as the `flatbuffers`
   runtime's `Builder`; so equal inputs give equal bytes and equal digests.
 * `decode_ztoc` / `ZtocView` read a buffer with their own bounds-checked flatbuffers reader:
