@@ -11,7 +11,7 @@ Modules, one concern each:
 - `layers`: mounting a lazy layer (FUSE host, bind mount, its task scope, background fetch).
 - `local`, `unpack`, `apply`: the local-unpack fallback (download, decompress, apply the tar
   with overlay whiteouts as containerd's applier does).
-- `bindmount`: mount(2)/umount2(2) and mount-table helpers.
+- `bindmount`: bind mounts of layer subtrees and their removal (mount(2)/umount2(2)).
 - `mounter`: `RemoteMounter` (the fallback matrix) and `DegradedMounter`.
 - `compose`: `open_remote_mounter`, the composition root, start-up policy and task tree.
 - `status`: `<root>/status.json` and `sociable-snapshotter status`.

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from snapshotter.mountinfo import mounts_under
 from tests.support import images
 from tests.support.cli import sociable
 from tests.support.containerd import (
@@ -334,11 +335,7 @@ def test_remove_and_gc_unmounts_everything(stack: Stack) -> None:
     while True:
         left = sorted(p.name for p in snapshots.iterdir())
         layers = sorted(p.name for p in fuse.iterdir())
-        mounts = [
-            line.split()[4]
-            for line in Path("/proc/self/mountinfo").read_text().splitlines()
-            if line.split()[4].startswith(str(snapshots))
-        ]
+        mounts = [m.mountpoint for m in mounts_under(snapshots)]
         if not left and not layers and not mounts:
             break
         if time.monotonic() > deadline:
