@@ -128,6 +128,13 @@ class RemoteConfig:
         default=30.0,
         metadata=_doc("Longest a lazy mount may take (index, zTOCs, tree) before falling back."),
     )
+    unpack_timeout_sec: float = field(
+        default=600.0,
+        metadata=_doc(
+            "Longest a local unpack (download and apply of a layer without a zTOC) may take; "
+            "past it the layer is left to containerd."
+        ),
+    )
     cache_max_bytes: int = field(
         default=10 * 1024 * 1024 * 1024,
         metadata=_doc("Size bound of the span cache under <root>/cache, in bytes."),
@@ -140,7 +147,11 @@ class RemoteConfig:
         ),
     )
     max_parallel_requests: int = field(
-        default=4, metadata=_doc("Registry requests in flight at once (all layers).")
+        default=4,
+        metadata=_doc(
+            "Registry operations in flight at once, of every kind and layer (discovery, "
+            "span reads, background fetch, local-unpack downloads)."
+        ),
     )
     request_timeout_sec: float = field(
         default=60.0, metadata=_doc("Timeout of one registry Range request.")
@@ -278,8 +289,11 @@ def _validate(cfg: Config) -> None:
     if not cfg.containerd.plugin_name:
         raise ConfigError("[containerd] plugin_name: must not be empty")
     r = cfg.remote
-    if r.mount_timeout_sec <= 0 or r.request_timeout_sec <= 0:
-        raise ConfigError("[remote] mount_timeout_sec and request_timeout_sec must be positive")
+    if r.mount_timeout_sec <= 0 or r.request_timeout_sec <= 0 or r.unpack_timeout_sec <= 0:
+        raise ConfigError(
+            "[remote] mount_timeout_sec, request_timeout_sec and unpack_timeout_sec must be "
+            "positive"
+        )
     if r.max_parallel_requests < 1:
         raise ConfigError("[remote] max_parallel_requests: must be at least 1")
     if r.cache_max_bytes < 0 or r.background_rate_bytes_per_sec < 0:

@@ -113,7 +113,9 @@ async def _build(
     step.name = "records"
     records = RecordStore(root / "remote")
     userxattr = detect_overlay_features().userxattr
-    unpacker = RegistryUnpacker(client, root / "unpack", userxattr=userxattr)
+    unpacker = RegistryUnpacker(
+        client, root / "unpack", userxattr=userxattr, timeout_sec=cfg.unpack_timeout_sec
+    )
     tracker = DemandTracker()
     background = BackgroundFetcher(cfg.background_config(), tracker)
     step.name = "fuse"

@@ -102,6 +102,7 @@ def test_missing_default_file_means_defaults(
         ('[daemon]\naddress = "tcp://x"\n', "address"),
         ("[daemon\n", "not valid TOML"),
         ("[remote]\nmax_request_bytes = 0\n", "[remote] max_request_bytes must be positive"),
+        ("[remote]\nunpack_timeout_sec = 0\n", "unpack_timeout_sec must be positive"),
         ("[remote]\nreadahead_spans = -1\n", "[remote] readahead_spans must not be negative"),
         ("[remote]\nmemory_cache_spans = 0\n", "[remote] memory_cache_spans must be at least 1"),
         ("[remote]\ninflate_threads = -2\n", "[remote] inflate_threads"),
