@@ -33,7 +33,7 @@ from index.model import CompressedOffset, SpanId
 from index.zinfo import SpanError, SpanMap
 from snapshotter.lazy.cache import CacheError, SpanCache
 from snapshotter.lazy.demand import DemandTracker
-from snapshotter.lazy.sources import BlobSource, ContentMismatch
+from snapshotter.lazy.sources import VERIFY_THREADS, BlobSource, ContentMismatch
 from snapshotter.lazy.table import SpanState, SpanTable, coalesce
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ class SpanFetcher:
             )
             self.counters.network_bytes += len(data)
             if not check.verified:  # a source that did not run the check: run it here
-                await trio.to_thread.run_sync(check, data)
+                await trio.to_thread.run_sync(check, data, limiter=VERIFY_THREADS)
             # the check cut the verified bytes in the worker thread (no big copies here)
             fetch.results.update(check.verified)
             try:

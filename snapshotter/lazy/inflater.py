@@ -33,6 +33,10 @@ from snapshotter.lazy.cache import CacheError, InflatedCache, SpanCache
 from snapshotter.lazy.table import SpanState, SpanTable
 from snapshotter.singleflight import SingleFlight
 
+TIER_READ_THREADS = trio.CapacityLimiter(16)
+"""Worker threads reading inflated spans back from the memory LRU and the tier (local
+`pread`s, all layers); reads that miss them inflate under the inflate limiter instead."""
+
 log = logging.getLogger(__name__)
 
 
@@ -173,4 +177,4 @@ class SpanInflater:
                 parts.append(part)
             return parts[0] if len(parts) == 1 else b"".join(parts)
 
-        return await trio.to_thread.run_sync(load)
+        return await trio.to_thread.run_sync(load, limiter=TIER_READ_THREADS)

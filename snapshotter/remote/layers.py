@@ -39,7 +39,7 @@ from snapshotter.tasks import TaskScope
 
 from . import bindmount
 from .errors import MountError
-from .records import LayerRecord, RecordStore, layer_name
+from .records import MOUNT_THREADS, LayerRecord, RecordStore, layer_name
 from .trees import LayerTrees
 
 if TYPE_CHECKING:
@@ -157,18 +157,24 @@ class LazyLayers:
                 raise MountError(f"layer {layer} as {name}: {e}") from e
             t2 = time.monotonic()
             try:
-                await trio.to_thread.run_sync(bindmount.bind, layer_dir, mountpoint)
+                await trio.to_thread.run_sync(
+                    bindmount.bind, layer_dir, mountpoint, limiter=MOUNT_THREADS
+                )
                 bound = True
                 t3 = time.monotonic()
                 record = record.with_slot(self.fuse.host.status(name).slot)
-                await trio.to_thread.run_sync(self.records.write, name, record)
+                await trio.to_thread.run_sync(
+                    self.records.write, name, record, limiter=MOUNT_THREADS
+                )
             except OSError as e:
                 raise MountError(f"layer {layer}: {e}") from e
         except BaseException:
             with trio.CancelScope(shield=True):
                 if bound:
                     with contextlib.suppress(OSError):
-                        await trio.to_thread.run_sync(bindmount.detach, mountpoint)
+                        await trio.to_thread.run_sync(
+                            bindmount.detach, mountpoint, limiter=MOUNT_THREADS
+                        )
                 if added:
                     with contextlib.suppress(FsError):
                         self.fuse.remove_layer(name)
@@ -200,7 +206,9 @@ class LazyLayers:
             return
         with trio.CancelScope(shield=True):
             try:
-                while await trio.to_thread.run_sync(bindmount.detach, mountpoint):
+                while await trio.to_thread.run_sync(
+                    bindmount.detach, mountpoint, limiter=MOUNT_THREADS
+                ):
                     pass
             except OSError as e:
                 log.warning("unmount failed", extra={"path": str(mountpoint), "error": str(e)})
@@ -212,7 +220,7 @@ class LazyLayers:
                 self.fuse.remove_layer(name)
             await layer.scope.aclose()
             try:
-                await trio.to_thread.run_sync(self.records.remove, name)
+                await trio.to_thread.run_sync(self.records.remove, name, limiter=MOUNT_THREADS)
             except OSError as e:
                 log.warning(
                     "cannot remove restore record", extra={"fuse_dir": name, "error": str(e)}
@@ -220,7 +228,9 @@ class LazyLayers:
             digest = Digest(layer.record.layer_digest)
             if not any(m.record.layer_digest == digest for m in self._layers.values()):
                 try:
-                    await trio.to_thread.run_sync(self.cache.release_layer, digest)
+                    await trio.to_thread.run_sync(
+                        self.cache.release_layer, digest, limiter=MOUNT_THREADS
+                    )
                 except Exception as e:  # a mark that cannot be written is not worth failing for
                     log.warning(
                         "cannot release cached spans", extra={"layer": digest, "error": repr(e)}
@@ -233,7 +243,9 @@ class LazyLayers:
         with trio.CancelScope(shield=True):
             for layer in list(self._layers.values()):
                 with contextlib.suppress(OSError):
-                    await trio.to_thread.run_sync(bindmount.detach, layer.mountpoint)
+                    await trio.to_thread.run_sync(
+                        bindmount.detach, layer.mountpoint, limiter=MOUNT_THREADS
+                    )
                 self.background.unregister(layer.name)
                 await layer.scope.aclose()
             self._layers.clear()

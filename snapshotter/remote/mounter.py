@@ -54,7 +54,7 @@ from .errors import (
     UnpackError,
 )
 from .labels import CRI_IMAGE_REF, TARGET_REF, LayerLabels
-from .records import LayerRecord, layer_name
+from .records import MOUNT_THREADS, LayerRecord, layer_name
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ class RemoteMounter:
         `check`; never raises (the daemon starts with the other layers)."""
         name = layer_name(mountpoint)
         try:
-            record = await trio.to_thread.run_sync(self.records.read, name)
+            record = await trio.to_thread.run_sync(self.records.read, name, limiter=MOUNT_THREADS)
             if record is None:
                 record = await self._discover_record(labels)
             try:

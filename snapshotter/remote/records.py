@@ -14,7 +14,13 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import trio
+
 from index.fsutil import atomic_write
+
+MOUNT_THREADS = trio.CapacityLimiter(4)
+"""Worker threads for the blocking steps of mounting and unmounting lazy layers: mount(2)
+and umount2(2) of layer subtrees, restore-record files, cache marks."""
 
 
 @dataclass(frozen=True, slots=True)
