@@ -54,7 +54,7 @@ from snapshotter.lazy.fetcher import LayerCounters, SpanFetcher
 from snapshotter.lazy.inflater import SpanGone, SpanInflater
 from snapshotter.lazy.readahead import ReadAhead
 from snapshotter.lazy.sources import BlobSource, FetchError
-from snapshotter.lazy.table import SpanState, SpanTable
+from snapshotter.lazy.table import LOCAL, SpanState, SpanTable
 from snapshotter.tasks import TaskScope
 
 log = logging.getLogger(__name__)
@@ -266,10 +266,7 @@ class RemoteLayerReader:
             self.read_ahead.ride_along(spans[-1]) if sequential and not pipelined else range(0)
         )
         try:
-            with self._cancelled_on_close() as block:
-                parts = await self._load(spans, ride_along)
-            if block.cancelled_caught:  # unmounted meanwhile: no retry, no refetch
-                raise LayerClosed(f"layer {self.layer}: unmounted during the read")
+            parts = await self._load(spans, ride_along)
         except FetchError as e:
             self.counters.record_error(str(e))
             raise LayerReadError(f"layer {self.layer}: spans {spans[0]}-{spans[-1]}: {e}") from e
@@ -286,9 +283,17 @@ class RemoteLayerReader:
 
     async def _load(self, spans: Sequence[SpanId], ride_along: range) -> list[bytes]:
         """The inflated `spans`: made local, then inflated; fetched again when a cached copy
-        vanishes meanwhile. Raises `FetchError`, `ZinfoError`, `LayerReadError`."""
+        vanishes meanwhile. Raises `FetchError`, `ZinfoError`, `LayerReadError`, `LayerClosed`
+        (the layer's scope closed while this read was fetching)."""
         for _ in range(_MAX_REFETCH):
-            got = await self.fetcher.ensure(spans, ride_along)
+            if all(self.table.state(s) in LOCAL for s in spans):
+                got: dict[SpanId, bytes] = {}  # nothing to fetch or wait for
+            else:
+                # Requests of this read stop when the layer's scope closes (unmount).
+                with self._cancelled_on_close() as block:
+                    got = await self.fetcher.ensure(spans, ride_along)
+                if block.cancelled_caught:  # unmounted meanwhile: no retry, no refetch
+                    raise LayerClosed(f"layer {self.layer}: unmounted during the read")
             try:
                 return await self.inflater.inflate_all(spans, got)
             except SpanGone:
