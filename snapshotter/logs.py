@@ -38,8 +38,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=repr, ensure_ascii=False)
 
 
+QUIET_LIBRARIES = ("httpx", "httpcore", "hpack")
+"""Libraries whose records stop at WARNING whatever the level: they log every request with its
+URL (a redirect target is often a presigned storage URL, i.e. a credential) and every protocol
+step; the daemon's own records say what was fetched and why."""
+
+
 def setup_logging(level: str, stream: TextIO | None = None) -> None:
-    """Route the root logger to `stream` (stderr by default) as JSON at `level`.
+    """Route the root logger to `stream` (stderr by default) as JSON at `level`; the
+    `QUIET_LIBRARIES` log only warnings and errors.
 
     Raises ValueError for a level not in LEVELS.
     """
@@ -52,3 +59,5 @@ def setup_logging(level: str, stream: TextIO | None = None) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)

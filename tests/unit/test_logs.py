@@ -54,3 +54,15 @@ def test_level_filters_and_rejects_unknown(stream: io.StringIO) -> None:
     assert stream.getvalue() == ""
     with pytest.raises(ValueError, match="unknown log level"):
         setup_logging("loud")
+
+
+def test_http_libraries_never_log_request_urls(stream: io.StringIO) -> None:
+    setup_logging("debug", stream)
+    url = "https://bucket.s3.amazonaws.com/blob?X-Amz-Signature=secret"
+    logging.getLogger("httpx").info("HTTP Request: GET %s", url)
+    logging.getLogger("httpcore.http11").debug("send_request_headers.started %s", url)
+    logging.getLogger("httpx").warning("connection pool full")
+    logging.getLogger("snapshotter.x").debug("ours")
+    out = stream.getvalue()
+    assert "X-Amz-Signature" not in out
+    assert "connection pool full" in out and "ours" in out
