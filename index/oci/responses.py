@@ -64,15 +64,21 @@ def error_detail(body: bytes) -> str:
         return body[:200].decode(errors="replace").strip()
 
 
+async def read_and_close(response: httpx.Response) -> bytes:
+    """The body of an answer we only inspect (an error, a challenge), then closed; empty when
+    it cannot be read. Never raises an httpx error."""
+    try:
+        return await response.aread()
+    except httpx.HTTPError:
+        return b""
+    finally:
+        await response.aclose()
+
+
 async def status_error(response: httpx.Response, what: str) -> RegistryError:
     """The RegistryError for a non-success `response` (reads the body if streamed, and
     closes it)."""
-    try:
-        body = await response.aread()
-    except httpx.HTTPError:
-        body = b""
-    finally:
-        await response.aclose()
+    body = await read_and_close(response)
     status = response.status_code
     message = (
         f"{what}: HTTP {status} {error_detail(body)} ({response.request.method} {response.url})"

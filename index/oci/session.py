@@ -45,7 +45,7 @@ from index.oci.hosts import HostsConfig, RegistryHost, needs_namespace_param
 from index.oci.hostscache import DEFAULT_RECHECK_SEC, HostsCache
 from index.oci.lru import TtlLru
 from index.oci.reference import Reference
-from index.oci.responses import error_detail
+from index.oci.responses import error_detail, read_and_close
 
 log = logging.getLogger(__name__)
 
@@ -267,12 +267,7 @@ class RegistrySession:
             status = response.status_code
             if status not in (401, 403):
                 break
-            try:
-                body = await response.aread()
-            except httpx.HTTPError:
-                body = b""
-            finally:
-                await response.aclose()
+            body = await read_and_close(response)
             ecr = is_ecr_expired(status, body)
             if status == 403 and not ecr:
                 break
