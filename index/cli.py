@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import json
 import os
 import sys
 import threading
-import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Final, NoReturn
@@ -27,6 +25,7 @@ from index import pull as pull_cmd
 from index.builder import BuildError
 from index.digest import Digest, DigestError
 from index.errors import InputFileError, SociableError, UsageError
+from index.exitpoint import DEBUG_ENV, debug_requested, report, version
 from index.extract import EntryNotFound, ExtractError, LinkError, NotARegularFile
 from index.manifest import IndexManifestError, parse_index
 from index.model import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE, CompressionAlgorithm, Ztoc
@@ -59,7 +58,6 @@ from index.ztoc_codec import ZtocError, ZtocFormatError, decode_ztoc
 
 LAYOUT_PREFIX = "oci-layout:"
 PROG = "sociable"
-DEBUG_ENV = "SOCIABLE_DEBUG"
 
 # --- exit status --------------------------------------------------------------------------------
 
@@ -109,14 +107,6 @@ EXIT_CODES: Final[tuple[tuple[type[BaseException], int], ...]] = (
     (KeyboardInterrupt, EXIT_INTERRUPTED),
 )
 """Error class -> exit status; the first row the error is an instance of wins."""
-
-
-def exit_code(error: BaseException) -> int | None:
-    """The exit status `EXIT_CODES` gives `error`; None when it is not in the table (a bug)."""
-    for cls, code in EXIT_CODES:
-        if isinstance(error, cls):
-            return code
-    return None
 
 
 # --- progress and messages ------------------------------------------------------------------------
@@ -525,13 +515,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("sociable")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (not installed)"
-
-
 def _add_registry_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("registry")
     g.add_argument("-u", "--user", help="USER[:PASSWORD] for the registry")
@@ -579,7 +562,7 @@ def _add_quiet(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     """The `sociable` argument parser; every option and operand has help text."""
     top = _Parser(prog=PROG, description=__doc__.splitlines()[0])
-    top.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    top.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     top.add_argument("--root", help="local store directory (default /var/lib/sociable as root)")
     top.add_argument("-q", "--quiet", action="store_true", help="no progress or messages")
     top.add_argument(
@@ -661,27 +644,6 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def _debug(argv: Sequence[str]) -> bool:
-    return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-
-
-def report(error: BaseException, *, debug: bool) -> int:
-    """Print `error` as one line on stderr (a bug: plus the traceback with `debug`); its status."""
-    code = exit_code(error)
-    if isinstance(error, KeyboardInterrupt):
-        message = "interrupted"
-    if code is None:
-        if debug:
-            traceback.print_exception(error, file=sys.stderr)
-        hint = "" if debug else f"; run with --debug or {DEBUG_ENV}=1 for the traceback"
-        message = f"unexpected {type(error).__name__}: {error} (this is a bug{hint})"
-        code = EXIT_ERROR
-    elif not isinstance(error, KeyboardInterrupt):
-        message = str(error)
-    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
-    return code
-
-
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The one exit point of `sociable`: run the command, report an error, exit with its status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -690,7 +652,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         args = parser().parse_args(argv)
         args.func(args, Console(quiet=args.quiet))
     except (Exception, KeyboardInterrupt) as e:
-        code = report(e, debug=_debug(argv))
+        code = report(PROG, e, EXIT_CODES, debug=debug_requested(argv))
     raise SystemExit(code)
 
 

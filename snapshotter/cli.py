@@ -15,26 +15,24 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.metadata
-import os
 import sys
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final, NoReturn
 
 import trio
 
+from index.exitpoint import DEBUG_ENV, debug_requested, report, version
+
 from . import config as config_mod
 from .configcheck import check_all, is_warning
 from .daemon import AddressInUse, Settings, serve
-from .errors import ConfigError, SnapshotterError, UsageError, leaf_error
+from .errors import ConfigError, SnapshotterError, UsageError
 from .logs import LEVELS, setup_logging
 from .remote.status import status_report
 from .rootlock import RootLocked
 
 PROG = "sociable-snapshotter"
-DEBUG_ENV = "SOCIABLE_DEBUG"
 
 EXIT_OK: Final = 0
 EXIT_ERROR: Final = 1
@@ -63,16 +61,9 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("sociable")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (not installed)"
-
-
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="containerd proxy snapshotter daemon")
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     p.add_argument(
         "--debug",
         action="store_true",
@@ -146,45 +137,13 @@ def run(argv: Sequence[str]) -> int:
     return 0
 
 
-def _debug(argv: Sequence[str]) -> bool:
-    return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-
-
-def exit_code(error: BaseException) -> int | None:
-    """The exit status `EXIT_CODES` gives `error`; None when it is not in the table (a bug)."""
-    for cls, code in EXIT_CODES:
-        if isinstance(error, cls):
-            return code
-    return None
-
-
-def report(error: BaseException, *, debug: bool) -> int:
-    """Print `error` (an exception group: its first leaf) as one line on stderr; its status."""
-    leaf, count = leaf_error(error)
-    more = f" (and {count - 1} more errors)" if count > 1 else ""
-    code = exit_code(leaf)
-    if isinstance(leaf, KeyboardInterrupt):
-        message = "interrupted"
-    elif code is None:
-        if debug:
-            traceback.print_exception(error, file=sys.stderr)
-        hint = "" if debug else f"; run with --debug or {DEBUG_ENV}=1 for the traceback"
-        message = f"unexpected {type(leaf).__name__}: {leaf} (this is a bug{hint})"
-    elif isinstance(leaf, OSError) and leaf.strerror:
-        message = f"{leaf.filename}: {leaf.strerror}" if leaf.filename else leaf.strerror
-    else:
-        message = str(leaf)
-    print(f"{PROG}: error: {' '.join(message.split())}{more}", file=sys.stderr)
-    return EXIT_ERROR if code is None else code
-
-
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point: run, report an error once, exit with its status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         code = run(argv)
     except (Exception, KeyboardInterrupt, BaseExceptionGroup) as e:
-        code = report(e, debug=_debug(argv))
+        code = report(PROG, e, EXIT_CODES, debug=debug_requested(argv))
     sys.exit(code)
 
 

@@ -21,8 +21,8 @@ to pick a code.
         └── AddressInUse     another process answers on the socket address
 
 The command line's exit status for each is one table, `snapshotter.cli.EXIT_CODES`.
-Errors raised inside trio nurseries arrive as ExceptionGroups; `leaf_error` is the one
-place that unwraps them.
+Errors raised inside trio nurseries arrive as ExceptionGroups; `index.exitpoint.leaf_error`
+is the one place that unwraps them.
 """
 
 from __future__ import annotations
@@ -62,19 +62,3 @@ class ConfigError(SnapshotterError):
 
 class UsageError(SnapshotterError):
     """The command line is malformed (unknown option, missing operand)."""
-
-
-def leaf_error(error: BaseException) -> tuple[BaseException, int]:
-    """The first leaf of `error` (itself unless it is an exception group) and how many leaves
-    it has: a group of one error is reported as that error."""
-    if not isinstance(error, BaseExceptionGroup):
-        return error, 1
-    leaves: list[BaseException] = []
-    stack: list[BaseException] = [error]
-    while stack:
-        e = stack.pop(0)
-        if isinstance(e, BaseExceptionGroup):
-            stack[:0] = list(e.exceptions)
-        else:
-            leaves.append(e)
-    return leaves[0], len(leaves)
