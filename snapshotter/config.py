@@ -245,6 +245,119 @@ class RemoteConfig:
 
 
 @dataclass(frozen=True)
+class PeersConfig:
+    """[peers]: nodes fetch spans from each other before the registry (docs/peers.md)."""
+
+    enable: bool = field(
+        default=False,
+        metadata=_doc(
+            "Fetch spans from peers and serve them to peers (a node alone sees no change)."
+        ),
+    )
+    listen: str = field(
+        default="0.0.0.0:8472",
+        metadata=_doc('Peer listener, "ADDR:PORT" (IPv6 as "[ADDR]:PORT").'),
+    )
+    advertise: str = field(
+        default="",
+        metadata=_doc(
+            'The "ADDR:PORT" other nodes reach this one at; empty = listen\'s (which must then '
+            "name an address, not 0.0.0.0). Members with this address are this node."
+        ),
+    )
+    static: tuple[str, ...] = field(
+        default=(), metadata=_doc('Peers as "ADDR:PORT" (a fixed list; merged with the others).')
+    )
+    dns: str = field(
+        default="",
+        metadata=_doc(
+            "A DNS name whose A/AAAA records are the peers (a headless Service), with "
+            "listen's port; re-resolved every refresh_sec."
+        ),
+    )
+    dns_servers: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc(
+            "DNS servers (IP addresses) asked for `dns`; empty = /etc/resolv.conf's. A host "
+            "daemon on Kubernetes names the cluster DNS Service here."
+        ),
+    )
+    kubernetes_service: str = field(
+        default="",
+        metadata=_doc(
+            'The peers as the ready endpoints of a Service, "NAMESPACE/NAME", read from '
+            "its EndpointSlices through the Kubernetes API; empty = off."
+        ),
+    )
+    kubeconfig: str = field(
+        default="",
+        metadata=_doc(
+            "kubeconfig for the Kubernetes API (e.g. kubelet's); empty = in-cluster "
+            "service-account credentials."
+        ),
+    )
+    refresh_sec: float = field(
+        default=10.0, metadata=_doc("How often the DNS and Kubernetes members are re-read.")
+    )
+    owners: int = field(
+        default=2, metadata=_doc("Peers that own each chunk of a layer (rendezvous hashing).")
+    )
+    chunk_bytes: int = field(
+        default=16 * 1024 * 1024,
+        metadata=_doc(
+            "Ownership unit: an aligned run of spans of this many compressed bytes; a read's "
+            "requests never cross a chunk boundary when peers are on."
+        ),
+    )
+    connect_timeout_sec: float = field(
+        default=1.0, metadata=_doc("Longest wait for a TCP connection to a peer.")
+    )
+    budget_sec: float = field(
+        default=10.0,
+        metadata=_doc(
+            "Longest one request to a peer may take, answer included (an owner may fetch "
+            "from its registry first); past it the next source is tried."
+        ),
+    )
+    down_backoff_sec: float = field(
+        default=5.0,
+        metadata=_doc(
+            "A failing peer is skipped this long; doubled on each further failure up to "
+            "down_backoff_max_sec."
+        ),
+    )
+    down_backoff_max_sec: float = field(
+        default=120.0, metadata=_doc("Longest a failing peer is skipped before it is tried again.")
+    )
+    max_uploads: int = field(
+        default=8, metadata=_doc("Peer requests served at once (the rest wait).")
+    )
+    upload_rate_bytes_per_sec: int = field(
+        default=0, metadata=_doc("Upload rate limit of the peer listener; 0 = unlimited.")
+    )
+    allow_non_members: bool = field(
+        default=False,
+        metadata=_doc(
+            "Serve any client; false = only current members and this node's own addresses "
+            "(so a pod cannot read layers through the listener)."
+        ),
+    )
+    token_file: str = field(
+        default="",
+        metadata=_doc(
+            "File holding a shared secret every node sends and requires (X-Sociable-Token); "
+            "empty = none."
+        ),
+    )
+
+    def advertised(self) -> tuple[str, int]:
+        """This node's (host, port) as members see it: `advertise`, else `listen`'s."""
+        from snapshotter.peers.address import parse_address
+
+        return parse_address(self.advertise or self.listen)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration file."""
 
@@ -252,6 +365,7 @@ class Config:
     snapshots: SnapshotsConfig = field(default_factory=SnapshotsConfig)
     containerd: ContainerdConfig = field(default_factory=ContainerdConfig)
     remote: RemoteConfig = field(default_factory=RemoteConfig)
+    peers: PeersConfig = field(default_factory=PeersConfig)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -261,6 +375,10 @@ def _check_value(section: str, key: str, expected: type, value: Any) -> Any:
     where = f"[{section}] {key}"
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if expected is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        return tuple(value)
     if expected is int and isinstance(value, bool):
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if not isinstance(value, expected):
@@ -310,6 +428,41 @@ def _validate(cfg: Config) -> None:
         r.background_config()
     except ValueError as e:
         raise ConfigError(f"[remote] {e}") from e
+    _validate_peers(cfg.peers)
+
+
+def _validate_peers(p: PeersConfig) -> None:
+    from snapshotter.peers.address import AddressError, parse_address
+
+    try:
+        listen_host, _ = parse_address(p.listen)
+        if p.advertise:
+            parse_address(p.advertise, allow_unspecified=False)
+        for peer in p.static:
+            parse_address(peer, allow_unspecified=False)
+    except AddressError as e:
+        raise ConfigError(f"[peers] {e}") from e
+    if p.enable and not p.advertise and listen_host in ("0.0.0.0", "::"):
+        raise ConfigError(
+            f"[peers] advertise: set it to this node's ADDR:PORT (listen is {p.listen})"
+        )
+    if p.kubernetes_service and p.kubernetes_service.count("/") != 1:
+        raise ConfigError(
+            f"[peers] kubernetes_service: {p.kubernetes_service!r} is not NAMESPACE/NAME"
+        )
+    if p.owners < 1 or p.max_uploads < 1:
+        raise ConfigError("[peers] owners and max_uploads must be at least 1")
+    if p.chunk_bytes < 64 * 1024:
+        raise ConfigError("[peers] chunk_bytes: must be at least 65536")
+    if min(p.refresh_sec, p.connect_timeout_sec, p.budget_sec, p.down_backoff_sec) <= 0:
+        raise ConfigError(
+            "[peers] refresh_sec, connect_timeout_sec, budget_sec and down_backoff_sec must "
+            "be positive"
+        )
+    if p.down_backoff_max_sec < p.down_backoff_sec:
+        raise ConfigError("[peers] down_backoff_max_sec: must be at least down_backoff_sec")
+    if p.upload_rate_bytes_per_sec < 0:
+        raise ConfigError("[peers] upload_rate_bytes_per_sec: must not be negative")
 
 
 def from_mapping(data: dict[str, Any]) -> Config:
@@ -364,6 +517,8 @@ def load(path: Path | None) -> Config:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
