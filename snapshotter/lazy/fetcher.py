@@ -85,6 +85,7 @@ class SpanFetcher:
         tracker: DemandTracker,
         io_limiter: trio.CapacityLimiter,
         counters: LayerCounters,
+        chunk_bytes: int = 0,
     ) -> None:
         self.layer = layer
         self.span_map = span_map
@@ -97,6 +98,12 @@ class SpanFetcher:
         self._io_limiter = io_limiter
         self._inflight: dict[SpanId, _Fetch] = {}
         self._cursor = 0
+        self._chunks: list[int] | None = None
+        if chunk_bytes > 0:
+            self._chunks = [
+                span_map.compressed_range(SpanId(i))[0] // chunk_bytes
+                for i in range(span_map.span_count)
+            ]
 
     def __repr__(self) -> str:
         return f"<SpanFetcher {self.layer} in_flight={len(self._inflight)} {self.table!r}>"
@@ -186,7 +193,11 @@ class SpanFetcher:
         for i in range(n):
             span = SpanId((self._cursor + i) % n)
             if self.missing(span):
-                if run and (span != run[-1] + 1 or total + self.table.sizes[span] > max_bytes):
+                if run and (
+                    span != run[-1] + 1
+                    or total + self.table.sizes[span] > max_bytes
+                    or (self._chunks is not None and self._chunks[span] != self._chunks[run[-1]])
+                ):
                     break
                 run.append(span)
                 total += self.table.sizes[span]
@@ -205,7 +216,8 @@ class SpanFetcher:
 
     def _start_runs(self, missing: list[SpanId]) -> list[_Fetch]:
         return [
-            self._start(run) for run in coalesce(missing, self.table.sizes, self.max_request_bytes)
+            self._start(run)
+            for run in coalesce(missing, self.table.sizes, self.max_request_bytes, self._chunks)
         ]
 
     def _start(self, run: list[SpanId]) -> _Fetch:

@@ -53,7 +53,7 @@ from snapshotter.lazy.demand import DemandTracker
 from snapshotter.lazy.fetcher import LayerCounters, SpanFetcher
 from snapshotter.lazy.inflater import SpanGone, SpanInflater
 from snapshotter.lazy.readahead import ReadAhead
-from snapshotter.lazy.sources import BlobSource, FetchError
+from snapshotter.lazy.sources import PEER_SOURCE_NAME, BlobSource, ChainSource, FetchError
 from snapshotter.lazy.table import LOCAL, SpanState, SpanTable
 from snapshotter.tasks import TaskScope
 
@@ -75,13 +75,15 @@ class ReadConfig:
     `readahead_spans`: missing spans after a sequential read's last span that are fetched with
     it (in the same request, or pipelined in the layer's task scope); 0 = no read-ahead;
     `memory_cache_spans`: inflated spans kept in memory per layer;
-    `inflate_threads`: worker threads for inflation, all layers (0 = the CPU count).
+    `inflate_threads`: worker threads for inflation, all layers (0 = the CPU count);
+    `chunk_bytes`: peer ownership chunks (`[peers] chunk_bytes`) no request may cross; 0 = none.
     """
 
     max_request_bytes: int = 16 * MiB
     readahead_spans: int = 4
     memory_cache_spans: int = 8
     inflate_threads: int = 0
+    chunk_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.max_request_bytes <= 0:
@@ -94,6 +96,8 @@ class ReadConfig:
             )
         if self.inflate_threads < 0:
             raise ValueError(f"inflate_threads must not be negative, got {self.inflate_threads}")
+        if self.chunk_bytes < 0:
+            raise ValueError(f"chunk_bytes must not be negative, got {self.chunk_bytes}")
 
 
 def default_inflate_limiter(config: ReadConfig | None = None) -> trio.CapacityLimiter:
@@ -120,6 +124,10 @@ class LayerFetchStatus:
     network_bytes: int
     errors: int
     last_error: str
+    bytes_from: Mapping[str, int]
+    """Compressed bytes made local by where they came from: `peers`, `registry` (hosts.toml
+    mirrors included) and `cache` (found in the span cache: an earlier run, or fetched here
+    as a chunk owner for peers)."""
 
     @property
     def percent(self) -> float:
@@ -176,6 +184,7 @@ class RemoteLayerReader:
             tracker=self.tracker,
             io_limiter=io_limiter or trio.CapacityLimiter(4),
             counters=self.counters,
+            chunk_bytes=self.config.chunk_bytes,
         )
         self.inflater = SpanInflater(
             layer,
@@ -223,7 +232,21 @@ class RemoteLayerReader:
             network_bytes=c.network_bytes,
             errors=c.errors,
             last_error=c.last_error,
+            bytes_from=self._bytes_from(progress.fetched_bytes),
         )
+
+    def _bytes_from(self, local_bytes: int) -> dict[str, int]:
+        if isinstance(self.source, ChainSource):
+            served = self.source.served()
+            peers = served.pop(PEER_SOURCE_NAME, 0)
+            registry = sum(served.values())
+        else:
+            peers, registry = 0, self.counters.network_bytes
+        return {
+            "cache": max(0, local_bytes - peers - registry),
+            "peers": peers,
+            "registry": registry,
+        }
 
     def is_complete(self) -> bool:
         """Whether every span is local (cached or inflated)."""

@@ -53,6 +53,10 @@ VERIFY_THREADS = trio.CapacityLimiter(2)
 """Worker threads the `RegistrySource`s given no `verify_limiter` run `check` in (shared by
 all of them, process-wide)."""
 
+PEER_SOURCE_NAME: Final = "peers"
+"""The name of the peer source (`snapshotter.peers`) in a layer's chain; status counts its
+bytes as `peers`, every other source's as `registry`."""
+
 _TRANSIENT_STATUSES: Final = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
@@ -317,18 +321,28 @@ class RegistrySource:
 class ChainSource:
     """Tries `sources` in order (peers, then the registry); the first success wins.
 
-    Each source gets `budget_sec` (seconds) per fetch including its
-    own retries; a source that fails, times out or serves bytes failing `check` moves the fetch
-    to the next one. Raises `AllSourcesFailed` (chained from the last error) when none succeeds.
+    Each source gets its time budget per fetch, its own retries included (`budgets`, seconds,
+    one per source; default `budget_sec` for each); a source that fails, times out or
+    serves bytes failing `check` moves the fetch to the next one. Raises `AllSourcesFailed`
+    (chained from the last error) when none succeeds. `served()` counts the bytes each source
+    delivered, by source name.
     """
 
-    def __init__(self, sources: Sequence[BlobSource], *, budget_sec: float = 120.0) -> None:
+    def __init__(
+        self,
+        sources: Sequence[BlobSource],
+        *,
+        budget_sec: float = 120.0,
+        budgets: Sequence[float] | None = None,
+    ) -> None:
         if not sources:
             raise ValueError("a ChainSource needs at least one source")
-        if budget_sec <= 0:
-            raise ValueError(f"budget_sec must be positive, got {budget_sec}")
+        budgets = tuple(budgets) if budgets is not None else (budget_sec,) * len(sources)
+        if len(budgets) != len(sources) or any(b <= 0 for b in budgets):
+            raise ValueError(f"need one positive budget per source, got {budgets}")
         self.sources = tuple(sources)
-        self.budget_sec = budget_sec
+        self.budgets = budgets
+        self._served: dict[str, int] = {}
         self._name = "chain[" + ", ".join(s.name for s in self.sources) + "]"
 
     @property
@@ -336,7 +350,11 @@ class ChainSource:
         return self._name
 
     def __repr__(self) -> str:
-        return f"<ChainSource {self._name} budget={self.budget_sec}s>"
+        return f"<ChainSource {self._name} budgets={self.budgets}>"
+
+    def served(self) -> dict[str, int]:
+        """Bytes delivered so far, by source name."""
+        return dict(self._served)
 
     async def fetch(
         self,
@@ -348,21 +366,23 @@ class ChainSource:
     ) -> bytes:
         """The bytes from the first source that delivers them. Raises `AllSourcesFailed`."""
         errors: list[tuple[str, FetchError]] = []
-        for source in self.sources:
-            with trio.move_on_after(self.budget_sec) as scope:
+        for source, budget in zip(self.sources, self.budgets, strict=True):
+            with trio.move_on_after(budget) as scope:
                 try:
-                    return await source.fetch(digest, start, end, check=check)
+                    data = await source.fetch(digest, start, end, check=check)
                 except FetchError as e:
                     log.debug("source %s failed for %s: %s", source.name, digest, e)
                     errors.append((source.name, e))
                     continue
+                self._served[source.name] = self._served.get(source.name, 0) + len(data)
+                return data
             if scope.cancelled_caught:
                 errors.append(
                     (
                         source.name,
                         FetchTimeout(
                             f"bytes {start}-{end} of {digest}: source {source.name} used up its "
-                            f"{self.budget_sec} s budget",
+                            f"{budget} s budget",
                             source=source.name,
                         ),
                     )

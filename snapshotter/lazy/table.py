@@ -93,15 +93,26 @@ class SpanTable:
             self.local_bytes += self.sizes[span] if new in LOCAL else -self.sizes[span]
 
 
-def coalesce(spans: Sequence[SpanId], sizes: Sequence[int], max_bytes: int) -> list[list[SpanId]]:
+def coalesce(
+    spans: Sequence[SpanId],
+    sizes: Sequence[int],
+    max_bytes: int,
+    chunks: Sequence[int] | None = None,
+) -> list[list[SpanId]]:
     """Group sorted span ids into runs of consecutive ids of at most `max_bytes` each.
 
-    A span larger than `max_bytes` is a run of its own. `sizes[i]` is span i's compressed size.
+    A span larger than `max_bytes` is a run of its own. `sizes[i]` is span i's compressed size;
+    `chunks[i]`, when given, its chunk (peer ownership): a run never spans two chunks.
     """
     runs: list[list[SpanId]] = []
     total = 0
     for span in spans:
-        if runs and span == runs[-1][-1] + 1 and total + sizes[span] <= max_bytes:
+        if (
+            runs
+            and span == runs[-1][-1] + 1
+            and total + sizes[span] <= max_bytes
+            and (chunks is None or chunks[span] == chunks[runs[-1][-1]])
+        ):
             runs[-1].append(span)
             total += sizes[span]
         else:

@@ -16,12 +16,15 @@ Task tree (every task lives in a scope owned by what it serves):
     ├── status writer         rewrites <root>/status.json when it changes
     ├── background            the background fetcher's loop
     ├── preresolve            layer-tree pre-resolution workers and their expiry timer
+    ├── peers                 membership refresh and the peer listener ([peers] enable)
+    │   └── one task per peer request (hypercorn's)
     └── layer snap-<id>       one per mounted lazy layer (read-ahead), closed by unmount
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -30,19 +33,24 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from index.digest import Digest
+from index.model import Ztoc
 from index.oci.client import AsyncRegistryClient
 from index.oci.dockerconfig import DockerConfig
+from index.oci.reference import Reference
 from index.store import LocalStore
 from snapshotter.lazy import BackgroundFetcher, DemandTracker
 from snapshotter.lazy.cache import SpanCache
+from snapshotter.peers.node import PeerNode, disabled_status
+from snapshotter.peers.serving import SpanServer
 from snapshotter.snapshots.mounts import detect_overlay_features
 from snapshotter.snapshots.service import DeclineMounter, LayerMounter
 from snapshotter.tasks import TaskScope, open_task_scope
 
 from . import bindmount
 from .catalog import ImageCatalog
-from .discovery import DiscoveryModes
-from .layers import LazyLayers, RegistrySources
+from .discovery import DiscoveryModes, load_ztoc
+from .layers import LayerSources, LazyLayers, RegistrySources
 from .local import RegistryUnpacker
 from .mounter import DegradedMounter, RemoteMounter
 from .records import RecordStore
@@ -83,6 +91,24 @@ async def _status_writer(settings: Settings, status: Callable[[], dict[str, obje
         await trio.sleep(STATUS_INTERVAL_SEC)
 
 
+def _create_peers(
+    settings: Settings, stack: contextlib.AsyncExitStack
+) -> tuple[PeerNode | None, Callable[[], dict[str, object]] | None]:
+    """The peer node when `[peers] enable`; a set-up that fails disables only the peers
+    (one `peers disabled` error line, shown in status)."""
+    cfg = settings.config.peers
+    if not cfg.enable:
+        return None, None
+    try:
+        node = PeerNode.create(cfg)
+    except (OSError, ValueError) as e:
+        error = f"{type(e).__name__}: {e}"
+        log.error("peers disabled", extra={"error": error})
+        return None, disabled_status(error)
+    stack.push_async_callback(node.aclose)
+    return node, node.status
+
+
 async def _build(
     settings: Settings, stack: contextlib.AsyncExitStack, step: _Step
 ) -> RemoteMounter:
@@ -118,6 +144,11 @@ async def _build(
     )
     tracker = DemandTracker()
     background = BackgroundFetcher(cfg.background_config(), tracker)
+    peer_node, peers_status = _create_peers(settings, stack)
+    read_config = cfg.read_config()
+    if peer_node is not None:
+        read_config = dataclasses.replace(read_config, chunk_bytes=peer_node.cfg.chunk_bytes)
+    registry_sources = RegistrySources(client, cfg.fetch_config())
     step.name = "fuse"
     fuse = await stack.enter_async_context(open_fuse_host(fuse_dir, LayerHost()))
     step.name = "tasks"
@@ -135,14 +166,33 @@ async def _build(
         fuse=fuse,
         tasks=scope,
         trees=trees,
-        sources=RegistrySources(client, cfg.fetch_config()),
+        sources=LayerSources(
+            registry_sources,
+            cfg.fetch_config(),
+            peer_node.settings if peer_node is not None else None,
+        ),
         records=records,
         cache=cache,
         background=background,
         tracker=tracker,
-        read_config=cfg.read_config(),
+        read_config=read_config,
     )
     stack.push_async_callback(layers.close)
+    if peer_node is not None:
+
+        async def ztoc_of(ref: Reference, digest: Digest) -> Ztoc:
+            return await load_ztoc(client, store, ref, digest)
+
+        server = SpanServer(
+            layers=layers,
+            cache=cache,
+            load_ztoc=ztoc_of,
+            upstream=registry_sources.get,
+            tracker=tracker,
+            io_limiter=trio.CapacityLimiter(4),  # span-cache writes for peers
+            max_request_bytes=cfg.max_request_bytes,
+        )
+        peer_node.start(await scope.open_child("peers"), server)
     mounter = RemoteMounter(
         catalog=catalog,
         layers=layers,
@@ -150,6 +200,7 @@ async def _build(
         records=records,
         mount_timeout_sec=cfg.mount_timeout_sec,
         local_unpack=cfg.local_unpack,
+        peers_status=peers_status,
     )
     scope.start_soon(_status_writer, settings, mounter.status, name="status writer")
     return mounter

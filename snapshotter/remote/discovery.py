@@ -24,11 +24,13 @@ import trio
 from index import manifest as soci_manifest
 from index.digest import Digest, DigestError
 from index.manifest import IndexManifestError, SociIndex, ZtocDescriptor
+from index.model import Ztoc
 from index.oci import mediatypes as mt
 from index.oci.client import AsyncRegistryClient
 from index.oci.errors import NotFoundError, OciError
 from index.oci.reference import Reference
 from index.store import LocalStore, StoreError
+from index.ztoc_codec import decode_ztoc
 
 from .errors import IndexFetchError, NoIndex
 
@@ -153,6 +155,17 @@ async def _fetch_ztoc(
         raise IndexFetchError(f"zTOC {ref.name}@{digest}: {e}") from e
     await _store(store.put_blob, data)
     return len(data)
+
+
+async def load_ztoc(
+    client: AsyncRegistryClient, store: LocalStore, ref: Reference, digest: Digest
+) -> Ztoc:
+    """zTOC `digest` from the store, fetched from `ref`'s repository first when absent (for a
+    chunk owner serving a layer it has not mounted). Raises IndexFetchError, StoreError,
+    and the codec's errors for a blob that is not a zTOC."""
+    await _fetch_ztoc(client, store, ref, digest)
+    data = await _store(store.get_blob, digest)
+    return await trio.to_thread.run_sync(decode_ztoc, data, limiter=STORE_THREADS)
 
 
 async def _fetch_ztocs(

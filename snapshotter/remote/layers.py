@@ -34,7 +34,9 @@ from snapshotter.fs.errors import FsError
 from snapshotter.lazy import DemandTracker, ReadConfig, RemoteLayerReader, default_inflate_limiter
 from snapshotter.lazy.background import BackgroundFetcher
 from snapshotter.lazy.cache import SpanCache
-from snapshotter.lazy.sources import FetchConfig, RegistrySource
+from snapshotter.lazy.fetcher import SpanFetcher
+from snapshotter.lazy.sources import BlobSource, ChainSource, FetchConfig, RegistrySource
+from snapshotter.peers.source import PeerSettings, PeerSource
 from snapshotter.tasks import TaskScope
 
 from . import bindmount
@@ -77,6 +79,39 @@ class RegistrySources:
         return source
 
 
+class LayerSources:
+    """The `BlobSource` of each lazy layer: its repository's `RegistrySource` (hosts.toml
+    mirrors, then the registry), behind the chunk owners (`PeerSource`) when peers are on,
+    each with its own time budget: the peers `owners` x their budget (each owner one
+    budget), the registry every attempt of its fetch policy."""
+
+    def __init__(
+        self,
+        registry: RegistrySources,
+        fetch_config: FetchConfig,
+        peers: PeerSettings | None = None,
+    ) -> None:
+        self.registry = registry
+        self.peers = peers
+        self._registry_budget = fetch_config.max_attempts * (
+            fetch_config.request_timeout_sec + fetch_config.backoff_max_ms / 1000.0
+        )
+
+    def __repr__(self) -> str:
+        return f"<LayerSources {self.registry!r} peers={self.peers is not None}>"
+
+    def for_layer(self, record: LayerRecord) -> BlobSource:
+        ref = Reference.parse(record.image_ref)
+        upstream = self.registry.get(ref)
+        if self.peers is None:
+            return upstream
+        peer = PeerSource(self.peers, ref, Digest(record.layer_digest), Digest(record.ztoc_digest))
+        return ChainSource(
+            [peer, upstream],
+            budgets=[self.peers.budget_sec * self.peers.owners + 1.0, self._registry_budget],
+        )
+
+
 @dataclass(eq=False)
 class _Layer:
     name: str
@@ -95,7 +130,7 @@ class LazyLayers:
         fuse: FuseMount,
         tasks: TaskScope,
         trees: LayerTrees,
-        sources: RegistrySources,
+        sources: LayerSources,
         records: RecordStore,
         cache: SpanCache,
         background: BackgroundFetcher,
@@ -141,7 +176,7 @@ class LazyLayers:
                 reader = RemoteLayerReader(
                     layer,
                     ztoc,
-                    self.sources.get(Reference.parse(record.image_ref)),
+                    self.sources.for_layer(record),
                     self.cache,
                     config=self.read_config,
                     tracker=self.tracker,
@@ -250,6 +285,13 @@ class LazyLayers:
                 await layer.scope.aclose()
             self._layers.clear()
 
+    def fetcher_for(self, layer: Digest) -> SpanFetcher | None:
+        """The span fetcher of a mounted layer with blob `layer` (for peers), or None."""
+        for entry in self._layers.values():
+            if entry.reader.layer == layer:
+                return entry.reader.fetcher
+        return None
+
     def statuses(self) -> dict[str, dict[str, object]]:
         """Per mounted layer (by FUSE directory name): its digest, the unexpected errors of
         its task scope (`taskErrors`, `lastTaskError`) and the reader's failures, background
@@ -263,6 +305,7 @@ class LazyLayers:
                 "digest": layer.record.layer_digest,
                 "taskErrors": stats.errors,
                 "fetchErrors": reader.errors,
+                "bytesFrom": dict(reader.bytes_from),
             }
             if stats.last_error:
                 doc["lastTaskError"] = stats.last_error

@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -138,8 +138,10 @@ class RemoteMounter:
         records: Records,
         mount_timeout_sec: float,
         local_unpack: bool = True,
+        peers_status: Callable[[], dict[str, object]] | None = None,
     ) -> None:
         self.catalog = catalog
+        self.peers_status = peers_status
         self.layers = layers
         self.unpacker = unpacker
         self.records = records
@@ -156,6 +158,8 @@ class RemoteMounter:
         doc: dict[str, object] = {"lazyLayers": "enabled", "layers": self.layers.statuses()}
         if self._broken:
             doc["restoreFailed"] = dict(sorted(self._broken.items()))
+        if self.peers_status is not None:
+            doc["peers"] = self.peers_status()
         return doc
 
     async def _local(

@@ -1,0 +1,251 @@
+"""The peer listener: one TCP port per node serving span ranges in the OCI blob shape.
+
+A small ASGI application (`PeerApp`) served by hypercorn on trio (`serve_listener`):
+
+    GET|HEAD /v2/                                       200 (the registry API check)
+    GET      /v2/<name>/blobs/<digest>?ns=<registry>    a span-aligned Range (see protocol)
+
+Who may ask: current members and this node's own addresses, unless `allow_non_members`
+(so a pod in the cluster network cannot read layers through it), and, when the cluster has
+a shared token, only requests carrying it. At most `max_uploads` requests are served at
+once (the rest wait, within their budget), and the bytes sent are held to
+`upload_rate_bytes_per_sec`, so serving peers never starves the node's own reads.
+Every answer is logged at debug level (keys `client`, `path`, `status`, `bytes`, `ms`).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import socket
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Final
+
+import trio
+
+from index.digest import Digest, DigestError
+from index.oci.reference import Reference
+
+from . import protocol
+from .serving import ServeError, SpanServer
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+SEND_PIECE: Final = 256 * 1024
+"""Bytes per body message (and per rate-limit step)."""
+
+_BLOB_PATH: Final = re.compile(r"^/v2/(?P<name>.+)/blobs/(?P<digest>[a-z0-9]+:[a-zA-Z0-9=_-]+)$")
+
+
+class TokenBucket:
+    """A byte-rate limit: `take(n)` waits until `n` bytes may go (0 = unlimited)."""
+
+    def __init__(self, rate_bytes_per_sec: int) -> None:
+        self._rate = rate_bytes_per_sec
+        self._next = 0.0
+
+    async def take(self, n: int) -> None:
+        if self._rate <= 0:
+            return
+        now = trio.current_time()
+        start = max(now, self._next)
+        self._next = start + n / self._rate
+        if start > now:
+            await trio.sleep(start - now)
+
+
+class PeerApp:
+    """The ASGI application of the peer listener (see the module doc)."""
+
+    def __init__(
+        self,
+        server: SpanServer,
+        *,
+        is_allowed: Callable[[str], bool],
+        token: str,
+        max_uploads: int,
+        upload_rate_bytes_per_sec: int,
+        max_budget_sec: float,
+    ) -> None:
+        self.server = server
+        self._is_allowed = is_allowed
+        self._token = token
+        self._uploads = trio.CapacityLimiter(max_uploads)
+        self._bucket = TokenBucket(upload_rate_bytes_per_sec)
+        self._max_budget = max_budget_sec
+        self.forbidden = 0
+
+    def __repr__(self) -> str:
+        return f"<PeerApp {self.server!r}>"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        t0 = time.monotonic()
+        status, sent = await self._handle(scope, send)
+        log.debug(
+            "peer request",
+            extra={
+                "client": (scope.get("client") or ("?",))[0],
+                "path": scope.get("path", ""),
+                "status": status,
+                "bytes": sent,
+                "ms": round((time.monotonic() - t0) * 1000),
+            },
+        )
+
+    async def _handle(self, scope: Scope, send: Send) -> tuple[int, int]:
+        method = scope.get("method", "GET")
+        path: str = scope.get("path", "")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        client = (scope.get("client") or ("",))[0]
+        if not self._is_allowed(client) or not self._token_ok(headers):
+            self.forbidden += 1
+            return await _answer(send, 403, b"not a member\n"), 0
+        if path in ("/v2/", "/v2"):
+            if method not in ("GET", "HEAD"):
+                return await _answer(send, 405, b""), 0
+            return await _answer(send, 200, b"{}" if method == "GET" else b""), 0
+        match = _BLOB_PATH.match(path)
+        if match is None or method != "GET":
+            return await _answer(send, 404, b"not found\n"), 0
+        query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        try:
+            digest = Digest(match["digest"])
+            ztoc = (
+                Digest(headers[protocol.ZTOC_HEADER]) if protocol.ZTOC_HEADER in headers else None
+            )
+            ref = Reference(query.get("ns", [""])[0], match["name"])
+        except (DigestError, ValueError):
+            return await _answer(send, 404, b"bad name or digest\n"), 0
+        if not ref.registry:
+            return await _answer(send, 404, b"no ns\n"), 0
+        wanted = protocol.parse_range(headers.get("range", ""))
+        if wanted is None or wanted[1] < 0:
+            return await _answer(send, 404, b"only span ranges are served\n"), 0
+        start, end = wanted
+        budget = self._budget(headers)
+        deadline = trio.current_time() + budget
+        try:
+            with trio.move_on_at(deadline) as waited:
+                await self._uploads.acquire()
+            if waited.cancelled_caught:
+                return await _answer(send, 503, b"busy\n"), 0
+            try:
+                data = await self.server.serve_range(
+                    ref,
+                    digest,
+                    ztoc,
+                    start,
+                    end,
+                    fetch=headers.get(protocol.FETCH_HEADER) == "1",
+                    budget_sec=max(0.001, deadline - trio.current_time()),
+                )
+                await self._send_bytes(send, data, start, end, digest)
+            finally:
+                self._uploads.release()
+        except ServeError as e:
+            log.debug("peer request refused", extra={"status": e.status, "error": str(e)})
+            return await _answer(send, e.status, str(e).encode() + b"\n"), 0
+        return 206, len(data)
+
+    def _budget(self, headers: dict[str, str]) -> float:
+        text = headers.get(protocol.BUDGET_HEADER, "")
+        if text.isdigit():
+            return min(self._max_budget, max(1, int(text)) / 1000.0)
+        return self._max_budget
+
+    def _token_ok(self, headers: dict[str, str]) -> bool:
+        if not self._token:
+            return True
+        return hmac.compare_digest(
+            headers.get(protocol.TOKEN_HEADER, "").encode(), self._token.encode()
+        )
+
+    async def _send_bytes(
+        self, send: Send, data: bytes, start: int, end: int, digest: Digest
+    ) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 206,
+                "headers": [
+                    (b"content-type", b"application/octet-stream"),
+                    (b"content-length", str(len(data)).encode()),
+                    (b"content-range", f"bytes {start}-{end - 1}/*".encode()),
+                    (protocol.DIGEST_HEADER.encode(), str(digest).encode()),
+                ],
+            }
+        )
+        view = memoryview(data)
+        for offset in range(0, len(data), SEND_PIECE):
+            piece = view[offset : offset + SEND_PIECE]
+            await self._bucket.take(len(piece))
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": bytes(piece),
+                    "more_body": offset + SEND_PIECE < len(data),
+                }
+            )
+
+
+async def _answer(send: Send, status: int, body: bytes) -> int:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/plain"),
+                (b"content-length", str(len(body)).encode()),
+                (b"docker-distribution-api-version", b"registry/2.0"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+    return status
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on (host, port) — bound now, so a port in use is a start-up
+    error and not a failing task. Raises OSError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve_listener(app: PeerApp, sock: socket.socket) -> None:
+    """Serve `app` on the bound `sock` until cancelled (hypercorn, HTTP/1.1)."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    config = Config()
+    config.bind = [f"fd://{sock.fileno()}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("snapshotter.peers.hypercorn")
+    config.keep_alive_timeout = 30
+    config.graceful_timeout = 1
+    await serve(app, config, mode="asgi")  # type: ignore[arg-type]
