@@ -10,7 +10,9 @@ the proxy plugin table (type, address equal to ours), CRI's `snapshotter`,
 `disable_snapshot_annotations = false`, a registry `config_path` (needed for
 hosts.toml mirrors), and where CRI's ImageFsInfo (kubelet's image-filesystem stats and
 image GC) looks for the snapshotter's disk: `<containerd root>/io.containerd.snapshotter.v1.<name>`
-on 1.6/1.7, `[proxy_plugins.<name>.exports] root` on 2.x.
+on 1.6/1.7, `[proxy_plugins.<name>.exports] root` on 2.x. With `[peers] enable`: the
+listen address is one of this node's, the advertised one too (a warning: NAT), some member
+source is set, and the token and kubeconfig files exist.
 
 A finding is an error (the snapshotter will not work as configured) unless it starts with
 `warning: ` (it works, but something is degraded): the image-filesystem findings are
@@ -143,9 +145,38 @@ def check_ours(cfg: Config, address: str, root: Path) -> list[str]:
     return problems
 
 
+def check_peers(cfg: Config) -> list[str]:
+    """What would disable the peers at start, or leave a node without any (`[peers]`)."""
+    p = cfg.peers
+    if not p.enable:
+        return []
+    from snapshotter.peers.address import parse_address
+    from snapshotter.peers.members import is_local_address
+
+    problems: list[str] = []
+    host, _ = parse_address(p.listen)
+    if host not in ("0.0.0.0", "::") and not is_local_address(host):
+        problems.append(f"[peers] listen = {p.listen!r}: {host} is not an address of this node")
+    advertised, _ = p.advertised()
+    if not is_local_address(advertised):
+        problems.append(
+            f"{WARNING_PREFIX}[peers] advertise = {p.advertise!r}: {advertised} is not an "
+            "address of this node (fine behind NAT; otherwise other nodes cannot reach it)"
+        )
+    if not (p.static or p.dns or p.kubernetes_service):
+        problems.append(
+            f"{WARNING_PREFIX}[peers] no members: set static, dns or kubernetes_service "
+            "(alone, a node fetches everything from the registry)"
+        )
+    for key, path in (("token_file", p.token_file), ("kubeconfig", p.kubeconfig)):
+        if path and not Path(path).is_file():
+            problems.append(f"[peers] {key} = {path!r} does not exist or is not a file")
+    return problems
+
+
 def check_all(cfg: Config, address: str, root: Path, containerd_config: Path) -> list[str]:
     """Every finding, one line each (warnings start with `warning: `); [] when all is well."""
-    problems = check_ours(cfg, address, root)
+    problems = check_ours(cfg, address, root) + check_peers(cfg)
     where = f"containerd config {containerd_config}"
     try:
         text = containerd_config.read_text()

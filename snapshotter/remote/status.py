@@ -3,12 +3,15 @@
 The daemon writes `<root>/status.json` (atomically) when it starts and whenever what it says
 changes: its pid, whether lazy layers are `enabled`, `disabled` (config) or `degraded` (with
 the component that failed to start and its error), per mounted layer the errors its tasks
-met, and the layers whose restore failed. Each mounted layer is also a directory
+met and where its bytes came from (`bytesFrom`: cache, peers, registry), the layers whose
+restore failed, and with peers on a `peers` section (this node's address, the members and
+each one's state, what was fetched from and served to peers). Each mounted layer is also a directory
 `<root>/fuse/snap-<id>` whose hidden `.sociable/status.json` the FUSE host renders on every
 read (fetched bytes and percent, bytes served, read errors, last read error).
 
 `status_report(root)` is `sociable-snapshotter status`: JSON lines on stdout (one per layer,
-the daemon's state when it is not `enabled`, one per failed restore) and, when there is
+the daemon's state when it is not `enabled`, the peers summary and one line per member, one
+per failed restore) and, when there is
 nothing to show, one note saying why.
 """
 
@@ -120,6 +123,13 @@ def status_report(root: Path) -> StatusReport:
         if isinstance(extra, dict):
             layer = {**layer, **{k: v for k, v in extra.items() if k != "digest"}}
         report.lines.append(json.dumps(layer, sort_keys=True))
+    peers = daemon.get("peers")
+    if isinstance(peers, dict):
+        members = peers.get("members")
+        summary = {k: v for k, v in peers.items() if k != "members"}
+        report.lines.append(json.dumps({"peers": summary}, sort_keys=True))
+        for member in members if isinstance(members, list) else []:
+            report.lines.append(json.dumps(member, sort_keys=True))
     failed = daemon.get("restoreFailed")
     if isinstance(failed, dict):
         for name, why in sorted(failed.items()):

@@ -246,3 +246,62 @@ def test_remote_keys_reach_the_read_fetch_and_background_settings(tmp_path: Path
     d = config.Config().remote
     assert d.read_config() == ReadConfig()
     assert d.background_config() == BackgroundConfig(quiet_period_ms=10000)
+
+
+def test_peers_defaults_off_and_addresses_checked() -> None:
+    cfg = config.from_mapping({})
+    assert cfg.peers.enable is False
+    good = config.from_mapping(
+        {
+            "peers": {
+                "enable": True,
+                "listen": "10.0.0.5:8472",
+                "static": ["10.0.0.6:8472", "[fd00::7]:8472"],
+                "owners": 3,
+            }
+        }
+    )
+    assert good.peers.static == ("10.0.0.6:8472", "[fd00::7]:8472")
+    assert good.peers.advertised() == ("10.0.0.5", 8472)
+    bad = [
+        ({"listen": "nohost"}, "ADDR:PORT"),
+        ({"listen": "10.0.0.1:99999"}, "port"),
+        ({"static": ["peer.example:8472"]}, "not an IP address"),
+        ({"static": ["0.0.0.0:8472"]}, "not an address other nodes can reach"),
+        ({"static": "10.0.0.1:1"}, "list of strings"),
+        ({"enable": True, "listen": "0.0.0.0:8472"}, "advertise"),
+        ({"kubernetes_service": "just-a-name"}, "NAMESPACE/NAME"),
+        ({"owners": 0}, "owners"),
+        ({"chunk_bytes": 1000}, "chunk_bytes"),
+        ({"budget_sec": 0}, "budget_sec"),
+        ({"down_backoff_sec": 10.0, "down_backoff_max_sec": 5.0}, "down_backoff_max_sec"),
+    ]
+    for table, fragment in bad:
+        with pytest.raises(ConfigError, match="peers") as info:
+            config.from_mapping({"peers": table})
+        assert fragment in str(info.value), (table, str(info.value))
+        assert "\n" not in str(info.value)
+
+
+def test_check_peers_findings(tmp_path: Path) -> None:
+    from snapshotter.configcheck import check_peers, is_warning
+
+    assert check_peers(config.from_mapping({})) == []
+    alone = config.from_mapping({"peers": {"enable": True, "listen": "127.0.0.1:8472"}})
+    findings = check_peers(alone)
+    assert len(findings) == 1 and is_warning(findings[0]) and "no members" in findings[0]
+    broken = config.from_mapping(
+        {
+            "peers": {
+                "enable": True,
+                "listen": "192.0.2.77:8472",
+                "static": ["127.0.0.2:8472"],
+                "token_file": str(tmp_path / "missing-token"),
+            }
+        }
+    )
+    findings = check_peers(broken)
+    errors = [f for f in findings if not is_warning(f)]
+    assert any("192.0.2.77 is not an address of this node" in f for f in errors)
+    assert any("token_file" in f for f in errors)
+    assert any(is_warning(f) and "advertise" in f for f in findings)
