@@ -140,7 +140,9 @@ class PeerApp:
             return await _answer(send, 404, b"only span ranges are served\n"), 0
         start, end = wanted
         budget = self._budget(headers)
-        deadline = trio.current_time() + budget
+        # answer "could not fetch" (503) a little before the requester gives up, so it moves
+        # on without taking this node for broken
+        deadline = trio.current_time() + max(0.05, budget - min(0.5, budget * 0.1))
         try:
             with trio.move_on_at(deadline) as waited:
                 await self._uploads.acquire()
