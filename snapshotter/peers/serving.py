@@ -81,12 +81,6 @@ class ServeStatistics:
     unavailable: int = 0
 
 
-@dataclass(eq=False, slots=True)
-class _Owned:
-    fetcher: SpanFetcher
-    starts: list[int]
-
-
 class SpanServer:
     """Serves span-aligned ranges of layers (see the module doc). Use from the trio thread."""
 
@@ -108,9 +102,8 @@ class SpanServer:
         self._tracker = tracker
         self._io_limiter = io_limiter
         self._max_request_bytes = max_request_bytes
-        self._owned: OrderedDict[Digest, _Owned] = OrderedDict()
-        self._starts: dict[int, list[int]] = {}
-        self._loading: SingleFlight[Digest, _Owned] = SingleFlight()
+        self._owned: OrderedDict[Digest, SpanFetcher] = OrderedDict()
+        self._loading: SingleFlight[Digest, SpanFetcher] = SingleFlight()
         self.stats = ServeStatistics()
 
     def __repr__(self) -> str:
@@ -151,15 +144,11 @@ class SpanServer:
         budget_sec: float,
     ) -> bytes:
         fetcher = self._layers.fetcher_for(layer)
-        starts: list[int]
-        if fetcher is not None:
-            starts = self._span_starts(fetcher.span_map)
-        elif ztoc is None:
-            raise ServeError(404, f"layer {layer} is not served here")
-        else:
-            owned = await self._owned_layer(ref, layer, ztoc, fetch)
-            fetcher, starts = owned.fetcher, owned.starts
-        spans = _spans_between(fetcher.span_map, starts, start, end)
+        if fetcher is None:
+            if ztoc is None:
+                raise ServeError(404, f"layer {layer} is not served here")
+            fetcher = await self._owned_layer(ref, layer, ztoc, fetch)
+        spans = _spans_between(fetcher.span_map, start, end)
         with trio.move_on_after(budget_sec) as scope:
             token = SERVING_PEER.set(True)
             try:
@@ -204,27 +193,17 @@ class SpanServer:
                 return b"".join(parts)
         raise ServeError(503 if fetch else 404, f"layer {layer}: spans vanished from the cache")
 
-    def _span_starts(self, span_map: SpanMap) -> list[int]:
-        key = id(span_map)
-        starts = self._starts.get(key)
-        if starts is None:
-            starts = [span_map.compressed_range(SpanId(i))[0] for i in range(span_map.span_count)]
-            if len(self._starts) > 4 * MAX_OWNED_LAYERS:
-                self._starts.clear()
-            self._starts[key] = starts
-        return starts
-
     async def _owned_layer(
         self, ref: Reference, layer: Digest, ztoc: Digest, fetch: bool
-    ) -> _Owned:
+    ) -> SpanFetcher:
         owned = self._owned.get(layer)
-        if owned is not None and owned.fetcher.span_map.span_count:
+        if owned is not None:
             self._owned.move_to_end(layer)
             return owned
         if not fetch:
             raise ServeError(404, f"layer {layer} is not served here")
 
-        async def load() -> _Owned:
+        async def load() -> SpanFetcher:
             try:
                 z = await self._load_ztoc(ref, ztoc)
                 span_map = SpanMap.from_ztoc(z)
@@ -238,13 +217,13 @@ class SpanServer:
 
         return await self._loading.do(layer, load)
 
-    def _make_fetcher(self, ref: Reference, layer: Digest, span_map: SpanMap) -> _Owned:
+    def _make_fetcher(self, ref: Reference, layer: Digest, span_map: SpanMap) -> SpanFetcher:
         sizes = [end - start for start, end in map(span_map.compressed_range, _ids(span_map))]
         table = SpanTable(sizes)
         for span in self._cache.spans_of(layer):
             if 0 <= span < len(table):
                 table.set(span, SpanState.CACHED)
-        fetcher = SpanFetcher(
+        return SpanFetcher(
             layer,
             span_map,
             self._upstream(ref),
@@ -255,24 +234,26 @@ class SpanServer:
             io_limiter=self._io_limiter,
             counters=LayerCounters(),
         )
-        return _Owned(fetcher, self._span_starts(span_map))
 
 
 def _ids(span_map: SpanMap) -> list[SpanId]:
     return [SpanId(i) for i in range(span_map.span_count)]
 
 
-def _spans_between(span_map: SpanMap, starts: list[int], start: int, end: int) -> list[SpanId]:
-    """The spans exactly covering `[start, end)`; ServeError 416 when the range does not begin
-    and end on span boundaries of the blob."""
-    first = bisect.bisect_left(starts, start)
-    if end <= start or first >= len(starts) or starts[first] != start:
-        raise ServeError(416, f"range {start}-{end} does not start at a span")
-    last = first
-    while span_map.compressed_range(SpanId(last))[1] < end:
-        last += 1
-        if last >= len(starts):
-            break
-    if last >= len(starts) or span_map.compressed_range(SpanId(last))[1] != end:
-        raise ServeError(416, f"range {start}-{end} does not end at a span")
+def _spans_between(span_map: SpanMap, start: int, end: int) -> list[SpanId]:
+    """The spans exactly covering `[start, end)` (the first starts at `start`, the last ends
+    at `end`; neighbours may share a byte); ServeError 416 when the range does not begin and
+    end on span boundaries. Binary searches over the spans' start and end offsets."""
+    ids = range(span_map.span_count)
+    first = bisect.bisect_left(ids, start, key=lambda s: span_map.compressed_range(SpanId(s))[0])
+    last = bisect.bisect_left(ids, end, key=lambda s: span_map.compressed_range(SpanId(s))[1])
+    if (
+        end <= start
+        or first >= len(ids)
+        or span_map.compressed_range(SpanId(first))[0] != start
+        or last >= len(ids)
+        or span_map.compressed_range(SpanId(last))[1] != end
+        or last < first
+    ):
+        raise ServeError(416, f"range {start}-{end} is not a run of whole spans")
     return [SpanId(i) for i in range(first, last + 1)]
