@@ -304,9 +304,7 @@ class EndpointSliceMembers:
                     answer = await client.get(self._url, params=self._params, headers=headers)
                     status, body = answer.status_code, answer.content
             except httpx.HTTPError as e:
-                raise MembershipError(
-                    f"{self.name}: GET {self._url}: {type(e).__name__}: {_one_line(e)}"
-                ) from e
+                raise MembershipError(f"{self.name}: GET {self._url}: {_describe(e)}") from e
             except (OSError, ssl.SSLError) as e:
                 raise MembershipError(f"{self.name}: GET {self._url}: {_one_line(e)}") from e
         if scope.cancelled_caught:
@@ -390,6 +388,19 @@ def _api_message(body: bytes) -> str:
     if not isinstance(message, str) or not message:
         return ""
     return f": {_one_line(message)[:ERROR_BODY_CHARS]}"
+
+
+def _describe(e: BaseException) -> str:
+    """`Type: message` of a transport error, the message taken from the first exception in
+    its chain that has one (httpx's TLS errors often have none of their own)."""
+    cause: BaseException | None = e
+    seen = 0
+    while cause is not None and seen < 8:
+        if text := _one_line(cause):
+            return f"{type(e).__name__}: {text}"
+        cause = cause.__cause__ or cause.__context__
+        seen += 1
+    return type(e).__name__
 
 
 def _one_line(e: BaseException | str) -> str:
