@@ -234,3 +234,25 @@ def test_chain_and_config_reject_nonsense() -> None:
         ChainSource([])
     with pytest.raises(ValueError):
         FetchConfig(max_attempts=0)
+
+
+async def test_chain_budgets_per_source_and_bytes_served_by_each(
+    layer: Layer, autojump_clock: trio.testing.MockClock
+) -> None:
+    slow = MemorySource(layer.blob, "peers")
+    slow.delay_sec = 100.0
+    registry = MemorySource(layer.blob, "registry")
+    chain = ChainSource([slow, registry], budgets=[2.0, 50.0])
+    start = trio.current_time()
+    assert (
+        await chain.fetch(layer.digest, CompressedOffset(0), CompressedOffset(64))
+        == (layer.blob[:64])
+    )
+    assert 2.0 <= trio.current_time() - start < 3.0
+    slow.delay_sec = 0.0
+    await chain.fetch(layer.digest, CompressedOffset(64), CompressedOffset(96))
+    assert chain.served() == {"registry": 64, "peers": 32}
+    with pytest.raises(ValueError):
+        ChainSource([slow, registry], budgets=[1.0])
+    with pytest.raises(ValueError):
+        ChainSource([slow], budgets=[0.0])

@@ -124,6 +124,37 @@ def test_coalesce_groups_consecutive_spans_up_to_the_limit() -> None:
     assert coalesce([], sizes, 10) == []
 
 
+def test_coalesce_never_crosses_a_chunk() -> None:
+    sizes = [4] * 8
+    ids = [SpanId(i) for i in range(8)]
+    chunks = [0, 0, 0, 1, 1, 2, 2, 2]
+    assert coalesce(ids, sizes, 100, chunks) == [[0, 1, 2], [3, 4], [5, 6, 7]]
+    assert coalesce(ids, sizes, 8, chunks) == [[0, 1], [2], [3, 4], [5, 6], [7]]
+
+
+async def test_reader_requests_stay_inside_chunks(layer: Layer, tmp_path: Path) -> None:
+    source = MemorySource(layer.blob)
+    chunk = 200_000
+    reader = RemoteLayerReader(
+        layer.digest,
+        layer.ztoc,
+        source,
+        SpanCache(tmp_path / "c"),
+        config=ReadConfig(chunk_bytes=chunk, readahead_spans=8),
+    )
+    await read_all_files(reader, layer)
+    await reader.prefetch_step(10 * 1024 * 1024)
+    assert source.calls, "no requests made"
+    span_map = reader.span_map
+    ranges = [span_map.compressed_range(SpanId(i)) for i in range(span_map.span_count)]
+    start_of_span_ending_at = {end: start for start, end in ranges}
+    for start, end in source.calls:
+        assert start in {s for s, _ in ranges}
+        last = start_of_span_ending_at[end]  # the run's last span
+        assert start // chunk == last // chunk, (start, end)
+    assert len({start // chunk for start, _ in source.calls}) > 1
+
+
 # -- reading --------------------------------------------------------------------------------------
 
 
