@@ -3,7 +3,8 @@ flight that concurrent readers share.
 
 The span is the unit of verification, not of transfer: the missing spans a caller needs (plus
 the read-ahead it asks to take along) are coalesced into Range requests of at most
-`max_request_bytes`, which go out in parallel. Every span of an answer is checked against its
+`max_request_bytes`, which go out in parallel. With `chunk_bytes` (peers on) a request never
+crosses a chunk, so each goes to one chunk's owners. Every span of an answer is checked against its
 zTOC digest inside the source's worker thread (`_CheckRun`), so a corrupt answer is a failure
 of that source (retried there, then the next source of a chain); wrong bytes are never cached
 or returned. Verified spans are written to the span cache (compressed) and move to CACHED.
