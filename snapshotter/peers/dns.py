@@ -19,7 +19,7 @@ import dns.rdatatype
 import dns.resolver
 import trio
 
-from snapshotter.peers.address import AddressError, parse_address
+from snapshotter.peers.address import AddressError, format_address, parse_address
 from snapshotter.peers.members import Member, MembershipError
 
 DNS_PORT = 53
@@ -68,7 +68,7 @@ class DnsMembers:
         self._backend = dns.asyncbackend.get_backend("trio")
 
     def __repr__(self) -> str:
-        servers = [f"{h}:{p}" for h, p in self._servers] or "system"
+        servers = [format_address(h, p) for h, p in self._servers] or "system"
         return f"<DnsMembers {self._qname!r} port={self._port} servers={servers}>"
 
     def _resolver(self) -> dns.asyncresolver.Resolver:
