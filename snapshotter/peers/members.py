@@ -156,13 +156,12 @@ class Membership:
         down_backoff_max_sec: float,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
-        self._sources = list(sources)
+        self._sources = [(source, _SourceState()) for source in sources]
         self._advertise = (_normalise_host(advertise[0]) or advertise[0], advertise[1])
         self._refresh_sec = refresh_sec
         self._backoff = down_backoff_sec
         self._backoff_max = max(down_backoff_max_sec, down_backoff_sec)
         self._clock = clock
-        self._states = {id(s): _SourceState() for s in self._sources}
         self._local: dict[str, bool] = {}
         self._members: tuple[Member, ...] = ()
         self._member_set: frozenset[Member] = frozenset()
@@ -170,7 +169,7 @@ class Membership:
         self._health: dict[Member, _Health] = {}
 
     def __repr__(self) -> str:
-        names = [s.name for s in self._sources]
+        names = [source.name for source, _ in self._sources]
         return f"<Membership members={len(self._members)} live={len(self.live())} sources={names}>"
 
     # -- the list ---------------------------------------------------------------------------
@@ -185,12 +184,11 @@ class Membership:
         exception from a source is a bug and propagates.
         """
         async with trio.open_nursery() as nursery:
-            for source in self._sources:
-                nursery.start_soon(self._refresh_one, source)
+            for source, state in self._sources:
+                nursery.start_soon(self._refresh_one, source, state)
         self._recompute()
 
-    async def _refresh_one(self, source: MemberSource) -> None:
-        state = self._states[id(source)]
+    async def _refresh_one(self, source: MemberSource, state: _SourceState) -> None:
         try:
             members = await source.resolve()
         except MembershipError as e:
@@ -211,8 +209,10 @@ class Membership:
 
     def _recompute(self) -> None:
         union: dict[Member, Member] = {}
-        for source in self._sources:
-            for m in self._states[id(source)].members:
+        listed: set[str] = set()
+        for _, state in self._sources:
+            for m in state.members:
+                listed.add(m.host)
                 if self._is_self(m):
                     continue
                 # the same node from two sources: keep the zone one of them knows
@@ -229,6 +229,8 @@ class Membership:
         self._members = new
         self._member_set = frozenset(new)
         self._hosts = frozenset(m.host for m in new)
+        # forget the answers for addresses no source lists any more (pod IPs come and go)
+        self._local = {h: v for h, v in self._local.items() if h in listed}
 
     def _is_self(self, m: Member) -> bool:
         if m.port != self._advertise[1]:

@@ -395,3 +395,21 @@ async def test_default_clock_is_trios(autojump_clock: trio.testing.MockClock) ->
     assert membership.live() == ()
     await trio.sleep(5)
     assert membership.live() == (M1,)
+
+
+async def test_local_address_answer_is_cached_per_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    import snapshotter.peers.members as members_module
+
+    asked: list[str] = []
+
+    def counting(host: str) -> bool:
+        asked.append(host)
+        return host == "127.0.0.1"
+
+    monkeypatch.setattr(members_module, "is_local_address", counting)
+    source = FakeSource("static", [Member("127.0.0.1", 8472), M1, Member("10.0.0.9", 1)])
+    membership = make(source)
+    await membership.refresh()
+    await membership.refresh()
+    assert membership.members() == (M1, Member("10.0.0.9", 1))
+    assert sorted(asked) == ["10.0.0.1", "127.0.0.1"]  # once each; other ports never asked
