@@ -175,7 +175,10 @@ class SpanServer:
                 if fetcher.counters.network_bytes > before:
                     self.stats.fetched_for_peers += 1
             parts: list[bytes] = []
+            # gzip spans share a boundary byte: each span's bytes go from where the last ended
+            covered = fetcher.span_map.compressed_range(spans[0])[0]
             for span in spans:
+                span_start, span_end = fetcher.span_map.compressed_range(span)
                 data = got.get(span)
                 if data is None:
                     data = await trio.to_thread.run_sync(
@@ -188,7 +191,8 @@ class SpanServer:
                 if data is None:
                     fetcher.table.set(span, SpanState.UNREQUESTED)
                     break
-                parts.append(data)
+                parts.append(data[covered - span_start :] if covered > span_start else data)
+                covered = span_end
             else:
                 return b"".join(parts)
         raise ServeError(503 if fetch else 404, f"layer {layer}: spans vanished from the cache")
