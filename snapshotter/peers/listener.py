@@ -240,12 +240,15 @@ def bind_listener(host: str, port: int) -> socket.socket:
 
 
 async def serve_listener(app: PeerApp, sock: socket.socket) -> None:
-    """Serve `app` on the bound `sock` until cancelled (hypercorn, HTTP/1.1)."""
+    """Serve `app` on the bound `sock` until cancelled (hypercorn, HTTP/1.1). The server
+    takes the socket over (`sock` is detached at once) and closes it when it stops."""
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
     config = Config()
-    config.bind = [f"fd://{sock.fileno()}"]
+    # hypercorn wraps the descriptor in a socket of its own and closes that one: `sock` must
+    # let go of it, or its own close would later hit whatever reuses the descriptor number
+    config.bind = [f"fd://{sock.detach()}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("snapshotter.peers.hypercorn")
     config.keep_alive_timeout = 30
