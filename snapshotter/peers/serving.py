@@ -189,7 +189,10 @@ class SpanServer:
                         limiter=CACHE_READ_THREADS,
                     )
                 if data is None:
-                    fetcher.table.set(span, SpanState.UNREQUESTED)
+                    # evicted or corrupt: fetched again next time. An INFLATED span keeps its
+                    # state (its reader has it in memory); this node cannot send it now.
+                    if fetcher.table.state(span) is SpanState.CACHED:
+                        fetcher.table.set(span, SpanState.UNREQUESTED)
                     break
                 parts.append(data[covered - span_start :] if covered > span_start else data)
                 covered = span_end
