@@ -126,8 +126,9 @@ class LayerFetchStatus:
     last_error: str
     bytes_from: Mapping[str, int]
     """Compressed bytes made local by where they came from: `peers`, `registry` (hosts.toml
-    mirrors included) and `cache` (found in the span cache: an earlier run, or fetched here
-    as a chunk owner for peers)."""
+    mirrors included; also what this node fetched for peers as the chunk's owner while the
+    layer was mounted) and `cache` (found in the span cache: an earlier run, or fetched as an
+    owner before the layer was mounted here)."""
 
     @property
     def percent(self) -> float:

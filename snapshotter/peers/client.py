@@ -111,6 +111,9 @@ class PeerClient:
             status = response.status_code
             if status != 206:
                 raise _status_error(status, what, source)
+            length = response.headers.get("content-length")
+            if length is not None and length != str(want):
+                raise BadRange(f"{what}: Content-Length {length}, want {want}", source=source)
             expected = f"bytes {start}-{end - 1}/"
             if not response.headers.get("content-range", "").startswith(expected):
                 raise BadRange(

@@ -143,13 +143,13 @@ class SpanServer:
         fetch: bool,
         budget_sec: float,
     ) -> bytes:
-        fetcher = self._layers.fetcher_for(layer)
-        if fetcher is None:
-            if ztoc is None:
-                raise ServeError(404, f"layer {layer} is not served here")
-            fetcher = await self._owned_layer(ref, layer, ztoc, fetch)
-        spans = _spans_between(fetcher.span_map, start, end)
         with trio.move_on_after(budget_sec) as scope:
+            fetcher = self._layers.fetcher_for(layer)
+            if fetcher is None:
+                if ztoc is None:
+                    raise ServeError(404, f"layer {layer} is not served here")
+                fetcher = await self._owned_layer(ref, layer, ztoc, fetch)
+            spans = _spans_between(fetcher.span_map, start, end)
             token = SERVING_PEER.set(True)
             try:
                 return await self._read(fetcher, spans, fetch)

@@ -147,11 +147,11 @@ class PeerSource:
                     await trio.to_thread.run_sync(check, data, limiter=VERIFY_THREADS)
             except PeerDeclined as e:
                 s.stats.declined += 1
-                failures.append(str(e))
+                failures.append(f"{owner.id}: {e}")
                 continue
             except FetchError as e:
                 s.stats.failures += 1
-                failures.append(str(e))
+                failures.append(f"{owner.id}: {e}")
                 s.view.mark_down(owner, str(e))
                 continue
             s.stats.bytes_fetched += len(data)
