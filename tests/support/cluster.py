@@ -93,9 +93,22 @@ SPAN_BYTES = 1 << 20
 BACKGROUND_QUIET_MS = 2000
 """``[remote] background_quiet_period_ms``: a node completes its layers soon after its reads."""
 START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 20.0
 PULL_TIMEOUT_S = 120.0
 COMMAND_TIMEOUT_S = 30.0
 K8S_NAMESPACE = "k8s.io"
+LAYER_SUMMARY_KEYS = (
+    "digest",
+    "fetchedPercent",
+    "bytesFrom",
+    "fetchErrors",
+    "lastFetchError",
+    "readErrors",
+    "error",
+)
+"""The keys of a layer's status that assertion messages show."""
+MAX_SOCKET_PATH = 104
+"""containerd refuses a unix socket path longer than this."""
 REQUIRED_BINARIES = ("ip", "tc", "nsenter", "docker-registry", CONTAINERD_BIN, "ctr", "runc")
 
 _sequence = itertools.count()
@@ -477,6 +490,7 @@ class Node:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         env.pop("NOTIFY_SOCKET", None)
+        env["PYTHONFAULTHANDLER"] = "1"  # stacks in the log on SIGABRT (see stop_daemon)
         assert d.config is not None
         cmd = nsenter_args(
             self.ns.name, sys.executable, "-m", "snapshotter.cli", "--config", str(d.config)
@@ -507,11 +521,33 @@ class Node:
         if sig == signal.SIGKILL:
             proc.wait(timeout=30)
 
+    def stop_daemon(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """SIGTERM, then waits ``timeout`` seconds for the daemon to exit. A daemon still
+        running gets SIGABRT (faulthandler writes every thread's Python stack to its log),
+        then SIGKILL, and :class:`ClusterError` is raised. Idempotent."""
+        proc = self.daemon.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        proc.send_signal(signal.SIGABRT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+        self.daemon.kill9()
+        raise ClusterError(
+            f"node {self.index}: the daemon did not exit within {timeout} s of SIGTERM (its "
+            f"threads' stacks are at the end of {self.daemon.log})\n{self.daemon_log(40)}"
+        )
+
     def daemon_alive(self) -> bool:
         return self.daemon.alive()
 
     def _start_containerd(self, registry_host: str) -> None:
-        paths = ContainerdPaths(self.base / "containerd")
+        paths = ContainerdPaths(self.base / "ctd")
         for d in (paths.root, paths.state, paths.cni_conf):
             d.mkdir(parents=True, exist_ok=True)
         # CRI 1.6 reports image-fs usage for this path.
@@ -591,23 +627,40 @@ class Node:
         leaves its last one)."""
         return read_daemon_status(self.daemon.root) or {}
 
-    def peer_states(self) -> dict[str, str]:
-        """``{"ADDR:PORT": "up"|"down"}`` from the ``peers`` list of :meth:`status`."""
+    def peer_status(self) -> dict[str, object]:
+        """The ``peers`` part of :meth:`status` (``{}`` when peers are off)."""
         peers = self.status().get("peers")
+        return peers if isinstance(peers, dict) else {}
+
+    def peer_states(self) -> dict[str, str]:
+        """``{"ADDR:PORT": "up"|"down"}`` of the members in :meth:`peer_status`."""
+        members = self.peer_status().get("members")
         out: dict[str, str] = {}
-        if isinstance(peers, list):
-            for p in peers:
-                if isinstance(p, dict) and "peer" in p:
-                    out[str(p["peer"])] = str(p.get("state"))
+        for m in members if isinstance(members, list) else []:
+            if isinstance(m, dict) and "peer" in m:
+                out[str(m["peer"])] = str(m.get("state"))
         return out
 
     def layer_status(self) -> list[dict[str, object]]:
-        """``sociable-snapshotter status``: one record per lazily mounted layer (fetched bytes
-        and percent, bytes served, errors). Raises :class:`ClusterError` when it fails."""
+        """The layer records of ``sociable-snapshotter status``: one per lazily mounted layer
+        (fetched bytes and percent, bytes by source, bytes served, errors). Raises
+        :class:`ClusterError` when the command fails."""
         proc = snapshotter_cli("--root", str(self.daemon.root), "status", timeout=30)
         if proc.returncode != 0:
             raise ClusterError(f"node {self.index}: status failed: {proc.stderr.strip()}")
-        return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        return [r for r in records if "fuseDir" in r and "restoreFailed" not in r]
+
+    def bytes_from(self) -> dict[str, int]:
+        """The layers' ``bytesFrom`` summed: compressed bytes this node got per source
+        (``cache``, ``peers``, ``registry``)."""
+        out: dict[str, int] = {}
+        for layer in self.layer_status():
+            sources = layer.get("bytesFrom")
+            if isinstance(sources, dict):
+                for source, n in sources.items():
+                    out[str(source)] = out.get(str(source), 0) + int(n)
+        return out
 
     def wait_fetched(self, count: int, timeout: float) -> list[dict[str, object]]:
         """Waits until ``count`` lazy layers report 100 % fetched (every span cached); returns
@@ -618,9 +671,10 @@ class Node:
             if len(layers) >= count and all(s.get("fetchedPercent") == 100 for s in layers):
                 return layers
             if time.monotonic() > deadline:
+                brief = [{k: s.get(k) for k in LAYER_SUMMARY_KEYS if k in s} for s in layers]
                 raise AssertionError(
-                    f"node {self.index}: layers not fully fetched in {timeout} s: {layers}\n"
-                    f"--- daemon log ---\n{self.daemon.log_tail(40)}"
+                    f"node {self.index}: {count} layers not fully fetched in {timeout:.0f} s: "
+                    f"{brief}\n--- daemon log ---\n{self.daemon.log_tail(20)}"
                 )
             time.sleep(0.3)
 
@@ -811,15 +865,6 @@ class _Teardown:
                 self.errors.append(f"{label}: {e!r}")
 
 
-def _stop_daemon(daemon: SnapDaemon) -> None:
-    if daemon.proc is None:
-        return
-    try:
-        daemon.stop(timeout_sec=20)
-    finally:
-        daemon.kill9()
-
-
 def _remove_state(paths: Sequence[Path]) -> None:
     for p in paths:
         shutil.rmtree(p, ignore_errors=True)
@@ -852,6 +897,12 @@ def open_cluster(
     """
     if n_nodes < 1 or n_nodes > 9:
         raise ClusterError(f"n_nodes={n_nodes}: 1 to 9 nodes")
+    longest = base / "n0" / "ctd" / "containerd.sock.ttrpc"
+    if len(str(longest.absolute())) > MAX_SOCKET_PATH:
+        raise ClusterError(
+            f"base {base}: too long for containerd's sockets ({longest} over "
+            f"{MAX_SOCKET_PATH} characters)"
+        )
     seq = next(_sequence)
     tag = f"{os.getpid() % 1000}{seq % 10}"
     names = ClusterNames(tag, n_nodes)
@@ -892,12 +943,12 @@ def open_cluster(
                     f"{SUBNET_PREFIX}.{k}.{FIRST_NODE_OCTET + i}",
                     bridge_ip,
                 ),
-                base=base / f"node{i}",
+                base=base / f"n{i}",
                 daemon=SnapDaemon(
-                    root=base / f"node{i}" / "sociable" / "root",
-                    address=base / f"node{i}" / "sociable" / "snap.sock",
-                    log=base / f"node{i}" / "sociable" / "daemon.log",
-                    config=base / f"node{i}" / "sociable" / "config.toml",
+                    root=base / f"n{i}" / "snap" / "root",
+                    address=base / f"n{i}" / "snap" / "snap.sock",
+                    log=base / f"n{i}" / "snap" / "daemon.log",
+                    config=base / f"n{i}" / "snap" / "config.toml",
                 ),
             )
             for i in range(n_nodes)
@@ -908,12 +959,12 @@ def open_cluster(
                 f"node {node.index} mounts", functools.partial(_check_no_mounts, node.base)
             )
             state = [
-                node.base / "sociable" / "root",
-                *(node.base / "containerd" / d for d in ("root", "state")),
+                node.daemon.root,
+                *(node.base / "ctd" / d for d in ("root", "state")),
             ]
             teardown.add(f"node {node.index} state", functools.partial(_remove_state, state))
             teardown.add(f"node {node.index} unmount", functools.partial(unmount_all, node.base))
-            certs_d = ContainerdPaths(node.base / "containerd").certs_d
+            certs_d = ContainerdPaths(node.base / "ctd").certs_d
             write_certs_d(certs_d, [registry.host])
             assert node.daemon.config is not None
             node.daemon.config.parent.mkdir(parents=True, exist_ok=True)
@@ -928,7 +979,7 @@ def open_cluster(
                     extra=node_config(node.index, list(addresses)) if node_config else "",
                 )
             )
-            teardown.add(f"node {node.index} daemon", functools.partial(_stop_daemon, node.daemon))
+            teardown.add(f"node {node.index} daemon", node.stop_daemon)
             node.start_daemon()
             teardown.add(f"node {node.index} containerd", functools.partial(_stop_containerd, node))
             node._start_containerd(registry.host)
