@@ -14,6 +14,11 @@ fetches" is the sum of the layers' compressed sizes: a node reads every file and
 background fetch completes the rest, so alone it fetches each layer in full once, which
 `test_cluster_without_peers` checks for every node.
 
+The failure tests run the registry link slower (:data:`SLOW_RATE`) so the cut lands while
+the nodes are still reading, and keep a failed peer down for the rest of the test
+(`down_backoff_sec`), so "down" can be read after the other nodes are done; the nodes that lost
+the peer must then still stop on SIGTERM.
+
 Every wait is bounded by the test's budget (:data:`TEST_BUDGET_S`), so a hung node fails the
 test instead of hanging it.
 """
