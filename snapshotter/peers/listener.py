@@ -223,12 +223,24 @@ async def _answer(send: Send, status: int, body: bytes) -> int:
     return status
 
 
-def bind_listener(host: str, port: int) -> socket.socket:
+SEND_TIMEOUT_SEC: Final = 10.0
+"""Longest the kernel keeps unacknowledged answer bytes for a peer that stopped
+acknowledging (`TCP_USER_TIMEOUT`, inherited by every accepted connection) before it drops
+the connection. hypercorn shields its sends from cancellation, so without it an answer to a
+peer whose link went down would hold its upload slot, and the daemon's shutdown, for the
+kernel's retransmission limit (about 15 minutes)."""
+
+
+def bind_listener(
+    host: str, port: int, *, send_timeout_sec: float = SEND_TIMEOUT_SEC
+) -> socket.socket:
     """A listening TCP socket on (host, port) — bound now, so a port in use is a start-up
-    error and not a failing task. Raises OSError."""
+    error and not a failing task — whose connections give up on a peer that stops
+    acknowledging after `send_timeout_sec`. Raises OSError."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(send_timeout_sec * 1000))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(128)

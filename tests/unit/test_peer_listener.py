@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -614,3 +615,14 @@ async def test_every_answer_is_logged_with_stable_keys(
     assert ok.bytes == one[1] - one[0]  # type: ignore[attr-defined]
     assert ok.path == protocol.blob_path(REPOSITORY, str(layer.digest))  # type: ignore[attr-defined]
     assert isinstance(ok.ms, int)  # type: ignore[attr-defined]
+
+
+def test_accepted_connections_give_up_on_a_silent_peer() -> None:
+    """A peer that stops acknowledging (its link down) must not hold an answer, an upload
+    slot or the daemon's shutdown for the kernel's retransmission limit."""
+    with bind_listener("127.0.0.1", 0, send_timeout_sec=3.5) as sock:
+        sock.setblocking(True)
+        with socket.create_connection(sock.getsockname()[:2]):
+            accepted, _ = sock.accept()
+            with accepted:
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 3500
