@@ -332,10 +332,11 @@ class ClusterRegistry:
                 self.proc.wait(timeout=10)
 
 
-def _start_registry(ns: NetNs, base: Path) -> ClusterRegistry:
-    """docker-registry inside ``ns`` with storage under ``base``. Raises :class:`ClusterError`
-    (with the log tail) when it does not answer ``/v2/`` from the host within 20 s."""
-    storage = base / "storage"
+def _start_registry(ns: NetNs, base: Path, storage: Path | None = None) -> ClusterRegistry:
+    """docker-registry inside ``ns`` with its config and log under ``base`` and its storage at
+    ``storage`` (default ``base/storage``). Raises :class:`ClusterError` (with the log tail)
+    when it does not answer ``/v2/`` from the host within 20 s."""
+    storage = storage or base / "storage"
     storage.mkdir(parents=True, exist_ok=True)
     config = {
         "version": 0.1,
@@ -808,8 +809,9 @@ class Cluster:
         repository: str = "peers/data",
         convert_root: Path | None = None,
         rate: str | None = None,
+        span_bytes: int = SPAN_BYTES,
     ) -> str:
-        """Indexes ``image`` (SOCI v2, :data:`SPAN_BYTES` spans, every layer) and pushes it to
+        """Indexes ``image`` (SOCI v2, ``span_bytes`` spans, every layer) and pushes it to
         the registry with ``sociable convert``; returns the reference to pull. The link limit
         is lifted during the push and set to ``rate`` again afterwards when given.
         ``convert_root`` (the CLI's store) can be shared between clusters: built zTOCs are
@@ -822,7 +824,7 @@ class Cluster:
                 "convert",
                 "--plain-http",
                 "--span-size",
-                str(SPAN_BYTES),
+                str(span_bytes),
                 "--min-layer-size",
                 "0",
                 f"oci-layout:{image.image.layout}:{image.image.tag}",
@@ -885,6 +887,7 @@ def open_cluster(
     peers: bool,
     node_config: Callable[[int, list[str]], str] | None = None,
     subnet: int | None = None,
+    registry_storage: Path | None = None,
 ) -> Iterator[Cluster]:
     """Builds the cluster described in the module docstring under ``base`` and yields it;
     tears everything down on exit, also when the body raises.
@@ -892,7 +895,9 @@ def open_cluster(
     ``registry_rate``: tc rate of the registry's link (None: unlimited). ``peers``: give each
     daemon the ``[peers]`` table. ``node_config(i, addresses)``: TOML text merged over node
     ``i``'s config (``addresses``: every node's peer address). ``subnet``: the third octet of
-    ``10.232.<k>.0/24`` (default: a free one). Raises :class:`ClusterError` when a part does
+    ``10.232.<k>.0/24`` (default: a free one). ``registry_storage``: the registry's storage
+    directory, kept after teardown (default: under ``base``), so clusters opened one after
+    another can serve what an earlier one pushed. Raises :class:`ClusterError` when a part does
     not start (after tearing down what was built).
     """
     if n_nodes < 1 or n_nodes > 9:
@@ -927,7 +932,7 @@ def open_cluster(
             f"{SUBNET_PREFIX}.{k}.{REGISTRY_HOST_OCTET}",
             bridge_ip,
         )
-        registry = _start_registry(reg_ns, base / "registry")
+        registry = _start_registry(reg_ns, base / "registry", registry_storage)
         teardown.add("registry", registry.stop)
         if registry_rate:
             registry.limit(registry_rate)
