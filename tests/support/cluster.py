@@ -663,6 +663,34 @@ class Node:
                     out[str(source)] = out.get(str(source), 0) + int(n)
         return out
 
+    def settled_bytes_from(self, timeout: float = 5.0) -> dict[str, int]:
+        """:meth:`bytes_from` once every layer's ``bytesFrom`` accounts for its ``fetchedSize``.
+
+        ``fetchedSize`` comes from the layer's FUSE status file (read live), ``bytesFrom`` from
+        ``<root>/status.json``, which the daemon rewrites at most once a second: right after
+        :meth:`wait_fetched` it can still hold an earlier count. Raises AssertionError after
+        ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out: dict[str, int] = {}
+            behind = []
+            for layer in self.layer_status():
+                sources = layer.get("bytesFrom")
+                counted = 0
+                for source, n in sources.items() if isinstance(sources, dict) else ():
+                    out[str(source)] = out.get(str(source), 0) + int(n)
+                    counted += int(n)
+                if counted < int(str(layer.get("fetchedSize", 0))):
+                    behind.append(layer.get("fuseDir"))
+            if not behind:
+                return out
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"node {self.index}: bytesFrom of {behind} still behind fetchedSize after "
+                    f"{timeout:.0f} s"
+                )
+            time.sleep(0.2)
+
     def wait_fetched(self, count: int, timeout: float) -> list[dict[str, object]]:
         """Waits until ``count`` lazy layers report 100 % fetched (every span cached); returns
         their status. Raises AssertionError with the status and log tail after ``timeout`` s."""
