@@ -337,6 +337,7 @@ def _start_registry(ns: NetNs, base: Path, storage: Path | None = None) -> Clust
     ``storage`` (default ``base/storage``). Raises :class:`ClusterError` (with the log tail)
     when it does not answer ``/v2/`` from the host within 20 s."""
     storage = storage or base / "storage"
+    base.mkdir(parents=True, exist_ok=True)
     storage.mkdir(parents=True, exist_ok=True)
     config = {
         "version": 0.1,
