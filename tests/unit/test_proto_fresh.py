@@ -57,3 +57,106 @@ def test_wire_names_match_containerd() -> None:
     assert kinds == {"UNKNOWN": 0, "VIEW": 1, "ACTIVE": 2, "COMMITTED": 3}
     usage = {f.name: f.number for f in snapshots_pb2.UsageResponse.DESCRIPTOR.fields}
     assert usage == {"size": 1, "inodes": 2}
+
+
+def test_content_wire_names_match_containerd() -> None:
+    """The Content subset has containerd's package, service, method paths and field numbers
+    (api/services/content/v1/content.proto), so containerd decodes what we send."""
+    from snapshotter.api import content_pb2, content_pb2_grpc
+
+    svc = content_pb2.DESCRIPTOR.services_by_name["Content"]
+    assert svc.full_name == "containerd.services.content.v1.Content"
+    assert sorted(m.name for m in svc.methods) == ["Info", "Read"]
+    info_rpc, read_rpc = svc.methods_by_name["Info"], svc.methods_by_name["Read"]
+    assert not info_rpc.server_streaming and not info_rpc.client_streaming
+    assert read_rpc.server_streaming and not read_rpc.client_streaming
+    assert info_rpc.input_type.full_name == "containerd.services.content.v1.InfoRequest"
+    assert info_rpc.output_type.full_name == "containerd.services.content.v1.InfoResponse"
+    assert read_rpc.input_type.full_name == "containerd.services.content.v1.ReadContentRequest"
+    assert read_rpc.output_type.full_name == "containerd.services.content.v1.ReadContentResponse"
+
+    def numbers(message: type) -> dict[str, tuple[int, int]]:
+        d = message.DESCRIPTOR  # type: ignore[attr-defined]
+        return {f.name: (f.number, f.type) for f in d.fields}
+
+    F = content_pb2.Info.DESCRIPTOR.fields_by_name["size"]
+    string, int64, bytes_, message = F.TYPE_STRING, F.TYPE_INT64, F.TYPE_BYTES, F.TYPE_MESSAGE
+    assert numbers(content_pb2.Info) == {
+        "digest": (1, string),
+        "size": (2, int64),
+        "labels": (5, message),
+    }
+    assert numbers(content_pb2.InfoRequest) == {"digest": (1, string)}
+    assert numbers(content_pb2.InfoResponse) == {"info": (1, message)}
+    assert numbers(content_pb2.ReadContentRequest) == {
+        "digest": (1, string),
+        "offset": (2, int64),
+        "size": (3, int64),
+    }
+    assert numbers(content_pb2.ReadContentResponse) == {"offset": (1, int64), "data": (2, bytes_)}
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.paths: list[str] = []
+
+        def unary_unary(self, path: str, **_: object) -> None:
+            self.paths.append(path)
+
+        def unary_stream(self, path: str, **_: object) -> None:
+            self.paths.append(path)
+
+    channel = Recorder()
+    content_pb2_grpc.ContentStub(channel)
+    assert sorted(channel.paths) == [
+        "/containerd.services.content.v1.Content/Info",
+        "/containerd.services.content.v1.Content/Read",
+    ]
+
+
+def test_content_info_skips_the_fields_left_out() -> None:
+    """containerd's Info carries created_at (3) and updated_at (4) Timestamps; our subset
+    decodes such an answer, skips them and keeps digest, size and labels (a wrong number
+    for labels would read a Timestamp as a label or drop the labels)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, timestamp_pb2
+
+    from snapshotter.api import content_pb2
+
+    full = descriptor_pb2.FileDescriptorProto(
+        name="full_info.proto", package="full", syntax="proto3"
+    )
+    full.dependency.append("google/protobuf/timestamp.proto")
+    F = descriptor_pb2.FieldDescriptorProto
+    m = full.message_type.add(name="Info")
+    m.field.add(name="digest", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    m.field.add(name="size", number=2, type=F.TYPE_INT64, label=F.LABEL_OPTIONAL)
+    for name, number in (("created_at", 3), ("updated_at", 4)):
+        m.field.add(
+            name=name,
+            number=number,
+            type=F.TYPE_MESSAGE,
+            label=F.LABEL_OPTIONAL,
+            type_name=".google.protobuf.Timestamp",
+        )
+    entry = m.nested_type.add(name="LabelsEntry")
+    entry.options.map_entry = True
+    entry.field.add(name="key", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    entry.field.add(name="value", number=2, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    m.field.add(
+        name="labels",
+        number=5,
+        type=F.TYPE_MESSAGE,
+        label=F.LABEL_REPEATED,
+        type_name=".full.Info.LabelsEntry",
+    )
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(timestamp_pb2.DESCRIPTOR.serialized_pb)
+    pool.Add(full)
+    cls = message_factory.GetMessageClass(pool.FindMessageTypeByName("full.Info"))
+    sent = cls(digest="sha256:" + "a" * 64, size=1 << 40)
+    sent.created_at.seconds = 1_700_000_000
+    sent.updated_at.nanos = 5
+    sent.labels["containerd.io/distribution.source.example.com"] = "library/busybox"
+    got = content_pb2.Info.FromString(sent.SerializeToString())
+    assert got.digest == "sha256:" + "a" * 64
+    assert got.size == 1 << 40
+    assert dict(got.labels) == {"containerd.io/distribution.source.example.com": "library/busybox"}
