@@ -5,18 +5,24 @@ peers are on), the chunk's owners are the `owners` highest rendezvous scores amo
 members and this node (`ownership.owners`). They are asked in that order, each within
 `budget_sec`:
 
-- the owner is this node: the fetch leaves the peers (`BlobNotFound`), so the chain's next
-  source (hosts.toml mirrors, then the registry) fetches it here: this node is the one that
-  fetches the chunk for the cluster;
+- owners ranked before this node are asked to serve the range, fetching it from their own
+  registry if they must (the owner protocol's `fetch`);
+- this node's own place in the list, and every owner after it, only asks whether they hold
+  the range already (no `fetch`: a quick 404 when they do not): after a member joins or
+  leaves, the chunks it now owns are often still held by the owners before the change;
+- no owner served it: when this node is among the owners, the fetch leaves the peers
+  (`BlobNotFound`) and the chain's next source (hosts.toml mirrors, then the registry)
+  fetches it here: this node is the one that fetches the chunk for the cluster;
 - a peer answers: its bytes are checked against the zTOC span digests (the caller's `check`,
   in a worker thread) before anything else sees them; on success the peer is marked up;
-- a peer fails (wrong bytes, refused, reset, timeout, a short body, 404): it is marked down
-  (skipped for a back-off) and the next owner is tried; a 503 (the owner could not fetch it,
-  e.g. no credentials for the repository) moves on without marking it down.
+- a peer fails (wrong bytes, refused, reset, timeout, a short body, a 404 where it should
+  have fetched): it is marked down (skipped for a back-off) and the next owner is tried; a
+  503 (it could not fetch the range, e.g. no credentials for the repository) or a 403 (its
+  member list does not have this node yet) moves on without marking it down.
 
-A request made while serving a peer (`SERVING_PEER` set by the listener) never goes to peers:
-an owner fetches from its own upstream, so requests cannot loop between nodes whose member
-lists differ for a moment.
+A request made while serving a peer (`SERVING_PEER` set by the listener) only asks the other
+owners whether they hold the range, and those requests never lead to further ones, so
+requests cannot loop between nodes whose member lists differ for a moment.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from index.oci.reference import Reference
 from snapshotter.lazy.sources import (
     PEER_SOURCE_NAME,
     VERIFY_THREADS,
+    AccessDenied,
     BlobNotFound,
     Check,
     FetchError,
@@ -119,18 +126,21 @@ class PeerSource:
         *,
         check: Check | None = None,
     ) -> bytes:
-        """The verified bytes `[start, end)` from an owner. Raises `BlobNotFound` when this
-        node is the first owner reached (or serves a peer), else `SourceUnavailable` naming
-        every owner's failure."""
+        """The verified bytes `[start, end)` from an owner (see the module doc). Raises
+        `BlobNotFound` when the fetch should go upstream from here (this node ranks before
+        every owner holding the range, or serves a peer and no other owner holds it), else
+        `SourceUnavailable` naming every owner's failure."""
         s = self._s
         what = f"bytes {start}-{end} of {digest}"
-        if SERVING_PEER.get():
-            raise BlobNotFound(f"{what}: serving a peer, upstream only", source=self.name)
+        # Owners ranked before this node may fetch for it; after it (or while this node
+        # serves a peer) they are only asked whether they hold the range already.
+        may_fetch = not SERVING_PEER.get()
         failures: list[str] = []
         for owner in self.owners_of(start):
             if owner is None:
+                may_fetch = False
                 s.stats.owned_here += 1
-                raise BlobNotFound(f"{what}: this node owns the chunk", source=self.name)
+                continue
             s.stats.requests += 1
             try:
                 data = await s.client.fetch_range(
@@ -142,22 +152,34 @@ class PeerSource:
                     start=start,
                     end=end,
                     budget_sec=s.budget_sec,
+                    fetch=may_fetch,
                 )
                 if check is not None:
                     await trio.to_thread.run_sync(check, data, limiter=VERIFY_THREADS)
-            except PeerDeclined as e:
+            except BlobNotFound as e:
+                if may_fetch:  # it would have fetched it: something is wrong with it
+                    self._failed(owner, e, failures)
+                else:
+                    failures.append(f"{owner.id}: not held")
+                continue
+            except (PeerDeclined, AccessDenied) as e:
+                # could not fetch it now, or does not know this node yet (its member list
+                # is behind ours): alive and honest, not marked down
                 s.stats.declined += 1
                 failures.append(f"{owner.id}: {e}")
                 continue
             except FetchError as e:
-                s.stats.failures += 1
-                failures.append(f"{owner.id}: {e}")
-                s.view.mark_down(owner, str(e))
+                self._failed(owner, e, failures)
                 continue
             s.stats.bytes_fetched += len(data)
             s.view.mark_up(owner)
             return data
-        raise SourceUnavailable(
-            f"{what}: no owner served it ({'; '.join(failures) or 'no live owner'})",
-            source=self.name,
-        )
+        message = f"{what}: no owner served it ({'; '.join(failures) or 'no live owner'})"
+        if not may_fetch:  # this node fetches it upstream, for the owners after it too
+            raise BlobNotFound(message, source=self.name)
+        raise SourceUnavailable(message, source=self.name)
+
+    def _failed(self, owner: Member, e: FetchError, failures: list[str]) -> None:
+        self._s.stats.failures += 1
+        failures.append(f"{owner.id}: {e}")
+        self._s.view.mark_down(owner, str(e))

@@ -223,13 +223,15 @@ class FakePeer:
     """A raw HTTP/1.1 peer on loopback. `behaviour`: `corrupt` answers 206 with the right
     Content-Range and length but one byte flipped; `status` answers `status` with no body;
     `silent` accepts, reads the request and never answers; `short` sends the headers of the
-    full range and half the body, then closes. `requests` counts requests read."""
+    full range and half the body, then closes. `requests` counts requests read; `fetches`
+    records, per request, whether it allowed the owner to fetch (`X-Sociable-Fetch: 1`)."""
 
     blob: bytes
     behaviour: Behaviour
     status: int = 404
     port: int = 0
     requests: int = 0
+    fetches: list[bool] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -248,6 +250,7 @@ class FakePeer:
                     return
                 head += data
             self.requests += 1
+            self.fetches.append(b"\r\nx-sociable-fetch: 1\r\n" in head.lower())
             if self.behaviour == "silent":
                 await trio.sleep_forever()
             if self.behaviour == "status":

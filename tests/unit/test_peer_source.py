@@ -4,9 +4,10 @@ short body), a closed port; a fake membership view records mark_down / mark_up.
 
 A good owner's bytes are verified and returned (marked up); a failing owner is marked down
 and the next owner asked, within one budget for a silent one and at once for a refused one;
-a 503 moves on without marking down; this node owning the chunk, or serving a peer, leaves
-the peers without a request; and a `ChainSource[PeerSource, registry]` returns the right
-bytes from the registry stand-in whatever the peers do.
+a 503 or a 403 moves on without marking down; owners after this node, or every owner while
+this node serves a peer, are only asked whether they hold the range (a 404 then is no
+failure); and a `ChainSource[PeerSource, registry]` returns the right bytes from the
+registry stand-in whatever the peers do.
 """
 
 from __future__ import annotations
@@ -176,7 +177,6 @@ async def test_a_multi_span_range_from_an_owner(
     [
         ("corrupt", 0, "span"),
         ("status", 404, "HTTP 404"),
-        ("status", 403, "HTTP 403"),
         ("status", 500, "HTTP 500"),
         ("short", 0, "bytes"),
     ],
@@ -300,8 +300,8 @@ async def test_every_owner_failing_is_source_unavailable_naming_each(
 # -- no request to peers -------------------------------------------------------------------------
 
 
-async def test_this_node_first_owner_leaves_the_peers_without_a_request(
-    layer: Layer, spans: SpanMap
+async def test_this_node_first_owner_only_asks_the_next_owner_whether_it_holds_it(
+    layer: Layer, spans: SpanMap, tmp_path: Path
 ) -> None:
     async with (
         open_fake_peer(layer.blob, "status", status=404) as peer,
@@ -309,10 +309,22 @@ async def test_this_node_first_owner_leaves_the_peers_without_a_request(
     ):
         with pytest.raises(BlobNotFound) as err:
             await fetch_span(source, layer, spans, span)
-        assert "owns" in str(err.value)
-        assert peer.requests == 0
-        assert stats.owned_here == 1 and stats.requests == 0
-        assert view.down == [] and view.up == []
+        assert "not held" in str(err.value)
+        assert peer.fetches == [False]  # asked, not asked to fetch
+        assert stats.owned_here == 1 and stats.requests == 1
+        assert view.down == [] and view.up == []  # a 404 to "do you hold it?" is no failure
+    # an owner after this node that holds the range serves it (a member joined, and the
+    # chunk's previous first owner still has it), without fetching anything again
+    upstream = MemorySource(layer.blob, name="upstream")
+    async with open_listener(layer, tmp_path, upstream=upstream) as holder:
+        async with peer_source(layer, spans, [holder.member, None]) as (before, _v, _s, span):
+            assert await fetch_span(before, layer, spans, span) == want(layer, spans, span)
+        assert len(upstream.calls) == 1
+        async with peer_source(layer, spans, [None, holder.member]) as (after, view, _s, span2):
+            assert span2 == span
+            assert await fetch_span(after, layer, spans, span) == want(layer, spans, span)
+            assert view.up == [holder.member]
+        assert len(upstream.calls) == 1
 
 
 async def test_no_live_member_means_this_node_owns_everything(layer: Layer, spans: SpanMap) -> None:
@@ -322,10 +334,12 @@ async def test_no_live_member_means_this_node_owns_everything(layer: Layer, span
         assert stats.owned_here == 1
 
 
-async def test_serving_a_peer_never_asks_peers(layer: Layer, spans: SpanMap) -> None:
+async def test_serving_a_peer_only_asks_whether_other_owners_hold_it(
+    layer: Layer, spans: SpanMap
+) -> None:
     async with (
         open_fake_peer(layer.blob, "status", status=404) as peer,
-        peer_source(layer, spans, [peer.member, None]) as (source, view, stats, span),
+        peer_source(layer, spans, [peer.member, None]) as (source, view, _stats, span),
     ):
         token = SERVING_PEER.set(True)
         try:
@@ -333,14 +347,27 @@ async def test_serving_a_peer_never_asks_peers(layer: Layer, spans: SpanMap) -> 
                 await fetch_span(source, layer, spans, span)
         finally:
             SERVING_PEER.reset(token)
-        assert "serving a peer" in str(err.value)
-        assert peer.requests == 0 and stats.requests == 0
-        # the same fetch outside a peer request asks the peer (then this node, the second
-        # owner, leaves it to the next source)
-        with pytest.raises(BlobNotFound) as err:
+        assert "not held" in str(err.value)
+        assert peer.fetches == [False] and view.down == []
+        # the same fetch outside a peer request asks the first owner to fetch it; its 404 is
+        # then a failure (it would have fetched), and this node, the second owner, fetches
+        with pytest.raises(BlobNotFound):
             await fetch_span(source, layer, spans, span)
-        assert "owns" in str(err.value)
-        assert peer.requests == 1 and view.downed() == [peer.member]
+        assert peer.fetches == [False, True] and view.downed() == [peer.member]
+
+
+async def test_an_owner_that_does_not_know_this_node_yet_is_not_marked_down(
+    layer: Layer, spans: SpanMap, tmp_path: Path
+) -> None:
+    """403: its member list does not have this node yet (it just joined)."""
+    async with (
+        open_fake_peer(layer.blob, "status", status=403) as stranger,
+        open_listener(layer, tmp_path) as good,
+        peer_source(layer, spans, [stranger.member, good.member]) as (source, view, stats, span),
+    ):
+        assert await fetch_span(source, layer, spans, span) == want(layer, spans, span)
+        assert view.down == [] and view.up == [good.member]
+        assert stats.declined == 1
 
 
 # -- the chain: peers, then the registry -------------------------------------------------------
@@ -380,7 +407,7 @@ async def test_the_chain_falls_back_to_the_registry_with_right_bytes(
         assert time.monotonic() - started < 2 * BUDGET
         assert registry.calls == [span_range(spans, span)]
         assert chain.served() == {"registry": len(want(layer, spans, span))}
-        if fault in ("owned here", "serving a peer", "503"):
+        if fault in ("owned here", "503"):
             assert view.down == []
         else:
             assert view.downed() == order
