@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` runs the main job, `make test` runs every test.
 PY ?= python3
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench bench-peers
 
 setup:
 	bash scripts/setup.sh
@@ -19,3 +19,6 @@ test: lint
 
 bench: setup
 	$(PY) -m tests.bench.bench_build
+
+bench-peers: setup
+	$(PY) -m tests.bench.bench_peers
