@@ -347,11 +347,6 @@ REFRESH_SEC = 1.0
 MEMBERSHIP_WAIT_S = 10.0
 """How long a change of the records may take to reach a node's member list in `status`: a few
 refreshes, plus the status writer's one-second check."""
-JOINED_MAX = 0.6
-"""Registry bytes of a node that joins a cluster holding the layers, at most this share of the
-layers: it fetches the chunks it is now the first owner of from the registry (a third of them
-on average with three nodes; this bound is about three standard deviations above), every other
-chunk comes from the owners."""
 
 
 def _bridge_ip(addresses: list[str]) -> str:
@@ -485,12 +480,9 @@ def test_members_from_dns(
     re-read every second; the server starts after the daemons, whose first lookups fail.
     Records for nodes 0 and 1: node 0 starts, node 1 then gets bytes from it, node 2 is
     nobody's member. Node 2 added: nodes 0 and 1 list it within seconds, and it starts with
-    bytes from the peers and at most :data:`JOINED_MAX` of the layers from the registry. Node
-    1 removed: nodes 0 and 2 drop it (logged `peer left`).
-
-    A joining node should fetch almost nothing from the registry when the others hold every
-    span (:data:`ROLLING_MAX`, as in a rolling start); the test is marked an expected failure
-    naming the bytes when it fetches more, after every other check has passed."""
+    bytes from the peers and at most :data:`ROLLING_MAX` of the layers from the registry (the
+    chunks it is now the first owner of are still held by the owners before it joined). Node
+    1 removed: nodes 0 and 2 drop it (logged `peer left`)."""
     if not os.access(DNSMASQ, os.X_OK):
         pytest.skip(f"PREREQUISITE MISSING: {DNSMASQ} (Debian: dnsmasq-base)")
     layers = len(peer_image.layer_digests)
@@ -565,8 +557,8 @@ def test_members_from_dns(
             f"node 2: bytes by source {sources}: none from the peers\n{cluster.describe(15)}"
         )
         joined_registry = sources.get("registry", 0)
-        assert joined_registry <= JOINED_MAX * peer_image.layer_bytes, (
-            f"node 2: bytes by source {sources}: more than {JOINED_MAX:.0%} of the layers' "
+        assert joined_registry <= ROLLING_MAX * peer_image.layer_bytes, (
+            f"node 2: bytes by source {sources}: more than {ROLLING_MAX:.0%} of the layers' "
             f"{peer_image.layer_bytes} from the registry\n{n2.describe(15)}"
         )
 
@@ -580,14 +572,6 @@ def test_members_from_dns(
         print(f"node 1 dropped by nodes 0 and 2 {took:.1f} s after the records changed")
         for node in (n0, n2):
             assert _peer_events(node, "peer left") == [n1.peer_address], node.describe(15)
-
-        if joined_registry > ROLLING_MAX * peer_image.layer_bytes:
-            pytest.xfail(
-                f"node 2 joined a cluster whose nodes held every span and still fetched "
-                f"{joined_registry} bytes ({joined_registry / peer_image.layer_bytes:.0%} of the "
-                f"layers) from the registry: the chunks it is now the first owner of go to the "
-                f"registry without asking the other owners, which hold them"
-            )
 
 
 # ---------------------------------------------------------------------------------------------
