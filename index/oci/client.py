@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from types import TracebackType
@@ -59,7 +59,8 @@ class AsyncRegistryClient:
     change. `plain_http` forces http (True) or https (False) for registries without
     hosts.toml; None means http only for localhost/loopback. `skip_verify` disables TLS
     verification for those too. `transport` replaces the network (all requests go through
-    it). `gate` wraps every public operation (see the module doc). Sizes are bytes, timeouts
+    it). `gate` wraps every public operation (see the module doc). `skip_mirrors`: hosts.toml
+    mirrors (`HOST[:PORT]`) never to use (the daemon's own registry mirror). Sizes are bytes, timeouts
     seconds (`timeout_sec` bounds each connect, read, write and pool wait of a request).
     Use it from one event loop.
     """
@@ -78,6 +79,7 @@ class AsyncRegistryClient:
         user_agent: str = USER_AGENT,
         gate: Gate | None = None,
         hosts_recheck_sec: float = DEFAULT_RECHECK_SEC,
+        skip_mirrors: Collection[str] = (),
     ) -> None:
         self.session = RegistrySession(
             credentials=credentials,
@@ -88,6 +90,7 @@ class AsyncRegistryClient:
             timeout_sec=timeout_sec,
             user_agent=user_agent,
             hosts_recheck_sec=hosts_recheck_sec,
+            skip_mirrors=skip_mirrors,
         )
         self._gate = gate or _no_gate
         self._manifests = Manifests(self.session)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from index.oci.hosts import HOSTS_FILE, HostsConfig, host_directories, hosts_from_dirs
@@ -44,7 +44,9 @@ class HostsCache:
     """`get(registry)` → its current `HostsConfig` (see the module doc).
 
     Not thread-safe (used from one event loop). Raises HostsConfigError from `get` for an
-    invalid hosts.toml (not cached: the next call reads it again).
+    invalid hosts.toml (not cached: the next call reads it again). Mirrors whose `host`
+    (`HOST[:PORT]`) is in `skip_mirrors` are left out (a daemon that is itself the first
+    mirror in containerd's hosts.toml must not ask itself); the upstream never is.
     """
 
     def __init__(
@@ -56,8 +58,10 @@ class HostsCache:
         recheck_sec: float = DEFAULT_RECHECK_SEC,
         max_registries: int = DEFAULT_MAX_REGISTRIES,
         clock: Callable[[], float] = time.monotonic,
+        skip_mirrors: Collection[str] = (),
     ) -> None:
         self.hosts_dirs = [Path(d) for d in hosts_dirs if str(d)]
+        self._skip = frozenset(skip_mirrors)
         self._plain_http = plain_http
         self._skip_verify = skip_verify
         self.recheck_sec = recheck_sec
@@ -88,6 +92,10 @@ class HostsCache:
         config = hosts_from_dirs(
             self.hosts_dirs, registry, plain_http=self._plain_http, skip_verify=self._skip_verify
         )
+        if self._skip and any(m.host in self._skip for m in config.mirrors):
+            config = replace(
+                config, mirrors=tuple(m for m in config.mirrors if m.host not in self._skip)
+            )
         self.loads += 1
         self._entries.put(registry, _Entry(config, stamp, now))
         return config

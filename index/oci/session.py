@@ -26,7 +26,7 @@ import base64
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -118,6 +118,7 @@ class RegistrySession:
         hosts_recheck_sec: float = DEFAULT_RECHECK_SEC,
         location_ttl_sec: float = LOCATION_TTL_SEC,
         clock: Callable[[], float] = time.monotonic,
+        skip_mirrors: Collection[str] = (),
     ) -> None:
         self.auth = Authenticator(credentials)
         self.hosts_cache = HostsCache(
@@ -126,6 +127,7 @@ class RegistrySession:
             skip_verify=skip_verify,
             recheck_sec=hosts_recheck_sec,
             clock=clock,
+            skip_mirrors=skip_mirrors,
         )
         self.user_agent = user_agent
         self._transport = transport

@@ -51,6 +51,21 @@ def member_sources(cfg: PeersConfig) -> list[MemberSource]:
     return sources
 
 
+def own_mirror_hosts(cfg: PeersConfig) -> set[str]:
+    """The `HOST:PORT`s containerd's hosts.toml may name this node's own listener by (as its
+    registry mirror): the daemon's registry client leaves them out, so it never asks itself.
+    Empty when peers are off."""
+    if not cfg.enable:
+        return set()
+    port = parse_address(cfg.listen)[1]
+    hosts = {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"}
+    for address in (cfg.listen, cfg.advertise):
+        if address:
+            host, p = parse_address(address)
+            hosts.add(format_address(host, p))
+    return hosts
+
+
 class PeerNode:
     """See the module doc. Close with `aclose` (the client and, if never started, the socket)."""
 

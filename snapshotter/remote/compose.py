@@ -41,7 +41,7 @@ from index.oci.reference import Reference
 from index.store import LocalStore
 from snapshotter.lazy import BackgroundFetcher, DemandTracker
 from snapshotter.lazy.cache import SpanCache
-from snapshotter.peers.node import PeerNode, disabled_status
+from snapshotter.peers.node import PeerNode, disabled_status, own_mirror_hosts
 from snapshotter.peers.serving import SpanServer
 from snapshotter.snapshots.mounts import detect_overlay_features
 from snapshotter.snapshots.service import DeclineMounter, LayerMounter
@@ -132,6 +132,7 @@ async def _build(
         credentials=DockerConfig(cfg.docker_config or None),
         hosts_dirs=[cfg.hosts_dir] if cfg.hosts_dir else [],
         gate=lambda: requests,
+        skip_mirrors=own_mirror_hosts(settings.config.peers),
     )
     stack.push_async_callback(client.aclose)
     step.name = "cache"

@@ -305,3 +305,15 @@ def test_check_peers_findings(tmp_path: Path) -> None:
     assert any("192.0.2.77 is not an address of this node" in f for f in errors)
     assert any("token_file" in f for f in errors)
     assert any(is_warning(f) and "advertise" in f for f in findings)
+
+
+def test_own_mirror_hosts_are_what_hosts_toml_may_call_this_node() -> None:
+    from snapshotter.config import PeersConfig
+    from snapshotter.peers.node import own_mirror_hosts
+
+    assert own_mirror_hosts(PeersConfig()) == set()
+    hosts = own_mirror_hosts(
+        PeersConfig(enable=True, listen="0.0.0.0:8472", advertise="10.0.0.5:8472")
+    )
+    assert {"127.0.0.1:8472", "localhost:8472", "10.0.0.5:8472"} <= hosts
+    assert all(h.endswith(":8472") for h in hosts)

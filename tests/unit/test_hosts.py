@@ -17,6 +17,7 @@ from index.oci.hosts import (
     is_local_host,
     needs_namespace_param,
 )
+from index.oci.hostscache import HostsCache
 
 
 def write(root: Path, directory: str, text: str) -> Path:
@@ -163,3 +164,19 @@ def test_namespace_param_rules() -> None:
     assert not needs_namespace_param("r.io", "r.io")
     assert is_local_host("localhost:1") and is_local_host("127.0.0.2") and is_local_host("[::1]:5")
     assert not is_local_host("example.com:5000")
+
+
+def test_cache_leaves_out_the_mirrors_it_is_told_to_skip(tmp_path: Path) -> None:
+    """A daemon that is itself containerd's first mirror must not ask itself."""
+    (tmp_path / "reg.test").mkdir()
+    (tmp_path / "reg.test" / "hosts.toml").write_text(
+        'server = "https://reg.test"\n'
+        '[host."http://127.0.0.1:8472"]\n  capabilities = ["pull", "resolve"]\n'
+        '[host."https://cache.test"]\n  capabilities = ["pull"]\n'
+    )
+    every = HostsCache([tmp_path]).get("reg.test")
+    assert [h.host for h in every.mirrors] == ["127.0.0.1:8472", "cache.test"]
+    cache = HostsCache([tmp_path], skip_mirrors={"127.0.0.1:8472", "reg.test"})
+    config = cache.get("reg.test")
+    assert [h.host for h in config.mirrors] == ["cache.test"]
+    assert config.upstream.host == "reg.test"  # the upstream is never left out
