@@ -335,6 +335,8 @@ class Scenario:
     later_layer_bytes: int | None = None
     """Rolling: the registry's layer bytes while nodes 2..N started."""
     later_wire_bytes: int | None = None
+    cpu_busy: float | None = None
+    """The machine's CPU busy share while workloads ran (all CPUs, other processes too)."""
     error: str = ""
 
     @property
@@ -456,6 +458,33 @@ def run_workload(node: Node, ref: str, workload: Workload, name: str) -> tuple[f
     return pulled, ended
 
 
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs from ``/proc/stat`` (idle and iowait are not busy)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is in user)
+    return total - fields[3] - fields[4], total
+
+
+class CpuMeter:
+    """The machine's CPU busy share over the windows between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self) -> None:
+        self.busy = self.total = 0
+        self._at = (0, 0)
+
+    def start(self) -> None:
+        self._at = cpu_times()
+
+    def stop(self) -> None:
+        busy, total = cpu_times()
+        self.busy += busy - self._at[0]
+        self.total += total - self._at[1]
+
+    @property
+    def share(self) -> float | None:
+        return self.busy / self.total if self.total else None
+
+
 def simultaneous(
     cluster: Cluster, ref: str, image: BenchImage, workload: Workload, sc: Scenario
 ) -> None:
@@ -470,11 +499,15 @@ def simultaneous(
 
     mark = cluster.registry.mark()
     futures = [call_in_thread(functools.partial(one, n), f"node-{n.index}") for n in nodes]
+    cpu = CpuMeter()
     barrier.wait()
     t0 = time.monotonic()
+    cpu.start()
     for n, fut in zip(nodes, futures, strict=True):
         pulled, ended = fut.result(timeout=WORKLOAD_TIMEOUT_S)
         sc.nodes.append(NodeResult(n.index, pull_s=pulled - t0, end_s=ended - t0))
+    cpu.stop()
+    sc.cpu_busy = cpu.share
     fetched = wait_fetched(nodes, len(image.layer_digests), t0)
     _traffic(cluster, image, mark, sc)
     for n, r in zip(nodes, sc.nodes, strict=True):
@@ -485,13 +518,17 @@ def rolling(
     cluster: Cluster, ref: str, image: BenchImage, workload: Workload, sc: Scenario
 ) -> None:
     first_mark = later_mark = cluster.registry.mark()
+    cpu = CpuMeter()
     for i, n in enumerate(cluster.nodes):
         n.cri  # noqa: B018
         mark = cluster.registry.mark()
         if i == 1:
             later_mark = mark
         t0 = time.monotonic()
+        cpu.start()
         pulled, ended = run_workload(n, ref, workload, "roll")
+        cpu.stop()
+        sc.cpu_busy = cpu.share
         fetched = wait_fetched([n], len(image.layer_digests), t0)
         r = NodeResult(n.index, pull_s=pulled - t0, end_s=ended - t0, fetched_s=fetched[n.index])
         r.registry_layer_bytes = cluster.registry.since(mark).layer_bytes(image.layer_digests)
@@ -610,7 +647,25 @@ def _find(scenarios: Sequence[Scenario], workload: str, peers: bool, start: str)
     return None
 
 
-def goal_lines(scenarios: Sequence[Scenario], image: BenchImage) -> list[str]:
+def _pct(share: float | None) -> str:
+    return "n/a" if share is None else f"{share:.0%}"
+
+
+RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
+
+
+def rate_bytes_per_s(rate: str) -> float | None:
+    """Bytes per second of a tc rate written as ``<number><unit>bit`` (None otherwise)."""
+    for unit in sorted(RATE_UNITS, key=len, reverse=True):
+        if rate.endswith(unit):
+            try:
+                return float(rate[: -len(unit)]) * RATE_UNITS[unit] / 8
+            except ValueError:
+                return None
+    return None
+
+
+def goal_lines(scenarios: Sequence[Scenario], image: BenchImage, rate: str) -> list[str]:
     one = image.layer_bytes
     out = ["Goals:", ""]
     for w in ("small", "all"):
@@ -634,6 +689,21 @@ def goal_lines(scenarios: Sequence[Scenario], image: BenchImage) -> list[str]:
             f"{max(off.ends):.1f} s = {ratio:.2f}x, {_verdict(ratio <= READ_ALL_MAX)} "
             f"(medians: {med:.2f}x)"
         )
+        per_s = rate_bytes_per_s(rate)
+        if per_s:
+            out.append(
+                f"  - the registry link alone needs at least {off.layer_bytes / per_s:.1f} s "
+                f"(peers off) and {on.layer_bytes / per_s:.1f} s (peers on) for the layer bytes "
+                f"sent; CPU busy {_pct(off.cpu_busy)} and {_pct(on.cpu_busy)} while the "
+                "workloads ran"
+            )
+        alone = _find(scenarios, "all", False, "rolling")
+        if alone:
+            out.append(
+                f"  - one node alone (rolling, peers off, node 1) read every file in "
+                f"{alone.nodes[0].end_s:.1f} s (CPU busy {_pct(alone.cpu_busy)} over the "
+                "rolling nodes' workloads)"
+            )
     for w in ("small", "all"):
         sc = _find(scenarios, w, True, "rolling")
         if sc and sc.later_layer_bytes is not None:
@@ -699,14 +769,14 @@ def render(
         f"Code: the working tree at {commit}.",
         "",
         "| workload | peers | start | workload end s (min / median / max) | per node s | "
-        "all layers fetched s (max) | registry layer MB | registry sent MB | nodes 2..N registry "
-        "layer MB | bytesFrom registry / peers MB (all nodes) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "all layers fetched s (max) | CPU busy | registry layer MB | registry sent MB | nodes "
+        "2..N registry layer MB | bytesFrom registry / peers MB (all nodes) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for sc in scenarios:
         peers = "on" if sc.peers else "off"
         if sc.error:
-            lines.append(f"| {sc.workload} | {peers} | {sc.start} | failed: {sc.error} |||||||")
+            lines.append(f"| {sc.workload} | {peers} | {sc.start} | failed: {sc.error} ||||||||")
             continue
         ends = sc.ends
         fetched = [n.fetched_s for n in sc.nodes if n.fetched_s is not None]
@@ -720,11 +790,16 @@ def render(
         lines.append(
             f"| {sc.workload} | {peers} | {sc.start} | {min(ends):.1f} / "
             f"{statistics.median(ends):.1f} / {max(ends):.1f} | {_fmt_list(ends)} | "
-            f"{max(fetched):.1f} | {_x(sc.layer_bytes, one).replace(' MB', '')} | "
+            f"{max(fetched):.1f} | {_pct(sc.cpu_busy)} | "
+            f"{_x(sc.layer_bytes, one).replace(' MB', '')} | "
             f"{_x(sc.wire_bytes, one).replace(' MB', '')} | {later} | {_mb(reg)} / "
             f"{_mb(from_peers)} |"
         )
-    lines += ["", *goal_lines(scenarios, image)]
+    lines.append(
+        "\nCPU busy = the machine's CPU busy share while the workloads ran (both vCPUs, every "
+        "process: daemons, containerd, containers, registry, and whatever else ran on the VM)."
+    )
+    lines += ["", *goal_lines(scenarios, image, args.rate)]
     lines += ["", *peer_lines(scenarios)]
     return "\n".join(lines) + "\n"
 
