@@ -16,11 +16,14 @@ into the fetch-error tree of `snapshotter.lazy.sources`:
 from __future__ import annotations
 
 import math
+from collections.abc import AsyncGenerator, Sequence
+from typing import Protocol
 
 import httpx
 import trio
 
 from index.digest import Digest
+from index.oci.reference import Reference
 from snapshotter.lazy.sources import (
     AccessDenied,
     BadRange,
@@ -31,6 +34,7 @@ from snapshotter.lazy.sources import (
 )
 
 from . import protocol
+from .members import Member
 
 
 class PeerDeclined(SourceUnavailable):
@@ -57,6 +61,58 @@ class PeerClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    def _headers(self, extra: dict[str, str]) -> dict[str, str]:
+        headers = {protocol.LOCAL_HEADER: "1", **extra}
+        if self._token:
+            headers[protocol.TOKEN_HEADER] = self._token
+        return headers
+
+    async def head_blob(
+        self, peer: str, ref: Reference, digest: Digest, timeout_sec: float
+    ) -> int | None:
+        """The size of `digest` in `peer`'s content store; None when it does not hold it,
+        or does not answer within `timeout_sec` (a mirror lookup never waits longer)."""
+        url = f"http://{peer}{protocol.blob_path(ref.repository, str(digest))}"
+        with trio.move_on_after(timeout_sec):
+            try:
+                response = await self._http.head(
+                    url, headers=self._headers({}), params={"ns": ref.registry}
+                )
+            except (httpx.HTTPError, OSError):
+                return None
+            length = response.headers.get("content-length", "")
+            if response.status_code == 200 and length.isdigit():
+                return int(length)
+        return None
+
+    async def stream_blob(
+        self, peer: str, ref: Reference, digest: Digest, start: int, end: int
+    ) -> AsyncGenerator[bytes, None]:
+        """The bytes `[start, end)` of `digest` from `peer`'s content store, as they come.
+        Raises a FetchError (see the module doc); stalls are the caller's to bound."""
+        what = f"bytes {start}-{end} of {digest} from peer {peer}"
+        source = f"peer:{peer}"
+        url = f"http://{peer}{protocol.blob_path(ref.repository, str(digest))}"
+        headers = self._headers({"range": protocol.range_header(start, end)})
+        try:
+            async with self._http.stream(
+                "GET", url, headers=headers, params={"ns": ref.registry}
+            ) as response:
+                if response.status_code != 206:
+                    raise _status_error(response.status_code, what, source)
+                got = 0
+                async for part in response.aiter_raw():
+                    got += len(part)
+                    if got > end - start:
+                        raise BadRange(f"{what}: more than asked for", source=source)
+                    yield part
+                if got != end - start:
+                    raise SourceUnavailable(f"{what}: got {got} bytes", source=source)
+        except httpx.TimeoutException as e:
+            raise FetchTimeout(f"{what}: {type(e).__name__}", source=source) from e
+        except (httpx.HTTPError, OSError) as e:
+            raise SourceUnavailable(f"{what}: {type(e).__name__}: {e}", source=source) from e
 
     async def fetch_range(
         self,
@@ -128,6 +184,53 @@ class PeerClient:
         if len(body) != want:
             raise SourceUnavailable(f"{what}: got {len(body)} bytes, want {want}", source=source)
         return bytes(body)
+
+
+class PeerBlobClient:
+    """The registry-mirror side of the peer client: whole blobs from other members' content
+    stores (`X-Sociable-Local`: they never ask further). Errors as `PeerClient`'s."""
+
+    def __init__(self, client: PeerClient, view: MemberView) -> None:
+        self._client = client
+        self._view = view
+
+    def __repr__(self) -> str:
+        return f"<PeerBlobClient {self._client!r}>"
+
+    async def find(
+        self, ref: Reference, digest: Digest, timeout_sec: float
+    ) -> tuple[str, int] | None:
+        """(peer, size) of the first live member to say it holds `digest`, asking every one
+        at once (at most `MAX_ASKED`), within `timeout_sec`; None when none does."""
+        members = [m.id for m in self._view.live()][:MAX_ASKED]
+        if not members:
+            return None
+        found: list[tuple[str, int]] = []
+        async with trio.open_nursery() as nursery:
+
+            async def ask(peer: str) -> None:
+                size = await self._client.head_blob(peer, ref, digest, timeout_sec)
+                if size is not None and not found:
+                    found.append((peer, size))
+                    nursery.cancel_scope.cancel()
+
+            for peer in members:
+                nursery.start_soon(ask, peer)
+        return found[0] if found else None
+
+    async def stream(
+        self, peer: str, ref: Reference, digest: Digest, start: int, end: int
+    ) -> AsyncGenerator[bytes, None]:
+        async for chunk in self._client.stream_blob(peer, ref, digest, start, end):
+            yield chunk
+
+
+MAX_ASKED = 16
+"""Members asked at once whether they hold a blob (registry mirror)."""
+
+
+class MemberView(Protocol):
+    def live(self) -> Sequence[Member]: ...
 
 
 def _status_error(status: int, what: str, source: str) -> FetchError:

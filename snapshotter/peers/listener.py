@@ -1,20 +1,28 @@
-"""The peer listener: one TCP port per node serving span ranges in the OCI blob shape.
+"""The peer listener: one TCP port per node, the owner protocol and a registry mirror.
 
 A small ASGI application (`PeerApp`) served by hypercorn on trio (`serve_listener`):
 
-    GET|HEAD /v2/                                       200 (the registry API check)
-    GET      /v2/<name>/blobs/<digest>?ns=<registry>    a span-aligned Range (see protocol)
+    GET|HEAD /v2/                                         200 (the registry API check)
+    GET      /v2/<name>/blobs/<digest>?ns=<registry>      with X-Sociable-Ztoc: a span-aligned
+                                                          Range for a peer (see protocol)
+    GET|HEAD /v2/<name>/blobs/<digest>?ns=<registry>      otherwise: the registry mirror, a
+                                                          whole blob or one Range (200, 206,
+                                                          416), `snapshotter.mirror.serve`
+    GET|HEAD /v2/<name>/manifests/<digest>?ns=<registry>  the mirror, public repositories only
 
 Who may ask: current members and this node's own addresses, unless `allow_non_members`
 (so a pod in the cluster network cannot read layers through it), and, when the cluster has
-a shared token, only requests carrying it. At most `max_uploads` requests are served at
-once (the rest wait, within their budget), and the bytes sent are held to
-`upload_rate_bytes_per_sec`, so serving peers never starves the node's own reads.
-Every answer is logged at debug level (keys `client`, `path`, `status`, `bytes`, `ms`).
+a shared token, only requests carrying it (this node's own containerd needs none). At most
+`max_uploads` peer requests are served at once (the rest wait, within their budget), and the
+bytes sent to peers are held to `upload_rate_bytes_per_sec`, so serving peers never starves
+the node's own reads. Span answers are logged at debug level (keys `client`, `path`,
+`status`, `bytes`, `ms`), mirror answers at info level (`path`, `status`, `source`: content,
+peer or none, `ms`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import re
@@ -28,6 +36,7 @@ import trio
 
 from index.digest import Digest, DigestError
 from index.oci.reference import Reference
+from snapshotter.mirror.serve import MirrorError, MirrorService
 
 from . import protocol
 from .serving import ServeError, SpanServer
@@ -42,6 +51,7 @@ SEND_PIECE: Final = 256 * 1024
 """Bytes per body message (and per rate-limit step)."""
 
 _BLOB_PATH: Final = re.compile(r"^/v2/(?P<name>.+)/blobs/(?P<digest>[a-z0-9]+:[a-zA-Z0-9=_-]+)$")
+_MANIFEST_PATH: Final = re.compile(r"^/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)$")
 
 
 class TokenBucket:
@@ -73,8 +83,12 @@ class PeerApp:
         max_uploads: int,
         upload_rate_bytes_per_sec: int,
         max_budget_sec: float,
+        mirror: MirrorService | None = None,
+        is_local: Callable[[str], bool] = lambda host: False,
     ) -> None:
         self.server = server
+        self.mirror = mirror
+        self._is_local = is_local
         self._is_allowed = is_allowed
         self._token = token
         self._uploads = trio.CapacityLimiter(max_uploads)
@@ -114,27 +128,38 @@ class PeerApp:
         path: str = scope.get("path", "")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         client = (scope.get("client") or ("",))[0]
-        if not self._is_allowed(client) or not self._token_ok(headers):
+        if not self._is_allowed(client) or not (self._is_local(client) or self._token_ok(headers)):
             self.forbidden += 1
             return await _answer(send, 403, b"not a member\n"), 0
         if path in ("/v2/", "/v2"):
             if method not in ("GET", "HEAD"):
                 return await _answer(send, 405, b""), 0
             return await _answer(send, 200, b"{}" if method == "GET" else b""), 0
+        manifest = _MANIFEST_PATH.match(path)
         match = _BLOB_PATH.match(path)
-        if match is None or method != "GET":
+        if (match is None and manifest is None) or method not in ("GET", "HEAD"):
             return await _answer(send, 404, b"not found\n"), 0
         query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        ns = query.get("ns", [""])[0]
+        if not ns:
+            return await _answer(send, 404, b"no ns\n"), 0
+        if manifest is not None:
+            return await self._manifest(
+                send, method, Reference(ns, manifest["name"]), manifest["reference"]
+            )
+        assert match is not None
         try:
             digest = Digest(match["digest"])
             ztoc = (
                 Digest(headers[protocol.ZTOC_HEADER]) if protocol.ZTOC_HEADER in headers else None
             )
-            ref = Reference(query.get("ns", [""])[0], match["name"])
+            ref = Reference(ns, match["name"])
         except (DigestError, ValueError):
             return await _answer(send, 404, b"bad name or digest\n"), 0
-        if not ref.registry:
-            return await _answer(send, 404, b"no ns\n"), 0
+        if ztoc is None:
+            return await self._mirror_blob(send, method, ref, digest, headers)
+        if method != "GET":
+            return await _answer(send, 404, b"span ranges are read with GET\n"), 0
         wanted = protocol.parse_range(headers.get("range", ""))
         if wanted is None or wanted[1] < 0:
             return await _answer(send, 404, b"only span ranges are served\n"), 0
@@ -165,6 +190,105 @@ class PeerApp:
             log.debug("peer request refused", extra={"status": e.status, "error": str(e)})
             return await _answer(send, e.status, str(e).encode() + b"\n"), 0
         return 206, len(data)
+
+    async def _mirror_blob(
+        self, send: Send, method: str, ref: Reference, digest: Digest, headers: dict[str, str]
+    ) -> tuple[int, int]:
+        """A registry-mirror blob read (containerd's, or a member's mirror asking this node's
+        content store): full or one `Range`, HEAD or GET (see `snapshotter.mirror.serve`)."""
+        if self.mirror is None:
+            return await _answer(send, 404, b"no registry mirror here\n"), 0
+        local_only = headers.get(protocol.LOCAL_HEADER) == "1"
+        t0 = time.monotonic()
+        try:
+            where = await self.mirror.locate(ref, digest, local_only=local_only)
+        except MirrorError as e:
+            _log_mirror(ref, digest, e.status, "", t0)
+            return await _answer(send, e.status, str(e).encode() + b"\n"), 0
+        size = where.size
+        status, start, end = 200, 0, size
+        if "range" in headers:
+            wanted = protocol.parse_range(headers["range"])
+            if wanted is None or wanted[0] >= size:
+                _log_mirror(ref, digest, 416, where.source, t0)
+                return await _answer(
+                    send, 416, b"", [(b"content-range", f"bytes */{size}".encode())]
+                ), 0
+            start, end = wanted[0], size if wanted[1] < 0 else min(wanted[1], size)
+            status = 206
+        response_headers = [
+            (b"content-type", b"application/octet-stream"),
+            (b"content-length", str(end - start).encode()),
+            (b"accept-ranges", b"bytes"),
+            (protocol.DIGEST_HEADER.encode(), str(digest).encode()),
+            (b"docker-distribution-api-version", b"registry/2.0"),
+        ]
+        if status == 206:
+            response_headers.append((b"content-range", f"bytes {start}-{end - 1}/{size}".encode()))
+        await send({"type": "http.response.start", "status": status, "headers": response_headers})
+        if method == "HEAD":
+            await send({"type": "http.response.body", "body": b""})
+            _log_mirror(ref, digest, status, where.source, t0)
+            return status, 0
+        sent = 0
+        try:
+            async with contextlib.aclosing(
+                self.mirror.body(ref, digest, where, start, end)
+            ) as chunks:
+                async for chunk in chunks:
+                    if local_only:  # another member's pull: the upload limits apply
+                        await self._bucket.take(len(chunk))
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    sent += len(chunk)
+        except MirrorError as e:  # cut the answer: containerd sees a broken body
+            _log_mirror(ref, digest, e.status, where.source, t0)
+            raise
+        await send({"type": "http.response.body", "body": b""})
+        _log_mirror(ref, digest, status, where.source, t0)
+        return status, sent
+
+    async def _manifest(
+        self, send: Send, method: str, ref: Reference, reference: str
+    ) -> tuple[int, int]:
+        if self.mirror is None:
+            return await _answer(send, 404, b"no registry mirror here\n"), 0
+        t0 = time.monotonic()
+        try:
+            data, media_type = await self.mirror.manifest(ref, reference)
+        except MirrorError as e:
+            log.info(
+                "mirror request",
+                extra={
+                    "path": f"{ref.name}/manifests/{reference}",
+                    "status": e.status,
+                    "source": "",
+                    "ms": round((time.monotonic() - t0) * 1000),
+                },
+            )
+            return await _answer(send, e.status, str(e).encode() + b"\n"), 0
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", media_type.encode()),
+                    (b"content-length", str(len(data)).encode()),
+                    (protocol.DIGEST_HEADER.encode(), reference.encode()),
+                    (b"docker-distribution-api-version", b"registry/2.0"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else data})
+        log.info(
+            "mirror request",
+            extra={
+                "path": f"{ref.name}/manifests/{reference}",
+                "status": 200,
+                "source": "content",
+                "ms": round((time.monotonic() - t0) * 1000),
+            },
+        )
+        return 200, len(data)
 
     def _budget(self, headers: dict[str, str]) -> float:
         text = headers.get(protocol.BUDGET_HEADER, "")
@@ -207,7 +331,21 @@ class PeerApp:
             )
 
 
-async def _answer(send: Send, status: int, body: bytes) -> int:
+def _log_mirror(ref: Reference, digest: Digest, status: int, source: str, t0: float) -> None:
+    log.info(
+        "mirror request",
+        extra={
+            "path": f"{ref.name}/blobs/{digest}",
+            "status": status,
+            "source": source,
+            "ms": round((time.monotonic() - t0) * 1000),
+        },
+    )
+
+
+async def _answer(
+    send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
+) -> int:
     await send(
         {
             "type": "http.response.start",
@@ -216,6 +354,7 @@ async def _answer(send: Send, status: int, body: bytes) -> int:
                 (b"content-type", b"text/plain"),
                 (b"content-length", str(len(body)).encode()),
                 (b"docker-distribution-api-version", b"registry/2.0"),
+                *(extra or []),
             ],
         }
     )

@@ -25,6 +25,9 @@ ZTOC_HEADER: Final = "x-sociable-ztoc"
 FETCH_HEADER: Final = "x-sociable-fetch"
 BUDGET_HEADER: Final = "x-sociable-budget-ms"
 TOKEN_HEADER: Final = "x-sociable-token"
+LOCAL_HEADER: Final = "x-sociable-local"
+"""On a registry-mirror request from another member: answer from this node's own content
+store only (never ask further members)."""
 DIGEST_HEADER: Final = "docker-content-digest"
 
 
