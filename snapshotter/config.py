@@ -358,6 +358,34 @@ class PeersConfig:
 
 
 @dataclass(frozen=True)
+class MirrorConfig:
+    """[mirror]: the peer listener as containerd's hosts.toml registry mirror (docs/mirror.md)."""
+
+    enable: bool = field(
+        default=True,
+        metadata=_doc(
+            "With [peers] enable: serve blobs containerd holds, here or on a member, to this "
+            "node's containerd (hosts.toml) and to members."
+        ),
+    )
+    containerd_address: str = field(
+        default="/run/containerd/containerd.sock",
+        metadata=_doc("containerd's socket: its content store is read through the Content API."),
+    )
+    namespace: str = field(
+        default="k8s.io", metadata=_doc("containerd namespace whose content is served.")
+    )
+    lookup_timeout_sec: float = field(
+        default=2.0,
+        metadata=_doc("Longest a mirror request looks for a blob before answering 404."),
+    )
+    stall_timeout_sec: float = field(
+        default=10.0,
+        metadata=_doc("A blob whose bytes stop coming this long is cut (containerd retries)."),
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration file."""
 
@@ -366,6 +394,7 @@ class Config:
     containerd: ContainerdConfig = field(default_factory=ContainerdConfig)
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     peers: PeersConfig = field(default_factory=PeersConfig)
+    mirror: MirrorConfig = field(default_factory=MirrorConfig)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -429,6 +458,13 @@ def _validate(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(f"[remote] {e}") from e
     _validate_peers(cfg.peers)
+    m = cfg.mirror
+    if m.lookup_timeout_sec <= 0 or m.stall_timeout_sec <= 0:
+        raise ConfigError("[mirror] lookup_timeout_sec and stall_timeout_sec must be positive")
+    if not m.containerd_address.startswith("/"):
+        raise ConfigError(
+            f"[mirror] containerd_address: not an absolute path: {m.containerd_address!r}"
+        )
 
 
 def _validate_peers(p: PeersConfig) -> None:

@@ -20,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from snapshotter.config import PeersConfig
+from snapshotter.mirror.serve import MirrorService
 from snapshotter.tasks import TaskScope
 
 from .address import format_address, parse_address
@@ -125,8 +126,11 @@ class PeerNode:
             self.cfg.allow_non_members or self.membership.is_member(host) or is_local_address(host)
         )
 
-    def start(self, scope: TaskScope, server: SpanServer) -> None:
-        """Refresh the membership and serve the listener in `scope` until it closes."""
+    def start(
+        self, scope: TaskScope, server: SpanServer, mirror: MirrorService | None = None
+    ) -> None:
+        """Refresh the membership and serve the listener (and `mirror`, the registry-mirror
+        answers) in `scope` until it closes."""
         assert self._sock is not None, "started twice"
         self.app = PeerApp(
             server,
@@ -135,6 +139,8 @@ class PeerNode:
             max_uploads=self.cfg.max_uploads,
             upload_rate_bytes_per_sec=self.cfg.upload_rate_bytes_per_sec,
             max_budget_sec=self.cfg.budget_sec,
+            mirror=mirror,
+            is_local=is_local_address,
         )
         scope.start_soon(self.membership.serve, name="peer membership")
         scope.start_soon(serve_listener, self.app, self._sock, name="peer listener")
@@ -161,6 +167,8 @@ class PeerNode:
         }
         if self.app is not None:
             doc["serve"] = {**asdict(self.app.server.stats), "forbidden": self.app.forbidden}
+            if self.app.mirror is not None:
+                doc["mirror"] = asdict(self.app.mirror.stats)
         return doc
 
 

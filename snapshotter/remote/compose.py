@@ -41,6 +41,10 @@ from index.oci.reference import Reference
 from index.store import LocalStore
 from snapshotter.lazy import BackgroundFetcher, DemandTracker
 from snapshotter.lazy.cache import SpanCache
+from snapshotter.mirror.access import PublicRepositories
+from snapshotter.mirror.serve import MirrorService
+from snapshotter.peers.client import PeerBlobClient
+from snapshotter.peers.content import ContentStore
 from snapshotter.peers.node import PeerNode, disabled_status, own_mirror_hosts
 from snapshotter.peers.serving import SpanServer
 from snapshotter.snapshots.mounts import detect_overlay_features
@@ -107,6 +111,32 @@ def _create_peers(
         return None, disabled_status(error)
     stack.push_async_callback(node.aclose)
     return node, node.status
+
+
+async def _mirror(
+    settings: Settings, stack: contextlib.AsyncExitStack, peer_node: PeerNode
+) -> MirrorService | None:
+    """The registry-mirror answers of the peer listener (`[mirror] enable`): containerd's
+    content store here and on members, manifests for public repositories only (checked with
+    an anonymous client that never uses this node's own mirror)."""
+    cfg = settings.config.mirror
+    if not cfg.enable:
+        return None
+    content = ContentStore(cfg.containerd_address, namespace=cfg.namespace)
+    stack.callback(content.close)
+    anonymous = AsyncRegistryClient(
+        credentials=None,
+        hosts_dirs=[settings.config.remote.hosts_dir] if settings.config.remote.hosts_dir else [],
+        skip_mirrors=own_mirror_hosts(settings.config.peers),
+    )
+    stack.push_async_callback(anonymous.aclose)
+    return MirrorService(
+        content=content,
+        peers=PeerBlobClient(peer_node.client, peer_node.membership),
+        public=PublicRepositories(anonymous),
+        lookup_timeout_sec=cfg.lookup_timeout_sec,
+        stall_timeout_sec=cfg.stall_timeout_sec,
+    )
 
 
 async def _build(
@@ -193,7 +223,8 @@ async def _build(
             io_limiter=trio.CapacityLimiter(4),  # span-cache writes for peers
             max_request_bytes=cfg.max_request_bytes,
         )
-        peer_node.start(await scope.open_child("peers"), server)
+        mirror = await _mirror(settings, stack, peer_node)
+        peer_node.start(await scope.open_child("peers"), server, mirror)
     mounter = RemoteMounter(
         catalog=catalog,
         layers=layers,
