@@ -12,7 +12,9 @@ hosts.toml mirrors), and where CRI's ImageFsInfo (kubelet's image-filesystem sta
 image GC) looks for the snapshotter's disk: `<containerd root>/io.containerd.snapshotter.v1.<name>`
 on 1.6/1.7, `[proxy_plugins.<name>.exports] root` on 2.x. With `[peers] enable`: the
 listen address is one of this node's, the advertised one too (a warning: NAT), some member
-source is set, and the token and kubeconfig files exist.
+source is set, and the token and kubeconfig files exist. With the registry mirror on as well:
+hosts.toml enabled, `discard_unpacked_layers` not true, `use_local_image_pull` on 2.x, the
+containerd socket present (a warning).
 
 A finding is an error (the snapshotter will not work as configured) unless it starts with
 `warning: ` (it works, but something is degraded): the image-filesystem findings are
@@ -174,6 +176,51 @@ def check_peers(cfg: Config) -> list[str]:
     return problems
 
 
+def check_mirror(cfg: Config, text: str, where: str) -> list[str]:
+    """What keeps the registry mirror from working (`[peers]` and `[mirror]` enabled), as
+    Spegel checks at start: containerd reads hosts.toml (`registry.config_path`), keeps
+    layers in its content store (`discard_unpacked_layers = false`), and on 2.x pulls with
+    the CRI's own puller (`use_local_image_pull = true`; the transfer service does not use
+    mirrors the same way); our socket setting names a socket."""
+    if not (cfg.peers.enable and cfg.mirror.enable):
+        return []
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return []  # reported by check_containerd
+    problems: list[str] = []
+    if data.get("version", 1) == 3:
+        images = _table(data, "plugins", CRI_V3_IMAGES) or {}
+        name = f'[plugins."{CRI_V3_IMAGES}"]'
+        registry = images.get("registry") if isinstance(images.get("registry"), dict) else {}
+        if images.get("use_local_image_pull") is not True:
+            problems.append(
+                f"{where}: {name} use_local_image_pull is not true; set it so CRI pulls use "
+                "hosts.toml mirrors (the registry mirror)"
+            )
+    else:
+        images = _table(data, "plugins", CRI_V2, "containerd") or {}
+        name = f'[plugins."{CRI_V2}".containerd]'
+        registry = _table(data, "plugins", CRI_V2, "registry") or {}
+    assert isinstance(registry, dict)
+    if not registry.get("config_path"):
+        problems.append(
+            f"{where}: the registry mirror needs hosts.toml: set the CRI registry config_path"
+        )
+    if images.get("discard_unpacked_layers") is True:
+        problems.append(
+            f"{where}: {name} discard_unpacked_layers = true; set it to false so layers stay "
+            "in the content store the registry mirror serves from"
+        )
+    if not Path(cfg.mirror.containerd_address).exists():
+        problems.append(
+            f"{WARNING_PREFIX}[mirror] containerd_address = {cfg.mirror.containerd_address!r} "
+            "does not exist (yet): the mirror serves nothing from this node's content store "
+            "until containerd runs"
+        )
+    return problems
+
+
 def check_all(cfg: Config, address: str, root: Path, containerd_config: Path) -> list[str]:
     """Every finding, one line each (warnings start with `warning: `); [] when all is well."""
     problems = check_ours(cfg, address, root) + check_peers(cfg)
@@ -185,4 +232,5 @@ def check_all(cfg: Config, address: str, root: Path, containerd_config: Path) ->
         return problems
     problems.extend(check_containerd(cfg, address, text, where))
     problems.extend(check_image_fs(cfg, text, where, root))
+    problems.extend(check_mirror(cfg, text, where))
     return problems

@@ -29,6 +29,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
@@ -39,6 +40,7 @@ from index.oci.client import AsyncRegistryClient
 from index.oci.dockerconfig import DockerConfig
 from index.oci.reference import Reference
 from index.store import LocalStore
+from snapshotter.configcheck import check_mirror, is_warning
 from snapshotter.lazy import BackgroundFetcher, DemandTracker
 from snapshotter.lazy.cache import SpanCache
 from snapshotter.mirror.access import PublicRepositories
@@ -122,6 +124,18 @@ async def _mirror(
     cfg = settings.config.mirror
     if not cfg.enable:
         return None
+    ctd_config = Path(settings.config.containerd.config_path)
+    try:
+        text = await trio.to_thread.run_sync(ctd_config.read_text)
+    except OSError:
+        text = None  # nothing to check against (containerd configured elsewhere)
+    if text is not None:
+        findings = check_mirror(settings.config, text, f"containerd config {ctd_config}")
+        for finding in findings:
+            log.warning("registry mirror set-up", extra={"problem": finding})
+        if any(not is_warning(f) for f in findings):
+            log.error("registry mirror disabled", extra={"error": "containerd set-up, see above"})
+            return None
     content = ContentStore(cfg.containerd_address, namespace=cfg.namespace)
     stack.callback(content.close)
     anonymous = AsyncRegistryClient(

@@ -317,3 +317,37 @@ def test_own_mirror_hosts_are_what_hosts_toml_may_call_this_node() -> None:
     )
     assert {"127.0.0.1:8472", "localhost:8472", "10.0.0.5:8472"} <= hosts
     assert all(h.endswith(":8472") for h in hosts)
+
+
+def test_check_mirror_findings(tmp_path: Path) -> None:
+    from snapshotter.configcheck import check_mirror, is_warning
+
+    sock = tmp_path / "containerd.sock"
+    sock.touch()
+    on = config.from_mapping(
+        {
+            "peers": {"enable": True, "listen": "127.0.0.1:8472"},
+            "mirror": {"containerd_address": str(sock)},
+        }
+    )
+    assert check_mirror(config.from_mapping({}), GOOD_V2, "c") == []  # peers off: no mirror
+    assert check_mirror(on, GOOD_V2, "c") == []
+    discarding = GOOD_V2.replace(
+        "disable_snapshot_annotations = false",
+        "disable_snapshot_annotations = false\n  discard_unpacked_layers = true",
+    )
+    findings = check_mirror(on, discarding, "c")
+    assert len(findings) == 1 and "discard_unpacked_layers" in findings[0]
+    assert not is_warning(findings[0])
+    no_hosts = GOOD_V2.replace('config_path = "/etc/containerd/certs.d"', "")
+    assert any("config_path" in f for f in check_mirror(on, no_hosts, "c"))
+    v3 = check_mirror(on, GOOD_V3, "c")
+    assert any("use_local_image_pull" in f for f in v3)
+    gone = config.from_mapping(
+        {
+            "peers": {"enable": True, "listen": "127.0.0.1:8472"},
+            "mirror": {"containerd_address": str(tmp_path / "missing.sock")},
+        }
+    )
+    (finding,) = check_mirror(gone, GOOD_V2, "c")
+    assert is_warning(finding) and "containerd_address" in finding
