@@ -29,7 +29,7 @@ Bad arguments (a negative offset or size, `read` of zero bytes) raise ValueError
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Final
 
 import grpc
@@ -102,7 +102,11 @@ def _next_message(
 
 class _Chunks:
     """Checks that a Read answer is the asked range: each message starts where the last one
-    ended, and no more than `size` bytes come (0: to the end of the blob)."""
+    ended, and no more than `size` bytes come (0: to the end of the blob).
+
+    containerd's content service numbers the messages of an answer from the start of the
+    read, not of the blob (its `readResponseWriter` counts from 0 whatever the request's
+    offset); a message numbered from the start of the blob is accepted as well."""
 
     def __init__(self, digest: str, where: str, offset: int, size: int) -> None:
         self.digest = digest
@@ -120,9 +124,11 @@ class _Chunks:
 
     def take(self, message: content_pb2.ReadContentResponse) -> bytes:
         """The message's bytes; raises ContentStoreError when they are not the next ones."""
-        expected = self.start + self.received
-        if message.offset != expected:
-            raise self._error(f"a Read answer at offset {message.offset}, expected {expected}")
+        if message.offset not in (self.received, self.start + self.received):
+            raise self._error(
+                f"a Read answer at offset {message.offset} after {self.received} bytes "
+                f"read from offset {self.start}"
+            )
         data = bytes(message.data)
         self.received += len(data)
         if self.size and self.received > self.size:
@@ -246,7 +252,9 @@ class ContentStore:
         finally:
             call.cancel()  # a no-op after the end; ends the thread's wait otherwise
 
-    async def stream(self, digest: Digest, offset: int = 0, size: int = 0) -> AsyncIterator[bytes]:
+    async def stream(
+        self, digest: Digest, offset: int = 0, size: int = 0
+    ) -> AsyncGenerator[bytes, None]:
         """The bytes of blob `digest` from `offset`, `size` of them (0: to the blob's end), in
         the chunks containerd sends (at most 1 MiB each), as they come: one worker thread
         waits for each. Iterate it inside `contextlib.aclosing` so that stopping early ends

@@ -65,31 +65,41 @@ class FakeContent(content_pb2_grpc.ContentServicer):  # type: ignore[misc]
     def _note(self, context: Any) -> None:
         self.namespaces.append(dict(context.invocation_metadata()).get("containerd-namespace"))
 
+    def _watch(self, context: Any, mode: str | None) -> None:
+        # A stalled call ends within the tests' waits only when the client ends it (cancel,
+        # deadline, closed channel); grpc may end it before the handler runs again.
+        if mode in (Behaviour.STALL, Behaviour.STALL_AFTER_FIRST):
+            context.add_callback(self.cancelled.set)
+
     def _stall(self, context: Any) -> None:
         deadline = time.monotonic() + STALL_LIMIT_SEC
         while context.is_active() and time.monotonic() < deadline:
             time.sleep(0.01)
-        if not context.is_active():
-            self.cancelled.set()
 
     def Info(self, request: Any, context: Any) -> Any:
         self._note(context)
-        if self.behaviour.get(request.digest) == Behaviour.STALL:
+        mode = self.behaviour.get(request.digest)
+        self._watch(context, mode)
+        if mode == Behaviour.STALL:
             self._stall(context)
         blob = self.blobs.get(request.digest)
         if blob is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"content digest {request.digest}: not found")
+            raise AssertionError("abort raises")
         info = content_pb2.Info(digest=request.digest, size=len(blob))
         return content_pb2.InfoResponse(info=info)
 
     def Read(self, request: Any, context: Any) -> Iterator[Any]:
         # As containerd's contentserver: Info first, offset clamped at 0, OUT_OF_RANGE past
-        # the end, size 0 or past the end reads to the end.
+        # the end, size 0 or past the end reads to the end, messages numbered from the start
+        # of the read.
         self._note(context)
         blob = self.blobs.get(request.digest)
         if blob is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"content digest {request.digest}: not found")
+            raise AssertionError("abort raises")
         mode = self.behaviour.get(request.digest)
+        self._watch(context, mode)
         if mode == Behaviour.STALL:
             self._stall(context)
             return
@@ -106,7 +116,7 @@ class FakeContent(content_pb2_grpc.ContentServicer):  # type: ignore[misc]
             n = min(self.chunk, size - sent)
             at = offset + sent
             data = (blob + b"!")[at : at + n]
-            shown = at + 1 if mode == Behaviour.BAD_OFFSET and sent else at
+            shown = sent + 1 if mode == Behaviour.BAD_OFFSET and sent else sent
             yield content_pb2.ReadContentResponse(offset=shown, data=data)
             sent += n
             if mode == Behaviour.STALL_AFTER_FIRST:
@@ -193,12 +203,11 @@ def test_error_table() -> None:
         grpc.StatusCode.OUT_OF_RANGE,
         grpc.StatusCode.PERMISSION_DENIED,
     ):
+        expected = f"content {DIGEST} from containerd at /run/c.sock: {code.name}: it failed badly"
         e = error_for(DIGEST, "/run/c.sock", FakeRpcError(code, "it failed\n  badly"))
         assert type(e) is ContentStoreError
         assert e.code is code
-        assert str(e) == (
-            f"content {DIGEST} from containerd at /run/c.sock: {code.name}: it failed badly"
-        )
+        assert str(e) == expected
     bare = error_for(DIGEST, "/s", grpc.RpcError())
     assert type(bare) is ContentStoreError and bare.code is grpc.StatusCode.UNKNOWN
     assert str(bare).endswith("UNKNOWN: no details")
@@ -208,20 +217,28 @@ def test_chunks_accepts_the_range_and_refuses_what_does_not_fit() -> None:
     def msg(offset: int, data: bytes) -> Any:
         return content_pb2.ReadContentResponse(offset=offset, data=data)
 
-    ok = _Chunks(DIGEST, "/s", 4, 5)
-    assert ok.take(msg(4, b"abc")) == b"abc"
-    assert ok.take(msg(7, b"de")) == b"de"
-    ok.finish()
+    relative = _Chunks(DIGEST, "/s", 4, 5)  # containerd's numbering: from the read's start
+    assert relative.take(msg(0, b"abc")) == b"abc"
+    assert relative.take(msg(3, b"de")) == b"de"
+    relative.finish()
+
+    absolute = _Chunks(DIGEST, "/s", 4, 5)  # from the blob's start
+    assert absolute.take(msg(4, b"abc")) == b"abc"
+    assert absolute.take(msg(7, b"de")) == b"de"
+    absolute.finish()
 
     to_end = _Chunks(DIGEST, "/s", 0, 0)
     to_end.take(msg(0, b"abc"))
     to_end.finish()  # size 0: whatever the blob has
 
     misplaced = _Chunks(DIGEST, "/s", 4, 5)
-    misplaced.take(msg(4, b"abc"))
-    with pytest.raises(ContentStoreError, match="at offset 8, expected 7") as e:
-        misplaced.take(msg(8, b"de"))
-    assert e.value.code is None
+    misplaced.take(msg(0, b"abc"))
+    with pytest.raises(ContentStoreError, match="at offset 4 after 3 bytes read from offset 4"):
+        misplaced.take(msg(4, b"de"))
+    for wrong in (1, 5):
+        with pytest.raises(ContentStoreError, match=f"at offset {wrong} after 0 bytes") as e:
+            _Chunks(DIGEST, "/s", 4, 5).take(msg(wrong, b"abc"))
+        assert e.value.code is None
 
     with pytest.raises(ContentStoreError, match="longer than the 5 bytes"):
         _Chunks(DIGEST, "/s", 0, 5).take(msg(0, b"abcdef"))
@@ -303,10 +320,10 @@ async def test_answers_that_do_not_fit_are_refused(server: Server) -> None:
     long = add_blob(server, b"abcdefghij", Behaviour.LONG)
     failing = add_blob(server, b"ABCDEFGHIJ", Behaviour.FAIL_AFTER_FIRST)
     with open_store(server.address) as store:
-        with pytest.raises(ContentStoreError, match="at offset 4, expected 3") as e:
+        with pytest.raises(ContentStoreError, match="at offset 4 after 3 bytes") as e:
             await store.read(bad, 0, 10)
         assert e.value.code is None
-        with pytest.raises(ContentStoreError, match="at offset 4, expected 3"):
+        with pytest.raises(ContentStoreError, match="at offset 4 after 3 bytes"):
             async for _ in store.stream(bad):
                 pass
         with pytest.raises(ContentStoreError, match="longer than the 4 bytes"):
