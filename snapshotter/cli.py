@@ -4,6 +4,10 @@
     sociable-snapshotter [--config FILE] config default
     sociable-snapshotter [--config FILE] config check [--containerd-config PATH]
     sociable-snapshotter [--root DIR] status
+    sociable-snapshotter [--config FILE] mirror configure [--hosts-dir DIR] [--mirror URL]
+                         [--registry HOST ...] [--default] [--dry-run]
+    sociable-snapshotter [--config FILE] mirror unconfigure [--hosts-dir DIR] [--mirror URL]
+                         [--registry HOST ...] [--default] [--dry-run]
 
 `main()` is the one exit point: an error is one line `sociable-snapshotter: error: ...`
 on stderr and the exit status `EXIT_CODES` gives its class (docs/cli.md, "Exit status").
@@ -29,6 +33,7 @@ from .configcheck import check_all, is_warning
 from .daemon import AddressInUse, Settings, serve
 from .errors import ConfigError, SnapshotterError, UsageError
 from .logs import LEVELS, setup_logging
+from .mirror.hoststoml import DEFAULT_MIRROR, default_mirror, run_mirror_command
 from .remote.status import status_report
 from .rootlock import RootLocked
 
@@ -90,7 +95,46 @@ def _parser() -> argparse.ArgumentParser:
         help="containerd config.toml (default from [containerd] config_path)",
     )
     sub.add_parser("status", help="print the status of every lazily mounted layer (JSON lines)")
+    mirror = sub.add_parser(
+        "mirror", help="make containerd ask this node's registry mirror first (hosts.toml)"
+    )
+    mirror_sub = mirror.add_subparsers(dest="mirror_command", required=True, metavar="SUBCOMMAND")
+    configure = mirror_sub.add_parser(
+        "configure", help="put our mirror first in each registry's hosts.toml (merged, backed up)"
+    )
+    unconfigure = mirror_sub.add_parser(
+        "unconfigure", help="take our mirror (and the server it added) out of hosts.toml files"
+    )
+    for cmd, registries in (
+        (configure, "a registry to configure, e.g. docker.io or 10.0.0.5:5000 (repeatable)"),
+        (unconfigure, "a registry to unconfigure (repeatable; none and no --default: every one)"),
+    ):
+        cmd.add_argument(
+            "--hosts-dir",
+            type=Path,
+            help="containerd's registry config_path (default from [remote] hosts_dir)",
+        )
+        cmd.add_argument(
+            "--mirror",
+            help=f"the mirror's URL (default http:// and [peers] listen: {DEFAULT_MIRROR})",
+        )
+        cmd.add_argument(
+            "--registry", action="extend", nargs="+", default=[], metavar="HOST", help=registries
+        )
+        cmd.add_argument(
+            "--default",
+            action="store_true",
+            help="the _default directory (registries without a directory of their own)",
+        )
+        cmd.add_argument(
+            "--dry-run", action="store_true", help="print the diff of every file; change nothing"
+        )
     return p
+
+
+def _report_error(error: Exception) -> int:
+    """One error of a command that reports each of several (`mirror`), as `main` would."""
+    return report(PROG, error, EXIT_CODES, debug=False)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -113,6 +157,21 @@ def run(argv: Sequence[str]) -> int:
         sys.stdout.write(config_mod.render_default())
         return 0
     settings = _settings(args)
+    if args.command == "mirror":
+        hosts_dir = args.hosts_dir or settings.config.remote.hosts_dir
+        if not hosts_dir:
+            raise UsageError("mirror: give --hosts-dir ([remote] hosts_dir is empty)")
+        return run_mirror_command(
+            args.mirror_command,
+            hosts_dir=Path(hosts_dir),
+            registries=args.registry,
+            default=args.default,
+            mirror=args.mirror or default_mirror(settings.config.peers.listen),
+            dry_run=args.dry_run,
+            report_error=_report_error,
+            out=sys.stdout,
+            err=sys.stderr,
+        )
     if args.command == "status":
         report = status_report(settings.root)
         for line in report.lines:
