@@ -184,6 +184,7 @@ class MirrorService:
                     raise MirrorError(503, f"{digest} from {where.source}: stalled")
                 sent += len(chunk)
                 yield chunk
+        self.stats.blobs += 1
         self.stats.bytes_served += sent
         if where.peer:
             self.stats.from_peers += sent
