@@ -23,6 +23,7 @@ from snapshotter.lazy.cache import SpanCache
 from snapshotter.lazy.demand import DemandTracker
 from snapshotter.lazy.fetcher import SpanFetcher
 from snapshotter.lazy.sources import BlobSource, Check, ContentMismatch
+from snapshotter.mirror.serve import MirrorService
 from snapshotter.peers.listener import PeerApp, bind_listener, serve_listener
 from snapshotter.peers.members import Member
 from snapshotter.peers.ownership import chunk_of, owners
@@ -169,10 +170,13 @@ async def open_listener(
     max_budget_sec: float = 10.0,
     max_request_bytes: int = 4 << 20,
     host: str = "127.0.0.1",
+    mirror: MirrorService | None = None,
+    is_local: Callable[[str], bool] = lambda host: False,
 ) -> AsyncIterator[Listener]:
     """A `PeerApp` over a `SpanServer` (real `SpanCache` in `cache_dir`, upstream a
     `MemorySource` of the layer's blob, zTOCs from a loader that counts its calls) served by
-    `serve_listener` on a socket from `bind_listener(host, 0)`; cancelled on exit."""
+    `serve_listener` on a socket from `bind_listener(host, 0)`; cancelled on exit. `mirror`
+    and `is_local` are handed to the `PeerApp` (no registry mirror by default)."""
     source = upstream if upstream is not None else MemorySource(layer.blob, name="upstream")
     cache = SpanCache(cache_dir)
     mounted = FakeMounted()
@@ -204,6 +208,8 @@ async def open_listener(
         max_uploads=max_uploads,
         upload_rate_bytes_per_sec=upload_rate_bytes_per_sec,
         max_budget_sec=max_budget_sec,
+        mirror=mirror,
+        is_local=is_local,
     )
     sock = bind_listener(host, 0)
     port = sock.getsockname()[1]
