@@ -86,7 +86,6 @@ from tests.support import images
 from tests.support.cluster import (
     K8S_NAMESPACE,
     Cluster,
-    ClusterError,
     Node,
     PeerImage,
     RegistryMark,
@@ -328,6 +327,8 @@ class Scenario:
     workload: str
     peers: bool
     start: str
+    unlimited: bool = False
+    """The control run: the registry's link without a limit (what the CPU alone allows)."""
     nodes: list[NodeResult] = field(default_factory=list)
     layer_bytes: int = 0
     wire_bytes: int = 0
@@ -337,15 +338,22 @@ class Scenario:
     later_wire_bytes: int | None = None
     cpu_busy: float | None = None
     """The machine's CPU busy share while workloads ran (all CPUs, other processes too)."""
+    cpu_seconds: float | None = None
+    """CPU time the machine spent while workloads ran (all CPUs, other processes too)."""
     error: str = ""
 
     @property
+    def start_label(self) -> str:
+        return f"{self.start}{', registry link unlimited' if self.unlimited else ''}"
+
+    @property
     def label(self) -> str:
-        return f"{self.workload}, peers {'on' if self.peers else 'off'}, {self.start}"
+        return f"{self.workload}, peers {'on' if self.peers else 'off'}, {self.start_label}"
 
     @property
     def dirname(self) -> str:
-        return f"{self.workload}-{'on' if self.peers else 'off'}-{self.start[:3]}"
+        tail = "-nolimit" if self.unlimited else ""
+        return f"{self.workload}-{'on' if self.peers else 'off'}-{self.start[:3]}{tail}"
 
     @property
     def ends(self) -> list[float]:
@@ -484,6 +492,11 @@ class CpuMeter:
     def share(self) -> float | None:
         return self.busy / self.total if self.total else None
 
+    @property
+    def seconds(self) -> float:
+        """Busy CPU seconds (all CPUs)."""
+        return self.busy / os.sysconf("SC_CLK_TCK")
+
 
 def simultaneous(
     cluster: Cluster, ref: str, image: BenchImage, workload: Workload, sc: Scenario
@@ -507,7 +520,7 @@ def simultaneous(
         pulled, ended = fut.result(timeout=WORKLOAD_TIMEOUT_S)
         sc.nodes.append(NodeResult(n.index, pull_s=pulled - t0, end_s=ended - t0))
     cpu.stop()
-    sc.cpu_busy = cpu.share
+    sc.cpu_busy, sc.cpu_seconds = cpu.share, cpu.seconds
     fetched = wait_fetched(nodes, len(image.layer_digests), t0)
     _traffic(cluster, image, mark, sc)
     for n, r in zip(nodes, sc.nodes, strict=True):
@@ -528,7 +541,7 @@ def rolling(
         cpu.start()
         pulled, ended = run_workload(n, ref, workload, "roll")
         cpu.stop()
-        sc.cpu_busy = cpu.share
+        sc.cpu_busy, sc.cpu_seconds = cpu.share, cpu.seconds
         fetched = wait_fetched([n], len(image.layer_digests), t0)
         r = NodeResult(n.index, pull_s=pulled - t0, end_s=ended - t0, fetched_s=fetched[n.index])
         r.registry_layer_bytes = cluster.registry.since(mark).layer_bytes(image.layer_digests)
@@ -568,10 +581,11 @@ def run_scenario(
 ) -> None:
     """One scenario on a fresh cluster; pushes the image into ``storage`` the first time."""
     base = run_dir / sc.dirname
+    rate = None if sc.unlimited else args.rate
     with open_cluster(
         base,
         args.nodes,
-        registry_rate=args.rate,
+        registry_rate=rate,
         peers=sc.peers,
         node_config=node_config(args.chunk_bytes, args.quiet_period_ms, sc.peers),
         registry_storage=storage,
@@ -585,7 +599,7 @@ def run_scenario(
                 PeerImage(image.image, {}),
                 repository=REPOSITORY,
                 convert_root=WORKDIR / "index-root",
-                rate=args.rate,
+                rate=rate,
                 span_bytes=args.span_bytes,
             )
             marker.write_text(ref)
@@ -642,7 +656,8 @@ def _verdict(ok: bool) -> str:
 
 def _find(scenarios: Sequence[Scenario], workload: str, peers: bool, start: str) -> Scenario | None:
     for sc in scenarios:
-        if (sc.workload, sc.peers, sc.start) == (workload, peers, start) and not sc.error:
+        key = (sc.workload, sc.peers, sc.start, sc.unlimited)
+        if key == (workload, peers, start, False) and not sc.error:
             return sc
     return None
 
@@ -696,6 +711,26 @@ def goal_lines(scenarios: Sequence[Scenario], image: BenchImage, rate: str) -> l
                 f"(peers off) and {on.layer_bytes / per_s:.1f} s (peers on) for the layer bytes "
                 f"sent; CPU busy {_pct(off.cpu_busy)} and {_pct(on.cpu_busy)} while the "
                 "workloads ran"
+            )
+        ncpu = os.cpu_count() or 1
+        if on.cpu_seconds and off.cpu_seconds:
+            floor = on.cpu_seconds / ncpu
+            goal_s = READ_ALL_MAX * max(off.ends)
+            out.append(
+                f"  - CPU time while the workloads ran (every process on the VM): "
+                f"{off.cpu_seconds:.0f} CPU-s peers off, {on.cpu_seconds:.0f} CPU-s peers on; "
+                f"{on.cpu_seconds:.0f} CPU-s take at least {floor:.1f} s on {ncpu} vCPUs, "
+                f"{'more' if floor > goal_s else 'less'} than the goal's {goal_s:.1f} s"
+            )
+        control = next(
+            (c for c in scenarios if c.unlimited and not c.error and c.workload == "all"), None
+        )
+        if control:
+            out.append(
+                f"  - control, peers off with the registry link unlimited (no network bound): "
+                f"{max(control.ends):.1f} s until the last node's workload ended, CPU busy "
+                f"{_pct(control.cpu_busy)}"
+                + (f", {control.cpu_seconds:.0f} CPU-s" if control.cpu_seconds else "")
             )
         alone = _find(scenarios, "all", False, "rolling")
         if alone:
@@ -761,10 +796,11 @@ def render(
         "Registry bytes from the start until every node has every layer: layer = blob body "
         "bytes from the registry's access log, sent = everything its link carried (veth "
         f"counter); x = multiples of one node's full layer bytes ({one / 1e6:.1f} MB). "
-        f"**{args.nodes} nodes share 2 vCPUs**: reading every file is CPU-bound per node (FUSE "
-        "requests, span verification and inflation in each daemon, `cat` in each container), "
-        "so when all nodes read at once they mostly share the CPU, and the link's share of "
-        f"the time is small. The VM is shared with other test runs (load average "
+        f"**{args.nodes} nodes share {os.cpu_count()} vCPUs**: reading every file is CPU-bound "
+        "per node (FUSE requests, span verification and inflation in each daemon, `cat` in each "
+        "container), so when all nodes read every file at once they share the CPU; the control "
+        "run (peers off, the registry link unlimited) shows what the CPU alone allows. The VM "
+        f"is shared with other test runs (load average "
         f"{load[0]:.1f} at the start, {load[1]:.1f} at the end), so the numbers are noisy. "
         f"Code: the working tree at {commit}.",
         "",
@@ -776,7 +812,9 @@ def render(
     for sc in scenarios:
         peers = "on" if sc.peers else "off"
         if sc.error:
-            lines.append(f"| {sc.workload} | {peers} | {sc.start} | failed: {sc.error} ||||||||")
+            lines.append(
+                f"| {sc.workload} | {peers} | {sc.start_label} | failed: {sc.error} ||||||||"
+            )
             continue
         ends = sc.ends
         fetched = [n.fetched_s for n in sc.nodes if n.fetched_s is not None]
@@ -788,7 +826,7 @@ def render(
             else "n/a"
         )
         lines.append(
-            f"| {sc.workload} | {peers} | {sc.start} | {min(ends):.1f} / "
+            f"| {sc.workload} | {peers} | {sc.start_label} | {min(ends):.1f} / "
             f"{statistics.median(ends):.1f} / {max(ends):.1f} | {_fmt_list(ends)} | "
             f"{max(fetched):.1f} | {_pct(sc.cpu_busy)} | "
             f"{_x(sc.layer_bytes, one).replace(' MB', '')} | "
@@ -880,6 +918,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=DEFAULT_QUIET_MS,
         help="[remote] background_quiet_period_ms (default: the daemon's, 10000)",
     )
+    parser.add_argument(
+        "--no-control",
+        dest="control",
+        action="store_false",
+        help="skip the control run (read-every-file at once, peers off, registry link unlimited)",
+    )
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args(argv)
     workload_names = [w.strip() for w in args.workloads.split(",") if w.strip()]
@@ -929,17 +973,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     scenarios: list[Scenario] = []
     started = time.monotonic()
     load_start = os.getloadavg()[0]
-    for w in workload_names:
-        for p in peer_modes:
-            for s in starts:
-                sc = Scenario(w, p == "on", s)
-                scenarios.append(sc)
-                print(f"scenario {sc.label} ({time.monotonic() - started:.0f} s into the run)")
-                try:
-                    run_scenario(args, image, workloads[w], sc, storage, run_dir)
-                except (BenchError, ClusterError, Exception) as e:
-                    sc.error = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-                    print(f"  {sc.label} FAILED: {e}", file=sys.stderr)
+    plan = [Scenario(w, p == "on", s) for w in workload_names for p in peer_modes for s in starts]
+    if args.control and "all" in workload_names and "simultaneous" in starts:
+        plan.append(Scenario("all", False, "simultaneous", unlimited=True))
+    for sc in plan:
+        scenarios.append(sc)
+        print(f"scenario {sc.label} ({time.monotonic() - started:.0f} s into the run)")
+        try:
+            run_scenario(args, image, workloads[sc.workload], sc, storage, run_dir)
+        except Exception as e:  # recorded in the table; the other scenarios still run
+            sc.error = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            print(f"  {sc.label} FAILED: {e}", file=sys.stderr)
     print(f"all scenarios in {time.monotonic() - started:.0f} s")
     (run_dir / "results.json").write_text(
         json.dumps([{**asdict(sc), "label": sc.label} for sc in scenarios], indent=1)
