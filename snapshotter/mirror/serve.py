@@ -120,10 +120,18 @@ class MirrorService:
         with trio.move_on_after(self.lookup_timeout_sec):
             found = await self._find(ref, digest, local_only)
             if found is not None:
-                if not await self._may_share(ref, digest, found):
-                    self.stats.private += 1
-                    raise MirrorError(404, f"{digest} in {ref.name}: not public")
-                return found
+                try:
+                    shareable = await self._may_share(ref, digest, found)
+                except Exception as e:  # the source or the check failed: a miss, not a 500
+                    log.debug(
+                        "mirror lookup failed",
+                        extra={"source": found.source, "peer": found.peer, "error": str(e)},
+                    )
+                else:
+                    if not shareable:
+                        self.stats.private += 1
+                        raise MirrorError(404, f"{digest} in {ref.name}: not public")
+                    return found
         self.stats.not_found += 1
         raise MirrorError(404, f"{digest} in {ref.name}: not held by this node or its peers")
 
@@ -143,6 +151,8 @@ class MirrorService:
 
     async def _may_share(self, ref: Reference, digest: Digest, where: Located) -> bool:
         """Layers go to members; anything that looks like JSON only for public repositories."""
+        if where.size == 0:  # nothing to tell apart (and no range to ask a member for)
+            return True
         head = b""
         async with contextlib.aclosing(
             self._open(ref, digest, where, 0, min(where.size, SNIFF_BYTES))
