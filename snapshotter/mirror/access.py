@@ -4,7 +4,9 @@ The registry mirror serves manifests, image configs (anything that is not a laye
 repositories an anonymous client may read at the registry, so a node without pull secrets
 fails exactly as it would without the mirror. The question is asked with one anonymous
 `HEAD` of the blob or manifest being requested (through the registry's own endpoints,
-never this node's mirror), and the answer is kept per (registry, repository): a yes for
+never this node's mirror): the blobs endpoint, then the manifests endpoint when the blobs
+endpoint does not know the digest (registries such as distribution keep manifests apart
+from layers and configs). The answer is kept per (registry, repository): a yes for
 `public_ttl_sec`, a no for `private_ttl_sec`. A registry that cannot be reached counts as
 no and is not remembered.
 """
@@ -54,7 +56,7 @@ class PublicRepositories:
         if self._private.get(key):
             return False
         try:
-            await self._client.head_blob(ref, digest)
+            await self._anonymous_head(ref, digest)
         except (UnauthorizedError, NotFoundError):
             self._private.put(key, True)
             return False
@@ -63,3 +65,10 @@ class PublicRepositories:
             return False
         self._public.put(key, True)
         return True
+
+    async def _anonymous_head(self, ref: Reference, digest: Digest) -> None:
+        """Raises NotFoundError, UnauthorizedError (not readable anonymously), OciError."""
+        try:
+            await self._client.head_blob(ref, digest)
+        except NotFoundError:
+            await self._client.resolve(Reference(ref.registry, ref.repository, digest=digest))
