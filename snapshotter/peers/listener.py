@@ -225,24 +225,38 @@ class PeerApp:
         ]
         if status == 206:
             response_headers.append((b"content-range", f"bytes {start}-{end - 1}/{size}".encode()))
-        await send({"type": "http.response.start", "status": status, "headers": response_headers})
+        start_message = {
+            "type": "http.response.start",
+            "status": status,
+            "headers": response_headers,
+        }
         if method == "HEAD":
+            await send(start_message)
             await send({"type": "http.response.body", "body": b""})
             _log_mirror(ref, digest, status, where.source, t0)
             return status, 0
         sent = 0
-        try:
-            async with contextlib.aclosing(
-                self.mirror.body(ref, digest, where, start, end)
-            ) as chunks:
-                async for chunk in chunks:
+        async with contextlib.aclosing(self.mirror.body(ref, digest, where, start, end)) as chunks:
+            # the first bytes come before the answer starts: a source that fails at once (a
+            # member whose blob went away since the lookup) is a miss, and containerd asks its
+            # next host; an answer cut after its start fails containerd's whole pull
+            try:
+                chunk = await anext(chunks, None)
+            except MirrorError as e:
+                self.mirror.stats.not_found += 1
+                _log_mirror(ref, digest, 404, where.source, t0)
+                return await _answer(send, 404, str(e).encode() + b"\n"), 0
+            await send(start_message)
+            try:
+                while chunk is not None:
                     if local_only:  # another member's pull: the upload limits apply
                         await self._bucket.take(len(chunk))
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     sent += len(chunk)
-        except MirrorError as e:  # cut the answer: containerd sees a broken body
-            _log_mirror(ref, digest, e.status, where.source, t0)
-            raise
+                    chunk = await anext(chunks, None)
+            except MirrorError as e:  # cut the answer: containerd sees a broken body
+                _log_mirror(ref, digest, e.status, where.source, t0)
+                raise
         await send({"type": "http.response.body", "body": b""})
         _log_mirror(ref, digest, status, where.source, t0)
         return status, sent
