@@ -207,15 +207,15 @@ class PeerApp:
             return await _answer(send, e.status, str(e).encode() + b"\n"), 0
         size = where.size
         status, start, end = 200, 0, size
-        if "range" in headers:
-            wanted = protocol.parse_range(headers["range"])
-            if wanted is None or wanted[0] >= size:
+        value = headers.get("range", "")
+        if value.partition("=")[0].strip().lower() == "bytes":  # other units are ignored
+            wanted = _blob_range(value, size)
+            if wanted is None:
                 _log_mirror(ref, digest, 416, where.source, t0)
                 return await _answer(
                     send, 416, b"", [(b"content-range", f"bytes */{size}".encode())]
                 ), 0
-            start, end = wanted[0], size if wanted[1] < 0 else min(wanted[1], size)
-            status = 206
+            (start, end), status = wanted, 206
         response_headers = [
             (b"content-type", b"application/octet-stream"),
             (b"content-length", str(end - start).encode()),
@@ -343,6 +343,20 @@ class PeerApp:
                     "more_body": offset + SEND_PIECE < len(data),
                 }
             )
+
+
+def _blob_range(value: str, size: int) -> tuple[int, int] | None:
+    """The bytes `[start, end)` of a `size`-byte blob that a `Range: bytes=...` value asks
+    for: `S-E` (an end past the blob clipped), `S-`, or the last N bytes `-N`; None (answer
+    416) when none can be served: a start at or past the end, `-0`, several ranges, garbage."""
+    first, sep, last = value.partition("=")[2].strip().partition("-")
+    if sep and not first.strip() and last.strip().isdigit():
+        count = int(last)
+        return (max(0, size - count), size) if count and size else None
+    wanted = protocol.parse_range(value)
+    if wanted is None or wanted[0] >= size:
+        return None
+    return wanted[0], size if wanted[1] < 0 else min(wanted[1], size)
 
 
 def _log_mirror(ref: Reference, digest: Digest, status: int, source: str, t0: float) -> None:
