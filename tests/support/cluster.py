@@ -10,6 +10,9 @@
   ``registry_rate`` is set. :meth:`ClusterRegistry.mark` and :meth:`ClusterRegistry.since` give
   the bytes the registry sent during a phase: the veth counter (everything on the wire) and the
   blob bytes per digest from the access log (what "registry layer bytes" means in the tests);
+  with ``registry_auth`` it requires Docker token auth from a :class:`ClusterTokenServer` on
+  the bridge address (every namespace reaches it; it grants its user everything and anonymous
+  callers nothing, so every repository is private);
 - N node namespaces at ``10.232.<k>.11``, ``.12``, ... each with its own ``sociable-snapshotter``
   (own root, socket and config file) and its own containerd 1.6 (CRI with
   ``snapshotter = "sociable"``, the proxy plugin at the node's daemon socket, a ``certs.d``
@@ -21,11 +24,16 @@
 Each daemon's config is rendered from a table the harness fills (``[daemon]`` root, address and
 log level; ``[remote]`` hosts_dir and a short background quiet period; with ``peers=True`` a
 ``[peers]`` table listing every node, 1 MiB chunks) merged with the TOML text
-``node_config(i, addresses)`` returns (its keys win).
+``node_config(i, addresses)`` returns (its keys win). With ``mirror=True`` each daemon's
+``[mirror]`` table names its own node's containerd socket (namespace ``k8s.io``) and
+``[containerd] config_path`` that containerd's config, so the registry mirror on its peer
+listener serves what that containerd holds; containerd asks it only once the node's
+``hosts.toml`` names it (``sociable-snapshotter mirror configure``, :meth:`Node.configure_mirror`).
 
 :func:`build_peer_image` writes an image whose data files are incompressible and whose sha256
 are known; :meth:`Cluster.push` indexes it with ``sociable convert`` (1 MiB spans, every layer
-indexed) and pushes it to the cluster's registry.
+indexed) and pushes it to the cluster's registry; :meth:`Cluster.push_unindexed` pushes the
+image as it is (skopeo, no SOCI index: containerd pulls it the ordinary way).
 
 Teardown always runs, also when the body raises: the containers' processes, containerd and its
 shims, the daemons, every mount under the base directory (lazily), the namespaces, veths and
@@ -44,6 +52,7 @@ import concurrent.futures
 import contextlib
 import functools
 import hashlib
+import http.server
 import ipaddress
 import itertools
 import json
@@ -79,6 +88,7 @@ from tests.support.containerd import (
     write_certs_d,
 )
 from tests.support.netns import NetNs
+from tests.support.registry import TOKEN_ISSUER, TOKEN_SERVICE, TokenServer
 from tests.support.snapclient import REPO, SnapDaemon
 
 SUBNET_PREFIX = "10.232"
@@ -279,10 +289,18 @@ class ClusterRegistry:
     storage: Path
     log: Path
     proc: subprocess.Popen[bytes]
+    token_server: TokenServer | None = None
 
     @property
     def host(self) -> str:
         return f"{self.ns.ns_ip}:{REGISTRY_PORT}"
+
+    @property
+    def credentials(self) -> tuple[str, str] | None:
+        """``(user, password)`` the token server grants everything to; None without auth."""
+        if self.token_server is None:
+            return None
+        return self.token_server.username, self.token_server.password
 
     def sent_bytes(self) -> int:
         """Bytes the registry namespace has sent so far (its veth's host end received them)."""
@@ -332,10 +350,13 @@ class ClusterRegistry:
                 self.proc.wait(timeout=10)
 
 
-def _start_registry(ns: NetNs, base: Path, storage: Path | None = None) -> ClusterRegistry:
+def _start_registry(
+    ns: NetNs, base: Path, storage: Path | None = None, token: TokenServer | None = None
+) -> ClusterRegistry:
     """docker-registry inside ``ns`` with its config and log under ``base`` and its storage at
-    ``storage`` (default ``base/storage``). Raises :class:`ClusterError` (with the log tail)
-    when it does not answer ``/v2/`` from the host within 20 s."""
+    ``storage`` (default ``base/storage``), requiring tokens of ``token`` (started) when given.
+    Raises :class:`ClusterError` (with the log tail) when it does not answer ``/v2/`` from the
+    host within 20 s."""
     storage = storage or base / "storage"
     base.mkdir(parents=True, exist_ok=True)
     storage.mkdir(parents=True, exist_ok=True)
@@ -346,6 +367,17 @@ def _start_registry(ns: NetNs, base: Path, storage: Path | None = None) -> Clust
         "http": {"addr": f"{ns.ns_ip}:{REGISTRY_PORT}", "secret": "sociable-cluster"},
         "health": {"storagedriver": {"enabled": False}},
     }
+    if token is not None:
+        bundle = base / "token-root.pem"
+        bundle.write_bytes(token.cert_pem)
+        config["auth"] = {
+            "token": {
+                "realm": token.realm,
+                "service": TOKEN_SERVICE,
+                "issuer": TOKEN_ISSUER,
+                "rootcertbundle": str(bundle),
+            }
+        }
     cfg = base / "config.yml"
     cfg.write_text(json.dumps(config))
     log = base / "registry.log"
@@ -358,13 +390,14 @@ def _start_registry(ns: NetNs, base: Path, storage: Path | None = None) -> Clust
             env={**os.environ, "OTEL_TRACES_EXPORTER": "none"},
             start_new_session=True,
         )
-    reg = ClusterRegistry(ns, storage, log, proc)
+    reg = ClusterRegistry(ns, storage, log, proc, token)
+    ready = 401 if token is not None else 200
     deadline = time.monotonic() + 20
     while True:
         if proc.poll() is not None:
             raise ClusterError(f"docker-registry exited {proc.returncode}\n{reg.log_tail()}")
         try:
-            if httpx.get(f"http://{reg.host}/v2/", timeout=1).status_code == 200:
+            if httpx.get(f"http://{reg.host}/v2/", timeout=1).status_code == ready:
                 return reg
         except httpx.HTTPError:
             pass
@@ -372,6 +405,39 @@ def _start_registry(ns: NetNs, base: Path, storage: Path | None = None) -> Clust
             reg.stop()
             raise ClusterError(f"docker-registry: no answer on {reg.host}\n{reg.log_tail()}")
         time.sleep(0.1)
+
+
+@dataclass
+class ClusterTokenServer(TokenServer):
+    """:class:`~tests.support.registry.TokenServer` whose realm is on ``address`` (the
+    bridge's, which every namespace reaches) rather than the host's loopback."""
+
+    address: str = "127.0.0.1"
+    _bridge: http.server.ThreadingHTTPServer | None = None
+
+    @property
+    def realm(self) -> str:
+        port = self._bridge.server_address[1] if self._bridge is not None else 0
+        return f"http://{self.address}:{port}/token"
+
+    def start(self) -> None:
+        super().start()
+        assert self._httpd is not None
+        # the loopback server's handler class serves the bridge address too
+        self._bridge = http.server.ThreadingHTTPServer(
+            (self.address, 0), self._httpd.RequestHandlerClass
+        )
+        self._bridge.daemon_threads = True
+        threading.Thread(
+            target=self._bridge.serve_forever, name="token-server-bridge", daemon=True
+        ).start()
+
+    def stop(self) -> None:
+        if self._bridge is not None:
+            self._bridge.shutdown()
+            self._bridge.server_close()
+            self._bridge = None
+        super().stop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,9 +491,12 @@ def daemon_config(
     listen: str,
     addresses: Sequence[str],
     extra: str = "",
+    containerd: ContainerdPaths | None = None,
 ) -> str:
     """The config text of one node's daemon (see the module docstring). ``extra`` is TOML whose
-    keys override or add to the harness's. Raises :class:`ClusterError` for invalid ``extra``."""
+    keys override or add to the harness's. ``containerd``: the node's containerd, whose socket
+    the registry mirror reads (``[mirror]``) and whose config it checks (``[containerd]``).
+    Raises :class:`ClusterError` for invalid ``extra``."""
     doc: TomlTable = {
         "daemon": {"root": str(root), "address": str(address), "log_level": "debug"},
         "remote": {"hosts_dir": str(hosts_dir), "background_quiet_period_ms": BACKGROUND_QUIET_MS},
@@ -438,6 +507,12 @@ def daemon_config(
             "listen": listen,
             "static": list(addresses),
             "chunk_bytes": CHUNK_BYTES,
+        }
+    if containerd is not None:
+        doc["containerd"] = {"config_path": str(containerd.config)}
+        doc["mirror"] = {
+            "containerd_address": str(containerd.address),
+            "namespace": K8S_NAMESPACE,
         }
     try:
         doc = _merge(doc, tomllib.loads(extra))
@@ -580,6 +655,28 @@ class Node:
             raise ClusterError(f"{e}\n--- containerd log ---\n{self.containerd.log_tail()}") from e
 
     # -- images and containers
+
+    def configure_mirror(self, registry_host: str, mirror: str | None = None) -> str:
+        """``sociable-snapshotter mirror configure`` for ``registry_host`` in this node's
+        ``certs.d``: containerd asks ``mirror`` (default: this node's listener) first, the
+        registry after it. Configuring again swaps the mirror. Returns the command's output.
+        Raises :class:`ClusterError` when the command fails."""
+        assert self.daemon.config is not None
+        args = ["--config", str(self.daemon.config), "mirror", "configure"]
+        args += ["--registry", registry_host, *(["--mirror", mirror] if mirror else [])]
+        proc = snapshotter_cli(*args, timeout=30)
+        if proc.returncode != 0:
+            raise ClusterError(f"node {self.index}: mirror configure: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def unconfigure_mirror(self, registry_host: str) -> None:
+        """``sociable-snapshotter mirror unconfigure`` for ``registry_host``: containerd goes
+        straight to the registry again. Raises :class:`ClusterError` when the command fails."""
+        assert self.daemon.config is not None
+        args = ["--config", str(self.daemon.config), "mirror", "unconfigure"]
+        proc = snapshotter_cli(*args, "--registry", registry_host, timeout=30)
+        if proc.returncode != 0:
+            raise ClusterError(f"node {self.index}: mirror unconfigure: {proc.stderr.strip()}")
 
     def run_checksums(
         self, ref: str, paths: Sequence[str], *, timeout: float = PULL_TIMEOUT_S
@@ -865,6 +962,23 @@ class Cluster:
                 self.registry.limit(rate)
         return ref
 
+    def push_unindexed(self, image: PeerImage, *, repository: str = "peers/plain") -> str:
+        """Pushes ``image`` as it is (skopeo, no SOCI index, with the registry's credentials
+        when it has them); returns the reference to pull. Raises
+        :class:`~tests.support.images.PushError` with skopeo's stderr."""
+        ref = f"{self.registry.host}/{repository}:{image.image.tag}"
+        creds = self.registry.credentials
+        cmd = ["skopeo", "copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false"]
+        cmd += ["--dest-creds", ":".join(creds)] if creds else []
+        cmd += [f"oci:{image.image.layout}:{image.image.tag}", f"docker://{ref}"]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+        except subprocess.CalledProcessError as e:
+            raise images.PushError(f"pushing to {ref}: {e.stderr.strip()}") from e
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise images.PushError(f"pushing to {ref}: {e}") from e
+        return ref
+
     def describe(self, lines: int = 30) -> str:
         """Every node's log tails and the registry's (for assertion messages)."""
         return "\n".join(
@@ -917,6 +1031,8 @@ def open_cluster(
     node_config: Callable[[int, list[str]], str] | None = None,
     subnet: int | None = None,
     registry_storage: Path | None = None,
+    mirror: bool = False,
+    registry_auth: bool = False,
 ) -> Iterator[Cluster]:
     """Builds the cluster described in the module docstring under ``base`` and yields it;
     tears everything down on exit, also when the body raises.
@@ -926,8 +1042,10 @@ def open_cluster(
     ``i``'s config (``addresses``: every node's peer address). ``subnet``: the third octet of
     ``10.232.<k>.0/24`` (default: a free one). ``registry_storage``: the registry's storage
     directory, kept after teardown (default: under ``base``), so clusters opened one after
-    another can serve what an earlier one pushed. Raises :class:`ClusterError` when a part does
-    not start (after tearing down what was built).
+    another can serve what an earlier one pushed. ``mirror``: each daemon's registry mirror
+    reads its own node's containerd. ``registry_auth``: the registry requires token auth
+    (:attr:`ClusterRegistry.credentials`). Raises :class:`ClusterError` when a part does not
+    start (after tearing down what was built).
     """
     if n_nodes < 1 or n_nodes > 9:
         raise ClusterError(f"n_nodes={n_nodes}: 1 to 9 nodes")
@@ -961,7 +1079,12 @@ def open_cluster(
             f"{SUBNET_PREFIX}.{k}.{REGISTRY_HOST_OCTET}",
             bridge_ip,
         )
-        registry = _start_registry(reg_ns, base / "registry", registry_storage)
+        token: TokenServer | None = None
+        if registry_auth:
+            token = ClusterTokenServer(address=bridge_ip)
+            token.start()
+            teardown.add("token server", token.stop)
+        registry = _start_registry(reg_ns, base / "registry", registry_storage, token)
         teardown.add("registry", registry.stop)
         if registry_rate:
             registry.limit(registry_rate)
@@ -1011,6 +1134,7 @@ def open_cluster(
                     listen=node.peer_address,
                     addresses=addresses,
                     extra=node_config(node.index, list(addresses)) if node_config else "",
+                    containerd=ContainerdPaths(node.base / "ctd") if mirror else None,
                 )
             )
             teardown.add(f"node {node.index} daemon", node.stop_daemon)
@@ -1096,6 +1220,7 @@ __all__ = [
     "ClusterError",
     "ClusterNames",
     "ClusterRegistry",
+    "ClusterTokenServer",
     "Node",
     "PeerImage",
     "RegistryMark",
