@@ -71,20 +71,23 @@ class PeerClient:
     async def head_blob(
         self, peer: str, ref: Reference, digest: Digest, timeout_sec: float
     ) -> int | None:
-        """The size of `digest` in `peer`'s content store; None when it does not hold it,
-        or does not answer within `timeout_sec` (a mirror lookup never waits longer)."""
+        """The size of `digest` in `peer`'s content store; None when it answers that it does
+        not hold it (or may not say). Raises FetchTimeout when it does not answer within
+        `timeout_sec`, SourceUnavailable when it cannot be reached."""
         url = f"http://{peer}{protocol.blob_path(ref.repository, str(digest))}"
+        what = f"{digest} at peer {peer}"
         with trio.move_on_after(timeout_sec):
             try:
                 response = await self._http.head(
                     url, headers=self._headers({}), params={"ns": ref.registry}
                 )
-            except (httpx.HTTPError, OSError):
-                return None
+            except (httpx.HTTPError, OSError) as e:
+                raise SourceUnavailable(f"{what}: {type(e).__name__}", source=peer) from e
             length = response.headers.get("content-length", "")
             if response.status_code == 200 and length.isdigit():
                 return int(length)
-        return None
+            return None
+        raise FetchTimeout(f"{what}: no answer within {timeout_sec} s", source=peer)
 
     async def stream_blob(
         self, peer: str, ref: Reference, digest: Digest, start: int, end: int
@@ -201,21 +204,27 @@ class PeerBlobClient:
         self, ref: Reference, digest: Digest, timeout_sec: float
     ) -> tuple[str, int] | None:
         """(peer, size) of the first live member to say it holds `digest`, asking every one
-        at once (at most `MAX_ASKED`), within `timeout_sec`; None when none does."""
-        members = [m.id for m in self._view.live()][:MAX_ASKED]
+        at once (at most `MAX_ASKED`), within `timeout_sec`; None when none does. A member
+        that does not answer or cannot be reached is marked down, so the next lookups skip
+        it instead of waiting for it again."""
+        members = list(self._view.live())[:MAX_ASKED]
         if not members:
             return None
         found: list[tuple[str, int]] = []
         async with trio.open_nursery() as nursery:
 
-            async def ask(peer: str) -> None:
-                size = await self._client.head_blob(peer, ref, digest, timeout_sec)
+            async def ask(member: Member) -> None:
+                try:
+                    size = await self._client.head_blob(member.id, ref, digest, timeout_sec)
+                except FetchError as e:
+                    self._view.mark_down(member, str(e))
+                    return
                 if size is not None and not found:
-                    found.append((peer, size))
+                    found.append((member.id, size))
                     nursery.cancel_scope.cancel()
 
-            for peer in members:
-                nursery.start_soon(ask, peer)
+            for member in members:
+                nursery.start_soon(ask, member)
         return found[0] if found else None
 
     async def stream(
@@ -231,6 +240,8 @@ MAX_ASKED = 16
 
 class MemberView(Protocol):
     def live(self) -> Sequence[Member]: ...
+
+    def mark_down(self, member: Member, reason: str) -> None: ...
 
 
 def _status_error(status: int, what: str, source: str) -> FetchError:

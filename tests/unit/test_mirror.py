@@ -38,7 +38,7 @@ from snapshotter.peers import protocol
 from snapshotter.peers.client import PeerBlobClient, PeerClient
 from snapshotter.peers.content import ContentNotFound, ContentStore, ContentStoreError
 from tests.support.lazylayer import Layer
-from tests.support.peers import FakeView, Listener, open_listener
+from tests.support.peers import FakeView, Listener, closed_port, open_fake_peer, open_listener
 from tests.support.registry import RegistryServer
 
 REGISTRY = "registry.test:5000"
@@ -954,3 +954,29 @@ async def test_others_need_the_token(layer: Layer, tmp_path: Path) -> None:
         assert got.status_code == 200
         assert got.content == layer.blob
         assert node.listener.app.forbidden == 3
+
+
+async def test_a_member_that_does_not_answer_a_lookup_is_marked_down(
+    layer: Layer, tmp_path: Path
+) -> None:
+    """A silent member costs one lookup, then is skipped (marked down); a refused one is
+    marked down at once; the live member that says no is not."""
+    held = FakeStore(layer.blob, CONFIG, b"")
+    async with (
+        open_fake_peer(layer.blob, "silent") as silent,
+        open_node(layer, tmp_path, store=held) as holder,
+    ):
+        gone = closed_port()
+        ref = Reference(REGISTRY, PUBLIC)
+        client = PeerClient(connect_timeout_sec=1.0)
+        try:
+            view = FakeView([silent.member, gone, holder.listener.member])
+            peers = PeerBlobClient(client, view)
+            t0 = time.monotonic()
+            assert await peers.find(ref, Digest.of(b"nobody has this"), 0.5) is None
+            assert 0.5 <= time.monotonic() - t0 < 2.0
+            assert sorted(view.downed()) == sorted([silent.member, gone])
+            found = await peers.find(ref, layer.digest, 0.5)
+            assert found == (holder.listener.member.id, len(layer.blob))
+        finally:
+            await client.aclose()
