@@ -211,11 +211,12 @@ class PeerBlobClient:
         if not members:
             return None
         found: list[tuple[str, int]] = []
+        ask_sec = timeout_sec * 0.75
         async with trio.open_nursery() as nursery:
 
             async def ask(member: Member) -> None:
-                try:
-                    size = await self._client.head_blob(member.id, ref, digest, timeout_sec)
+                try:  # a little less than the caller's bound, so a silent one is seen
+                    size = await self._client.head_blob(member.id, ref, digest, ask_sec)
                 except FetchError as e:
                     self._view.mark_down(member, str(e))
                     return
