@@ -974,7 +974,8 @@ async def test_a_member_that_does_not_answer_a_lookup_is_marked_down(
             peers = PeerBlobClient(client, view)
             t0 = time.monotonic()
             assert await peers.find(ref, Digest.of(b"nobody has this"), 0.5) is None
-            assert 0.5 <= time.monotonic() - t0 < 2.0
+            # each member gets three quarters of the bound, so the silent one is seen
+            assert 0.3 <= time.monotonic() - t0 < 0.5
             assert sorted(view.downed()) == sorted([silent.member, gone])
             found = await peers.find(ref, layer.digest, 0.5)
             assert found == (holder.listener.member.id, len(layer.blob))
