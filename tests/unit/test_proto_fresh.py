@@ -160,3 +160,113 @@ def test_content_info_skips_the_fields_left_out() -> None:
     assert got.digest == "sha256:" + "a" * 64
     assert got.size == 1 << 40
     assert dict(got.labels) == {"containerd.io/distribution.source.example.com": "library/busybox"}
+
+
+def test_images_wire_names_match_containerd() -> None:
+    """The Images subset has containerd's package, service, method path and field numbers
+    (api/services/images/v1/images.proto, api/types/descriptor.proto)."""
+    from snapshotter.api import images_pb2, images_pb2_grpc
+
+    svc = images_pb2.DESCRIPTOR.services_by_name["Images"]
+    assert svc.full_name == "containerd.services.images.v1.Images"
+    assert [m.name for m in svc.methods] == ["Get"]
+    get = svc.methods_by_name["Get"]
+    assert not get.server_streaming and not get.client_streaming
+    assert get.input_type.full_name == "containerd.services.images.v1.GetImageRequest"
+    assert get.output_type.full_name == "containerd.services.images.v1.GetImageResponse"
+
+    def numbers(message: type) -> dict[str, tuple[int, int]]:
+        d = message.DESCRIPTOR  # type: ignore[attr-defined]
+        return {f.name: (f.number, f.type) for f in d.fields}
+
+    F = images_pb2.Descriptor.DESCRIPTOR.fields_by_name["size"]
+    string, int64, message = F.TYPE_STRING, F.TYPE_INT64, F.TYPE_MESSAGE
+    assert numbers(images_pb2.GetImageRequest) == {"name": (1, string)}
+    assert numbers(images_pb2.GetImageResponse) == {"image": (1, message)}
+    assert numbers(images_pb2.Image) == {"name": (1, string), "target": (3, message)}
+    assert numbers(images_pb2.Descriptor) == {
+        "media_type": (1, string),
+        "digest": (2, string),
+        "size": (3, int64),
+    }
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.paths: list[str] = []
+
+        def unary_unary(self, path: str, **_: object) -> None:
+            self.paths.append(path)
+
+    channel = Recorder()
+    images_pb2_grpc.ImagesStub(channel)
+    assert channel.paths == ["/containerd.services.images.v1.Images/Get"]
+
+
+def test_image_skips_the_fields_left_out() -> None:
+    """containerd's Image carries labels (2), created_at (7) and updated_at (8), and its
+    Descriptor annotations (5); our subset decodes such an answer and keeps the name and the
+    target (a wrong number for target would drop it or read the labels as a descriptor)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, timestamp_pb2
+
+    from snapshotter.api import images_pb2
+
+    full = descriptor_pb2.FileDescriptorProto(
+        name="full_image.proto", package="full", syntax="proto3"
+    )
+    full.dependency.append("google/protobuf/timestamp.proto")
+    F = descriptor_pb2.FieldDescriptorProto
+
+    def string_map(message: descriptor_pb2.DescriptorProto, name: str, number: int) -> None:
+        entry_name = "".join(p.title() for p in name.split("_")) + "Entry"
+        entry = message.nested_type.add(name=entry_name)
+        entry.options.map_entry = True
+        entry.field.add(name="key", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+        entry.field.add(name="value", number=2, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+        message.field.add(
+            name=name,
+            number=number,
+            type=F.TYPE_MESSAGE,
+            label=F.LABEL_REPEATED,
+            type_name=f".full.{message.name}.{entry_name}",
+        )
+
+    d = full.message_type.add(name="Descriptor")
+    d.field.add(name="media_type", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    d.field.add(name="digest", number=2, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    d.field.add(name="size", number=3, type=F.TYPE_INT64, label=F.LABEL_OPTIONAL)
+    string_map(d, "annotations", 5)
+    m = full.message_type.add(name="Image")
+    m.field.add(name="name", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    string_map(m, "labels", 2)
+    m.field.add(
+        name="target",
+        number=3,
+        type=F.TYPE_MESSAGE,
+        label=F.LABEL_OPTIONAL,
+        type_name=".full.Descriptor",
+    )
+    for name, number in (("created_at", 7), ("updated_at", 8)):
+        m.field.add(
+            name=name,
+            number=number,
+            type=F.TYPE_MESSAGE,
+            label=F.LABEL_OPTIONAL,
+            type_name=".google.protobuf.Timestamp",
+        )
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(timestamp_pb2.DESCRIPTOR.serialized_pb)
+    pool.Add(full)
+    cls = message_factory.GetMessageClass(pool.FindMessageTypeByName("full.Image"))
+    sent = cls(name="docker.io/library/busybox:1.36")
+    sent.labels["io.cri-containerd.image"] = "managed"
+    sent.target.media_type = "application/vnd.oci.image.index.v1+json"
+    sent.target.digest = "sha256:" + "b" * 64
+    sent.target.size = 9 << 30
+    sent.target.annotations["org.opencontainers.image.ref.name"] = "1.36"
+    sent.created_at.seconds = 1_700_000_000
+    sent.updated_at.nanos = 5
+    got = images_pb2.Image.FromString(sent.SerializeToString())
+    assert got.name == "docker.io/library/busybox:1.36"
+    assert got.target.media_type == "application/vnd.oci.image.index.v1+json"
+    assert got.target.digest == "sha256:" + "b" * 64
+    assert got.target.size == 9 << 30
