@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` runs the main job, `make test` runs every test.
 PY ?= python3
 
-.PHONY: setup demo test lint bench bench-peers
+.PHONY: setup demo test lint bench bench-peers bench-mirror
 
 setup:
 	bash scripts/setup.sh
@@ -22,3 +22,6 @@ bench: setup
 
 bench-peers: setup
 	$(PY) -m tests.bench.bench_peers
+
+bench-mirror: setup
+	$(PY) -m tests.bench.bench_mirror
