@@ -30,7 +30,8 @@ Reported per node: the pull time (CRI PullImage) and the container's time, the r
 layer bytes during its turn, and its mirror counters at the end (``status.json``
 ``peers.mirror``: ``from_content`` = bytes this node's mirror served from its own containerd's
 content store, to its own containerd or to another member; ``from_peers`` = bytes it served
-its containerd from another member's store; ``not_found``). Per run: the registry's layer
+its containerd from another member's store; ``not_found`` = its 404 answers, to its own
+containerd and to other members' lookups). Per run: the registry's layer
 bytes for the whole rollout (blob body bytes of the image's layers in its access log) as a
 multiple of one pull (the image's compressed layer bytes), and what its link carried. The goal
 line: with the mirror, the whole rollout costs the registry at most :data:`ROLLOUT_MAX` x
@@ -351,7 +352,8 @@ def render(
         "line, `mirror`) at the end of the rollout: from content = bytes the node's mirror "
         "served from its own containerd's content store (to its containerd or to another "
         "member), from peers = bytes it served its containerd from another member's store, "
-        "not found = misses (404, containerd then asks the registry). The VM is shared with "
+        "not found = its 404 answers (to its own containerd, which then asks the registry, "
+        "and to other members' lookups of blobs it does not hold). The VM is shared with "
         f"other test runs (load average {load[0]:.1f} at the start, {load[1]:.1f} at the end), "
         f"so the times are noisy. Code: the working tree at {commit}.",
         "",
