@@ -383,6 +383,20 @@ class MirrorConfig:
         default=10.0,
         metadata=_doc("A blob whose bytes stop coming this long is cut (containerd retries)."),
     )
+    resolve_tags: bool = field(
+        default=True,
+        metadata=_doc(
+            "Answer a manifest by tag with what this node's containerd image store names "
+            "(public repositories only); false = tags are resolved at the registry."
+        ),
+    )
+    resolve_latest: bool = field(
+        default=False,
+        metadata=_doc(
+            "With resolve_tags: resolve the tag latest too (it moves most, so a node's copy "
+            "is the most likely to be stale)."
+        ),
+    )
 
 
 @dataclass(frozen=True)

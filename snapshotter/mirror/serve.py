@@ -17,8 +17,9 @@ bounded: finding a blob by `lookup_timeout_sec`, and a body that stops coming fo
 Private images stay private: the listener serves only members and this node, and what is not
 a layer (a manifest, an image config: JSON) is served only when an anonymous client may read
 that repository at its registry (`access.PublicRepositories`), because containerd also
-fetches manifests by digest through the blobs endpoint. Manifests by tag are not resolved
-(answer 404: containerd resolves tags at the registry with the pod's credentials).
+fetches manifests by digest through the blobs endpoint. A manifest by tag is resolved from
+this node's containerd image store only (`resolve_tags`; `latest` only with `resolve_latest`,
+since it moves most), then served as the digest it points at, under the same rule.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from typing import Final, Protocol
 import trio
 
 from index.digest import Digest
-from index.oci.reference import Reference
+from index.oci.reference import DEFAULT_TAG, Reference
 from snapshotter.peers.content import ContentStore, ContentStoreError
+from snapshotter.peers.images import ImageStoreError, image_name
 
 from .access import PublicRepositories
 
@@ -67,6 +69,15 @@ class PeerBlobs(Protocol):
         self, peer: str, ref: Reference, digest: Digest, start: int, end: int
     ) -> AsyncGenerator[bytes, None]:
         """The bytes `[start, end)` from `peer`'s content store."""
+        ...
+
+
+class ImageTargets(Protocol):
+    """containerd's image store on this node (`snapshotter.peers.images.ImageStore`)."""
+
+    async def target(self, name: str) -> tuple[Digest, str, int] | None:
+        """(digest, media type, size) of what image `name` points at, None when there is no
+        such image. Raises ImageStoreError."""
         ...
 
 
@@ -104,12 +115,18 @@ class MirrorService:
         public: PublicRepositories,
         lookup_timeout_sec: float = 2.0,
         stall_timeout_sec: float = 10.0,
+        images: ImageTargets | None = None,
+        resolve_tags: bool = True,
+        resolve_latest: bool = False,
     ) -> None:
         self._content = content
         self._peers = peers
         self._public = public
         self.lookup_timeout_sec = lookup_timeout_sec
         self.stall_timeout_sec = stall_timeout_sec
+        self._images = images
+        self.resolve_tags = resolve_tags
+        self.resolve_latest = resolve_latest
         self.stats = MirrorStatistics()
 
     def __repr__(self) -> str:
@@ -203,15 +220,15 @@ class MirrorService:
         if sent != end - start:
             raise MirrorError(503, f"{digest}: {sent} bytes of {end - start}")
 
-    async def manifest(self, ref: Reference, reference: str) -> tuple[bytes, str]:
-        """The manifest `reference` (a digest) of `ref`'s repository and its media type, from
-        this node's content store, for public repositories only. Raises MirrorError 404."""
+    async def manifest(self, ref: Reference, reference: str) -> tuple[bytes, str, Digest]:
+        """The manifest `reference` of `ref`'s repository: (its bytes, its media type, its
+        digest), from this node's content store, for public repositories only. `reference` is
+        a digest, or a tag resolved in this node's image store (`resolve_tags`; `latest` only
+        with `resolve_latest`); members are never asked. Raises MirrorError 404."""
         try:
             digest = Digest(reference)
         except ValueError:
-            raise MirrorError(
-                404, f"{ref.name}:{reference}: tags are resolved at the registry"
-            ) from None
+            digest = await self._resolve(ref, reference)
         where = await self.locate(ref, digest, local_only=True)
         if where.size > MAX_MANIFEST_BYTES:
             raise MirrorError(404, f"{digest}: too large for a manifest")
@@ -222,7 +239,31 @@ class MirrorService:
         if not media_type:
             raise MirrorError(404, f"{digest}: not a manifest")
         self.stats.manifests += 1
-        return data, media_type
+        return data, media_type, digest
+
+    async def _resolve(self, ref: Reference, tag: str) -> Digest:
+        """The digest tag `tag` of `ref`'s repository points at in this node's image store,
+        within `lookup_timeout_sec`. Raises MirrorError 404 (tags not resolved here, `latest`
+        not allowed, not a tag, no such image, the store failed or was too slow)."""
+        where = f"{ref.name}:{tag}"
+        if self._images is None or not self.resolve_tags:
+            raise MirrorError(404, f"{where}: tags are resolved at the registry")
+        if tag == DEFAULT_TAG and not self.resolve_latest:
+            raise MirrorError(404, f"{where}: latest is resolved at the registry")
+        try:
+            name = image_name(ref.registry, ref.repository, tag)
+        except ValueError:
+            raise MirrorError(404, f"{where}: not a tag or a digest") from None
+        target = None
+        with trio.move_on_after(self.lookup_timeout_sec):
+            try:
+                target = await self._images.target(name)
+            except ImageStoreError as e:
+                log.debug("image store lookup failed", extra={"image": name, "error": str(e)})
+        if target is None:
+            self.stats.not_found += 1
+            raise MirrorError(404, f"{where}: no such image on this node")
+        return target[0]
 
 
 def _media_type(data: bytes) -> str:

@@ -8,7 +8,8 @@ A small ASGI application (`PeerApp`) served by hypercorn on trio (`serve_listene
     GET|HEAD /v2/<name>/blobs/<digest>?ns=<registry>      otherwise: the registry mirror, a
                                                           whole blob or one Range (200, 206,
                                                           416), `snapshotter.mirror.serve`
-    GET|HEAD /v2/<name>/manifests/<digest>?ns=<registry>  the mirror, public repositories only
+    GET|HEAD /v2/<name>/manifests/<ref>?ns=<registry>     the mirror, public repositories only;
+                                                          a tag from this node's image store
 
 Who may ask: current members and this node's own addresses, unless `allow_non_members`
 (so a pod in the cluster network cannot read layers through it), and, when the cluster has
@@ -268,7 +269,7 @@ class PeerApp:
             return await _answer(send, 404, b"no registry mirror here\n"), 0
         t0 = time.monotonic()
         try:
-            data, media_type = await self.mirror.manifest(ref, reference)
+            data, media_type, digest = await self.mirror.manifest(ref, reference)
         except MirrorError as e:
             log.info(
                 "mirror request",
@@ -287,7 +288,7 @@ class PeerApp:
                 "headers": [
                     (b"content-type", media_type.encode()),
                     (b"content-length", str(len(data)).encode()),
-                    (protocol.DIGEST_HEADER.encode(), reference.encode()),
+                    (protocol.DIGEST_HEADER.encode(), str(digest).encode()),
                     (b"docker-distribution-api-version", b"registry/2.0"),
                 ],
             }

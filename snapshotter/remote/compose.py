@@ -47,6 +47,7 @@ from snapshotter.mirror.access import PublicRepositories
 from snapshotter.mirror.serve import MirrorService
 from snapshotter.peers.client import PeerBlobClient
 from snapshotter.peers.content import ContentStore
+from snapshotter.peers.images import ImageStore
 from snapshotter.peers.node import PeerNode, disabled_status, own_mirror_hosts
 from snapshotter.peers.serving import SpanServer
 from snapshotter.snapshots.mounts import detect_overlay_features
@@ -120,7 +121,8 @@ async def _mirror(
 ) -> MirrorService | None:
     """The registry-mirror answers of the peer listener (`[mirror] enable`): containerd's
     content store here and on members, manifests for public repositories only (checked with
-    an anonymous client that never uses this node's own mirror)."""
+    an anonymous client that never uses this node's own mirror), tags from this node's
+    containerd image store (`resolve_tags`, `resolve_latest`)."""
     cfg = settings.config.mirror
     if not cfg.enable:
         return None
@@ -138,6 +140,8 @@ async def _mirror(
             return None
     content = ContentStore(cfg.containerd_address, namespace=cfg.namespace)
     stack.callback(content.close)
+    images = ImageStore(cfg.containerd_address, cfg.namespace)
+    stack.callback(images.close)
     anonymous = AsyncRegistryClient(
         credentials=None,
         hosts_dirs=[settings.config.remote.hosts_dir] if settings.config.remote.hosts_dir else [],
@@ -150,6 +154,9 @@ async def _mirror(
         public=PublicRepositories(anonymous),
         lookup_timeout_sec=cfg.lookup_timeout_sec,
         stall_timeout_sec=cfg.stall_timeout_sec,
+        images=images,
+        resolve_tags=cfg.resolve_tags,
+        resolve_latest=cfg.resolve_latest,
     )
 
 
