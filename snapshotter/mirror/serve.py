@@ -5,9 +5,11 @@ asks for manifests and blobs by digest with `?ns=<registry>`. A blob is served f
 
 1. containerd's content store on this node (images pulled the ordinary way; containerd
    must keep them: `discard_unpacked_layers = false`), through its Content API;
-2. another member's content store: every live member is asked at once whether it holds the
-   blob (`HEAD`, only its own content store, never further), the first that does streams it
-   through this node.
+2. this node's span cache: a lazily pulled layer whose every span is cached, checked once
+   against its digest as a whole blob (`spans.SpanBlobs`);
+3. another member's content store or span cache: every live member is asked at once whether
+   it holds the blob (`HEAD`, only its own stores, never further), the first that does
+   streams it through this node.
 
 Anything else is a 404 at once, so containerd moves on to the next host and the registry:
 the mirror never makes a pull fail or wait longer than one quick miss. Every wait is
@@ -39,6 +41,7 @@ from snapshotter.peers.content import ContentStore, ContentStoreError
 from snapshotter.peers.images import ImageStoreError, image_name
 
 from .access import PublicRepositories
+from .spans import SpanBlobs
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +86,15 @@ class ImageTargets(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Located:
-    """Where a blob is: `peer` "" for this node's content store."""
+    """Where a blob is: `peer` "" for this node's own stores (`spans`: its span cache)."""
 
     size: int
     peer: str = ""
+    spans: bool = False
 
     @property
     def source(self) -> str:
-        return "peer" if self.peer else "content"
+        return "peer" if self.peer else "spans" if self.spans else "content"
 
 
 @dataclass(slots=True)
@@ -100,6 +104,7 @@ class MirrorStatistics:
     bytes_served: int = 0
     from_content: int = 0
     from_peers: int = 0
+    from_spans: int = 0
     not_found: int = 0
     private: int = 0
 
@@ -118,8 +123,10 @@ class MirrorService:
         images: ImageTargets | None = None,
         resolve_tags: bool = True,
         resolve_latest: bool = False,
+        spans: SpanBlobs | None = None,
     ) -> None:
         self._content = content
+        self._spans = spans
         self._peers = peers
         self._public = public
         self.lookup_timeout_sec = lookup_timeout_sec
@@ -161,6 +168,10 @@ class MirrorService:
                 size = None
             if size is not None:
                 return Located(size)
+        if self._spans is not None:
+            size = await self._spans.size(ref, digest)
+            if size is not None:
+                return Located(size, spans=True)
         if local_only or self._peers is None:
             return None
         found = await self._peers.find(ref, digest, self.lookup_timeout_sec)
@@ -186,6 +197,9 @@ class MirrorService:
         if where.peer:
             assert self._peers is not None
             return self._peers.stream(where.peer, ref, digest, start, end)
+        if where.spans:
+            assert self._spans is not None
+            return self._spans.stream(digest, start, end)
         assert self._content is not None
         return self._content.stream(digest, start, end - start)
 
@@ -215,6 +229,8 @@ class MirrorService:
         self.stats.bytes_served += sent
         if where.peer:
             self.stats.from_peers += sent
+        elif where.spans:
+            self.stats.from_spans += sent
         else:
             self.stats.from_content += sent
         if sent != end - start:

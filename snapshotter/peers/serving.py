@@ -109,6 +109,10 @@ class SpanServer:
     def __repr__(self) -> str:
         return f"<SpanServer owned={len(self._owned)} served={self.stats.served}>"
 
+    def fetcher_for(self, layer: Digest) -> SpanFetcher | None:
+        """The span fetcher of `layer`: mounted here, else one kept for peers; or None."""
+        return self._layers.fetcher_for(layer) or self._owned.get(layer)
+
     async def serve_range(
         self,
         ref: Reference,
