@@ -17,7 +17,8 @@ Task tree (every task lives in a scope owned by what it serves):
     ├── background            the background fetcher's loop
     ├── preresolve            layer-tree pre-resolution workers and their expiry timer
     ├── peers                 membership refresh and the peer listener ([peers] enable)
-    │   └── one task per peer request (hypercorn's)
+    │   ├── one task per peer request (hypercorn's)
+    │   └── the mirror's whole-blob check of a layer out of the span cache, once per layer
     └── layer snap-<id>       one per mounted lazy layer (read-ahead), closed by unmount
 """
 
@@ -45,6 +46,7 @@ from snapshotter.lazy import BackgroundFetcher, DemandTracker
 from snapshotter.lazy.cache import SpanCache
 from snapshotter.mirror.access import PublicRepositories
 from snapshotter.mirror.serve import MirrorService
+from snapshotter.mirror.spans import SpanBlobs
 from snapshotter.peers.client import PeerBlobClient
 from snapshotter.peers.content import ContentStore
 from snapshotter.peers.images import ImageStore
@@ -117,12 +119,16 @@ def _create_peers(
 
 
 async def _mirror(
-    settings: Settings, stack: contextlib.AsyncExitStack, peer_node: PeerNode
+    settings: Settings,
+    stack: contextlib.AsyncExitStack,
+    peer_node: PeerNode,
+    spans: SpanBlobs | None = None,
 ) -> MirrorService | None:
     """The registry-mirror answers of the peer listener (`[mirror] enable`): containerd's
-    content store here and on members, manifests for public repositories only (checked with
-    an anonymous client that never uses this node's own mirror), tags from this node's
-    containerd image store (`resolve_tags`, `resolve_latest`)."""
+    content store here and on members, layers whose spans are all cached here (`spans`),
+    manifests for public repositories only (checked with an anonymous client that never
+    uses this node's own mirror), tags from this node's containerd image store
+    (`resolve_tags`, `resolve_latest`)."""
     cfg = settings.config.mirror
     if not cfg.enable:
         return None
@@ -157,6 +163,7 @@ async def _mirror(
         images=images,
         resolve_tags=cfg.resolve_tags,
         resolve_latest=cfg.resolve_latest,
+        spans=spans,
     )
 
 
@@ -244,8 +251,12 @@ async def _build(
             io_limiter=trio.CapacityLimiter(4),  # span-cache writes for peers
             max_request_bytes=cfg.max_request_bytes,
         )
-        mirror = await _mirror(settings, stack, peer_node)
-        peer_node.start(await scope.open_child("peers"), server, mirror)
+        peers_scope = await scope.open_child("peers")
+        spans = SpanBlobs(
+            layers=server, cache=cache, upstream=registry_sources.get, tasks=peers_scope
+        )
+        mirror = await _mirror(settings, stack, peer_node, spans)
+        peer_node.start(peers_scope, server, mirror)
     mounter = RemoteMounter(
         catalog=catalog,
         layers=layers,
