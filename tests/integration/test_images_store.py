@@ -5,8 +5,11 @@ The tests show: the target of the image named as pulled is the registry's manife
 digest, media type and size, as the registry answers the tag); CRI stores the image under
 the name `image_name` builds for the mirror; an unknown name, or another namespace, is None;
 the mirror resolves the tag end to end from this containerd (image store, content store,
-the anonymous check at the real registry); a stopped (SIGSTOP) containerd costs one
-deadline, and an exited one is UNAVAILABLE at once, each one line.
+the anonymous check at the real registry), and a second containerd whose CRI pull of the tag
+asks that mirror first gets this containerd's image even after the tag moved at the registry
+(the tag was resolved by the mirror, with the staleness docs/mirror.md describes); a stopped
+(SIGSTOP) containerd costs one deadline, and an exited one is UNAVAILABLE at once, each one
+line.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from snapshotter.peers.content import ContentStore
 from snapshotter.peers.images import ImageStore, ImageStoreError, image_name
 from tests.support import images
 from tests.support.containerd import Containerd, require_containerd, start_containerd
+from tests.support.lazylayer import Layer
+from tests.support.peers import open_listener
 from tests.support.registry import RegistryServer
 
 pytestmark = [pytest.mark.root]
@@ -165,6 +170,73 @@ async def test_the_mirror_resolves_the_tag_from_containerd(pushed: Pushed, ctd: 
     finally:
         content.close()
         await anonymous.aclose()
+
+
+def hosts_toml_with_mirror(registry_host: str, mirror: str) -> str:
+    """containerd's hosts.toml for `registry_host` asking the mirror at `mirror` first, as
+    `mirror configure` writes it (pull and resolve)."""
+    return (
+        f'server = "http://{registry_host}"\n\n'
+        f'[host."http://{mirror}"]\n'
+        '  capabilities = ["pull", "resolve"]\n\n'
+        f'[host."http://{registry_host}"]\n'
+        '  capabilities = ["pull", "resolve"]\n'
+    )
+
+
+async def test_a_pull_through_the_mirror_gets_this_nodes_tag(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """Node A pulled REPO:v1; the tag then moves at the registry. Node B's CRI pull of v1,
+    with A's mirror first in its hosts.toml, gets A's image: the mirror resolved the tag."""
+    require_containerd()
+    repo = "sociable-test/images-moved"
+    old = images.write_oci_layout(
+        tmp_path / "old", [[images.File(path="v.txt", data=b"old\n")]], cmd=("/x",)
+    )
+    new = images.write_oci_layout(
+        tmp_path / "new", [[images.File(path="v.txt", data=b"new\n")]], cmd=("/x",)
+    )
+    ref = images.push(old, registry.host, repo, "v1")
+    anonymous = AsyncRegistryClient(credentials=None)
+    with (
+        start_containerd(
+            tmp_path / "a",
+            proxy_address=None,
+            cri_snapshotter="overlayfs",
+            registry_hosts=[registry.host],
+        ) as node_a,
+        start_containerd(
+            tmp_path / "b",
+            proxy_address=None,
+            cri_snapshotter="overlayfs",
+            registry_hosts=[registry.host],
+        ) as node_b,
+        open_store(node_a) as store_a,
+        open_store(node_b) as store_b,
+    ):
+        await trio.to_thread.run_sync(node_a.cri().pull_image, ref)
+        images.push(new, registry.host, repo, "v1")  # the tag moves
+        content_a = ContentStore(str(node_a.address), namespace=NAMESPACE)
+        mirror = MirrorService(
+            content=content_a, peers=None, public=PublicRepositories(anonymous), images=store_a
+        )
+        (tmp_path / "cache").mkdir()
+        try:
+            async with open_listener(
+                Layer(files=1, size=1000), tmp_path / "cache", mirror=mirror
+            ) as listener:
+                hosts = node_b.paths.certs_d / registry.host / "hosts.toml"
+                hosts.write_text(hosts_toml_with_mirror(registry.host, listener.address))
+                await trio.to_thread.run_sync(node_b.cri().pull_image, ref)
+        finally:
+            content_a.close()
+            await anonymous.aclose()
+        got = await store_b.target(ref)
+        assert got is not None
+        assert got[0] == old.manifest_digest != new.manifest_digest
+        assert mirror.stats.manifests >= 1  # the tag, and the manifest by digest
+        assert mirror.stats.from_content > 0  # the config and the layer came from node A
 
 
 @contextlib.contextmanager
