@@ -188,7 +188,8 @@ async def test_a_pull_through_the_mirror_gets_this_nodes_tag(
     registry: RegistryServer, tmp_path: Path
 ) -> None:
     """Node A pulled REPO:v1; the tag then moves at the registry. Node B's CRI pull of v1,
-    with A's mirror first in its hosts.toml, gets A's image: the mirror resolved the tag."""
+    with A's mirror first in its hosts.toml, gets A's image: the mirror resolved the tag.
+    With `resolve_tags` off, B's pull of v1 gets the registry's image."""
     require_containerd()
     repo = "sociable-test/images-moved"
     old = images.write_oci_layout(
@@ -229,14 +230,21 @@ async def test_a_pull_through_the_mirror_gets_this_nodes_tag(
                 hosts = node_b.paths.certs_d / registry.host / "hosts.toml"
                 hosts.write_text(hosts_toml_with_mirror(registry.host, listener.address))
                 await trio.to_thread.run_sync(node_b.cri().pull_image, ref)
+                got = await store_b.target(ref)
+                assert got is not None
+                assert got[0] == old.manifest_digest != new.manifest_digest
+                assert mirror.stats.manifests >= 1  # the tag, and the manifest by digest
+                assert mirror.stats.from_content > 0  # the config and layer came from node A
+                # the control: with tags left to the registry, the same pull gets its image
+                mirror.resolve_tags = False
+                await trio.to_thread.run_sync(node_b.cri().remove_image, ref)
+                await trio.to_thread.run_sync(node_b.cri().pull_image, ref)
+                got = await store_b.target(ref)
+                assert got is not None
+                assert got[0] == new.manifest_digest
         finally:
             content_a.close()
             await anonymous.aclose()
-        got = await store_b.target(ref)
-        assert got is not None
-        assert got[0] == old.manifest_digest != new.manifest_digest
-        assert mirror.stats.manifests >= 1  # the tag, and the manifest by digest
-        assert mirror.stats.from_content > 0  # the config and the layer came from node A
 
 
 @contextlib.contextmanager
