@@ -9,7 +9,8 @@ clipped; starts past it 416 with `bytes */SIZE`), `HEAD` with the same headers a
 misses are 404 at once, with no `ns` too; members' stores are asked only when this node lacks
 a blob and never for a member's own request; JSON documents (manifests, configs) only for
 repositories an anonymous client may read, with one remembered check per repository and none
-for layers; manifests by digest with their media type, never by tag; a stalled body is cut
+for layers; manifests by digest with their media type (a mirror without an image store resolves no tag;
+tests/unit/test_mirror_tags.py has tags); a stalled body is cut
 after `stall_timeout_sec` and a hung lookup is a 404 after `lookup_timeout_sec`; who may ask
 (members, this node's containerd without the token, others only with it).
 """
