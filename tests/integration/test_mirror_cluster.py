@@ -6,7 +6,9 @@ registry mirror on, the mirror reading that node's containerd content store. The
 the config) is pushed with skopeo and no SOCI index, so every node's snapshotter declines it
 and containerd pulls it the ordinary way, keeping the layers in its content store. A node's
 containerd asks its own mirror first once `sociable-snapshotter mirror configure` has put it
-in the node's `hosts.toml`; the other nodes' `hosts.toml` name the registry only.
+in the node's `hosts.toml`; the other nodes' `hosts.toml` name the registry only. One test
+pushes it with a SOCI index instead: a node pulls it lazily, and another node's mirror
+serves it from that node's span cache.
 
 "Registry layer bytes" are the body bytes of the registry's blob answers for the image's
 layers (its access log, `ClusterRegistry.since`); manifest answers are read from the same
@@ -29,6 +31,7 @@ import http.server
 import ipaddress
 import json
 import re
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -46,10 +49,12 @@ from tests.support.cluster import (
     RegistryMark,
     build_peer_image,
     missing_binaries,
+    nsenter_args,
     open_cluster,
+    parse_sha256sum,
     wait_until,
 )
-from tests.support.containerd import capabilities, cri_message
+from tests.support.containerd import CTR_BIN, capabilities, cri_message
 from tests.support.registry import free_port
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -523,4 +528,107 @@ def test_mirror_down_or_slow_falls_back(
         assert added <= LOOKUP_TIMEOUT_S + QUICK_ADDED_S + 1, results
         assert "unexpected commit digest" in corrupt, corrupt
         assert silent.startswith("DEADLINE_EXCEEDED"), silent
+        _check_no_listener_errors(cluster)
+
+
+def _ctr_pull_in_netns(node: Node, ref: str, timeout: float) -> None:
+    """``ctr images pull`` of ``ref`` into the ``overlayfs`` snapshotter (namespace
+    ``default``), run in the node's network namespace: containerd 1.6's ctr fetches in its
+    own process, so it must reach the node's mirror from the node's address (its own
+    containerd, allowed without a token) and read the node's ``hosts.toml``. Raises
+    AssertionError with ctr's stderr."""
+    assert node.containerd is not None
+    ctd = node.containerd
+    cmd = nsenter_args(
+        node.ns.name,
+        CTR_BIN,
+        "--address",
+        str(ctd.address),
+        "--namespace",
+        "default",
+        "images",
+        "pull",
+        "--plain-http",
+        "--hosts-dir",
+        str(ctd.paths.certs_d),
+        "--snapshotter",
+        "overlayfs",
+        ref,
+    )
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    assert res.returncode == 0, f"{res.stderr.strip()}\n{ctd.log_tail()}"
+
+
+def test_lazily_fetched_layers_served_from_the_span_cache(
+    peer_image: PeerImage, tmp_path: Path, budget: Budget
+) -> None:
+    """A pulls an indexed image lazily and its background fetch caches every span; B pulls
+    the same image the ordinary way (ctr into overlayfs, B's containerd asking B's mirror
+    first): B's mirror finds each layer in A's span cache, or in its own when B owns every
+    chunk of a layer and so fetched all of it for A (each whole blob checked once against its
+    digest, its head bytes the only registry bytes); the registry sends B (almost) no layer
+    bytes, containerd checks every blob's digest as it commits it, and B's container reads
+    every file right."""
+    with open_cluster(tmp_path / "c", 2, registry_rate=None, peers=True, mirror=True) as cluster:
+        a, b = cluster.nodes
+        ref = cluster.push(peer_image, repository="mirror/lazy")
+        layers = len(peer_image.layer_digests)
+
+        _pull(a, ref, timeout=budget.left())
+        _check_sums(a, peer_image, a.run_checksums(ref, peer_image.paths))
+        # every span in A's cache (B fetched the chunks it owns for A, and keeps them too)
+        a.wait_fetched(layers, timeout=budget.left())
+
+        print(b.configure_mirror(cluster.registry.host))
+        mark = cluster.registry.mark()
+        t0 = time.monotonic()
+        _ctr_pull_in_netns(b, ref, timeout=budget.left())
+        pulled = time.monotonic() - t0
+        second = _layer_report(
+            cluster, peer_image, mark, f"node B, ctr pull through its mirror ({pulled:.1f} s)"
+        )
+        assert second <= ALMOST_NONE * peer_image.layer_bytes, cluster.describe()
+
+        # each layer comes from a whole span cache: A's, or B's own when B, owning every
+        # chunk of a small layer, fetched all of it for A
+        def from_spans() -> int:
+            return sum(_mirror_stats(n).get("from_spans", 0) for n in (a, b))
+
+        try:
+            wait_until(
+                lambda: from_spans() >= peer_image.layer_bytes,
+                timeout=min(10.0, budget.left()),
+                what="the mirrors counting the bytes they served from span caches",
+            )
+        except AssertionError as e:
+            raise AssertionError(f"{e}: A {_mirror_stats(a)} B {_mirror_stats(b)}") from None
+        print("A mirror", _mirror_stats(a), "B mirror", _mirror_stats(b))
+        served = {
+            (node.index, e["path"].rsplit("/", 1)[-1])
+            for node in (a, b)
+            for e in _mirror_events(node)
+            if e.get("source") == "spans" and e.get("status") == 200
+        }
+        from_a = {digest for index, digest in served if index == a.index}
+        from_b = {digest for index, digest in served if index == b.index}
+        assert set(peer_image.layer_digests) <= from_a | from_b, (_mirror_events(a), served)
+        assert from_a, "A's span cache served no layer"
+        through_b = {
+            e["path"].rsplit("/", 1)[-1]
+            for e in _mirror_events(b)
+            if e.get("source") in ("peer", "spans") and e.get("status") == 200
+        }
+        assert set(peer_image.layer_digests) <= through_b, _mirror_events(b)
+        assert b.containerd is not None
+        out = b.containerd.run(
+            ref,
+            f"sums-{b.tag}-spans",
+            "/bin/sh",
+            "-c",
+            "PATH=/bin; sha256sum " + " ".join(peer_image.paths),
+            snapshotter="overlayfs",
+            namespace="default",
+            timeout=budget.left(),
+        )
+        _check_sums(b, peer_image, parse_sha256sum(out))
         _check_no_listener_errors(cluster)
