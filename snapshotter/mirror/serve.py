@@ -238,14 +238,17 @@ class MirrorService:
 
     async def manifest(self, ref: Reference, reference: str) -> tuple[bytes, str, Digest]:
         """The manifest `reference` of `ref`'s repository: (its bytes, its media type, its
-        digest), from this node's content store, for public repositories only. `reference` is
-        a digest, or a tag resolved in this node's image store (`resolve_tags`; `latest` only
-        with `resolve_latest`); members are never asked. Raises MirrorError 404."""
+        digest), for public repositories only. `reference` is a digest (from this node's
+        content store, else a member's, whose answer is checked against the digest), or a tag
+        resolved in this node's image store (`resolve_tags`; `latest` only with
+        `resolve_latest`) and then read here. Raises MirrorError 404."""
+        tagged = False
         try:
             digest = Digest(reference)
         except ValueError:
             digest = await self._resolve(ref, reference)
-        where = await self.locate(ref, digest, local_only=True)
+            tagged = True
+        where = await self.locate(ref, digest, local_only=tagged)
         if where.size > MAX_MANIFEST_BYTES:
             raise MirrorError(404, f"{digest}: too large for a manifest")
         data = b"".join([c async for c in self.body(ref, digest, where, 0, where.size)])

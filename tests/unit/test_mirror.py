@@ -812,13 +812,21 @@ async def test_a_document_for_a_registry_that_cannot_be_named_is_404(
         assert (await node.blob(layer.digest, ns=ns)).content == layer.blob
 
 
-async def test_a_manifest_is_never_asked_of_the_members(
+async def test_a_manifest_by_digest_comes_from_a_member_and_is_checked(
     layer: Layer, tmp_path: Path, manifest: bytes
 ) -> None:
+    """A node's first pull: the manifest is not here yet; a member holds it (public)."""
     peers = FakePeers({"10.0.0.3:8472": [manifest]})
     async with open_node(layer, tmp_path, peers=peers) as node:
+        got = await node.manifest(Digest.of(manifest))
+        assert got.status_code == 200 and got.content == manifest
+        assert peers.finds == [Digest.of(manifest)]
+    # a member whose bytes do not hash to the digest is not believed
+    liar = FakePeers({"10.0.0.3:8472": [manifest]})
+    liar.held["10.0.0.3:8472"][Digest.of(manifest)] = manifest.replace(b"{", b" {", 1)
+    (tmp_path / "liar").mkdir()
+    async with open_node(layer, tmp_path / "liar", peers=liar) as node:
         assert (await node.manifest(Digest.of(manifest))).status_code == 404
-        assert peers.finds == []
 
 
 async def push_image(server: RegistryServer, repository: str, layer: Layer) -> bytes:
