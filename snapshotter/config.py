@@ -400,6 +400,44 @@ class MirrorConfig:
 
 
 @dataclass(frozen=True)
+class CriConfig:
+    """[cri]: the CRI image-service proxy kubelet talks to (docs/credentials.md)."""
+
+    enable: bool = field(
+        default=False,
+        metadata=_doc(
+            "Serve CRI's ImageService on `address`, forwarding every call to containerd and "
+            "keeping the credentials of each PullImage for lazy reads."
+        ),
+    )
+    address: str = field(
+        default="/run/sociable/cri.sock",
+        metadata=_doc("The socket kubelet's --image-service-endpoint names (unix://<address>)."),
+    )
+    containerd_address: str = field(
+        default="/run/containerd/containerd.sock",
+        metadata=_doc("containerd's CRI socket, where every call is forwarded."),
+    )
+
+
+@dataclass(frozen=True)
+class CredentialProvidersConfig:
+    """[credential_providers]: kubelet's credential-provider plugins (docs/credentials.md)."""
+
+    config: str = field(
+        default="",
+        metadata=_doc(
+            "kubelet's CredentialProviderConfig file (--image-credential-provider-config); "
+            "empty = none."
+        ),
+    )
+    bin_dir: str = field(
+        default="",
+        metadata=_doc("Directory of the plugin binaries (--image-credential-provider-bin-dir)."),
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration file."""
 
@@ -409,6 +447,10 @@ class Config:
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     peers: PeersConfig = field(default_factory=PeersConfig)
     mirror: MirrorConfig = field(default_factory=MirrorConfig)
+    cri: CriConfig = field(default_factory=CriConfig)
+    credential_providers: CredentialProvidersConfig = field(
+        default_factory=CredentialProvidersConfig
+    )
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -472,6 +514,12 @@ def _validate(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(f"[remote] {e}") from e
     _validate_peers(cfg.peers)
+    for key, path in (
+        ("[cri] address", cfg.cri.address),
+        ("[cri] containerd_address", cfg.cri.containerd_address),
+    ):
+        if not path.startswith("/"):
+            raise ConfigError(f"{key}: not an absolute path: {path!r}")
     m = cfg.mirror
     if m.lookup_timeout_sec <= 0 or m.stall_timeout_sec <= 0:
         raise ConfigError("[mirror] lookup_timeout_sec and stall_timeout_sec must be positive")
