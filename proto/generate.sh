@@ -1,7 +1,8 @@
 #!/bin/sh
 # Regenerate the Python stubs for containerd's Snapshots API, the part of its
-# Content API the daemon reads blobs with, and the part of its Images API it
-# resolves tags with.
+# Content API the daemon reads blobs with, the part of its Images API it
+# resolves tags with, and CRI's ImageService (runtime.v1) the image-service
+# proxy decodes PullImage with.
 #
 # Usage: proto/generate.sh [OUTPUT_ROOT]
 #   OUTPUT_ROOT defaults to the repository root; the stubs land in
@@ -18,8 +19,9 @@ python3 -m grpc_tools.protoc \
     --python_out="$out" \
     --grpc_python_out="$out" \
     "$here/snapshotter/api/content.proto" \
+    "$here/snapshotter/api/cri_images.proto" \
     "$here/snapshotter/api/images.proto" \
     "$here/snapshotter/api/mount.proto" \
     "$here/snapshotter/api/snapshots.proto"
-printf '"""Generated containerd Snapshots, Content and Images API stubs (proto/generate.sh); do not edit."""\n' \
+printf '"""Generated containerd Snapshots, Content and Images API and CRI ImageService stubs (proto/generate.sh); do not edit."""\n' \
     > "$out/snapshotter/api/__init__.py"

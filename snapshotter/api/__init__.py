@@ -1,1 +1,1 @@
-"""Generated containerd Snapshots, Content and Images API stubs (proto/generate.sh); do not edit."""
+"""Generated containerd Snapshots, Content and Images API and CRI ImageService stubs (proto/generate.sh); do not edit."""

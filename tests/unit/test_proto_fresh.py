@@ -270,3 +270,119 @@ def test_image_skips_the_fields_left_out() -> None:
     assert got.target.media_type == "application/vnd.oci.image.index.v1+json"
     assert got.target.digest == "sha256:" + "b" * 64
     assert got.target.size == 9 << 30
+
+
+def test_cri_image_service_wire_names_match_cri_api() -> None:
+    """The CRI ImageService has cri-api's package, service, method paths and field numbers
+    (pkg/apis/runtime/v1/api.proto, v0.25 as containerd 1.6 serves it), so kubelet's bytes
+    decode and containerd's answers pass through unchanged."""
+    from snapshotter.api import cri_images_pb2 as cri
+    from snapshotter.api import cri_images_pb2_grpc
+
+    svc = cri.DESCRIPTOR.services_by_name["ImageService"]
+    assert svc.full_name == "runtime.v1.ImageService"
+    rpcs = {m.name: (m.input_type.name, m.output_type.name) for m in svc.methods}
+    assert rpcs == {
+        "ListImages": ("ListImagesRequest", "ListImagesResponse"),
+        "ImageStatus": ("ImageStatusRequest", "ImageStatusResponse"),
+        "PullImage": ("PullImageRequest", "PullImageResponse"),
+        "RemoveImage": ("RemoveImageRequest", "RemoveImageResponse"),
+        "ImageFsInfo": ("ImageFsInfoRequest", "ImageFsInfoResponse"),
+    }
+    assert not any(m.server_streaming or m.client_streaming for m in svc.methods)
+
+    def numbers(message: type) -> dict[str, tuple[int, int, str]]:
+        d = message.DESCRIPTOR  # type: ignore[attr-defined]
+        return {
+            f.name: (f.number, f.type, f.message_type.name if f.message_type else "")
+            for f in d.fields
+        }
+
+    F = cri.AuthConfig.DESCRIPTOR.fields_by_name["username"]
+    s, msg, i64, u64, u32, b = (
+        F.TYPE_STRING,
+        F.TYPE_MESSAGE,
+        F.TYPE_INT64,
+        F.TYPE_UINT64,
+        F.TYPE_UINT32,
+        F.TYPE_BOOL,
+    )
+    assert numbers(cri.AuthConfig) == {
+        "username": (1, s, ""),
+        "password": (2, s, ""),
+        "auth": (3, s, ""),
+        "server_address": (4, s, ""),
+        "identity_token": (5, s, ""),
+        "registry_token": (6, s, ""),
+    }
+    assert numbers(cri.ImageSpec) == {
+        "image": (1, s, ""),
+        "annotations": (2, msg, "AnnotationsEntry"),
+    }
+    assert numbers(cri.PullImageRequest) == {
+        "image": (1, msg, "ImageSpec"),
+        "auth": (2, msg, "AuthConfig"),
+        "sandbox_config": (3, msg, "PodSandboxConfig"),
+    }
+    assert numbers(cri.PullImageResponse) == {"image_ref": (1, s, "")}
+    assert numbers(cri.PodSandboxConfig) == {
+        "metadata": (1, msg, "PodSandboxMetadata"),
+        "hostname": (2, s, ""),
+        "log_directory": (3, s, ""),
+        "labels": (6, msg, "LabelsEntry"),
+        "annotations": (7, msg, "AnnotationsEntry"),
+    }
+    assert numbers(cri.PodSandboxMetadata) == {
+        "name": (1, s, ""),
+        "uid": (2, s, ""),
+        "namespace": (3, s, ""),
+        "attempt": (4, u32, ""),
+    }
+    assert numbers(cri.ListImagesRequest) == {"filter": (1, msg, "ImageFilter")}
+    assert numbers(cri.ImageFilter) == {"image": (1, msg, "ImageSpec")}
+    assert numbers(cri.ListImagesResponse) == {"images": (1, msg, "Image")}
+    assert numbers(cri.Image) == {
+        "id": (1, s, ""),
+        "repo_tags": (2, s, ""),
+        "repo_digests": (3, s, ""),
+        "size": (4, u64, ""),
+        "uid": (5, msg, "Int64Value"),
+        "username": (6, s, ""),
+        "spec": (7, msg, "ImageSpec"),
+        "pinned": (8, b, ""),
+    }
+    assert numbers(cri.Int64Value) == {"value": (1, i64, "")}
+    assert numbers(cri.UInt64Value) == {"value": (1, u64, "")}
+    assert numbers(cri.ImageStatusRequest) == {
+        "image": (1, msg, "ImageSpec"),
+        "verbose": (2, b, ""),
+    }
+    assert numbers(cri.ImageStatusResponse) == {
+        "image": (1, msg, "Image"),
+        "info": (2, msg, "InfoEntry"),
+    }
+    assert numbers(cri.RemoveImageRequest) == {"image": (1, msg, "ImageSpec")}
+    assert numbers(cri.RemoveImageResponse) == {}
+    assert numbers(cri.ImageFsInfoRequest) == {}
+    assert numbers(cri.ImageFsInfoResponse) == {"image_filesystems": (1, msg, "FilesystemUsage")}
+    assert numbers(cri.FilesystemUsage) == {
+        "timestamp": (1, i64, ""),
+        "fs_id": (2, msg, "FilesystemIdentifier"),
+        "used_bytes": (3, msg, "UInt64Value"),
+        "inodes_used": (4, msg, "UInt64Value"),
+    }
+    assert numbers(cri.FilesystemIdentifier) == {"mountpoint": (1, s, "")}
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.paths: list[str] = []
+
+        def unary_unary(self, path: str, **_: object) -> None:
+            self.paths.append(path)
+
+    channel = Recorder()
+    cri_images_pb2_grpc.ImageServiceStub(channel)
+    assert sorted(channel.paths) == sorted(
+        f"/runtime.v1.ImageService/{m}"
+        for m in ("ListImages", "ImageStatus", "PullImage", "RemoveImage", "ImageFsInfo")
+    )
