@@ -236,11 +236,24 @@ def _auth_key(key: str) -> str:
         if text.startswith(prefix):
             text = text[len(prefix) :]
             break
+    text = re.split(r"[?#]", text, maxsplit=1)[0]
     host, slash, path = text.partition("/")
     path = slash + path
     if path.startswith(("/v1/", "/v2/")):
         path = path[3:]
     return host if path in ("", "/") else host + path
+
+
+_DOCKER_HUB_KEY = "index.docker.io"
+
+
+def _is_docker_hub(image: str) -> bool:
+    first, slash, _ = image.partition("/")
+    if not first:
+        return False
+    if not slash or first in ("docker.io", _DOCKER_HUB_KEY):
+        return True
+    return not any(c in first for c in ".:")
 
 
 def repository_of(image: str) -> str:
@@ -418,6 +431,9 @@ class _Answer:
         for key, creds in self.auth:
             if match_image(key, image):
                 return creds
+        # as kubelet: Docker Hub's `https://index.docker.io/v1/` entry serves Docker Hub images
+        if _is_docker_hub(image):
+            return next((c for k, c in self.auth if k == _DOCKER_HUB_KEY), None)
         return None
 
 
@@ -576,6 +592,7 @@ class ProviderKeychain:
                     capture_stderr=True,
                     check=False,
                     env=env,
+                    deliver_cancel=_kill,
                 )
             except OSError as e:
                 raise self._fail(plugin, repo, f"cannot run {program}: {e.strerror or e}", 0) from e
@@ -641,6 +658,11 @@ class ProviderKeychain:
         # kubelet tries keys in reverse order: longer paths and exact hosts before wildcards
         entries.sort(key=lambda e: e[0], reverse=True)
         return str(cache_key_type), duration, tuple(entries)
+
+
+async def _kill(process: trio.Process) -> None:
+    # as kubelet: a plugin past its timeout is killed, not asked to stop
+    process.kill()
 
 
 def load_keychain(config: CredentialProvidersConfig) -> ProviderKeychain | None:

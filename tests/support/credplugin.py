@@ -10,7 +10,7 @@ image) to `--count-file`, and answers according to `--mode` (or the first word o
 - `fail`: exits 1, printing `SECRET-<run>` on stdout and stderr;
 - `garbage`: prints `not json SECRET-<run>` and exits 0;
 - `wrong-version`: answers in another apiVersion;
-- `hang`: sleeps for an hour.
+- `hang`: ignores SIGTERM and sleeps for an hour.
 
 `--delay SEC` sleeps before answering (to hold concurrent callers in one run).
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,7 @@ def main(argv: list[str]) -> int:
     if args.delay:
         time.sleep(args.delay)
     if mode == "hang":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         time.sleep(3600)
     if mode == "fail":
         print(f"SECRET-{run}")
