@@ -543,6 +543,9 @@ class ProviderKeychain:
                 "Registry": (plugin.name, "Registry", repo.partition("/")[0]),
                 "Global": (plugin.name, "Global", ""),
             }[cache_key_type]
+            # answers nobody asked for again would stay forever: drop the ones run out
+            for stale in [k for k, a in self._cache.items() if now >= a.expires_at]:
+                del self._cache[stale]
             self._cache[key] = answer
         log.debug(
             "credential provider answered",

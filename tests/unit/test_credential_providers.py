@@ -477,6 +477,21 @@ async def test_refresh_before_expiry(tmp_path: Path) -> None:
     assert len(plugin.runs) == 2
 
 
+async def test_answers_run_out_and_are_dropped(tmp_path: Path) -> None:
+    plugin = Plugin(tmp_path)
+    keychain = plugin.keychain("--cache-key-type", "Image", "--cache-duration", "300ms")
+    await keychain.credentials("reg.example.test/a")
+    assert "cached=1" in repr(keychain)
+    await trio.sleep(0.35)
+    await keychain.credentials("reg.example.test/b")
+    # the first answer ran out: dropped when the second was stored
+    assert "cached=1" in repr(keychain)
+    await trio.sleep(0.35)
+    creds = await keychain.credentials("reg.example.test/b")
+    assert creds is not None and creds.secret == "token-3"
+    assert plugin.runs == ["reg.example.test/a", "reg.example.test/b", "reg.example.test/b"]
+
+
 @pytest.mark.slow
 async def test_failed_refresh_keeps_the_unexpired_answer(tmp_path: Path) -> None:
     plugin = Plugin(tmp_path)
