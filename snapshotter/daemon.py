@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -46,6 +47,9 @@ from .snapshots.grpc_server import build_server
 from .snapshots.metadata import SqliteStore
 from .snapshots.mounts import detect_overlay_features
 from .snapshots.service import DeclineMounter, LayerMounter, SnapshotService
+
+if TYPE_CHECKING:
+    from .cri.proxy import CriProxy
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +161,22 @@ def prepare_socket_path(path: Path) -> None:
     _remove_stale_socket(path)
 
 
+def open_cri_proxy(cfg: Config, root: Path) -> CriProxy:
+    """Serve CRI's ImageService on `[cri] address`, forwarding to containerd and keeping pull
+    credentials in `<root>/credentials/cri.json` (`snapshotter.cri.proxy`)."""
+    from .credentials.captured import CapturedCredentials, credentials_path
+    from .cri.proxy import CriProxy
+
+    address = Path(cfg.cri.address)
+    prepare_socket_path(address)
+    credentials = CapturedCredentials(credentials_path(root))
+    proxy = CriProxy(
+        address, cfg.cri.containerd_address, credentials, threads=cfg.daemon.grpc_threads
+    )
+    proxy.open()
+    return proxy
+
+
 MounterFactory = Callable[[Settings], AbstractAsyncContextManager[LayerMounter]]
 """Opens the daemon's LayerMounter for its lifetime (see `serve`)."""
 
@@ -254,7 +274,10 @@ async def serve(
                 raise DaemonError(f"cannot listen on {str(bind_path)!r}")
             os.chmod(bind_path, 0o600 if fds else 0o660)
             server.start()
+            cri_proxy: CriProxy | None = None
             try:
+                if cfg.cri.enable:
+                    cri_proxy = open_cri_proxy(cfg, root)
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async with trio.open_nursery() as nursery:
                         if fds:
@@ -281,6 +304,8 @@ async def serve(
                 grace = cfg.daemon.shutdown_grace_sec
                 with trio.CancelScope(shield=True):
                     stopped = server.stop(grace)
+                    if cri_proxy is not None:
+                        await trio.to_thread.run_sync(cri_proxy.stop, grace)
                     await trio.to_thread.run_sync(stopped.wait)
                 if not fds:
                     bind_path.unlink(missing_ok=True)

@@ -21,6 +21,7 @@ containerd takes (a pull can take minutes), so `threads` bounds concurrent calls
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +57,18 @@ def _forwardable(metadata: Sequence[tuple[str, str | bytes]] | None) -> list[tup
     ]
 
 
+NO_DEADLINE_SEC = 10 * 365 * 24 * 3600.0
+"""A remaining time beyond this means the caller set no deadline (grpcio reports an
+infinite deadline as a huge or infinite number of seconds)."""
+
+
+def _timeout(remaining: float | None) -> float | None:
+    """The timeout to forward for the caller's remaining time: None when it has no deadline."""
+    if remaining is None or not math.isfinite(remaining) or remaining > NO_DEADLINE_SEC:
+        return None
+    return remaining
+
+
 class _Forwarder(grpc.GenericRpcHandler):  # type: ignore[misc]
     """Answers every ImageService path with a unary handler that forwards raw bytes."""
 
@@ -84,7 +97,7 @@ class _Forwarder(grpc.GenericRpcHandler):  # type: ignore[misc]
                 self._capture(request)
             future = upstream.future(
                 request,
-                timeout=context.time_remaining(),
+                timeout=_timeout(context.time_remaining()),
                 metadata=_forwardable(context.invocation_metadata()),
             )
             context.add_callback(future.cancel)

@@ -12,8 +12,10 @@ import logging
 import os
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +26,11 @@ import pytest
 from snapshotter.api import cri_images_pb2 as cri
 from snapshotter.api import cri_images_pb2_grpc
 from snapshotter.credentials.captured import CapturedCredentials, credentials_path
-from snapshotter.cri.proxy import CriProxy
+from snapshotter.cri.proxy import NO_DEADLINE_SEC, CriProxy
 from tests.support import images
 from tests.support.containerd import Containerd, PushedImages, start_containerd
 from tests.support.registry import RegistryServer
+from tests.support.snapclient import run_daemon
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="containerd's CRI needs root")
 
@@ -194,16 +197,80 @@ def test_errors_pass_through_with_code_and_details(
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-def test_deadline_is_forwarded(stack: Stack, pushed_images: PushedImages) -> None:
-    """The caller's deadline bounds the call at containerd: a pull with a very short deadline
-    ends DEADLINE_EXCEEDED quickly, not after containerd's own pull completes."""
-    start = time.monotonic()
-    with pytest.raises(grpc.RpcError) as info:
-        stack.proxied.PullImage(
-            cri.PullImageRequest(image=spec(pushed_images.busybox_ref)), timeout=0.001
+class Upstream:
+    """A stand-in for containerd's CRI socket that records what each call arrived with and
+    answers PullImage only once it is cancelled (or after 30 s)."""
+
+    def __init__(self, path: Path) -> None:
+        self.remaining: list[float | None] = []
+        self.metadata: list[dict[str, str]] = []
+        self.cancelled = threading.Event()
+        upstream = self
+
+        def status(request: bytes, context: grpc.ServicerContext) -> bytes:
+            upstream.remaining.append(context.time_remaining())
+            upstream.metadata.append({k: v for k, v in context.invocation_metadata()})
+            req = cri.ImageStatusRequest.FromString(request)
+            if req.image.image == "fail":
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "upstream says no")
+            return cri.ImageStatusResponse(info={"seen": req.image.image}).SerializeToString()
+
+        def pull(request: bytes, context: grpc.ServicerContext) -> bytes:
+            context.add_callback(upstream.cancelled.set)
+            upstream.cancelled.wait(30)
+            return cri.PullImageResponse(image_ref="sha256:late").SerializeToString()
+
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=4))
+        self.server.add_generic_rpc_handlers(
+            [
+                grpc.method_handlers_generic_handler(
+                    "runtime.v1.ImageService",
+                    {
+                        "ImageStatus": grpc.unary_unary_rpc_method_handler(status),
+                        "PullImage": grpc.unary_unary_rpc_method_handler(pull),
+                    },
+                )
+            ]
         )
-    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert time.monotonic() - start < 5
+        self.server.add_insecure_port(f"unix:{path}")
+        self.server.start()
+
+
+def test_deadline_metadata_and_cancellation_are_forwarded(tmp_path: Path) -> None:
+    upstream = Upstream(tmp_path / "upstream.sock")
+    proxy = CriProxy(tmp_path / "cri.sock", tmp_path / "upstream.sock", None, threads=4)
+    proxy.open()
+    channel = grpc.insecure_channel(f"unix://{proxy.address}")
+    try:
+        assert stat.S_IMODE(proxy.address.stat().st_mode) == 0o660
+        stub = cri_images_pb2_grpc.ImageServiceStub(channel)
+        req = cri.ImageStatusRequest(image=spec("x"))
+        answer = stub.ImageStatus(req, timeout=7.0, metadata=[("x-trace", "abc")])
+        assert dict(answer.info) == {"seen": "x"}
+        remaining = upstream.remaining[-1]
+        assert remaining is not None and 5.0 < remaining <= 7.1  # (gRPC rounds deadlines)
+        assert upstream.metadata[-1]["x-trace"] == "abc"
+        # No deadline: none upstream either (grpcio reports about 2**63 seconds left).
+        stub.ImageStatus(req)
+        assert upstream.remaining[-1] is not None and upstream.remaining[-1] > NO_DEADLINE_SEC
+
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ImageStatus(cri.ImageStatusRequest(image=spec("fail")), timeout=5)
+        assert (info.value.code(), info.value.details()) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "upstream says no",
+        )
+
+        future = stub.PullImage.future(cri.PullImageRequest(image=spec("busybox")), timeout=30)
+        time.sleep(0.3)
+        assert not upstream.cancelled.is_set()
+        future.cancel()
+        assert upstream.cancelled.wait(5), "cancelling at the proxy did not cancel upstream"
+    finally:
+        channel.close()
+        proxy.stop(0)
+        upstream.server.stop(0)
+    assert not proxy.address.exists()
 
 
 def push_with_credentials(image: images.Image, registry: RegistryServer, repo: str) -> str:
@@ -283,3 +350,46 @@ def test_pull_with_auth_captures_credentials(
     assert password not in caplog.text
     for record in caplog.records:
         assert password not in repr(record.__dict__)
+
+
+def test_daemon_serves_the_proxy_when_enabled(
+    pushed_images: PushedImages,
+    auth_registry: RegistryServer,
+    private_ref: str,
+    tmp_path: Path,
+) -> None:
+    """`[cri] enable` makes the daemon serve the proxy (socket 0660), capture a pull's
+    credentials under its root, log none of them, and remove the socket when it stops."""
+    with start_containerd(
+        tmp_path / "containerd",
+        proxy_address=None,
+        cri_snapshotter="overlayfs",
+        registry_hosts=[auth_registry.host],
+        sandbox_image=pushed_images.pause_ref,
+    ) as ctd:
+        cri_sock = tmp_path / "run" / "cri.sock"
+        config = tmp_path / "config.toml"
+        config.write_text(
+            f'[cri]\nenable = true\naddress = "{cri_sock}"\ncontainerd_address = "{ctd.address}"\n'
+        )
+        with run_daemon(tmp_path / "sociable", config=config) as daemon:
+            assert stat.S_IMODE(cri_sock.stat().st_mode) == 0o660
+            with grpc.insecure_channel(f"unix://{cri_sock}") as channel:
+                stub = cri_images_pb2_grpc.ImageServiceStub(channel)
+                assert auth_registry.username and auth_registry.password
+                auth = cri.AuthConfig(
+                    username=auth_registry.username, password=auth_registry.password
+                )
+                pulled = stub.PullImage(
+                    cri.PullImageRequest(image=spec(private_ref), auth=auth), timeout=TIMEOUT_S
+                )
+                listed = stub.ListImages(cri.ListImagesRequest(), timeout=TIMEOUT_S)
+            direct = ctd.cri().list_images()
+            assert pulled.image_ref in [i.id for i in listed.images]
+            assert sorted(i.id for i in listed.images) == sorted(i.id for i in direct)
+            path = credentials_path(daemon.root)
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+            assert auth_registry.password in path.read_text()
+        assert daemon.log.read_text().count("credentials captured") == 1
+        assert auth_registry.password not in daemon.log.read_text()
+        assert not cri_sock.exists()
