@@ -8,8 +8,9 @@
 3. the layer mounter (`open_mounter`; the remote one clears stale mounts under the root);
 4. the socket (a live socket at the address is refused, naming its holder's pid).
 
-It then serves the Snapshots API until SIGTERM/SIGINT (or cancellation) and returns once
-in-flight requests had `shutdown_grace_sec` to finish.
+It then serves the Snapshots API (and, with `[cri] enable`, the CRI image-service proxy,
+`snapshotter.cri.proxy`) until SIGTERM/SIGINT (or cancellation) and returns once in-flight
+requests had `shutdown_grace_sec` to finish.
 
 Listening: a plain path gets a fresh socket (parent directory created 0700 if
 missing, a stale socket nobody answers on is removed, a live one is an error,
