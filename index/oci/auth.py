@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from index.oci.dockerconfig import CredentialProvider, Credentials
+from index.oci.dockerconfig import CredentialProvider, Credentials, RepositoryCredentialProvider
 from index.oci.errors import UnauthorizedError
 
 DEFAULT_TOKEN_LIFETIME_SEC = 60
@@ -188,6 +188,15 @@ def _basic(username: str, secret: str) -> str:
     return "Basic " + base64.b64encode(f"{username}:{secret}".encode()).decode("ascii")
 
 
+def _repository_of(scopes: Sequence[str]) -> str:
+    """The repository of the first `repository:<name>:<actions>` scope, "" when none."""
+    for scope in scopes:
+        kind, _, rest = scope.partition(":")
+        if kind == "repository" and ":" in rest:
+            return rest.rpartition(":")[0]
+    return ""
+
+
 class Authenticator:
     """Per-client auth state: the last challenge of each host and cached bearer tokens.
 
@@ -215,6 +224,16 @@ class Authenticator:
             return None
         return self._credentials.credentials(host)
 
+    async def _lookup(self, host: str, scopes: Sequence[str]) -> Credentials | None:
+        """Credentials for `host`; per repository (the first `repository:` scope) when the
+        source can answer per repository."""
+        source = self._credentials
+        if isinstance(source, RepositoryCredentialProvider):
+            repository = _repository_of(scopes)
+            if repository:
+                return await source.for_repository(host, repository)
+        return self.credentials_for(host)
+
     @staticmethod
     def _key(host: str, scopes: Sequence[str]) -> tuple[str, str]:
         return host, " ".join(sorted(set(scopes)))
@@ -236,7 +255,7 @@ class Authenticator:
             challenge = self._challenges.get(host)
         if challenge is None:
             return None
-        creds = self.credentials_for(host)
+        creds = await self._lookup(host, scopes)
         if challenge.scheme == "basic":
             if creds is None or not creds.username:
                 raise UnauthorizedError(
@@ -289,7 +308,9 @@ class Authenticator:
     ) -> bool:
         """Learn from a 401 (or ECR expired 403) answer; True if a retry can succeed.
 
-        Drops the cached token for (host, scopes) so the retry fetches a new one.
+        Drops the cached token for (host, scopes) so the retry fetches a new one; when there
+        was one (what we sent was refused, not a first challenge), tells a per-repository
+        credential source to obtain fresh credentials (a provider's token may have expired).
         """
         challenges = parse_challenges(www_authenticate)
         if ecr_expired and not challenges:
@@ -300,7 +321,13 @@ class Authenticator:
         if chosen is None:
             return False
         with self._lock:
+            known = self._challenges.get(host)
             self._challenges[host] = chosen
             key = self._key(host, self._scopes(chosen, scopes))
-            self._tokens.pop(key, None)
+            refused = self._tokens.pop(key, None) is not None or (
+                known is not None and known.scheme == "basic"
+            )
+        repository = _repository_of(scopes)
+        if refused and repository and isinstance(self._credentials, RepositoryCredentialProvider):
+            self._credentials.invalidate(host, repository)
         return True

@@ -15,7 +15,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from index.oci.errors import CredentialsError
 
@@ -50,6 +50,19 @@ class CredentialProvider(Protocol):
     """
 
     def credentials(self, host: str) -> Credentials | None: ...
+
+
+@runtime_checkable
+class RepositoryCredentialProvider(CredentialProvider, Protocol):
+    """A `CredentialProvider` that can also answer per repository, asynchronously (the
+    daemon's keychain: credentials captured for one image, credential-provider plugins).
+    The registry client asks `for_repository` when it knows the repository of a request."""
+
+    async def for_repository(self, host: str, repository: str) -> Credentials | None: ...
+
+    def invalidate(self, host: str, repository: str) -> None:
+        """The registry refused what `for_repository` gave: obtain fresh ones next time."""
+        ...
 
 
 class StaticCredentials:

@@ -183,6 +183,7 @@ class CapturedCredentials:
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: dict[tuple[str, str], Credential] = {}
+        self._stamp: tuple[int, int] | None = None
         self._load()
 
     def __repr__(self) -> str:
@@ -194,7 +195,23 @@ class CapturedCredentials:
     def path(self) -> Path:
         return self._path
 
+    def _file_stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self._path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def _reload_if_changed(self) -> None:
+        """Another process (or another instance: the CRI proxy writes, the registry client's
+        keychain reads) replaced the file: read it again. One `stat` when nothing changed."""
+        stamp = self._file_stamp()
+        if stamp is not None and stamp != self._stamp:
+            with self._lock:
+                self._load()
+
     def _load(self) -> None:
+        self._stamp = self._file_stamp()
         try:
             raw = self._path.read_bytes()
         except FileNotFoundError:
@@ -275,6 +292,7 @@ class CapturedCredentials:
 
     def get(self, host: str, repository: str) -> Credential | None:
         """The unexpired credentials captured for `host`/`repository`, or None."""
+        self._reload_if_changed()
         with self._lock:
             cred = self._entries.get((host, repository))
         if cred is None or cred.expired(self._clock()):
@@ -311,6 +329,7 @@ class CapturedCredentials:
         os.chmod(directory, 0o700)
         # mkstemp creates the temporary file 0600, so the secrets are never world-readable.
         atomic_write(self._path, json.dumps(doc, indent=1).encode() + b"\n", durable=True)
+        self._stamp = self._file_stamp()
 
 
 __all__ = [

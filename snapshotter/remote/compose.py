@@ -39,9 +39,13 @@ from index.digest import Digest
 from index.model import Ztoc
 from index.oci.client import AsyncRegistryClient
 from index.oci.dockerconfig import DockerConfig
+from index.oci.errors import CredentialsError
 from index.oci.reference import Reference
 from index.store import LocalStore
 from snapshotter.configcheck import check_mirror, is_warning
+from snapshotter.credentials.captured import CapturedCredentials, credentials_path
+from snapshotter.credentials.keychain import Keychain
+from snapshotter.credentials.providers import load_keychain
 from snapshotter.lazy import BackgroundFetcher, DemandTracker
 from snapshotter.lazy.cache import SpanCache
 from snapshotter.mirror.access import PublicRepositories
@@ -98,6 +102,24 @@ async def _status_writer(settings: Settings, status: Callable[[], dict[str, obje
             await _write_status(settings, doc)
             last = text
         await trio.sleep(STATUS_INTERVAL_SEC)
+
+
+def _keychain(settings: Settings) -> Keychain:
+    """Every registry request's credentials: captured by the CRI proxy (`[cri] enable`),
+    kubelet's credential providers (`[credential_providers]`), the docker config. A provider
+    config that cannot be used is logged (`credential providers disabled`) and left out."""
+    cfg = settings.config
+    providers = None
+    try:
+        providers = load_keychain(cfg.credential_providers)
+    except CredentialsError as e:
+        log.error("credential providers disabled", extra={"error": str(e)})
+    captured = CapturedCredentials(credentials_path(settings.root)) if cfg.cri.enable else None
+    return Keychain(
+        captured=captured,
+        providers=providers,
+        docker=DockerConfig(cfg.remote.docker_config or None),
+    )
 
 
 def _create_peers(
@@ -187,7 +209,7 @@ async def _build(
     step.name = "registry"
     requests = trio.CapacityLimiter(cfg.max_parallel_requests)  # registry requests, all layers
     client = AsyncRegistryClient(
-        credentials=DockerConfig(cfg.docker_config or None),
+        credentials=_keychain(settings),
         hosts_dirs=[cfg.hosts_dir] if cfg.hosts_dir else [],
         gate=lambda: requests,
         skip_mirrors=own_mirror_hosts(settings.config.peers),
