@@ -14,7 +14,9 @@ on 1.6/1.7, `[proxy_plugins.<name>.exports] root` on 2.x. With `[peers] enable`:
 listen address is one of this node's, the advertised one too (a warning: NAT), some member
 source is set, and the token and kubeconfig files exist. With the registry mirror on as well:
 hosts.toml enabled, `discard_unpacked_layers` not true, `use_local_image_pull` on 2.x, the
-containerd socket present (a warning).
+containerd socket present (a warning). The credential providers' config file and bin dir
+exist; with `[cri] enable`, kubelet's config (where found: EKS AL2023, AL2, kubeadm paths)
+names the proxy as its image service (a warning with the flag to set).
 
 A finding is an error (the snapshotter will not work as configured) unless it starts with
 `warning: ` (it works, but something is degraded): the image-filesystem findings are
@@ -221,9 +223,54 @@ def check_mirror(cfg: Config, text: str, where: str) -> list[str]:
     return problems
 
 
+KUBELET_CONFIGS = (
+    Path("/etc/kubernetes/kubelet/config.json"),  # EKS AL2023 (nodeadm)
+    Path("/etc/kubernetes/kubelet/kubelet-config.json"),  # EKS AL2
+    Path("/var/lib/kubelet/config.yaml"),  # kubeadm
+)
+
+
+def check_credentials(
+    cfg: Config, kubelet_configs: tuple[Path, ...] = KUBELET_CONFIGS
+) -> list[str]:
+    """The CRI proxy (`[cri]`) and the credential providers (`[credential_providers]`): the
+    files exist, and kubelet (where its config file is found) talks to the proxy."""
+    problems: list[str] = []
+    providers = cfg.credential_providers
+    if providers.config:
+        if not Path(providers.config).is_file():
+            problems.append(f"[credential_providers] config = {providers.config!r} does not exist")
+        if not providers.bin_dir or not Path(providers.bin_dir).is_dir():
+            problems.append(
+                f"[credential_providers] bin_dir = {providers.bin_dir!r} is not a directory "
+                "(kubelet's --image-credential-provider-bin-dir)"
+            )
+    if not cfg.cri.enable:
+        return problems
+    endpoint = f"unix://{cfg.cri.address}"
+    for path in kubelet_configs:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        if endpoint not in text:
+            problems.append(
+                f"{WARNING_PREFIX}kubelet config {path} does not name {endpoint}: start kubelet "
+                f"with --image-service-endpoint={endpoint} (or imageServiceEndpoint in its "
+                "config), else the proxy captures no credentials"
+            )
+        break
+    else:
+        problems.append(
+            f"{WARNING_PREFIX}[cri] enable: start kubelet with "
+            f"--image-service-endpoint={endpoint} so it pulls through the proxy"
+        )
+    return problems
+
+
 def check_all(cfg: Config, address: str, root: Path, containerd_config: Path) -> list[str]:
     """Every finding, one line each (warnings start with `warning: `); [] when all is well."""
-    problems = check_ours(cfg, address, root) + check_peers(cfg)
+    problems = check_ours(cfg, address, root) + check_peers(cfg) + check_credentials(cfg)
     where = f"containerd config {containerd_config}"
     try:
         text = containerd_config.read_text()

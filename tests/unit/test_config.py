@@ -351,3 +351,27 @@ def test_check_mirror_findings(tmp_path: Path) -> None:
     )
     (finding,) = check_mirror(gone, GOOD_V2, "c")
     assert is_warning(finding) and "containerd_address" in finding
+
+
+def test_check_credentials_findings(tmp_path: Path) -> None:
+    from snapshotter.configcheck import check_credentials, is_warning
+
+    assert check_credentials(config.from_mapping({}), ()) == []
+    cfg = config.from_mapping(
+        {
+            "cri": {"enable": True, "address": "/run/sociable/cri.sock"},
+            "credential_providers": {"config": str(tmp_path / "missing.yaml")},
+        }
+    )
+    findings = check_credentials(cfg, ())
+    errors = [f for f in findings if not is_warning(f)]
+    assert any("missing.yaml" in f for f in errors)
+    assert any("bin_dir" in f for f in errors)
+    flag = "--image-service-endpoint=unix:///run/sociable/cri.sock"
+    assert any(is_warning(f) and flag in f for f in findings)
+    kubelet = tmp_path / "config.json"
+    kubelet.write_text('{"imageServiceEndpoint": "unix:///run/containerd/containerd.sock"}')
+    (finding,) = [f for f in check_credentials(cfg, (kubelet,)) if "kubelet config" in f]
+    assert is_warning(finding) and flag in finding
+    kubelet.write_text('{"imageServiceEndpoint": "unix:///run/sociable/cri.sock"}')
+    assert not [f for f in check_credentials(cfg, (kubelet,)) if "kubelet config" in f]
