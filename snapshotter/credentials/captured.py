@@ -15,7 +15,9 @@ Entries are keyed by (registry host, repository) of the normalised image referen
   passwords, such as ECR's) after its capture. kubelet sends fresh credentials with each pull,
   and each capture restarts the clock.
 
-Expired entries are never returned and are dropped at the next write. The store is persisted
+Expired entries are never returned and are dropped at the next write. The daemon also
+`forget`s a repository's entry when the last lazy layer of that repository is unmounted
+(the image's last snapshot removed). The store is persisted
 to one root-only JSON file (`<root>/credentials/cri.json`: directory 0700, file 0600, replaced
 atomically) and loaded when opened, so a restarted daemon keeps what kubelet sent before.
 
@@ -49,6 +51,18 @@ FILE_VERSION = 1
 """The `version` of the JSON file; a file with another version is ignored (logged)."""
 
 SECRET_FIELDS = ("username", "password", "auth", "identity_token", "registry_token")
+
+
+_PATH_LOCKS: dict[Path, threading.Lock] = {}
+_PATH_LOCKS_LOCK = threading.Lock()
+
+
+def _path_lock(path: Path) -> threading.Lock:
+    """One lock per file for every instance of this process (the CRI proxy's and the
+    keychain's), so that one's write cannot undo another's."""
+    key = path.absolute()
+    with _PATH_LOCKS_LOCK:
+        return _PATH_LOCKS.setdefault(key, threading.Lock())
 
 
 def credentials_path(root: Path) -> Path:
@@ -181,7 +195,7 @@ class CapturedCredentials:
         self._path = path
         self._ttl_sec = ttl_sec
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = _path_lock(path)
         self._entries: dict[tuple[str, str], Credential] = {}
         self._stamp: tuple[int, int] | None = None
         self._load()
@@ -209,6 +223,13 @@ class CapturedCredentials:
         if stamp is not None and stamp != self._stamp:
             with self._lock:
                 self._load()
+
+    def _refresh_locked(self) -> None:
+        """Before a write: take in what another instance wrote since (a write from a stale
+        view would bring back a forgotten entry or drop a new one)."""
+        stamp = self._file_stamp()
+        if stamp is not None and stamp != self._stamp:
+            self._load()
 
     def _load(self) -> None:
         self._stamp = self._file_stamp()
@@ -282,6 +303,7 @@ class CapturedCredentials:
         if cred.empty:
             return None
         with self._lock:
+            self._refresh_locked()
             self._entries[(host, repository)] = cred
             self._save_locked(now)
         log.info(
@@ -300,9 +322,11 @@ class CapturedCredentials:
         return cred
 
     def forget(self, host: str, repository: str) -> bool:
-        """Drop the entry for `host`/`repository` (e.g. after a registry refused it) and
-        persist. Returns whether there was one. Raises OSError when the file cannot be written."""
+        """Drop the entry for `host`/`repository` (e.g. when the last lazy layer of that
+        repository is unmounted) and persist. Returns whether there was one. Raises OSError
+        when the file cannot be written."""
         with self._lock:
+            self._refresh_locked()
             if self._entries.pop((host, repository), None) is None:
                 return False
             self._save_locked(self._clock())

@@ -63,7 +63,7 @@ from snapshotter.tasks import TaskScope, open_task_scope
 from . import bindmount
 from .catalog import ImageCatalog
 from .discovery import DiscoveryModes, load_ztoc
-from .layers import LayerSources, LazyLayers, RegistrySources
+from .layers import LastLayerCallback, LayerSources, LazyLayers, RegistrySources
 from .local import RegistryUnpacker
 from .mounter import DegradedMounter, RemoteMounter
 from .records import RecordStore
@@ -104,8 +104,37 @@ async def _status_writer(settings: Settings, status: Callable[[], dict[str, obje
         await trio.sleep(STATUS_INTERVAL_SEC)
 
 
-def _keychain(settings: Settings) -> Keychain:
-    """Every registry request's credentials: captured by the CRI proxy (`[cri] enable`),
+def _captured(settings: Settings) -> CapturedCredentials | None:
+    """The credentials the CRI proxy captures (`[cri] enable`), else None."""
+    if not settings.config.cri.enable:
+        return None
+    return CapturedCredentials(credentials_path(settings.root))
+
+
+def _forget_captured(captured: CapturedCredentials) -> LastLayerCallback:
+    """`LazyLayers`' `on_last_layer`: forget the repository's captured credentials (the
+    image's last snapshot is gone). A failed write is logged (`cannot forget credentials`)."""
+
+    async def forget(ref: Reference) -> None:
+        try:
+            forgotten = await trio.to_thread.run_sync(captured.forget, ref.registry, ref.repository)
+        except OSError as e:
+            log.warning(
+                "cannot forget credentials",
+                extra={"registry": ref.registry, "repository": ref.repository, "error": str(e)},
+            )
+            return
+        if forgotten:
+            log.info(
+                "credentials forgotten",
+                extra={"registry": ref.registry, "repository": ref.repository},
+            )
+
+    return forget
+
+
+def _keychain(settings: Settings, captured: CapturedCredentials | None) -> Keychain:
+    """Every registry request's credentials: captured by the CRI proxy (`captured`),
     kubelet's credential providers (`[credential_providers]`), the docker config. A provider
     config that cannot be used is logged (`credential providers disabled`) and left out."""
     cfg = settings.config
@@ -114,7 +143,6 @@ def _keychain(settings: Settings) -> Keychain:
         providers = load_keychain(cfg.credential_providers)
     except CredentialsError as e:
         log.error("credential providers disabled", extra={"error": str(e)})
-    captured = CapturedCredentials(credentials_path(settings.root)) if cfg.cri.enable else None
     return Keychain(
         captured=captured,
         providers=providers,
@@ -207,9 +235,10 @@ async def _build(
     store = LocalStore(root)
     stack.callback(store.close)
     step.name = "registry"
+    captured = _captured(settings)
     requests = trio.CapacityLimiter(cfg.max_parallel_requests)  # registry requests, all layers
     client = AsyncRegistryClient(
-        credentials=_keychain(settings),
+        credentials=_keychain(settings, captured),
         hosts_dirs=[cfg.hosts_dir] if cfg.hosts_dir else [],
         gate=lambda: requests,
         skip_mirrors=own_mirror_hosts(settings.config.peers),
@@ -257,6 +286,7 @@ async def _build(
         background=background,
         tracker=tracker,
         read_config=read_config,
+        on_last_layer=_forget_captured(captured) if captured is not None else None,
     )
     stack.push_async_callback(layers.close)
     if peer_node is not None:

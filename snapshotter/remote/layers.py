@@ -12,6 +12,11 @@ Error boundaries: a task of the layer's scope that raises something unexpected i
 counted and kept by that scope (`statuses()`: `taskErrors`, `lastTaskError`); a failed
 background step is the fetcher's boundary, recorded on the reader (`errors`, `lastError` in
 the layer's status file). Neither stops the other layers or the daemon.
+
+When `unmount` removes the last mounted layer of an image repository (registry host and
+repository of the records' `image_ref`), it awaits the optional `on_last_layer` callback with
+that image's reference (the daemon forgets the credentials captured for the repository). A
+layer restored after a restart counts as mounted; `close` (shutdown) calls nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,7 +34,7 @@ import trio
 
 from index.digest import Digest
 from index.oci.client import AsyncRegistryClient
-from index.oci.errors import OciError
+from index.oci.errors import InvalidReferenceError, OciError
 from index.oci.reference import Reference
 from snapshotter.fs.errors import FsError
 from snapshotter.lazy import DemandTracker, ReadConfig, RemoteLayerReader, default_inflate_limiter
@@ -112,6 +118,29 @@ class LayerSources:
         )
 
 
+LastLayerCallback = Callable[[Reference], Awaitable[None]]
+"""Called with an image's reference when the last mounted layer of its repository is
+unmounted. What it raises is logged (`last layer callback failed`), never propagated."""
+
+
+def released_repository(record: LayerRecord, remaining: Iterable[LayerRecord]) -> Reference | None:
+    """The reference of `record`'s image when no record of `remaining` (the layers still
+    mounted) is of the same registry host and repository; None when one is, or when
+    `record.image_ref` does not parse."""
+    try:
+        ref = Reference.parse(record.image_ref)
+    except InvalidReferenceError:
+        return None
+    for other in remaining:
+        try:
+            o = Reference.parse(other.image_ref)
+        except InvalidReferenceError:
+            continue
+        if (o.registry, o.repository) == (ref.registry, ref.repository):
+            return None
+    return ref
+
+
 @dataclass(eq=False)
 class _Layer:
     name: str
@@ -136,6 +165,7 @@ class LazyLayers:
         background: BackgroundFetcher,
         tracker: DemandTracker,
         read_config: ReadConfig | None = None,
+        on_last_layer: LastLayerCallback | None = None,
     ) -> None:
         self.fuse = fuse
         self.tasks = tasks
@@ -146,6 +176,7 @@ class LazyLayers:
         self.background = background
         self.tracker = tracker
         self.read_config = read_config or ReadConfig()
+        self.on_last_layer = on_last_layer
         self._inflate_limiter = default_inflate_limiter(self.read_config)
         self._io_limiter = trio.CapacityLimiter(4)  # span-cache writes, all layers
         self._layers: dict[str, _Layer] = {}
@@ -233,7 +264,8 @@ class LazyLayers:
     async def unmount(self, mountpoint: Path) -> None:
         """Detach the bind mount on `mountpoint`; if a layer was served there: stop its
         background fetch, drop it from the FUSE host, close its task scope (cancelling its
-        read-ahead), remove its record and mark its cached spans evictable first. Never
+        read-ahead), remove its record and mark its cached spans evictable first; when it was
+        the last mounted layer of its image's repository, await `on_last_layer`. Never
         raises; shielded from cancellation."""
         try:
             name = layer_name(mountpoint)
@@ -271,6 +303,18 @@ class LazyLayers:
                         "cannot release cached spans", extra={"layer": digest, "error": repr(e)}
                     )
             log.info("lazy layer unmounted", extra={"fuse_dir": name, "layer": digest})
+            if self.on_last_layer is not None:
+                released = released_repository(
+                    layer.record, (m.record for m in self._layers.values())
+                )
+                if released is not None:
+                    try:
+                        await self.on_last_layer(released)
+                    except Exception as e:
+                        log.warning(
+                            "last layer callback failed",
+                            extra={"image": layer.record.image_ref, "error": repr(e)},
+                        )
 
     async def close(self) -> None:
         """Shutdown: detach every bind mount and close every layer's scope (the FUSE host and
