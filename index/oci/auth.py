@@ -9,7 +9,9 @@ so the policy stays pure and testable:
    first an OAuth2 POST (`grant_type=password` or `refresh_token`), falling back on
    400/401/404/405 to a GET with HTTP Basic; anonymously, a plain GET;
 3. tokens are cached per (host, scopes) until `expires_in` (default 60 s) runs out, and dropped
-   on a 401; a `Basic` challenge sends the credentials on every request;
+   on a 401; a `Basic` challenge sends the credentials on every request; credentials with a
+   pre-issued `registry_token` answer a `Bearer` challenge with it directly (no token server)
+   and cannot answer a `Basic` one;
 4. ECR's 403 "Your authorization token has expired" counts as a 401 with a Basic challenge.
 """
 
@@ -257,11 +259,17 @@ class Authenticator:
             return None
         creds = await self._lookup(host, scopes)
         if challenge.scheme == "basic":
+            if creds is not None and creds.registry_token and not creds.username:
+                raise UnauthorizedError(
+                    f"{host} requires basic auth and only a registry token is configured"
+                )
             if creds is None or not creds.username:
                 raise UnauthorizedError(
                     f"{host} requires basic auth and no credentials are configured"
                 )
             return _basic(creds.username, creds.secret)
+        if creds is not None and creds.registry_token:
+            return "Bearer " + creds.registry_token
         all_scopes = self._scopes(challenge, scopes)
         key = self._key(host, all_scopes)
         now = self._clock()

@@ -27,19 +27,25 @@ _TOKEN_USERNAME = "<token>"
 
 @dataclass(frozen=True, slots=True)
 class Credentials:
-    """A username and secret, or an identity (refresh) token with an empty username."""
+    """A username and secret, or an identity (refresh) token with an empty username, or a
+    pre-issued bearer `registry_token` (CRI's `AuthConfig.registry_token`) sent as is."""
 
     username: str = ""
     secret: str = ""
     identity_token: str = ""
+    registry_token: str = ""
 
     def __repr__(self) -> str:
         # Never show secrets in logs or test output.
-        return f"Credentials(username={self.username!r}, secret=***, identity_token={'***' if self.identity_token else ''!r})"
+        return (
+            f"Credentials(username={self.username!r}, secret=***, "
+            f"identity_token={'***' if self.identity_token else ''!r}, "
+            f"registry_token={'***' if self.registry_token else ''!r})"
+        )
 
     @property
     def empty(self) -> bool:
-        return not (self.username or self.secret or self.identity_token)
+        return not (self.username or self.secret or self.identity_token or self.registry_token)
 
 
 class CredentialProvider(Protocol):

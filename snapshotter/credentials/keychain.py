@@ -4,7 +4,8 @@ Asked per registry host and repository (`for_repository`, by the registry client
 authenticator when a request names a repository), in this order:
 
 1. the credentials kubelet sent with `PullImage` for that repository (the CRI proxy's
-   `CapturedCredentials`, shared through its root-only file);
+   `CapturedCredentials`, shared through its root-only file): user and password, else the
+   identity token, else the registry token;
 2. kubelet's credential-provider plugins whose `matchImages` match `host/repository`
    (`ProviderKeychain`: cached by their own rules, refreshed before they expire);
 3. the docker config (`~/.docker/config.json` and its credential helpers), per host;
@@ -73,6 +74,8 @@ class Keychain:
                     return Credentials(username=basic[0], secret=basic[1])
                 if captured.identity_token:
                     return Credentials(identity_token=captured.identity_token)
+                if captured.registry_token:
+                    return Credentials(registry_token=captured.registry_token)
         failure: CredentialsError | None = None
         if self._providers is not None:
             try:

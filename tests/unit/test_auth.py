@@ -609,3 +609,42 @@ def test_credentials_never_appear_in_errors_or_logs(
         cause = cause.__cause__
     for text in texts:
         assert secret not in text and encoded not in text
+
+
+class RegistryTokenSource:
+    """Credentials holding only a pre-issued bearer token (CRI's `registry_token`)."""
+
+    def credentials(self, host: str) -> Credentials | None:
+        return Credentials(registry_token="pre-issued-token") if host == REGISTRY else None
+
+
+def test_registry_token_is_sent_as_bearer_without_a_token_server() -> None:
+    net, token_log = FakeNetwork(), []  # type: ignore[var-annotated]
+    net.hosts["auth.example"] = token_server([], token_log)
+    net.hosts[REGISTRY] = bearer_registry({"pre-issued-token"})
+    with net.client(credentials=RegistryTokenSource()) as client:
+        assert client.read_blob(REF, BLOB_DIGEST) == BLOB
+        assert client.read_blob(REF, BLOB_DIGEST) == BLOB
+    assert token_log == []  # never asked the token server
+    sent = [r.headers.get("authorization") for r in net.log]
+    assert sent[0] is None and sent[1:] == ["Bearer pre-issued-token"] * 2
+    creds = Credentials(registry_token="pre-issued-token")
+    assert not creds.empty and "pre-issued-token" not in repr(creds)
+
+
+async def test_registry_token_cannot_answer_a_basic_challenge() -> None:
+    auth = Authenticator(RegistryTokenSource())
+
+    async def fetch(request: object) -> tuple[int, bytes]:
+        raise AssertionError("no token request for a registry token")
+
+    assert auth.on_unauthorized(REGISTRY, ['Basic realm="r"'], ["repository:team/app:pull"])
+    with pytest.raises(UnauthorizedError, match="only a registry token") as info:
+        await auth.authorization(REGISTRY, ["repository:team/app:pull"], fetch)
+    assert "pre-issued-token" not in str(info.value)
+    # The same source answers a Bearer challenge directly.
+    auth.on_unauthorized(
+        REGISTRY, [f'Bearer realm="{TOKEN_REALM}",service="svc"'], ["repository:team/app:pull"]
+    )
+    got = await auth.authorization(REGISTRY, ["repository:team/app:pull"], fetch)
+    assert got == "Bearer pre-issued-token"

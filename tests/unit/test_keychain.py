@@ -114,3 +114,25 @@ async def test_the_authenticator_asks_per_repository_and_refreshes_after_a_401()
     # the registry refuses the token: the provider is told to run its plugin again
     auth.on_unauthorized("reg.test", challenge, scopes_a)
     assert providers.invalidated == ["reg.test/app/a"]
+
+
+async def test_a_captured_registry_token_is_returned_alone(tmp_path: Path) -> None:
+    store = CapturedCredentials(tmp_path / "credentials" / "cri.json")
+    store.capture("reg.test/app/tok:v1", registry_token="bearer-from-kubelet")
+    store.capture("reg.test/app/both:v1", username="u", password="p", registry_token="unused")
+    chain = Keychain(captured=store)
+    got = await chain.for_repository("reg.test", "app/tok")
+    assert got == Credentials(registry_token="bearer-from-kubelet")
+    assert got is not None and "bearer-from-kubelet" not in repr(got)
+    # user and password win over a registry token sent with them
+    assert await chain.for_repository("reg.test", "app/both") == Credentials("u", "p")
+
+    auth = Authenticator(chain)
+
+    async def fetch(request: TokenRequest) -> tuple[int, bytes]:
+        raise AssertionError("a registry token needs no token server")
+
+    challenge = ['Bearer realm="https://auth.test/token",service="reg.test"']
+    assert auth.on_unauthorized("reg.test", challenge, ["repository:app/tok:pull"])
+    got_header = await auth.authorization("reg.test", ["repository:app/tok:pull"], fetch)
+    assert got_header == "Bearer bearer-from-kubelet"
