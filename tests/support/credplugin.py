@@ -13,6 +13,8 @@ image) to `--count-file`, and answers according to `--mode` (or the first word o
 - `hang`: ignores SIGTERM and sleeps for an hour.
 
 `--delay SEC` sleeps before answering (to hold concurrent callers in one run).
+`--password-ttl SEC` makes the default password `token-<run>-until-<unix time>`, valid for
+SEC seconds from the run: a token server checks it with `password_fresh`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,16 @@ import sys
 import time
 from pathlib import Path
 
+UNTIL = "-until-"
+
+
+def password_fresh(password: str, now: float | None = None) -> bool:
+    """True for a `token-<run>-until-<unix time>` password whose time has not passed."""
+    prefix, sep, until = password.rpartition(UNTIL)
+    if not sep or not prefix.startswith("token-") or not until.isdigit():
+        return False
+    return (time.time() if now is None else now) < int(until)
+
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
@@ -34,6 +46,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cache-duration")
     parser.add_argument("--auth-key", action="append", default=[])
     parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--password-ttl", type=float)
     args = parser.parse_args(argv)
 
     request = json.load(sys.stdin)
@@ -61,12 +74,15 @@ def main(argv: list[str]) -> int:
     if mode == "wrong-version":
         api_version = "credentialprovider.kubelet.k8s.io/v0"
     keys = args.auth_key or [image.partition("/")[0]]
+    default_password = f"token-{run}"
+    if args.password_ttl is not None:
+        default_password += f"{UNTIL}{int(time.time() + args.password_ttl)}"
     response: dict[str, object] = {
         "apiVersion": api_version,
         "kind": "CredentialProviderResponse",
         "cacheKeyType": args.cache_key_type,
         "auth": {
-            key: {"username": "user", "password": password or f"token-{run}"}
+            key: {"username": "user", "password": password or default_password}
             for key, _, password in (k.partition("=") for k in keys)
         },
     }

@@ -51,6 +51,8 @@ TOKEN_SERVICE = "sociable-test-registry"
 TOKEN_ISSUER = "sociable-test-issuer"
 DEFAULT_USER = "tester"
 DEFAULT_PASSWORD = "s3cret-pass"
+REGISTRY_EXP_LEEWAY_SEC = 60
+"""How long past a token's `exp` docker-registry still accepts it (clock-skew leeway)."""
 
 AuthKind = Literal["none", "basic", "token"]
 
@@ -141,6 +143,12 @@ class TokenServer:
     Grants everything asked to the configured user; anonymous callers get `pull` only when
     `anonymous_pull` is set, otherwise an empty access list. `reject_post` makes the OAuth2
     form answer 404 (as some token servers do) so the GET fallback is exercised.
+
+    Short-lived credentials: `password_check(password)`, when set, decides instead of the
+    equality with `password` (the user must still be `username`); `refused` counts the
+    requests refused for bad credentials. The registry accepts a token up to 60 s past its
+    `exp` (clock-skew leeway); `strict_expiry` writes `exp` that much earlier, so the registry
+    refuses a token as soon as its `expires_in_sec` have passed.
     """
 
     username: str = DEFAULT_USER
@@ -148,6 +156,9 @@ class TokenServer:
     expires_in_sec: int = 300
     anonymous_pull: bool = False
     reject_post: bool = False
+    password_check: Callable[[str], bool] | None = None
+    strict_expiry: bool = False
+    refused: int = 0
     requests: Counter[str] = field(default_factory=Counter)
     port: int = 0
     _key: _TokenKey = field(default_factory=_TokenKey)
@@ -174,13 +185,22 @@ class TokenServer:
             access.append({"type": "repository", "name": name, "actions": actions})
         return access
 
+    def accepts(self, username: str, password: str) -> bool:
+        """True when `username`/`password` are the configured user's credentials."""
+        if username != self.username:
+            return False
+        if self.password_check is not None:
+            return self.password_check(password)
+        return password == self.password
+
     def issue(self, user: str | None, service: str, scopes: list[str]) -> dict[str, Any]:
         now = int(time.time())
+        leeway = REGISTRY_EXP_LEEWAY_SEC if self.strict_expiry else 0
         claims = {
             "iss": TOKEN_ISSUER,
             "sub": user or "",
             "aud": service,
-            "exp": now + self.expires_in_sec,
+            "exp": now + self.expires_in_sec - leeway,
             "nbf": now - 10,
             "iat": now,
             "jti": secrets.token_hex(8),
@@ -211,7 +231,8 @@ class TokenServer:
                 header = self.headers.get("Authorization", "")
                 if header.startswith("Basic "):
                     name, _, pw = base64.b64decode(header[6:]).decode().partition(":")
-                    if (name, pw) != (server.username, server.password):
+                    if not server.accepts(name, pw):
+                        server.refused += 1
                         self._answer(401, {"details": "bad credentials"})
                         return
                     user = name
@@ -226,10 +247,10 @@ class TokenServer:
                     return
                 length = int(self.headers.get("Content-Length", "0"))
                 form = urllib.parse.parse_qs(self.rfile.read(length).decode())
-                if form.get("grant_type") != ["password"] or (
-                    form.get("username", [""])[0],
-                    form.get("password", [""])[0],
-                ) != (server.username, server.password):
+                if form.get("grant_type") != ["password"] or not server.accepts(
+                    form.get("username", [""])[0], form.get("password", [""])[0]
+                ):
+                    server.refused += 1
                     self._answer(401, {"details": "bad credentials"})
                     return
                 scopes = " ".join(form.get("scope", [])).split()
