@@ -9,7 +9,9 @@ so the policy stays pure and testable:
    first an OAuth2 POST (`grant_type=password` or `refresh_token`), falling back on
    400/401/404/405 to a GET with HTTP Basic; anonymously, a plain GET;
 3. tokens are cached per (host, scopes) until `expires_in` (default 60 s) runs out, and dropped
-   on a 401; a `Basic` challenge sends the credentials on every request; credentials with a
+   on a 401; when the token server refuses credentials from a per-repository source (401),
+   the source is told to renew them and the token is asked once more with the new ones;
+   a `Basic` challenge sends the credentials on every request; credentials with a
    pre-issued `registry_token` answer a `Bearer` challenge with it directly (no token server)
    and cannot answer a `Basic` one;
 4. ECR's 403 "Your authorization token has expired" counts as a 401 with a Basic challenge.
@@ -276,10 +278,39 @@ class Authenticator:
         with self._lock:
             token = self._tokens.get(key)
         if token is None or token.expires_at <= now:
-            token = await self._fetch_token(host, challenge, all_scopes, creds, fetch)
+            try:
+                token = await self._fetch_token(host, challenge, all_scopes, creds, fetch)
+            except UnauthorizedError as e:
+                fresh = await self._renewed(host, scopes, creds, e)
+                token = await self._fetch_token(host, challenge, all_scopes, fresh, fetch)
             with self._lock:
                 self._tokens[key] = token
         return "Bearer " + token.value
+
+    async def _renewed(
+        self,
+        host: str,
+        scopes: Sequence[str],
+        creds: Credentials | None,
+        refusal: UnauthorizedError,
+    ) -> Credentials:
+        """After the token server refused `creds` with 401: fresh credentials from a
+        per-repository source (a provider's password may have expired or been revoked before
+        its answer's cache ran out), or re-raise `refusal` when there are none different."""
+        source = self._credentials
+        repository = _repository_of(scopes)
+        if (
+            creds is None
+            or refusal.status != 401
+            or not repository
+            or not isinstance(source, RepositoryCredentialProvider)
+        ):
+            raise refusal
+        source.invalidate(host, repository)
+        fresh = await source.for_repository(host, repository)
+        if fresh is None or fresh == creds:
+            raise refusal
+        return fresh
 
     async def _fetch_token(
         self,
