@@ -12,7 +12,9 @@ itself with credentials of its own; every layer read after that is the daemon's.
 A container then reads files spread over several token and cache lifetimes, with background
 fetch on (throttled so it keeps reading from the registry): every file has the right
 checksum, the plugin ran again as its answers ran out but no more often than its cache allows,
-no credential was refused, and no secret reached the daemon's log.
+no credential was refused, and no secret reached the daemon's log. When the token server
+revokes the plugin's passwords before the daemon's cached answer runs out, the refusal makes
+the daemon run the plugin again at once and reads go on without an error.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ FILES = (
     "_pydecimal.py",
 )
 """Read one by one (paths under /usr/lib/python3.11), PAUSE_S apart."""
+REVOKED_FILES = ("pathlib.py", "inspect.py", "dataclasses.py", "tarfile.py")
+"""Read after the plugin's passwords so far were revoked."""
 PAUSE_S = 2.5
 SPAN_S = PAUSE_S * (len(FILES) - 1)
 
@@ -326,6 +330,44 @@ def test_registry_refuses_stale_credentials(stack: Stack) -> None:
     assert httpx.get(url, headers=headers).status_code == 200
     time.sleep(TOKEN_LIFETIME_S + 1.2)
     assert httpx.get(url, headers=headers).status_code == 401
+
+
+def test_a_revoked_password_makes_the_plugin_run_again(stack: Stack) -> None:
+    """Right after a plugin run, the token server stops accepting every password the plugin
+    made so far, long before the daemon's cached answer runs out: the refusal makes the
+    daemon ask the plugin again at once and retry, so reads go on without a warning."""
+    seen = len(stack.plugin_runs())
+    deadline = time.monotonic() + 5 * CACHE_DURATION_S
+    while len(stack.plugin_runs()) == seen:  # background fetch keeps asking
+        assert time.monotonic() < deadline, "no plugin run while background fetch goes on"
+        time.sleep(0.02)
+    time.sleep(0.3)  # its answer is in the daemon's cache and made a registry token
+    runs = stack.plugin_runs()
+    revoked, last_revoked = len(runs), runs[-1]
+
+    def not_revoked(password: str) -> bool:
+        run = password.removeprefix("token-").partition("-")[0]
+        return password_fresh(password) and run.isdigit() and int(run) > revoked
+
+    refused_before = stack.token_server.refused
+    events_before = len(stack.events())
+    stack.token_server.password_check = not_revoked
+    time.sleep(TOKEN_LIFETIME_S / 2 + 0.2)  # the daemon's cached registry tokens are gone
+    output = stack.containerd.run(
+        stack.ref, "provided-2", "/bin/sh", "-c", sha256sum(REVOKED_FILES), namespace=K8S
+    )
+    sums = parse_sums(output)
+    for path, digest in layer_sums(stack.image, REVOKED_FILES).items():
+        assert sums.get(path) == digest, f"{path}: {sums.get(path)} != {digest}\n{output}"
+    assert stack.token_server.refused > refused_before  # a revoked password was presented
+    later = [t - last_revoked for t in stack.plugin_runs()[revoked:]]
+    assert later and later[0] < 0.9 * CACHE_DURATION_S, later  # sooner than the cache says
+    trouble = [e for e in stack.events()[events_before:] if e.get("level") in ("warning", "error")]
+    assert trouble == [], trouble[:3]
+    print(
+        f"\nrevoked: {stack.token_server.refused - refused_before} token requests refused; "
+        f"the plugin ran again {later[0]:.2f} s after the revoked run"
+    )
 
 
 def test_no_secret_in_the_log(stack: Stack) -> None:
