@@ -22,6 +22,7 @@ import errno
 import logging
 import os
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -117,19 +118,58 @@ def errno_for(exc: BaseException) -> int:
 
 _QUIET: Final = frozenset({errno.ENOENT, errno.ENODATA})
 
+EIO_LOG_INTERVAL_SEC: Final = 10.0
+"""A layer's EIO warnings are logged at most once per this many seconds, with the number of
+failures left out since; a container reading thousands of files while every source fails
+(credentials rejected, registry down) must not flood the log."""
+
+MAX_LOGGED_LAYERS: Final = 1024
+
+
+class _EioLog:
+    """Rate-limits the EIO warning line per layer (see `EIO_LOG_INTERVAL_SEC`)."""
+
+    def __init__(self, clock: Any = time.monotonic) -> None:
+        self._clock = clock
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, op: str, layer: str, exc: Exception) -> None:
+        now = self._clock()
+        last, suppressed = self._last.get(layer, (-EIO_LOG_INTERVAL_SEC, 0))
+        if now - last < EIO_LOG_INTERVAL_SEC:
+            self._last[layer] = (last, suppressed + 1)
+            return
+        if len(self._last) >= MAX_LOGGED_LAYERS and layer not in self._last:
+            self._last.clear()
+        self._last[layer] = (now, 0)
+        if suppressed:
+            log.warning(
+                "fuse %s failed in %s: %s (and %d more failures in this layer since the last line)",
+                op,
+                layer,
+                exc,
+                suppressed,
+            )
+        else:
+            log.warning("fuse %s failed in %s: %s", op, layer, exc)
+
+
+_eio_log = _EioLog()
+
 
 def fuse_error(op: str, exc: Exception, layer: str) -> Any:
     """The `pyfuse3.FUSEError` a request `op` failing with `exc` answers, logged once here.
 
     `layer` names what the request touched (`LayerHost.describe`). Domain errors get
-    `errno_for(exc)`: EIO ones are logged as warnings, the others at debug level (ENOENT and
+    `errno_for(exc)`: EIO ones are logged as warnings (at most one line per layer every
+    `EIO_LOG_INTERVAL_SEC`, counting the rest), the others at debug level (ENOENT and
     ENODATA, the common answers to lookups and xattr probes, not at all). Any other exception
     is a bug: logged with its traceback, answered EIO.
     """
     if isinstance(exc, FsError):
         code = errno_for(exc)
         if code == errno.EIO:
-            log.warning("fuse %s failed in %s: %s", op, layer, exc)
+            _eio_log(op, layer, exc)
         elif code not in _QUIET:
             log.debug("fuse %s in %s: %s", op, layer, exc)
         return pyfuse3.FUSEError(code)

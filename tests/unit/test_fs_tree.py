@@ -945,3 +945,25 @@ def test_pure_modules_do_not_import_fuse_or_grpc() -> None:
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_eio_warnings_are_rate_limited_per_layer(caplog: pytest.LogCaptureFixture) -> None:
+    """Every source failing for a layer must not log a line per FUSE read."""
+    import logging
+
+    from snapshotter.fs.errors import LayerReadError
+    from snapshotter.fs.fuse import EIO_LOG_INTERVAL_SEC, _EioLog
+
+    now = [100.0]
+    eio = _EioLog(clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="snapshotter.fs.fuse"):
+        for _ in range(500):
+            eio("read", "snap-1", LayerReadError("every source failed"))
+        eio("read", "snap-2", LayerReadError("every source failed"))
+        now[0] += EIO_LOG_INTERVAL_SEC
+        eio("read", "snap-1", LayerReadError("every source failed"))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert lines[0] == "fuse read failed in snap-1: every source failed"
+    assert "snap-2" in lines[1]
+    assert "and 499 more failures" in lines[2]
