@@ -23,6 +23,7 @@ import logging
 import os
 import subprocess
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -154,10 +155,11 @@ class _EioLog:
             log.warning("fuse %s failed in %s: %s", op, layer, exc)
 
 
-_eio_log = _EioLog()
+_EIO_LOGS: Final[weakref.WeakKeyDictionary[LayerHost, _EioLog]] = weakref.WeakKeyDictionary()
+"""One rate limiter per mounted host (each daemon has one; tests make many)."""
 
 
-def fuse_error(op: str, exc: Exception, layer: str) -> Any:
+def fuse_error(op: str, exc: Exception, layer: str, eio_log: _EioLog | None = None) -> Any:
     """The `pyfuse3.FUSEError` a request `op` failing with `exc` answers, logged once here.
 
     `layer` names what the request touched (`LayerHost.describe`). Domain errors get
@@ -169,7 +171,10 @@ def fuse_error(op: str, exc: Exception, layer: str) -> Any:
     if isinstance(exc, FsError):
         code = errno_for(exc)
         if code == errno.EIO:
-            _eio_log(op, layer, exc)
+            if eio_log is None:
+                log.warning("fuse %s failed in %s: %s", op, layer, exc)
+            else:
+                eio_log(op, layer, exc)
         elif code not in _QUIET:
             log.debug("fuse %s in %s: %s", op, layer, exc)
         return pyfuse3.FUSEError(code)
@@ -188,7 +193,8 @@ def _translated(
     except pyfuse3.FUSEError:
         raise
     except Exception as e:
-        raise fuse_error(op, e, host.describe(inode=inode, fh=fh)) from e
+        eio_log = _EIO_LOGS.setdefault(host, _EioLog())
+        raise fuse_error(op, e, host.describe(inode=inode, fh=fh), eio_log) from e
 
 
 def entry_attributes(attr: Attr) -> Any:
