@@ -23,13 +23,14 @@ import logging
 
 from index.oci.dockerconfig import CredentialProvider, Credentials
 from index.oci.errors import CredentialsError
+from index.oci.reference import DOCKER_HUB, DOCKER_HUB_API_HOST, DOCKER_HUB_LEGACY
 
 from .captured import CapturedCredentials
 from .providers import ProviderKeychain
 
 log = logging.getLogger(__name__)
 
-_REGISTRY_OF_HOST = {"registry-1.docker.io": "docker.io", "index.docker.io": "docker.io"}
+_REGISTRY_OF_HOST = {DOCKER_HUB_API_HOST: DOCKER_HUB, DOCKER_HUB_LEGACY: DOCKER_HUB}
 
 
 class Keychain:

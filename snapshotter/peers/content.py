@@ -66,7 +66,8 @@ class ContentNotFound(ContentStoreError):
     """containerd holds no committed blob with this digest in the namespace."""
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
+    """`text` on one line (containerd's details may hold newlines)."""
     return " ".join(text.split())
 
 
@@ -80,7 +81,7 @@ def error_for(digest: str, where: str, exc: grpc.RpcError) -> ContentStoreError:
     details = details_of() if callable(details_of) else None
     if not isinstance(code, grpc.StatusCode):
         code = grpc.StatusCode.UNKNOWN
-    text = _one_line(str(details or "")) or "no details"
+    text = one_line(str(details or "")) or "no details"
     message = f"content {digest} from containerd at {where}: {code.name}: {text}"
     cls = ContentNotFound if code is grpc.StatusCode.NOT_FOUND else ContentStoreError
     return cls(message, digest=digest, code=code)

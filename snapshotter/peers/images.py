@@ -28,10 +28,10 @@ import grpc
 import trio
 
 from index.digest import Digest, DigestError
-from index.oci.reference import DOCKER_HUB, DOCKER_HUB_LEGACY
+from index.oci.reference import Reference
 from snapshotter.api import images_pb2, images_pb2_grpc
 
-from .content import NAMESPACE_HEADER
+from .content import NAMESPACE_HEADER, one_line
 
 IMAGE_THREADS: Final = trio.CapacityLimiter(2)
 """Worker threads waiting on containerd's Images API (every `ImageStore` by default)."""
@@ -66,15 +66,7 @@ def image_name(registry: str, repository: str, tag: str) -> str:
     that is not one."""
     if not is_tag(tag):
         raise ValueError(f"not a tag: {tag!r}")
-    if registry == DOCKER_HUB_LEGACY:
-        registry = DOCKER_HUB
-    if registry == DOCKER_HUB and "/" not in repository:
-        repository = f"library/{repository}"
-    return f"{registry}/{repository}:{tag}"
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    return str(Reference.parse(f"{registry}/{repository}:{tag}"))
 
 
 class ImageStore:
@@ -141,7 +133,7 @@ class ImageStore:
             if not isinstance(code, grpc.StatusCode):
                 code = grpc.StatusCode.UNKNOWN
             details_of = getattr(e, "details", None)
-            details = _one_line(str((details_of() if callable(details_of) else None) or ""))
+            details = one_line(str((details_of() if callable(details_of) else None) or ""))
             raise self._error(name, f"{code.name}: {details or 'no details'}", code) from e
         finally:
             future.cancel()  # ends the thread's wait when this task was cancelled

@@ -68,6 +68,7 @@ from tests.bench.bench_peers import (
     make_workloads,
     rate_bytes_per_s,
     sample_share,
+    write_docs,
 )
 from tests.support.cluster import (
     K8S_NAMESPACE,
@@ -398,19 +399,6 @@ def render(
     return "\n".join(lines) + "\n"
 
 
-def write_docs(section: str) -> None:
-    """Replaces (or appends) the :data:`SECTION` of docs/benchmarks.md, keeping the others."""
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    start = text.find("\n" + SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        start += 1
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("\n" + text[end + 1 :] if end >= 0 else "")
-    DOCS.write_text(text)
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -490,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(section)
     if args.write_docs:
-        write_docs(section)
+        write_docs(section, SECTION)
         print(f"wrote the {SECTION!r} section of {DOCS}")
     return 1 if any(ro.error for ro in runs) else 0
 

@@ -876,15 +876,16 @@ def peer_lines(scenarios: Sequence[Scenario]) -> list[str]:
     return out
 
 
-def write_docs(section: str) -> None:
-    """Replaces (or appends) the :data:`SECTION` of docs/benchmarks.md, keeping the others."""
+def write_docs(section: str, heading: str = SECTION) -> None:
+    """Replaces (or appends) the section `heading` (default :data:`SECTION`) of
+    docs/benchmarks.md with `section`, keeping the others."""
     text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    start = text.find("\n" + SECTION + "\n")
+    start = text.find("\n" + heading + "\n")
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + section
     else:
         start += 1
-        end = text.find("\n## ", start + len(SECTION))
+        end = text.find("\n## ", start + len(heading))
         text = text[:start] + section + ("\n" + text[end + 1 :] if end >= 0 else "")
     DOCS.write_text(text)
 
