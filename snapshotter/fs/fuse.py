@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import subprocess
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -307,6 +309,116 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
                 groups = ()
             self.host.access(inode, mode, ctx.uid, (ctx.gid, *groups))
             return True
+
+
+COUNTED_OPS: Final = (
+    "lookup",
+    "forget",
+    "getattr",
+    "readlink",
+    "open",
+    "read",
+    "flush",
+    "release",
+    "opendir",
+    "readdir",
+    "releasedir",
+    "statfs",
+    "getxattr",
+    "listxattr",
+    "access",
+)
+"""The handlers `FuseOpStats` counts (pyfuse3's names; `readdir` answers the kernel's
+READDIRPLUS, the only listing request pyfuse3 registers; `forget` also BATCH_FORGET)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FuseOpStatistics:
+    """Requests answered per handler since the process started, and the trio thread's CPU
+    time spent running them, in seconds (handlers that await count only their own steps)."""
+
+    counts: Mapping[str, int]
+    cpu_sec: Mapping[str, float]
+
+    def to_status(self) -> dict[str, dict[str, float]]:
+        """`{op: {"count": n, "cpuSec": s}}` for the handlers that ran, for `status.json`."""
+        return {
+            op: {"count": n, "cpuSec": round(self.cpu_sec.get(op, 0.0), 4)}
+            for op, n in sorted(self.counts.items())
+        }
+
+
+class FuseOpStats(trio.abc.Instrument):
+    """Counts FUSE requests per handler and the trio thread's CPU time spent in them.
+
+    A counted handler costs two reads of the thread's CPU clock and a few dict updates. The
+    CPU time of a handler that awaits (a read waiting for its spans) is the sum of its own
+    task steps: this object is also a trio instrument, added to the running trio loop by the
+    first request, and it reads the clock around the steps of tasks that are inside a
+    handler (other tasks cost one dict lookup per step).
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+        self._cpu_ns: dict[str, int] = {}
+        self._active: dict[object, str] = {}
+        self._step_start_ns = 0
+        self._token: object = None
+
+    def __repr__(self) -> str:
+        return f"<FuseOpStats requests={sum(self._counts.values())}>"
+
+    def statistics(self) -> FuseOpStatistics:
+        return FuseOpStatistics(
+            counts=dict(self._counts),
+            cpu_sec={op: ns / 1e9 for op, ns in self._cpu_ns.items()},
+        )
+
+    def enter(self, op: str) -> object:
+        """A request for handler `op` starts in the current task; returns the task."""
+        token = trio.lowlevel.current_trio_token()
+        if token is not self._token:
+            self._token = token
+            trio.lowlevel.add_instrument(self)
+        task = trio.lowlevel.current_task()
+        self._counts[op] = self._counts.get(op, 0) + 1
+        self._active[task] = op
+        self._step_start_ns = time.thread_time_ns()
+        return task
+
+    def exit(self, op: str, task: object) -> None:
+        """The request `enter` returned `task` for is answered."""
+        self._cpu_ns[op] = self._cpu_ns.get(op, 0) + time.thread_time_ns() - self._step_start_ns
+        del self._active[task]
+
+    def before_task_step(self, task: object) -> None:
+        if task in self._active:
+            self._step_start_ns = time.thread_time_ns()
+
+    def after_task_step(self, task: object) -> None:
+        op = self._active.get(task)
+        if op is not None:
+            self._cpu_ns[op] = self._cpu_ns.get(op, 0) + time.thread_time_ns() - self._step_start_ns
+
+
+FUSE_OP_STATS: Final = FuseOpStats()
+"""The process's counters (pyfuse3 serves one mount per process)."""
+
+
+def _counted(op: str, handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(handler)
+    async def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        task = FUSE_OP_STATS.enter(op)
+        try:
+            return await handler(self, *args, **kwargs)
+        finally:
+            FUSE_OP_STATS.exit(op, task)
+
+    return counted
+
+
+for _op in COUNTED_OPS:
+    setattr(FuseOperations, _op, _counted(_op, getattr(FuseOperations, _op)))
 
 
 class FuseMount:
