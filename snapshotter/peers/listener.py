@@ -2,6 +2,9 @@
 
 A small ASGI application (`PeerApp`) served by hypercorn on trio (`serve_listener`):
 
+    GET|HEAD /healthz                                     200 `ok`: the daemon serves (the
+                                                          readiness probe of the DaemonSet in
+                                                          deploy/kubernetes; no token needed)
     GET|HEAD /v2/                                         200 (the registry API check)
     GET      /v2/<name>/blobs/<digest>?ns=<registry>      with X-Sociable-Ztoc: a span-aligned
                                                           Range for a peer (see protocol)
@@ -13,7 +16,9 @@ A small ASGI application (`PeerApp`) served by hypercorn on trio (`serve_listene
 
 Who may ask: current members and this node's own addresses, unless `allow_non_members`
 (so a pod in the cluster network cannot read layers through it), and, when the cluster has
-a shared token, only requests carrying it (this node's own containerd needs none). At most
+a shared token, only requests carrying it (this node's own containerd needs none, nor does
+`/healthz`: kubelet probes a host-network pod at the node's own address, and the answer
+says nothing but `ok`). At most
 `max_uploads` peer requests are served at once (the rest wait, within their budget), and the
 bytes sent to peers are held to `upload_rate_bytes_per_sec`, so serving peers never starves
 the node's own reads. Span answers are logged at debug level (keys `client`, `path`,
@@ -50,6 +55,9 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 SEND_PIECE: Final = 256 * 1024
 """Bytes per body message (and per rate-limit step)."""
+
+HEALTH_PATH: Final = "/healthz"
+"""The readiness path: `ok` while the listener serves (the daemon is up with peers on)."""
 
 _BLOB_PATH: Final = re.compile(r"^/v2/(?P<name>.+)/blobs/(?P<digest>[a-z0-9]+:[a-zA-Z0-9=_-]+)$")
 _MANIFEST_PATH: Final = re.compile(r"^/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)$")
@@ -129,7 +137,12 @@ class PeerApp:
         path: str = scope.get("path", "")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         client = (scope.get("client") or ("",))[0]
-        if not self._is_allowed(client) or not (self._is_local(client) or self._token_ok(headers)):
+        allowed = self._is_allowed(client)
+        if allowed and path == HEALTH_PATH:
+            if method not in ("GET", "HEAD"):
+                return await _answer(send, 405, b""), 0
+            return await _answer(send, 200, b"ok\n" if method == "GET" else b""), 0
+        if not allowed or not (self._is_local(client) or self._token_ok(headers)):
             self.forbidden += 1
             return await _answer(send, 403, b"not a member\n"), 0
         if path in ("/v2/", "/v2"):
@@ -430,6 +443,7 @@ async def serve_listener(app: PeerApp, sock: socket.socket) -> None:
     # let go of it, or its own close would later hit whatever reuses the descriptor number
     config.bind = [f"fd://{sock.detach()}"]
     config.accesslog = None
+    config.include_server_header = False  # answers name no software or version
     config.errorlog = logging.getLogger("snapshotter.peers.hypercorn")
     config.keep_alive_timeout = 30
     config.graceful_timeout = 1

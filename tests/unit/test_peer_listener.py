@@ -40,6 +40,7 @@ from snapshotter.lazy.table import SpanState, SpanTable
 from snapshotter.peers import protocol
 from snapshotter.peers.client import PeerClient, PeerDeclined
 from snapshotter.peers.listener import (
+    HEALTH_PATH,
     SEND_PIECE,
     PeerApp,
     TokenBucket,
@@ -386,6 +387,39 @@ async def test_a_missing_or_wrong_token_is_403(
         async with peer_client(token="s3cret") as client:
             assert await fetch(client, lst, *one) == layer.blob[one[0] : one[1]]
         assert lst.app.forbidden == 2
+
+
+async def test_healthz_answers_ok_without_a_token_and_nothing_more(
+    layer: Layer, tmp_path: Path
+) -> None:
+    # kubelet probes a host-network pod at the node's own address, with no token: the probe
+    # passes where a layer request from the same client without the token is refused
+    async with (
+        open_listener(layer, tmp_path, token="s3cret") as lst,
+        httpx.AsyncClient(trust_env=False) as http,
+    ):
+        got = await http.get(lst.url + HEALTH_PATH)
+        assert (got.status_code, got.content) == (200, b"ok\n")
+        assert got.headers["content-type"] == "text/plain"
+        assert "server" not in got.headers
+        head = await http.head(lst.url + HEALTH_PATH)
+        assert (head.status_code, head.content) == (200, b"")
+        assert (await http.post(lst.url + HEALTH_PATH)).status_code == 405
+        assert lst.app.forbidden == 0
+        assert (await http.get(lst.url + "/v2/")).status_code == 403
+        assert (await http.get(lst.url + HEALTH_PATH + "/x")).status_code == 403
+        assert lst.app.forbidden == 2
+        assert lst.upstream.calls == [] and lst.ztoc_loads == []
+
+
+async def test_healthz_is_refused_to_a_non_member(layer: Layer, tmp_path: Path) -> None:
+    async with (
+        open_listener(layer, tmp_path, is_allowed=lambda host: False) as lst,
+        httpx.AsyncClient(trust_env=False) as http,
+    ):
+        got = await http.get(lst.url + HEALTH_PATH)
+        assert (got.status_code, got.content) == (403, b"not a member\n")
+        assert lst.app.forbidden == 1
 
 
 # -- load limits ---------------------------------------------------------------------------------
