@@ -8,9 +8,10 @@ released, so layers build in parallel threads.
 
 from __future__ import annotations
 
+import mmap
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,10 @@ from index.zinfo import (
     ZinfoError,
     build_gzip_checkpoints,
     build_tar_spans,
+    decode_gzip_zinfo,
+    decode_tar_zinfo,
 )
+from index.zstd_frames import SingleFrameZstd, ZstdKind, build_zstd_spans, decode_zstd_zinfo
 
 
 class BuildError(SociableError):
@@ -43,7 +47,8 @@ class BuildError(SociableError):
 
 
 class LayerSkipped(BuildError):
-    """The layer cannot have a zTOC (zstd); the index is built without it, not an error."""
+    """The layer gets no zTOC (zstd without `zstd=True`, one-frame zstd); the index is built
+    without it, not an error."""
 
 
 class NotALayer(BuildError):
@@ -173,12 +178,26 @@ def build_ztoc(
     toc_factory: TocFactory = _default_toc_factory,
     read_size: int = DEFAULT_READ_SIZE,
     on_progress: ProgressCallback | None = None,
+    zstd: bool = False,
+    annotations: Mapping[str, str] | None = None,
+    diff_id: str | None = None,
 ) -> Ztoc:
     """Build the zTOC of the layer blob at `path` in one pass.
 
-    `on_progress` gets the bytes read so far (see `build_ztoc_from_stream`). Raises `LayerSkipped` (zstd), `NotALayer` (not a layer media type), `LayerBuildError`
-    (unreadable file, corrupt data, unsupported tar entry).
+    `on_progress` gets the bytes read so far (see `build_ztoc_from_stream`). zstd layers are
+    indexed only with `zstd=True` (see `build_zstd_ztoc` for `annotations` and `diff_id`).
+    Raises `LayerSkipped` (zstd without `zstd`, one-frame zstd), `NotALayer` (not a layer
+    media type), `LayerBuildError` (unreadable file, corrupt data, unsupported tar entry).
     """
+    if zstd and is_zstd_layer(media_type):
+        return build_zstd_ztoc(
+            path,
+            span_size,
+            toc_factory=toc_factory,
+            on_progress=on_progress,
+            annotations=annotations,
+            diff_id=diff_id,
+        )
     algorithm = algorithm_for_media_type(media_type, name=str(path))
     try:
         f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below, errors translated
@@ -194,6 +213,98 @@ def build_ztoc(
             name=str(path),
             on_progress=on_progress,
         )
+
+
+def is_zstd_layer(media_type: str) -> bool:
+    """Whether `media_type` is a zstd layer media type."""
+    try:
+        return layer_compression(media_type) is LayerCompression.ZSTD
+    except ValueError:
+        return False
+
+
+def build_zstd_ztoc(
+    path: Path,
+    span_size: int = DEFAULT_SPAN_SIZE,
+    *,
+    toc_factory: TocFactory = _default_toc_factory,
+    on_progress: ProgressCallback | None = None,
+    annotations: Mapping[str, str] | None = None,
+    diff_id: str | None = None,
+) -> Ztoc:
+    """The zTOC of the zstd layer at `path`: zstd:chunked (found by its `annotations`, either
+    spelling, or its footer), seekable, or any other multi-frame layer (docs/format.md, "zstd
+    layers"); one pass, the blob mapped read-only.
+
+    With `diff_id` (the image config's `rootfs.diff_ids` entry) the decoded stream must hash
+    to it: containers/storage before v1.52 dropped the bytes after the tar end, and such a
+    layer cannot be served as its image says. Raises `LayerSkipped` for a one-frame layer,
+    `LayerBuildError` for anything else that stops the build.
+    """
+    name = str(path)
+    toc = toc_factory()
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise LayerBuildError(f"{name}: cannot index the layer: the blob is empty")
+            with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mapped:
+                view = memoryview(mapped)
+                try:
+                    built = build_zstd_spans(
+                        view,
+                        span_size,
+                        toc.feed,
+                        annotations=annotations,
+                        on_progress=on_progress,
+                    )
+                finally:
+                    view.release()
+        entries, uncompressed_size = toc.finish()
+    except SingleFrameZstd as e:
+        raise LayerSkipped(f"{ZstdKind.SINGLE_FRAME.label}: {e}, unpacked when pulled") from e
+    except ZinfoError as e:
+        raise LayerBuildError(f"{name}: cannot index the layer: {e}") from e
+    except TarError as e:
+        raise LayerBuildError(f"{name}: cannot build the TOC: {e}") from e
+    except OSError as e:
+        raise LayerBuildError(f"{name}: cannot read the layer: {e}") from e
+    if diff_id is not None and built.diff_id != diff_id:
+        raise LayerBuildError(
+            f"{name}: the layer decodes to {built.diff_id}, its image config says {diff_id}"
+        )
+    return Ztoc(
+        version=ZTOC_VERSION,
+        build_tool_identifier=BUILD_TOOL_IDENTIFIER,
+        compressed_archive_size=built.compressed_size,
+        uncompressed_archive_size=uncompressed_size,
+        files=tuple(entries),
+        compression=CompressionInfo(
+            algorithm=CompressionAlgorithm.ZSTD,
+            max_span_id=SpanId(len(built.span_digests) - 1),
+            span_digests=built.span_digests,
+            checkpoints=built.zinfo.encode(),
+        ),
+    )
+
+
+def describe_compression(info: CompressionInfo) -> str:
+    """How a zTOC's layer is indexed, for reports: `gzip`, `tar`, `zstd:chunked`, `seekable
+    zstd` or `multi-frame zstd`."""
+    if info.algorithm == CompressionAlgorithm.ZSTD:
+        return decode_zstd_zinfo(info.checkpoints).kind.label
+    if info.algorithm == CompressionAlgorithm.GZIP:
+        return "gzip"
+    return "tar"
+
+
+def span_size_of(info: CompressionInfo) -> int:
+    """The span size a zTOC was built with (from its checkpoint blob)."""
+    if info.algorithm == CompressionAlgorithm.ZSTD:
+        return decode_zstd_zinfo(info.checkpoints).span_size
+    if info.algorithm == CompressionAlgorithm.GZIP:
+        return decode_gzip_zinfo(info.checkpoints).span_size
+    return decode_tar_zinfo(info.checkpoints).span_size
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,8 @@ class CompressionAlgorithm(enum.IntEnum):
 
     GZIP = 1
     UNCOMPRESSED = 2
+    ZSTD = 3
+    """Not in SOCI's schema: AWS's readers refuse it per layer (docs/format.md, "zstd layers")."""
 
 
 @dataclass(frozen=True, slots=True)

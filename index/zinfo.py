@@ -676,6 +676,15 @@ class SpanMap(abc.ABC):
             if tar.span_size <= 0 and tar.size > 0:
                 raise ZinfoFormatError(f"TarZinfo span_size {tar.span_size} is not positive")
             span_map = TarSpanMap(tar, info.span_digests, uncompressed_archive_size)
+        elif info.algorithm == CompressionAlgorithm.ZSTD:
+            from index.zstd_frames import ZstdSpanMap, decode_zstd_zinfo  # imports this module
+
+            span_map = ZstdSpanMap(
+                decode_zstd_zinfo(info.checkpoints),
+                info.span_digests,
+                compressed_archive_size,
+                uncompressed_archive_size,
+            )
         else:
             raise ZinfoFormatError(f"unknown compression algorithm {info.algorithm!r}")
         if len(info.span_digests) != span_map.span_count:
