@@ -62,13 +62,23 @@ class CredentialsError(OciError):
 class RegistryError(OciError):
     """A request to a registry (or mirror) failed.
 
-    `url` is the last URL tried, `status` the HTTP status when there was one.
+    `url` is the last URL tried, `status` the HTTP status when there was one,
+    `retry_after_sec` how long the answer's `Retry-After` asked to wait (None: no such
+    header, or one that cannot be read).
     """
 
-    def __init__(self, message: str, *, url: str = "", status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str = "",
+        status: int | None = None,
+        retry_after_sec: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.url = url
         self.status = status
+        self.retry_after_sec = retry_after_sec
 
 
 class TransportError(RegistryError):

@@ -8,8 +8,10 @@ was asked, referrers index parsing.
 
 from __future__ import annotations
 
+import email.utils
 import json
 import re
+import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -75,15 +77,37 @@ async def read_and_close(response: httpx.Response) -> bytes:
         await response.aclose()
 
 
+def retry_after_sec(response: httpx.Response, now: float | None = None) -> float | None:
+    """The wait a `Retry-After` header asks for, in seconds (delay-seconds or an HTTP date,
+    RFC 9110 10.2.3; a date in the past is 0); None when there is none or it cannot be read.
+    `now` is the wall clock in seconds since the epoch (default: the current time)."""
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(int(value))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
 async def status_error(response: httpx.Response, what: str) -> RegistryError:
     """The RegistryError for a non-success `response` (reads the body if streamed, and
-    closes it)."""
+    closes it); a 429 or 503 carries its `Retry-After` in `retry_after_sec`."""
     body = await read_and_close(response)
     status = response.status_code
     message = (
         f"{what}: HTTP {status} {error_detail(body)} ({response.request.method} {response.url})"
     )
     url = str(response.url)
+    if status in (429, 503):
+        return UnexpectedResponseError(
+            message, url=url, status=status, retry_after_sec=retry_after_sec(response)
+        )
     if status == 404:
         return NotFoundError(message, url=url, status=status)
     if status in (401, 403):

@@ -69,7 +69,16 @@ class FetchError(Exception):
 
 
 class SourceUnavailable(FetchError):
-    """Transient failure: no answer, a reset or short body, 5xx/429. Worth retrying."""
+    """Transient failure: no answer, a reset or short body, 5xx/429. Worth retrying.
+
+    `retry_after_sec`: how long the source asked to be left alone (a 429's or 503's
+    `Retry-After`), None when it did not say."""
+
+    def __init__(
+        self, message: str, *, source: str = "", retry_after_sec: float | None = None
+    ) -> None:
+        super().__init__(message, source=source)
+        self.retry_after_sec = retry_after_sec
 
 
 class FetchTimeout(SourceUnavailable):
@@ -129,7 +138,7 @@ def translate_oci_error(e: OciError | OSError, what: str, source: str) -> FetchE
         return ContentMismatch(message, source=source)
     if isinstance(e, RegistryError):
         if e.status is None or e.status in _TRANSIENT_STATUSES or e.status >= 500:
-            return SourceUnavailable(message, source=source)
+            return SourceUnavailable(message, source=source, retry_after_sec=e.retry_after_sec)
         return BadRange(message, source=source)
     return FetchError(message, source=source)
 
@@ -165,14 +174,17 @@ class FetchConfig:
 
     `max_attempts` per range and source (1 = no retry); backoff doubles from
     `backoff_initial_ms` up to `backoff_max_ms`, each delay scaled by a random factor in
-    [0.5, 1.0] (jitter); `request_timeout_sec` bounds one Range request (including its
-    wait for a gate slot and the check). How many requests run at once is the client's gate.
+    [0.5, 1.0] (jitter); a 429 or 503 whose `Retry-After` asks for longer waits that long,
+    at most `retry_after_max_sec` (a reader is waiting). `request_timeout_sec` bounds one
+    Range request (including its wait for a gate slot and the check). How many requests run
+    at once is the client's gate.
     """
 
     max_attempts: int = 4
     backoff_initial_ms: int = 50
     backoff_max_ms: int = 2000
     request_timeout_sec: float = 60.0
+    retry_after_max_sec: float = 10.0
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -181,6 +193,8 @@ class FetchConfig:
             raise ValueError(f"bad backoff {self.backoff_initial_ms}..{self.backoff_max_ms} ms")
         if self.request_timeout_sec <= 0:
             raise ValueError("request_timeout_sec must be positive")
+        if self.retry_after_max_sec < 0:
+            raise ValueError("retry_after_max_sec must not be negative")
 
     def backoff_sec(self, attempt: int, rng: random.Random | None = None) -> float:
         """Delay before retry number `attempt` (1 = first retry), in seconds, with jitter."""
@@ -314,6 +328,8 @@ class RegistrySource:
                     raise
                 self._stats.retries += 1
                 delay = self.config.backoff_sec(attempt)
+                if isinstance(e, SourceUnavailable) and e.retry_after_sec:
+                    delay = max(delay, min(e.retry_after_sec, self.config.retry_after_max_sec))
                 log.debug("retrying in %.3f s after: %s", delay, e)
                 await trio.sleep(delay)
 
