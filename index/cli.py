@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from index import convert as conv
 from index import pull as pull_cmd
-from index.builder import BuildError
+from index.builder import BuildError, describe_compression, span_size_of
 from index.digest import Digest, DigestError
 from index.errors import InputFileError, SociableError, UsageError
 from index.exitpoint import DEBUG_ENV, debug_requested, report, version
@@ -53,7 +53,7 @@ from index.store import (
     default_root,
 )
 from index.toc import TarError
-from index.zinfo import SpanMap, ZinfoError, decode_gzip_zinfo, decode_tar_zinfo
+from index.zinfo import SpanMap, ZinfoError
 from index.ztoc_codec import ZtocError, ZtocFormatError, decode_ztoc
 
 LAYOUT_PREFIX = "oci-layout:"
@@ -181,6 +181,7 @@ def _options(args: argparse.Namespace) -> conv.BuildOptions:
         platforms=tuple(Platform.parse(p) for p in args.platform or ()),
         all_platforms=args.all_platforms,
         force=args.force,
+        zstd=args.zstd,
     )
 
 
@@ -378,10 +379,7 @@ def cmd_ztoc_list(args: argparse.Namespace, console: Console) -> None:
 def ztoc_info(ztoc: Ztoc, size: int) -> dict[str, Any]:
     """The `soci ztoc info` JSON object."""
     info = ztoc.compression
-    if info.algorithm == CompressionAlgorithm.GZIP:
-        span_size = decode_gzip_zinfo(info.checkpoints).span_size
-    else:
-        span_size = decode_tar_zinfo(info.checkpoints).span_size
+    span_size = span_size_of(info)
     spans = SpanMap.from_ztoc(ztoc)
     files = []
     multi = 0
@@ -402,7 +400,7 @@ def ztoc_info(ztoc: Ztoc, size: int) -> dict[str, Any]:
                 "end_span": end,
             }
         )
-    return {
+    out: dict[str, Any] = {
         "version": ztoc.version,
         "build_tool": ztoc.build_tool_identifier,
         "size": size,
@@ -412,6 +410,9 @@ def ztoc_info(ztoc: Ztoc, size: int) -> dict[str, Any]:
         "num_files": len(ztoc.files),
         "files": files,
     }
+    if info.algorithm == CompressionAlgorithm.ZSTD:  # not in AWS's output: its zTOCs have none
+        out["compression"] = describe_compression(info)
+    return out
 
 
 def _ztoc_bytes(store: LocalStore, text: str) -> tuple[Digest, bytes]:
@@ -551,6 +552,13 @@ def _add_build_flags(p: argparse.ArgumentParser) -> None:
     _add_platform_flags(p)
     p.add_argument(
         "-f", "--force", action="store_true", help="rebuild zTOCs even if stored ones match"
+    )
+    p.add_argument(
+        "--zstd",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="index zstd:chunked, seekable and multi-frame zstd layers; AWS's SOCI "
+        "snapshotter cannot read these zTOCs (default: off)",
     )
     _add_registry_flags(p)
 

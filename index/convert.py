@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from index.builder import LayerSkipped, build_ztoc
+from index.builder import LayerSkipped, build_ztoc, describe_compression, is_zstd_layer
 from index.digest import Digest
 from index.errors import SociableError
 from index.manifest import (
@@ -80,6 +80,9 @@ class BuildOptions:
     all_platforms: bool = False
     force: bool = False
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    zstd: bool = False
+    """Index zstd layers that allow random access (`--zstd`); AWS's readers cannot use
+    their zTOCs (docs/format.md, "zstd layers")."""
 
 
 @dataclass(frozen=True)
@@ -179,10 +182,14 @@ def _build_one_layer(
     store: LocalStore,
     report: Reporter,
     advance: Callable[[int], None],
+    diff_id: str | None = None,
 ) -> ZtocDescriptor | None:
     """The zTOC for one layer, built or reused; None (with a message) when the layer is skipped.
 
-    `advance(n)` is told of every `n` more blob bytes indexed (from the building thread).
+    Every layer gets one message saying what was done: indexed (and how: gzip, tar,
+    zstd:chunked, seekable or multi-frame zstd), reused, or skipped and why. `advance(n)` is
+    told of every `n` more blob bytes indexed (from the building thread). `diff_id`, when
+    known, is checked against a zstd layer's decoded stream.
     """
     if not mt.is_layer(layer.media_type):
         raise ConvertError(f"layer {layer.digest}: {layer.media_type} is not a layer mediaType")
@@ -190,6 +197,13 @@ def _build_one_layer(
         report(
             f"ztoc skipped - layer {layer.digest} ({layer.media_type}) size {layer.size} "
             f"is less than min-layer-size {opts.min_layer_size}"
+        )
+        return None
+    zstd = is_zstd_layer(layer.media_type)
+    if zstd and not opts.zstd:
+        report(
+            f"ztoc skipped - layer {layer.digest} ({layer.media_type}): zstd layers are "
+            "indexed only with --zstd; unpacked when pulled"
         )
         return None
     if not opts.force and (found := store.find_ztoc(layer.digest, opts.span_size)) is not None:
@@ -206,14 +220,42 @@ def _build_one_layer(
 
     try:
         with source.blob_file(layer) as path:
-            ztoc = build_ztoc(path, layer.media_type, opts.span_size, on_progress=on_progress)
+            ztoc = build_ztoc(
+                path,
+                layer.media_type,
+                opts.span_size,
+                on_progress=on_progress,
+                zstd=opts.zstd,
+                annotations=layer.annotations,
+                diff_id=diff_id if zstd else None,
+            )
     except LayerSkipped as e:
         report(f"ztoc skipped - layer {layer.digest} ({layer.media_type}): {e}")
         return None
+    report(
+        f"layer {layer.digest}: indexed {describe_compression(ztoc.compression)}, "
+        f"{ztoc.compression.max_span_id + 1} spans"
+    )
     data = encode_ztoc(ztoc)
     digest = store.put_blob(data)
     store.add_ztoc(digest, len(data), layer.digest, layer.media_type, opts.span_size)
     return ZtocDescriptor(digest, len(data), layer.digest, layer.media_type, opts.span_size)
+
+
+def _zstd_diff_ids(source: ImageSource, manifests: Sequence[ImageManifest]) -> dict[Digest, str]:
+    """Layer digest -> the image config's diffID, for the zstd layers of `manifests`."""
+    out: dict[Digest, str] = {}
+    for m in manifests:
+        if not any(is_zstd_layer(layer.media_type) for layer in m.layers):
+            continue
+        config = _json(
+            source.read_blob(Descriptor.from_json(m.doc["config"])), f"config of {source.name}"
+        )
+        diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
+        for layer, diff_id in zip(m.layers, diff_ids, strict=False):
+            if isinstance(diff_id, str):
+                out.setdefault(layer.digest, diff_id)
+    return out
 
 
 def build_layer_ztocs(
@@ -236,6 +278,7 @@ def build_layer_ztocs(
     for m in manifests:
         for layer in m.layers:
             layers.setdefault(layer.digest, layer)
+    diff_ids = _zstd_diff_ids(source, manifests) if opts.zstd else {}
     results: dict[Digest, ZtocDescriptor | None] = {}
 
     def work(layer: Descriptor) -> tuple[Descriptor, ZtocDescriptor | None]:
@@ -247,7 +290,9 @@ def build_layer_ztocs(
             advance(n)
 
         try:
-            return layer, _build_one_layer(source, layer, opts, store, report, count)
+            return layer, _build_one_layer(
+                source, layer, opts, store, report, count, diff_ids.get(layer.digest)
+            )
         except (ConvertError, OciError, StoreError):
             raise  # the source or the store failed, not this layer: stop
         except Exception as e:
