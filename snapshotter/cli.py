@@ -3,6 +3,7 @@
     sociable-snapshotter [--address SOCKET] [--root DIR] [--config FILE] [--log-level L]
     sociable-snapshotter [--config FILE] config default
     sociable-snapshotter [--config FILE] config check [--containerd-config PATH]
+                         [--containerd-version VERSION]
     sociable-snapshotter [--root DIR] status
     sociable-snapshotter [--config FILE] mirror configure [--hosts-dir DIR] [--mirror URL]
                          [--registry HOST ...] [--default] [--dry-run]
@@ -29,7 +30,7 @@ import trio
 from index.exitpoint import DEBUG_ENV, debug_requested, report, version
 
 from . import config as config_mod
-from .configcheck import check_all, is_warning
+from .configcheck import check_all, installed_containerd_version, is_warning
 from .daemon import AddressInUse, Settings, serve
 from .errors import ConfigError, SnapshotterError, UsageError
 from .logs import LEVELS, setup_logging
@@ -93,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
         "--containerd-config",
         type=Path,
         help="containerd config.toml (default from [containerd] config_path)",
+    )
+    check.add_argument(
+        "--containerd-version",
+        metavar="VERSION",
+        help="containerd's version, e.g. 1.7.27 (default: what `containerd --version` prints)",
     )
     sub.add_parser("status", help="print the status of every lazily mounted layer (JSON lines)")
     mirror = sub.add_parser(
@@ -181,7 +187,14 @@ def run(argv: Sequence[str]) -> int:
         return 0
     if args.command == "config":
         path = args.containerd_config or Path(settings.config.containerd.config_path)
-        findings = check_all(settings.config, settings.address, settings.root, path)
+        version = args.containerd_version
+        findings = check_all(
+            settings.config,
+            settings.address,
+            settings.root,
+            path,
+            containerd_version=installed_containerd_version() if version is None else version,
+        )
         for finding in findings:
             print(finding)
         errors = [f for f in findings if not is_warning(f)]

@@ -16,7 +16,9 @@ source is set, and the token and kubeconfig files exist. With the registry mirro
 hosts.toml enabled, `discard_unpacked_layers` not true, `use_local_image_pull` on 2.x, the
 containerd socket present (a warning). The credential providers' config file and bin dir
 exist; with `[cri] enable`, kubelet's config (where found: EKS AL2023, AL2, kubeadm paths)
-names the proxy as its image service (a warning with the flag to set).
+names the proxy as its image service (a warning with the flag to set). containerd's own
+version (`containerd --version`, or `config check --containerd-version`): before 1.7.16
+(1.6.32 on 1.6) it cannot be told where a proxy snapshotter's disk is (a warning).
 
 A finding is an error (the snapshotter will not work as configured) unless it starts with
 `warning: ` (it works, but something is degraded): the image-filesystem findings are
@@ -26,9 +28,11 @@ has used the snapshotter, so a fresh machine could otherwise never pass the chec
 
 from __future__ import annotations
 
+import re
+import subprocess
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .config import DEFAULT_ADDRESS, Config
 
@@ -268,9 +272,110 @@ def check_credentials(
     return problems
 
 
-def check_all(cfg: Config, address: str, root: Path, containerd_config: Path) -> list[str]:
-    """Every finding, one line each (warnings start with `warning: `); [] when all is well."""
+class ContainerdVersion(NamedTuple):
+    """A containerd release: `major.minor.patch`, `prerelease` for an `-alpha`/`-beta`/`-rc`
+    build (which comes before the release of the same number)."""
+
+    major: int
+    minor: int
+    patch: int
+    prerelease: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}.{self.patch}" + (" (a pre-release)" * self.prerelease)
+
+
+_VERSION_TOKEN = re.compile(r"^v?(\d+)\.(\d+)\.(\d+)(?P<rest>[-~+.].*)?$")
+_PRERELEASE = re.compile(r"^-(alpha|beta|rc)", re.IGNORECASE)
+
+
+def parse_containerd_version(text: str) -> ContainerdVersion | None:
+    """The version in `containerd --version`'s output (`containerd github.com/containerd/containerd
+    1.6.20~ds1 1.6.20~ds1-1+deb12u3`, `containerd containerd.io 1.7.27 05044ec…`,
+    `... v2.0.4 ...`) or a bare version (`1.7.16`, `v2.0.0-rc.1`): the first word that is
+    `[v]MAJOR.MINOR.PATCH`, whatever distribution suffix follows (`~ds1`, `-1+deb12u3`);
+    None when there is none."""
+    for word in text.split():
+        m = _VERSION_TOKEN.match(word)
+        if m is not None:
+            major, minor, patch = (int(m[i]) for i in (1, 2, 3))
+            pre = bool(_PRERELEASE.match(m["rest"] or ""))
+            return ContainerdVersion(major, minor, patch, pre)
+    return None
+
+
+ROOT_EXPORT_SINCE = {(1, 6): ContainerdVersion(1, 6, 32), (1, 7): ContainerdVersion(1, 7, 16)}
+"""The first release of each line whose CRI reads `[proxy_plugins.<name>.exports] root` for
+the image filesystem (kubelet's image GC and ephemeral-storage limits); every 2.x does."""
+
+
+def has_root_export(version: ContainerdVersion) -> bool:
+    """Whether containerd `version` can be told where a proxy snapshotter's disk is."""
+    if version.major >= 2:
+        return True
+    since = ROOT_EXPORT_SINCE.get((version.major, version.minor))
+    if since is None:
+        return version[:3] > (1, 7, 16)
+    return version[:3] > since[:3] or (version[:3] == since[:3] and not version.prerelease)
+
+
+def installed_containerd_version(binary: str = "containerd", timeout_sec: float = 10.0) -> str:
+    """What `<binary> --version` prints, stripped; "" when it cannot be run, fails or hangs
+    past `timeout_sec`."""
+    try:
+        done = subprocess.run(
+            [binary, "--version"],
+            capture_output=True,
+            text=True,
+            timeout=timeout_sec,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def check_containerd_version(cfg: Config, text: str) -> list[str]:
+    """Warnings for containerd's version `text` (`containerd --version`'s output, a bare
+    version, or "" when it could not be run): a containerd that cannot be told where this
+    snapshotter's disk is (before 1.7.16, or 1.6.32 on 1.6), or a version not found."""
+    name = cfg.containerd.plugin_name
+    if not text:
+        return [
+            f"{WARNING_PREFIX}containerd's version is unknown (`containerd --version` did not "
+            "run): pass config check --containerd-version to check it"
+        ]
+    version = parse_containerd_version(text)
+    if version is None:
+        return [
+            f"{WARNING_PREFIX}no version in {text[:80]!r}: pass config check "
+            "--containerd-version MAJOR.MINOR.PATCH"
+        ]
+    if has_root_export(version):
+        return []
+    return [
+        f"{WARNING_PREFIX}containerd {version} is older than 1.7.16 (1.6.32 on 1.6): it cannot "
+        f"be told where this snapshotter's disk is ([proxy_plugins.{name}.exports] root), so "
+        "kubelet's image garbage collection and ephemeral-storage limits work only while "
+        f"<containerd root>/io.containerd.snapshotter.v1.{name} is on the snapshotter root's "
+        "filesystem (bind-mount the root there); upgrade containerd (docs/kubernetes.md)"
+    ]
+
+
+def check_all(
+    cfg: Config,
+    address: str,
+    root: Path,
+    containerd_config: Path,
+    *,
+    containerd_version: str | None = None,
+) -> list[str]:
+    """Every finding, one line each (warnings start with `warning: `); [] when all is well.
+    `containerd_version` is what `containerd --version` printed (see
+    `check_containerd_version`); None leaves the version unchecked."""
     problems = check_ours(cfg, address, root) + check_peers(cfg) + check_credentials(cfg)
+    if containerd_version is not None:
+        problems.extend(check_containerd_version(cfg, containerd_version))
     where = f"containerd config {containerd_config}"
     try:
         text = containerd_config.read_text()

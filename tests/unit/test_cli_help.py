@@ -71,7 +71,16 @@ def test_config_check_passes_with_warnings_before_containerd_made_its_dir(
     ours.write_text("")
     ctd = tmp_path / "containerd.toml"
     ctd.write_text(f'root = "{tmp_path / "ctd-root"}"\n' + GOOD_V2)
-    r = snapshotter_cli("--config", str(ours), "config", "check", "--containerd-config", str(ctd))
+    r = snapshotter_cli(
+        "--config",
+        str(ours),
+        "config",
+        "check",
+        "--containerd-config",
+        str(ctd),
+        "--containerd-version",
+        "1.7.16",
+    )
     assert r.returncode == 0, r.stdout
     warning, ok = r.stdout.splitlines()
     assert warning.startswith("warning: ") and "io.containerd.snapshotter.v1.sociable" in warning

@@ -197,6 +197,8 @@ def test_check_cli_exit_codes(tmp_path: Path) -> None:
                 "check",
                 "--containerd-config",
                 str(path),
+                "--containerd-version",
+                "1.7.16",
             ],
             cwd=REPO,
             capture_output=True,
