@@ -438,6 +438,19 @@ class CredentialProvidersConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """[metrics]: Prometheus metrics of the daemon (docs/metrics.md)."""
+
+    address: str = field(
+        default="",
+        metadata=_doc(
+            'ADDR:PORT serving the metrics at /metrics over HTTP, e.g. "127.0.0.1:9101"; '
+            "empty = no metrics. Anyone who can reach it can read them."
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration file."""
 
@@ -451,6 +464,7 @@ class Config:
     credential_providers: CredentialProvidersConfig = field(
         default_factory=CredentialProvidersConfig
     )
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -514,6 +528,7 @@ def _validate(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(f"[remote] {e}") from e
     _validate_peers(cfg.peers)
+    _validate_metrics(cfg.metrics)
     for key, path in (
         ("[cri] address", cfg.cri.address),
         ("[cri] containerd_address", cfg.cri.containerd_address),
@@ -527,6 +542,16 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f"[mirror] containerd_address: not an absolute path: {m.containerd_address!r}"
         )
+
+
+def _validate_metrics(m: MetricsConfig) -> None:
+    from snapshotter.peers.address import AddressError, parse_address
+
+    if m.address:
+        try:
+            parse_address(m.address)
+        except AddressError as e:
+            raise ConfigError(f"[metrics] address: {e}") from e
 
 
 def _validate_peers(p: PeersConfig) -> None:

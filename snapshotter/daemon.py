@@ -43,6 +43,7 @@ import trio
 
 from .config import Config
 from .errors import ConfigError, SnapshotterError
+from .metrics import grpc_recorder_of
 from .rootlock import lock_root
 from .snapshots.grpc_server import build_server
 from .snapshots.metadata import SqliteStore
@@ -264,7 +265,9 @@ async def serve(
             )
             await service.open()
             token = trio.lowlevel.current_trio_token()
-            server = build_server(service, token, threads=cfg.daemon.grpc_threads)
+            server = build_server(
+                service, token, threads=cfg.daemon.grpc_threads, calls=grpc_recorder_of(mounter)
+            )
             if fds:
                 bind_path = root / "grpc.sock"
                 prepare_socket_path(bind_path)

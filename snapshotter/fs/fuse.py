@@ -26,10 +26,10 @@ import subprocess
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import pyfuse3
 import trio
@@ -184,19 +184,69 @@ def fuse_error(op: str, exc: Exception, layer: str, eio_log: _EioLog | None = No
     return pyfuse3.FUSEError(errno.EIO)
 
 
+class FuseOpRecorder(Protocol):
+    """Where the boundary records one operation's answers (`snapshotter.metrics`)."""
+
+    def done(self, seconds: float) -> None:
+        """The op answered after `seconds`."""
+        ...
+
+    def failed(self, seconds: float, code: int) -> None:
+        """The op answered errno `code` after `seconds`."""
+        ...
+
+
+class FuseMetrics(Protocol):
+    """Gives the recorder of each op; asked once per op when the adapter is built."""
+
+    def fuse_op(self, op: str) -> FuseOpRecorder: ...
+
+
+FUSE_OPS: Final = (
+    "lookup",
+    "getattr",
+    "readlink",
+    "opendir",
+    "readdir",
+    "releasedir",
+    "open",
+    "read",
+    "release",
+    "getxattr",
+    "listxattr",
+    "statfs",
+    "access",
+)
+"""The operations `FuseOperations` answers (and records)."""
+
+
 @contextmanager
 def _translated(
-    op: str, host: LayerHost, *, inode: int | None = None, fh: int | None = None
+    op: str,
+    host: LayerHost,
+    *,
+    inode: int | None = None,
+    fh: int | None = None,
+    record: FuseOpRecorder | None = None,
 ) -> Iterator[None]:
     """The error boundary of one request: everything but `FUSEError` goes through
-    `fuse_error`; nothing else escapes into pyfuse3's main loop."""
+    `fuse_error`; nothing else escapes into pyfuse3's main loop. With `record`, the
+    request's latency and errno are recorded."""
+    t0 = time.perf_counter() if record is not None else 0.0
     try:
         yield
-    except pyfuse3.FUSEError:
+    except pyfuse3.FUSEError as e:
+        if record is not None:
+            record.failed(time.perf_counter() - t0, e.errno)
         raise
     except Exception as e:
         eio_log = _EIO_LOGS.setdefault(host, _EioLog())
-        raise fuse_error(op, e, host.describe(inode=inode, fh=fh), eio_log) from e
+        error = fuse_error(op, e, host.describe(inode=inode, fh=fh), eio_log)
+        if record is not None:
+            record.failed(time.perf_counter() - t0, error.errno)
+        raise error from e
+    if record is not None:
+        record.done(time.perf_counter() - t0)
 
 
 def entry_attributes(attr: Attr) -> Any:
@@ -227,12 +277,21 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, host: LayerHost) -> None:
+    def __init__(self, host: LayerHost, metrics: FuseMetrics | None = None) -> None:
         super().__init__()
         self.host = host
+        self._records: dict[str, FuseOpRecorder] = (
+            {op: metrics.fuse_op(op) for op in FUSE_OPS} if metrics is not None else {}
+        )
+
+    def _boundary(
+        self, op: str, *, inode: int | None = None, fh: int | None = None
+    ) -> AbstractContextManager[None]:
+        """The boundary (`_translated`) of one `op` request, recorded when metrics are on."""
+        return _translated(op, self.host, inode=inode, fh=fh, record=self._records.get(op))
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
-        with _translated("lookup", self.host, inode=parent_inode):
+        with self._boundary("lookup", inode=parent_inode):
             return entry_attributes(self.host.lookup(parent_inode, name))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -240,19 +299,19 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         return None
 
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
-        with _translated("getattr", self.host, inode=inode):
+        with self._boundary("getattr", inode=inode):
             return entry_attributes(self.host.getattr(inode))
 
     async def readlink(self, inode: int, ctx: Any = None) -> bytes:
-        with _translated("readlink", self.host, inode=inode):
+        with self._boundary("readlink", inode=inode):
             return self.host.readlink(inode)
 
     async def opendir(self, inode: int, ctx: Any = None) -> int:
-        with _translated("opendir", self.host, inode=inode):
+        with self._boundary("opendir", inode=inode):
             return self.host.opendir(inode)
 
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        with _translated("readdir", self.host, fh=fh):
+        with self._boundary("readdir", fh=fh):
             for item in self.host.readdir(fh, start_id):
                 if not pyfuse3.readdir_reply(
                     token, item.name, entry_attributes(item.attr), item.next_offset
@@ -260,34 +319,34 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
                     break
 
     async def releasedir(self, fh: int) -> None:
-        with _translated("releasedir", self.host, fh=fh):
+        with self._boundary("releasedir", fh=fh):
             self.host.releasedir(fh)
 
     async def open(self, inode: int, flags: int, ctx: Any = None) -> Any:
-        with _translated("open", self.host, inode=inode):
+        with self._boundary("open", inode=inode):
             result = self.host.open(inode, flags)
             return pyfuse3.FileInfo(
                 fh=result.fh, keep_cache=result.cacheable, direct_io=not result.cacheable
             )
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        with _translated("read", self.host, fh=fh):
+        with self._boundary("read", fh=fh):
             return await self.host.read(fh, off, size)
 
     async def release(self, fh: int) -> None:
-        with _translated("release", self.host, fh=fh):
+        with self._boundary("release", fh=fh):
             self.host.release(fh)
 
     async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
-        with _translated("getxattr", self.host, inode=inode):
+        with self._boundary("getxattr", inode=inode):
             return self.host.getxattr(inode, name)
 
     async def listxattr(self, inode: int, ctx: Any = None) -> Sequence[bytes]:
-        with _translated("listxattr", self.host, inode=inode):
+        with self._boundary("listxattr", inode=inode):
             return list(self.host.listxattr(inode))
 
     async def statfs(self, ctx: Any = None) -> Any:
-        with _translated("statfs", self.host):
+        with self._boundary("statfs"):
             stats = self.host.statfs()
             data = pyfuse3.StatvfsData()
             data.f_bsize = stats.block_size
@@ -302,7 +361,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
             return data
 
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:
-        with _translated("access", self.host, inode=inode):
+        with self._boundary("access", inode=inode):
             try:
                 groups = tuple(pyfuse3.get_sup_groups(ctx.pid))
             except OSError:  # the caller may be gone already
@@ -461,10 +520,12 @@ async def open_fuse_host(
     extra_options: frozenset[str] = frozenset(),
     max_tasks: int = 64,
     read_ahead_kb: int = READ_AHEAD_KB,
+    metrics: FuseMetrics | None = None,
 ) -> AsyncIterator[FuseMount]:
     """Mount `host` at `mountpoint` and serve it until the block exits; always unmount.
 
     `read_ahead_kb` (0 = leave the kernel default) is applied with `set_read_ahead`.
+    `metrics`: where every request's latency and errno are recorded (None: nowhere).
 
     The pyfuse3 main loop runs in a nursery owned by this context manager; on exit (normal,
     error or cancellation) it is cancelled and the filesystem unmounted with
@@ -474,7 +535,7 @@ async def open_fuse_host(
         RuntimeError: pyfuse3 cannot mount (no /dev/fuse, bad mountpoint, already mounted in
             this process); the message names the mountpoint.
     """
-    ops = FuseOperations(host)
+    ops = FuseOperations(host, metrics)
     try:
         pyfuse3.init(ops, os.fspath(mountpoint), set(MOUNT_OPTIONS | extra_options))
     except RuntimeError as e:

@@ -91,6 +91,8 @@ class CacheStats:
     puts: int
     evictions: int
     corrupt_dropped: int
+    hit_bytes: int = 0
+    """Bytes the hits returned (compressed spans, or the inflated bytes asked for)."""
 
 
 def _layer_dir_name(layer: Digest) -> str:
@@ -127,6 +129,7 @@ class _SpanFiles:
         self._released: set[Digest] = set()
         self._bytes = 0
         self._hits = self._misses = self._puts = self._evictions = self._corrupt = 0
+        self._hit_bytes = 0
         self._tmp_seq = 0
         try:
             self._spans_dir.mkdir(parents=True, exist_ok=True)
@@ -214,6 +217,7 @@ class _SpanFiles:
                 puts=self._puts,
                 evictions=self._evictions,
                 corrupt_dropped=self._corrupt,
+                hit_bytes=self._hit_bytes,
             )
 
     # -- get / put -------------------------------------------------------------------------
@@ -393,6 +397,7 @@ class SpanCache(_SpanFiles):
             if key in self._lru:
                 self._lru.move_to_end(key)
             self._hits += 1
+            self._hit_bytes += len(data)
         return data
 
     def put(self, layer: Digest, span: SpanId, data: bytes) -> None:
@@ -507,4 +512,5 @@ class InflatedCache(_SpanFiles):
             return None
         with self._lock:
             self._hits += 1
+            self._hit_bytes += len(data)
         return data

@@ -432,9 +432,15 @@ def bind_listener(
     return sock
 
 
-async def serve_listener(app: PeerApp, sock: socket.socket) -> None:
-    """Serve `app` on the bound `sock` until cancelled (hypercorn, HTTP/1.1). The server
-    takes the socket over (`sock` is detached at once) and closes it when it stops."""
+AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+async def serve_listener(
+    app: AsgiApp, sock: socket.socket, *, errorlog: str = "snapshotter.peers.hypercorn"
+) -> None:
+    """Serve `app` (this module's `PeerApp`, or the metrics app) on the bound `sock` until
+    cancelled (hypercorn, HTTP/1.1), logging hypercorn's errors to logger `errorlog`. The
+    server takes the socket over (`sock` is detached at once) and closes it when it stops."""
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
@@ -444,7 +450,7 @@ async def serve_listener(app: PeerApp, sock: socket.socket) -> None:
     config.bind = [f"fd://{sock.detach()}"]
     config.accesslog = None
     config.include_server_header = False  # answers name no software or version
-    config.errorlog = logging.getLogger("snapshotter.peers.hypercorn")
+    config.errorlog = logging.getLogger(errorlog)
     config.keep_alive_timeout = 30
     config.graceful_timeout = 1
     await serve(app, config, mode="asgi")  # type: ignore[arg-type]

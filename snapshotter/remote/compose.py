@@ -20,6 +20,13 @@ Task tree (every task lives in a scope owned by what it serves):
     │   ├── one task per peer request (hypercorn's)
     │   └── the mirror's whole-blob check of a layer out of the span cache, once per layer
     └── layer snap-<id>       one per mounted lazy layer (read-ahead), closed by unmount
+    metrics                   the /metrics listener ([metrics] address), closed before remote
+    └── one task per scrape (hypercorn's)
+
+Metrics (`[metrics] address`): one `DaemonMetrics` for the daemon, given to the parts that
+record (FUSE boundary, sources, mounter) and carried by the mounter as `metrics` for the gRPC
+server; the parts' own statistics are read at scrape time by collectors. A listener that
+cannot bind disables only the metrics (one `metrics disabled` error line).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -48,9 +56,18 @@ from snapshotter.credentials.keychain import Keychain
 from snapshotter.credentials.providers import load_keychain
 from snapshotter.lazy import BackgroundFetcher, DemandTracker
 from snapshotter.lazy.cache import SpanCache
+from snapshotter.metrics import DaemonMetrics, MetricsApp, bind_metrics, serve_metrics
+from snapshotter.metrics.collectors import (
+    BackgroundCollector,
+    CacheCollector,
+    LayersCollector,
+    NodePeersView,
+    PeersCollector,
+)
 from snapshotter.mirror.access import PublicRepositories
 from snapshotter.mirror.serve import MirrorService
 from snapshotter.mirror.spans import SpanBlobs
+from snapshotter.peers.address import AddressError
 from snapshotter.peers.client import PeerBlobClient
 from snapshotter.peers.content import ContentStore
 from snapshotter.peers.images import ImageStore
@@ -217,8 +234,41 @@ async def _mirror(
     )
 
 
+def _bind_metrics(settings: Settings) -> tuple[DaemonMetrics, socket.socket] | None:
+    """The daemon's metrics and their bound listener when `[metrics] address` is set; a
+    listener that cannot bind disables the metrics (one `metrics disabled` error line)."""
+    address = settings.config.metrics.address
+    if not address:
+        return None
+    try:
+        sock = bind_metrics(address)
+    except (OSError, AddressError) as e:
+        log.error("metrics disabled", extra={"address": address, "error": str(e)})
+        return None
+    return DaemonMetrics(), sock
+
+
+@asynccontextmanager
+async def _serving_metrics(
+    bound: tuple[DaemonMetrics, socket.socket] | None,
+) -> AsyncIterator[None]:
+    """Serve `/metrics` in a task scope of its own (`metrics`) for the block's duration."""
+    if bound is None:
+        yield
+        return
+    metrics, sock = bound
+    address = "{}:{}".format(*sock.getsockname()[:2])
+    async with open_task_scope("metrics") as scope:
+        scope.start_soon(serve_metrics, MetricsApp(metrics.registry), sock, name="metrics listener")
+        log.info("metrics enabled", extra={"address": address})
+        yield
+
+
 async def _build(
-    settings: Settings, stack: contextlib.AsyncExitStack, step: _Step
+    settings: Settings,
+    stack: contextlib.AsyncExitStack,
+    step: _Step,
+    metrics: DaemonMetrics | None = None,
 ) -> RemoteMounter:
     """Every part of lazy loading, entered into `stack`. Raises whatever a part raises."""
     from snapshotter.fs import LayerHost
@@ -258,9 +308,11 @@ async def _build(
     read_config = cfg.read_config()
     if peer_node is not None:
         read_config = dataclasses.replace(read_config, chunk_bytes=peer_node.cfg.chunk_bytes)
-    registry_sources = RegistrySources(client, cfg.fetch_config())
+    registry_sources = RegistrySources(
+        client, cfg.fetch_config(), meter=metrics.metered if metrics is not None else None
+    )
     step.name = "fuse"
-    fuse = await stack.enter_async_context(open_fuse_host(fuse_dir, LayerHost()))
+    fuse = await stack.enter_async_context(open_fuse_host(fuse_dir, LayerHost(), metrics=metrics))
     step.name = "tasks"
     scope: TaskScope = await stack.enter_async_context(open_task_scope("remote"))
     background_scope = await scope.open_child("background")
@@ -317,7 +369,18 @@ async def _build(
         mount_timeout_sec=cfg.mount_timeout_sec,
         local_unpack=cfg.local_unpack,
         peers_status=peers_status,
+        metrics=metrics,
     )
+    if metrics is not None:
+        metrics.register(
+            [
+                CacheCollector(cache),
+                BackgroundCollector(background.statistics),
+                LayersCollector(lambda: len(layers)),
+            ]
+        )
+        if peer_node is not None:
+            metrics.register([PeersCollector(NodePeersView(peer_node))])
 
     def status() -> dict[str, object]:
         # FUSE requests answered per handler and their CPU time (benchmarks read them).
@@ -347,8 +410,10 @@ async def open_remote_mounter(settings: Settings) -> AsyncIterator[LayerMounter]
         return
     step = _Step()
     stack = contextlib.AsyncExitStack()
+    bound = _bind_metrics(settings)
+    metrics = bound[0] if bound is not None else None
     try:
-        mounter: RemoteMounter | DegradedMounter = await _build(settings, stack, step)
+        mounter: RemoteMounter | DegradedMounter = await _build(settings, stack, step, metrics)
     except Exception as e:  # the start-up policy: lazy loading broken -> degraded, logged once
         with trio.CancelScope(shield=True):
             await stack.aclose()
@@ -356,10 +421,10 @@ async def open_remote_mounter(settings: Settings) -> AsyncIterator[LayerMounter]
             "lazy layers disabled",
             extra={"component": step.name, "error": f"{type(e).__name__}: {e}"},
         )
-        mounter = DegradedMounter(step.name, f"{type(e).__name__}: {e}")
+        mounter = DegradedMounter(step.name, f"{type(e).__name__}: {e}", metrics=metrics)
         await _write_status(settings, mounter.status())
     try:
-        async with stack:
+        async with stack, _serving_metrics(bound):
             yield mounter
     finally:
         remove_daemon_status(root)

@@ -58,26 +58,40 @@ log = logging.getLogger(__name__)
 MAX_SOURCES = 64
 """Registry sources (one per repository) kept for reuse; readers keep their own."""
 
+SourceMeter = Callable[[BlobSource, str], BlobSource]
+"""Wraps a source so that what it fetches is recorded under a kind (`registry`, `peer`):
+`snapshotter.metrics.DaemonMetrics.metered`."""
+
 
 class RegistrySources:
-    """One `RegistrySource` per repository, shared by its layers; LRU-bounded."""
+    """One `RegistrySource` per repository, shared by its layers; LRU-bounded. With `meter`,
+    each is wrapped once (kind `registry`), so every fetch from a registry is recorded:
+    the layers', and those made for peers and for the mirror."""
 
     def __init__(
-        self, client: AsyncRegistryClient, config: FetchConfig, *, max_sources: int = MAX_SOURCES
+        self,
+        client: AsyncRegistryClient,
+        config: FetchConfig,
+        *,
+        max_sources: int = MAX_SOURCES,
+        meter: SourceMeter | None = None,
     ) -> None:
         self._client = client
         self._config = config
         self._max = max(1, max_sources)
-        self._sources: OrderedDict[str, RegistrySource] = OrderedDict()
+        self.meter = meter
+        self._sources: OrderedDict[str, BlobSource] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"<RegistrySources {len(self._sources)}>"
 
-    def get(self, ref: Reference) -> RegistrySource:
+    def get(self, ref: Reference) -> BlobSource:
         key = f"{ref.registry}/{ref.repository}"
         source = self._sources.get(key)
         if source is None:
             source = RegistrySource(self._client, ref, config=self._config)
+            if self.meter is not None:
+                source = self.meter(source, "registry")
             self._sources[key] = source
             while len(self._sources) > self._max:
                 self._sources.popitem(last=False)
@@ -111,7 +125,11 @@ class LayerSources:
         upstream = self.registry.get(ref)
         if self.peers is None:
             return upstream
-        peer = PeerSource(self.peers, ref, Digest(record.layer_digest), Digest(record.ztoc_digest))
+        peer: BlobSource = PeerSource(
+            self.peers, ref, Digest(record.layer_digest), Digest(record.ztoc_digest)
+        )
+        if self.registry.meter is not None:
+            peer = self.registry.meter(peer, "peer")
         return ChainSource(
             [peer, upstream],
             budgets=[self.peers.budget_sec * self.peers.owners + 1.0, self._registry_budget],

@@ -102,13 +102,29 @@ class Records(Protocol):
         ...
 
 
-class _FallbackLog:
-    """Logs each (key, reason) fallback once; remembers at most `MAX_LOGGED` of them."""
+class MountRecorder(Protocol):
+    """Where results and fallbacks are counted (`snapshotter.metrics`)."""
 
-    def __init__(self) -> None:
+    def mount_result(self, result: str) -> None:
+        """A layer's Prepare ended `result` (`MountResult` value)."""
+        ...
+
+    def fallback(self, reason: str) -> None:
+        """A layer fell back for `reason` (`RemoteError.reason`), every time."""
+        ...
+
+
+class _FallbackLog:
+    """Logs each (key, reason) fallback once; remembers at most `MAX_LOGGED` of them. Counts
+    every one in `record` when given."""
+
+    def __init__(self, record: MountRecorder | None = None) -> None:
         self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._record = record
 
     def __call__(self, e: RemoteError, *, image: str, layer: str, once_key: str) -> None:
+        if self._record is not None:
+            self._record.fallback(e.reason)
         key = (once_key, e.reason)
         if key in self._seen:
             self._seen.move_to_end(key)
@@ -139,8 +155,10 @@ class RemoteMounter:
         mount_timeout_sec: float,
         local_unpack: bool = True,
         peers_status: Callable[[], dict[str, object]] | None = None,
+        metrics: MountRecorder | None = None,
     ) -> None:
         self.catalog = catalog
+        self.metrics = metrics
         self.peers_status = peers_status
         self.layers = layers
         self.unpacker = unpacker
@@ -148,7 +166,7 @@ class RemoteMounter:
         self.mount_timeout_sec = mount_timeout_sec
         self.local_unpack = local_unpack
         self._broken: dict[str, str] = {}
-        self._fallback = _FallbackLog()
+        self._fallback = _FallbackLog(metrics)
 
     def __repr__(self) -> str:
         return f"<RemoteMounter {self.layers!r} broken={len(self._broken)}>"
@@ -187,7 +205,14 @@ class RemoteMounter:
     # -- LayerMounter ------------------------------------------------------------------------
 
     async def mount(self, mountpoint: Path, labels: Mapping[str, str]) -> MountResult:
-        """See `LayerMounter.mount` and the module doc. Never raises a RemoteError."""
+        """See `LayerMounter.mount` and the module doc. Never raises a RemoteError. The
+        result is counted in `metrics` (an exception, which the service declines, is not)."""
+        result = await self._mount(mountpoint, labels)
+        if self.metrics is not None:
+            self.metrics.mount_result(result.value)
+        return result
+
+    async def _mount(self, mountpoint: Path, labels: Mapping[str, str]) -> MountResult:
         try:
             ll = LayerLabels.parse(labels)
             ref = Reference.parse(ll.image_ref)
@@ -304,11 +329,12 @@ class DegradedMounter:
     layer (logged once, reason `degraded`); a lazy layer of an earlier run is not restored
     and answers Unavailable on `check`."""
 
-    def __init__(self, component: str, error: str) -> None:
+    def __init__(self, component: str, error: str, *, metrics: MountRecorder | None = None) -> None:
         self.component = component
         self.error = error
+        self.metrics = metrics
         self._broken: dict[str, str] = {}
-        self._fallback = _FallbackLog()
+        self._fallback = _FallbackLog(metrics)
 
     def __repr__(self) -> str:
         return f"<DegradedMounter {self.component}: {self.error}>"
@@ -331,6 +357,8 @@ class DegradedMounter:
             layer=labels.get(TARGET_REF, ""),
             once_key="degraded",
         )
+        if self.metrics is not None:
+            self.metrics.mount_result(MountResult.DECLINED.value)
         return MountResult.DECLINED
 
     async def check(self, mountpoint: Path) -> None:

@@ -12,9 +12,10 @@ trio round trip: about a third less latency on containerd's hottest call). Domai
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 import trio
@@ -93,12 +94,28 @@ def mounts_to_pb(mounts: Sequence[Mount]) -> list[mount_pb2.Mount]:
     return [mount_pb2.Mount(type=m.type, source=m.source, options=list(m.options)) for m in mounts]
 
 
-class SnapshotsServicer(snapshots_pb2_grpc.SnapshotsServicer):  # type: ignore[misc]
-    """gRPC handlers over one SnapshotService living on a trio loop."""
+class CallRecorder(Protocol):
+    """Where each call's answer is recorded (`snapshotter.metrics`). Called from grpcio's
+    worker threads: must be thread-safe."""
 
-    def __init__(self, service: SnapshotService, token: trio.lowlevel.TrioToken) -> None:
+    def grpc_call(self, method: str, code: str, seconds: float) -> None:
+        """`method` answered status `code` (`OK`, `NOT_FOUND`, ...) after `seconds`."""
+        ...
+
+
+class SnapshotsServicer(snapshots_pb2_grpc.SnapshotsServicer):  # type: ignore[misc]
+    """gRPC handlers over one SnapshotService living on a trio loop; every call's method,
+    status code and latency go to `calls` when given."""
+
+    def __init__(
+        self,
+        service: SnapshotService,
+        token: trio.lowlevel.TrioToken,
+        calls: CallRecorder | None = None,
+    ) -> None:
         self._service = service
         self._token = token
+        self._calls = calls
 
     def __repr__(self) -> str:
         return f"<SnapshotsServicer {self._service!r}>"
@@ -106,20 +123,31 @@ class SnapshotsServicer(snapshots_pb2_grpc.SnapshotsServicer):  # type: ignore[m
     def _call(
         self, context: grpc.ServicerContext, method: str, fn: Callable[[], Awaitable[T]]
     ) -> T:
+        t0 = time.perf_counter()
         try:
             result: T = trio.from_thread.run(fn, trio_token=self._token)
-            return result
         except BaseException as exc:
-            self._abort(context, method, exc)
+            self._abort(context, method, exc, t0)
+        if self._calls is not None:
+            self._calls.grpc_call(method, "OK", time.perf_counter() - t0)
+        return result
 
     def _call_blocking(self, context: grpc.ServicerContext, method: str, fn: Callable[[], T]) -> T:
+        t0 = time.perf_counter()
         try:
-            return fn()
+            result = fn()
         except BaseException as exc:
-            self._abort(context, method, exc)
+            self._abort(context, method, exc, t0)
+        if self._calls is not None:
+            self._calls.grpc_call(method, "OK", time.perf_counter() - t0)
+        return result
 
-    def _abort(self, context: grpc.ServicerContext, method: str, exc: BaseException) -> NoReturn:
+    def _abort(
+        self, context: grpc.ServicerContext, method: str, exc: BaseException, t0: float
+    ) -> NoReturn:
         code, message = status_for(exc)
+        if self._calls is not None:
+            self._calls.grpc_call(method, code.name, time.perf_counter() - t0)
         if code is grpc.StatusCode.UNKNOWN:
             log.error(
                 "unexpected error", exc_info=exc, extra={"method": method, "error": repr(exc)}
@@ -193,9 +221,14 @@ class SnapshotsServicer(snapshots_pb2_grpc.SnapshotsServicer):  # type: ignore[m
 
 
 def build_server(
-    service: SnapshotService, token: trio.lowlevel.TrioToken, *, threads: int
+    service: SnapshotService,
+    token: trio.lowlevel.TrioToken,
+    *,
+    threads: int,
+    calls: CallRecorder | None = None,
 ) -> grpc.Server:
-    """A grpcio server (not yet bound or started) serving `service`.
+    """A grpcio server (not yet bound or started) serving `service`, recording every call
+    in `calls` when given.
 
     `threads` bounds concurrent requests. The caller binds it
     (`add_insecure_port("unix:...")`), starts it, and stops it while the trio
@@ -209,5 +242,7 @@ def build_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(service, token), server)
+    snapshots_pb2_grpc.add_SnapshotsServicer_to_server(
+        SnapshotsServicer(service, token, calls), server
+    )
     return server
