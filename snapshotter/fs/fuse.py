@@ -339,6 +339,10 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
 
     async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
         with self._boundary("getxattr", inode=inode):
+            # Most inodes have no xattrs, and overlayfs asks its lowers for trusted.overlay.*
+            # on lookups: answer a miss without a domain exception and its message.
+            if name not in self.host.listxattr(inode):
+                raise pyfuse3.FUSEError(errno.ENODATA)
             return self.host.getxattr(inode, name)
 
     async def listxattr(self, inode: int, ctx: Any = None) -> Sequence[bytes]:
