@@ -20,6 +20,10 @@ Every directory lists `.` and `..` first, as Linux filesystems do (readdir offse
 is a subdirectory of this one filesystem, bind-mounted elsewhere, and a bind mount of a
 subdirectory of ext4 lists its real parent too) and the FUSE root's parent is itself.
 
+Handles are stateless: a file or directory handle IS its inode number, so a restarted
+daemon answers for handles the kernel got from the previous process (reads, listings),
+`release`/`releasedir` have nothing to free, and a status file is rendered when read.
+
 Reads of regular files go through the layer's `LayerReader`. Before the first read of a file
 the host (unless `verify_headers=False`) reads its tar header through the same reader and checks
 it against the tree (`snapshotter.fs.verify`). Every read failure is recorded as the layer's
@@ -82,7 +86,8 @@ class Listing:
 
 @dataclass(frozen=True, slots=True)
 class OpenResult:
-    """An open file handle; `cacheable` False asks for direct I/O (the status file)."""
+    """An open file handle (the inode number); `cacheable` False asks for direct I/O (the
+    status file)."""
 
     fh: int
     cacheable: bool
@@ -179,13 +184,6 @@ class _Layer:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class _FileHandle:
-    layer: _Layer
-    node: NodeId | None  # None: the status file, served from `snapshot`
-    snapshot: bytes = b""
-
-
 def default_slot(name: str) -> int:
     """The slot a layer name gets unless one is given: stable across restarts (a hash)."""
     digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).digest()
@@ -193,21 +191,20 @@ def default_slot(name: str) -> int:
 
 
 class LayerHost:
-    """All mounted layers and the open handles on them. Not thread-safe: use from one trio loop.
+    """All mounted layers. Not thread-safe: use from one trio loop.
 
-    Inode numbers follow `snapshotter.fs.inodes`. Every method raises `NotFound` for an inode
-    whose layer is not (or no longer) mounted.
+    Inode numbers follow `snapshotter.fs.inodes`; handles are inode numbers (see the module
+    doc). Every method raises `NotFound` for an inode whose layer is not (or no longer)
+    mounted.
     """
 
     def __init__(self, *, verify_headers: bool = True) -> None:
         self.verify_headers = verify_headers
         self._by_name: dict[bytes, _Layer] = {}
         self._by_slot: dict[int, _Layer] = {}
-        self._handles: dict[int, _FileHandle | InodeNo] = {}
-        self._next_fh = 1
 
     def __repr__(self) -> str:
-        return f"<LayerHost layers={len(self._by_name)} open={len(self._handles)}>"
+        return f"<LayerHost layers={len(self._by_name)}>"
 
     # -- layers -----------------------------------------------------------------------------
 
@@ -248,7 +245,8 @@ class LayerHost:
         return slot
 
     def remove_layer(self, name: str) -> int:
-        """Unmount layer `name`; returns its former slot. Open handles then fail with EIO.
+        """Unmount layer `name`; returns its former slot. Its open handles then fail: reads
+        with `LayerReadError` (EIO), the rest with `NotFound`.
 
         Raises `NotFound` if no such layer is mounted.
         """
@@ -283,12 +281,7 @@ class LayerHost:
         """What an inode or open handle belongs to, for log messages (`layer <name>`, `the
         host root`, or `unknown ...`). Never raises."""
         if fh is not None:
-            handle = self._handles.get(fh)
-            if isinstance(handle, _FileHandle):
-                return f"layer {handle.layer.name}"
-            if handle is None:
-                return f"unknown handle {fh}"
-            inode = handle
+            inode = fh
         if inode is None or inode == FUSE_ROOT_INODE:
             return "the host root"
         layer = self._by_slot.get(split_inode(inode)[0])
@@ -436,11 +429,12 @@ class LayerHost:
     # -- directories ------------------------------------------------------------------------
 
     def opendir(self, inode: int) -> int:
-        """A handle for listing directory `inode`. Raises `NotADirectory`, `NotFound`."""
+        """A handle for listing directory `inode` (`inode` itself). Raises `NotADirectory`,
+        `NotFound`."""
         attr = self.getattr(inode)
         if not stat.S_ISDIR(attr.mode):
             raise NotADirectory(f"inode {inode} is not a directory")
-        return self._new_handle(InodeNo(inode))
+        return inode
 
     def readdir(self, fh: int, offset: int) -> Iterator[Listing]:
         """Entries of an open directory from position `offset` (0 or an earlier `next_offset`).
@@ -448,11 +442,10 @@ class LayerHost:
         Every directory starts with `.` (offset 1) and `..` (offset 2). Then the root lists
         layers in slot order (`next_offset` = slot + 2, stable while layers come and go); other
         directories list by name (`next_offset` = position + 2). The state directory is not
-        listed. Raises `BadHandle`, `NotFound` if the layer was removed.
+        listed. Raises `BadHandle` (not a directory), `NotFound` if the layer was removed.
         """
-        inode = self._handles.get(fh)
-        if not isinstance(inode, int):
-            raise BadHandle(f"directory handle {fh} is not open")
+        inode = fh
+        self._directory_handle(fh)
         if inode == FUSE_ROOT_INODE:
             if offset < DOT_ENTRIES:
                 yield from self._dots(offset, self._root_attr(), self._root_attr())
@@ -491,18 +484,25 @@ class LayerHost:
         yield Listing(b"..", parent, 2)
 
     def releasedir(self, fh: int) -> None:
-        """Close a directory handle. Raises `BadHandle` if it is not an open directory."""
-        if not isinstance(self._handles.get(fh), int):
-            raise BadHandle(f"directory handle {fh} is not open")
-        del self._handles[fh]
+        """Close a directory handle: nothing to free. Raises `BadHandle` if `fh` names no
+        directory (a removed layer's directory is fine)."""
+        try:
+            self._directory_handle(fh)
+        except NotFound:
+            return
+
+    def _directory_handle(self, fh: int) -> None:
+        """Raises `BadHandle` unless handle `fh` is a directory, `NotFound`."""
+        try:
+            attr = self.getattr(fh)
+        except NotFound:
+            if fh != FUSE_ROOT_INODE and split_inode(fh)[0] == 0:
+                raise BadHandle(f"directory handle {fh} is not open") from None
+            raise
+        if not stat.S_ISDIR(attr.mode):
+            raise BadHandle(f"directory handle {fh} is not a directory")
 
     # -- files ------------------------------------------------------------------------------
-
-    def _new_handle(self, value: _FileHandle | InodeNo) -> int:
-        fh = self._next_fh
-        self._next_fh += 1
-        self._handles[fh] = value
-        return fh
 
     def open(self, inode: int, flags: int) -> OpenResult:
         """Open `inode` for reading.
@@ -519,48 +519,52 @@ class LayerHost:
         if node is None:
             if local == STATE_DIR_LOCAL:
                 raise IsADirectory(f"layer {layer.name}: the state directory is a directory")
-            snapshot = layer.status().to_json()
-            return OpenResult(self._new_handle(_FileHandle(layer, None, snapshot)), False)
+            return OpenResult(inode, False)
         attr = layer.tree.attr(node)
         if attr.is_dir:
             raise IsADirectory(f"layer {layer.name}: {layer.tree.path_of(node)!r} is a directory")
-        return OpenResult(self._new_handle(_FileHandle(layer, node)), True)
+        return OpenResult(inode, True)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         """Up to `size` bytes of an open file from `offset` (fewer only at end of file).
 
         Raises:
-            BadHandle: `fh` is not an open file.
+            BadHandle: `fh` is not a file.
             LayerReadError: the reader failed, returned short data, the tar header did not
                 match, or the layer was removed. The error is recorded in the layer status.
         """
-        handle = self._handles.get(fh)
-        if not isinstance(handle, _FileHandle):
-            raise BadHandle(f"file handle {fh} is not open")
-        layer = handle.layer
-        if handle.node is None:
-            return handle.snapshot[offset : offset + size]
-        if layer.removed:
-            raise LayerReadError(f"layer {layer.name} was removed")
+        slot, local = split_inode(fh)
+        layer = self._by_slot.get(slot)
+        if layer is None or layer.removed:
+            if slot == 0 or local == 0:
+                raise BadHandle(f"file handle {fh} is not a file")
+            raise LayerReadError(f"inode {fh}: its layer is not mounted (removed)")
+        node = local_to_node(local)
+        if node is None:
+            if local != STATUS_FILE_LOCAL:
+                raise BadHandle(f"file handle {fh} is not a file")
+            return layer.status().to_json()[offset : offset + size]
+        if not 0 <= node < layer.tree.node_count or layer.tree.attr(node).is_dir:
+            raise BadHandle(f"file handle {fh} is not a file")
         tree = layer.tree
-        data_off, file_size = tree.data_range(handle.node)
+        data_off, file_size = tree.data_range(node)
         if offset >= file_size or size <= 0:
             return b""
         length = min(size, file_size - offset)
         try:
-            if self.verify_headers and not self._verified(layer, handle.node):
-                await self._verify(layer, handle.node)
+            if self.verify_headers and not self._verified(layer, node):
+                await self._verify(layer, node)
             data = await layer.reader.read(UncompressedOffset(data_off + offset), length)
             if len(data) != length:
                 raise LayerReadError(
-                    f"layer {layer.name}: {tree.path_of(handle.node)!r}: reader returned "
+                    f"layer {layer.name}: {tree.path_of(node)!r}: reader returned "
                     f"{len(data)} of {length} bytes at file offset {offset}"
                 )
         except LayerReadError as e:
             self._record_error(layer, str(e))
             raise
         except Exception as e:
-            message = f"layer {layer.name}: reading {tree.path_of(handle.node)!r}: {e!r}"
+            message = f"layer {layer.name}: reading {tree.path_of(node)!r}: {e!r}"
             self._record_error(layer, message)
             raise LayerReadError(message) from e
         layer.bytes_served += length
@@ -582,7 +586,5 @@ class LayerHost:
         layer.last_error = message
 
     def release(self, fh: int) -> None:
-        """Close a file handle. Raises `BadHandle` if it is not an open file."""
-        if not isinstance(self._handles.get(fh), _FileHandle):
-            raise BadHandle(f"file handle {fh} is not open")
-        del self._handles[fh]
+        """Close a file handle: nothing to free (handles are inode numbers)."""
+        return None

@@ -735,8 +735,10 @@ def test_host_layout_state_dir_and_errors(tar_layer: tuple[Path, list[FileMetada
     assert [x.name for x in listing] == [b".", b"..", b"b", b"a"]  # then slot order
     assert [x.name for x in host.readdir(fh, listing[2].next_offset)] == [b"a"]
     host.releasedir(fh)
+    host.releasedir(fh)  # handles are inode numbers: nothing is freed, nothing can go stale
     with pytest.raises(BadHandle):
-        host.releasedir(fh)
+        etc = host.lookup(host.lookup(FUSE_ROOT_INODE, b"a").inode, b"etc").inode
+        host.releasedir(host.lookup(etc, b"hosts").inode)  # a file is no directory handle
 
     layer_root = host.lookup(FUSE_ROOT_INODE, b"a")
     fh = host.opendir(layer_root.inode)
