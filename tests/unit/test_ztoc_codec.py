@@ -402,7 +402,8 @@ def test_missing_tables_and_unknown_algorithms_are_rejected() -> None:
     assert (
         decode_ztoc(_buffer(algorithm=2)).compression.algorithm == CompressionAlgorithm.UNCOMPRESSED
     )
-    for value in (0, 3, -1):
+    assert decode_ztoc(_buffer(algorithm=3)).compression.algorithm == CompressionAlgorithm.ZSTD
+    for value in (0, 4, -1):
         with pytest.raises(ZtocFormatError, match=f"unknown compression_algorithm {value}"):
             decode_ztoc(_buffer(algorithm=value))
 
