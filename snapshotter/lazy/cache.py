@@ -16,9 +16,12 @@ whole compressed span. Its files are keyed by (layer digest, uncompressed start 
 span) and named `inflated/spans/sha256-<layer hex>/<start>`: the tar stream of a layer is a
 function of its blob digest, so the key names the content whatever zTOC (span size) produced
 it. Only bytes inflated from verified compressed spans are written (by the reader's inflate
-thread); a file is complete because it is written to `tmp/` and renamed, and every read checks
-its size against the span's uncompressed length (a torn or foreign file is deleted and is a
-miss). It survives restarts like the compressed cache; it is bounded separately
+thread); a file is complete because it is written to `tmp/` and renamed. A file is the span's
+bytes followed by a CRC-32 of each `INFLATED_BLOCK_BYTES` block: every read checks the file's
+size against the span's uncompressed length and the sums of the blocks it reads (a torn,
+damaged or foreign file is deleted and is a miss: the span is inflated again from its verified
+compressed bytes). The sums detect damage on disk, not tampering: the tier lives under the
+daemon's root-only directory. It survives restarts like the compressed cache; it is bounded separately
 (`CacheConfig.inflated_max_bytes`) and follows the compressed cache's layer marks:
 `release_layer`, `retain_layer` and `drop_layer` apply to both tiers.
 
@@ -39,7 +42,9 @@ import contextlib
 import hashlib
 import logging
 import os
+import struct
 import threading
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +56,10 @@ from index.model import SpanId, UncompressedOffset
 log = logging.getLogger(__name__)
 
 RELEASED_MARK: Final = ".released"
+INFLATED_BLOCK_BYTES: Final = 64 * 1024
+"""The inflated tier keeps one CRC-32 per block of this many bytes (a read checks the blocks
+it touches)."""
+_SUM = struct.Struct("<I")
 _LAYER_PREFIX: Final = "sha256-"
 
 _Key = tuple[Digest, int]
@@ -222,13 +231,14 @@ class _SpanFiles:
 
     # -- get / put -------------------------------------------------------------------------
 
-    def _put(self, layer: Digest, name: int, data: bytes) -> None:
-        """Store `data` under (layer, name) atomically, then evict down to `max_bytes`.
+    def _put(self, layer: Digest, name: int, data: bytes, trailer: bytes = b"") -> None:
+        """Store `data` then `trailer` under (layer, name) atomically, then evict down to
+        `max_bytes`.
 
-        Data larger than `max_bytes` is not stored. Raises `CacheError` when the file cannot
+        A file larger than `max_bytes` is not stored. Raises `CacheError` when the file cannot
         be written (nothing is left behind).
         """
-        size = len(data)
+        size = len(data) + len(trailer)
         if size > self.max_bytes:
             return
         key = (layer, name)
@@ -243,6 +253,7 @@ class _SpanFiles:
             final.parent.mkdir(exist_ok=True)
             with open(tmp, "wb") as f:
                 f.write(data)
+                f.write(trailer)
             os.replace(tmp, final)
         except OSError as e:
             with contextlib.suppress(OSError):
@@ -447,10 +458,31 @@ class InflatedCache(_SpanFiles):
         return self._contains(layer, start)
 
     def put(self, layer: Digest, start: UncompressedOffset, data: bytes) -> None:
-        """Store the inflated span starting at tar offset `start`; `data` MUST come from a
-        verified compressed span. Atomic (temp file + rename); evicts down to the bound.
-        Raises `CacheError` when the file cannot be written."""
-        self._put(layer, start, data)
+        """Store the inflated span starting at tar offset `start`, with its block sums;
+        `data` MUST come from a verified compressed span. Atomic (temp file + rename); evicts
+        down to the bound. Raises `CacheError` when the file cannot be written."""
+        view = memoryview(data)
+        sums = b"".join(
+            _SUM.pack(zlib.crc32(view[i : i + INFLATED_BLOCK_BYTES]))
+            for i in range(0, len(data), INFLATED_BLOCK_BYTES)
+        )
+        self._put(layer, start, data, sums)
+
+    def _drop(self, key: _Key, path: Path, why: str) -> None:
+        """Delete a damaged file and count it (a miss)."""
+        log.warning(
+            "inflated span cache: %s span at %d %s; dropped",
+            key[0],
+            key[1],
+            why,
+            extra={"layer": str(key[0]), "offset": key[1]},
+        )
+        with contextlib.suppress(OSError):
+            path.unlink()
+        with self._lock:
+            self._forget(key)
+            self._corrupt += 1
+            self._misses += 1
 
     def read(
         self, layer: Digest, start: UncompressedOffset, length: int, offset: int, size: int
@@ -458,8 +490,10 @@ class InflatedCache(_SpanFiles):
         """Bytes `[offset, offset + size)` of the inflated span that starts at tar offset
         `start` and is `length` bytes long (offsets relative to the span), or None on a miss.
 
-        Reads only the bytes asked for (one `pread`). A file whose size is not `length` (torn,
-        or written for another span layout) is deleted and counted in `corrupt_dropped`. Also
+        Reads the blocks holding the bytes asked for and their sums (two `pread`s). A file
+        whose size is not that of `length` bytes and their sums (torn, or written for another
+        span layout) or whose blocks fail their sums is deleted and counted in
+        `corrupt_dropped`. Also
         refreshes the span's recency (the file mtime only when it was not already the most
         recent entry, so a run of reads in one span costs one `utime`). Never raises.
         """
@@ -479,24 +513,29 @@ class InflatedCache(_SpanFiles):
                 self._forget(key)
                 self._misses += 1
             return None
+        blocks = -(-length // INFLATED_BLOCK_BYTES)
         try:
             actual = os.fstat(fd).st_size
-            if actual != length:
-                log.warning(
-                    "inflated span cache: %s span at %d has %d bytes, expected %d; dropped",
-                    layer,
-                    start,
-                    actual,
-                    length,
-                )
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                with self._lock:
-                    self._forget(key)
-                    self._corrupt += 1
-                    self._misses += 1
+            if actual != length + blocks * _SUM.size:
+                self._drop(key, path, f"has {actual} bytes, expected {length} and their sums")
                 return None
-            data = os.pread(fd, want, offset) if want else b""
+            data = b""
+            if want:
+                first = offset // INFLATED_BLOCK_BYTES
+                last = (offset + want - 1) // INFLATED_BLOCK_BYTES
+                lo = first * INFLATED_BLOCK_BYTES
+                chunk = os.pread(fd, min((last + 1) * INFLATED_BLOCK_BYTES, length) - lo, lo)
+                sums = os.pread(fd, (last - first + 1) * _SUM.size, length + first * _SUM.size)
+                if len(sums) != (last - first + 1) * _SUM.size:
+                    self._drop(key, path, "lost its sums while being read")
+                    return None
+                view = memoryview(chunk)
+                for n, (expected,) in enumerate(_SUM.iter_unpack(sums)):
+                    block = view[n * INFLATED_BLOCK_BYTES : (n + 1) * INFLATED_BLOCK_BYTES]
+                    if zlib.crc32(block) != expected:
+                        self._drop(key, path, f"fails the sum of block {first + n}")
+                        return None
+                data = chunk[offset - lo : offset - lo + want]
             if not was_newest:
                 with contextlib.suppress(OSError):
                     os.utime(fd)

@@ -5,15 +5,23 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
 
 from index.digest import Digest
 from index.model import SpanId, UncompressedOffset
-from snapshotter.lazy.cache import RELEASED_MARK, CacheConfig, CacheError, SpanCache
+from snapshotter.lazy.cache import (
+    INFLATED_BLOCK_BYTES,
+    RELEASED_MARK,
+    CacheConfig,
+    CacheError,
+    SpanCache,
+)
 
 LAYER_A = Digest("sha256:" + "a" * 64)
 LAYER_B = Digest("sha256:" + "b" * 64)
@@ -239,7 +247,7 @@ def test_inflated_reads_only_the_bytes_asked_for(tmp_path: Path) -> None:
     start = UncompressedOffset(4_194_304)
     tier.put(LAYER_A, start, data)
     path = tmp_path / "inflated" / "spans" / f"sha256-{'a' * 64}" / str(start)
-    assert path.read_bytes() == data
+    assert path.read_bytes() == data + struct.pack("<I", zlib.crc32(data))  # one block, its sum
     assert list((tmp_path / "inflated" / "tmp").iterdir()) == []
     assert tier.contains(LAYER_A, start) and not tier.contains(LAYER_B, start)
     assert tier.read(LAYER_A, start, 5000, 100, 4096) == data[100:4196]
@@ -247,7 +255,37 @@ def test_inflated_reads_only_the_bytes_asked_for(tmp_path: Path) -> None:
     assert tier.read(LAYER_A, start, 5000, 5000, 10) == b""
     assert tier.read(LAYER_A, UncompressedOffset(0), 5000, 0, 10) is None
     stats = tier.stats()
-    assert (stats.entries, stats.bytes, stats.hits, stats.misses) == (1, 5000, 3, 1)
+    assert (stats.entries, stats.bytes, stats.hits, stats.misses) == (1, 5004, 3, 1)
+
+
+def test_damaged_inflated_file_is_dropped(tmp_path: Path) -> None:
+    tier = inflated_cache(tmp_path, inflated_max_bytes=1 << 20).inflated
+    assert tier is not None
+    start = UncompressedOffset(0)
+    size = 3 * INFLATED_BLOCK_BYTES + 100
+    data = span_bytes(LAYER_A, 0, size)
+    tier.put(LAYER_A, start, data)
+    path = tmp_path / "inflated" / "spans" / f"sha256-{'a' * 64}" / "0"
+    assert path.stat().st_size == size + 4 * 4
+    with open(path, "r+b") as f:  # one byte of the third block flipped behind the cache's back
+        f.seek(2 * INFLATED_BLOCK_BYTES + 7)
+        f.write(bytes([data[2 * INFLATED_BLOCK_BYTES + 7] ^ 1]))
+    # reads of the intact blocks are served; the first one touching the damaged block drops it
+    assert tier.read(LAYER_A, start, size, 10, 1000) == data[10:1010]
+    assert (
+        tier.read(LAYER_A, start, size, INFLATED_BLOCK_BYTES - 5, 10)
+        == data[INFLATED_BLOCK_BYTES - 5 : INFLATED_BLOCK_BYTES + 5]
+    )
+    assert tier.read(LAYER_A, start, size, 2 * INFLATED_BLOCK_BYTES + 1000, 10) is None
+    assert not path.exists() and not tier.contains(LAYER_A, start)
+    assert tier.stats().corrupt_dropped == 1
+    # a damaged sum is found as well
+    tier.put(LAYER_A, start, data)
+    with open(path, "r+b") as f:
+        f.seek(size + 4)
+        f.write(b"\0\0\0\0")
+    assert tier.read(LAYER_A, start, size, INFLATED_BLOCK_BYTES, 10) is None
+    assert tier.stats().corrupt_dropped == 2
 
 
 def test_torn_inflated_file_is_dropped(tmp_path: Path) -> None:
@@ -279,7 +317,7 @@ def test_inflated_tier_is_bounded_lru_and_survives_a_restart(tmp_path: Path) -> 
         tier.put(LAYER_A, UncompressedOffset(i * 4000), span_bytes(LAYER_A, i, 4000))
     # 12000 > 10000: the oldest (0) went
     assert not tier.contains(LAYER_A, UncompressedOffset(0))
-    assert tier.stats().bytes == 8000 and tier.stats().evictions == 1
+    assert tier.stats().bytes == 8008 and tier.stats().evictions == 1  # each with its sum
     assert tier.read(LAYER_A, UncompressedOffset(4000), 4000, 0, 1) is not None  # now newest
     time.sleep(0.01)
     on_disk = tmp_path / "inflated" / "spans" / f"sha256-{'a' * 64}"
@@ -293,7 +331,7 @@ def test_inflated_tier_is_bounded_lru_and_survives_a_restart(tmp_path: Path) -> 
         LAYER_A, 2, 4000
     )
     reopened.put(LAYER_B, UncompressedOffset(0), span_bytes(LAYER_B, 0, 4000))
-    assert reopened.stats().bytes == 8000  # the least recently used A span went
+    assert reopened.stats().bytes == 8008  # the least recently used A span went
 
 
 def test_layer_marks_and_drop_cover_both_tiers(tmp_path: Path) -> None:
@@ -313,6 +351,6 @@ def test_layer_marks_and_drop_cover_both_tiers(tmp_path: Path) -> None:
     assert not tier.contains(LAYER_A, UncompressedOffset(0))
     assert tier.contains(LAYER_B, UncompressedOffset(0))
     assert not (tmp_path / "inflated" / "spans" / f"sha256-{'a' * 64}").exists()
-    assert cache.drop_layer(LAYER_B) == 8000
+    assert cache.drop_layer(LAYER_B) == 8008
     assert tier.stats().entries == 0
     assert not (tmp_path / "inflated" / "spans" / f"sha256-{'b' * 64}").exists()

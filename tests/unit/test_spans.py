@@ -488,7 +488,7 @@ async def test_inflated_spans_are_kept_on_disk_and_served_without_inflating(
     for i in range(spans):
         start, end = first.span_map.uncompressed_range(SpanId(i))
         path = tmp_path / "inflated" / "spans" / f"sha256-{layer.digest.hex}" / str(start)
-        assert path.read_bytes() == layer.tar[start:end]
+        assert path.read_bytes()[: end - start] == layer.tar[start:end]
 
     # a new reader (empty memory LRU), the compressed spans gone: served from the tier alone
     SpanCache(tmp_path).drop_layer(layer.digest)
