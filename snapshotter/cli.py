@@ -9,6 +9,9 @@
                          [--registry HOST ...] [--default] [--dry-run]
     sociable-snapshotter [--config FILE] mirror unconfigure [--hosts-dir DIR] [--mirror URL]
                          [--registry HOST ...] [--default] [--dry-run]
+    sociable-snapshotter install [--dry-run] [--prefix DIR] [--wheelhouse DIR] [--now] ...
+    sociable-snapshotter uninstall [--dry-run] [--prefix DIR] [--purge]
+    sociable-snapshotter eks user-data --ami al2023|al2 --cluster NAME --bundle-url URL ...
 
 `main()` is the one exit point: an error is one line `sociable-snapshotter: error: ...`
 on stderr and the exit status `EXIT_CODES` gives its class (docs/cli.md, "Exit status").
@@ -33,6 +36,7 @@ from . import config as config_mod
 from .configcheck import check_all, installed_containerd_version, is_warning
 from .daemon import AddressInUse, Settings, serve
 from .errors import ConfigError, SnapshotterError, UsageError
+from .install import command as install_command
 from .logs import LEVELS, setup_logging
 from .mirror.hoststoml import DEFAULT_MIRROR, default_mirror, run_mirror_command
 from .remote.status import status_report
@@ -135,6 +139,8 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "--dry-run", action="store_true", help="print the diff of every file; change nothing"
         )
+    install_command.add_parsers(sub)
+    install_command.add_eks_parser(sub)
     return p
 
 
@@ -162,6 +168,10 @@ def run(argv: Sequence[str]) -> int:
     if args.command == "config" and args.config_command == "default":
         sys.stdout.write(config_mod.render_default())
         return 0
+    if args.command in ("install", "uninstall"):
+        return install_command.run(args, sys.stdout, sys.stderr)
+    if args.command == "eks":
+        return install_command.run_eks(args, sys.stdout)
     settings = _settings(args)
     if args.command == "mirror":
         hosts_dir = args.hosts_dir or settings.config.remote.hosts_dir
