@@ -151,7 +151,13 @@ def main() -> None:
                 if got != want:
                     sys.exit(f"demo: checksums differ:\n got {got}\nwant {want}")
                 status = run(
-                    sys.executable, "-m", "snapshotter.cli", "--root", str(daemon.root), "status"
+                    sys.executable,
+                    "-m",
+                    "snapshotter.cli",
+                    "--root",
+                    str(daemon.root),
+                    "status",
+                    "--json",
                 )
 
                 step("for comparison: a full pull of the same image into overlayfs")

@@ -4,13 +4,14 @@
     sociable-snapshotter [--config FILE] config default
     sociable-snapshotter [--config FILE] config check [--containerd-config PATH]
                          [--containerd-version VERSION]
-    sociable-snapshotter [--root DIR] status
+    sociable-snapshotter [--root DIR] status [--json]
     sociable-snapshotter [--config FILE] mirror configure [--hosts-dir DIR] [--mirror URL]
                          [--registry HOST ...] [--default] [--dry-run]
     sociable-snapshotter [--config FILE] mirror unconfigure [--hosts-dir DIR] [--mirror URL]
                          [--registry HOST ...] [--default] [--dry-run]
     sociable-snapshotter install [--dry-run] [--prefix DIR] [--wheelhouse DIR] [--now] ...
     sociable-snapshotter uninstall [--dry-run] [--prefix DIR] [--purge]
+    sociable-snapshotter [--root DIR] cleanup-mounts
     sociable-snapshotter eks user-data --ami al2023|al2 --cluster NAME --bundle-url URL ...
 
 `main()` is the one exit point: an error is one line `sociable-snapshotter: error: ...`
@@ -39,7 +40,7 @@ from .errors import ConfigError, SnapshotterError, UsageError
 from .install import command as install_command
 from .logs import LEVELS, setup_logging
 from .mirror.hoststoml import DEFAULT_MIRROR, default_mirror, run_mirror_command
-from .remote.status import status_report
+from .remote.status import DaemonNotRunning, json_report, read_status, render_table
 from .rootlock import RootLocked
 
 PROG = "sociable-snapshotter"
@@ -50,12 +51,15 @@ EXIT_ERROR: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_IN_USE: Final = 3
 EXIT_LOCAL: Final = 6
+EXIT_NOT_RUNNING: Final = 7
+"""`status`: no daemon serves the root."""
 EXIT_INTERRUPTED: Final = 130
 
 EXIT_CODES: Final[tuple[tuple[type[BaseException], int], ...]] = (
     (UsageError, EXIT_USAGE),
     (ConfigError, EXIT_USAGE),
     (RootLocked, EXIT_IN_USE),
+    (DaemonNotRunning, EXIT_NOT_RUNNING),
     (AddressInUse, EXIT_IN_USE),
     (SnapshotterError, EXIT_ERROR),
     (OSError, EXIT_LOCAL),
@@ -104,7 +108,17 @@ def _parser() -> argparse.ArgumentParser:
         metavar="VERSION",
         help="containerd's version, e.g. 1.7.27 (default: what `containerd --version` prints)",
     )
-    sub.add_parser("status", help="print the status of every lazily mounted layer (JSON lines)")
+    status = sub.add_parser(
+        "status", help="print the daemon's state and every lazily mounted layer (a table)"
+    )
+    status.add_argument(
+        "--json", action="store_true", help="JSON lines instead (one per layer, peer, ...)"
+    )
+    sub.add_parser(
+        "cleanup-mounts",
+        help="with the daemon stopped: unmount what it keeps for its next start "
+        "(running containers lose their lazy layers)",
+    )
     mirror = sub.add_parser(
         "mirror", help="make containerd ask this node's registry mirror first (hosts.toml)"
     )
@@ -189,12 +203,21 @@ def run(argv: Sequence[str]) -> int:
             err=sys.stderr,
         )
     if args.command == "status":
-        report = status_report(settings.root)
+        current = read_status(settings.root)
+        if not args.json:
+            sys.stdout.write(render_table(current))
+            return 0
+        report = json_report(current)
         for line in report.lines:
             print(line)
         if report.note:
             print(report.note, file=sys.stderr)
         return 0
+    if args.command == "cleanup-mounts":
+        from .remote.compose import cleanup_mounts
+
+        print(f"{cleanup_mounts(settings.root)} mounts removed under {settings.root}")
+        return EXIT_OK
     if args.command == "config":
         path = args.containerd_config or Path(settings.config.containerd.config_path)
         version = args.containerd_version

@@ -16,7 +16,8 @@ source is set, and the token and kubeconfig files exist. With the registry mirro
 hosts.toml enabled, `discard_unpacked_layers` not true, `use_local_image_pull` on 2.x, the
 containerd socket present (a warning). The credential providers' config file and bin dir
 exist; with `[cri] enable`, kubelet's config (where found: EKS AL2023, AL2, kubeadm paths)
-names the proxy as its image service (a warning with the flag to set). containerd's own
+names the proxy as its image service (a warning with the flag to set). The metrics
+listener is not on the peer listener's port (every address is a warning). containerd's own
 version (`containerd --version`, or `config check --containerd-version`): before 1.7.16
 (1.6.32 on 1.6) it cannot be told where a proxy snapshotter's disk is (a warning).
 
@@ -362,6 +363,28 @@ def check_containerd_version(cfg: Config, text: str) -> list[str]:
     ]
 
 
+def check_metrics(cfg: Config) -> list[str]:
+    """The metrics listener (`[metrics] address`; loading checked it is an `ADDR:PORT`): not
+    the port of the peer listener, and a warning when any host may read it."""
+    from snapshotter.peers.address import parse_address
+
+    if not cfg.metrics.address:
+        return []
+    host, port = parse_address(cfg.metrics.address)
+    problems = []
+    if cfg.peers.enable and parse_address(cfg.peers.listen)[1] == port:
+        problems.append(
+            f"[metrics] address {cfg.metrics.address}: port {port} is the peer listener's "
+            f"([peers] listen {cfg.peers.listen}); choose another port"
+        )
+    if host in ("0.0.0.0", "::"):
+        problems.append(
+            f"{WARNING_PREFIX}[metrics] address {cfg.metrics.address}: every host that can "
+            "reach this node can read the metrics; a node address or 127.0.0.1 limits that"
+        )
+    return problems
+
+
 def check_all(
     cfg: Config,
     address: str,
@@ -374,6 +397,7 @@ def check_all(
     `containerd_version` is what `containerd --version` printed (see
     `check_containerd_version`); None leaves the version unchecked."""
     problems = check_ours(cfg, address, root) + check_peers(cfg) + check_credentials(cfg)
+    problems.extend(check_metrics(cfg))
     if containerd_version is not None:
         problems.extend(check_containerd_version(cfg, containerd_version))
     where = f"containerd config {containerd_config}"

@@ -355,9 +355,9 @@ class LazyLayers:
         return None
 
     def statuses(self) -> dict[str, dict[str, object]]:
-        """Per mounted layer (by FUSE directory name): its digest, the unexpected errors of
-        its task scope (`taskErrors`, `lastTaskError`) and the reader's failures, background
-        steps included (`fetchErrors`, `lastFetchError`)."""
+        """Per mounted layer (by FUSE directory name): its digest and image, the unexpected
+        errors of its task scope (`taskErrors`, `lastTaskError`) and the reader's failures,
+        background steps included (`fetchErrors`, `lastFetchError`)."""
         out: dict[str, dict[str, object]] = {}
         for name in sorted(self._layers):
             layer = self._layers[name]
@@ -365,6 +365,7 @@ class LazyLayers:
             reader = layer.reader.status()
             doc: dict[str, object] = {
                 "digest": layer.record.layer_digest,
+                "image": layer.record.image_ref,
                 "taskErrors": stats.errors,
                 "fetchErrors": reader.errors,
                 "bytesFrom": dict(reader.bytes_from),

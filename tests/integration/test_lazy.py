@@ -227,7 +227,15 @@ def test_lazy_pull_fetches_no_layer_and_container_reads(stack: Stack) -> None:
 
     # The lazily mounted layers are visible to an operator.
     status = subprocess.run(
-        [sys.executable, "-m", "snapshotter.cli", "--root", str(stack.daemon.root), "status"],
+        [
+            sys.executable,
+            "-m",
+            "snapshotter.cli",
+            "--root",
+            str(stack.daemon.root),
+            "status",
+            "--json",
+        ],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -353,7 +361,15 @@ def wait_fully_fetched(stack: Stack, count: int, timeout_s: float = 120) -> list
     deadline = time.monotonic() + timeout_s
     while True:
         out = subprocess.run(
-            [sys.executable, "-m", "snapshotter.cli", "--root", str(stack.daemon.root), "status"],
+            [
+                sys.executable,
+                "-m",
+                "snapshotter.cli",
+                "--root",
+                str(stack.daemon.root),
+                "status",
+                "--json",
+            ],
             capture_output=True,
             text=True,
             cwd=REPO,

@@ -385,7 +385,7 @@ SITECUSTOMIZE = textwrap.dedent(
 
 def status_lines(root: Path) -> dict[str, dict[str, object]]:
     """`sociable-snapshotter --root ROOT status`, by layer digest."""
-    proc = snapshotter_cli("--root", str(root), "status", timeout=IO_TIMEOUT_SEC)
+    proc = snapshotter_cli("--root", str(root), "status", "--json", timeout=IO_TIMEOUT_SEC)
     assert proc.returncode == 0, proc.stderr
     docs = [json.loads(line) for line in proc.stdout.splitlines()]
     return {str(d.get("digest")): d for d in docs}

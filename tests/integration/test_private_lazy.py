@@ -132,7 +132,15 @@ class Stack:
 
     def status(self) -> str:
         return subprocess.run(
-            [sys.executable, "-m", "snapshotter.cli", "--root", str(self.daemon.root), "status"],
+            [
+                sys.executable,
+                "-m",
+                "snapshotter.cli",
+                "--root",
+                str(self.daemon.root),
+                "status",
+                "--json",
+            ],
             capture_output=True,
             text=True,
             cwd=REPO,

@@ -744,7 +744,7 @@ class Node:
         """The layer records of ``sociable-snapshotter status``: one per lazily mounted layer
         (fetched bytes and percent, bytes by source, bytes served, errors). Raises
         :class:`ClusterError` when the command fails."""
-        proc = snapshotter_cli("--root", str(self.daemon.root), "status", timeout=30)
+        proc = snapshotter_cli("--root", str(self.daemon.root), "status", "--json", timeout=30)
         if proc.returncode != 0:
             raise ClusterError(f"node {self.index}: status failed: {proc.stderr.strip()}")
         records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
