@@ -39,10 +39,21 @@ bytes the daemon served per lazy measurement and the page-cache folio sizes of e
 (``tests.bench.page_cache_folios``). ``--inflated-cache-max-bytes 0`` runs it without the
 inflated-span tier.
 
+Each lazy run also reports what the daemon did for it: FUSE requests per handler divided by
+the files the workload read (``fuseOps`` in the daemon's ``status.json``, sampled before the
+pull and after the workload, so the pull and the container's start are in it) and the
+daemon's CPU time (user + sys from ``/proc/<pid>/stat``, and the trio thread's time inside
+the handlers). ``--counts-only`` measures only that, quickly: no ``tc`` limit, no overlayfs
+baseline, no warm run, no read matrix, background fetch off (so the CPU time is the read
+path's); the ``small`` workload and a reduced read-every-file workload over the Python stdlib
+layer (``stdlib``). Request counts do not depend on timing,
+so they are worth recording even on a busy machine; the CPU times are not.
+
 Prints a markdown table with ratios against the overlayfs run of the same invocation;
 ``--write-docs`` replaces the "Lazy pull" section of ``docs/benchmarks.md`` (with
-``--reads-only``: only its FUSE-read part and the warm-read goal line). The machine is a
-shared 2-core VM: numbers are noisy.
+``--reads-only``: only its FUSE-read part and the warm-read goal line; with
+``--counts-only``: only its request-count part), keeping the hand-written notes at its end.
+The machine is a shared 2-core VM: numbers are noisy.
 """
 
 from __future__ import annotations
@@ -204,6 +215,12 @@ def choose_small_files(files: Sequence[Sequence[HostFile]], seed: int = 4) -> li
     return chosen
 
 
+def busybox_files() -> int:
+    """Regular files in the busybox layer (``find -type f`` counts each name once)."""
+    layer = images.busybox_layer()
+    return sum(1 for f in layer if isinstance(f, images.File))
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -333,6 +350,96 @@ class Run:
     pull_rx_bytes: int
     blob_requests: int
     output: str = field(repr=False, default="")
+    daemon: DaemonWork | None = None
+
+
+STATUS_SETTLE_SEC = 1.2
+"""The daemon rewrites ``status.json`` at most once a second: two reads this far apart that
+agree mean it caught up."""
+
+OP_COLUMNS = (
+    "lookup",
+    "getattr",
+    "open",
+    "read",
+    "flush",
+    "release",
+    "opendir",
+    "readdir",
+    "releasedir",
+    "getxattr",
+    "listxattr",
+    "forget",
+    "statfs",
+    "access",
+    "readlink",
+)
+"""The handlers of ``snapshotter.fs.fuse.COUNTED_OPS`` in table order (``readdir`` answers
+READDIRPLUS)."""
+
+
+@dataclass(frozen=True)
+class DaemonSample:
+    """The daemon's FUSE counters (``op -> (requests, handler CPU s)``) and its process CPU
+    time (user + sys, seconds) at one moment."""
+
+    ops: dict[str, tuple[int, float]]
+    cpu_s: float
+
+
+@dataclass(frozen=True)
+class DaemonWork:
+    """What the daemon did between two samples, for ``files`` files read by the workload."""
+
+    files: int
+    requests: dict[str, int]
+    handler_cpu_s: dict[str, float]
+    cpu_s: float
+
+    @property
+    def total_requests(self) -> int:
+        return sum(self.requests.values())
+
+
+def _process_cpu_s(pid: int) -> float:
+    """user + sys CPU seconds of process ``pid`` (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _fuse_ops(daemon: SnapDaemon) -> dict[str, tuple[int, float]]:
+    try:
+        doc = json.loads((daemon.root / "status.json").read_text())
+    except (OSError, ValueError) as e:
+        raise BenchError(f"reading the daemon's status.json: {e}") from e
+    ops = doc.get("fuseOps", {})
+    return {op: (int(v["count"]), float(v["cpuSec"])) for op, v in ops.items()}
+
+
+def sample_daemon(daemon: SnapDaemon) -> DaemonSample:
+    """The daemon's counters once its ``status.json`` has caught up (see
+    :data:`STATUS_SETTLE_SEC`, at most 15 s)."""
+    if daemon.proc is None:
+        raise BenchError("the daemon is not running")
+    ops = _fuse_ops(daemon)
+    deadline = time.monotonic() + 15
+    while True:
+        time.sleep(STATUS_SETTLE_SEC)
+        again = _fuse_ops(daemon)
+        if again == ops or time.monotonic() > deadline:
+            return DaemonSample(again, _process_cpu_s(daemon.proc.pid))
+        ops = again
+
+
+def daemon_work(before: DaemonSample, after: DaemonSample, files: int) -> DaemonWork:
+    ops = set(before.ops) | set(after.ops)
+    zero = (0, 0.0)
+    return DaemonWork(
+        files=files,
+        requests={op: after.ops.get(op, zero)[0] - before.ops.get(op, zero)[0] for op in ops},
+        handler_cpu_s={op: after.ops.get(op, zero)[1] - before.ops.get(op, zero)[1] for op in ops},
+        cpu_s=after.cpu_s - before.cpu_s,
+    )
 
 
 SHELL = "/bin/sh"
@@ -345,6 +452,10 @@ def small_command(files: Sequence[HostFile]) -> str:
 
 
 ALL_COMMAND = "PATH=/bin; find / -xdev -type f -exec cat {} + | wc -c"
+STDLIB = SOURCES[3]
+STDLIB_COMMAND = f"PATH=/bin; find /{STDLIB.dest} -xdev -type f -exec cat {{}} + | wc -c"
+"""The reduced read-every-file workload of ``--counts-only``: every file of one layer of many
+small files (the Python stdlib)."""
 
 
 def check_small(output: str, expected: dict[str, str]) -> None:
@@ -456,15 +567,28 @@ def _remote_snapshots(daemon: SnapDaemon) -> int:
         client.close()
 
 
-def lazy_runs(workdir: Path, reg: NsRegistry, ref: str, workload: str, command: str) -> list[Run]:
-    """A cold lazy run and a warm-cache one (image removed, cache kept) for ``workload``."""
+def lazy_runs(
+    workdir: Path,
+    reg: NsRegistry,
+    ref: str,
+    workload: str,
+    command: str,
+    files: int,
+    *,
+    warm: bool = True,
+    background_fetch: bool = True,
+) -> list[Run]:
+    """A cold lazy run and (``warm``) a warm-cache one (image removed, cache kept) for
+    ``workload``, which reads ``files`` files; each with the daemon's work (:class:`DaemonWork`)."""
     runs = []
-    with lazy_stack(containerd_base(workdir, f"lazy-{workload}"), reg) as (daemon, ctd):
+    with lazy_stack(
+        containerd_base(workdir, f"lazy-{workload}"), reg, background_fetch=background_fetch
+    ) as (daemon, ctd):
 
         def pull() -> None:
             ctd.cri().pull_image(ref)
 
-        for label, n in (("lazy, cold", 1), ("lazy, warm span cache", 2)):
+        for label, n in (("lazy, cold", 1), ("lazy, warm span cache", 2))[: 2 if warm else 1]:
             if n == 2:
                 _remove_image(ctd, ref)
 
@@ -473,7 +597,14 @@ def lazy_runs(workdir: Path, reg: NsRegistry, ref: str, workload: str, command: 
                     ref, f"w-{workload}-{n}", SHELL, "-c", command, namespace="k8s.io", timeout=1800
                 )
 
-            runs.append(measure(label, workload, reg, pull, run))
+            before = sample_daemon(daemon)
+            r = measure(label, workload, reg, pull, run)
+            r.daemon = daemon_work(before, sample_daemon(daemon), files)
+            print(
+                f"  daemon: {r.daemon.total_requests} FUSE requests for {files} files, "
+                f"CPU {r.daemon.cpu_s:.1f} s"
+            )
+            runs.append(r)
             if n == 1:
                 print(f"  ({_remote_snapshots(daemon)} layers mounted lazily)")
     return runs
@@ -830,6 +961,74 @@ def render_reads(
     return lines
 
 
+COUNTS_HEADING = "FUSE requests per file read"
+"""The request-count part of the section starts with this (``--counts-only --write-docs``
+replaces only it)."""
+
+
+def _per_file(n: int, files: int) -> str:
+    return f"{n / files:.2f}" if files else "n/a"
+
+
+def render_counts(runs: Sequence[Run], command: str, *, background_fetch: bool = True) -> list[str]:
+    """The request-count part of the section (it starts with :data:`COUNTS_HEADING`): per lazy
+    run, FUSE requests per file read by handler, then the daemon's CPU time."""
+    rows = [r for r in runs if r.daemon is not None]
+    if not rows:
+        return []
+    ops = [op for op in OP_COLUMNS if any(r.daemon and r.daemon.requests.get(op) for r in rows)]
+    lines = [
+        f"{COUNTS_HEADING} in a container of the lazily pulled image (through its overlayfs "
+        f"view; FUSE lowers), by handler. Command: `{command}` (root). Counted by the daemon "
+        "(`fuseOps` in its `status.json`) from before the pull to after the workload, so the "
+        "pull and the container's start are included; divided by the files the workload read "
+        "(`stdlib` = every file of the Python stdlib layer, `small` = 20 files, `all` = every "
+        "file). `readdir` answers the kernel's READDIRPLUS; `forget` counts FORGET and "
+        "BATCH_FORGET requests. Background fetch "
+        + ("on (the daemon's default)." if background_fetch else "off.")
+        + " Request counts follow the workload (READs also the read-ahead window; FORGETs "
+        "memory pressure), not the machine's load; CPU times follow the load too.",
+        "",
+        "| scenario | workload | files | " + " | ".join(ops) + " | all requests / file |",
+        "|---|---|---:|" + "---:|" * (len(ops) + 1),
+    ]
+    for r in rows:
+        d = r.daemon
+        assert d is not None
+        cells = " | ".join(_per_file(d.requests.get(op, 0), d.files) for op in ops)
+        lines.append(
+            f"| {r.name} | {r.workload} | {d.files} | {cells} | "
+            f"{_per_file(d.total_requests, d.files)} |"
+        )
+    lines += [
+        "",
+        "Daemon CPU for the same runs: the process's user + sys seconds (`/proc/<pid>/stat`; "
+        "every thread: the trio thread, inflation and cache threads, gRPC), and the trio "
+        "thread's CPU time inside each handler in microseconds per request (a read counts "
+        "only its own steps, not the time it waited).",
+        "",
+        "| scenario | workload | daemon CPU s | ms / file | in handlers s | "
+        + " | ".join(f"{op} µs" for op in ops)
+        + " |",
+        "|---|---|---:|---:|---:|" + "---:|" * len(ops),
+    ]
+    for r in rows:
+        d = r.daemon
+        assert d is not None
+        per_req = " | ".join(
+            f"{1e6 * d.handler_cpu_s.get(op, 0.0) / d.requests[op]:.0f}"
+            if d.requests.get(op)
+            else "n/a"
+            for op in ops
+        )
+        lines.append(
+            f"| {r.name} | {r.workload} | {d.cpu_s:.2f} | "
+            f"{1e3 * d.cpu_s / d.files if d.files else 0.0:.2f} | "
+            f"{sum(d.handler_cpu_s.values()):.2f} | {per_req} |"
+        )
+    return lines
+
+
 def render(
     args: argparse.Namespace,
     image: images.Image,
@@ -870,22 +1069,68 @@ def render(
             f"{r.pull_rx_bytes / 1e6:.1f} | {r.rx_bytes / 1e6:.1f} | {r.blob_requests} |"
         )
     lines += ["", *goal_lines(runs, reads)]
+    counts_part = render_counts(runs, command)
+    if counts_part:
+        lines += ["", *counts_part]
     reads_part = render_reads(reads, big, command, folios)
     if reads_part:
         lines += ["", *reads_part]
     return "\n".join(lines) + "\n"
 
 
+HAND_WRITTEN = (READS_NOTES, "### ")
+"""Lines of the section from which on it is hand-written (analysis, findings): every
+``--write-docs`` keeps them."""
+
+
+def _notes(section: str) -> str:
+    """The hand-written tail of a section (see :data:`HAND_WRITTEN`), or ""."""
+    starts = [i for m in HAND_WRITTEN if (i := section.find("\n" + m)) >= 0]
+    return section[min(starts) + 1 :].rstrip("\n") if starts else ""
+
+
 def write_docs(section: str) -> None:
-    """Replaces (or appends) the :data:`SECTION` of docs/benchmarks.md, keeping the others."""
+    """Replaces (or appends) the :data:`SECTION` of docs/benchmarks.md, keeping the others
+    and the section's hand-written tail."""
     text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
     start = text.find(SECTION + "\n")
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + section
     else:
         end = text.find("\n## ", start + len(SECTION))
+        old = text[start : end + 1 if end >= 0 else len(text)]
+        notes = _notes(old)
+        if notes:
+            section = section.rstrip("\n") + "\n\n" + notes + "\n"
+        if end >= 0:
+            section += "\n"
         text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
     DOCS.write_text(text)
+
+
+def write_docs_counts(counts_part: Sequence[str]) -> None:
+    """Replaces only the request-count part of the :data:`SECTION` (from the paragraph
+    starting with :data:`COUNTS_HEADING` to the FUSE-read part or the hand-written notes),
+    or puts it before them. Raises :class:`BenchError` when the section is missing."""
+    text = DOCS.read_text()
+    start = text.find(SECTION + "\n")
+    if start < 0:
+        raise BenchError(f"{DOCS} has no {SECTION!r} section to update")
+    end = text.find("\n## ", start + len(SECTION))
+    end = len(text) if end < 0 else end + 1
+    section = text[start:end]
+    stops = [i for m in (READS_HEADING, *HAND_WRITTEN) if (i := section.find("\n" + m)) >= 0]
+    stop = min(stops) + 1 if stops else len(section)
+    cut = section.find("\n" + COUNTS_HEADING)
+    cut = stop if cut < 0 or cut + 1 > stop else cut + 1
+    head = section[:cut].rstrip("\n")
+    tail = section[stop:].rstrip("\n")
+    new_section = head + "\n\n" + "\n".join(counts_part) + "\n"
+    if tail:
+        new_section += "\n" + tail + "\n"
+    if end < len(text):
+        new_section += "\n"
+    DOCS.write_text(text[:start] + new_section + text[end:])
 
 
 def write_docs_reads(reads_part: Sequence[str], warm_goal: str) -> None:
@@ -903,8 +1148,7 @@ def write_docs_reads(reads_part: Sequence[str], warm_goal: str) -> None:
     section = text[start:end]
     cut = section.find("\n" + READS_HEADING)
     head = section if cut < 0 else section[: cut + 1]
-    notes_at = section.find("\n" + READS_NOTES, max(cut, 0))
-    notes = "" if notes_at < 0 else section[notes_at + 1 :].rstrip("\n")
+    notes = _notes(section[max(cut, 0) :])
     if warm_goal:
         kept = [
             (warm_goal if line.startswith(WARM_GOAL_PREFIX) else line) for line in head.split("\n")
@@ -938,7 +1182,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="only the FUSE read matrix (with --write-docs: only its part of the section)",
     )
     parser.add_argument(
-        "--workloads", default="small,all", help="comma-separated: small, all (default both)"
+        "--counts-only",
+        action="store_true",
+        help="only FUSE request counts and daemon CPU of lazy cold runs of the small and "
+        "stdlib workloads, no tc limit (with --write-docs: only their part of the section)",
+    )
+    parser.add_argument(
+        "--workloads",
+        default="small,all",
+        help="comma-separated: small, all, stdlib (default small,all)",
     )
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args(argv)
@@ -965,7 +1217,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     expected = {f.image_path: sha256_file(f.host_path) for f in small}
     big = max((f for layer in files for f in layer), key=lambda f: f.size)
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    commands = {"small": small_command(small), "all": ALL_COMMAND}
+    commands = {"small": small_command(small), "all": ALL_COMMAND, "stdlib": STDLIB_COMMAND}
+    n_files = {
+        "small": len(small),
+        "all": sum(len(layer) for layer in files) + busybox_files(),
+        "stdlib": len(files[SOURCES.index(STDLIB)]),
+    }
+    if args.counts_only:
+        workloads = ["small", "stdlib"]
 
     runs: list[Run] = []
     reads: list[ReadResult] = []
@@ -978,8 +1237,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         start_ns_registry(ns, WORKDIR / f"registry-{key}") as reg,
     ):
         ref = convert_and_push(image, reg, WORKDIR)
-        ns.limit(args.rate)
-        print(f"link limited: {args.rate}\n{ns.qdiscs().strip()}")
+        if args.counts_only:
+            for w in workloads:
+                # Background fetch off: the daemon's CPU is then the read path's alone.
+                runs += lazy_runs(
+                    run_dir,
+                    reg,
+                    ref,
+                    w,
+                    commands[w],
+                    n_files[w],
+                    warm=False,
+                    background_fetch=False,
+                )
+            workloads = []
+        else:
+            ns.limit(args.rate)
+            print(f"link limited: {args.rate}\n{ns.qdiscs().strip()}")
         if args.reads_only:
             workloads = []
         for w in workloads:
@@ -990,7 +1264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         all_bytes = next((r.output.strip() for r in runs if r.workload == "all"), None)
         if not args.skip_lazy:
             for w in workloads:
-                for r in lazy_runs(run_dir, reg, ref, w, commands[w]):
+                for r in lazy_runs(run_dir, reg, ref, w, commands[w], n_files[w]):
                     runs.append(r)
                     if w == "small":
                         check_small(r.output, expected)
@@ -998,11 +1272,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         raise BenchError(
                             f"{r.name}: read {r.output.strip()} bytes, overlayfs {all_bytes}"
                         )
-            if not args.skip_reads:
+            if not args.skip_reads and not args.counts_only:
                 matrix = fuse_reads(run_dir, reg, ref, image, big, args.inflated_cache_max_bytes)
                 reads, folios = matrix.rows, matrix.folios
     # The daemons' span caches and containerd roots (hundreds of MB); image and registry stay.
     shutil.rmtree(run_dir, ignore_errors=True)
+    if args.counts_only:
+        counts_part = render_counts(runs, command, background_fetch=False)
+        print()
+        print("\n".join(counts_part))
+        if args.write_docs:
+            write_docs_counts(counts_part)
+            print(f"wrote the request-count part of the {SECTION!r} section of {DOCS}")
+        return 0
     if args.reads_only:
         reads_part = render_reads(reads, big, command, folios)
         print()
