@@ -178,8 +178,8 @@ def parse_index(data: bytes) -> SociIndex:
     """Decode a SOCI index manifest.
 
     Raises IndexManifestError when the bytes are not JSON, the config media type is not one of
-    the two SOCI artifact types (as the Go decoder requires), or a zTOC descriptor lacks its
-    layer digest.
+    the two SOCI artifact types (as the Go decoder requires), a field has the wrong JSON type,
+    or a zTOC descriptor lacks its layer digest or has a size that is not a number.
     """
     try:
         doc = json.loads(data)
@@ -187,7 +187,8 @@ def parse_index(data: bytes) -> SociIndex:
         raise IndexManifestError(f"SOCI index is not valid JSON: {e}") from e
     if not isinstance(doc, dict):
         raise IndexManifestError("SOCI index is not a JSON object")
-    artifact_type = (doc.get("config") or {}).get("mediaType")
+    config = doc.get("config")
+    artifact_type = config.get("mediaType") if isinstance(config, dict) else None
     if artifact_type not in (mt.SOCI_INDEX_V1, mt.SOCI_INDEX_V2):
         raise IndexManifestError(
             f"not a SOCI index: config mediaType {artifact_type!r} is neither "
@@ -195,11 +196,16 @@ def parse_index(data: bytes) -> SociIndex:
         )
     ztocs: list[ZtocDescriptor] = []
     prefetch: list[dict[str, Any]] = []
-    for i, layer in enumerate(doc.get("layers") or []):
+    layers = doc.get("layers") or []
+    if not isinstance(layers, list):
+        raise IndexManifestError("SOCI index layers is not an array")
+    for i, layer in enumerate(layers):
         if not isinstance(layer, dict):
             raise IndexManifestError(f"SOCI index layer {i} is not an object")
         media_type = layer.get("mediaType")
         ann = layer.get("annotations") or {}
+        if not isinstance(ann, dict):
+            raise IndexManifestError(f"SOCI index layer {i}: annotations is not an object")
         if media_type == mt.SOCI_PREFETCH:
             prefetch.append(layer)
             continue
@@ -216,14 +222,20 @@ def parse_index(data: bytes) -> SociIndex:
                     disable_xattrs=ann.get(mt.ANNOTATION_DISABLE_XATTRS) == "true",
                 )
             )
-        except (DigestError, ValueError, TypeError) as e:
+        except (DigestError, ValueError, TypeError, OverflowError) as e:
             raise IndexManifestError(f"SOCI index zTOC descriptor {i}: {e}") from e
+    subject = doc.get("subject")
+    annotations = doc.get("annotations") or {}
+    if subject is not None and not isinstance(subject, dict):
+        raise IndexManifestError("SOCI index subject is not an object")
+    if not isinstance(annotations, dict):
+        raise IndexManifestError("SOCI index annotations is not an object")
     return SociIndex(
         artifact_type=artifact_type,
         ztocs=tuple(ztocs),
-        subject=doc.get("subject"),
+        subject=subject,
         prefetch=tuple(prefetch),
-        annotations=doc.get("annotations") or {},
+        annotations=annotations,
     )
 
 
