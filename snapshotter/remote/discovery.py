@@ -81,7 +81,7 @@ async def _manifest_annotation(
     except (OciError, ValueError) as e:
         raise IndexFetchError(f"image manifest {ref.name}@{manifest}: {e}") from e
     annotations = doc.get("annotations") if isinstance(doc, dict) else None
-    value = (annotations or {}).get(mt.ANNOTATION_INDEX_DIGEST)
+    value = annotations.get(mt.ANNOTATION_INDEX_DIGEST) if isinstance(annotations, dict) else None
     return str(value) if value else None
 
 
