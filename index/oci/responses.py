@@ -176,7 +176,7 @@ def index_entries(data: bytes, where: str, artifact_type: str | None) -> list[De
     try:
         doc = json.loads(data)
         entries = [Descriptor.from_json(m) for m in doc.get("manifests") or []]
-    except (ValueError, AttributeError, DescriptorError) as e:
+    except (ValueError, AttributeError, TypeError, DescriptorError) as e:
         raise UnexpectedResponseError(f"{where}: malformed image index: {e}", url=where) from e
     if artifact_type:
         entries = [d for d in entries if d.artifact_type == artifact_type]
