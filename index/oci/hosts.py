@@ -95,7 +95,10 @@ def _parse_table(
 ) -> RegistryHost:
     """Build a RegistryHost from a hosts.toml table for the endpoint `url`."""
     raw = url if "://" in url else "//" + url
-    parts = urlsplit(raw)
+    try:
+        parts = urlsplit(raw)
+    except ValueError as e:  # an unclosed "[" of an IPv6 address
+        raise HostsConfigError(f"{where}: host {url!r} is not a URL: {e}") from e
     if not parts.netloc:
         raise HostsConfigError(f"{where}: host {url!r} has no host name")
     scheme = parts.scheme or default_scheme(parts.netloc)
@@ -125,6 +128,8 @@ def _parse_table(
     ca = tuple(resolve(p) for p in _str_list(table["ca"], "ca", where)) if "ca" in table else ()
     client: list[tuple[Path, Path | None]] = []
     raw_client = table.get("client", [])
+    if not isinstance(raw_client, str | list):
+        raise HostsConfigError(f"{where}: client of {url!r} must be a string or an array")
     for item in [raw_client] if isinstance(raw_client, str) else raw_client:
         if isinstance(item, str):
             client.append((resolve(item), None))
