@@ -9,6 +9,7 @@ so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -473,7 +474,12 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 def _check_value(section: str, key: str, expected: type, value: Any) -> Any:
     where = f"[{section}] {key}"
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"{where}: {value} is too large") from None
+    if expected is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     if expected is tuple:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
@@ -629,6 +635,8 @@ def load(path: Path | None) -> Config:
         return Config()
     except OSError as e:
         raise ConfigError(f"config file {str(p)!r} cannot be read: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8: {e}") from e
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
