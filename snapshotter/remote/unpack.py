@@ -88,7 +88,8 @@ async def layer_diff_id(
         return diff_id, str(layers[position].get("mediaType", ""))
     except StopIteration as e:
         raise UnpackError(f"layer {layer} is not in image manifest {ref.name}@{manifest}") from e
-    except (OciError, ValueError, KeyError, IndexError, TypeError) as e:
+    except (OciError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        # AttributeError: a document of the wrong JSON shape (a layer that is not an object)
         raise UnpackError(f"image {ref.name}@{manifest}: cannot read diffID of {layer}: {e}") from e
 
 
