@@ -96,7 +96,8 @@ class ImageManifest:
 
     @property
     def layers(self) -> list[Descriptor]:
-        return [Descriptor.from_json(d) for d in self.doc.get("layers") or []]
+        """The layer descriptors. Raises ConvertError, DescriptorError (malformed)."""
+        return [Descriptor.from_json(d) for d in _array(self.doc, "layers", str(self.desc.digest))]
 
 
 @dataclass(frozen=True)
@@ -128,14 +129,25 @@ def _json(data: bytes, what: str) -> dict[str, Any]:
     return doc
 
 
+def _array(doc: dict[str, Any], key: str, what: str) -> list[Any]:
+    """`doc[key]` as a list ([] when absent or null). Raises ConvertError for another type."""
+    value = doc.get(key) or []
+    if not isinstance(value, list):
+        raise ConvertError(f"{what}: {key} is not a JSON array")
+    return value
+
+
 def select_manifests(source: ImageSource, opts: BuildOptions) -> SelectedImage:
-    """The platform manifests to index: all, the requested ones, or the host's."""
+    """The platform manifests to index: all, the requested ones, or the host's.
+
+    Raises ConvertError, or the source's OciError (a document of the wrong shape is a
+    DescriptorError naming the field)."""
     root = source.resolve()
     if mt.is_manifest(root.media_type):
         raw = source.read_manifest(root)
         doc = _json(raw, f"manifest {root.digest} of {source.name}")
         config = _json(
-            source.read_blob(Descriptor.from_json(doc["config"])), f"config of {source.name}"
+            source.read_blob(Descriptor.from_json(doc.get("config"))), f"config of {source.name}"
         )
         platform = root.platform or Platform(
             os=str(config.get("os", "linux")),
@@ -150,10 +162,13 @@ def select_manifests(source: ImageSource, opts: BuildOptions) -> SelectedImage:
         raise ConvertError(f"{source.name} is a {root.media_type}, not an image or image index")
     image_index = _json(source.read_manifest(root), f"image index of {source.name}")
     candidates = [
-        Descriptor.from_json(m)
-        for m in image_index.get("manifests") or []
-        if mt.is_manifest(m.get("mediaType", ""))
-        and not mt.is_soci_index(m.get("artifactType", ""))
+        Descriptor.from_json(m)  # an entry that is not an object: DescriptorError
+        for m in _array(image_index, "manifests", f"image index of {source.name}")
+        if not isinstance(m, dict)
+        or (
+            mt.is_manifest(str(m.get("mediaType", "")))
+            and not mt.is_soci_index(str(m.get("artifactType", "")))
+        )
     ]
     platforms = [c.platform or Platform("unknown", "unknown") for c in candidates]
     if opts.all_platforms:
@@ -171,6 +186,7 @@ def select_manifests(source: ImageSource, opts: BuildOptions) -> SelectedImage:
     for i in chosen:
         raw = source.read_manifest(candidates[i])
         doc = _json(raw, f"manifest {candidates[i].digest} of {source.name}")
+        Descriptor.from_json(doc.get("config"))  # a manifest without a usable config is refused
         manifests.append(ImageManifest(candidates[i], raw, doc, platforms[i]))
     return SelectedImage(root, image_index, manifests)
 
