@@ -133,7 +133,9 @@ def add_eks_parser(sub: argparse._SubParsersAction[Any]) -> None:
     eks = sub.add_parser("eks", help="EKS node launch user data that installs sociable")
     eks_sub = eks.add_subparsers(dest="eks_command", required=True, metavar="SUBCOMMAND")
     ud = eks_sub.add_parser("user-data", help="print the user data of a launch template")
-    ud.add_argument("--ami", choices=("al2023", "al2"), required=True)
+    ud.add_argument(
+        "--ami", choices=("al2023", "al2"), required=True, help="Amazon Linux 2023 or 2"
+    )
     ud.add_argument("--cluster", required=True, metavar="NAME", help="the EKS cluster's name")
     ud.add_argument(
         "--bundle-url",
@@ -142,7 +144,9 @@ def add_eks_parser(sub: argparse._SubParsersAction[Any]) -> None:
         help="where nodes download sociable-<version>-<arch>.tar.gz (`make dist`)",
     )
     ud.add_argument("--bundle-sha256", default="", metavar="HEX", help="the tarball's sha256")
-    ud.add_argument("--api-server-endpoint", default="", metavar="URL")
+    ud.add_argument(
+        "--api-server-endpoint", default="", metavar="URL", help="the cluster's API server"
+    )
     ud.add_argument(
         "--certificate-authority", default="", metavar="B64", help="the cluster's CA, base64"
     )

@@ -31,6 +31,7 @@ from typing import Any, Final
 import tomlkit
 import tomlkit.exceptions
 from tomlkit.container import Container
+from tomlkit.items import AoT, Table
 
 from ..config import DEFAULT_ADDRESS, Config
 from ..configcheck import CRI_V2, CRI_V3_IMAGES, check_containerd
@@ -135,7 +136,19 @@ def _set(doc: Container, path: tuple[str, ...], value: Any, *, where: str) -> No
         # `[plugins."io.containerd.grpc.v1.cri".containerd]` without empty parent headers.
         leaf_parent = depth == len(path) - 2
         cur = _child(cur, key, super_table=not leaf_parent, where=where)
+    indent = _indent_of(cur)
     cur[path[-1]] = value
+    if indent is not None:
+        cur.item(path[-1]).trivia.indent = indent
+
+
+def _indent_of(table: Any) -> str | None:
+    """The indentation of the first value in `table` (new keys get the same)."""
+    body = getattr(getattr(table, "value", None), "body", None) or getattr(table, "body", [])
+    for key, item in body:
+        if key is not None and not isinstance(item, Table | AoT) and hasattr(item, "trivia"):
+            return str(item.trivia.indent)
+    return None
 
 
 def _get(data: dict[str, Any], path: tuple[str, ...]) -> Any:

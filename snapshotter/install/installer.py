@@ -126,7 +126,7 @@ def plan_install(opts: InstallOptions) -> InstallPlan:
     old = manifest_mod.load(layout(MANIFEST))
     warnings: list[str] = []
     notes: list[str] = []
-    changes = plan_files(layout, source, containerd_dropin=opts.containerd)
+    changes = plan_files(layout, source)
     units = unit_names(changes)
     containerd_changed = kubelet_changed = False
     if opts.containerd:

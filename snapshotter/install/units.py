@@ -76,7 +76,7 @@ def check_unit(name: str, text: str, docs: set[PurePosixPath]) -> None:
                     raise InstallError(f"{name}: Documentation {doc} is not installed")
 
 
-def plan_files(layout: Layout, source: Path, *, containerd_dropin: bool) -> list[FileChange]:
+def plan_files(layout: Layout, source: Path) -> list[FileChange]:
     """The docs, units, drop-in and first config, each as a change (unchanged ones too).
     Reads only; raises InstallError, OSError."""
     changes: list[FileChange] = []
@@ -91,8 +91,7 @@ def plan_files(layout: Layout, source: Path, *, containerd_dropin: bool) -> list
         data = unit.read_bytes()
         check_unit(unit.name, data.decode("utf-8", "replace"), doc_paths)
         changes.append(_change(layout, UNIT_DIR / unit.name, data))
-    if containerd_dropin:
-        changes.append(_change(layout, CONTAINERD_DROPIN, CONTAINERD_DROPIN_TEXT.encode()))
+    changes.append(_change(layout, CONTAINERD_DROPIN, CONTAINERD_DROPIN_TEXT.encode()))
     config = layout(CONFIG)
     if not config.exists():
         changes.append(FileChange(config, None, CONFIG_TEXT.encode()))
