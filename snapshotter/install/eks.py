@@ -90,8 +90,14 @@ def _check(opts: UserDataOptions) -> None:
         raise UsageError("--containerd-version: AL2023 AMIs have containerd 1.7 or 2.x")
 
 
-def daemon_config(opts: UserDataOptions) -> str:
-    """`/etc/sociable/config.toml` for an EKS node."""
+PEER_PORT: Final = 8472
+NODE_IP_SHELL: Final = "${node_ip}"
+"""The node's address in the script (`ip route get`): peers advertise it to each other."""
+
+
+def daemon_config(opts: UserDataOptions, *, node_ip: str = NODE_IP_SHELL) -> str:
+    """`/etc/sociable/config.toml` for an EKS node (`node_ip`: the address other nodes reach
+    this one at, with `--mirror`)."""
     lines = [
         "# Written by the EKS user data (docs/eks.md).",
         "[credential_providers]",
@@ -101,7 +107,7 @@ def daemon_config(opts: UserDataOptions) -> str:
     if opts.cri_proxy:
         lines += ["", "[cri]", "enable = true"]
     if opts.mirror:
-        lines += ["", "[peers]", "enable = true"]
+        lines += ["", "[peers]", "enable = true", f'advertise = "{node_ip}:{PEER_PORT}"']
         if opts.peers_dns:
             lines.append(f'dns = "{opts.peers_dns}"')
         lines += ["", "[mirror]", "enable = true"]
@@ -188,8 +194,13 @@ def _fetch_lines(opts: UserDataOptions, package_manager: str) -> list[str]:
         'tar -xzf "$work/sociable.tar.gz" -C "$bundle" --strip-components=1',
         "",
         "mkdir -p /etc/sociable",
+        *(
+            ["node_ip=\"$(ip -4 route get 1.1.1.1 | sed -n 's/.* src \\([0-9.]*\\).*/\\1/p')\""]
+            if opts.mirror
+            else []
+        ),
         "if [ ! -e /etc/sociable/config.toml ]; then",
-        "  cat >/etc/sociable/config.toml <<'SOCIABLE_CONFIG'",
+        "  cat >/etc/sociable/config.toml <<SOCIABLE_CONFIG",
         daemon_config(opts).rstrip("\n"),
         "SOCIABLE_CONFIG",
         "fi",
