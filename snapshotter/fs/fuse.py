@@ -292,7 +292,13 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
         with self._boundary("lookup", inode=parent_inode):
-            return entry_attributes(self.host.lookup(parent_inode, name))
+            try:
+                attr = self.host.lookup(parent_inode, name)
+            except NotFound:
+                # The common miss (overlayfs and path searches probe names): answered at
+                # once, without the error table and the description of the inode.
+                raise pyfuse3.FUSEError(errno.ENOENT) from None
+            return entry_attributes(attr)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Inodes are computed, not allocated: nothing to free.
