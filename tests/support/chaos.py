@@ -25,6 +25,8 @@ from pathlib import Path
 import grpc
 import httpx
 
+from index.builder import build_ztoc
+from index.zinfo import SpanMap
 from snapshotter.remote import labels as L
 from tests.support import images
 from tests.support.cli import sociable
@@ -45,10 +47,19 @@ def chaos_seed(name: str) -> int:
 
 @dataclass(frozen=True)
 class ChaosLayer:
-    """One layer of the image: its digest and its files (path in the layer → content)."""
+    """One layer of the image: its digest, its files (path in the layer → content), the gzip
+    blob and the span size it was indexed with."""
 
     digest: str
     files: dict[str, bytes]
+    path: Path
+    span_size: int
+
+    def span_digests(self) -> frozenset[str]:
+        """The digests of the layer's compressed spans (`sha256:<hex>`), as its zTOC has
+        them: every file of the span cache must hash to one of them."""
+        ztoc = build_ztoc(self.path, images.MEDIA_LAYER_GZIP, self.span_size)
+        return frozenset(SpanMap.from_ztoc(ztoc).span_digests)
 
 
 @dataclass(frozen=True)
@@ -64,7 +75,7 @@ class ChaosImage:
         return f"{host}/{self.repository}:{self.tag}"
 
 
-def _layer_files(layer: images.Layer) -> ChaosLayer:
+def _layer_files(layer: images.Layer, span_size: int) -> ChaosLayer:
     files: dict[str, bytes] = {}
     with tarfile.open(layer.path, "r:gz") as tf:
         for member in tf:
@@ -72,7 +83,7 @@ def _layer_files(layer: images.Layer) -> ChaosLayer:
                 f = tf.extractfile(member)
                 assert f is not None
                 files[member.name.lstrip("./")] = f.read()
-    return ChaosLayer(layer.digest, files)
+    return ChaosLayer(layer.digest, files, layer.path, span_size)
 
 
 def _indexed_manifest(registry_url: str, repository: str, tag: str) -> str:
@@ -124,7 +135,7 @@ def push_chaos_image(
         repository,
         f"{tag}-soci",
         _indexed_manifest(registry_url, repository, f"{tag}-soci"),
-        tuple(_layer_files(layer) for layer in image.layers),
+        tuple(_layer_files(layer, span_size) for layer in image.layers),
     )
 
 

@@ -277,7 +277,13 @@ class FaultProxy:
                 else:
                     self._send(status, headers, data)
 
-            do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _handle
+            def _serve(self) -> None:
+                try:
+                    self._handle()
+                except ConnectionError:  # the client went away (a killed daemon, a timeout)
+                    self._abort()
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _serve
 
         self._client = client
         self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
