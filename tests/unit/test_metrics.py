@@ -438,3 +438,38 @@ def test_bind_metrics_refuses_a_port_in_use() -> None:
         port = taken.getsockname()[1]
         with pytest.raises(OSError):
             bind_metrics(f"127.0.0.1:{port}")
+
+
+def test_the_sample_dashboard_uses_metrics_that_exist(tmp_path: Path) -> None:
+    import json
+    import re
+
+    from prometheus_client import generate_latest
+
+    m = DaemonMetrics()
+    m.fuse_op("read").failed(0.1, errno.EIO)
+    m.source("registry").fetched(1, 0.1)
+    m.source("registry").failed("timeout", 0.1)
+    m.mount_result("remote")
+    m.fallback("no_index")
+    m.grpc_call("Stat", "OK", 0.001)
+    m.register(
+        [
+            CacheCollector(SpanCache(tmp_path / "cache")),
+            BackgroundCollector(lambda: BackgroundStatistics(0, 0, 0, 0, 0)),
+            LayersCollector(lambda: 0),
+            PeersCollector(FakePeers(0)),
+        ]
+    )
+    exported = {
+        line.split("{")[0].split(" ")[0]
+        for line in generate_latest(m.registry).decode().splitlines()
+        if line and not line.startswith("#")
+    }
+    dashboard = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "sociable.json"
+    exprs = [
+        t["expr"] for p in json.loads(dashboard.read_text())["panels"] for t in p.get("targets", [])
+    ]
+    used = {name for e in exprs for name in re.findall(r"sociable_[a-z_]+", e)}
+    assert len(exprs) > 15 and used
+    assert used <= exported, used - exported
