@@ -39,6 +39,11 @@ from snapshotter.lazy.table import SpanState, SpanTable, coalesce
 
 log = logging.getLogger(__name__)
 
+CACHE_WARNING_INTERVAL_SEC = 10.0
+"""A layer's spans that cannot be cached (a full or read-only disk) are logged at most once in
+this many seconds, with the number of failures left out since: the reads go on (served from
+the fetched bytes), and a full disk would otherwise log every request."""
+
 
 @dataclass(slots=True)
 class LayerCounters:
@@ -97,6 +102,8 @@ class SpanFetcher:
         self.tracker = tracker
         self.counters = counters
         self._io_limiter = io_limiter
+        self._cache_warn_after = float("-inf")
+        self._cache_failures_unlogged = 0
         self._inflight: dict[SpanId, _Fetch] = {}
         self._cursor = 0
         self._chunks: list[int] | None = None
@@ -250,7 +257,7 @@ class SpanFetcher:
             try:
                 await trio.to_thread.run_sync(self._store, fetch.results, limiter=self._io_limiter)
             except CacheError as e:
-                log.warning("layer %s: spans %s not cached: %s", self.layer, run, e)
+                self._cache_failed(run, e)
             ok = True
         except Exception as e:
             fetch.error = e
@@ -260,6 +267,23 @@ class SpanFetcher:
                 del self._inflight[span]
                 self.table.set(span, SpanState.CACHED if ok else SpanState.UNREQUESTED)
             fetch.done.set()
+
+    def _cache_failed(self, run: list[SpanId], error: CacheError) -> None:
+        """Log a failed cache write, at most once per `CACHE_WARNING_INTERVAL_SEC`."""
+        now = trio.current_time()
+        if now < self._cache_warn_after:
+            self._cache_failures_unlogged += 1
+            return
+        self._cache_warn_after = now + CACHE_WARNING_INTERVAL_SEC
+        left_out, self._cache_failures_unlogged = self._cache_failures_unlogged, 0
+        log.warning(
+            "layer %s: spans %s not cached (%d more not logged since): %s",
+            self.layer,
+            run,
+            left_out,
+            error,
+            extra={"layer": str(self.layer), "error": str(error), "left_out": left_out},
+        )
 
     def _store(self, results: Mapping[SpanId, bytes]) -> None:
         for span, data in results.items():

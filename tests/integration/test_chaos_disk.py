@@ -124,10 +124,12 @@ def test_full_cache_disk_still_serves_right_bytes(
         full = [
             e
             for e in log_events(m.daemon)
-            if e.get("level") == "warning" and "No space left on device" in str(e.get("msg"))
+            if e.get("level") == "warning" and "No space left on device" in str(e.get("error"))
         ]
         assert full, f"no log line says the cache disk is full:\n{m.daemon.log_tail(40)}"
         print(f"{len(full)} warnings about the full cache disk; first: {full[0]['msg']}")
+        # Once per layer in 10 s, not once per request (`layer` names it).
+        assert len(full) == 1 and full[0].get("layer") == m.layer.digest, full
         # The daemon keeps serving: the layer mounts again.
         prepare_remote(m.snap, m.proxy.host, image, m.layer)
 
