@@ -1,0 +1,62 @@
+"""The daemon counts FUSE requests per handler (`fuseOps` in `<root>/status.json`): a container
+reading files of a lazily pulled image through its overlayfs view shows up as at least one
+read per file, with names looked up or listed and the trio thread's CPU time spent in the
+handlers."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_lazy import PY_FILES, Images, open_stack, pushed
+
+pytestmark = pytest.mark.root
+
+__all__ = ["pushed"]  # the module fixture this test shares with test_lazy
+
+
+def fuse_ops(root: Path) -> dict[str, dict[str, float]]:
+    doc = json.loads((root / "status.json").read_text())
+    ops = doc.get("fuseOps", {})
+    assert isinstance(ops, dict)
+    return ops
+
+
+def count(ops: dict[str, dict[str, float]], op: str) -> int:
+    return int(ops.get(op, {}).get("count", 0))
+
+
+def test_status_counts_fuse_requests_of_a_container(pushed: Images, tmp_path: Path) -> None:
+    with open_stack(pushed, tmp_path / "stack", "background_fetch = false") as stack:
+        stack.pull(stack.lazy_ref)
+        root = stack.daemon.root
+        before = fuse_ops(root)
+        files = " ".join(f"/usr/lib/python3.11/{p}" for p in PY_FILES)
+        out = stack.run(stack.lazy_ref, "ops-1", f"cat {files} | wc -c")
+        assert int(out.strip()) > 0
+        deadline = time.monotonic() + 10  # status.json is rewritten at most once a second
+        while count(after := fuse_ops(root), "read") - count(before, "read") < len(PY_FILES):
+            assert time.monotonic() < deadline, f"reads not counted: {before} -> {after}"
+            time.sleep(0.2)
+    assert count(after, "lookup") + count(after, "readdir") > 0
+    assert sum(v["cpuSec"] for v in after.values()) > 0
+    assert set(after) <= {
+        "lookup",
+        "forget",
+        "getattr",
+        "readlink",
+        "open",
+        "read",
+        "flush",
+        "release",
+        "opendir",
+        "readdir",
+        "releasedir",
+        "statfs",
+        "getxattr",
+        "listxattr",
+        "access",
+    }
