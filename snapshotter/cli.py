@@ -11,6 +11,8 @@
                          [--registry HOST ...] [--default] [--dry-run]
     sociable-snapshotter install [--dry-run] [--prefix DIR] [--wheelhouse DIR] [--now] ...
     sociable-snapshotter uninstall [--dry-run] [--prefix DIR] [--purge]
+    sociable-snapshotter [--root DIR] cleanup-mounts
+    sociable-snapshotter [--root DIR] fuse-keeper
     sociable-snapshotter eks user-data --ami al2023|al2 --cluster NAME --bundle-url URL ...
 
 `main()` is the one exit point: an error is one line `sociable-snapshotter: error: ...`
@@ -113,6 +115,16 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--json", action="store_true", help="JSON lines instead (one per layer, peer, ...)"
     )
+    sub.add_parser(
+        "cleanup-mounts",
+        help="with the daemon stopped: unmount what it keeps for its next start "
+        "(running containers lose their lazy layers)",
+    )
+    sub.add_parser(
+        "fuse-keeper",
+        help="run the FUSE fd keeper of the root (its systemd unit runs this; it never exits "
+        "on its own)",
+    )
     mirror = sub.add_parser(
         "mirror", help="make containerd ask this node's registry mirror first (hosts.toml)"
     )
@@ -207,6 +219,19 @@ def run(argv: Sequence[str]) -> int:
         if report.note:
             print(report.note, file=sys.stderr)
         return 0
+    if args.command == "fuse-keeper":
+        import os
+
+        from .fs import keeper
+
+        # The long-lived process is the standard-library-only script, not this program.
+        argv0 = [sys.executable, "-I", keeper.__file__, "--root", str(settings.root), "--stay"]
+        os.execv(sys.executable, argv0)
+    if args.command == "cleanup-mounts":
+        from .remote.compose import cleanup_mounts
+
+        print(f"{cleanup_mounts(settings.root)} mounts removed under {settings.root}")
+        return EXIT_OK
     if args.command == "config":
         path = args.containerd_config or Path(settings.config.containerd.config_path)
         version = args.containerd_version

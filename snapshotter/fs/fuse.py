@@ -12,6 +12,13 @@ timeouts and files open with `keep_cache`; the FUSE root, state directory and st
 can only lower) is raised to `READ_AHEAD_KB` after mounting, so a sequential reader keeps
 several 128 KiB FUSE reads in flight and spans inflate in parallel.
 
+Kept connections (`snapshotter.fs.connection`): given a `KeptConnection`, `open_fuse_host`
+does not mount; libfuse reads the connection's INIT from one end of a socket pair and
+`FuseOperations.init` then swaps the connection's `/dev/fuse` fd into that place, so a
+connection that outlives this process (held by the fd keeper) is served again after a
+restart. Handles are inode numbers (`LayerHost`), so nothing per open file is lost with the
+process; `flush` is left unimplemented (ENOSYS, so the kernel stops sending it).
+
 pyfuse3 keeps its session in module globals: one mount per process.
 """
 
@@ -22,6 +29,7 @@ import errno
 import functools
 import logging
 import os
+import socket
 import subprocess
 import time
 import weakref
@@ -34,6 +42,7 @@ from typing import Any, Final, Protocol
 import pyfuse3
 import trio
 
+from snapshotter.fs.connection import KeptConnection, resend_notification
 from snapshotter.fs.errors import (
     BadHandle,
     FsError,
@@ -304,6 +313,35 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         # Inodes are computed, not allocated: nothing to free.
         return None
 
+    takeover: tuple[int, int, bool] | None = None
+    """(libfuse's fd, the kept connection's `/dev/fuse` fd, resend) until `init` swaps them."""
+    initialized = False
+
+    def init(self) -> None:
+        """libfuse's INIT handler, called before the INIT reply is written. Serving a kept
+        connection, it puts the connection's `/dev/fuse` fd in the place of the socket libfuse
+        read the INIT from (so the reply and every later request use the connection) and,
+        for an adopted connection, asks the kernel to resend the requests the previous
+        process read but never answered. Never raises (pyfuse3 requires it)."""
+        takeover, self.takeover = self.takeover, None
+        if takeover is not None:
+            target, fuse_fd, resend = takeover
+            try:
+                os.dup2(fuse_fd, target, inheritable=False)
+                os.close(fuse_fd)
+            except OSError as e:
+                log.error("fuse connection takeover failed", extra={"error": str(e)})
+            else:
+                if resend:
+                    try:
+                        os.write(target, resend_notification())
+                    except OSError as e:  # Linux < 6.9: requests in flight at a crash hang
+                        log.warning(
+                            "fuse requests of the previous process not resent",
+                            extra={"error": str(e)},
+                        )
+        self.initialized = True
+
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
         with self._boundary("getattr", inode=inode):
             return entry_attributes(self.host.getattr(inode))
@@ -496,9 +534,15 @@ class FuseMount:
     def __init__(self, mountpoint: Path, host: LayerHost) -> None:
         self.mountpoint = mountpoint
         self.host = host
+        self._starter: Callable[[], Awaitable[None]] | None = None
 
     def __repr__(self) -> str:
         return f"<FuseMount {self.mountpoint} {self.host!r}>"
+
+    async def start(self) -> None:
+        """Begin answering requests (idempotent); see `open_fuse_host`'s `start`."""
+        if self._starter is not None:
+            await self._starter()
 
     def add_layer(
         self,
@@ -531,8 +575,15 @@ async def open_fuse_host(
     max_tasks: int = 64,
     read_ahead_kb: int = READ_AHEAD_KB,
     metrics: FuseMetrics | None = None,
+    connection: KeptConnection | None = None,
+    start: bool = True,
 ) -> AsyncIterator[FuseMount]:
     """Mount `host` at `mountpoint` and serve it until the block exits; always unmount.
+
+    With `connection` (already mounted at `mountpoint`, see `snapshotter.fs.connection`) it
+    serves that connection instead, takes ownership of its fd and on exit only stops serving:
+    the mount stays (whoever keeps the connection decides its fate). `start=False` answers
+    nothing until `FuseMount.start()` (a restarted daemon first puts its layers back).
 
     `read_ahead_kb` (0 = leave the kernel default) is applied with `set_read_ahead`.
     `metrics`: where every request's latency and errno are recorded (None: nowhere).
@@ -546,25 +597,52 @@ async def open_fuse_host(
             this process); the message names the mountpoint.
     """
     ops = FuseOperations(host, metrics)
+    target = os.fspath(mountpoint)
+    if connection is not None:
+        # libfuse takes `/dev/fd/N` as an fd to serve, not a place to mount.
+        inner, outer = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+        )
+        with outer:
+            outer.send(connection.init)
+        ops.takeover = (inner.fileno(), connection.fd, connection.adopted)
+        target = f"/dev/fd/{inner.detach()}"
     try:
-        pyfuse3.init(ops, os.fspath(mountpoint), set(MOUNT_OPTIONS | extra_options))
+        pyfuse3.init(ops, target, set(MOUNT_OPTIONS | extra_options))
     except RuntimeError as e:
+        if ops.takeover is not None:
+            os.close(ops.takeover[0])
+            os.close(ops.takeover[1])
         raise RuntimeError(f"cannot mount the layer host at {mountpoint}: {e}") from e
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(pyfuse3.main, 1, max_tasks)
-            if read_ahead_kb:
-                # The kernel sets the window from the INIT reply: wait for it (a stat blocks
-                # until INIT is answered), then raise it.
-                with contextlib.suppress(OSError):
-                    await trio.to_thread.run_sync(os.stat, mountpoint)
-                await trio.to_thread.run_sync(set_read_ahead, mountpoint, read_ahead_kb)
+            started = False
+
+            async def begin() -> None:
+                nonlocal started
+                if started:
+                    return
+                started = True
+                nursery.start_soon(pyfuse3.main, 1, max_tasks)
+                if read_ahead_kb and (connection is None or not connection.adopted):
+                    # The kernel sets the window from the INIT reply: wait for it (a stat
+                    # blocks until INIT is answered), then raise it.
+                    with contextlib.suppress(OSError):
+                        await trio.to_thread.run_sync(os.stat, mountpoint)
+                    await trio.to_thread.run_sync(set_read_ahead, mountpoint, read_ahead_kb)
+
+            mount = FuseMount(mountpoint, host)
+            mount._starter = begin
+            if start:
+                await begin()
             try:
-                yield FuseMount(mountpoint, host)
+                yield mount
             finally:
                 nursery.cancel_scope.cancel()
     finally:
-        pyfuse3.close(unmount=True)
+        pyfuse3.close(unmount=connection is None)
+        if ops.takeover is not None:  # never served: INIT never swapped the fd in
+            os.close(ops.takeover[1])
 
 
 def cleanup_stale_mount(path: Path) -> bool:

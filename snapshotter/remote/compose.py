@@ -10,6 +10,15 @@ records, FUSE, ...) degrades to ordinary snapshots: one `lazy layers disabled` e
 `DegradedMounter`. Only the metadata store and the socket (opened by the daemon, not here)
 stop the daemon.
 
+Restart survival (docs/architecture.md, "Restart survival"): the FUSE connection is kept by
+the fd keeper (`snapshotter.fs.keeper`, started when none answers). At start the keeper's
+connection, when it still serves `<root>/fuse`, is adopted: the bind mounts of its layers
+stay, the layers are put back from their restore records (`LazyLayers.adopt`) and only then
+is the connection served again; otherwise mounts left under the root are cleared and a fresh
+connection is mounted and handed to the keeper. On exit the mounts stay for the next start
+while lazy layers are mounted; with none (or when the connection was never served after a
+fresh mount) everything is torn down. `cleanup_mounts` is the explicit full teardown.
+
 Task tree (every task lives in a scope owned by what it serves):
 
     remote                    root TaskScope of the mounter, open while the daemon serves
@@ -67,6 +76,7 @@ from snapshotter.metrics.collectors import (
 from snapshotter.mirror.access import PublicRepositories
 from snapshotter.mirror.serve import MirrorService
 from snapshotter.mirror.spans import SpanBlobs
+from snapshotter.mountinfo import mounts_under
 from snapshotter.peers.address import AddressError
 from snapshotter.peers.client import PeerBlobClient
 from snapshotter.peers.content import ContentStore
@@ -83,12 +93,13 @@ from .discovery import DiscoveryModes, load_ztoc
 from .layers import LastLayerCallback, LayerSources, LazyLayers, RegistrySources
 from .local import RegistryUnpacker
 from .mounter import DegradedMounter, RemoteMounter
-from .records import RecordStore
+from .records import RecordStore, layer_name
 from .status import remove_daemon_status, write_daemon_status
 from .trees import LayerTrees
 
 if TYPE_CHECKING:
     from snapshotter.daemon import Settings
+    from snapshotter.fs.connection import KeptConnection
 
 log = logging.getLogger(__name__)
 
@@ -272,15 +283,28 @@ async def _build(
 ) -> RemoteMounter:
     """Every part of lazy loading, entered into `stack`. Raises whatever a part raises."""
     from snapshotter.fs import LayerHost
-    from snapshotter.fs.fuse import FUSE_OP_STATS, cleanup_stale_mount, open_fuse_host
+    from snapshotter.fs.fuse import FUSE_OP_STATS, open_fuse_host
 
     cfg = settings.config.remote
     root = settings.root
     fuse_dir = root / "fuse"
     step.name = "stale mounts"
-    await trio.to_thread.run_sync(bindmount.detach_all_under, root / "snapshots")
-    await trio.to_thread.run_sync(cleanup_stale_mount, fuse_dir)
-    fuse_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    kept, binds = await trio.to_thread.run_sync(_take_connection, root, fuse_dir)
+    served = False
+    host = LayerHost()
+
+    async def teardown() -> None:
+        """The mounts stay for the next start while lazy layers are served on a kept
+        connection (or an adopted one was never served again); else they go."""
+        if kept is None or (kept.adopted and not served):
+            return
+        if served and host.layer_names():
+            kept_layers = len(host.layer_names())
+            log.info("fuse mounts kept for the next start", extra={"layers": kept_layers})
+            return
+        await trio.to_thread.run_sync(_release_all, root, fuse_dir)
+
+    stack.push_async_callback(teardown)
     step.name = "store"
     store = LocalStore(root)
     stack.callback(store.close)
@@ -312,7 +336,9 @@ async def _build(
         client, cfg.fetch_config(), meter=metrics.metered if metrics is not None else None
     )
     step.name = "fuse"
-    fuse = await stack.enter_async_context(open_fuse_host(fuse_dir, LayerHost(), metrics=metrics))
+    fuse = await stack.enter_async_context(
+        open_fuse_host(fuse_dir, host, metrics=metrics, connection=kept, start=False)
+    )
     step.name = "tasks"
     scope: TaskScope = await stack.enter_async_context(open_task_scope("remote"))
     background_scope = await scope.open_child("background")
@@ -361,6 +387,18 @@ async def _build(
         )
         mirror = await _mirror(settings, stack, peer_node, spans)
         peer_node.start(peers_scope, server, mirror)
+    layers.keep_mounts = kept is not None
+    if kept is not None and kept.adopted:
+        step.name = "adopt"
+        found = await trio.to_thread.run_sync(records.read_all)
+        adopted = await layers.adopt(binds, found)
+        log.info(
+            "fuse connection adopted",
+            extra={"device": kept.device, "layers": adopted, "bind_mounts": len(binds)},
+        )
+    step.name = "fuse"
+    await fuse.start()
+    served = True
     mounter = RemoteMounter(
         catalog=catalog,
         layers=layers,
@@ -388,6 +426,83 @@ async def _build(
 
     scope.start_soon(_status_writer, settings, status, name="status writer")
     return mounter
+
+
+def _take_connection(root: Path, fuse_dir: Path) -> tuple[KeptConnection | None, dict[Path, str]]:
+    """The FUSE connection to serve and the bind mounts of its layers still in place
+    (mountpoint -> layer name). The keeper's connection when it still serves `fuse_dir`
+    (other mounts under the root's snapshots are detached); else every mount left under the
+    root is cleared and a fresh one is mounted and kept. Without a keeper (it cannot start):
+    None, after clearing, and pyfuse3 mounts as it always did. Blocking; raises OSError."""
+    from snapshotter.fs import connection, keeper
+    from snapshotter.fs.fuse import MOUNT_OPTIONS, cleanup_stale_mount
+
+    snapshots = root / "snapshots"
+    kept: KeptConnection | None = None
+    try:
+        keeper.spawn(root)
+        kept = connection.adopt(root, fuse_dir)
+    except keeper.KeeperError as e:
+        log.warning("fuse restart survival off", extra={"error": str(e)})
+        survival = False
+    else:
+        survival = True
+    binds: dict[Path, str] = {}
+    if kept is not None:
+        ours: set[str] = set()
+        for entry in mounts_under(snapshots):  # latest first: the top mount of each path
+            mountpoint = Path(entry.mountpoint)
+            if entry.mountpoint in ours or mountpoint in binds:
+                continue
+            with contextlib.suppress(ValueError):
+                name = layer_name(mountpoint)
+                if entry.device == kept.device and entry.root == f"/{name}":
+                    binds[mountpoint] = name
+                    continue
+            ours.add(entry.mountpoint)
+        for path in sorted(ours, reverse=True):
+            with contextlib.suppress(OSError):
+                while bindmount.detach(Path(path)):
+                    pass
+        return kept, binds
+    bindmount.detach_all_under(snapshots)
+    cleanup_stale_mount(fuse_dir)
+    fuse_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if survival:
+        try:
+            kept = connection.mount_fresh(root, fuse_dir, MOUNT_OPTIONS)
+        except keeper.KeeperError as e:
+            log.warning("fuse restart survival off", extra={"error": str(e)})
+    return kept, binds
+
+
+def _release_all(root: Path, fuse_dir: Path) -> None:
+    """Full teardown: every bind mount under the root's snapshots detached, the keeper told
+    to forget the connection, the FUSE mount lazily unmounted. Blocking; never raises."""
+    from snapshotter.fs import connection
+
+    with contextlib.suppress(OSError):
+        bindmount.detach_all_under(root / "snapshots")
+    connection.release(root, fuse_dir)
+
+
+def cleanup_mounts(root: Path) -> int:
+    """`sociable-snapshotter cleanup-mounts`: with the daemon stopped (its root lock taken
+    here), tear down what a stopped daemon leaves for the next start: bind mounts under
+    `<root>/snapshots`, the kept FUSE connection and the mount at `<root>/fuse`. Running
+    containers lose their lazy layers (ENOTCONN). Returns how many mounts went. Raises
+    RootLocked (a daemon runs), OSError."""
+    from snapshotter.fs import connection, keeper
+    from snapshotter.fs.fuse import cleanup_stale_mount
+    from snapshotter.rootlock import lock_root
+
+    with lock_root(root):
+        count = bindmount.detach_all_under(root / "snapshots")
+        keeper.drop(root, connection.KEEPER_NAME)
+        fuse_dir = root / "fuse"
+        if cleanup_stale_mount(fuse_dir):
+            count += 1
+    return count
 
 
 @asynccontextmanager

@@ -17,6 +17,13 @@ When `unmount` removes the last mounted layer of an image repository (registry h
 repository of the records' `image_ref`), it awaits the optional `on_last_layer` callback with
 that image's reference (the daemon forgets the credentials captured for the repository). A
 layer restored after a restart counts as mounted; `close` (shutdown) calls nothing.
+
+Restart survival: when the FUSE connection outlives the daemon (`snapshotter.fs.connection`),
+`keep_mounts` is set and `close` leaves every bind mount in place; the next daemon adopts
+them: `adopt` puts each layer whose bind mount is still there back into the FUSE host
+(same slot, so the same inode numbers) before the connection is served again, and `mount`
+of an adopted layer (the service's restore) finds it served already. A layer's bind mount
+that is still there but whose layer could not be adopted is reused by `mount`.
 """
 
 from __future__ import annotations
@@ -198,9 +205,32 @@ class LazyLayers:
         self._inflate_limiter = default_inflate_limiter(self.read_config)
         self._io_limiter = trio.CapacityLimiter(4)  # span-cache writes, all layers
         self._layers: dict[str, _Layer] = {}
+        self.keep_mounts = False
+        """Shutdown leaves the bind mounts (set when the FUSE connection outlives us)."""
+        self._kept_binds: dict[Path, str] = {}
+        """Bind mounts of an earlier process still in place: mountpoint -> layer name."""
 
     def __repr__(self) -> str:
         return f"<LazyLayers {len(self._layers)}>"
+
+    async def adopt(self, binds: dict[Path, str], records: dict[str, LayerRecord]) -> int:
+        """After a restart on a kept FUSE connection: serve again each layer of `records`
+        (by FUSE directory name) whose bind mount `binds` (mountpoint -> name) still has,
+        without binding again; returns how many. Layers that fail are logged (`lazy layer
+        not adopted`) and left to the service's restore, which reuses their bind mounts."""
+        self._kept_binds = dict(binds)
+        adopted = 0
+        for mountpoint, name in sorted(binds.items()):
+            record = records.get(name)
+            if record is None:
+                continue
+            try:
+                await self._mount(mountpoint, name, record, bind=False)
+            except MountError as e:
+                log.warning("lazy layer not adopted", extra={"fuse_dir": name, "error": str(e)})
+                continue
+            adopted += 1
+        return adopted
 
     def __len__(self) -> int:
         return len(self._layers)
@@ -209,8 +239,20 @@ class LazyLayers:
         """Serve the layer of `record` as `name` on `mountpoint` (see the module doc).
 
         Raises MountError; on any failure or cancellation nothing of the layer is left
-        (no FUSE directory, bind mount, record or task).
+        (no FUSE directory, bind mount, record or task; a bind mount kept from an earlier
+        process stays).
         """
+        served = self._layers.get(name)
+        if (
+            served is not None
+            and served.mountpoint == mountpoint
+            and served.record.layer_digest == record.layer_digest
+        ):
+            return  # adopted after a restart: served already
+        bind = self._kept_binds.get(mountpoint) != name
+        await self._mount(mountpoint, name, record, bind=bind)
+
+    async def _mount(self, mountpoint: Path, name: str, record: LayerRecord, *, bind: bool) -> None:
         t0 = time.monotonic()
         ztoc, tree = await self.trees.take(Digest(record.ztoc_digest))
         t1 = time.monotonic()
@@ -241,10 +283,11 @@ class LazyLayers:
                 raise MountError(f"layer {layer} as {name}: {e}") from e
             t2 = time.monotonic()
             try:
-                await trio.to_thread.run_sync(
-                    bindmount.bind, layer_dir, mountpoint, limiter=MOUNT_THREADS
-                )
-                bound = True
+                if bind:
+                    await trio.to_thread.run_sync(
+                        bindmount.bind, layer_dir, mountpoint, limiter=MOUNT_THREADS
+                    )
+                    bound = True
                 t3 = time.monotonic()
                 record = record.with_slot(self.fuse.host.status(name).slot)
                 await trio.to_thread.run_sync(
@@ -297,6 +340,7 @@ class LazyLayers:
                     pass
             except OSError as e:
                 log.warning("unmount failed", extra={"path": str(mountpoint), "error": str(e)})
+            self._kept_binds.pop(mountpoint, None)
             layer = self._layers.pop(name, None)
             if layer is None:
                 return
@@ -335,14 +379,16 @@ class LazyLayers:
                         )
 
     async def close(self) -> None:
-        """Shutdown: detach every bind mount and close every layer's scope (the FUSE host and
-        the records stay for the next start). Never raises; shielded."""
+        """Shutdown: detach every bind mount (unless `keep_mounts`) and close every layer's
+        scope (the FUSE host and the records stay for the next start). Never raises;
+        shielded."""
         with trio.CancelScope(shield=True):
             for layer in list(self._layers.values()):
-                with contextlib.suppress(OSError):
-                    await trio.to_thread.run_sync(
-                        bindmount.detach, layer.mountpoint, limiter=MOUNT_THREADS
-                    )
+                if not self.keep_mounts:
+                    with contextlib.suppress(OSError):
+                        await trio.to_thread.run_sync(
+                            bindmount.detach, layer.mountpoint, limiter=MOUNT_THREADS
+                        )
                 self.background.unregister(layer.name)
                 await layer.scope.aclose()
             self._layers.clear()

@@ -88,6 +88,20 @@ class RecordStore:
             return None
         return LayerRecord.from_json(data)
 
+    def read_all(self) -> dict[str, LayerRecord]:
+        """Every readable record by layer name; unreadable or malformed ones are left out
+        (`read` of that name raises). Raises OSError when the directory cannot be listed."""
+        out: dict[str, LayerRecord] = {}
+        for path in sorted(self.dir.glob("snap-*.json")):
+            name = path.name.removesuffix(".json")
+            try:
+                record = self.read(name)
+            except (OSError, ValueError, TypeError, KeyError):
+                continue
+            if record is not None:
+                out[name] = record
+        return out
+
     def remove(self, name: str) -> None:
         """Forget layer `name`'s record; a missing record is fine. Raises OSError."""
         with contextlib.suppress(FileNotFoundError):

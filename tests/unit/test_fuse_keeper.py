@@ -1,0 +1,212 @@
+"""The FUSE fd keeper and the FUSE wire layouts of restart survival.
+
+The keeper runs as the real detached process (`keeper.spawn`) and keeps real fds (pipes):
+store/fetch/drop, data kept with the fd, replacing, refusals, dropping an fd whose other end
+is gone, exiting once it holds nothing. The layouts are checked against `<linux/fuse.h>`'s
+sizes and offsets; the INIT swap is checked on trio's epoll: an fd number waited on, then
+replaced under it by `dup2`, is waited on again and wakes for the new file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from snapshotter.fs import connection, keeper
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    r = tmp_path / "root"
+    r.mkdir()
+    return r
+
+
+def _wait_gone(pid: int, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:  # our child when spawned from here: reap it
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return True
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
+def test_keeper_stores_fetches_and_drops_fds(root: Path) -> None:
+    pid = keeper.spawn(root)
+    try:
+        assert keeper.ping(root) == pid
+        assert keeper.spawn(root) == pid, "a second spawn finds the running keeper"
+        assert os.stat(keeper.socket_path(root)).st_mode & 0o777 == 0o600
+        r, w = os.pipe()
+        keeper.store(root, "fuse", r, b"data \x00\xff kept")
+        os.close(r)  # the keeper's duplicate keeps the pipe's read end open
+        fetched = keeper.fetch(root, "fuse")
+        assert fetched is not None
+        fd, data = fetched
+        assert data == b"data \x00\xff kept"
+        os.write(w, b"through the kept fd")
+        assert os.read(fd, 100) == b"through the kept fd"
+        assert not os.get_inheritable(fd)
+        os.close(fd)
+        assert keeper.fetch(root, "other") is None
+        # Storing again under the name replaces (and closes) the earlier fd.
+        r2, w2 = os.pipe()
+        keeper.store(root, "fuse", r2, b"second")
+        os.close(r2)
+        fetched = keeper.fetch(root, "fuse")
+        assert fetched is not None and fetched[1] == b"second"
+        os.close(fetched[0])
+        with pytest.raises(ValueError):
+            keeper.store(root, "bad name", w2)
+        with pytest.raises(ValueError):
+            keeper.store(root, "big", w2, bytes(keeper.MAX_DATA_BYTES + 1))
+        with pytest.raises(ValueError):
+            keeper.fetch(root, "../x")
+        assert keeper.drop(root, "fuse") is True
+        assert keeper.drop(root, "fuse") is False
+        os.close(w)
+        os.close(w2)
+        # It held something and holds nothing now: it exits and removes its socket.
+        assert _wait_gone(pid), "the keeper did not exit once empty"
+        assert not keeper.socket_path(root).exists()
+        assert keeper.ping(root) is None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+
+
+def test_keeper_drops_an_fd_whose_other_end_is_gone(root: Path) -> None:
+    """A kept fd reporting POLLERR/POLLHUP (an aborted FUSE connection; here: a pipe whose
+    writer closed) is dropped by the keeper itself, which then exits."""
+    pid = keeper.spawn(root)
+    try:
+        r, w = os.pipe()
+        keeper.store(root, "fuse", r)
+        os.close(r)
+        assert keeper.fetch(root, "fuse") is not None
+        os.close(w)
+        assert _wait_gone(pid), "the keeper kept a dead fd"
+        log = (root / keeper.LOG_NAME).read_text()
+        assert "dropped fuse (its connection is gone)" in log, log
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+
+
+def test_keeper_refuses_malformed_requests(root: Path) -> None:
+    pid = keeper.spawn(root)
+    try:
+        r, w = os.pipe()
+        keeper.store(root, "fuse", r)  # keep it alive through the test
+        for message in (b"fetch\n", b"what fuse\n", b"store fuse\n", b"drop a/b\n"):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+                s.settimeout(5)
+                s.connect(str(keeper.socket_path(root)))
+                s.send(message)
+                assert s.recv(4096).startswith(b"error "), message
+        with pytest.raises(keeper.KeeperError, match="refused"):
+            keeper._request(root, b"drop fuse\n", r)  # an fd where none belongs
+        assert keeper.ping(root) == pid
+        os.close(r)
+        os.close(w)
+    finally:
+        os.kill(pid, 9)
+        _wait_gone(pid)
+
+
+def test_a_lone_keeper_exits_and_no_keeper_is_an_error(root: Path) -> None:
+    assert keeper.ping(root) is None
+    with pytest.raises(keeper.KeeperError):
+        keeper.fetch(root, "fuse")
+    assert keeper.drop(root, "fuse") is False
+
+
+# -- layouts -----------------------------------------------------------------------------
+
+
+def test_fuse_struct_sizes_match_linux_fuse_h() -> None:
+    # fuse_in_header 40 bytes, fuse_init_in 64 (protocol >= 7.36), fuse_out_header 16.
+    assert connection.IN_HEADER.size == 40
+    assert connection.INIT_IN.size == 64
+    assert connection.OUT_HEADER.size == 16
+    header = Path("/usr/include/linux/fuse.h")
+    if header.exists():  # the build machine's header names the same codes
+        text = header.read_text()
+        assert "FUSE_INIT\t\t= 26" in text or "FUSE_INIT = 26" in text.replace("\t", " ")
+        assert "struct fuse_init_in {" in text
+
+
+def test_init_request_round_trip_and_unique_replacement() -> None:
+    request = connection.init_request(unique=2, major=7, minor=45, flags=0x73FFFFFB, flags2=0x5FD)
+    assert len(request) == 104
+    length, opcode, unique = struct.unpack_from("<IIQ", request)
+    assert (length, opcode, unique) == (104, 26, 2)
+    parsed = connection.parse_init(request)
+    assert (parsed.unique, parsed.major, parsed.minor) == (2, 7, 45)
+    assert (parsed.flags, parsed.flags2) == (0x73FFFFFB, 0x5FD)
+    replay = connection.with_unique(request, connection.SYNTHETIC_UNIQUE)
+    assert len(replay) == len(request) and replay[16:] == request[16:]
+    assert connection.parse_init(replay).unique == 1
+    assert connection.SYNTHETIC_UNIQUE % 2 == 1, "an odd unique names no kernel request"
+    with pytest.raises(ValueError):
+        connection.parse_init(request[:-1])  # length no longer matches
+    lookup = struct.pack("<IIQQIIIHH", 60, 1, 4, 1, 0, 0, 0, 0, 0) + b"a-longer-file-name\0\0"
+    with pytest.raises(ValueError, match="not a FUSE_INIT"):
+        connection.parse_init(lookup)
+
+
+def test_resend_notification_layout() -> None:
+    # fuse_out_header{len=16, error=FUSE_NOTIFY_RESEND (7), unique=0}: a notification.
+    assert connection.resend_notification() == struct.pack("<IiQ", 16, 7, 0)
+
+
+def test_mount_data_is_what_libfuse_passes_as_root() -> None:
+    data = connection.mount_data(
+        9, frozenset({"fsname=x", "subtype=y", "ro", "allow_other", "default_permissions"})
+    )
+    assert data == "fd=9,rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions"
+
+
+async def test_trio_waits_again_on_an_fd_number_swapped_by_dup2() -> None:
+    """What the INIT swap does to pyfuse3's fd: trio waited on fd N (a socket), N is then
+    replaced by dup2 with another file: waiting on N again registers the new file and wakes
+    when it becomes readable (the old file's epoll entry went with the file)."""
+    inner, outer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    outer.send(b"INIT")
+    n = inner.detach()
+    await trio.lowlevel.wait_readable(n)
+    assert os.read(n, 100) == b"INIT"
+    r, w = os.pipe()
+    os.dup2(r, n)
+    os.close(r)
+    outer.close()
+    with trio.move_on_after(0.2) as idle:
+        await trio.lowlevel.wait_readable(n)
+    assert idle.cancelled_caught, "nothing written yet: the new file is not readable"
+
+    async def write_later() -> None:
+        await trio.sleep(0.05)
+        os.write(w, b"request")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write_later)
+        with trio.fail_after(5):
+            await trio.lowlevel.wait_readable(n)
+    assert os.read(n, 100) == b"request"
+    os.close(n)
+    os.close(w)
