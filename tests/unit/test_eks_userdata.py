@@ -133,6 +133,12 @@ def parts(text: str) -> list[email.message.Message]:
     return [p for p in msg.walk() if not p.is_multipart()]
 
 
+def payload(part: email.message.Message) -> str:
+    text = part.get_payload()
+    assert isinstance(text, str)
+    return text
+
+
 def shellcheck(tmp_path: Path, script: str) -> None:
     assert shutil.which("shellcheck"), "shellcheck is missing (scripts/setup.sh installs it)"
     f = tmp_path / "script.sh"
@@ -190,7 +196,7 @@ def test_al2023_parts_as_cloud_init_sees_them() -> None:
 
 def test_al2023_nodeconfig_fields_are_nodeadms() -> None:
     (node, _) = parts(user_data(opts(cri_proxy=True)))
-    (doc,) = list(yaml.safe_load_all(node.get_payload()))
+    (doc,) = list(yaml.safe_load_all(payload(node)))
     check_schema(doc, NODECONFIG_SCHEMA)
     assert doc["apiVersion"] == NODECONFIG_API and doc["kind"] == "NodeConfig"
     assert doc["spec"]["cluster"] == {
@@ -202,12 +208,12 @@ def test_al2023_nodeconfig_fields_are_nodeadms() -> None:
     assert doc["spec"]["kubelet"] == {"config": {"imageServiceEndpoint": ENDPOINT}}
     # without the CRI proxy kubelet is not touched
     (node, _) = parts(user_data(opts()))
-    assert "kubelet" not in yaml.safe_load(node.get_payload())["spec"]
+    assert "kubelet" not in yaml.safe_load(payload(node))["spec"]
 
 
 def _fragment(text: str) -> dict[str, Any]:
     (node, _) = parts(text)
-    config = yaml.safe_load(node.get_payload())["spec"]["containerd"]["config"]
+    config = yaml.safe_load(payload(node))["spec"]["containerd"]["config"]
     assert "version" not in tomllib.loads(config)
     return tomllib.loads(config)
 

@@ -318,3 +318,26 @@ def test_version_flag_and_exit_codes_match_the_cli() -> None:
     table = dict(cli.EXIT_CODES)
     for cls, code in install_main.EXIT_CODES:
         assert table[cls] == code, cls
+
+
+def test_install_command_needs_only_the_standard_library_and_tomlkit(tmp_path: Path) -> None:
+    """What a bundle's install.sh relies on: no daemon dependency is imported."""
+    import subprocess
+    import sys
+
+    import tomlkit
+
+    shutil.copytree(Path(tomlkit.__file__).parent, tmp_path / "tomlkit")
+    code = (
+        "import sys; sys.path[:0] = sys.argv[1:]; "
+        "import snapshotter.install.__main__, snapshotter.install.bundle; "
+        "bad = {'trio', 'grpc', 'pyfuse3', 'httpx', 'yaml'} & set(sys.modules); "
+        "sys.exit(f'imported {sorted(bad)}' if bad else 0)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code, str(REPO), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
