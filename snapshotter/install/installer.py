@@ -38,7 +38,7 @@ from .files import (
 from .kubelet import plan_kubelet
 from .layout import BIN_DIR, CONFIG, MANIFEST, PROGRAMS, VENV, Layout
 from .manifest import FileRecord, Manifest
-from .units import InstallError, plan_files, source_dir, unit_names
+from .units import SERVICE, InstallError, plan_files, source_dir, unit_names
 
 SYSTEMCTL_TIMEOUT_SEC = 120
 REMOVED_SUFFIX = ".sociable-edited"
@@ -272,7 +272,12 @@ def apply_install(plan: InstallPlan, *, now: bool, out: TextIO) -> Manifest:
         _systemctl("enable", *plan.units)
         m = dataclasses.replace(m, units=tuple(plan.units))
         if now:
-            _systemctl("restart", *plan.units)
+            # Start what is stopped; restart only the daemon (new code adopts the FUSE
+            # connection). Other units, the FUSE keeper among them, are never restarted:
+            # restarting the keeper would cut running containers off their lazy layers.
+            _systemctl("start", *plan.units)
+            if plan.venv == "upgrade" and SERVICE in plan.units:
+                _systemctl("restart", SERVICE)
             if plan.containerd_changed:
                 _systemctl("try-restart", "containerd.service")
             if plan.kubelet_changed:
@@ -288,6 +293,8 @@ def next_steps(plan: InstallPlan, *, now: bool) -> list[str]:
         restart = ["containerd"] if plan.containerd_changed else []
         restart += ["kubelet"] if plan.kubelet_changed else []
         steps = [f"next: systemctl start {' '.join(plan.units)}"]
+        if plan.venv == "upgrade":
+            steps.append(f"next: systemctl restart {SERVICE} (not the other units)")
         if restart:
             steps.append(f"next: systemctl restart {' '.join(restart)}")
         return steps
