@@ -70,7 +70,8 @@ def add_parsers(sub: argparse._SubParsersAction[Any]) -> None:
     install.add_argument(
         "--now",
         action="store_true",
-        help="also (re)start the units, and restart containerd and kubelet if their config changed",
+        help="also start the units (an upgrade restarts the daemon's service only), and "
+        "restart containerd and kubelet if their config changed",
     )
     uninstall.add_argument(
         "--purge",
