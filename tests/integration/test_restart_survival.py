@@ -1,0 +1,413 @@
+"""Running containers keep their lazy layers across daemon restarts, crashes and upgrades.
+
+A real container (containerd 1.6 CRI + runc) from a lazily pulled indexed image runs a loop
+that checksums files of its lazy layers and reads one file it keeps open in 64 KiB pieces
+(checksumming each piece), writing every result with a timestamp to a log on the host. The
+page cache is dropped before each restart, so the reads around it go through FUSE. The test
+restarts the daemon while the loop runs: `kill -9` at seeded random moments (at least five
+times), one graceful restart (SIGTERM) and one restart into a fresh copy of the code (the
+source packages copied to a temporary directory, run from there with PYTHONPATH). After each
+restart a new indexed image is pulled lazily and a container of it reads its file right.
+At the end: every checksum in the log is right, no read failed, and the loop never stalled
+for more than `MAX_STALL_SEC`.
+
+Then the keeper is killed together with the daemon: the next daemon finds the FUSE mount
+dead, clears it and the bind mounts, and lazy pulls work again.
+
+The seed is printed; rerun with ``SOCIABLE_RESTART_SEED=<seed>`` to replay a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from snapshotter.fs import keeper
+from snapshotter.mountinfo import mount_at, mounts_under
+from tests.support import images
+from tests.support.cli import sociable
+from tests.support.containerd import (
+    Containerd,
+    PushedImages,
+    require_containerd,
+    start_containerd,
+)
+from tests.support.registry import RegistryServer
+from tests.support.snapclient import SnapDaemon, run_daemon
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = "k8s.io"
+KILLS = 5
+SMALL_IMAGES = KILLS + 3
+PIECE = 65536
+MAX_STALL_SEC = 10.0
+"""The longest the loop may go without a line: a restart takes the daemon's start-up (about
+two seconds here) during which reads wait for the new process."""
+SUMMED = ("os.py", "json/decoder.py", "email/message.py", "typing.py", "argparse.py")
+OPEN_FILE = "usr/lib/python3.11/_bulk_padding.bin"
+
+
+def _seed() -> int:
+    raw = os.environ.get("SOCIABLE_RESTART_SEED")
+    seed = int(raw) if raw else random.SystemRandom().randrange(1 << 32)
+    print(f"\nrestart survival seed: {seed} (SOCIABLE_RESTART_SEED={seed} replays it)")
+    return seed
+
+
+@dataclass(frozen=True)
+class Pushed:
+    image: images.Image
+    lazy_ref: str
+    small: list[tuple[str, str]]  # (ref, sha256 of /data/unique.bin)
+    registry: RegistryServer
+    pause_ref: str
+
+
+@pytest.fixture(scope="module")
+def pushed(
+    registry: RegistryServer, pushed_images: PushedImages, tmp_path_factory: pytest.TempPathFactory
+) -> Pushed:
+    """The bulk image and `SMALL_IMAGES` small ones (a unique 200 KB layer each over busybox),
+    all converted (SOCI v2) into the registry."""
+    require_containerd()
+    base = tmp_path_factory.mktemp("survival-images")
+    image = images.bulk_image()
+    lazy_ref = f"{registry.host}/survival/bulk:v1-soci"
+    sociable(
+        "convert",
+        "--min-layer-size",
+        "100000",
+        f"oci-layout:{image.layout}:{image.tag}",
+        lazy_ref,
+        root=base / "convert-root",
+    )
+    small = []
+    for i in range(SMALL_IMAGES):
+        data = hashlib.sha256(f"unique {i}".encode()).digest() * (200_000 // 32)
+        layout = images.write_oci_layout(
+            base / f"small{i}",
+            [images.busybox_layer(), [images.File(path="data/unique.bin", data=data)]],
+            tag="v1",
+        )
+        ref = f"{registry.host}/survival/small{i}:v1-soci"
+        sociable(
+            "convert",
+            "--min-layer-size",
+            "100000",
+            f"oci-layout:{layout.layout}:{layout.tag}",
+            ref,
+            root=base / "convert-root",
+        )
+        small.append((ref, hashlib.sha256(data).hexdigest()))
+    return Pushed(image, lazy_ref, small, registry, pushed_images.pause_ref)
+
+
+def _layer_sums(image: images.Image) -> tuple[dict[str, str], list[str]]:
+    """sha256 of the `SUMMED` files and of each `PIECE` of `OPEN_FILE`, from the layer."""
+    want = {f"usr/lib/python3.11/{p}" for p in SUMMED}
+    sums: dict[str, str] = {}
+    pieces: list[str] = []
+    with gzip.open(image.layers[-1].path) as gz, tarfile.open(fileobj=gz, mode="r|") as tf:
+        for m in tf:
+            name = m.name.lstrip("./")
+            if m.isreg() and (name in want or name == OPEN_FILE):
+                f = tf.extractfile(m)
+                assert f is not None
+                if name == OPEN_FILE:
+                    while piece := f.read(PIECE):
+                        pieces.append(hashlib.sha256(piece).hexdigest())
+                else:
+                    sums["/" + name] = hashlib.sha256(f.read()).hexdigest()
+    assert len(sums) == len(want) and pieces
+    return sums, pieces
+
+
+LOOP = r"""
+files="{files}"
+exec 3< /{open_file}
+n=0
+while :; do
+  for f in $files; do
+    if s=$(sha256sum $f 2>&1); then echo "$(cut -d' ' -f1 /proc/uptime) SUM $s"
+    else echo "$(cut -d' ' -f1 /proc/uptime) ERR $f $s"; fi
+  done
+  if p=$(dd bs={piece} count=1 <&3 2>/dev/null | sha256sum); then
+    echo "$(cut -d' ' -f1 /proc/uptime) PIECE $n $p"
+  else echo "$(cut -d' ' -f1 /proc/uptime) ERR piece $n"; fi
+  n=$((n+1))
+  [ $n -ge {pieces} ] && {{ exec 3< /{open_file}; n=0; }}
+  sleep 0.1
+done >> /out/loop.log 2>&1
+"""
+
+
+def _drop_caches() -> None:
+    # Only the page cache: the reads right around a restart go through FUSE.
+    Path("/proc/sys/vm/drop_caches").write_text("1\n")
+
+
+def _wait_lines(log: Path, more_than: int, timeout_s: float = 60.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        n = len(log.read_text(errors="replace").splitlines()) if log.exists() else 0
+        if n > more_than:
+            return n
+        assert time.monotonic() < deadline, f"the loop wrote nothing new in {timeout_s} s"
+        time.sleep(0.2)
+
+
+def _start_from(daemon: SnapDaemon, code: Path) -> None:
+    """Start `daemon` from the copy of the source at `code` (its packages on PYTHONPATH, run
+    from there) and wait for READY=1."""
+    notify_dir = Path(tempfile.mkdtemp(prefix="snapd-notify-"))
+    notify_path = notify_dir / "n.sock"
+    env = {**os.environ, "PYTHONPATH": str(code), "NOTIFY_SOCKET": str(notify_path)}
+    cmd = [sys.executable, "-m", "snapshotter.cli", "--address", str(daemon.address)]
+    cmd += ["--root", str(daemon.root), "--log-level", "debug"]
+    if daemon.config is not None:
+        cmd += ["--config", str(daemon.config)]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        notify.settimeout(0.2)
+        with open(daemon.log, "ab") as log:
+            daemon.proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=code,
+            )
+        deadline = time.monotonic() + 30
+        try:
+            while True:
+                assert daemon.proc.poll() is None, daemon.log_tail()
+                assert time.monotonic() < deadline, daemon.log_tail()
+                with contextlib.suppress(TimeoutError):
+                    if b"READY=1" in notify.recv(4096).split(b"\n"):
+                        return
+        finally:
+            notify_path.unlink(missing_ok=True)
+            notify_dir.rmdir()
+
+
+def _events(daemon: SnapDaemon) -> list[dict[str, object]]:
+    out = []
+    for line in daemon.log.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line))
+    return out
+
+
+def _wait_containerd(ctd: Containerd) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        res = ctd.ctr("snapshots", "--snapshotter", "sociable", "ls", namespace=K8S, check=False)
+        if res.returncode == 0:
+            return
+        assert time.monotonic() < deadline, res.stderr
+        time.sleep(0.3)
+
+
+def _pull(ctd: Containerd, ref: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "index.cli", "pull", "--address", str(ctd.address), ref],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+@contextlib.contextmanager
+def _stack(pushed: Pushed, base: Path) -> Iterator[tuple[SnapDaemon, Containerd]]:
+    base.mkdir(parents=True, exist_ok=True)
+    config = base / "sociable.toml"
+    config.write_text('[remote]\nhosts_dir = ""\nbackground_fetch = false\n')
+    with (
+        run_daemon(base / "sociable", config=config) as daemon,
+        start_containerd(
+            base / "containerd",
+            proxy_address=daemon.address,
+            registry_hosts=[pushed.registry.host],
+            sandbox_image=pushed.pause_ref,
+        ) as ctd,
+    ):
+        try:
+            yield daemon, ctd
+        finally:
+            # What the daemon keeps for its next start goes with it (the test's own root).
+            with contextlib.suppress(Exception):
+                ctd.ctr("task", "kill", "-s", "SIGKILL", "loop", namespace=K8S, check=False)
+            daemon.stop()
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "snapshotter.cli",
+                    "--root",
+                    str(daemon.root),
+                    "cleanup-mounts",
+                ],
+                cwd=REPO,
+                capture_output=True,
+                check=False,
+                timeout=60,
+            )
+
+
+def _run_loop(ctd: Containerd, ref: str, out: Path, sums: dict[str, str], pieces: int) -> None:
+    script = LOOP.format(files=" ".join(sums), open_file=OPEN_FILE, piece=PIECE, pieces=pieces)
+    ctd.ctr(
+        "run",
+        "-d",
+        "--runc-root",
+        str(ctd.paths.state / "runc"),
+        "--snapshotter",
+        "sociable",
+        "--mount",
+        f"type=bind,src={out},dst=/out,options=rbind:rw",
+        ref,
+        "loop",
+        "/bin/sh",
+        "-c",
+        script,
+        namespace=K8S,
+    )
+
+
+def _check_log(log: Path, sums: dict[str, str], pieces: list[str]) -> tuple[int, float]:
+    """Asserts every line right; returns (lines, the longest gap between lines in s)."""
+    last = None
+    longest = 0.0
+    lines = log.read_text(errors="replace").splitlines()
+    for line in lines:
+        parts = line.split()
+        assert len(parts) >= 3 and parts[1] in ("SUM", "PIECE"), f"read failure: {line}"
+        at = float(parts[0])
+        if last is not None:
+            longest = max(longest, at - last)
+        last = at
+        if parts[1] == "SUM":
+            assert sums[parts[3]] == parts[2], line
+        else:
+            assert pieces[int(parts[2])] == parts[3], line
+    return len(lines), longest
+
+
+def test_running_container_survives_restarts(pushed: Pushed, tmp_path: Path) -> None:
+    rng = random.Random(_seed())
+    sums, pieces = _layer_sums(pushed.image)
+    out = tmp_path / "out"
+    out.mkdir()
+    log = out / "loop.log"
+    code = tmp_path / "code"
+    for package in ("index", "snapshotter"):
+        shutil.copytree(
+            REPO / package, code / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    with _stack(pushed, tmp_path / "stack") as (daemon, ctd):
+        _pull(ctd, pushed.lazy_ref)
+        _run_loop(ctd, pushed.lazy_ref, out, sums, len(pieces))
+        seen = _wait_lines(log, 0)
+        kinds = ["kill"] * KILLS + ["graceful", "upgrade"]
+        rng.shuffle(kinds)
+        stalls = []
+        for i, kind in enumerate(kinds):
+            time.sleep(rng.uniform(0.2, 2.5))
+            _drop_caches()
+            t0 = time.monotonic()
+            if kind == "kill":
+                daemon.kill9()
+                daemon.start()
+            elif kind == "graceful":
+                assert daemon.stop() == 0
+                daemon.start()
+            else:
+                daemon.stop()
+                _start_from(daemon, code)
+            stalls.append(time.monotonic() - t0)
+            _wait_containerd(ctd)
+            seen = _wait_lines(log, seen)
+            ref, want = pushed.small[i]
+            _pull(ctd, ref)
+            output = ctd.run(
+                ref, f"new-{i}", "/bin/sh", "-c", "sha256sum /data/unique.bin", namespace=K8S
+            )
+            assert output.split()[0] == want, output
+            print(f"round {i}: {kind}, daemon back in {stalls[-1]:.2f} s, new image read right")
+        seen = _wait_lines(log, seen + 2 * len(SUMMED))
+        ctd.ctr("task", "kill", "-s", "SIGKILL", "loop", namespace=K8S, check=False)
+        events = _events(daemon)
+    lines, longest = _check_log(log, sums, pieces)
+    adopted = [e for e in events if e.get("msg") == "fuse connection adopted"]
+    print(
+        f"{lines} results, all right; longest gap between two {longest:.2f} s; "
+        f"{len(adopted)} adoptions, layers adopted: {[e.get('layers') for e in adopted]}"
+    )
+    assert len(adopted) == len(kinds)
+    assert all(int(str(e.get("layers"))) >= 3 for e in adopted)
+    assert longest < MAX_STALL_SEC
+    assert lines > 10 * len(kinds)
+
+
+def test_keeper_killed_too_clears_the_dead_mount(pushed: Pushed, tmp_path: Path) -> None:
+    with _stack(pushed, tmp_path / "stack") as (daemon, ctd):
+        _pull(ctd, pushed.lazy_ref)
+        before = ctd.run(
+            pushed.lazy_ref,
+            "first",
+            "/bin/sh",
+            "-c",
+            "sha256sum /usr/lib/python3.11/os.py",
+            namespace=K8S,
+        )
+        pid = keeper.ping(daemon.root)
+        assert pid is not None
+        fuse = daemon.root / "fuse"
+        old = mount_at(fuse)
+        assert old is not None and old.fstype == "fuse.sociable"
+        daemon.kill9()
+        os.kill(pid, signal.SIGKILL)
+        daemon.start()
+        _wait_containerd(ctd)
+        new = mount_at(fuse)
+        assert new is not None and new.device != old.device, "the dead mount was not replaced"
+        binds = [m for m in mounts_under(daemon.root / "snapshots") if m.device == old.device]
+        assert binds == [], "bind mounts of the dead connection are left"
+        assert not any(e.get("msg") == "fuse connection adopted" for e in _events(daemon))
+        after = ctd.run(
+            pushed.lazy_ref,
+            "second",
+            "/bin/sh",
+            "-c",
+            "sha256sum /usr/lib/python3.11/os.py",
+            namespace=K8S,
+        )
+        assert after.split()[0] == before.split()[0]
+        ref, want = pushed.small[-1]
+        _pull(ctd, ref)
+        output = ctd.run(ref, "new", "/bin/sh", "-c", "sha256sum /data/unique.bin", namespace=K8S)
+        assert output.split()[0] == want
