@@ -395,6 +395,11 @@ class DaemonWork:
     requests: dict[str, int]
     handler_cpu_s: dict[str, float]
     cpu_s: float
+    pull_cpu_s: float = 0.0
+
+    @property
+    def workload_cpu_s(self) -> float:
+        return self.cpu_s - self.pull_cpu_s
 
     @property
     def total_requests(self) -> int:
@@ -431,7 +436,11 @@ def sample_daemon(daemon: SnapDaemon) -> DaemonSample:
         ops = again
 
 
-def daemon_work(before: DaemonSample, after: DaemonSample, files: int) -> DaemonWork:
+def daemon_work(
+    before: DaemonSample, after: DaemonSample, files: int, pulled_cpu_s: float | None = None
+) -> DaemonWork:
+    """The difference of two samples; ``pulled_cpu_s``: the process CPU time read right after
+    the pull (splits the CPU time into pull and workload)."""
     ops = set(before.ops) | set(after.ops)
     zero = (0, 0.0)
     return DaemonWork(
@@ -439,6 +448,7 @@ def daemon_work(before: DaemonSample, after: DaemonSample, files: int) -> Daemon
         requests={op: after.ops.get(op, zero)[0] - before.ops.get(op, zero)[0] for op in ops},
         handler_cpu_s={op: after.ops.get(op, zero)[1] - before.ops.get(op, zero)[1] for op in ops},
         cpu_s=after.cpu_s - before.cpu_s,
+        pull_cpu_s=0.0 if pulled_cpu_s is None else pulled_cpu_s - before.cpu_s,
     )
 
 
@@ -584,9 +594,12 @@ def lazy_runs(
     with lazy_stack(
         containerd_base(workdir, f"lazy-{workload}"), reg, background_fetch=background_fetch
     ) as (daemon, ctd):
+        pulled_cpu: list[float] = []
 
         def pull() -> None:
             ctd.cri().pull_image(ref)
+            if daemon.proc is not None:
+                pulled_cpu.append(_process_cpu_s(daemon.proc.pid))
 
         for label, n in (("lazy, cold", 1), ("lazy, warm span cache", 2))[: 2 if warm else 1]:
             if n == 2:
@@ -599,10 +612,13 @@ def lazy_runs(
 
             before = sample_daemon(daemon)
             r = measure(label, workload, reg, pull, run)
-            r.daemon = daemon_work(before, sample_daemon(daemon), files)
+            r.daemon = daemon_work(
+                before, sample_daemon(daemon), files, pulled_cpu[-1] if pulled_cpu else None
+            )
             print(
                 f"  daemon: {r.daemon.total_requests} FUSE requests for {files} files, "
-                f"CPU {r.daemon.cpu_s:.1f} s"
+                f"CPU {r.daemon.pull_cpu_s:.1f} s in the pull, "
+                f"{r.daemon.workload_cpu_s:.1f} s in the workload"
             )
             runs.append(r)
             if n == 1:
@@ -970,12 +986,26 @@ def _per_file(n: int, files: int) -> str:
     return f"{n / files:.2f}" if files else "n/a"
 
 
-def render_counts(runs: Sequence[Run], command: str, *, background_fetch: bool = True) -> list[str]:
+def render_counts(
+    runs: Sequence[Run],
+    command: str,
+    *,
+    background_fetch: bool = True,
+    load: tuple[float, float] | None = None,
+) -> list[str]:
     """The request-count part of the section (it starts with :data:`COUNTS_HEADING`): per lazy
-    run, FUSE requests per file read by handler, then the daemon's CPU time."""
+    run, FUSE requests per file read by handler, then the daemon's CPU time. ``load``: the
+    1-minute load average at the start and the end of the runs."""
     rows = [r for r in runs if r.daemon is not None]
     if not rows:
         return []
+    when = time.strftime("%Y-%m-%d", time.gmtime())
+    load_text = (
+        f" Load average (1 min) {load[0]:.1f} at the start and {load[1]:.1f} at the end: "
+        + ("CPU times are inflated by other work on the machine." if max(load) >= 1.5 else "quiet.")
+        if load
+        else ""
+    )
     ops = [op for op in OP_COLUMNS if any(r.daemon and r.daemon.requests.get(op) for r in rows)]
     lines = [
         f"{COUNTS_HEADING} in a container of the lazily pulled image (through its overlayfs "
@@ -1003,14 +1033,16 @@ def render_counts(runs: Sequence[Run], command: str, *, background_fetch: bool =
     lines += [
         "",
         "Daemon CPU for the same runs: the process's user + sys seconds (`/proc/<pid>/stat`; "
-        "every thread: the trio thread, inflation and cache threads, gRPC), and the trio "
-        "thread's CPU time inside each handler in microseconds per request (a read counts "
-        "only its own steps, not the time it waited).",
+        "every thread: the trio thread, inflation and cache threads, gRPC) during the pull "
+        "(index, zTOCs, layer trees, mounts) and during the workload (ms / file: of the "
+        "workload), and the trio thread's CPU time inside each handler in microseconds per "
+        "request (a read counts only its own steps, not the time it waited). Measured "
+        f"{when} on {os.cpu_count()} vCPUs, Linux {platform.release()}.{load_text}",
         "",
-        "| scenario | workload | daemon CPU s | ms / file | in handlers s | "
+        "| scenario | workload | pull CPU s | workload CPU s | ms / file | in handlers s | "
         + " | ".join(f"{op} µs" for op in ops)
         + " |",
-        "|---|---|---:|---:|---:|" + "---:|" * len(ops),
+        "|---|---|---:|---:|---:|---:|" + "---:|" * len(ops),
     ]
     for r in rows:
         d = r.daemon
@@ -1022,8 +1054,8 @@ def render_counts(runs: Sequence[Run], command: str, *, background_fetch: bool =
             for op in ops
         )
         lines.append(
-            f"| {r.name} | {r.workload} | {d.cpu_s:.2f} | "
-            f"{1e3 * d.cpu_s / d.files if d.files else 0.0:.2f} | "
+            f"| {r.name} | {r.workload} | {d.pull_cpu_s:.2f} | {d.workload_cpu_s:.2f} | "
+            f"{1e3 * d.workload_cpu_s / d.files if d.files else 0.0:.2f} | "
             f"{sum(d.handler_cpu_s.values()):.2f} | {per_req} |"
         )
     return lines
@@ -1038,6 +1070,7 @@ def render(
     big: HostFile,
     command: str,
     folios: dict[str, str] | None = None,
+    load: tuple[float, float] | None = None,
 ) -> str:
     compressed = sum(layer.size for layer in image.layers)
     base = {r.workload: r for r in runs if r.name.startswith("overlayfs")}
@@ -1069,7 +1102,7 @@ def render(
             f"{r.pull_rx_bytes / 1e6:.1f} | {r.rx_bytes / 1e6:.1f} | {r.blob_requests} |"
         )
     lines += ["", *goal_lines(runs, reads)]
-    counts_part = render_counts(runs, command)
+    counts_part = render_counts(runs, command, load=load)
     if counts_part:
         lines += ["", *counts_part]
     reads_part = render_reads(reads, big, command, folios)
@@ -1226,6 +1259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.counts_only:
         workloads = ["small", "stdlib"]
 
+    load_start = os.getloadavg()[0]
     runs: list[Run] = []
     reads: list[ReadResult] = []
     folios: dict[str, str] = {}
@@ -1278,7 +1312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The daemons' span caches and containerd roots (hundreds of MB); image and registry stay.
     shutil.rmtree(run_dir, ignore_errors=True)
     if args.counts_only:
-        counts_part = render_counts(runs, command, background_fetch=False)
+        counts_part = render_counts(
+            runs, command, background_fetch=False, load=(load_start, os.getloadavg()[0])
+        )
         print()
         print("\n".join(counts_part))
         if args.write_docs:
@@ -1293,7 +1329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_docs_reads(reads_part, warm_goal_line(reads))
             print(f"wrote the FUSE-read part of the {SECTION!r} section of {DOCS}")
         return 0
-    section = render(args, image, small, runs, reads, big, command, folios)
+    section = render(
+        args, image, small, runs, reads, big, command, folios, (load_start, os.getloadavg()[0])
+    )
     print()
     print(section)
     if args.write_docs:

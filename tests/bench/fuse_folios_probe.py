@@ -334,12 +334,16 @@ def _reads_text(reads: dict[int, int]) -> str:
     return f"{total} ({reads[top]} x {top // 1024} KiB, largest {max(reads) // 1024} KiB)"
 
 
-def report(results: Sequence[Result], local: Result, init: Sequence[str], size_mb: int) -> str:
+def report(
+    results: Sequence[Result], local: Result, init: Sequence[str], size_mb: int, n: int
+) -> str:
+    load = os.getloadavg()[0]
     lines = [
-        f"`python -m tests.bench.fuse_folios_probe --size-mb {size_mb}` on Linux "
+        f"`python -m tests.bench.fuse_folios_probe --size-mb {size_mb} --passes {n}` on Linux "
         f"{platform.release()}: a {size_mb} MiB file served by a minimal pyfuse3 server from a "
         "local ext4 file (`keep_cache`), read in 1 MiB reads; pass 1 after "
-        "`POSIX_FADV_DONTNEED`, warm = best of passes 3 and later.",
+        f"`POSIX_FADV_DONTNEED`, warm = best of passes 3 to {n}. Load average (1 min) at the "
+        f"end: {load:.1f}.",
         "",
         "| mount | pass 1 MB/s | warm pass 2 MB/s | warm best MB/s | warm vs ext4 | READ requests "
         "| folios after the passes |",
@@ -392,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     local = Result("ext4 (the backing file)", passes(backing, args.passes), "", {})
     local.folios = page_cache_folios.describe(str(backing))
     print()
-    print(report(results, local, init, args.size_mb))
+    print(report(results, local, init, args.size_mb, args.passes))
     return 0
 
 
