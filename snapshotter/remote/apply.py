@@ -242,7 +242,8 @@ def apply_tar(
     `cancelled` is asked before each tar member; when it answers True the apply stops
     (UnpackError "cancelled"; what was applied so far stays, the caller clears `root`).
     Raises UnpackError, the one translation of every failure (a bad tar or PAX time, an
-    unsupported entry type, too many symlinks in a path, any OSError); the cause is chained.
+    unsupported entry type, too many symlinks in a path, a uid, gid or device number too large
+    for the kernel, any OSError); the cause is chained.
     """
     hashing = _HashingReader(stream)
     applier = _Applier(root, opaque_xattr(userxattr))
@@ -255,7 +256,14 @@ def apply_tar(
         applier.finish()
         while hashing.read(COPY_CHUNK_BYTES):
             pass
-    except (tarfile.TarError, OSError, EOFError, ValueError, zstandard.ZstdError) as e:
+    except (
+        tarfile.TarError,
+        OSError,
+        EOFError,
+        ValueError,
+        OverflowError,  # an id or device number the kernel's types cannot hold
+        zstandard.ZstdError,
+    ) as e:
         raise UnpackError(f"applying layer into {root}: {e}") from e
     return Digest.from_hasher(hashing.hasher)
 
