@@ -20,6 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from index.digest import Digest
 from index.model import CompressedOffset, SpanId
 from index.oci.reference import Reference
+from snapshotter.config import Config, MetricsConfig, RemoteConfig
+from snapshotter.daemon import Settings
 from snapshotter.errors import NotFound
 from snapshotter.fs import LayerHost
 from snapshotter.fs.errors import LayerReadError
@@ -54,6 +56,7 @@ from snapshotter.metrics.collectors import (
 )
 from snapshotter.peers.client import PeerDeclined
 from snapshotter.peers.listener import bind_listener
+from snapshotter.remote.compose import open_remote_mounter
 from snapshotter.remote.discovery import ImageArtifacts
 from snapshotter.remote.errors import NoIndex
 from snapshotter.remote.labels import LayerLabels
@@ -473,3 +476,59 @@ def test_the_sample_dashboard_uses_metrics_that_exist(tmp_path: Path) -> None:
     used = {name for e in exprs for name in re.findall(r"sociable_[a-z_]+", e)}
     assert len(exprs) > 15 and used
     assert used <= exported, used - exported
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def degraded_settings(root: Path, metrics_address: str) -> Settings:
+    """A daemon whose span cache cannot be created: lazy loading degrades at start."""
+    root.mkdir()
+    (root / "cache").write_text("a file where the cache directory belongs")
+    config = Config(remote=RemoteConfig(hosts_dir=""), metrics=MetricsConfig(metrics_address))
+    return Settings(config=config, address=str(root / "sock"), root=root)
+
+
+async def test_a_degraded_daemon_serves_its_metrics(tmp_path: Path) -> None:
+    port = free_port()
+    async with open_remote_mounter(degraded_settings(tmp_path / "root", f"127.0.0.1:{port}")) as (
+        mounter
+    ):
+        assert isinstance(mounter, DegradedMounter)
+        metrics = grpc_recorder_of(mounter)
+        assert metrics is not None
+        fs = tmp_path / "root" / "snapshots" / "1" / "fs"
+        assert await mounter.mount(fs, prepare_labels(str(LAYER))) is MountResult.DECLINED
+        async with httpx.AsyncClient() as client:
+            for _ in range(100):
+                try:
+                    r = await client.get(f"http://127.0.0.1:{port}/metrics")
+                    break
+                except httpx.ConnectError:
+                    await trio.sleep(0.02)
+        families = {f.name: f for f in text_string_to_metric_families(r.text)}
+        fallbacks = {
+            s.labels["reason"]: s.value
+            for s in families["sociable_layer_fallbacks"].samples
+            if s.name.endswith("_total")
+        }
+        assert fallbacks == {"degraded": 1.0}
+    with socket.socket() as probe:  # the listener is closed with the mounter
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+async def test_a_port_in_use_disables_only_the_metrics(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        async with open_remote_mounter(degraded_settings(tmp_path / "root", address)) as mounter:
+            assert isinstance(mounter, DegradedMounter)
+            assert grpc_recorder_of(mounter) is None
+    [line] = [r for r in caplog.records if r.getMessage() == "metrics disabled"]
+    assert getattr(line, "address", "") == address and getattr(line, "error", "")
