@@ -195,12 +195,14 @@ def render(
     runs: dict[str, list[lazy.Run]],
     unpack: UnpackResult | None,
     rate: str,
+    load: float,
 ) -> str:
     sizes = {k: sum(lyr.size for lyr in img.layers) for k, img in bench.layouts.items()}
     lines = [
         SECTION,
         "",
-        f"`{command}` on {lazy.machine_facts()}; link {rate}. The same "
+        f"`{command}` on {lazy.machine_facts()}; load average {load:.1f} at the start; "
+        f"link {rate}. The same "
         f"{len(bench.layouts['gzip'].layers)} layers ({bench.tar_bytes / 1e6:.0f} MB of tar): "
         + ", ".join(f"{k} {sizes[k] / 1e6:.1f} MB" for k in KINDS)
         + ". Lazy runs are cold (fresh daemon, empty caches); the ratio is against the "
@@ -248,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BlockingIOError:
         print(f"bench_zstd: another run holds {WORKDIR / '.lock'}", file=sys.stderr)
         return 2
+    load = os.getloadavg()[0]
     sources = _sources(args.quick)
     bench = build_images(sources)
     files = [lazy.walk_files(s) for s in sources]
@@ -297,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shutil.rmtree(run_dir, ignore_errors=True)
     with contextlib.suppress(OSError):
         shutil.rmtree(WORKDIR / "index-root")
-    section = render(command, bench, runs, unpack, args.rate)
+    section = render(command, bench, runs, unpack, args.rate, load)
     print()
     print(section)
     if args.write_docs:
