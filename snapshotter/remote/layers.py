@@ -326,8 +326,9 @@ class LazyLayers:
         """Detach the bind mount on `mountpoint`; if a layer was served there: stop its
         background fetch, drop it from the FUSE host, close its task scope (cancelling its
         read-ahead), remove its record and mark its cached spans evictable first; when it was
-        the last mounted layer of its image's repository, await `on_last_layer`. Never
-        raises; shielded from cancellation."""
+        the last mounted layer of its image's repository, await `on_last_layer`. A layer not
+        served here (its snapshot was removed before a restart that found no mount to adopt)
+        only loses its record. Never raises; shielded from cancellation."""
         try:
             name = layer_name(mountpoint)
         except ValueError:
@@ -342,18 +343,19 @@ class LazyLayers:
                 log.warning("unmount failed", extra={"path": str(mountpoint), "error": str(e)})
             self._kept_binds.pop(mountpoint, None)
             layer = self._layers.pop(name, None)
-            if layer is None:
-                return
-            self.background.unregister(name)
-            with contextlib.suppress(FsError):
-                self.fuse.remove_layer(name)
-            await layer.scope.aclose()
+            if layer is not None:
+                self.background.unregister(name)
+                with contextlib.suppress(FsError):
+                    self.fuse.remove_layer(name)
+                await layer.scope.aclose()
             try:
                 await trio.to_thread.run_sync(self.records.remove, name, limiter=MOUNT_THREADS)
             except OSError as e:
                 log.warning(
                     "cannot remove restore record", extra={"fuse_dir": name, "error": str(e)}
                 )
+            if layer is None:
+                return
             digest = Digest(layer.record.layer_digest)
             if not any(m.record.layer_digest == digest for m in self._layers.values()):
                 try:

@@ -461,3 +461,34 @@ def test_kill9_during_calls_with_lazy_layers(
         assert mounts == [str((root / "fuse").resolve())], f"mounts left: {mounts}"
         check_cache(root, image)
         daemon.stop()
+
+
+def test_snapshot_removed_before_a_reboot_leaves_no_record(
+    registry: RegistryServer, image: ChaosImage, tmp_path: Path
+) -> None:
+    """A lazy snapshot removed (not yet cleaned up) when the node goes down: after the restart
+    (every mount gone, as after a reboot) `Cleanup` reclaims its restore record too."""
+    lower = image.layers[0]
+    with (
+        start_fault_proxy(registry.url) as proxy,
+        daemon_at(tmp_path / "d", "background_fetch = false") as daemon,
+    ):
+        daemon.start()
+        with contextlib.closing(daemon.client()) as snap:
+            kept = prepare_remote(snap, proxy.host, image, lower)
+            gone = prepare_remote(snap, proxy.host, image, lower)
+            snap.remove(gone)
+        records = daemon.root / "remote"
+        assert len(list(records.glob("*.json"))) == 2
+        daemon.kill9()
+        sweep_mounts(tmp_path / "d")  # a reboot: no mount is left
+        daemon.start()
+        with contextlib.closing(daemon.client()) as snap:
+            assert [i.name for i in snap.list()] == [kept]
+            snap.cleanup()
+        check_layer(daemon.root, lower, "after the reboot", sorted(lower.files)[:2])
+        left = sorted(p.name for p in records.glob("*.json"))
+        assert left == [d.name + ".json" for d in fuse_dirs(daemon.root)[lower.digest]], (
+            f"restore records {left} for FUSE layers {fuse_dirs(daemon.root)}"
+        )
+        daemon.stop()
