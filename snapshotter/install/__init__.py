@@ -13,6 +13,7 @@
     bundle      `make dist`: the tarball with the wheelhouse and install.sh
     eks         EKS user data (AL2023 nodeadm, AL2 bootstrap.sh)
 
-This package imports nothing of the daemon (no trio, grpc or pyfuse3): `install.sh` runs it
-from the bundle's wheels before any of them is installed.
+`install` and `uninstall` import nothing of the daemon (no trio, grpc, pyfuse3 or PyYAML;
+`eks` needs PyYAML): a bundle's `install.sh` runs them from its wheels before any of them is
+installed (tests/unit/test_install_node.py checks it).
 """
