@@ -11,6 +11,10 @@ restart a new indexed image is pulled lazily and a container of it reads its fil
 At the end: every checksum in the log is right, no read failed, and the loop never stalled
 for more than `MAX_STALL_SEC`.
 
+A read the daemon has taken but not answered when it is killed (its Range request held by
+the registry proxy) is answered by the next daemon: the kernel resends it
+(`FUSE_NOTIFY_RESEND`), the container gets the right bytes.
+
 Then the keeper is killed together with the daemon: the next daemon finds the FUSE mount
 dead, clears it and the bind mounts, and lazy pulls work again.
 
@@ -49,7 +53,7 @@ from tests.support.containerd import (
     require_containerd,
     start_containerd,
 )
-from tests.support.registry import RegistryServer
+from tests.support.registry import RegistryServer, start_proxy
 from tests.support.snapclient import SnapDaemon, run_daemon
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -242,7 +246,9 @@ def _pull(ctd: Containerd, ref: str) -> None:
 
 
 @contextlib.contextmanager
-def _stack(pushed: Pushed, base: Path) -> Iterator[tuple[SnapDaemon, Containerd]]:
+def _stack(
+    pushed: Pushed, base: Path, hosts: tuple[str, ...] = ()
+) -> Iterator[tuple[SnapDaemon, Containerd]]:
     base.mkdir(parents=True, exist_ok=True)
     config = base / "sociable.toml"
     config.write_text('[remote]\nhosts_dir = ""\nbackground_fetch = false\n')
@@ -251,7 +257,7 @@ def _stack(pushed: Pushed, base: Path) -> Iterator[tuple[SnapDaemon, Containerd]
         start_containerd(
             base / "containerd",
             proxy_address=daemon.address,
-            registry_hosts=[pushed.registry.host],
+            registry_hosts=[*hosts, pushed.registry.host],
             sandbox_image=pushed.pause_ref,
         ) as ctd,
     ):
@@ -411,3 +417,59 @@ def test_keeper_killed_too_clears_the_dead_mount(pushed: Pushed, tmp_path: Path)
         _pull(ctd, ref)
         output = ctd.run(ref, "new", "/bin/sh", "-c", "sha256sum /data/unique.bin", namespace=K8S)
         assert output.split()[0] == want
+
+
+def test_a_read_in_flight_at_kill_is_answered_by_the_next_daemon(
+    pushed: Pushed, tmp_path: Path
+) -> None:
+    _, pieces = _layer_sums(pushed.image)
+    piece = len(pieces) * 2 // 3  # far from what start-up reads: not fetched yet
+    out = tmp_path / "out"
+    out.mkdir()
+    bulk = pushed.image.layers[-1].digest
+    with (
+        start_proxy(pushed.registry) as proxy,
+        _stack(pushed, tmp_path / "stack", hosts=(proxy.host,)) as (daemon, ctd),
+    ):
+        ref = pushed.lazy_ref.replace(pushed.registry.host, proxy.host)
+        _pull(ctd, ref)
+        proxy.hold = lambda path, range_header: 30.0 if bulk in path and range_header else 0.0
+        script = (
+            f"dd if=/{OPEN_FILE} bs={PIECE} skip={piece} count=1 2>/dev/null | sha256sum"
+            " > /out/result.tmp && mv /out/result.tmp /out/result"
+        )
+        ctd.ctr(
+            "run",
+            "-d",
+            "--runc-root",
+            str(ctd.paths.state / "runc"),
+            "--snapshotter",
+            "sociable",
+            "--mount",
+            f"type=bind,src={out},dst=/out,options=rbind:rw",
+            ref,
+            "reader",
+            "/bin/sh",
+            "-c",
+            script,
+            namespace=K8S,
+        )
+        deadline = time.monotonic() + 60
+        while proxy.holding == 0:
+            assert time.monotonic() < deadline, "the read never reached the registry"
+            time.sleep(0.1)
+        assert not (out / "result").exists()
+        daemon.kill9()  # the FUSE read is taken, its answer waits on the held request
+        proxy.hold = None
+        t0 = time.monotonic()
+        daemon.start()
+        deadline = time.monotonic() + 30
+        while not (out / "result").exists():
+            assert time.monotonic() < deadline, "the read taken by the killed daemon hangs"
+            time.sleep(0.1)
+        waited = time.monotonic() - t0
+        result = (out / "result").read_text().split()[0]
+        resent = [e for e in _events(daemon) if "not resent" in str(e.get("msg"))]
+    print(f"the read in flight at the kill was answered {waited:.2f} s after the restart began")
+    assert result == pieces[piece]
+    assert resent == []
