@@ -13,7 +13,8 @@ API and is killed with SIGKILL:
   a cache file half-way, and the test kills the daemon there): after the restart no
   half-written file is left and every file reads right;
 - during a seeded stream of Prepare (lazy layers, and ordinary snapshots on them), Commit,
-  Remove and Cleanup calls, four rounds: after each restart every acknowledged call is
+  Remove and Cleanup calls, four rounds, some followed by a "reboot" (every mount under the
+  root swept before the restart): after each restart every acknowledged call is
   durable and the interrupted one applied fully or not at all, each lazy snapshot has its
   layer mounted and readable, no other layer is mounted; at the end, everything removed and
   `Cleanup` called: no snapshot directory, restore record, FUSE layer, mount or temporary file
@@ -433,11 +434,15 @@ def test_kill9_during_calls_with_lazy_layers(
                 stop.set()
                 worker.join(60)
             assert not worker.is_alive(), "the client hung after the kill"
+            reboot = rng.random() < 0.5
+            if reboot:  # as after a reboot: no mount is left (nothing to adopt)
+                sweep_mounts(tmp_path / "d")
             assert not model.unexpected, model.unexpected
             lazy = sum(1 for s in model.live.values() if s.digest)
             print(
                 f"round {round_no}: {model.calls} calls, {len(model.live)} snapshots "
                 f"({lazy} lazy), in flight at the kill: {model.in_flight}"
+                + (", then a reboot" if reboot else "")
             )
         daemon.start()
         _check_round(daemon, image, model, f"last round (seed {seed})")
