@@ -532,3 +532,34 @@ async def test_a_port_in_use_disables_only_the_metrics(
             assert grpc_recorder_of(mounter) is None
     [line] = [r for r in caplog.records if r.getMessage() == "metrics disabled"]
     assert getattr(line, "address", "") == address and getattr(line, "error", "")
+
+
+def test_node_peers_view_reads_the_node() -> None:
+    from types import SimpleNamespace
+
+    from snapshotter.metrics.collectors import NodePeersView
+    from snapshotter.mirror.serve import MirrorStatistics
+    from snapshotter.peers.serving import ServeStatistics
+
+    members = [{"peer": "10.0.0.2:8472", "state": "up"}]
+    node: Any = SimpleNamespace(
+        settings=SimpleNamespace(self_id="10.0.0.1:8472"),
+        membership=SimpleNamespace(status=lambda: members),
+        app=None,
+    )
+    view = NodePeersView(node)
+    assert (view.members(), view.served_bytes(), view.served(), view.mirror_bytes()) == (
+        members,
+        0,
+        0,
+        None,
+    )  # not serving yet
+    node.app = SimpleNamespace(
+        server=SimpleNamespace(stats=ServeStatistics(served=3, bytes_served=300)),
+        mirror=SimpleNamespace(stats=MirrorStatistics(bytes_served=42)),
+    )
+    assert (view.served_bytes(), view.served(), view.mirror_bytes()) == (300, 3, 42)
+    m = DaemonMetrics()
+    m.register([PeersCollector(view)])
+    assert value(m, "sociable_peer_members", state="up") == 1
+    assert value(m, "sociable_mirror_served_bytes_total") == 42
