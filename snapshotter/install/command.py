@@ -5,6 +5,7 @@ installed: it imports no daemon dependency but tomlkit)."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
@@ -90,6 +91,8 @@ def parse_version(text: str) -> tuple[int, int]:
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Run `install` or `uninstall` (`args.command`); return the exit status. Raises
     InstallError, ConfigError, OSError for the exit point."""
+    if not args.dry_run and args.prefix.resolve() == Path("/") and os.geteuid() != 0:
+        raise UsageError(f"{args.command} changes system files: run it as root (or --prefix DIR)")
     if args.command == "uninstall":
         uplan = plan_uninstall(args.prefix, purge=args.purge)
         if uplan.manifest is None:

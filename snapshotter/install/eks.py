@@ -172,11 +172,16 @@ def _fetch_lines(opts: UserDataOptions, package_manager: str) -> list[str]:
         f"BUNDLE_SHA256={_q(opts.bundle_sha256)}",
         "",
     ]
-    if package_manager:
+    if package_manager == "dnf":  # AL2023 has both packages
         lines += [
-            'if ! command -v "$PYTHON" >/dev/null; then '
-            f'{package_manager} install -y "$PYTHON"; fi',
-            f"if ! command -v fusermount3 >/dev/null; then {package_manager} install -y fuse3; fi",
+            'if ! command -v "$PYTHON" >/dev/null; then dnf install -y "$PYTHON"; fi',
+            "if ! command -v fusermount3 >/dev/null; then dnf install -y fuse3; fi",
+        ]
+    else:  # without fuse3 the daemon runs with lazy loading off: a warning, not a failure
+        lines += [
+            "if ! command -v fusermount3 >/dev/null; then",
+            f'  {package_manager} install -y fuse3 || echo "sociable: no fuse3: lazy loading off" >&2',
+            "fi",
         ]
     lines += [
         'if ! command -v "$PYTHON" >/dev/null; then',
