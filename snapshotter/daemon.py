@@ -43,7 +43,6 @@ import trio
 
 from .config import Config
 from .errors import ConfigError, SnapshotterError
-from .metrics import grpc_recorder_of
 from .rootlock import lock_root
 from .snapshots.grpc_server import build_server
 from .snapshots.metadata import SqliteStore
@@ -265,6 +264,8 @@ async def serve(
             )
             await service.open()
             token = trio.lowlevel.current_trio_token()
+            from .metrics import grpc_recorder_of  # prometheus-client: only the daemon
+
             server = build_server(
                 service, token, threads=cfg.daemon.grpc_threads, calls=grpc_recorder_of(mounter)
             )
