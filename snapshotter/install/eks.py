@@ -177,10 +177,10 @@ def _fetch_lines(opts: UserDataOptions, package_manager: str) -> list[str]:
             'if ! command -v "$PYTHON" >/dev/null; then dnf install -y "$PYTHON"; fi',
             "if ! command -v fusermount3 >/dev/null; then dnf install -y fuse3; fi",
         ]
-    else:  # without fuse3 the daemon runs with lazy loading off: a warning, not a failure
+    else:  # without fuse3 no layer is lazy, but the node joins: a warning, not a failure
         lines += [
             "if ! command -v fusermount3 >/dev/null; then",
-            f'  {package_manager} install -y fuse3 || echo "sociable: no fuse3: lazy loading off" >&2',
+            f'  {package_manager} install -y fuse3 || echo "sociable: no fuse3: no lazy layers" >&2',
             "fi",
         ]
     lines += [
