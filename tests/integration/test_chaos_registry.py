@@ -309,3 +309,56 @@ def test_daemon_keeps_serving(stack: Stack) -> None:
     for name in itertools.islice(sorted(stack.layer.files), 0, None, 7):
         expect_right(stack, name, "at the end")
     assert stack.daemon.alive(), stack.daemon.log_tail(40)
+
+
+def test_stalled_body_times_out_and_is_retried(image: ChaosImage, stack: Stack) -> None:
+    """A body that stalls past `request_timeout_sec` is a timeout: retried, then right."""
+    layer = image.layers[0]
+    blob = layer.path.read_bytes()
+    size = 256 * 1024
+    stalled = Fault("trickle", chunk_bytes=1024, interval_sec=0.2)
+
+    async def fetch() -> tuple[bytes, int, float]:
+        config = FetchConfig(max_attempts=2, backoff_initial_ms=1, request_timeout_sec=0.5)
+        async with AsyncRegistryClient() as client:
+            source = RegistrySource(
+                client, Reference.parse(image.ref(stack.proxy.host)), config=config
+            )
+            started = trio.current_time()
+            data = await source.fetch(Digest(layer.digest), 0, size)  # type: ignore[arg-type]
+            return data, source.statistics().retries, trio.current_time() - started
+
+    stack.proxy.set_plan(FaultPlan.first(1, stalled, match=stack.proxy.plan.match))
+    data, retries, took = trio.run(fetch)
+    stack.proxy.clear()
+    assert data == blob[:size]
+    assert retries == 1 and 0.5 <= took < 5.0, (retries, took)
+
+
+def test_unresolvable_mirror_is_skipped_for_the_registry(
+    image: ChaosImage, stack: Stack, tmp_path: Path
+) -> None:
+    """A hosts.toml mirror whose name does not resolve: each read falls through to the
+    registry within the same attempt."""
+    layer = image.layers[0]
+    blob = layer.path.read_bytes()
+    host_dir = tmp_path / "certs.d" / stack.proxy.host
+    host_dir.mkdir(parents=True)
+    (host_dir / "hosts.toml").write_text(
+        f'server = "http://{stack.proxy.host}"\n\n'
+        '[host."http://mirror.sociable-chaos.invalid:5000"]\n'
+        '  capabilities = ["pull", "resolve"]\n'
+    )
+
+    async def fetch() -> tuple[bytes, int]:
+        async with AsyncRegistryClient(hosts_dirs=[tmp_path / "certs.d"]) as client:
+            endpoints = client.session.hosts(stack.proxy.host).endpoints("pull")
+            assert endpoints[0].host == "mirror.sociable-chaos.invalid:5000"
+            source = RegistrySource(client, Reference.parse(image.ref(stack.proxy.host)))
+            data = await source.fetch(Digest(layer.digest), 1000, 70_000)  # type: ignore[arg-type]
+            return data, source.statistics().retries
+
+    before = stack.proxy.matched
+    data, retries = trio.run(fetch)
+    assert data == blob[1000:70_000]
+    assert retries == 0 and stack.proxy.matched == before + 1
