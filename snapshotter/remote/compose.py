@@ -422,7 +422,12 @@ async def _build(
 
     def status() -> dict[str, object]:
         # FUSE requests answered per handler and their CPU time (benchmarks read them).
-        return {**mounter.status(), "fuseOps": FUSE_OP_STATS.statistics().to_status()}
+        stats = FUSE_OP_STATS.statistics()
+        return {
+            **mounter.status(),
+            "fuseOps": stats.to_status(),
+            "trioThreadCpuSec": round(stats.trio_thread_cpu_sec, 3),
+        }
 
     scope.start_soon(_status_writer, settings, status, name="status writer")
     return mounter

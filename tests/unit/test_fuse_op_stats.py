@@ -55,6 +55,8 @@ async def test_counts_and_cpu_of_own_steps_only() -> None:
     # The two reads spent ~40 ms of their own; the 100 ms burn ran while they slept.
     assert 0.035 <= s.cpu_sec["read"] < 0.09
     assert s.cpu_sec["getattr"] < 0.01
+    # The thread serving requests also ran the 100 ms burn: all of it is in its total.
+    assert s.trio_thread_cpu_sec >= 0.1 + s.cpu_sec["read"]
     assert s.to_status()["read"]["count"] == 2
     assert list(s.to_status()) == ["getattr", "read"]
 
