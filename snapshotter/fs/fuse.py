@@ -546,6 +546,8 @@ class FuseMount:
         self.mountpoint = mountpoint
         self.host = host
         self._starter: Callable[[], Awaitable[None]] | None = None
+        self._ops: FuseOperations | None = None
+        self._served_fd: int | None = None
 
     def __repr__(self) -> str:
         return f"<FuseMount {self.mountpoint} {self.host!r}>"
@@ -554,6 +556,15 @@ class FuseMount:
         """Begin answering requests (idempotent); see `open_fuse_host`'s `start`."""
         if self._starter is not None:
             await self._starter()
+
+    @property
+    def connection_fd(self) -> int | None:
+        """The kept connection's `/dev/fuse` fd this process serves (to hand to a keeper
+        again; valid while the mount is served), None before INIT or without a kept
+        connection."""
+        if self._ops is None or not self._ops.initialized:
+            return None
+        return self._served_fd
 
     def add_layer(
         self,
@@ -609,6 +620,7 @@ async def open_fuse_host(
     """
     ops = FuseOperations(host, metrics)
     target = os.fspath(mountpoint)
+    served_fd: int | None = None
     if connection is not None:
         # libfuse takes `/dev/fd/N` as an fd to serve, not a place to mount.
         inner, outer = socket.socketpair(
@@ -617,7 +629,8 @@ async def open_fuse_host(
         with outer:
             outer.send(connection.init)
         ops.takeover = (inner.fileno(), connection.fd, connection.adopted)
-        target = f"/dev/fd/{inner.detach()}"
+        served_fd = inner.detach()
+        target = f"/dev/fd/{served_fd}"
     try:
         pyfuse3.init(ops, target, set(MOUNT_OPTIONS | extra_options))
     except RuntimeError as e:
@@ -644,6 +657,7 @@ async def open_fuse_host(
 
             mount = FuseMount(mountpoint, host)
             mount._starter = begin
+            mount._ops, mount._served_fd = ops, served_fd
             if start:
                 await begin()
             try:

@@ -18,6 +18,7 @@ message per request and per answer; fds travel as `SCM_RIGHTS`:
     store NAME\\n<data>   + one fd  ->  ok\\n
     fetch NAME\\n                   ->  ok\\n<data> + the fd, or none\\n
     drop NAME\\n                    ->  ok\\n, or none\\n
+    has NAME\\n                     ->  ok\\n, or none\\n
     ping\\n                         ->  ok\\n<pid>
 
 `<data>` is at most `MAX_DATA_BYTES` opaque bytes kept with the fd. Anything else is answered
@@ -118,6 +119,12 @@ def fetch(root: Path, name: str) -> tuple[int, bytes] | None:
             os.close(received)
         raise KeeperError(f"fd keeper: unexpected answer to fetch: {answer[:64]!r}")
     return fds[0], answer[3:]
+
+
+def has(root: Path, name: str) -> bool:
+    """Whether the keeper keeps something under `name`. Raises KeeperError (no keeper)."""
+    answer, _ = _request(root, _header(b"has", name))
+    return answer == b"ok\n"
 
 
 def drop(root: Path, name: str) -> bool:
@@ -310,6 +317,8 @@ class Keeper:
                 return b"none\n", None
             _log(f"handed out {name}")
             return b"ok\n" + kept.data, kept.fd
+        if verb == b"has":
+            return (b"none\n" if kept is None else b"ok\n"), None
         if verb == b"drop":
             if kept is None:
                 return b"none\n", None

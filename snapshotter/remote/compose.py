@@ -100,6 +100,7 @@ from .trees import LayerTrees
 if TYPE_CHECKING:
     from snapshotter.daemon import Settings
     from snapshotter.fs.connection import KeptConnection
+    from snapshotter.fs.fuse import FuseMount
 
 log = logging.getLogger(__name__)
 
@@ -399,6 +400,8 @@ async def _build(
     step.name = "fuse"
     await fuse.start()
     served = True
+    if kept is not None:
+        scope.start_soon(_watch_keeper, root, fuse, kept.keeper_data(), name="keeper watch")
     mounter = RemoteMounter(
         catalog=catalog,
         layers=layers,
@@ -479,6 +482,54 @@ def _take_connection(root: Path, fuse_dir: Path) -> tuple[KeptConnection | None,
         except keeper.KeeperError as e:
             log.warning("fuse restart survival off", extra={"error": str(e)})
     return kept, binds
+
+
+KEEPER_CHECK_SEC = 5.0
+"""How often the daemon checks that a keeper holds its FUSE connection, in seconds."""
+
+
+async def _watch_keeper(root: Path, fuse: FuseMount, data: bytes) -> None:
+    """Every `KEEPER_CHECK_SEC`: when no keeper holds the connection any more (the keeper was
+    killed or restarted), hand it to one again, so the next restart can still adopt it. A
+    keeper is started here unless systemd runs this daemon (then the keeper's unit restarts
+    it: one started here would die with this unit). Failures are logged once until it works
+    again (`fuse connection not kept`)."""
+    from snapshotter.fs.keeper import KeeperError
+
+    warned = False
+    while True:
+        await trio.sleep(KEEPER_CHECK_SEC)
+        fd = fuse.connection_fd
+        if fd is None:
+            continue
+        try:
+            handed = await trio.to_thread.run_sync(_keep_again, root, fd, data)
+        except (OSError, ValueError, KeeperError) as e:
+            if not warned:
+                log.warning("fuse connection not kept", extra={"error": str(e)})
+            warned = True
+            continue
+        warned = False
+        if handed:
+            log.info("fuse connection handed to a new keeper", extra={"root": str(root)})
+
+
+def _keep_again(root: Path, fd: int, data: bytes) -> bool:
+    """Store `fd` in the keeper unless it holds the connection; True when stored. Blocking;
+    raises KeeperError, OSError."""
+    import os
+
+    from snapshotter.fs import connection, keeper
+
+    try:
+        if keeper.has(root, connection.KEEPER_NAME):
+            return False
+    except keeper.KeeperError:
+        if "INVOCATION_ID" in os.environ:
+            raise
+        keeper.spawn(root)
+    keeper.store(root, connection.KEEPER_NAME, fd, data)
+    return True
 
 
 def _release_all(root: Path, fuse_dir: Path) -> None:

@@ -15,6 +15,9 @@ A read the daemon has taken but not answered when it is killed (its Range reques
 the registry proxy) is answered by the next daemon: the kernel resends it
 (`FUSE_NOTIFY_RESEND`), the container gets the right bytes.
 
+A keeper killed while the daemon runs is replaced: within seconds a new keeper holds the
+connection (the daemon hands it over again), and a `kill -9` after that is survived.
+
 Then the keeper is killed together with the daemon: the next daemon finds the FUSE mount
 dead, clears it and the bind mounts, and lazy pulls work again.
 
@@ -473,3 +476,43 @@ def test_a_read_in_flight_at_kill_is_answered_by_the_next_daemon(
     print(f"the read in flight at the kill was answered {waited:.2f} s after the restart began")
     assert result == pieces[piece]
     assert resent == []
+
+
+def test_keeper_killed_while_serving_is_replaced(
+    pushed: Pushed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("INVOCATION_ID", raising=False)  # the daemon starts the new keeper
+    sums, pieces = _layer_sums(pushed.image)
+    out = tmp_path / "out"
+    out.mkdir()
+    log = out / "loop.log"
+    with _stack(pushed, tmp_path / "stack") as (daemon, ctd):
+        _pull(ctd, pushed.lazy_ref)
+        _run_loop(ctd, pushed.lazy_ref, out, sums, len(pieces))
+        seen = _wait_lines(log, 0)
+        first = keeper.ping(daemon.root)
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while True:
+            second = keeper.ping(daemon.root)
+            if second is not None and second != first and keeper.has(daemon.root, "fuse"):
+                break
+            assert time.monotonic() < deadline, "no new keeper holds the connection"
+            time.sleep(0.2)
+        handed = [
+            e for e in _events(daemon) if e.get("msg") == "fuse connection handed to a new keeper"
+        ]
+        assert len(handed) == 1
+        _drop_caches()
+        daemon.kill9()
+        daemon.start()
+        _wait_containerd(ctd)
+        seen = _wait_lines(log, seen + 2 * len(SUMMED))
+        ctd.ctr("task", "kill", "-s", "SIGKILL", "loop", namespace=K8S, check=False)
+        adopted = [e for e in _events(daemon) if e.get("msg") == "fuse connection adopted"]
+    lines, longest = _check_log(log, sums, pieces)
+    print(
+        f"keeper replaced; {lines} results after a kill -9, all right; longest gap {longest:.2f} s"
+    )
+    assert len(adopted) == 1 and longest < MAX_STALL_SEC

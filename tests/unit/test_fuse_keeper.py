@@ -64,6 +64,7 @@ def test_keeper_stores_fetches_and_drops_fds(root: Path) -> None:
         assert not os.get_inheritable(fd)
         os.close(fd)
         assert keeper.fetch(root, "other") is None
+        assert keeper.has(root, "fuse") and not keeper.has(root, "other")
         # Storing again under the name replaces (and closes) the earlier fd.
         r2, w2 = os.pipe()
         keeper.store(root, "fuse", r2, b"second")
