@@ -10,6 +10,7 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 
+from ..configcheck import ContainerdVersion, parse_containerd_version
 from ..errors import UsageError
 from .installer import (
     InstallOptions,
@@ -50,7 +51,7 @@ def add_parsers(sub: argparse._SubParsersAction[Any]) -> None:
     )
     install.add_argument(
         "--containerd-version",
-        metavar="X.Y",
+        metavar="X.Y.Z",
         help="the node's containerd version (default: `containerd --version`)",
     )
     install.add_argument(
@@ -81,11 +82,19 @@ def add_parsers(sub: argparse._SubParsersAction[Any]) -> None:
     )
 
 
-def parse_version(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"v?(\d+)\.(\d+)(?:\.\S*)?", text)
-    if m is None:
-        raise UsageError(f"--containerd-version {text!r}: give MAJOR.MINOR, e.g. 1.7 or 2.1")
-    return int(m.group(1)), int(m.group(2))
+def parse_version(text: str) -> ContainerdVersion:
+    """`1.7.27`, `v2.1.0` (or `1.7`: patch 0). Raises UsageError."""
+    m = re.fullmatch(r"v?(\d+)\.(\d+)", text)
+    version = (
+        ContainerdVersion(int(m.group(1)), int(m.group(2)), 0)
+        if m is not None
+        else parse_containerd_version(text)
+    )
+    if version is None or len(text.split()) != 1:
+        raise UsageError(
+            f"--containerd-version {text!r}: give MAJOR.MINOR.PATCH, e.g. 1.7.27 or 2.1.0"
+        )
+    return version
 
 
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -158,8 +167,9 @@ def add_eks_parser(sub: argparse._SubParsersAction[Any]) -> None:
     ud.add_argument("--dns-cluster-ip", default="", metavar="IP", help="(AL2)")
     ud.add_argument(
         "--containerd-version",
-        metavar="X.Y",
-        help="the AMI's containerd (default 2.1 on AL2023: version 3 keys; 1.7 on AL2)",
+        metavar="X.Y.Z",
+        help="the AMI's containerd (AL2023, default 2.1.0: version 3 keys; AL2: what the "
+        "node's containerd says)",
     )
     ud.add_argument(
         "--cri-proxy",

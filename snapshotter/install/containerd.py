@@ -4,8 +4,9 @@ What is set (docs/install.md), in the format of the file (`version = 2`: contain
 plugin `io.containerd.grpc.v1.cri`; `version = 3`: containerd 2.x,
 `io.containerd.cri.v1.images`), or, for a new file, of the installed containerd:
 
-- `[proxy_plugins.<name>]`: `type = "snapshot"`, `address` = our socket (version 3 also
-  `exports.root` = our root, where CRI's ImageFsInfo looks for the image filesystem);
+- `[proxy_plugins.<name>]`: `type = "snapshot"`, `address` = our socket, and `exports.root`
+  = our root (where CRI's ImageFsInfo looks for the image filesystem) when the containerd
+  reads it (2.x, 1.7.16+, 1.6.32+: `configcheck.has_root_export`);
 - CRI's `snapshotter = "<name>"` and `disable_snapshot_annotations = false`;
 - CRI's `registry.config_path`, only when it has none (an existing value is kept);
 - with the registry mirror on (`[peers]` and `[mirror] enable`): `discard_unpacked_layers =
@@ -34,7 +35,13 @@ from tomlkit.container import Container
 from tomlkit.items import AoT, Table
 
 from ..config import DEFAULT_ADDRESS, Config
-from ..configcheck import CRI_V2, CRI_V3_IMAGES, check_containerd
+from ..configcheck import (
+    CRI_V2,
+    CRI_V3_IMAGES,
+    ContainerdVersion,
+    check_containerd,
+    has_root_export,
+)
 from ..errors import ConfigError
 
 DEFAULT_HOSTS_DIR: Final = "/etc/containerd/certs.d"
@@ -67,9 +74,9 @@ class OurSettings:
         )
 
 
-def config_version_for(containerd: tuple[int, int]) -> int:
-    """The config `version` containerd `(major, minor)` reads natively."""
-    return 3 if containerd[0] >= 2 else 2
+def config_version_for(containerd: ContainerdVersion) -> int:
+    """The config `version` `containerd` reads natively."""
+    return 3 if containerd.major >= 2 else 2
 
 
 def _cri_paths(version: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -79,16 +86,19 @@ def _cri_paths(version: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return ("plugins", CRI_V2, "containerd"), ("plugins", CRI_V2, "registry")
 
 
-def our_values(version: int, ours: OurSettings) -> list[tuple[tuple[str, ...], Any, bool]]:
+def our_values(
+    version: int, ours: OurSettings, *, root_export: bool
+) -> list[tuple[tuple[str, ...], Any, bool]]:
     """Every (key path, value, replace) we set for config `version`; `replace` False: only
-    when the key is absent or empty."""
+    when the key is absent or empty. `root_export`: containerd reads `exports.root`
+    (`configcheck.has_root_export`)."""
     plugin = ("proxy_plugins", ours.plugin_name)
     images, registry = _cri_paths(version)
     values: list[tuple[tuple[str, ...], Any, bool]] = [
         ((*plugin, "type"), "snapshot", True),
         ((*plugin, "address"), ours.address, True),
     ]
-    if version == 3:
+    if root_export or version == 3:
         values.append(((*plugin, "exports", "root"), ours.root, True))
     values += [
         ((*images, "snapshotter"), ours.plugin_name, True),
@@ -102,12 +112,13 @@ def our_values(version: int, ours: OurSettings) -> list[tuple[tuple[str, ...], A
     return values
 
 
-def fragment(version: int, ours: OurSettings, *, registry: bool = True) -> str:
-    """Our settings alone as TOML (no `version` line): what a tool that merges config files
-    itself (EKS nodeadm) is given. `registry` False leaves `registry.config_path` out (the
-    base config sets one)."""
+def fragment(containerd: ContainerdVersion, ours: OurSettings, *, registry: bool = True) -> str:
+    """Our settings alone as TOML for `containerd`, without a `version` line: what a tool
+    that merges config files itself (EKS nodeadm) is given. `registry` False leaves
+    `registry.config_path` out (the base config sets one)."""
     doc = tomlkit.document()
-    for path, value, replace in our_values(version, ours):
+    version = config_version_for(containerd)
+    for path, value, replace in our_values(version, ours, root_export=has_root_export(containerd)):
         if replace or registry:
             _set(doc, path, value, where="fragment")
     return doc.as_string()
@@ -176,7 +187,7 @@ class Merged:
 
 
 def merge(
-    text: str | None, ours: OurSettings, *, containerd: tuple[int, int], where: str
+    text: str | None, ours: OurSettings, *, containerd: ContainerdVersion, where: str
 ) -> Merged:
     """`text` (None: no file) with our settings merged in, for the installed `containerd`
     version. Pure. Raises ContainerdConfigError (naming `where`) when it cannot be merged."""
@@ -201,13 +212,11 @@ def merge(
         version = native
     elif version not in (2, 3):
         raise ContainerdConfigError(
-            f"{where}: version = {version!r}; containerd {containerd[0]}.{containerd[1]} "
-            f"needs version = {native}"
+            f"{where}: version = {version!r}; containerd {containerd} needs version = {native}"
         )
     elif version == 3 and native == 2:
         raise ContainerdConfigError(
-            f"{where}: version = 3 but containerd {containerd[0]}.{containerd[1]} reads "
-            "version 2 only"
+            f"{where}: version = 3 but containerd {containerd} reads version 2 only"
         )
     imports = before.get("imports")
     if imports:
@@ -218,7 +227,8 @@ def merge(
         )
     expected = copy.deepcopy(before)
     expected["version"] = version
-    for path, value, replace in our_values(version, ours):
+    values = our_values(version, ours, root_export=has_root_export(containerd))
+    for path, value, replace in values:
         if not replace and _get(before, path):
             continue
         _set(doc, path, value, where=where)

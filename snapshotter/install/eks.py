@@ -4,7 +4,7 @@
 - **AL2023** (nodeadm): a MIME multi-part archive. Its `application/node.eks.aws` part is a
   `NodeConfig` (`node.eks.aws/v1alpha1`) whose `spec.containerd.config` nodeadm merges into
   its own containerd config (our proxy plugin and CRI settings: version 3 keys for the
-  containerd 2.x AMIs, version 2 keys with `--containerd-version 1.7`) and, with the CRI
+  containerd 2.x AMIs, version 2 keys with `--containerd-version 1.7.x`) and, with the CRI
   proxy, `spec.kubelet.config.imageServiceEndpoint`. Its `text/x-shellscript` part runs in
   cloud-init, after nodeadm wrote the configs and before `nodeadm-run` (re)starts containerd
   and kubelet: it installs the bundle (`install.sh --no-containerd-config --no-kubelet`, so
@@ -37,8 +37,9 @@ from typing import Any, Final, Literal
 import yaml
 
 from ..config import Config
+from ..configcheck import ContainerdVersion
 from ..errors import UsageError
-from .containerd import OurSettings, config_version_for, fragment
+from .containerd import OurSettings, fragment
 
 NODECONFIG_API: Final = "node.eks.aws/v1alpha1"
 NODECONFIG_TYPE: Final = "application/node.eks.aws"
@@ -63,8 +64,8 @@ class UserDataOptions:
     certificate_authority: str = ""
     cidr: str = ""
     dns_cluster_ip: str = ""
-    containerd_version: tuple[int, int] | None = None
-    """Default: 2.x on AL2023 (its AMIs' default), 1.7 on AL2."""
+    containerd_version: ContainerdVersion | None = None
+    """AL2023: default 2.1.0 (its AMIs' default); AL2: None, install asks the node's."""
     cri_proxy: bool = False
     mirror: bool = False
     peers_dns: str = ""
@@ -73,10 +74,10 @@ class UserDataOptions:
     mime: bool = False
 
     @property
-    def containerd(self) -> tuple[int, int]:
+    def containerd(self) -> ContainerdVersion:
         if self.containerd_version is not None:
             return self.containerd_version
-        return (2, 1) if self.ami == "al2023" else (1, 7)
+        return ContainerdVersion(2, 1, 0) if self.ami == "al2023" else ContainerdVersion(1, 7, 0)
 
 
 def _check(opts: UserDataOptions) -> None:
@@ -119,7 +120,7 @@ def containerd_fragment(opts: UserDataOptions) -> str:
     the template by the keys; its template sets `registry.config_path`)."""
     ours = OurSettings.of(Config())
     ours = OurSettings(ours.plugin_name, ours.address, ours.root, mirror=opts.mirror)
-    return fragment(config_version_for(opts.containerd), ours, registry=False)
+    return fragment(opts.containerd, ours, registry=False)
 
 
 def _endpoint() -> str:
@@ -283,7 +284,8 @@ def al2_script(opts: UserDataOptions) -> str:
     ):
         if value:
             bootstrap += [flag, _q(value)]
-    version = f"{opts.containerd[0]}.{opts.containerd[1]}"
+    v = opts.containerd_version
+    version = f" --containerd-version {v.major}.{v.minor}.{v.patch}" if v else ""
     lines = [
         "#!/bin/bash",
         "# sociable: install, merge containerd's settings into the template bootstrap.sh copies",
@@ -293,7 +295,7 @@ def al2_script(opts: UserDataOptions) -> str:
         *_fetch_lines(opts, "yum"),
         "",
         'PYTHON="$PYTHON" "$bundle/install.sh" --no-kubelet '
-        f"--containerd-config {AL2_CONTAINERD_TEMPLATE} --containerd-version {version}",
+        f"--containerd-config {AL2_CONTAINERD_TEMPLATE}{version}",
         *_start_lines(opts),
         "",
         " ".join(bootstrap),

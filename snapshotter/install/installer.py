@@ -21,7 +21,11 @@ from typing import TextIO
 
 from .. import config as config_mod
 from ..config import Config
-from ..mirror.hoststoml import containerd_version
+from ..configcheck import (
+    ContainerdVersion,
+    installed_containerd_version,
+    parse_containerd_version,
+)
 from ..mountinfo import mounts_under
 from . import manifest as manifest_mod
 from . import venv as venv_mod
@@ -50,7 +54,7 @@ back."""
 class InstallOptions:
     prefix: Path = Path("/")
     wheelhouse: Path | None = None
-    containerd_version: tuple[int, int] | None = None
+    containerd_version: ContainerdVersion | None = None
     containerd_config: PurePosixPath | None = None
     """Node path of containerd's config (default: `[containerd] config_path`)."""
     containerd: bool = True
@@ -101,7 +105,7 @@ def _containerd_change(
 ) -> FileChange | None:
     node = opts.containerd_config or PurePosixPath(cfg.containerd.config_path)
     path = layout(node)
-    version = opts.containerd_version or containerd_version()
+    version = opts.containerd_version or parse_containerd_version(installed_containerd_version())
     if version is None:
         raise InstallError(
             "containerd is not on PATH (or says no version): pass --containerd-version"

@@ -18,6 +18,7 @@ import tomlkit
 import yaml
 
 from snapshotter.config import load
+from snapshotter.configcheck import ContainerdVersion as V
 from snapshotter.errors import UsageError
 from snapshotter.install.bundle import INSTALL_SH
 from snapshotter.install.eks import (
@@ -221,7 +222,7 @@ def _fragment(text: str) -> dict[str, Any]:
 def test_al2023_containerd_17_toml_runs_on_real_containerd_and_passes_check(
     tmp_path: Path,
 ) -> None:
-    frag = _fragment(user_data(opts(containerd_version=(1, 7), mirror=True)))
+    frag = _fragment(user_data(opts(containerd_version=V(1, 7, 27), mirror=True)))
     cri = frag["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
     assert cri == {
         "snapshotter": "sociable",
@@ -275,7 +276,7 @@ def test_al2_script_installs_into_the_template_and_bootstraps(tmp_path: Path) ->
     assert script.startswith("#!/bin/bash\n")
     assert (
         '"$bundle/install.sh" --no-kubelet --containerd-config '
-        "/etc/eks/containerd/containerd-config.toml --containerd-version 1.7"
+        "/etc/eks/containerd/containerd-config.toml\n"
     ) in script
     last = script.rstrip("\n").splitlines()[-1]
     assert last == (
@@ -310,7 +311,7 @@ def test_install_sh_is_shellcheck_clean(tmp_path: Path) -> None:
         ({"cluster": "bad name"}, "--cluster"),
         ({"bundle_url": "file:///x"}, "--bundle-url"),
         ({"bundle_sha256": "xyz"}, "--bundle-sha256"),
-        ({"containerd_version": (1, 6)}, "--containerd-version"),
+        ({"containerd_version": V(1, 6, 36)}, "--containerd-version"),
     ],
 )
 def test_bad_options_are_usage_errors(kw: dict[str, Any], message: str) -> None:

@@ -8,6 +8,7 @@ import tomllib
 import pytest
 
 from snapshotter.config import Config
+from snapshotter.configcheck import ContainerdVersion as V
 from snapshotter.configcheck import check_containerd
 from snapshotter.install.containerd import (
     ContainerdConfigError,
@@ -124,7 +125,7 @@ OUR_V2 = (
 
 
 def test_debian_default_gets_our_settings_and_keeps_its_own() -> None:
-    out = merge(DEBIAN, OURS, containerd=(1, 6), where="config.toml")
+    out = merge(DEBIAN, OURS, containerd=V(1, 6, 0), where="config.toml")
     data = tomllib.loads(out.text)
     assert data["proxy_plugins"]["sociable"] == {
         "type": "snapshot",
@@ -143,7 +144,7 @@ def test_debian_default_gets_our_settings_and_keeps_its_own() -> None:
 
 
 def test_comments_order_and_other_settings_survive_and_imports_warn() -> None:
-    out = merge(AL2_TEMPLATE, MIRROR, containerd=(1, 7), where="template")
+    out = merge(AL2_TEMPLATE, MIRROR, containerd=V(1, 7, 0), where="template")
     # every original line but the one we change is still there, in its order
     kept = [line for line in AL2_TEMPLATE.splitlines() if "discard_unpacked_layers" not in line]
     assert _in_order(kept, out.text.splitlines())
@@ -164,7 +165,7 @@ def test_comments_order_and_other_settings_survive_and_imports_warn() -> None:
 
 
 def test_version_3_file_gets_version_3_keys_and_exports_root() -> None:
-    out = merge(AL2023_V3, MIRROR, containerd=(2, 1), where="v3")
+    out = merge(AL2023_V3, MIRROR, containerd=V(2, 1, 0), where="v3")
     data = tomllib.loads(out.text)
     images = data["plugins"]["io.containerd.cri.v1.images"]
     assert images["snapshotter"] == "sociable"
@@ -179,15 +180,17 @@ def test_version_3_file_gets_version_3_keys_and_exports_root() -> None:
 
 
 def test_version_2_file_on_containerd_2_keeps_version_2_keys() -> None:
-    out = merge(DEBIAN, OURS, containerd=(2, 0), where="x")
+    out = merge(DEBIAN, OURS, containerd=V(2, 0, 0), where="x")
     data = tomllib.loads(out.text)
     assert data["version"] == 2
     assert data["plugins"][CRI]["containerd"]["snapshotter"] == "sociable"
 
 
-@pytest.mark.parametrize(("containerd", "version"), [((1, 6), 2), ((1, 7), 2), ((2, 1), 3)])
+@pytest.mark.parametrize(
+    ("containerd", "version"), [(V(1, 6, 20), 2), (V(1, 7, 27), 2), (V(2, 1, 0), 3)]
+)
 def test_absent_file_becomes_a_minimal_one_for_the_installed_containerd(
-    containerd: tuple[int, int], version: int
+    containerd: V, version: int
 ) -> None:
     out = merge(None, OURS, containerd=containerd, where="new")
     data = tomllib.loads(out.text)
@@ -198,10 +201,10 @@ def test_absent_file_becomes_a_minimal_one_for_the_installed_containerd(
 
 def test_merging_twice_changes_nothing() -> None:
     for text, ctd in (
-        (DEBIAN, (1, 6)),
-        (AL2_TEMPLATE, (1, 7)),
-        (AL2023_V3, (2, 1)),
-        (None, (1, 6)),
+        (DEBIAN, V(1, 6, 20)),
+        (AL2_TEMPLATE, V(1, 7, 27)),
+        (AL2023_V3, V(2, 1, 0)),
+        (None, V(1, 6, 20)),
     ):
         once = merge(text, MIRROR, containerd=ctd, where="x").text
         assert merge(once, MIRROR, containerd=ctd, where="x").text == once
@@ -209,7 +212,7 @@ def test_merging_twice_changes_nothing() -> None:
 
 def test_wrong_values_of_ours_are_replaced() -> None:
     text = DEBIAN + '\n[proxy_plugins.sociable]\ntype = "content"\naddress = "/old.sock"\n'
-    data = tomllib.loads(merge(text, OURS, containerd=(1, 6), where="x").text)
+    data = tomllib.loads(merge(text, OURS, containerd=V(1, 6, 0), where="x").text)
     assert data["proxy_plugins"]["sociable"] == {
         "type": "snapshot",
         "address": "/run/sociable/sociable.sock",
@@ -219,29 +222,42 @@ def test_wrong_values_of_ours_are_replaced() -> None:
 @pytest.mark.parametrize(
     ("text", "containerd", "message"),
     [
-        ('root = "/var/lib/containerd"\n', (1, 6), "version 1"),
-        ("version = 3\n", (1, 7), "reads version 2 only"),
-        ("version = 1\n", (1, 6), "needs version = 2"),
-        ("version = 2\n[plugins\n", (1, 6), "not valid TOML"),
-        ('version = 2\nproxy_plugins = "x"\n', (1, 6), "not a table"),
+        ('root = "/var/lib/containerd"\n', V(1, 6, 20), "version 1"),
+        ("version = 3\n", V(1, 7, 27), "reads version 2 only"),
+        ("version = 1\n", V(1, 6, 20), "needs version = 2"),
+        ("version = 2\n[plugins\n", V(1, 6, 20), "not valid TOML"),
+        ('version = 2\nproxy_plugins = "x"\n', V(1, 6, 20), "not a table"),
     ],
 )
-def test_what_cannot_be_merged_is_refused(
-    text: str, containerd: tuple[int, int], message: str
-) -> None:
+def test_what_cannot_be_merged_is_refused(text: str, containerd: V, message: str) -> None:
     with pytest.raises(ContainerdConfigError, match=message):
         merge(text, OURS, containerd=containerd, where="cfg")
 
 
 def test_fragment_is_ours_only() -> None:
-    v2 = tomllib.loads(fragment(2, OURS, registry=False))
+    v2 = tomllib.loads(fragment(V(1, 7, 0), OURS, registry=False))
     assert v2 == {
         "proxy_plugins": {"sociable": {"type": "snapshot", "address": OURS.address}},
         "plugins": {
             CRI: {"containerd": {"snapshotter": "sociable", "disable_snapshot_annotations": False}}
         },
     }
-    v3 = tomllib.loads(fragment(3, MIRROR))
+    v3 = tomllib.loads(fragment(V(2, 0, 0), MIRROR))
     images = v3["plugins"]["io.containerd.cri.v1.images"]
     assert images["registry"] == {"config_path": "/etc/containerd/certs.d"}
     assert images["use_local_image_pull"] is True
+
+
+@pytest.mark.parametrize(
+    ("containerd", "exported"),
+    [(V(1, 6, 20), False), (V(1, 6, 32), True), (V(1, 7, 15), False), (V(1, 7, 16), True)],
+)
+def test_version_2_gets_the_root_export_where_containerd_reads_it(
+    containerd: V, exported: bool
+) -> None:
+    data = tomllib.loads(merge(DEBIAN, OURS, containerd=containerd, where="x").text)
+    plugin = data["proxy_plugins"]["sociable"]
+    assert ("exports" in plugin) is exported
+    if exported:
+        assert plugin["exports"] == {"root": "/var/lib/sociable"}
+    assert "exports" in tomllib.loads(fragment(V(1, 7, 27), OURS))["proxy_plugins"]["sociable"]

@@ -13,6 +13,7 @@ import pytest
 
 from snapshotter import cli
 from snapshotter.config import Config, CriConfig
+from snapshotter.configcheck import ContainerdVersion as V
 from snapshotter.errors import UsageError
 from snapshotter.install import __main__ as install_main
 from snapshotter.install import venv as venv_mod
@@ -110,7 +111,7 @@ def node(tmp_path: Path) -> Path:
 
 
 def _install(node: Path, bundle: Path, **kw: object) -> tuple[str, InstallOptions]:
-    settings: dict[str, object] = {"containerd_version": (1, 6), **kw}
+    settings: dict[str, object] = {"containerd_version": V(1, 6, 20), **kw}
     opts = InstallOptions(prefix=node, wheelhouse=bundle / "wheelhouse", **settings)  # type: ignore[arg-type]
     plan = plan_install(opts)
     out = io.StringIO()
@@ -162,7 +163,7 @@ def test_dry_run_writes_nothing_and_shows_diffs(
 ) -> None:
     before = tree(node)
     plan = plan_install(
-        InstallOptions(prefix=node, wheelhouse=bundle / "wheelhouse", containerd_version=(1, 6))
+        InstallOptions(prefix=node, wheelhouse=bundle / "wheelhouse", containerd_version=V(1, 6, 0))
     )
     out = io.StringIO()
     print_dry_run(plan, out)
@@ -209,7 +210,7 @@ def test_absent_containerd_config_is_created_then_removed(
 ) -> None:
     shutil.rmtree(node / "etc/containerd")
     before = tree(node)
-    _install(node, bundle, containerd_version=(2, 1))
+    _install(node, bundle, containerd_version=V(2, 1, 0))
     text = (node / "etc/containerd/config.toml").read_text()
     assert text.startswith("version = 3")
     apply_uninstall(plan_uninstall(node, purge=False), io.StringIO())
@@ -257,7 +258,9 @@ def test_a_program_in_the_way_is_refused(
     (node / "usr/local/bin/sociable").write_text("#!/bin/sh\n")
     with pytest.raises(InstallError, match="is not a link into"):
         plan_install(
-            InstallOptions(prefix=node, wheelhouse=bundle / "wheelhouse", containerd_version=(1, 6))
+            InstallOptions(
+                prefix=node, wheelhouse=bundle / "wheelhouse", containerd_version=V(1, 6, 0)
+            )
         )
 
 
@@ -311,10 +314,12 @@ def test_manifest_refuses_what_it_did_not_write(tmp_path: Path) -> None:
 
 
 def test_version_flag_and_exit_codes_match_the_cli() -> None:
-    assert parse_version("1.7.27") == (1, 7)
-    assert parse_version("v2.1") == (2, 1)
-    with pytest.raises(UsageError, match=r"MAJOR\.MINOR"):
-        parse_version("latest")
+    assert parse_version("1.7.27") == V(1, 7, 27)
+    assert parse_version("v2.1") == V(2, 1, 0)
+    assert parse_version("2.0.0-rc.1") == V(2, 0, 0, prerelease=True)
+    for bad in ("latest", "1", "1.7.27 x"):
+        with pytest.raises(UsageError, match=r"MAJOR\.MINOR\.PATCH"):
+            parse_version(bad)
     table = dict(cli.EXIT_CODES)
     for cls, code in install_main.EXIT_CODES:
         assert table[cls] == code, cls
