@@ -12,10 +12,14 @@ its files are read through `<root>/fuse/snap-<id>` and compared with the source:
 - the root made read-only under the running daemon (a read-only bind over a tmpfs root):
   reads are right or EIO, a Prepare fails cleanly, the committed snapshots (Prepare/Commit
   through the Snapshots API, a file written into the snapshot) stay as they were; writable
-  again, Prepare and Commit work.
+  again, Prepare and Commit work;
+- a lazy layer's restore record damaged while the daemon is down (and no mount left, as after
+  a reboot): the daemon starts, a view of the layer is refused (UNAVAILABLE, never an empty
+  lower), Remove and Cleanup reclaim it. That refused view still leaves its snapshot behind
+  (a strict xfail names it until the service checks before it creates).
 
 Background fetch and read-ahead are off, and one inflated span is kept in memory, so reads
-reach the disk caches. Test budget: about 40 s.
+reach the disk caches. Test budget: about 20 s (the chaos suite together: under 120 s).
 """
 
 from __future__ import annotations
@@ -44,7 +48,14 @@ from tests.support.chaos import (
 from tests.support.containerd import snapshot_dir_of
 from tests.support.faultproxy import FaultPlan, FaultProxy, start_fault_proxy
 from tests.support.registry import RegistryServer
-from tests.support.snapclient import SnapClient, SnapDaemon, can_mount, run_daemon
+from tests.support.snapclient import (
+    SnapClient,
+    SnapDaemon,
+    can_mount,
+    run_daemon,
+    sweep_mounts,
+)
+from tests.support.snapclient import mounted as mounted_at
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -253,3 +264,68 @@ def test_read_only_root_keeps_committed_snapshots(
         assert m.snap.stat("rw-committed").parent == "ro-committed"
         for name in names:
             m.expect_right(name, "writable again")
+
+
+@contextlib.contextmanager
+def damaged_record(registry: RegistryServer, image: ChaosImage, base: Path) -> Iterator[Mounted]:
+    """A daemon restarted after its lazy layer's restore record was damaged on disk (and every
+    mount swept, as after a reboot, so the record is what would restore the layer)."""
+    with mounted(registry, image, base) as m:
+        name = sorted(m.layer.files)[0]
+        m.expect_right(name, "before the restart")
+        records = sorted((m.daemon.root / "remote").glob("*.json"))
+        assert len(records) == 1
+        m.daemon.stop()
+        sweep_mounts(m.daemon.root)
+        records[0].write_bytes(records[0].read_bytes()[:20])
+        m.daemon.start()
+        yield m
+
+
+def test_damaged_restore_record(
+    registry: RegistryServer, image: ChaosImage, tmp_path: Path
+) -> None:
+    """A lazy layer's restore record damaged on disk while the daemon is down: the daemon
+    starts, a view of the layer is refused (never an empty or wrong lower), and Remove +
+    Cleanup reclaim it."""
+    with (
+        damaged_record(registry, image, tmp_path / "d") as m,
+        contextlib.closing(m.daemon.client()) as snap,
+    ):
+        name = sorted(m.layer.files)[0]
+        assert snap.stat(m.target).kind == "committed"
+        try:
+            view = snap.view("probe", m.target)
+        except grpc.RpcError as e:
+            print(f"View of a layer whose record is damaged: {e.code()} {e.details()}")
+            assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+            with contextlib.suppress(grpc.RpcError):  # see the next test
+                snap.remove("probe")
+        else:
+            with mounted_at(view, tmp_path / "view") as target:
+                got = read_file(target / name)
+                assert got == m.layer.files[name], f"view: {name}: {got!r:.60}"
+            snap.remove("probe")
+        snap.remove(m.target)
+        snap.cleanup()
+        assert snap.list() == []
+        assert not list((m.daemon.root / "remote").glob("*.json"))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SnapshotService.view/prepare create the snapshot before the mounter's check of "
+    "the parents; a refused call (UNAVAILABLE) leaves it behind, and its parent cannot be "
+    "removed any more",
+)
+def test_refused_view_leaves_no_snapshot(
+    registry: RegistryServer, image: ChaosImage, tmp_path: Path
+) -> None:
+    with (
+        damaged_record(registry, image, tmp_path / "d") as m,
+        contextlib.closing(m.daemon.client()) as snap,
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            snap.view("probe", m.target)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert sorted(i.name for i in snap.list()) == [m.target]

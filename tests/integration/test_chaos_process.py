@@ -21,7 +21,7 @@ API and is killed with SIGKILL:
   is left, and every file of the span cache is a span of its layer.
 
 Every randomised case prints its seed; `SOCIABLE_CHAOS_SEED=<seed>` replays it.
-Test budget: about 60 s.
+Test budget: about 60 s (the chaos suite together: under 120 s).
 """
 
 from __future__ import annotations

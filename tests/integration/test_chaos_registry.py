@@ -17,7 +17,8 @@ Each file is read through `<root>/fuse/snap-<id>` and compared with the source:
   host that does not resolve is declined, an ordinary Prepare and Commit work.
 
 Background fetch and read-ahead are off, so each file's spans are fetched by its own reads.
-Test budget: about 60 s (one daemon, one small image; most faults fail within ~0.5 s).
+Test budget: about 15 s (one daemon, one small image; most faults fail within ~0.5 s; the
+chaos suite together: under 120 s).
 """
 
 from __future__ import annotations
