@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -35,7 +37,9 @@ def _layer_tars(scratch: Path) -> list[bytes]:
 
 
 @pytest.fixture(scope="module")
-def layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[images.Image, list[str]]:
+def layout(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[images.Image, list[str], dict[str, bytes]]:
     if shutil.which("skopeo") is None:
         pytest.fail("skopeo is part of the test machine (scripts/setup.sh)")
     base = tmp_path_factory.mktemp("zstd-convert")
@@ -59,7 +63,11 @@ def layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[images.Image, list
     tiny = zstdimages.hand_layer(tars[4], blobs, "multi-frame", frame_size=1024)
     layers = [gz_layer, chunked, plain, seekable, tiny]
     image = zstdimages.write_zstd_image(base / "layout", layers, tag="v1")
-    return image, [lyr.digest for lyr in layers]
+    with tarfile.open(fileobj=io.BytesIO(tars[1])) as tf:
+        member = tf.extractfile("ch/b.bin")
+        assert member is not None
+        contents = {"ch/b.bin": member.read()}
+    return image, [lyr.digest for lyr in layers], contents
 
 
 def _lines(stderr: str) -> dict[str, str]:
@@ -75,9 +83,9 @@ def _lines(stderr: str) -> dict[str, str]:
 
 
 def test_each_layer_says_what_was_done(
-    layout: tuple[images.Image, list[str]], tmp_path: Path
+    layout: tuple[images.Image, list[str], dict[str, bytes]], tmp_path: Path
 ) -> None:
-    image, digests = layout
+    image, digests, _ = layout
     gz, chunked, plain, seekable, tiny = digests
     src = f"oci-layout:{image.layout}:v1"
     args = ("create", "--min-layer-size", str(MIN), "--span-size", "131072")
@@ -94,6 +102,22 @@ def test_each_layer_says_what_was_done(
         info = json.loads(sociable("ztoc", "info", z, root=tmp_path / "with").stdout)
         kinds.add(info.get("compression", "gzip"))
         assert info["num_spans"] >= 2 and info["span_size"] == 131072
+        if info.get("compression") == "zstd:chunked":
+            # One file out of the blob through the zTOC's spans (`ztoc get-file`).
+            blob = image.layout / "blobs" / "sha256" / chunked.removeprefix("sha256:")
+            out = tmp_path / "b.bin"
+            sociable(
+                "ztoc",
+                "get-file",
+                z,
+                "ch/b.bin",
+                "-o",
+                str(out),
+                "--layer-file",
+                str(blob),
+                root=tmp_path / "with",
+            )
+            assert out.read_bytes() == layout[2]["ch/b.bin"]
     assert kinds == {"gzip", "zstd:chunked", "seekable zstd"}
 
     proc = sociable(*args, src, root=tmp_path / "without")
