@@ -7,7 +7,8 @@ GNU base-256 numbers) and PAX records with odd values; some streams are also dam
 Each one is applied into an empty root next to an "outside" directory and:
 
 - nothing outside the root is written or changed: the tree around the root (contents,
-  modes, owners, link counts, times) and `/etc`'s listing are the same before and after;
+  modes, owners, link counts, times) is the same before and after, `/etc` has none of the
+  layer's names it did not have and `/etc/passwd` is unchanged;
 - the apply succeeds or raises `UnpackError` (the mounter declines the layer), never
   anything else;
 - a layer of plain entries (files, directories, fifos, no links or whiteouts) gives exactly
@@ -242,8 +243,22 @@ def _snapshot(top: Path, skip: Path) -> dict[str, tuple[object, ...]]:
     return out
 
 
-def _etc() -> tuple[list[str], int]:
-    return sorted(os.listdir("/etc")), os.lstat("/etc/passwd").st_mtime_ns
+def _etc() -> tuple[frozenset[str], str]:
+    """/etc's names and /etc/passwd's hash (the targets of `a -> /etc` and `/etc/passwd`)."""
+    passwd = hashlib.sha256(Path("/etc/passwd").read_bytes()).hexdigest()
+    return frozenset(os.listdir("/etc")), passwd
+
+
+def _basenames(data: bytes) -> frozenset[str]:
+    """The last component of every name in the tar stream (what an escape would create)."""
+    out = set()
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tf:
+            for m in tf:
+                out.add(m.name.rstrip("/").rpartition("/")[2])
+    except (tarfile.TarError, OSError, EOFError, ValueError, OverflowError):
+        pass
+    return frozenset(out)
 
 
 @dataclass
@@ -272,7 +287,11 @@ def _apply_safely(workdir: Path, data: bytes) -> Applied:
         error = e
         assert e.__cause__ is not None or "cancelled" in str(e)
     assert _snapshot(workdir, root) == before
-    assert _etc() == etc_before
+    # /etc is compared by the names this layer could have put there: other programs may
+    # change /etc meanwhile.
+    etc_after = _etc()
+    assert not (etc_after[0] - etc_before[0]) & _basenames(data)
+    assert etc_after[1] == etc_before[1]
     return Applied(root, error)
 
 
@@ -410,3 +429,17 @@ def _writable(layer_fmt: tuple[list[Entry], int]) -> bytes:
         return tar_bytes(*layer_fmt)
     except (ValueError, UnicodeError):
         return tar_bytes([Entry("reg", "a", data=b"a")], tarfile.PAX_FORMAT)
+
+
+def test_the_safety_net_sees_an_escape(workdir: Path) -> None:
+    """What an unsafe extractor would do (tarfile without a filter follows `..`) changes the
+    snapshot of the tree around the root."""
+    _apply_safely(workdir, tar_bytes([Entry("reg", "a", data=b"a")], tarfile.PAX_FORMAT))
+    root = workdir / "root"
+    before = _snapshot(workdir, root)
+    data = tar_bytes([Entry("reg", f"../{OUTSIDE}/file", data=b"pwned")], tarfile.PAX_FORMAT)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        tf.extractall(root, filter="fully_trusted")
+    assert (workdir / OUTSIDE / "file").read_bytes() == b"pwned"
+    assert _snapshot(workdir, root) != before
+    assert "file" in _basenames(data)
