@@ -385,6 +385,7 @@ class DaemonSample:
 
     ops: dict[str, tuple[int, float]]
     cpu_s: float
+    trio_cpu_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -396,19 +397,27 @@ class DaemonWork:
     handler_cpu_s: dict[str, float]
     cpu_s: float
     pull_cpu_s: float = 0.0
+    trio_cpu_s: float = 0.0
+    pull_trio_cpu_s: float = 0.0
 
     @property
     def workload_cpu_s(self) -> float:
         return self.cpu_s - self.pull_cpu_s
 
     @property
+    def workload_trio_cpu_s(self) -> float:
+        return self.trio_cpu_s - self.pull_trio_cpu_s
+
+    @property
     def total_requests(self) -> int:
         return sum(self.requests.values())
 
 
-def _process_cpu_s(pid: int) -> float:
-    """user + sys CPU seconds of process ``pid`` (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def _process_cpu_s(pid: int, tid: int | None = None) -> float:
+    """user + sys CPU seconds of process ``pid`` (all its threads), or of its thread ``tid``
+    (the daemon's main thread, ``tid == pid``, runs trio and serves FUSE requests)."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -432,15 +441,19 @@ def sample_daemon(daemon: SnapDaemon) -> DaemonSample:
         time.sleep(STATUS_SETTLE_SEC)
         again = _fuse_ops(daemon)
         if again == ops or time.monotonic() > deadline:
-            return DaemonSample(again, _process_cpu_s(daemon.proc.pid))
+            pid = daemon.proc.pid
+            return DaemonSample(again, _process_cpu_s(pid), _process_cpu_s(pid, pid))
         ops = again
 
 
 def daemon_work(
-    before: DaemonSample, after: DaemonSample, files: int, pulled_cpu_s: float | None = None
+    before: DaemonSample,
+    after: DaemonSample,
+    files: int,
+    pulled: tuple[float, float] | None = None,
 ) -> DaemonWork:
-    """The difference of two samples; ``pulled_cpu_s``: the process CPU time read right after
-    the pull (splits the CPU time into pull and workload)."""
+    """The difference of two samples; ``pulled``: the process's and its trio thread's CPU time
+    read right after the pull (splits the CPU time into pull and workload)."""
     ops = set(before.ops) | set(after.ops)
     zero = (0, 0.0)
     return DaemonWork(
@@ -448,7 +461,9 @@ def daemon_work(
         requests={op: after.ops.get(op, zero)[0] - before.ops.get(op, zero)[0] for op in ops},
         handler_cpu_s={op: after.ops.get(op, zero)[1] - before.ops.get(op, zero)[1] for op in ops},
         cpu_s=after.cpu_s - before.cpu_s,
-        pull_cpu_s=0.0 if pulled_cpu_s is None else pulled_cpu_s - before.cpu_s,
+        pull_cpu_s=0.0 if pulled is None else pulled[0] - before.cpu_s,
+        trio_cpu_s=after.trio_cpu_s - before.trio_cpu_s,
+        pull_trio_cpu_s=0.0 if pulled is None else pulled[1] - before.trio_cpu_s,
     )
 
 
@@ -594,12 +609,13 @@ def lazy_runs(
     with lazy_stack(
         containerd_base(workdir, f"lazy-{workload}"), reg, background_fetch=background_fetch
     ) as (daemon, ctd):
-        pulled_cpu: list[float] = []
+        pulled_cpu: list[tuple[float, float]] = []
 
         def pull() -> None:
             ctd.cri().pull_image(ref)
             if daemon.proc is not None:
-                pulled_cpu.append(_process_cpu_s(daemon.proc.pid))
+                pid = daemon.proc.pid
+                pulled_cpu.append((_process_cpu_s(pid), _process_cpu_s(pid, pid)))
 
         for label, n in (("lazy, cold", 1), ("lazy, warm span cache", 2))[: 2 if warm else 1]:
             if n == 2:
@@ -618,7 +634,9 @@ def lazy_runs(
             print(
                 f"  daemon: {r.daemon.total_requests} FUSE requests for {files} files, "
                 f"CPU {r.daemon.pull_cpu_s:.1f} s in the pull, "
-                f"{r.daemon.workload_cpu_s:.1f} s in the workload"
+                f"{r.daemon.workload_cpu_s:.1f} s in the workload "
+                f"({r.daemon.workload_trio_cpu_s:.1f} s on the trio thread, "
+                f"{sum(r.daemon.handler_cpu_s.values()):.1f} s in handlers)"
             )
             runs.append(r)
             if n == 1:
@@ -1035,14 +1053,16 @@ def render_counts(
         "Daemon CPU for the same runs: the process's user + sys seconds (`/proc/<pid>/stat`; "
         "every thread: the trio thread, inflation and cache threads, gRPC) during the pull "
         "(index, zTOCs, layer trees, mounts) and during the workload (ms / file: of the "
-        "workload), and the trio thread's CPU time inside each handler in microseconds per "
-        "request (a read counts only its own steps, not the time it waited). Measured "
+        "workload); of the workload's, the trio thread's (the daemon's main thread: it serves "
+        "the FUSE requests, pyfuse3's work around them included, and runs every other trio "
+        "task) and, of that, the time inside the handlers; then the time inside each handler "
+        "in microseconds per request (a read counts only its own steps, not the time it "
+        "waited). Measured "
         f"{when} on {os.cpu_count()} vCPUs, Linux {platform.release()}.{load_text}",
         "",
-        "| scenario | workload | pull CPU s | workload CPU s | ms / file | in handlers s | "
-        + " | ".join(f"{op} µs" for op in ops)
-        + " |",
-        "|---|---|---:|---:|---:|---:|" + "---:|" * len(ops),
+        "| scenario | workload | pull CPU s | workload CPU s | ms / file | trio thread s "
+        "| in handlers s | " + " | ".join(f"{op} µs" for op in ops) + " |",
+        "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(ops),
     ]
     for r in rows:
         d = r.daemon
@@ -1056,6 +1076,7 @@ def render_counts(
         lines.append(
             f"| {r.name} | {r.workload} | {d.pull_cpu_s:.2f} | {d.workload_cpu_s:.2f} | "
             f"{1e3 * d.workload_cpu_s / d.files if d.files else 0.0:.2f} | "
+            f"{d.workload_trio_cpu_s:.2f} | "
             f"{sum(d.handler_cpu_s.values()):.2f} | {per_req} |"
         )
     return lines
@@ -1217,8 +1238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--counts-only",
         action="store_true",
-        help="only FUSE request counts and daemon CPU of lazy cold runs of the small and "
-        "stdlib workloads, no tc limit (with --write-docs: only their part of the section)",
+        help="only FUSE request counts and daemon CPU of lazy cold runs (of the small and "
+        "stdlib workloads unless --workloads says), no tc limit (with --write-docs: only their "
+        "part of the section)",
     )
     parser.add_argument(
         "--workloads",
@@ -1256,7 +1278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "all": sum(len(layer) for layer in files) + busybox_files(),
         "stdlib": len(files[SOURCES.index(STDLIB)]),
     }
-    if args.counts_only:
+    if args.counts_only and "--workloads" not in (argv or sys.argv[1:]):
         workloads = ["small", "stdlib"]
 
     load_start = os.getloadavg()[0]
