@@ -290,7 +290,10 @@ async def _build(
     root = settings.root
     fuse_dir = root / "fuse"
     step.name = "stale mounts"
-    kept, binds = await trio.to_thread.run_sync(_take_connection, root, fuse_dir)
+    kept, binds, survival = await trio.to_thread.run_sync(_take_connection, root, fuse_dir)
+    if kept is None and survival:
+        step.name = "fuse"
+        kept = await trio.to_thread.run_sync(_mount_fresh, root, fuse_dir)
     served = False
     host = LayerHost()
 
@@ -436,14 +439,16 @@ async def _build(
     return mounter
 
 
-def _take_connection(root: Path, fuse_dir: Path) -> tuple[KeptConnection | None, dict[Path, str]]:
-    """The FUSE connection to serve and the bind mounts of its layers still in place
-    (mountpoint -> layer name). The keeper's connection when it still serves `fuse_dir`
-    (other mounts under the root's snapshots are detached); else every mount left under the
-    root is cleared and a fresh one is mounted and kept. Without a keeper (it cannot start):
-    None, after clearing, and pyfuse3 mounts as it always did. Blocking; raises OSError."""
+def _take_connection(
+    root: Path, fuse_dir: Path
+) -> tuple[KeptConnection | None, dict[Path, str], bool]:
+    """The adopted FUSE connection, the bind mounts of its layers still in place (mountpoint
+    -> layer name) and whether a keeper answers. The keeper's connection when it still serves
+    `fuse_dir` (other mounts under the root's snapshots are detached); else None after every
+    mount left under the root is cleared (then `_mount_fresh`, or without a keeper pyfuse3
+    mounts as it always did). Blocking; raises OSError."""
     from snapshotter.fs import connection, keeper
-    from snapshotter.fs.fuse import MOUNT_OPTIONS, cleanup_stale_mount
+    from snapshotter.fs.fuse import cleanup_stale_mount
 
     snapshots = root / "snapshots"
     kept: KeptConnection | None = None
@@ -472,16 +477,24 @@ def _take_connection(root: Path, fuse_dir: Path) -> tuple[KeptConnection | None,
             with contextlib.suppress(OSError):
                 while bindmount.detach(Path(path)):
                     pass
-        return kept, binds
+        return kept, binds, survival
     bindmount.detach_all_under(snapshots)
     cleanup_stale_mount(fuse_dir)
     fuse_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    if survival:
-        try:
-            kept = connection.mount_fresh(root, fuse_dir, MOUNT_OPTIONS)
-        except keeper.KeeperError as e:
-            log.warning("fuse restart survival off", extra={"error": str(e)})
-    return kept, binds
+    return None, binds, survival
+
+
+def _mount_fresh(root: Path, fuse_dir: Path) -> KeptConnection | None:
+    """A fresh FUSE connection on `fuse_dir`, kept by the keeper; None (logged) when the
+    keeper refuses it (pyfuse3 then mounts). Blocking; raises OSError (no /dev/fuse, ...)."""
+    from snapshotter.fs import connection, keeper
+    from snapshotter.fs.fuse import MOUNT_OPTIONS
+
+    try:
+        return connection.mount_fresh(root, fuse_dir, MOUNT_OPTIONS)
+    except keeper.KeeperError as e:
+        log.warning("fuse restart survival off", extra={"error": str(e)})
+        return None
 
 
 KEEPER_CHECK_SEC = 5.0
