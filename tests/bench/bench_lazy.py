@@ -376,6 +376,8 @@ OP_COLUMNS = (
 )
 """The handlers of ``snapshotter.fs.fuse.COUNTED_OPS`` in table order (``readdir`` answers
 READDIRPLUS)."""
+ALWAYS_SHOWN = frozenset(OP_COLUMNS) - {"releasedir", "access", "readlink"}
+"""Columns shown even when no run had such a request (the others only when one had)."""
 
 
 @dataclass(frozen=True)
@@ -1024,7 +1026,11 @@ def render_counts(
         if load
         else ""
     )
-    ops = [op for op in OP_COLUMNS if any(r.daemon and r.daemon.requests.get(op) for r in rows)]
+    ops = [
+        op
+        for op in OP_COLUMNS
+        if op in ALWAYS_SHOWN or any(r.daemon and r.daemon.requests.get(op) for r in rows)
+    ]
     lines = [
         f"{COUNTS_HEADING} in a container of the lazily pulled image (through its overlayfs "
         f"view; FUSE lowers), by handler. Command: `{command}` (root). Counted by the daemon "
