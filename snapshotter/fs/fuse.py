@@ -464,9 +464,10 @@ class FuseOpStats(trio.abc.Instrument):
 
     A counted handler costs two reads of the thread's CPU clock and a few dict updates. The
     CPU time of a handler that awaits (a read waiting for its spans) is the sum of its own
-    task steps: this object is also a trio instrument, added to the running trio loop by the
-    first request, and it reads the clock around the steps of tasks that are inside a
-    handler (other tasks cost one dict lookup per step).
+    task steps: this object is also a trio instrument with one hook, added to the running
+    trio loop by the first request, that times a step of a task inside a handler up to the
+    start of the next task step (the scheduler's work in between is counted with it); the
+    steps of other tasks cost a dict lookup each.
     """
 
     def __init__(self) -> None:
@@ -474,6 +475,7 @@ class FuseOpStats(trio.abc.Instrument):
         self._cpu_ns: dict[str, int] = {}
         self._active: dict[object, str] = {}
         self._step_start_ns = 0
+        self._running: str | None = None  # the handler whose task step runs now
         self._token: object = None
         self._trio_clock: int | None = None
 
@@ -501,6 +503,7 @@ class FuseOpStats(trio.abc.Instrument):
         task = trio.lowlevel.current_task()
         self._counts[op] = self._counts.get(op, 0) + 1
         self._active[task] = op
+        self._running = op
         self._step_start_ns = time.thread_time_ns()
         return task
 
@@ -508,15 +511,18 @@ class FuseOpStats(trio.abc.Instrument):
         """The request `enter` returned `task` for is answered."""
         self._cpu_ns[op] = self._cpu_ns.get(op, 0) + time.thread_time_ns() - self._step_start_ns
         del self._active[task]
+        self._running = None
 
     def before_task_step(self, task: object) -> None:
-        if task in self._active:
-            self._step_start_ns = time.thread_time_ns()
-
-    def after_task_step(self, task: object) -> None:
         op = self._active.get(task)
-        if op is not None:
-            self._cpu_ns[op] = self._cpu_ns.get(op, 0) + time.thread_time_ns() - self._step_start_ns
+        running = self._running
+        if op is None and running is None:
+            return
+        now = time.thread_time_ns()
+        if running is not None:
+            self._cpu_ns[running] = self._cpu_ns.get(running, 0) + now - self._step_start_ns
+        self._running = op
+        self._step_start_ns = now
 
 
 FUSE_OP_STATS: Final = FuseOpStats()
