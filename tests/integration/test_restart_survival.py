@@ -5,11 +5,12 @@ that checksums files of its lazy layers and reads one file it keeps open in 64 K
 (checksumming each piece), writing every result with a timestamp to a log on the host. The
 page cache is dropped before each restart, so the reads around it go through FUSE. The test
 restarts the daemon while the loop runs: `kill -9` at seeded random moments (at least five
-times), one graceful restart (SIGTERM) and one restart into a fresh copy of the code (the
-source packages copied to a temporary directory, run from there with PYTHONPATH). After each
+times, and twice more a `kill -9` of the next daemon in the middle of its start-up), one
+graceful restart (SIGTERM) and one restart into a fresh copy of the code (the source
+packages copied to a temporary directory, run from there with PYTHONPATH). After each
 restart a new indexed image is pulled lazily and a container of it reads its file right.
 At the end: every checksum in the log is right, no read failed, and the loop never stalled
-for more than `MAX_STALL_SEC`.
+longer than the longest restart plus `SLACK_SEC`.
 
 A read the daemon has taken but not answered when it is killed (its Range request held by
 the registry proxy) is answered by the next daemon: the kernel resends it
@@ -64,11 +65,12 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 K8S = "k8s.io"
 KILLS = 5
-SMALL_IMAGES = KILLS + 3
+STARTUP_KILLS = 2
+SMALL_IMAGES = KILLS + STARTUP_KILLS + 3
 PIECE = 65536
-MAX_STALL_SEC = 10.0
-"""The longest the loop may go without a line: a restart takes the daemon's start-up (about
-two seconds here) during which reads wait for the new process."""
+SLACK_SEC = 5.0
+"""The loop may go without a line while no daemon serves (a restart: the daemon's start-up,
+two to three seconds here), and at most this much longer."""
 SUMMED = ("os.py", "json/decoder.py", "email/message.py", "typing.py", "argparse.py")
 OPEN_FILE = "usr/lib/python3.11/_bulk_padding.bin"
 
@@ -182,9 +184,14 @@ def _wait_lines(log: Path, more_than: int, timeout_s: float = 60.0) -> int:
         time.sleep(0.2)
 
 
-def _start_from(daemon: SnapDaemon, code: Path) -> None:
+def _start_from(
+    daemon: SnapDaemon, code: Path, kill_after: float | None = None, kill_at: str = ""
+) -> str:
     """Start `daemon` from the copy of the source at `code` (its packages on PYTHONPATH, run
-    from there) and wait for READY=1."""
+    from there) and wait for READY=1 ("ready"). With `kill_after`, `kill -9` it that many
+    seconds into its start-up, or as soon as its log has a line with message `kill_at`
+    ("killed"; "ready" when it was ready first)."""
+    log_start = daemon.log.stat().st_size if daemon.log.exists() else 0
     notify_dir = Path(tempfile.mkdtemp(prefix="snapd-notify-"))
     notify_path = notify_dir / "n.sock"
     env = {**os.environ, "PYTHONPATH": str(code), "NOTIFY_SOCKET": str(notify_path)}
@@ -194,7 +201,7 @@ def _start_from(daemon: SnapDaemon, code: Path) -> None:
         cmd += ["--config", str(daemon.config)]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(str(notify_path))
-        notify.settimeout(0.2)
+        notify.settimeout(0.005 if kill_at else 0.2)  # the log is polled between waits
         with open(daemon.log, "ab") as log:
             daemon.proc = subprocess.Popen(
                 cmd,
@@ -204,14 +211,25 @@ def _start_from(daemon: SnapDaemon, code: Path) -> None:
                 env=env,
                 cwd=code,
             )
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + (30 if kill_after is None else kill_after)
         try:
             while True:
+                if kill_after is not None and time.monotonic() > deadline:
+                    daemon.kill9()
+                    return "killed"
+                if kill_at:
+                    with open(daemon.log, "rb") as f:
+                        f.seek(log_start)
+                        if f'"msg": "{kill_at}"'.encode() in f.read():
+                            daemon.kill9()
+                            return "killed"
                 assert daemon.proc.poll() is None, daemon.log_tail()
                 assert time.monotonic() < deadline, daemon.log_tail()
                 with contextlib.suppress(TimeoutError):
                     if b"READY=1" in notify.recv(4096).split(b"\n"):
-                        return
+                        if kill_after is not None or kill_at:
+                            daemon.kill9()
+                        return "ready"
         finally:
             notify_path.unlink(missing_ok=True)
             notify_dir.rmdir()
@@ -341,15 +359,25 @@ def test_running_container_survives_restarts(pushed: Pushed, tmp_path: Path) -> 
         _pull(ctd, pushed.lazy_ref)
         _run_loop(ctd, pushed.lazy_ref, out, sums, len(pieces))
         seen = _wait_lines(log, 0)
-        kinds = ["kill"] * KILLS + ["graceful", "upgrade"]
+        kinds = ["kill"] * KILLS + ["startup-kill"] * STARTUP_KILLS + ["graceful", "upgrade"]
         rng.shuffle(kinds)
         stalls = []
+        startup_kills = 0
         for i, kind in enumerate(kinds):
             time.sleep(rng.uniform(0.2, 2.5))
             _drop_caches()
             t0 = time.monotonic()
             if kind == "kill":
                 daemon.kill9()
+                daemon.start()
+            elif kind == "startup-kill":
+                daemon.kill9()
+                # Once at a random moment of the start-up, once right after the adoption.
+                startup_kills += 1
+                after = rng.uniform(0.2, 1.0) if startup_kills % 2 else None
+                at = "" if after is not None else "fuse connection adopted"
+                kind += f" ({_start_from(daemon, REPO, kill_after=after, kill_at=at)}"
+                kind += f" {'at ' + at if at else f'after {after:.2f} s'})"
                 daemon.start()
             elif kind == "graceful":
                 assert daemon.stop() == 0
@@ -376,9 +404,10 @@ def test_running_container_survives_restarts(pushed: Pushed, tmp_path: Path) -> 
         f"{lines} results, all right; longest gap between two {longest:.2f} s; "
         f"{len(adopted)} adoptions, layers adopted: {[e.get('layers') for e in adopted]}"
     )
-    assert len(adopted) == len(kinds)
+    print(f"longest restart {max(stalls):.2f} s")
+    assert len(adopted) >= len(kinds)  # a daemon killed in its start-up may have adopted too
     assert all(int(str(e.get("layers"))) >= 3 for e in adopted)
-    assert longest < MAX_STALL_SEC
+    assert longest < max(stalls) + SLACK_SEC
     assert lines > 10 * len(kinds)
 
 
@@ -519,4 +548,4 @@ def test_keeper_killed_while_serving_is_replaced(
     print(
         f"keeper replaced; {lines} results after a kill -9, all right; longest gap {longest:.2f} s"
     )
-    assert len(adopted) == 1 and longest < MAX_STALL_SEC
+    assert len(adopted) == 1 and longest < 2 * SLACK_SEC
