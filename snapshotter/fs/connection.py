@@ -143,9 +143,17 @@ def unmount(mountpoint: Path) -> bool:
     return True
 
 
-def read_init(fd: int) -> bytes:
-    """Read the kernel's FUSE_INIT request from a freshly mounted `/dev/fuse` fd. Raises
-    OSError, ValueError (something else came first)."""
+INIT_TIMEOUT_SEC: Final = 10.0
+
+
+def read_init(fd: int, timeout_sec: float = INIT_TIMEOUT_SEC) -> bytes:
+    """Read the kernel's FUSE_INIT request from a freshly mounted `/dev/fuse` fd (the kernel
+    queues it while mounting). Raises OSError (also none within `timeout_sec`), ValueError
+    (something else came first)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    if not poller.poll(int(timeout_sec * 1000)):
+        raise OSError(errno.ETIMEDOUT, f"no FUSE_INIT from the kernel within {timeout_sec} s")
     request = os.read(fd, READ_BUFFER_BYTES)
     parse_init(request)
     return request

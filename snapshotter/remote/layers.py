@@ -62,6 +62,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+ADOPT_PARALLEL = 8
+"""Layers put back at once after a restart (each loads its zTOC and builds its tree)."""
+
 MAX_SOURCES = 64
 """Registry sources (one per repository) kept for reuse; readers keep their own."""
 
@@ -217,19 +220,28 @@ class LazyLayers:
         """After a restart on a kept FUSE connection: serve again each layer of `records`
         (by FUSE directory name) whose bind mount `binds` (mountpoint -> name) still has,
         without binding again; returns how many. Layers that fail are logged (`lazy layer
-        not adopted`) and left to the service's restore, which reuses their bind mounts."""
+        not adopted`) and left to the service's restore, which reuses their bind mounts.
+        At most `ADOPT_PARALLEL` layers are put back at once (running containers wait for
+        all of them: the connection is served once this returns)."""
         self._kept_binds = dict(binds)
         adopted = 0
-        for mountpoint, name in sorted(binds.items()):
-            record = records.get(name)
-            if record is None:
-                continue
-            try:
-                await self._mount(mountpoint, name, record, bind=False)
-            except MountError as e:
-                log.warning("lazy layer not adopted", extra={"fuse_dir": name, "error": str(e)})
-                continue
+        limiter = trio.CapacityLimiter(ADOPT_PARALLEL)
+
+        async def adopt_one(mountpoint: Path, name: str, record: LayerRecord) -> None:
+            nonlocal adopted
+            async with limiter:
+                try:
+                    await self._mount(mountpoint, name, record, bind=False)
+                except MountError as e:
+                    log.warning("lazy layer not adopted", extra={"fuse_dir": name, "error": str(e)})
+                    return
             adopted += 1
+
+        async with trio.open_nursery() as nursery:
+            for mountpoint, name in sorted(binds.items()):
+                record = records.get(name)
+                if record is not None:
+                    nursery.start_soon(adopt_one, mountpoint, name, record)
         return adopted
 
     def __len__(self) -> int:

@@ -3,14 +3,16 @@
 A real container (containerd 1.6 CRI + runc) from a lazily pulled indexed image runs a loop
 that checksums files of its lazy layers and reads one file it keeps open in 64 KiB pieces
 (checksumming each piece), writing every result with a timestamp to a log on the host. The
-page cache is dropped before each restart, so the reads around it go through FUSE. The test
+page cache of those files is dropped before each restart, so the reads around it go
+through FUSE. The test
 restarts the daemon while the loop runs: `kill -9` at seeded random moments (at least five
 times, and twice more a `kill -9` of the next daemon in the middle of its start-up), one
 graceful restart (SIGTERM) and one restart into a fresh copy of the code (the source
 packages copied to a temporary directory, run from there with PYTHONPATH). After each
 restart a new indexed image is pulled lazily and a container of it reads its file right.
-At the end: every checksum in the log is right, no read failed, and the loop never stalled
-longer than the longest restart plus `SLACK_SEC`.
+At the end: every checksum in the log is right, no read failed, and the loop never went
+more than `SLACK_SEC` without a result except while no daemon served (from a kill to the
+next READY), and then not longer than `SLACK_SEC` after it.
 
 A read the daemon has taken but not answered when it is killed (its Range request held by
 the registry proxy) is answered by the next daemon: the kernel resends it
@@ -169,9 +171,24 @@ done >> /out/loop.log 2>&1
 """
 
 
-def _drop_caches() -> None:
-    # Only the page cache: the reads right around a restart go through FUSE.
-    Path("/proc/sys/vm/drop_caches").write_text("1\n")
+def _evict(root: Path) -> int:
+    """Drop the page cache of the files the loop reads (through the FUSE mount: the
+    container's overlay reads the same inodes), so its reads around a restart go through
+    FUSE. Returns how many files."""
+    layer = next((root / "fuse").glob("snap-*/usr/lib/python3.11/os.py")).parents[3]
+    names = [*(f"usr/lib/python3.11/{f}" for f in SUMMED), OPEN_FILE]
+    for name in names:
+        fd = os.open(layer / name, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return len(names)
+
+
+def _uptime() -> float:
+    """The clock of the loop's timestamps (`/proc/uptime`), in seconds."""
+    return float(Path("/proc/uptime").read_text().split()[0])
 
 
 def _wait_lines(log: Path, more_than: int, timeout_s: float = 60.0) -> int:
@@ -325,8 +342,13 @@ def _run_loop(ctd: Containerd, ref: str, out: Path, sums: dict[str, str], pieces
     )
 
 
-def _check_log(log: Path, sums: dict[str, str], pieces: list[str]) -> tuple[int, float]:
-    """Asserts every line right; returns (lines, the longest gap between lines in s)."""
+def _check_log(
+    log: Path, sums: dict[str, str], pieces: list[str], down: list[tuple[float, float]]
+) -> tuple[int, float]:
+    """Asserts every line right and no gap between two lines longer than `SLACK_SEC` unless
+    it overlaps one of the `down` windows (uptime seconds from a kill to the next daemon's
+    READY) and ends within `SLACK_SEC` of that window's end; returns (lines, the longest
+    gap in s)."""
     last = None
     longest = 0.0
     lines = log.read_text(errors="replace").splitlines()
@@ -336,6 +358,11 @@ def _check_log(log: Path, sums: dict[str, str], pieces: list[str]) -> tuple[int,
         at = float(parts[0])
         if last is not None:
             longest = max(longest, at - last)
+            if at - last > SLACK_SEC:
+                explained = any(
+                    last <= end and at >= start and at - end <= SLACK_SEC for start, end in down
+                )
+                assert explained, f"the loop stalled {at - last:.1f} s with a daemon serving"
         last = at
         if parts[1] == "SUM":
             assert sums[parts[3]] == parts[2], line
@@ -362,11 +389,13 @@ def test_running_container_survives_restarts(pushed: Pushed, tmp_path: Path) -> 
         kinds = ["kill"] * KILLS + ["startup-kill"] * STARTUP_KILLS + ["graceful", "upgrade"]
         rng.shuffle(kinds)
         stalls = []
+        down: list[tuple[float, float]] = []
         startup_kills = 0
         for i, kind in enumerate(kinds):
             time.sleep(rng.uniform(0.2, 2.5))
-            _drop_caches()
+            _evict(daemon.root)
             t0 = time.monotonic()
+            down_from = _uptime()
             if kind == "kill":
                 daemon.kill9()
                 daemon.start()
@@ -374,7 +403,8 @@ def test_running_container_survives_restarts(pushed: Pushed, tmp_path: Path) -> 
                 daemon.kill9()
                 # Once at a random moment of the start-up, once right after the adoption.
                 startup_kills += 1
-                after = rng.uniform(0.2, 1.0) if startup_kills % 2 else None
+                start_sec = min(stalls) if stalls else 0.5  # a whole start-up, about
+                after = rng.uniform(0.1, 0.9) * start_sec if startup_kills % 2 else None
                 at = "" if after is not None else "fuse connection adopted"
                 kind += f" ({_start_from(daemon, REPO, kill_after=after, kill_at=at)}"
                 kind += f" {'at ' + at if at else f'after {after:.2f} s'})"
@@ -386,6 +416,7 @@ def test_running_container_survives_restarts(pushed: Pushed, tmp_path: Path) -> 
                 daemon.stop()
                 _start_from(daemon, code)
             stalls.append(time.monotonic() - t0)
+            down.append((down_from, _uptime()))
             _wait_containerd(ctd)
             seen = _wait_lines(log, seen)
             ref, want = pushed.small[i]
@@ -398,7 +429,7 @@ def test_running_container_survives_restarts(pushed: Pushed, tmp_path: Path) -> 
         seen = _wait_lines(log, seen + 2 * len(SUMMED))
         ctd.ctr("task", "kill", "-s", "SIGKILL", "loop", namespace=K8S, check=False)
         events = _events(daemon)
-    lines, longest = _check_log(log, sums, pieces)
+    lines, longest = _check_log(log, sums, pieces, down)
     adopted = [e for e in events if e.get("msg") == "fuse connection adopted"]
     print(
         f"{lines} results, all right; longest gap between two {longest:.2f} s; "
@@ -407,7 +438,6 @@ def test_running_container_survives_restarts(pushed: Pushed, tmp_path: Path) -> 
     print(f"longest restart {max(stalls):.2f} s")
     assert len(adopted) >= len(kinds)  # a daemon killed in its start-up may have adopted too
     assert all(int(str(e.get("layers"))) >= 3 for e in adopted)
-    assert longest < max(stalls) + SLACK_SEC
     assert lines > 10 * len(kinds)
 
 
@@ -537,15 +567,17 @@ def test_keeper_killed_while_serving_is_replaced(
             e for e in _events(daemon) if e.get("msg") == "fuse connection handed to a new keeper"
         ]
         assert len(handed) == 1
-        _drop_caches()
+        _evict(daemon.root)
+        down_from = _uptime()
         daemon.kill9()
         daemon.start()
+        down = [(down_from, _uptime())]
         _wait_containerd(ctd)
         seen = _wait_lines(log, seen + 2 * len(SUMMED))
         ctd.ctr("task", "kill", "-s", "SIGKILL", "loop", namespace=K8S, check=False)
         adopted = [e for e in _events(daemon) if e.get("msg") == "fuse connection adopted"]
-    lines, longest = _check_log(log, sums, pieces)
+    lines, longest = _check_log(log, sums, pieces, down)
     print(
         f"keeper replaced; {lines} results after a kill -9, all right; longest gap {longest:.2f} s"
     )
-    assert len(adopted) == 1 and longest < 2 * SLACK_SEC
+    assert len(adopted) == 1

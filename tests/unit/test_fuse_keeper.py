@@ -211,3 +211,19 @@ async def test_trio_waits_again_on_an_fd_number_swapped_by_dup2() -> None:
     assert os.read(n, 100) == b"request"
     os.close(n)
     os.close(w)
+
+
+def test_read_init_takes_the_first_request_or_times_out() -> None:
+    r, w = os.pipe()
+    try:
+        with pytest.raises(OSError, match="no FUSE_INIT"):
+            connection.read_init(r, timeout_sec=0.05)
+        request = connection.init_request(unique=2, major=7, minor=45, flags=1)
+        os.write(w, request)
+        assert connection.read_init(r) == request
+        os.write(w, connection.resend_notification() + bytes(40))
+        with pytest.raises(ValueError):
+            connection.read_init(r)
+    finally:
+        os.close(r)
+        os.close(w)
