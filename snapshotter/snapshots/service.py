@@ -27,7 +27,13 @@ from typing import Protocol, TypeVar
 
 import trio
 
-from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, SnapshotterError
+from ..errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    SnapshotterError,
+)
 from . import filters
 from .metadata import MetaStore
 from .model import (
@@ -265,8 +271,44 @@ class SnapshotService:
     async def _create(
         self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]
     ) -> Snapshot:
+        """Record and materialize a new snapshot on `parent`, all or nothing: a chain the
+        mounter refuses raises its Unavailable with nothing created (a refused snapshot
+        left behind would keep its parent from ever being removed)."""
         _validate_key("key", key)
         _validate_labels(labels)
+        checked = await self._check_chain(parent)
+        snap = await self._record(kind, key, parent, labels)
+        if snap.parent_ids != checked:
+            # `parent` was removed and made again between the check and the record.
+            try:
+                await self._check_dirs(snap.parent_ids)
+            except BaseException:
+                with trio.CancelScope(shield=True), contextlib.suppress(NotFound):
+                    await self._db(lambda: self.store.remove(key))
+                    await self._disk(functools.partial(self._discard_dir, snap.id))
+                raise
+        return snap
+
+    async def _check_chain(self, parent: str) -> tuple[SnapshotId, ...]:
+        """The ids of `parent`'s chain (nearest first), each checked by the mounter (raises
+        its Unavailable). A missing parent checks nothing: `create` reports it."""
+        if not parent:
+            return ()
+        try:
+            base = await self._read(lambda: self.store.get_snapshot(parent))
+        except NotFound:
+            return ()
+        chain = (base.id, *base.parent_ids)
+        await self._check_dirs(chain)
+        return chain
+
+    async def _check_dirs(self, ids: Sequence[SnapshotId]) -> None:
+        for sid in ids:
+            await self.mounter.check(self.layout.fs(sid))
+
+    async def _record(
+        self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]
+    ) -> Snapshot:
         now = self._clock_ns()
         materialized: list[Snapshot] = []
 
@@ -288,12 +330,7 @@ class SnapshotService:
         with contextlib.suppress(FileNotFoundError):
             self.layout.dir(sid).rename(self.layout.snapshots / f"trash-{sid}-{time.time_ns()}")
 
-    async def _checked_mounts(self, snap: Snapshot, check_self: bool) -> list[Mount]:
-        dirs = [self.layout.fs(p) for p in snap.parent_ids]
-        if check_self:
-            dirs.insert(0, self.layout.fs(snap.id))
-        for d in dirs:
-            await self.mounter.check(d)
+    def _mounts(self, snap: Snapshot) -> list[Mount]:
         return mounts_for(self.layout, snap.kind, snap.id, snap.parent_ids, self.features)
 
     async def prepare(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
@@ -302,13 +339,14 @@ class SnapshotService:
         With label containerd.io/snapshot.ref and a mounter that accepts the
         layer, the layer is committed under that name and AlreadyExists is
         raised (containerd's remote-snapshot handshake).
-        Raises AlreadyExists, NotFound (parent), InvalidArgument.
+        Raises AlreadyExists, NotFound (parent), InvalidArgument, Unavailable (a remote
+        layer of the parent chain failed its check; nothing is created).
         """
         snap = await self._create(Kind.ACTIVE, key, parent, labels)
         target = labels.get(LABEL_TARGET_REF)
         if target:
             await self._try_remote(snap, key, target, labels)
-        return await self._checked_mounts(snap, check_self=False)
+        return self._mounts(snap)
 
     async def _try_remote(
         self, snap: Snapshot, key: str, target: str, labels: Mapping[str, str]
@@ -341,10 +379,11 @@ class SnapshotService:
     async def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
         """Create read-only VIEW `key` of committed `parent`; return its mounts.
 
-        Raises AlreadyExists, NotFound (parent), InvalidArgument.
+        Raises AlreadyExists, NotFound (parent), InvalidArgument, Unavailable (a remote
+        layer of the parent chain failed its check; nothing is created).
         """
         snap = await self._create(Kind.VIEW, key, parent, labels)
-        return await self._checked_mounts(snap, check_self=False)
+        return self._mounts(snap)
 
     async def mounts(self, key: str) -> list[Mount]:
         """Mounts of ACTIVE or VIEW `key`.
@@ -355,7 +394,8 @@ class SnapshotService:
         snap = await self._read(lambda: self.store.get_snapshot(key))
         if snap.kind is Kind.COMMITTED:
             raise FailedPrecondition(f"snapshot {quote(key)} is committed and cannot be mounted")
-        return await self._checked_mounts(snap, check_self=True)
+        await self._check_dirs((snap.id, *snap.parent_ids))
+        return self._mounts(snap)
 
     async def commit(self, name: str, key: str, labels: Mapping[str, str]) -> Info:
         """Commit ACTIVE `key` as `name`, measuring and storing its usage.

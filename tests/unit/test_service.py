@@ -241,3 +241,53 @@ async def test_blocking_reads_match_async_reads(svc: SnapshotService) -> None:
         await trio.to_thread.run_sync(svc.stat_blocking, "gone")
     with pytest.raises(InvalidArgument):
         await trio.to_thread.run_sync(svc.list_blocking, ["kind=="])
+
+
+async def test_refused_view_or_prepare_creates_nothing(
+    svc: SnapshotService, mounter: FakeMounter
+) -> None:
+    with pytest.raises(AlreadyExists):
+        await svc.prepare("x", "", {LABEL_TARGET_REF: "sha256:l1"})
+    mounter.unhealthy.add(mounter.mounted[0])
+    before = sorted(os.listdir(svc.layout.snapshots))
+    with pytest.raises(Unavailable):
+        await svc.view("v", "sha256:l1", {})
+    with pytest.raises(Unavailable):
+        await svc.prepare("p", "sha256:l1", {})
+    with pytest.raises(Unavailable):  # refused before the layer is mounted
+        await svc.prepare("extract-2", "sha256:l1", {LABEL_TARGET_REF: "sha256:l2"})
+    assert len(mounter.mounted) == 1
+    assert [i.name for i in await svc.list_snapshots([])] == ["sha256:l1"]
+    assert sorted(os.listdir(svc.layout.snapshots)) == before
+    await svc.remove("sha256:l1")  # nothing left on it: image GC can go on
+    assert await svc.list_snapshots([]) == []
+    with pytest.raises(NotFound, match="parent"):  # a missing parent is still create's error
+        await svc.view("v", "gone", {})
+
+
+async def test_parent_made_again_during_the_check_is_checked_again(
+    svc: SnapshotService, mounter: FakeMounter
+) -> None:
+    await svc.prepare("a", "", {})
+    await svc.commit("base", "a", {})
+    first_check = True
+    check = mounter.check
+
+    async def swap_parent(mountpoint: Path) -> None:
+        # The parent is removed and committed again (a new id) right after it was checked,
+        # and the new one is unhealthy.
+        nonlocal first_check
+        await check(mountpoint)
+        if first_check:
+            first_check = False
+            await svc.remove("base")
+            m = await svc.prepare("b", "", {})
+            await svc.commit("base", "b", {})
+            mounter.unhealthy.add(Path(m[0].source))
+
+    mounter.check = swap_parent  # type: ignore[method-assign]
+    with pytest.raises(Unavailable):
+        await svc.view("v", "base", {})
+    assert [i.name for i in await svc.list_snapshots([])] == ["base"]
+    await svc.cleanup()
+    assert sorted(os.listdir(svc.layout.snapshots)) == ["2"]
