@@ -90,6 +90,8 @@ _CAPABILITY_XATTR = CAPABILITY_XATTR.encode()
 BLOCK_SIZE = 4096
 """The block size every inode and statfs report (bytes)."""
 _NO_ENTRY = 0xFFFFFFFF
+_MAX_DEVICE = (1 << 31) - 1
+"""The largest device major or minor `os.makedev` takes (a C int)."""
 
 _TYPE_BITS: dict[EntryType, int] = {
     EntryType.REG: stat.S_IFREG,
@@ -571,7 +573,14 @@ class _Builder:
             if self._is_dir(node):
                 self._update_dir(NodeId(node), meta, mode, mtime)
                 return
-        rdev = os.makedev(meta.devmajor, meta.devminor) if meta.devmajor or meta.devminor else 0
+        rdev = 0
+        if meta.devmajor or meta.devminor:
+            if not (0 <= meta.devmajor <= _MAX_DEVICE and 0 <= meta.devminor <= _MAX_DEVICE):
+                raise TreeBuildError(
+                    f"entry {meta.name!r}: device numbers {meta.devmajor}:{meta.devminor} "
+                    "out of range"
+                )
+            rdev = os.makedev(meta.devmajor, meta.devminor)
         size = meta.uncompressed_size if meta.type == EntryType.REG else 0
         if meta.type == EntryType.SYMLINK:
             size = len(_encode(meta.linkname))
@@ -762,7 +771,8 @@ def build_tree(files: Sequence[FileMetadata], *, userxattr: bool = False) -> Lay
     Raises:
         TreeBuildError: an entry cannot be placed (message names it): a hardlink whose target is
             not earlier in the layer or is a directory, a parent path that is not a directory,
-            an unsupported type, a malformed mod_time or inconsistent offsets.
+            an unsupported type, a malformed mod_time, device numbers out of range or
+            inconsistent offsets.
     """
     builder = _Builder(opaque_xattr(userxattr).encode())
     for meta, hdr_off in zip(files, header_offsets(files), strict=True):
