@@ -5,13 +5,17 @@ Each handler runs in a grpcio worker thread: it decodes the request, calls the
 encodes the result. The pure metadata reads Stat and List call the service's
 thread-safe `*_blocking` methods directly from the worker thread instead (no
 trio round trip: about a third less latency on containerd's hottest call). Domain errors become status codes through ONE table,
-`STATUS_FOR_ERROR`; anything unexpected is logged once and answered UNKNOWN
-(what containerd maps unknown errors to).
+`STATUS_FOR_ERROR`, and a root that is read-only or full through `STATUS_FOR_ERRNO` (and
+its sqlite twins); anything unexpected is logged once and answered UNKNOWN (what
+containerd maps unknown errors to).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -55,21 +59,60 @@ STATUS_FOR_ERROR: Mapping[type[SnapshotterError], grpc.StatusCode] = {
 }
 """The one mapping from domain errors to gRPC status codes (docs/architecture.md, error tables)."""
 
+STATUS_FOR_ERRNO: Mapping[int, grpc.StatusCode] = {
+    errno.EROFS: grpc.StatusCode.FAILED_PRECONDITION,
+    errno.ENOSPC: grpc.StatusCode.FAILED_PRECONDITION,
+    errno.EDQUOT: grpc.StatusCode.FAILED_PRECONDITION,
+}
+"""An `OSError` the root's file system raised, by errno: the node's state has to change before
+the call can work, and containerd's errdefs have no "read-only" or "full". FAILED_PRECONDITION
+(`errdefs.ErrFailedPrecondition` on containerd's side) because containerd's snapshot garbage
+collector (`pruneBranch` in metadata/snapshot.go) logs a Remove failing with it and goes on
+with the other snapshots, while any other code (UNAVAILABLE included) stops the whole
+collection; gRPC also documents FAILED_PRECONDITION as "do not retry until the system is
+fixed", which a read-only or full disk is. Other errnos stay UNKNOWN."""
+
+SQLITE_CODES: Mapping[int, int] = {
+    sqlite3.SQLITE_READONLY: errno.EROFS,
+    sqlite3.SQLITE_FULL: errno.ENOSPC,
+}
+"""The metadata store's (primary) sqlite result codes that mean the same: its errno."""
+
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Status code and message for an exception raised by the service.
 
-    Domain errors map through STATUS_FOR_ERROR (most specific class first);
-    a trio run that is shutting down maps to UNAVAILABLE; anything else to
-    UNKNOWN with the exception's type in the message.
+    Domain errors map through STATUS_FOR_ERROR (most specific class first); an
+    OSError through STATUS_FOR_ERRNO, with the errno's text and the path (a sqlite error
+    of SQLITE_CODES as its errno, with the store's message); a trio run that is shutting
+    down maps to UNAVAILABLE; anything else to UNKNOWN with the exception's type in the
+    message.
     """
     for cls in type(exc).__mro__:
         code = STATUS_FOR_ERROR.get(cls)
         if code is not None:
             return code, str(exc)
+    disk = _disk_condition(exc)
+    if disk is not None:
+        return disk
     if isinstance(exc, trio.RunFinishedError | trio.Cancelled):
         return grpc.StatusCode.UNAVAILABLE, "snapshotter is shutting down"
     return grpc.StatusCode.UNKNOWN, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def _disk_condition(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """The status of an OSError or sqlite error STATUS_FOR_ERRNO names, else None."""
+    if isinstance(exc, OSError) and exc.errno is not None and exc.errno in STATUS_FOR_ERRNO:
+        num = exc.errno
+        paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+        where = f": {' -> '.join(paths)}" if paths else ""
+        return STATUS_FOR_ERRNO[num], f"{os.strerror(num)} ({errno.errorcode[num]}){where}"
+    if isinstance(exc, sqlite3.Error):
+        code = SQLITE_CODES.get(getattr(exc, "sqlite_errorcode", -1) & 0xFF)
+        if code is not None and code in STATUS_FOR_ERRNO:
+            name = errno.errorcode[code]
+            return STATUS_FOR_ERRNO[code], f"metadata store: {exc} ({name})"
+    return None
 
 
 def timestamp(ns: int) -> timestamp_pb2.Timestamp:
@@ -151,6 +194,11 @@ class SnapshotsServicer(snapshots_pb2_grpc.SnapshotsServicer):  # type: ignore[m
         if code is grpc.StatusCode.UNKNOWN:
             log.error(
                 "unexpected error", exc_info=exc, extra={"method": method, "error": repr(exc)}
+            )
+        elif _disk_condition(exc) is not None:
+            log.warning(
+                "request failed: the root cannot be written",
+                extra={"method": method, "code": code.name, "error": message},
             )
         else:
             log.debug(
