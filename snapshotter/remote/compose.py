@@ -23,6 +23,7 @@ Task tree (every task lives in a scope owned by what it serves):
 
     remote                    root TaskScope of the mounter, open while the daemon serves
     ├── status writer         rewrites <root>/status.json when it changes
+    ├── keeper watch          hands the FUSE connection to a keeper again when none holds it
     ├── background            the background fetcher's loop
     ├── preresolve            layer-tree pre-resolution workers and their expiry timer
     ├── peers                 membership refresh and the peer listener ([peers] enable)

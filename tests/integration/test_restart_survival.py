@@ -483,6 +483,30 @@ def test_keeper_killed_too_clears_the_dead_mount(pushed: Pushed, tmp_path: Path)
         _pull(ctd, ref)
         output = ctd.run(ref, "new", "/bin/sh", "-c", "sha256sum /data/unique.bin", namespace=K8S)
         assert output.split()[0] == want
+        # The explicit teardown: refused while the daemon runs; after a stop (which keeps
+        # the mounts: lazy layers are mounted) it leaves no mount and no keeper.
+        assert _cleanup_mounts(daemon).returncode == 3
+        assert daemon.stop() == 0
+        pid = keeper.ping(daemon.root)
+        assert pid is not None and mounts_under(daemon.root)
+        done = _cleanup_mounts(daemon)
+        assert done.returncode == 0 and "mounts removed" in done.stdout, done.stderr
+        assert mounts_under(daemon.root) == []
+        deadline = time.monotonic() + 10
+        while keeper.ping(daemon.root) is not None:
+            assert time.monotonic() < deadline, "the keeper still runs after cleanup-mounts"
+            time.sleep(0.1)
+
+
+def _cleanup_mounts(daemon: SnapDaemon) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "snapshotter.cli", "--root", str(daemon.root), "cleanup-mounts"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
 
 
 def test_a_read_in_flight_at_kill_is_answered_by_the_next_daemon(
