@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import os
 import select
 import signal
@@ -45,6 +46,8 @@ from pathlib import Path
 from typing import Final
 
 SOCKET_NAME: Final = "fuse-keeper.sock"
+LOCK_NAME: Final = "fuse-keeper.lock"
+"""flock'ed by the running keeper: a second one for the same root exits at once."""
 LOG_NAME: Final = "fuse-keeper.log"
 MAX_DATA_BYTES: Final = 4096
 MAX_MESSAGE_BYTES: Final = MAX_DATA_BYTES + 512
@@ -216,8 +219,12 @@ class Keeper:
 
     def _listen(self) -> socket.socket:
         path = socket_path(self.root)
-        if ping(self.root) is not None:
-            raise SystemExit(f"another fd keeper answers at {path}")
+        self.lock = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.lock)
+            raise SystemExit(f"another fd keeper runs for {self.root}") from None
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -337,6 +344,7 @@ class Keeper:
         with contextlib.suppress(OSError):
             socket_path(self.root).unlink()
         self.listener.close()
+        os.close(self.lock)  # last: a next keeper binds only once this one is gone
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:

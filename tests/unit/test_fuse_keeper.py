@@ -13,6 +13,8 @@ import contextlib
 import os
 import socket
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -125,6 +127,24 @@ def test_keeper_refuses_malformed_requests(root: Path) -> None:
         assert keeper.ping(root) == pid
         os.close(r)
         os.close(w)
+    finally:
+        os.kill(pid, 9)
+        _wait_gone(pid)
+
+
+def test_a_second_keeper_for_the_root_exits(root: Path) -> None:
+    pid = keeper.spawn(root)
+    try:
+        second = subprocess.run(
+            [sys.executable, "-I", keeper.__file__, "--root", str(root)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert second.returncode == 1
+        assert "another fd keeper runs" in second.stderr
+        assert keeper.ping(root) == pid, "the first keeper still answers on its socket"
     finally:
         os.kill(pid, 9)
         _wait_gone(pid)
