@@ -340,7 +340,9 @@ class LazyLayers:
         read-ahead), remove its record and mark its cached spans evictable first; when it was
         the last mounted layer of its image's repository, await `on_last_layer`. A layer not
         served here (its snapshot was removed before a restart that found no mount to adopt)
-        only loses its record. Never raises; shielded from cancellation."""
+        loses its record, and its cached spans are marked evictable first unless a mounted
+        layer or another record is of the same blob (`_release_unserved`). Never raises;
+        shielded from cancellation."""
         try:
             name = layer_name(mountpoint)
         except ValueError:
@@ -360,6 +362,8 @@ class LazyLayers:
                 with contextlib.suppress(FsError):
                     self.fuse.remove_layer(name)
                 await layer.scope.aclose()
+            else:
+                await self._release_unserved(name)  # before its record, the only trace, goes
             try:
                 await trio.to_thread.run_sync(self.records.remove, name, limiter=MOUNT_THREADS)
             except OSError as e:
@@ -370,14 +374,7 @@ class LazyLayers:
                 return
             digest = Digest(layer.record.layer_digest)
             if not any(m.record.layer_digest == digest for m in self._layers.values()):
-                try:
-                    await trio.to_thread.run_sync(
-                        self.cache.release_layer, digest, limiter=MOUNT_THREADS
-                    )
-                except Exception as e:  # a mark that cannot be written is not worth failing for
-                    log.warning(
-                        "cannot release cached spans", extra={"layer": digest, "error": repr(e)}
-                    )
+                await self._release(digest)
             log.info("lazy layer unmounted", extra={"fuse_dir": name, "layer": digest})
             if self.on_last_layer is not None:
                 released = released_repository(
@@ -391,6 +388,39 @@ class LazyLayers:
                             "last layer callback failed",
                             extra={"image": layer.record.image_ref, "error": repr(e)},
                         )
+
+    async def _release(self, digest: Digest) -> None:
+        """Mark the cached spans of blob `digest` evictable first. Never raises."""
+        try:
+            await trio.to_thread.run_sync(self.cache.release_layer, digest, limiter=MOUNT_THREADS)
+        except Exception as e:  # a mark that cannot be written is not worth failing for
+            log.warning("cannot release cached spans", extra={"layer": digest, "error": repr(e)})
+
+    async def _release_unserved(self, name: str) -> None:
+        """Release the cached spans of the blob `name`'s restore record names, a layer that is
+        not served (its snapshot was removed before a restart that did not put it back): the
+        record is all that still knows the blob. Kept when a mounted layer or another record
+        is of the same blob; an unreadable record releases nothing. Never raises."""
+
+        def unused_blob() -> Digest | None:
+            try:
+                record = self.records.read(name)
+                if record is None:
+                    return None
+                digest = Digest(record.layer_digest)
+                others = self.records.read_all()
+            except (OSError, ValueError, TypeError, KeyError):
+                return None
+            others.pop(name, None)
+            if any(r.layer_digest == digest for r in others.values()):
+                return None
+            return digest
+
+        digest = await trio.to_thread.run_sync(unused_blob, limiter=MOUNT_THREADS)
+        if digest is None or any(m.record.layer_digest == digest for m in self._layers.values()):
+            return
+        log.info("cached spans released", extra={"fuse_dir": name, "layer": digest})
+        await self._release(digest)
 
     async def close(self) -> None:
         """Shutdown: detach every bind mount (unless `keep_mounts`) and close every layer's

@@ -18,7 +18,10 @@ API and is killed with SIGKILL:
   durable and the interrupted one applied fully or not at all, each lazy snapshot has its
   layer mounted and readable, no other layer is mounted; at the end, everything removed and
   `Cleanup` called: no snapshot directory, restore record, FUSE layer, mount or temporary file
-  is left, and every file of the span cache is a span of its layer.
+  is left, and every file of the span cache is a span of its layer;
+- lazy snapshots removed (not yet cleaned up) before a reboot: `Cleanup` after the restart
+  reclaims their restore records and marks the cached spans of a layer no record refers to
+  any more released (evicted first), and only those.
 
 Every randomised case prints its seed; `SOCIABLE_CHAOS_SEED=<seed>` replays it.
 Test budget: about 60 s (the chaos suite together: under 120 s).
@@ -490,9 +493,11 @@ def test_kill9_during_calls_with_lazy_layers(
 def test_snapshot_removed_before_a_reboot_leaves_no_record(
     registry: RegistryServer, image: ChaosImage, tmp_path: Path
 ) -> None:
-    """A lazy snapshot removed (not yet cleaned up) when the node goes down: after the restart
-    (every mount gone, as after a reboot) `Cleanup` reclaims its restore record too."""
-    lower = image.layers[0]
+    """Lazy snapshots removed (not yet cleaned up) when the node goes down: after the restart
+    (every mount gone, as after a reboot) `Cleanup` reclaims their restore records too, and
+    marks the cached spans of the layer no record refers to any more released; the spans of
+    the layer a kept snapshot still serves stay as they were."""
+    lower, upper = image.layers
     with (
         start_fault_proxy(registry.url) as proxy,
         daemon_at(tmp_path / "d", "background_fetch = false") as daemon,
@@ -501,15 +506,32 @@ def test_snapshot_removed_before_a_reboot_leaves_no_record(
         with contextlib.closing(daemon.client()) as snap:
             kept = prepare_remote(snap, proxy.host, image, lower)
             gone = prepare_remote(snap, proxy.host, image, lower)
+            gone_upper = prepare_remote(snap, proxy.host, image, upper, parent=kept)
+            check_layer(daemon.root, lower, "before the reboot", sorted(lower.files)[:2])
+            check_layer(daemon.root, upper, "before the reboot", sorted(upper.files)[:2])
             snap.remove(gone)
+            snap.remove(gone_upper)
         records = daemon.root / "remote"
-        assert len(list(records.glob("*.json"))) == 2
+        assert len(list(records.glob("*.json"))) == 3
+        spans = daemon.root / "cache" / "spans"
+        cached = {
+            layer.digest: spans / f"sha256-{layer.digest.removeprefix('sha256:')}"
+            for layer in image.layers
+        }
+        for layer, d in cached.items():
+            assert any(f.name.isdigit() for f in d.iterdir()), f"nothing of {layer} cached"
         daemon.kill9()
         sweep_mounts(tmp_path / "d")  # a reboot: no mount is left
         daemon.start()
         with contextlib.closing(daemon.client()) as snap:
             assert [i.name for i in snap.list()] == [kept]
+            assert not (cached[upper.digest] / ".released").exists()
             snap.cleanup()
+        # The removed upper layer's spans are evicted first from now on (not deleted yet);
+        # the lower layer's are not: the kept snapshot still serves them.
+        released = sorted(f.name for f in cached[upper.digest].iterdir())
+        assert ".released" in released and any(n.isdigit() for n in released), released
+        assert not (cached[lower.digest] / ".released").exists()
         check_layer(daemon.root, lower, "after the reboot", sorted(lower.files)[:2])
         left = sorted(p.name for p in records.glob("*.json"))
         assert left == [d.name + ".json" for d in fuse_dirs(daemon.root)[lower.digest]], (
