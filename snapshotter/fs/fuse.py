@@ -554,6 +554,7 @@ class FuseMount:
         self._starter: Callable[[], Awaitable[None]] | None = None
         self._ops: FuseOperations | None = None
         self._served_fd: int | None = None
+        self._stop: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return f"<FuseMount {self.mountpoint} {self.host!r}>"
@@ -562,6 +563,12 @@ class FuseMount:
         """Begin answering requests (idempotent); see `open_fuse_host`'s `start`."""
         if self._starter is not None:
             await self._starter()
+
+    def stop(self) -> None:
+        """Stop answering requests now: those in progress are cancelled unanswered (on a
+        kept connection the next process gets them again). Idempotent."""
+        if self._stop is not None:
+            self._stop()
 
     @property
     def connection_fd(self) -> int | None:
@@ -664,6 +671,7 @@ async def open_fuse_host(
             mount = FuseMount(mountpoint, host)
             mount._starter = begin
             mount._ops, mount._served_fd = ops, served_fd
+            mount._stop = nursery.cancel_scope.cancel
             if start:
                 await begin()
             try:

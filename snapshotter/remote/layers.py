@@ -423,10 +423,14 @@ class LazyLayers:
         await self._release(digest)
 
     async def close(self) -> None:
-        """Shutdown: detach every bind mount (unless `keep_mounts`) and close every layer's
-        scope (the FUSE host and the records stay for the next start). Never raises;
-        shielded."""
+        """Shutdown: detach every bind mount and close every layer's scope (the FUSE host and
+        the records stay for the next start). With `keep_mounts` the bind mounts stay and
+        the FUSE mount first stops answering (`FuseMount.stop`). Never raises; shielded."""
         with trio.CancelScope(shield=True):
+            if self.keep_mounts:
+                # Requests in flight are cancelled unanswered, to be resent to the next
+                # daemon: answered now, reads of a closing layer would fail (EIO).
+                self.fuse.stop()
             for layer in list(self._layers.values()):
                 if not self.keep_mounts:
                     with contextlib.suppress(OSError):

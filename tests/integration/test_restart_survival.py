@@ -14,8 +14,8 @@ At the end: every checksum in the log is right, no read failed, and the loop nev
 more than `SLACK_SEC` without a result except while no daemon served (from a kill to the
 next READY), and then not longer than `SLACK_SEC` after it.
 
-A read the daemon has taken but not answered when it is killed (its Range request held by
-the registry proxy) is answered by the next daemon: the kernel resends it
+A read the daemon has taken but not answered when it is killed or stopped (its Range request
+held by the registry proxy) is answered by the next daemon: the kernel resends it
 (`FUSE_NOTIFY_RESEND`), the container gets the right bytes.
 
 A keeper killed while the daemon runs is replaced: within seconds a new keeper holds the
@@ -509,8 +509,9 @@ def _cleanup_mounts(daemon: SnapDaemon) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.parametrize("stop", ["kill", "term"])
 def test_a_read_in_flight_at_kill_is_answered_by_the_next_daemon(
-    pushed: Pushed, tmp_path: Path
+    pushed: Pushed, tmp_path: Path, stop: str
 ) -> None:
     _, pieces = _layer_sums(pushed.image)
     piece = len(pieces) * 2 // 3  # far from what start-up reads: not fetched yet
@@ -549,7 +550,11 @@ def test_a_read_in_flight_at_kill_is_answered_by_the_next_daemon(
             assert time.monotonic() < deadline, "the read never reached the registry"
             time.sleep(0.1)
         assert not (out / "result").exists()
-        daemon.kill9()  # the FUSE read is taken, its answer waits on the held request
+        # The FUSE read is taken, its answer waits on the held request.
+        if stop == "kill":
+            daemon.kill9()
+        else:  # a graceful stop cancels it unanswered (answered, it would be EIO)
+            assert daemon.stop() == 0
         proxy.hold = None
         t0 = time.monotonic()
         daemon.start()
