@@ -261,8 +261,11 @@ class Keeper:
         by_fd = {kept.fd: name for name, kept in self.kept.items()}
         for fd in by_fd:
             poller.register(fd, 0)  # errors and hang-ups only: never read a kept fd
+        # Holding something (or staying), it sleeps until a request or an fd's error; else
+        # it wakes each second to see whether it has waited long enough to exit.
+        timeout_ms = None if self.kept or self.stay else 1000
         try:
-            events = poller.poll(1000)
+            events = poller.poll(timeout_ms)
         except InterruptedError:
             return
         for fd, mask in events:
