@@ -48,6 +48,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -56,6 +57,10 @@ from typing import Any
 
 import grpc
 
+from index.builder import build_ztoc
+from index.ztoc_codec import decode_ztoc, encode_ztoc
+from snapshotter.config import RemoteConfig
+from snapshotter.fs.tree import build_tree
 from tests.bench.bench_lazy import machine_facts
 from tests.bench.bench_peers import write_docs
 from tests.support import images
@@ -327,6 +332,42 @@ def chaos_image(doc: dict[str, Any]) -> ChaosImage:
     return ChaosImage(doc["repository"], doc["tag"], doc["manifest"], layers)
 
 
+# --- where the memory goes --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """What one bench layer costs in memory, measured in this process with tracemalloc."""
+
+    entries: int
+    spans: int
+    span_mb: float
+    """Average inflated span size."""
+    decode_peak_mb: float
+    """Peak while its zTOC bytes are decoded into a `Ztoc`."""
+    tree_mb: float
+    """Held by its layer tree once the `Ztoc` is dropped."""
+
+
+def layer_cost(blob: Path) -> LayerCost:
+    data = encode_ztoc(build_ztoc(blob, images.MEDIA_LAYER_GZIP, SPAN_BYTES))
+    gc.collect()
+    tracemalloc.start()
+    try:
+        ztoc = decode_ztoc(data)
+        _, decode_peak = tracemalloc.get_traced_memory()
+        tree = build_tree(ztoc.files)
+        spans = ztoc.compression.max_span_id + 1
+        entries, size = len(ztoc.files), ztoc.uncompressed_archive_size
+        del ztoc
+        gc.collect()
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    del tree
+    return LayerCost(entries, spans, size / spans / 1e6, decode_peak / 1e6, held / 1e6)
+
+
 # --- the phases --------------------------------------------------------------------------------
 
 
@@ -439,9 +480,11 @@ def render(
     phase: ReadPhase,
     cycled: tuple[list[Sample], float],
     load: tuple[float, float],
+    cost: LayerCost,
 ) -> str:
     cycles, cycle_sec = cycled
     goal_ok = phase.peak_mb <= GOAL_MB
+    lru_spans = RemoteConfig().memory_cache_spans
     lines = [
         SECTION,
         "",
@@ -467,6 +510,14 @@ def render(
         f"Reads: {phase.reads} whole files ({phase.read_mb:.1f} MB) read through FUSE with the "
         f"page cache dropped first, {phase.errors} errors. Goal: peak RSS at most {GOAL_MB} MB: "
         + ("met." if goal_ok else "**not met**."),
+        "",
+        f"Where it goes, per layer of {cost.entries} entries (measured with tracemalloc in the "
+        f"bench process): its layer tree holds {cost.tree_mb:.1f} MB while mounted "
+        f"({params.layers} layers: {cost.tree_mb * params.layers:.0f} MB); decoding its zTOC "
+        f"peaks at {cost.decode_peak_mb:.1f} MB while the mount runs; its {cost.spans} spans "
+        f"inflate to {cost.span_mb:.2f} MB each, and the memory LRU keeps up to "
+        f"`memory_cache_spans` = {lru_spans} of them per mounted layer (up to "
+        f"{lru_spans * cost.span_mb * params.layers:.0f} MB for {params.layers} layers).",
         "",
         f"{args.cycles} mount/unmount cycles of a {params.cycle_files}-file layer (Prepare, "
         f"Remove, Cleanup), {cycle_sec:.0f} s in all ({cycle_sec / max(args.cycles, 1):.2f} s "
@@ -535,7 +586,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  peak {phase.peak_mb:.0f} MB, steady {phase.steady_mb:.0f} MB")
             cycles, cycle_sec = cycle_phase(daemon, registry.host, cycle, args.cycles)
     load = (load_start, os.getloadavg()[0])
-    section = render(args, command, params, build, phase, (cycles, cycle_sec), load)
+    cost = layer_cost(bench.layers[0].path)
+    section = render(args, command, params, build, phase, (cycles, cycle_sec), load, cost)
     print()
     print(section)
     if args.write_docs:
