@@ -388,7 +388,7 @@ def plan_uninstall(prefix: Path, *, purge: bool) -> UninstallPlan:
         if root.exists():
             if mounts_under(root.resolve()):
                 raise InstallError(
-                    f"--purge: {root} has mounts under it (stop sociable-snapshotter first)"
+                    f"--purge: {root} has mounts under it (stop sociable-snapshotter, then run sociable-snapshotter cleanup-mounts)"
                 )
             purge_dir = root
     return UninstallPlan(layout, m, undo, venv, links, dirs, purge_dir, notes)

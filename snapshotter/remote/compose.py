@@ -581,9 +581,11 @@ async def open_remote_mounter(settings: Settings) -> AsyncIterator[LayerMounter]
     from a FUSE host at `<root>/fuse`, a `DegradedMounter` when lazy loading cannot start
     (see the module doc), a `DeclineMounter` when `[remote] enable = false`.
 
-    Mounts left by a previous process (bind mounts under `<root>/snapshots`, the FUSE mount)
-    are lazily unmounted first. Never raises for a part of lazy loading; on exit every task
-    is cancelled, every bind mount detached and the FUSE host unmounted.
+    A FUSE connection the keeper kept for a previous process is adopted with the bind mounts
+    still on it; mounts nobody serves any more (no keeper, a dead connection) are lazily
+    unmounted first (docs/architecture.md, "Restart survival"). Never raises for a part of
+    lazy loading; on exit every task is cancelled, and the mounts are kept for the next
+    process while lazy layers are mounted, otherwise detached and the FUSE host unmounted.
     """
     root = settings.root
     if not settings.config.remote.enable:
