@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
+
 from index.oci.errors import HostsConfigError
 from index.oci.reference import DOCKER_HUB, DOCKER_HUB_API_HOST
 
@@ -110,6 +112,13 @@ def _parse_table(
     path = parts.path.rstrip("/")
     if not override_path and not path.endswith("/v2"):
         path += "/v2"
+    if any(c.isspace() for c in parts.netloc):
+        raise HostsConfigError(f"{where}: host {url!r} has a space in its host name")
+    try:
+        parts.port  # noqa: B018 (raises for a port that is not a number in 0..65535)
+        httpx.URL(f"{scheme}://{parts.netloc}{path}/")  # the check every request's URL gets
+    except (ValueError, httpx.InvalidURL) as e:
+        raise HostsConfigError(f"{where}: host {url!r} is not a usable URL: {e}") from e
 
     caps_raw = table.get("capabilities")
     if caps_raw is None:
