@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import tomlkit
 from hypothesis import example, given, reject
@@ -136,6 +137,8 @@ def test_valid_hosts_files_give_their_endpoints(workdir: Path, doc: dict[str, An
 @example({"host": {"https://mirror.test": {"client": 5}}})
 @example({"host": {"https://mirror.test": {"header": {"x": 5}}}})
 @example({"server": "https://registry.test:99999"})
+@example({"host": {"https://mirror.test:abc": {}}})
+@example({"host": {"https://mirror\x00.test": {}}})
 @given(hosts_docs().flatmap(mutated_doc))
 def test_damaged_hosts_documents(workdir: Path, doc: Any) -> None:
     if not isinstance(doc, dict):
@@ -146,6 +149,7 @@ def test_damaged_hosts_documents(workdir: Path, doc: Any) -> None:
         return
     for endpoint in hosts.endpoints():
         assert endpoint.scheme in ("http", "https") and endpoint.host
+        httpx.URL(endpoint.base_url + "/fuzz/manifests/latest")  # what every request builds
 
 
 @fuzz_settings(150)
