@@ -139,6 +139,7 @@ def test_valid_hosts_files_give_their_endpoints(workdir: Path, doc: dict[str, An
 @example({"server": "https://registry.test:99999"})
 @example({"host": {"https://mirror.test:abc": {}}})
 @example({"host": {"https://mirror\x00.test": {}}})
+@example({"server": "\u00a1"})  # not a valid IDNA host name
 @given(hosts_docs().flatmap(mutated_doc))
 def test_damaged_hosts_documents(workdir: Path, doc: Any) -> None:
     if not isinstance(doc, dict):
