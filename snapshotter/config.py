@@ -188,6 +188,13 @@ class RemoteConfig:
     memory_cache_spans: int = field(
         default=8, metadata=_doc("Inflated spans kept in memory per mounted layer.")
     )
+    memory_cache_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata=_doc(
+            "Inflated bytes kept in memory, all mounted layers together (least recently used "
+            "out first, across layers)."
+        ),
+    )
     inflate_threads: int = field(
         default=0, metadata=_doc("Threads inflating spans, all layers together; 0 = CPU count.")
     )
@@ -210,6 +217,7 @@ class RemoteConfig:
             max_request_bytes=self.max_request_bytes,
             readahead_spans=self.readahead_spans,
             memory_cache_spans=self.memory_cache_spans,
+            memory_cache_bytes=self.memory_cache_bytes,
             inflate_threads=self.inflate_threads,
         )
 

@@ -2,9 +2,11 @@
 
 A span is inflated from verified compressed bytes (just fetched, or read back from the span
 cache, which hashes them) in a worker thread behind the shared inflate limiter; concurrent
-readers of one span share one inflation (`SingleFlight`). The last `memory_spans` inflated
-spans stay in memory (state INFLATED); every inflated span is also written to the inflated
-disk tier (`SpanCache.inflated`, when configured), keyed by its tar-stream start.
+readers of one span share one inflation (`SingleFlight`). The latest inflated spans stay in
+memory (state INFLATED): at most `memory_spans` of the layer, and all layers together at most
+the byte budget of the daemon-wide `SpanMemory` they share (least recently used first out,
+across layers); every inflated span is also written to the inflated disk tier
+(`SpanCache.inflated`, when configured), keyed by its tar-stream start.
 
 The tier is not a state of the span table: the table tracks the compressed bytes (what is
 fetched, what progress reports), the tier only saves inflation. A read whose spans are all in
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
@@ -44,12 +47,77 @@ class SpanGone(Exception):
     """The disk copy of a CACHED span is gone or corrupt: fetch it again."""
 
 
+class SpanMemory:
+    """The byte budget of inflated spans kept in memory, shared by the `SpanInflater`s of
+    every layer: one LRU across layers. Use from the trio thread.
+
+    Holds the order and sizes only (the bytes stay with their inflater) and its inflaters
+    weakly: a layer's spans leave the budget when its inflater is collected. The newest span
+    is kept even when it alone is over `budget_bytes`.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        if budget_bytes < 0:
+            raise ValueError(f"budget_bytes must not be negative, got {budget_bytes}")
+        self.budget_bytes = budget_bytes
+        self.used_bytes = 0
+        self._lru: OrderedDict[tuple[int, SpanId], int] = OrderedDict()
+        self._owners: dict[int, weakref.ref[SpanInflater]] = {}
+        self._spans: dict[int, set[SpanId]] = {}
+
+    def __repr__(self) -> str:
+        return f"<SpanMemory {self.used_bytes}/{self.budget_bytes} bytes, {len(self._lru)} spans>"
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def add(self, owner: SpanInflater, span: SpanId, size: int) -> None:
+        """Count `owner`'s new in-memory span, then evict the least recently used spans (of
+        any layer) until the budget holds again."""
+        key = id(owner)
+        if key not in self._owners:
+            self._owners[key] = weakref.ref(owner, functools.partial(self._collected, key))
+            self._spans[key] = set()
+        self._lru[(key, span)] = size
+        self._lru.move_to_end((key, span))
+        self._spans[key].add(span)
+        self.used_bytes += size
+        while self.used_bytes > self.budget_bytes and len(self._lru) > 1:
+            (old_key, old_span), old_size = self._lru.popitem(last=False)
+            self.used_bytes -= old_size
+            self._spans[old_key].discard(old_span)
+            old_owner = self._owners[old_key]()
+            if old_owner is not None:
+                old_owner.drop(old_span)
+
+    def touch(self, owner: SpanInflater, span: SpanId) -> None:
+        """`owner`'s span was used: now the most recently used."""
+        key = (id(owner), span)
+        if key in self._lru:
+            self._lru.move_to_end(key)
+
+    def remove(self, owner: SpanInflater, span: SpanId) -> None:
+        """`owner` let go of its span itself."""
+        size = self._lru.pop((id(owner), span), None)
+        if size is not None:
+            self.used_bytes -= size
+            self._spans[id(owner)].discard(span)
+
+    def _collected(self, key: int, _ref: object) -> None:
+        """The inflater of `key` is gone, its bytes with it: its spans leave the budget."""
+        self._owners.pop(key, None)
+        for span in self._spans.pop(key, ()):
+            self.used_bytes -= self._lru.pop((key, span), 0)
+
+
 class SpanInflater:
     """Inflated spans of `layer` (see the module doc). Use from the trio thread.
 
     `table` is the layer's span table (this object moves spans CACHED ↔ INFLATED, and CACHED →
     UNREQUESTED when the disk copy is gone). `limiter` bounds inflation threads (CPU-bound,
-    shared by all layers). Nothing here needs closing.
+    shared by all layers). `memory` is the daemon-wide budget of in-memory spans (default: one
+    of this layer's own, unbounded in bytes, so `memory_spans` alone bounds it). Nothing here
+    needs closing.
     """
 
     def __init__(
@@ -61,12 +129,14 @@ class SpanInflater:
         *,
         memory_spans: int,
         limiter: trio.CapacityLimiter,
+        memory: SpanMemory | None = None,
     ) -> None:
         self.layer = layer
         self.span_map = span_map
         self.cache = cache
         self.table = table
         self.memory_spans = memory_spans
+        self.memory = memory if memory is not None else SpanMemory(1 << 62)
         self.tier: InflatedCache | None = cache.inflated
         self._limiter = limiter
         self._lru: OrderedDict[SpanId, bytes] = OrderedDict()
@@ -105,6 +175,7 @@ class SpanInflater:
         hit = self._lru.get(span)
         if hit is not None:
             self._lru.move_to_end(span)
+            self.memory.touch(self, span)
             return hit
         return await self._flight.do(span, functools.partial(self._inflate, span, compressed))
 
@@ -121,9 +192,17 @@ class SpanInflater:
             self.table.set(span, SpanState.INFLATED)
             self._lru[span] = data
             while len(self._lru) > self.memory_spans:
-                old, _ = self._lru.popitem(last=False)
-                self.table.set(old, SpanState.CACHED)
+                old = next(iter(self._lru))
+                self.memory.remove(self, old)
+                self.drop(old)
+            self.memory.add(self, span, len(data))
         return data
+
+    def drop(self, span: SpanId) -> None:
+        """Let go of the in-memory copy of `span` (INFLATED → CACHED); `SpanMemory` calls this
+        to evict it. Nothing when it is not in memory."""
+        if self._lru.pop(span, None) is not None:
+            self.table.set(span, SpanState.CACHED)
 
     def _load_inflate(self, span: SpanId, compressed: bytes | None) -> bytes:
         """In a worker thread: the verified compressed span (given, or from the cache, which

@@ -34,11 +34,12 @@ own request. Units: bytes; `UncompressedOffset` into the tar stream.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import trio
@@ -51,7 +52,7 @@ from snapshotter.fs.readers import FetchProgress
 from snapshotter.lazy.cache import SpanCache
 from snapshotter.lazy.demand import DemandTracker
 from snapshotter.lazy.fetcher import LayerCounters, SpanFetcher
-from snapshotter.lazy.inflater import SpanGone, SpanInflater
+from snapshotter.lazy.inflater import SpanGone, SpanInflater, SpanMemory
 from snapshotter.lazy.readahead import ReadAhead
 from snapshotter.lazy.sources import PEER_SOURCE_NAME, BlobSource, ChainSource, FetchError
 from snapshotter.lazy.table import LOCAL, SpanState, SpanTable
@@ -75,6 +76,10 @@ class ReadConfig:
     `readahead_spans`: missing spans after a sequential read's last span that are fetched with
     it (in the same request, or pipelined in the layer's task scope); 0 = no read-ahead;
     `memory_cache_spans`: inflated spans kept in memory per layer;
+    `memory_cache_bytes`: inflated bytes kept in memory, all layers together;
+    `memory`: the daemon-wide `SpanMemory` of that budget the readers of every layer share
+    (made once by the owner of the layers: `with_shared_memory()`); None: each reader has one
+    of its own;
     `inflate_threads`: worker threads for inflation, all layers (0 = the CPU count);
     `chunk_bytes`: peer ownership chunks (`[peers] chunk_bytes`) no request may cross; 0 = none.
     """
@@ -82,8 +87,10 @@ class ReadConfig:
     max_request_bytes: int = 16 * MiB
     readahead_spans: int = 4
     memory_cache_spans: int = 8
+    memory_cache_bytes: int = 64 * MiB
     inflate_threads: int = 0
     chunk_bytes: int = 0
+    memory: SpanMemory | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.max_request_bytes <= 0:
@@ -94,10 +101,19 @@ class ReadConfig:
             raise ValueError(
                 f"memory_cache_spans must be at least 1, got {self.memory_cache_spans}"
             )
+        if self.memory_cache_bytes < 0:
+            raise ValueError(
+                f"memory_cache_bytes must not be negative, got {self.memory_cache_bytes}"
+            )
         if self.inflate_threads < 0:
             raise ValueError(f"inflate_threads must not be negative, got {self.inflate_threads}")
         if self.chunk_bytes < 0:
             raise ValueError(f"chunk_bytes must not be negative, got {self.chunk_bytes}")
+
+    def with_shared_memory(self) -> ReadConfig:
+        """This config with a new `SpanMemory` of `memory_cache_bytes`, for every reader made
+        with it to share."""
+        return dataclasses.replace(self, memory=SpanMemory(self.memory_cache_bytes))
 
 
 def default_inflate_limiter(config: ReadConfig | None = None) -> trio.CapacityLimiter:
@@ -194,6 +210,11 @@ class RemoteLayerReader:
             self.table,
             memory_spans=self.config.memory_cache_spans,
             limiter=inflate_limiter or default_inflate_limiter(self.config),
+            memory=(
+                self.config.memory
+                if self.config.memory is not None
+                else SpanMemory(self.config.memory_cache_bytes)
+            ),
         )
         self.read_ahead = ReadAhead(self.config.readahead_spans, len(self.table))
         cache.retain_layer(layer)  # in use again: no longer evictable first (rare tiny I/O)

@@ -334,7 +334,7 @@ async def _build(
     tracker = DemandTracker()
     background = BackgroundFetcher(cfg.background_config(), tracker)
     peer_node, peers_status = _create_peers(settings, stack)
-    read_config = cfg.read_config()
+    read_config = cfg.read_config().with_shared_memory()
     if peer_node is not None:
         read_config = dataclasses.replace(read_config, chunk_bytes=peer_node.cfg.chunk_bytes)
     registry_sources = RegistrySources(
