@@ -1138,9 +1138,9 @@ def render(
     return "\n".join(lines) + "\n"
 
 
-HAND_WRITTEN = (READS_NOTES, "### ")
-"""Lines of the section from which on it is hand-written (analysis, findings): every
-``--write-docs`` keeps them."""
+HAND_WRITTEN = ("Re-measured", READS_NOTES, "### ")
+"""Lines of the section from which on it is hand-written (earlier measurements, analysis,
+findings): every ``--write-docs`` keeps them."""
 
 
 def _notes(section: str) -> str:
