@@ -214,20 +214,25 @@ class FuseMetrics(Protocol):
 
 FUSE_OPS: Final = (
     "lookup",
+    "forget",
     "getattr",
     "readlink",
+    "open",
+    "read",
+    "flush",
+    "release",
     "opendir",
     "readdir",
     "releasedir",
-    "open",
-    "read",
-    "release",
+    "statfs",
     "getxattr",
     "listxattr",
-    "statfs",
     "access",
 )
-"""The operations `FuseOperations` answers (and records)."""
+"""The handlers of `FuseOperations` (pyfuse3's names): `FuseOpStats` counts every one, the
+metrics record those that answer through `_translated` (`readdir` answers the kernel's
+READDIRPLUS, the only listing request pyfuse3 registers; `forget` also BATCH_FORGET; `flush`
+is pyfuse3's default answer)."""
 
 
 @contextmanager
@@ -419,27 +424,6 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
             return True
 
 
-COUNTED_OPS: Final = (
-    "lookup",
-    "forget",
-    "getattr",
-    "readlink",
-    "open",
-    "read",
-    "flush",
-    "release",
-    "opendir",
-    "readdir",
-    "releasedir",
-    "statfs",
-    "getxattr",
-    "listxattr",
-    "access",
-)
-"""The handlers `FuseOpStats` counts (pyfuse3's names; `readdir` answers the kernel's
-READDIRPLUS, the only listing request pyfuse3 registers; `forget` also BATCH_FORGET)."""
-
-
 @dataclass(frozen=True, slots=True)
 class FuseOpStatistics:
     """Requests answered per handler since the process started, and the trio thread's CPU
@@ -541,7 +525,7 @@ def _counted(op: str, handler: Callable[..., Awaitable[Any]]) -> Callable[..., A
     return counted
 
 
-for _op in COUNTED_OPS:
+for _op in FUSE_OPS:
     setattr(FuseOperations, _op, _counted(_op, getattr(FuseOperations, _op)))
 
 

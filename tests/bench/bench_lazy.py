@@ -374,7 +374,7 @@ OP_COLUMNS = (
     "access",
     "readlink",
 )
-"""The handlers of ``snapshotter.fs.fuse.COUNTED_OPS`` in table order (``readdir`` answers
+"""The handlers of ``snapshotter.fs.fuse.FUSE_OPS`` in table order (``readdir`` answers
 READDIRPLUS)."""
 ALWAYS_SHOWN = frozenset(OP_COLUMNS) - {"releasedir", "access", "readlink"}
 """Columns shown even when no run had such a request (the others only when one had)."""

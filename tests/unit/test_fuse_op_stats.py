@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from index.model import EntryType, FileMetadata, UncompressedOffset
-from snapshotter.fs.fuse import COUNTED_OPS, FuseOperations, FuseOpStats
+from snapshotter.fs.fuse import FUSE_OPS, FuseOperations, FuseOpStats
 from snapshotter.fs.host import LayerHost
 from snapshotter.fs.inodes import FUSE_ROOT_INODE, make_inode
 from snapshotter.fs.readers import LocalTarReader
@@ -71,7 +71,7 @@ async def test_instrument_added_once_per_run() -> None:
 
 
 def test_every_counted_handler_is_wrapped() -> None:
-    for op in COUNTED_OPS:
+    for op in FUSE_OPS:
         assert getattr(FuseOperations, op).__name__ == op
         assert getattr(FuseOperations, op).__wrapped__ is not None
 
