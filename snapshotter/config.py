@@ -189,7 +189,7 @@ class RemoteConfig:
         default=8, metadata=_doc("Inflated spans kept in memory per mounted layer.")
     )
     memory_cache_bytes: int = field(
-        default=64 * 1024 * 1024,
+        default=32 * 1024 * 1024,
         metadata=_doc(
             "Inflated bytes kept in memory, all mounted layers together (least recently used "
             "out first, across layers)."

@@ -87,7 +87,7 @@ class ReadConfig:
     max_request_bytes: int = 16 * MiB
     readahead_spans: int = 4
     memory_cache_spans: int = 8
-    memory_cache_bytes: int = 64 * MiB
+    memory_cache_bytes: int = 32 * MiB
     inflate_threads: int = 0
     chunk_bytes: int = 0
     memory: SpanMemory | None = field(default=None, compare=False)

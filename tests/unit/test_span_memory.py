@@ -136,11 +136,11 @@ async def test_readers_without_a_shared_memory_have_their_own(
     await read_span(a, layers[0], 0)
     assert a.inflater.memory is not b.inflater.memory
     assert len(a.inflater.memory) == 1 and len(b.inflater.memory) == 0
-    assert a.inflater.memory.budget_bytes == ReadConfig().memory_cache_bytes == 64 << 20
+    assert a.inflater.memory.budget_bytes == ReadConfig().memory_cache_bytes == 32 << 20
 
 
 def test_the_config_key_reaches_the_read_config(tmp_path: Path) -> None:
-    assert RemoteConfig().memory_cache_bytes == 64 * 1024 * 1024
+    assert RemoteConfig().memory_cache_bytes == 32 * 1024 * 1024
     path = tmp_path / "config.toml"
     path.write_text("[remote]\nmemory_cache_bytes = 1048576\n")
     read = load(path).remote.read_config()
