@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 
 import trio
@@ -60,20 +60,31 @@ class SpanMemory:
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must not be negative, got {budget_bytes}")
         self.budget_bytes = budget_bytes
-        self.used_bytes = 0
+        self._used = 0
         self._lru: OrderedDict[tuple[int, SpanId], int] = OrderedDict()
         self._owners: dict[int, weakref.ref[SpanInflater]] = {}
         self._spans: dict[int, set[SpanId]] = {}
+        self._gone: deque[int] = deque()
+        """Keys of collected inflaters: the garbage collector may run in any thread, or in
+        the middle of a method here, so its callback only notes them (`_reap`)."""
 
     def __repr__(self) -> str:
-        return f"<SpanMemory {self.used_bytes}/{self.budget_bytes} bytes, {len(self._lru)} spans>"
+        return f"<SpanMemory {self.used_bytes}/{self.budget_bytes} bytes, {len(self)} spans>"
 
     def __len__(self) -> int:
+        self._reap()
         return len(self._lru)
+
+    @property
+    def used_bytes(self) -> int:
+        """Inflated bytes in memory, all layers."""
+        self._reap()
+        return self._used
 
     def add(self, owner: SpanInflater, span: SpanId, size: int) -> None:
         """Count `owner`'s new in-memory span, then evict the least recently used spans (of
         any layer) until the budget holds again."""
+        self._reap()
         key = id(owner)
         if key not in self._owners:
             self._owners[key] = weakref.ref(owner, functools.partial(self._collected, key))
@@ -81,10 +92,10 @@ class SpanMemory:
         self._lru[(key, span)] = size
         self._lru.move_to_end((key, span))
         self._spans[key].add(span)
-        self.used_bytes += size
-        while self.used_bytes > self.budget_bytes and len(self._lru) > 1:
+        self._used += size
+        while self._used > self.budget_bytes and len(self._lru) > 1:
             (old_key, old_span), old_size = self._lru.popitem(last=False)
-            self.used_bytes -= old_size
+            self._used -= old_size
             self._spans[old_key].discard(old_span)
             old_owner = self._owners[old_key]()
             if old_owner is not None:
@@ -100,14 +111,20 @@ class SpanMemory:
         """`owner` let go of its span itself."""
         size = self._lru.pop((id(owner), span), None)
         if size is not None:
-            self.used_bytes -= size
+            self._used -= size
             self._spans[id(owner)].discard(span)
 
     def _collected(self, key: int, _ref: object) -> None:
-        """The inflater of `key` is gone, its bytes with it: its spans leave the budget."""
-        self._owners.pop(key, None)
-        for span in self._spans.pop(key, ()):
-            self.used_bytes -= self._lru.pop((key, span), 0)
+        self._gone.append(key)
+
+    def _reap(self) -> None:
+        """Collected inflaters' spans leave the budget (their bytes went with them). Before
+        a new inflater is counted: it may have the id of one collected meanwhile."""
+        while self._gone:
+            key = self._gone.popleft()
+            self._owners.pop(key, None)
+            for span in self._spans.pop(key, ()):
+                self._used -= self._lru.pop((key, span), 0)
 
 
 class SpanInflater:
