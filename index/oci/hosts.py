@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
-
 from index.oci.errors import HostsConfigError
 from index.oci.reference import DOCKER_HUB, DOCKER_HUB_API_HOST
 
@@ -114,6 +112,8 @@ def _parse_table(
         path += "/v2"
     if any(c.isspace() for c in parts.netloc):
         raise HostsConfigError(f"{where}: host {url!r} has a space in its host name")
+    import httpx  # here, not at the top: the install command reads hosts.toml without httpx
+
     try:
         parts.port  # noqa: B018 (raises for a port that is not a number in 0..65535)
         httpx.URL(f"{scheme}://{parts.netloc}{path}/")  # the check every request's URL gets
