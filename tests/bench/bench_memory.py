@@ -485,6 +485,7 @@ def render(
     cycles, cycle_sec = cycled
     goal_ok = phase.peak_mb <= GOAL_MB
     lru_spans = RemoteConfig().memory_cache_spans
+    budget_mb = RemoteConfig().memory_cache_bytes / (1 << 20)
     lines = [
         SECTION,
         "",
@@ -515,9 +516,9 @@ def render(
         f"bench process): its layer tree holds {cost.tree_mb:.1f} MB while mounted "
         f"({params.layers} layers: {cost.tree_mb * params.layers:.0f} MB); decoding its zTOC "
         f"peaks at {cost.decode_peak_mb:.1f} MB while the mount runs; its {cost.spans} spans "
-        f"inflate to {cost.span_mb:.2f} MB each, and the memory LRU keeps up to "
-        f"`memory_cache_spans` = {lru_spans} of them per mounted layer (up to "
-        f"{lru_spans * cost.span_mb * params.layers:.0f} MB for {params.layers} layers).",
+        f"inflate to {cost.span_mb:.2f} MB each; the memory LRU keeps at most "
+        f"`memory_cache_spans` = {lru_spans} of them per mounted layer and "
+        f"`memory_cache_bytes` = {budget_mb:.0f} MiB for all layers together.",
         "",
         f"{args.cycles} mount/unmount cycles of a {params.cycle_files}-file layer (Prepare, "
         f"Remove, Cleanup), {cycle_sec:.0f} s in all ({cycle_sec / max(args.cycles, 1):.2f} s "
