@@ -23,8 +23,6 @@ Layouts are those of `<linux/fuse.h>` (protocol 7.x, little endian on every plat
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import json
 import logging
@@ -35,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from snapshotter.mountcalls import MS_NODEV, MS_NOSUID, MS_RDONLY, detach, mount
 from snapshotter.mountinfo import mount_at
 
 from . import keeper
@@ -55,21 +54,6 @@ KEEPER_NAME: Final = "fuse"
 FSNAME: Final = "sociable"
 FSTYPE: Final = "fuse.sociable"
 READ_BUFFER_BYTES: Final = (1 << 20) + 8192
-
-MS_RDONLY: Final = 1
-MS_NOSUID: Final = 2
-MS_NODEV: Final = 4
-MNT_DETACH: Final = 2
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.mount.argtypes = [
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_ulong,
-    ctypes.c_void_p,
-]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,20 +111,7 @@ def mount_device(fd: int, mountpoint: Path, options: frozenset[str]) -> None:
     """Mount the FUSE connection of `/dev/fuse` fd `fd` on `mountpoint`. Raises OSError."""
     flags = MS_NOSUID | MS_NODEV | (MS_RDONLY if "ro" in options else 0)
     data = mount_data(fd, options).encode()
-    rc = _libc.mount(FSNAME.encode(), os.fsencode(mountpoint), FSTYPE.encode(), flags, data)
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {FSTYPE} on {mountpoint}: {os.strerror(err)}")
-
-
-def unmount(mountpoint: Path) -> bool:
-    """Lazily unmount `mountpoint`; False when nothing was mounted there. Raises OSError."""
-    if _libc.umount2(os.fsencode(mountpoint), MNT_DETACH) != 0:
-        err = ctypes.get_errno()
-        if err in (errno.EINVAL, errno.ENOENT):
-            return False
-        raise OSError(err, f"unmount {mountpoint}: {os.strerror(err)}")
-    return True
+    mount(FSNAME, mountpoint, FSTYPE, flags, data, what=f"mount {FSTYPE} on {mountpoint}")
 
 
 INIT_TIMEOUT_SEC: Final = 10.0
@@ -231,7 +202,7 @@ def mount_fresh(root: Path, mountpoint: Path, options: frozenset[str]) -> KeptCo
     except BaseException:
         if mounted:
             with contextlib.suppress(OSError):
-                unmount(mountpoint)
+                detach(mountpoint)
         os.close(fd)
         raise
     return kept
@@ -242,7 +213,7 @@ def release(root: Path, mountpoint: Path) -> bool:
     (readers of it get ENOTCONN from then on). Returns whether something was unmounted."""
     keeper.drop(root, KEEPER_NAME)
     try:
-        return unmount(mountpoint)
+        return detach(mountpoint)
     except OSError as e:
         log.warning(
             "cannot unmount the fuse host", extra={"path": str(mountpoint), "error": str(e)}
