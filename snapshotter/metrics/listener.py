@@ -17,7 +17,14 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from snapshotter.peers.address import parse_address
-from snapshotter.peers.listener import Receive, Scope, Send, bind_listener, serve_listener
+from snapshotter.peers.listener import (
+    Receive,
+    Scope,
+    Send,
+    bind_listener,
+    http_request,
+    serve_listener,
+)
 
 METRICS_PATH: Final = "/metrics"
 
@@ -33,15 +40,7 @@ class MetricsApp:
         return f"<MetricsApp scrapes={self.scrapes}>"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
+        if not await http_request(scope, receive, send):
             return
         method = scope.get("method", "GET")
         if scope.get("path") != METRICS_PATH:

@@ -109,15 +109,7 @@ class PeerApp:
         return f"<PeerApp {self.server!r}>"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
+        if not await http_request(scope, receive, send):
             return
         t0 = time.monotonic()
         status, sent = await self._handle(scope, send)
@@ -433,6 +425,20 @@ def bind_listener(
 
 
 AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+async def http_request(scope: Scope, receive: Receive, send: Send) -> bool:
+    """Whether `scope` is an HTTP request for the app to answer. ASGI's lifespan protocol
+    (start-up and shutdown) is answered here, and any other scope type ignored."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return False
+    return bool(scope["type"] == "http")
 
 
 async def serve_listener(
