@@ -553,8 +553,9 @@ class LayerHost:
         length = min(size, file_size - offset)
         try:
             if self.verify_headers and not self._verified(layer, node):
-                await self._verify(layer, node)
-            data = await layer.reader.read(UncompressedOffset(data_off + offset), length)
+                data = await self._verify(layer, node, offset, length)
+            else:
+                data = await layer.reader.read(UncompressedOffset(data_off + offset), length)
             if len(data) != length:
                 raise LayerReadError(
                     f"layer {layer.name}: {tree.path_of(node)!r}: reader returned "
@@ -574,11 +575,26 @@ class LayerHost:
     def _verified(layer: _Layer, node: NodeId) -> bool:
         return bool(layer.verified[node >> 3] & (1 << (node & 7)))
 
-    async def _verify(self, layer: _Layer, node: NodeId) -> None:
+    async def _verify(self, layer: _Layer, node: NodeId, offset: int, length: int) -> bytes:
+        """Check `node`'s tar header, then return `length` bytes of its data from `offset`.
+
+        The data follows the header in the tar stream: a read from the start of the file is
+        one reader call for both (one pass through the read path, not two); a read from
+        further in reads the header on its own first. Raises what `check_header` and the
+        reader raise.
+        """
         start, end = layer.tree.header_range(node)
-        header = await layer.reader.read(start, end - start)
+        if offset == 0:
+            both = await layer.reader.read(start, end - start + length)
+            header, data = both[: end - start], both[end - start :]
+        else:
+            header = await layer.reader.read(start, end - start)
+            data = b""
         check_header(header, layer.tree, node, layer.name)
         layer.verified[node >> 3] |= 1 << (node & 7)
+        if offset != 0:
+            data = await layer.reader.read(UncompressedOffset(end + offset), length)
+        return data
 
     @staticmethod
     def _record_error(layer: _Layer, message: str) -> None:

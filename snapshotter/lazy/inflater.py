@@ -171,6 +171,9 @@ class SpanInflater:
         `SpanGone`, bare."""
         if len(spans) == 1:
             return [await self.inflate(spans[0], compressed.get(spans[0]))]
+        hits = self._memory_hits(spans)
+        if hits is not None:  # all in memory: no tasks to start
+            return hits
         results: list[bytes] = [b""] * len(spans)
         errors: list[Exception] = []
 
@@ -186,6 +189,21 @@ class SpanInflater:
         if errors:
             raise next((e for e in errors if not isinstance(e, SpanGone)), errors[0])
         return results
+
+    def _memory_hits(self, spans: Sequence[SpanId]) -> list[bytes] | None:
+        """The inflated `spans` when every one is in the memory LRU (now the most recently
+        used), else None (and nothing touched)."""
+        lru = self._lru
+        hits: list[bytes] = []
+        for span in spans:
+            hit = lru.get(span)
+            if hit is None:
+                return None
+            hits.append(hit)
+        for span in spans:
+            lru.move_to_end(span)
+            self.memory.touch(self, span)
+        return hits
 
     async def inflate(self, span: SpanId, compressed: bytes | None) -> bytes:
         """The inflated span, from memory or inflated now. Raises `SpanGone`, `ZinfoError`."""
