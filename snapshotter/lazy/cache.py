@@ -484,6 +484,16 @@ class InflatedCache(_SpanFiles):
             self._corrupt += 1
             self._misses += 1
 
+    def read_cached(
+        self, layer: Digest, start: UncompressedOffset, length: int, offset: int, size: int
+    ) -> bytes | None:
+        """As `read`, but without waiting for the disk, for the trio thread: None (nothing
+        counted) when the span is not the tier's most recent one (its recency would need a
+        `utime`) or its blocks and their sums are not all in the page cache (`RWF_NOWAIT`);
+        the caller then `read`s in a worker thread. Also None on a miss. Verifies the block
+        sums as `read` does."""
+        return self._read(layer, start, length, offset, size, nowait=True)
+
     def read(
         self, layer: Digest, start: UncompressedOffset, length: int, offset: int, size: int
     ) -> bytes | None:
@@ -497,18 +507,35 @@ class InflatedCache(_SpanFiles):
         refreshes the span's recency (the file mtime only when it was not already the most
         recent entry, so a run of reads in one span costs one `utime`). Never raises.
         """
+        return self._read(layer, start, length, offset, size, nowait=False)
+
+    def _read(
+        self,
+        layer: Digest,
+        start: UncompressedOffset,
+        length: int,
+        offset: int,
+        size: int,
+        *,
+        nowait: bool,
+    ) -> bytes | None:
         key = (layer, int(start))
         want = max(0, min(size, length - offset))
         with self._lock:
             if key not in self._lru:
-                self._misses += 1
+                if not nowait:
+                    self._misses += 1
                 return None
             was_newest = next(reversed(self._lru)) == key
+            if nowait and not was_newest:
+                return None  # its recency needs a `utime`: a write, for a worker thread
             self._lru.move_to_end(key)
         path = self._path(layer, start)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
+            if nowait:
+                return None  # the worker thread's `read` finds out and counts it
             with self._lock:
                 self._forget(key)
                 self._misses += 1
@@ -517,6 +544,8 @@ class InflatedCache(_SpanFiles):
         try:
             actual = os.fstat(fd).st_size
             if actual != length + blocks * _SUM.size:
+                if nowait:
+                    return None
                 self._drop(key, path, f"has {actual} bytes, expected {length} and their sums")
                 return None
             data = b""
@@ -524,9 +553,18 @@ class InflatedCache(_SpanFiles):
                 first = offset // INFLATED_BLOCK_BYTES
                 last = (offset + want - 1) // INFLATED_BLOCK_BYTES
                 lo = first * INFLATED_BLOCK_BYTES
-                chunk = os.pread(fd, min((last + 1) * INFLATED_BLOCK_BYTES, length) - lo, lo)
-                sums = os.pread(fd, (last - first + 1) * _SUM.size, length + first * _SUM.size)
-                if len(sums) != (last - first + 1) * _SUM.size:
+                chunk_size = min((last + 1) * INFLATED_BLOCK_BYTES, length) - lo
+                sums_size = (last - first + 1) * _SUM.size
+                sums_at = length + first * _SUM.size
+                if nowait:
+                    chunk = _pread_cached(fd, chunk_size, lo)
+                    sums = _pread_cached(fd, sums_size, sums_at)
+                    if chunk is None or sums is None:
+                        return None
+                else:
+                    chunk = os.pread(fd, chunk_size, lo)
+                    sums = os.pread(fd, sums_size, sums_at)
+                if len(sums) != sums_size:
                     self._drop(key, path, "lost its sums while being read")
                     return None
                 view = memoryview(chunk)
@@ -540,6 +578,8 @@ class InflatedCache(_SpanFiles):
                 with contextlib.suppress(OSError):
                     os.utime(fd)
         except OSError:
+            if nowait:
+                return None
             with self._lock:
                 self._misses += 1
             return None
@@ -553,3 +593,14 @@ class InflatedCache(_SpanFiles):
             self._hits += 1
             self._hit_bytes += len(data)
         return data
+
+
+def _pread_cached(fd: int, size: int, offset: int) -> bytes | None:
+    """`size` bytes of `fd` at `offset` when all are in the page cache, else None (the read
+    would wait for the disk, or is short)."""
+    buf = bytearray(size)
+    try:
+        got = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+    except OSError:  # BlockingIOError: not all in memory
+        return None
+    return bytes(buf) if got == size else None
