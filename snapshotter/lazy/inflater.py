@@ -11,7 +11,8 @@ across layers); every inflated span is also written to the inflated disk tier
 The tier is not a state of the span table: the table tracks the compressed bytes (what is
 fetched, what progress reports), the tier only saves inflation. A read whose spans are all in
 the memory LRU or the tier is served by `read_local` with one positioned read per span of
-just the bytes it needs, in one worker thread, without touching the table (so it also works
+just the bytes it needs (on the trio thread when a small read finds them all in the page
+cache, else in one worker thread), without touching the table (so it also works
 after the compressed copy was evicted: no refetch). A tier miss falls back to fetch + inflate.
 
 Errors: `SpanGone` (the compressed copy of a CACHED span vanished or was corrupt: the caller

@@ -5,7 +5,8 @@ One FUSE read, top to bottom (`read`):
 1. the tar-stream range → the spans it needs and the slice of each (`SpanMap.slices_for_range`);
 2. the read-ahead policy notes the read (`ReadAhead.observe`: sequential or not);
 3. all spans in the memory LRU or the inflated tier → served from there (`SpanInflater.
-   read_local`, one worker thread), pipelined read-ahead started when sequential;
+   read_local`: page-cache bytes of small reads on the trio thread, else one worker
+   thread), pipelined read-ahead started when sequential;
 4. else the span fetcher makes them local (`SpanFetcher.ensure`: cache, or coalesced verified
    Range requests shared with concurrent readers, read-ahead riding along unless pipelined);
 5. the inflater inflates them (`SpanInflater.inflate_all`: memory LRU, or one shared
