@@ -11,8 +11,9 @@ from __future__ import annotations
 import mmap
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -117,6 +118,22 @@ def algorithm_for_media_type(media_type: str, *, name: str = "") -> CompressionA
     raise LayerSkipped(f"ztoc skipped - layer {label} ({media_type}) has unsupported format")
 
 
+@contextmanager
+def _build_errors(name: str) -> Iterator[None]:
+    """The error table of one layer's build: what reading, indexing or the TOC raise, as a
+    `LayerBuildError` naming the layer (a one-frame zstd layer: `LayerSkipped`)."""
+    try:
+        yield
+    except SingleFrameZstd as e:
+        raise LayerSkipped(f"{ZstdKind.SINGLE_FRAME.label}: {e}, unpacked when pulled") from e
+    except ZinfoError as e:
+        raise LayerBuildError(f"{name}: cannot index the layer: {e}") from e
+    except TarError as e:
+        raise LayerBuildError(f"{name}: cannot build the TOC: {e}") from e
+    except OSError as e:
+        raise LayerBuildError(f"{name}: cannot read the layer: {e}") from e
+
+
 def build_ztoc_from_stream(
     src: Readable,
     algorithm: CompressionAlgorithm,
@@ -137,7 +154,7 @@ def build_ztoc_from_stream(
     toc = toc_factory()
     if on_progress is not None:
         src = _ProgressReader(src, on_progress)
-    try:
+    with _build_errors(name):
         if algorithm == CompressionAlgorithm.GZIP:
             gz = build_gzip_checkpoints(src, span_size, toc.feed, read_size=read_size)
             checkpoints = gz.zinfo.encode()
@@ -149,12 +166,6 @@ def build_ztoc_from_stream(
             digests = tar.span_digests
             blob_size = tar.size
         entries, uncompressed_size = toc.finish()
-    except ZinfoError as e:
-        raise LayerBuildError(f"{name}: cannot index the layer: {e}") from e
-    except TarError as e:
-        raise LayerBuildError(f"{name}: cannot build the TOC: {e}") from e
-    except OSError as e:
-        raise LayerBuildError(f"{name}: cannot read the layer: {e}") from e
     return Ztoc(
         version=ZTOC_VERSION,
         build_tool_identifier=BUILD_TOOL_IDENTIFIER,
@@ -243,7 +254,7 @@ def build_zstd_ztoc(
     """
     name = str(path)
     toc = toc_factory()
-    try:
+    with _build_errors(name):
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size == 0:
@@ -261,14 +272,6 @@ def build_zstd_ztoc(
                 finally:
                     view.release()
         entries, uncompressed_size = toc.finish()
-    except SingleFrameZstd as e:
-        raise LayerSkipped(f"{ZstdKind.SINGLE_FRAME.label}: {e}, unpacked when pulled") from e
-    except ZinfoError as e:
-        raise LayerBuildError(f"{name}: cannot index the layer: {e}") from e
-    except TarError as e:
-        raise LayerBuildError(f"{name}: cannot build the TOC: {e}") from e
-    except OSError as e:
-        raise LayerBuildError(f"{name}: cannot read the layer: {e}") from e
     if diff_id is not None and built.diff_id != diff_id:
         raise LayerBuildError(
             f"{name}: the layer decodes to {built.diff_id}, its image config says {diff_id}"
