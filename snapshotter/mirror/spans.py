@@ -182,14 +182,18 @@ class SpanBlobs:
         if end > last_end:
             yield blob.tail[max(start, last_end) - last_end : end - last_end]
 
-    async def _span_bytes(self, fetcher: SpanFetcher, span: SpanId) -> bytes:
-        data = await trio.to_thread.run_sync(
+    async def _cached(self, fetcher: SpanFetcher, span: SpanId) -> bytes | None:
+        """The span's verified bytes from the span cache, or None (a worker thread)."""
+        return await trio.to_thread.run_sync(
             self._cache.get,
             fetcher.layer,
             span,
             fetcher.span_map.span_digests[span],
             limiter=READ_THREADS,
         )
+
+    async def _span_bytes(self, fetcher: SpanFetcher, span: SpanId) -> bytes:
+        data = await self._cached(fetcher, span)
         if data is not None:
             return data
         # evicted (or found corrupt) since the lookup: fetch it again rather than cut the answer
@@ -201,13 +205,7 @@ class SpanBlobs:
             raise SpanBlobError(f"layer {fetcher.layer} span {span}: {e}") from e
         data = got.get(span)
         if data is None:
-            data = await trio.to_thread.run_sync(
-                self._cache.get,
-                fetcher.layer,
-                span,
-                fetcher.span_map.span_digests[span],
-                limiter=READ_THREADS,
-            )
+            data = await self._cached(fetcher, span)
         if data is None:
             raise SpanBlobError(f"layer {fetcher.layer} span {span}: not in the span cache")
         return data
