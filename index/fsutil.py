@@ -5,7 +5,9 @@ created in the target's directory (or `tmp_dir`, which must be on the same files
 renamed over the target only when the `with` body finished without an exception; on failure it
 is removed and nothing is left behind. `durable=True` also fsyncs the file before the rename
 and the directory after it, for state that must survive a power loss (restore records,
-metadata); caches that can be rebuilt skip it.
+metadata); caches that can be rebuilt skip it. A process killed between creating the
+temporary file and the rename leaves it behind: `remove_stale_temps` removes such files when
+the directory's only writer starts.
 """
 
 from __future__ import annotations
@@ -56,6 +58,23 @@ def atomic_file(
         raise
     if durable:
         fsync_dir(target.parent)
+
+
+def remove_stale_temps(directory: str | os.PathLike[str], prefix: str = ".tmp-") -> int:
+    """Remove `atomic_file` temporaries (names starting with `prefix`) that a killed writer
+    left in `directory`; call only when no writer is running. Returns how many were removed.
+    A missing directory or a file that cannot be removed is skipped; never raises."""
+    removed = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    for name in names:
+        if name.startswith(prefix):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+                removed += 1
+    return removed
 
 
 def atomic_write(

@@ -4,7 +4,9 @@ Two daemons on one root would share its metadata store, snapshot directories and
 point, and the second would unmount the first one's mounts as "stale". The lock is taken
 before anything under the root is touched; a second daemon is refused with one line naming
 the holder's pid, which the holder writes into the lock file. The kernel drops the lock when
-the holder exits, however it exits, so a stale lock file never blocks a restart.
+the holder exits, however it exits, so a stale lock file never blocks a restart. Once the lock
+is held, temporaries of a write into the root that a killed predecessor left (the status
+file's) are removed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
+
+from index.fsutil import remove_stale_temps
 
 from .errors import SnapshotterError
 
@@ -52,6 +56,7 @@ def lock_root(root: Path) -> Iterator[Path]:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        remove_stale_temps(root)
         yield path
     finally:
         os.close(fd)

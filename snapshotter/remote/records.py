@@ -16,7 +16,7 @@ from pathlib import Path
 
 import trio
 
-from index.fsutil import atomic_write
+from index.fsutil import atomic_write, remove_stale_temps
 
 MOUNT_THREADS = trio.CapacityLimiter(4)
 """Worker threads for the blocking steps of mounting and unmounting lazy layers: mount(2)
@@ -61,11 +61,13 @@ def layer_name(mountpoint: Path) -> str:
 
 
 class RecordStore:
-    """The records directory `<dir>` (created 0700 on construction; raises OSError)."""
+    """The records directory `<dir>` (created 0700 on construction; raises OSError). The
+    daemon is its only writer: temporaries a killed predecessor left are removed here."""
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        remove_stale_temps(self.dir)
 
     def __repr__(self) -> str:
         return f"<RecordStore {self.dir}>"
