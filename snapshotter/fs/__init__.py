@@ -1,9 +1,10 @@
-"""The lazy layer filesystem: pure layer trees, the multi-layer host, and a pyfuse3 adapter.
+"""The lazy layer filesystem: pure layer trees, the multi-layer host, and the FUSE server.
 
-Pure modules (no pyfuse3 import): `tree` (one layer's inode tree from its zTOC), `inodes`
+Pure modules (no FUSE protocol): `tree` (one layer's inode tree from its zTOC), `inodes`
 (deterministic inode numbers), `host` (all layers in one filesystem, status files, reads),
 `readers` (the `LayerReader` seam and local readers), `verify` (tar header checks), `errors`.
-`snapshotter.fs.fuse` is the only module that imports pyfuse3; import it explicitly.
+The FUSE server (`snapshotter.fs.fuse`, speaking `snapshotter.fs.protocol`), its connections
+(`connection`) and their keeper (`keeper`): import them explicitly.
 """
 
 from snapshotter.fs.errors import FsError, LayerReadError, TreeBuildError

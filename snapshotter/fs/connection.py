@@ -1,23 +1,22 @@
 """FUSE connections that outlive the daemon: mounting `/dev/fuse` ourselves, the INIT
-handshake, adoption through the fd keeper (`snapshotter.fs.keeper`). No pyfuse3 here.
+request, adoption through the fd keeper (`snapshotter.fs.keeper`).
 
 A FUSE connection is one open `/dev/fuse` file mounted somewhere; the kernel sends FUSE_INIT
-once per connection, and libfuse answers nothing before it has seen one. So:
+once per connection and queues every other request until it is answered. So:
 
-- **fresh**: open `/dev/fuse`, `mount(2)` it (`fuse.sociable`, the options `mount_data`
-  gives), read the kernel's INIT request ourselves (`read_init`), and store a duplicate of the
-  fd in the keeper together with that request (`KeptConnection`). The adapter
-  (`snapshotter.fs.fuse`) then hands libfuse one end of a socket pair carrying the INIT and,
-  from libfuse's INIT handler, puts the real fd in its place (`os.dup2`), so libfuse's INIT
-  reply reaches the kernel.
-- **adopted**: a restarted daemon fetches the fd and the INIT request from the keeper and does
-  the same with the request's `unique` replaced by `SYNTHETIC_UNIQUE` (odd: no request
-  ever has it, so the kernel drops that reply with ENOENT, which libfuse ignores). Right after
-  the swap it writes `FUSE_NOTIFY_RESEND` (Linux >= 6.9): the requests the dead daemon had
-  read but not answered go back to the pending queue and are answered again (every request
-  of this filesystem is idempotent: it is read-only).
+- **new** (`mount_new`): open `/dev/fuse`, `mount(2)` it (`fuse.sociable`, the options
+  `mount_data` gives) and read the kernel's INIT request (`read_init`); the server
+  (`snapshotter.fs.fuse`) answers it when it starts.
+- **fresh** (`mount_fresh`): the same, and a duplicate of the fd goes to the keeper together
+  with that request (`KeptConnection`).
+- **adopted** (`adopt`): a restarted daemon fetches the fd and the INIT request from the
+  keeper. The INIT was answered by the first process; the server reads the protocol it
+  settled from the request (the answer is a function of it) and writes
+  `FUSE_NOTIFY_RESEND` (Linux >= 6.9): the requests the dead daemon had read but not answered
+  go back to the pending queue and are answered again (every request of this filesystem is
+  idempotent: it is read-only).
 
-Layouts are those of `<linux/fuse.h>` (protocol 7.x, little endian on every platform we run).
+Layouts are in `snapshotter.fs.protocol`.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import json
 import logging
 import os
 import select
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -37,64 +35,13 @@ from snapshotter.mountcalls import MS_NODEV, MS_NOSUID, MS_RDONLY, detach, mount
 from snapshotter.mountinfo import mount_at
 
 from . import keeper
+from .protocol import READ_BUFFER_BYTES, parse_init
 
 log = logging.getLogger(__name__)
 
-FUSE_INIT: Final = 26
-FUSE_NOTIFY_RESEND: Final = 7
-IN_HEADER: Final = struct.Struct("<IIQQIIIHH")
-"""fuse_in_header: len, opcode, unique, nodeid, uid, gid, pid, total_extlen, padding."""
-INIT_IN: Final = struct.Struct("<IIIII44x")
-"""fuse_init_in: major, minor, max_readahead, flags, flags2, unused[11]."""
-OUT_HEADER: Final = struct.Struct("<IiQ")
-"""fuse_out_header: len, error (a notify code when unique is 0), unique."""
-SYNTHETIC_UNIQUE: Final = 1
-"""The unique of a replayed INIT: odd, so it names no request (the kernel's are even)."""
 KEEPER_NAME: Final = "fuse"
 FSNAME: Final = "sociable"
 FSTYPE: Final = "fuse.sociable"
-READ_BUFFER_BYTES: Final = (1 << 20) + 8192
-
-
-@dataclass(frozen=True, slots=True)
-class InitRequest:
-    """The fields of a FUSE_INIT request this module reads (the rest is kept as bytes)."""
-
-    unique: int
-    major: int
-    minor: int
-    flags: int
-    flags2: int
-
-
-def parse_init(request: bytes) -> InitRequest:
-    """The INIT fields of `request` (a whole FUSE request). Raises ValueError when it is not
-    a complete FUSE_INIT."""
-    if len(request) < IN_HEADER.size + 16:
-        raise ValueError(f"a FUSE_INIT request has at least {IN_HEADER.size + 16} bytes")
-    length, opcode, unique, *_ = IN_HEADER.unpack_from(request)
-    if opcode != FUSE_INIT or length != len(request):
-        raise ValueError(f"not a FUSE_INIT request (opcode {opcode}, {length} bytes)")
-    body = request[IN_HEADER.size :] + bytes(max(0, INIT_IN.size - (length - IN_HEADER.size)))
-    major, minor, _readahead, flags, flags2 = INIT_IN.unpack_from(body)
-    return InitRequest(unique, major, minor, flags, flags2)
-
-
-def with_unique(request: bytes, unique: int) -> bytes:
-    """`request` with its header's `unique` replaced."""
-    return request[:8] + struct.pack("<Q", unique) + request[16:]
-
-
-def init_request(*, unique: int, major: int, minor: int, flags: int, flags2: int = 0) -> bytes:
-    """A FUSE_INIT request as the kernel writes it (for tests and tools)."""
-    length = IN_HEADER.size + INIT_IN.size
-    header = IN_HEADER.pack(length, FUSE_INIT, unique, 0, 0, 0, 0, 0, 0)
-    return header + INIT_IN.pack(major, minor, 0, flags, flags2)
-
-
-def resend_notification() -> bytes:
-    """`FUSE_NOTIFY_RESEND`: the kernel queues again every request read but not answered."""
-    return OUT_HEADER.pack(OUT_HEADER.size, FUSE_NOTIFY_RESEND, 0)
 
 
 def mount_data(fd: int, options: frozenset[str]) -> str:
@@ -141,9 +88,9 @@ def alive(fd: int) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class KeptConnection:
-    """A FUSE connection the daemon serves: its fd (owned by whoever holds this), the INIT
-    request to give libfuse, the mount's device (`major:minor`), and whether it was adopted
-    from an earlier process (then the INIT is a replay and pending requests are resent)."""
+    """A FUSE connection the daemon serves: its fd (owned by whoever holds this), the kernel's
+    INIT request, the mount's device (`major:minor`), and whether it was adopted from an
+    earlier process (then the INIT was answered already and pending requests are resent)."""
 
     fd: int
     init: bytes
@@ -164,7 +111,7 @@ def _from_keeper(fd: int, data: bytes) -> KeptConnection:
 def adopt(root: Path, mountpoint: Path) -> KeptConnection | None:
     """The connection the keeper holds for `root` when it still serves the mount at
     `mountpoint`; None (after telling the keeper to drop anything else) when there is none.
-    The INIT of the result is a replay (`SYNTHETIC_UNIQUE`). Raises KeeperError."""
+    Raises KeeperError."""
     fetched = keeper.fetch(root, KEEPER_NAME)
     if fetched is None:
         return None
@@ -182,12 +129,12 @@ def adopt(root: Path, mountpoint: Path) -> KeptConnection | None:
         log.warning("fuse connection not adopted", extra={"error": str(e)})
         keeper.drop(root, KEEPER_NAME)
         return None
-    return KeptConnection(fd, with_unique(kept.init, SYNTHETIC_UNIQUE), kept.device, True)
+    return kept
 
 
-def mount_fresh(root: Path, mountpoint: Path, options: frozenset[str]) -> KeptConnection:
-    """Open `/dev/fuse`, mount it on `mountpoint`, read its INIT and give the keeper a
-    duplicate. On any failure nothing stays mounted. Raises OSError, KeeperError."""
+def mount_new(mountpoint: Path, options: frozenset[str]) -> KeptConnection:
+    """Open `/dev/fuse`, mount it on `mountpoint` and read its INIT (the caller owns the fd).
+    On any failure nothing stays mounted. Raises OSError, ValueError (no INIT came first)."""
     fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     mounted = False
     try:
@@ -197,13 +144,25 @@ def mount_fresh(root: Path, mountpoint: Path, options: frozenset[str]) -> KeptCo
         entry = mount_at(mountpoint)
         if entry is None:
             raise OSError(errno.ENOENT, f"{mountpoint}: mounted but not in mountinfo")
-        kept = KeptConnection(fd, init, entry.device, adopted=False)
-        keeper.store(root, KEEPER_NAME, fd, kept.keeper_data())
     except BaseException:
         if mounted:
             with contextlib.suppress(OSError):
                 detach(mountpoint)
         os.close(fd)
+        raise
+    return KeptConnection(fd, init, entry.device, adopted=False)
+
+
+def mount_fresh(root: Path, mountpoint: Path, options: frozenset[str]) -> KeptConnection:
+    """`mount_new`, and the keeper gets a duplicate of the fd. On any failure nothing stays
+    mounted. Raises OSError, ValueError, KeeperError."""
+    kept = mount_new(mountpoint, options)
+    try:
+        keeper.store(root, KEEPER_NAME, kept.fd, kept.keeper_data())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            detach(mountpoint)
+        os.close(kept.fd)
         raise
     return kept
 

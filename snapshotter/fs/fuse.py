@@ -1,49 +1,57 @@
-"""A thin pyfuse3 adapter over `LayerHost`: it translates calls and errors, nothing more.
+"""The FUSE server: reads requests from the connection's `/dev/fuse` fd, answers them from a
+`LayerHost`, translating calls and errors, nothing more. No libfuse: the kernel protocol is
+spoken directly (`snapshotter.fs.protocol`), so every INIT flag and every reply is ours.
 
-Every handler calls one host method. `FsError`s become `pyfuse3.FUSEError(errno)` through ONE
-table (`ERRNO_TABLE`, most specific class first, `errno_for`); any other exception is logged
-once here, with the layer the request touched, and becomes EIO (`fuse_error`), so no exception
-ever escapes into pyfuse3's main loop (which would end it).
+One trio task reads requests (the fd is non-blocking; it waits with `wait_readable`) and
+answers every request but READ on the spot: the host's answers are in memory, so a LOOKUP,
+GETATTR, GETXATTR or READDIRPLUS costs one read(2), one handler and one write(2) on the trio
+thread, with no task. A READ gets a task of its own in the server's nursery (it may wait for
+spans), at most `max_tasks` at a time (the reader waits for one to end first). OPEN is answered
+ENOSYS: the kernel then opens every file of the connection without asking, keeps its page
+cache (`FOPEN_KEEP_CACHE`) and sends no RELEASE (Linux 3.14 and later), so reading a file costs
+the READs alone. FLUSH is answered ENOSYS too (sent no more). FORGET needs no answer (inodes
+are computed, not allocated), INTERRUPT is ignored (every request ends on its own).
 
-Caching: layer inodes are immutable, so entries and attributes get long
-timeouts and files open with `keep_cache`; the FUSE root, state directory and status file
-(whose contents change) get zero timeouts and direct I/O. The mount's read-ahead window
-(`/sys/class/bdi/<dev>/read_ahead_kb`, 128 KiB for a new FUSE mount, which the FUSE init reply
-can only lower) is raised to `READ_AHEAD_KB` after mounting, so a sequential reader keeps
-several 128 KiB FUSE reads in flight and spans inflate in parallel.
+`FsError`s become errnos through ONE table (`ERRNO_TABLE`, most specific class first,
+`errno_for`); any other exception is logged once here, with the layer the request touched,
+and answered EIO (`fuse_error`), so no exception ever ends the server.
 
-Kept connections (`snapshotter.fs.connection`): given a `KeptConnection`, `open_fuse_host`
-does not mount; libfuse reads the connection's INIT from one end of a socket pair and
-`FuseOperations.init` then swaps the connection's `/dev/fuse` fd into that place, so a
-connection that outlives this process (held by the fd keeper) is served again after a
-restart. Handles are inode numbers (`LayerHost`), so nothing per open file is lost with the
-process; `flush` is left unimplemented (ENOSYS, so the kernel stops sending it).
+Caching: layer inodes are immutable, so entries and attributes get long timeouts and symlink
+targets stay in the page cache (`CACHE_SYMLINKS`); the FUSE root, state directory and status
+file (whose contents change) get zero timeouts, and the status file's mtime is the time it is
+asked for, so the kernel drops its pages before each read (`AUTO_INVAL_DATA`). The mount's
+read-ahead window (`/sys/class/bdi/<dev>/read_ahead_kb`, 128 KiB for a new FUSE mount, which
+the INIT reply can only lower) is raised to `READ_AHEAD_KB` after INIT, so a sequential reader
+keeps several 1 MiB READs in flight and spans inflate in parallel.
 
-pyfuse3 keeps its session in module globals: one mount per process.
+Connections (`snapshotter.fs.connection`) are mounted by this package: a fresh one is answered
+INIT here; an adopted one (kept by the fd keeper across a restart) was answered by the previous
+process, so the server only takes over the negotiated protocol from the stored INIT and asks
+the kernel to resend the requests the previous process read but never answered. Handles are
+inode numbers and READs are answered by the request's inode (`LayerHost`), so nothing per open
+file is lost with the process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import logging
 import os
-import socket
 import subprocess
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-import pyfuse3
 import trio
 
-from snapshotter.fs.connection import KeptConnection, resend_notification
+from snapshotter.fs import protocol as p
+from snapshotter.fs.connection import KeptConnection, mount_new
 from snapshotter.fs.errors import (
     BadHandle,
     FsError,
@@ -59,8 +67,10 @@ from snapshotter.fs.errors import (
     TreeBuildError,
 )
 from snapshotter.fs.host import LayerHost
+from snapshotter.fs.inodes import FUSE_ROOT_INODE
 from snapshotter.fs.readers import LayerReader
 from snapshotter.fs.tree import Attr, LayerTree
+from snapshotter.mountcalls import detach
 from snapshotter.mountinfo import is_mountpoint, mount_at
 
 log = logging.getLogger(__name__)
@@ -171,8 +181,16 @@ _EIO_LOGS: Final[weakref.WeakKeyDictionary[LayerHost, _EioLog]] = weakref.WeakKe
 """One rate limiter per mounted host (each daemon has one; tests make many)."""
 
 
-def fuse_error(op: str, exc: Exception, layer: str, eio_log: _EioLog | None = None) -> Any:
-    """The `pyfuse3.FUSEError` a request `op` failing with `exc` answers, logged once here.
+class FuseError(Exception):
+    """A request's answer is errno `errno` (raised by handlers, answered by the server)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(os.strerror(code))
+        self.errno = code
+
+
+def fuse_error(op: str, exc: Exception, layer: str, eio_log: _EioLog | None = None) -> FuseError:
+    """The `FuseError` a request `op` failing with `exc` answers, logged once here.
 
     `layer` names what the request touched (`LayerHost.describe`). Domain errors get
     `errno_for(exc)`: EIO ones are logged as warnings (at most one line per layer every
@@ -189,9 +207,9 @@ def fuse_error(op: str, exc: Exception, layer: str, eio_log: _EioLog | None = No
                 eio_log(op, layer, exc)
         elif code not in _QUIET:
             log.debug("fuse %s in %s: %s", op, layer, exc)
-        return pyfuse3.FUSEError(code)
+        return FuseError(code)
     log.error("fuse %s: unexpected error in %s, answering EIO", op, layer, exc_info=exc)
-    return pyfuse3.FUSEError(errno.EIO)
+    return FuseError(errno.EIO)
 
 
 class FuseOpRecorder(Protocol):
@@ -229,207 +247,235 @@ FUSE_OPS: Final = (
     "listxattr",
     "access",
 )
-"""The handlers of `FuseOperations` (pyfuse3's names): `FuseOpStats` counts every one, the
-metrics record those that answer through `_translated` (`readdir` answers the kernel's
-READDIRPLUS, the only listing request pyfuse3 registers; `forget` also BATCH_FORGET; `flush`
-is pyfuse3's default answer)."""
+"""The requests the server counts (`FuseOpStats`) and records (metrics), by handler name:
+`readdir` answers READDIR and READDIRPLUS, `forget` FORGET and BATCH_FORGET; `open` and
+`flush` are answered ENOSYS (the kernel sends each once per connection), `release` only comes
+for files a previous process opened."""
 
 
-@contextmanager
-def _translated(
-    op: str,
-    host: LayerHost,
-    *,
-    inode: int | None = None,
-    fh: int | None = None,
-    record: FuseOpRecorder | None = None,
-) -> Iterator[None]:
-    """The error boundary of one request: everything but `FUSEError` goes through
-    `fuse_error`; nothing else escapes into pyfuse3's main loop. With `record`, the
-    request's latency and errno are recorded."""
-    t0 = time.perf_counter() if record is not None else 0.0
-    try:
-        yield
-    except pyfuse3.FUSEError as e:
-        if record is not None:
-            record.failed(time.perf_counter() - t0, e.errno)
-        raise
-    except Exception as e:
-        eio_log = _EIO_LOGS.setdefault(host, _EioLog())
-        error = fuse_error(op, e, host.describe(inode=inode, fh=fh), eio_log)
-        if record is not None:
-            record.failed(time.perf_counter() - t0, error.errno)
-        raise error from e
-    if record is not None:
-        record.done(time.perf_counter() - t0)
+def _attr_bytes(attr: Attr) -> bytes:
+    return p.attr_bytes(
+        attr.inode,
+        attr.mode,
+        attr.nlink,
+        attr.uid,
+        attr.gid,
+        attr.rdev,
+        attr.size,
+        attr.blocks,
+        attr.blksize,
+        attr.mtime_ns,
+    )
 
 
-def entry_attributes(attr: Attr) -> Any:
-    """`attr` as a `pyfuse3.EntryAttributes` with the timeouts its cacheability allows."""
-    entry = pyfuse3.EntryAttributes()
-    entry.st_ino = attr.inode
-    entry.generation = 0
-    timeout = LONG_TIMEOUT_S if attr.cacheable else 0.0
-    entry.entry_timeout = timeout
-    entry.attr_timeout = timeout
-    entry.st_mode = attr.mode
-    entry.st_nlink = attr.nlink
-    entry.st_uid = attr.uid
-    entry.st_gid = attr.gid
-    entry.st_rdev = attr.rdev
-    entry.st_size = attr.size
-    entry.st_blksize = attr.blksize
-    entry.st_blocks = attr.blocks
-    entry.st_atime_ns = 0
-    entry.st_ctime_ns = 0
-    entry.st_mtime_ns = attr.mtime_ns
-    return entry
+def entry_out(attr: Attr) -> bytes:
+    """`attr` as a fuse_entry_out with the timeouts its cacheability allows."""
+    return p.entry_out(attr.inode, _attr_bytes(attr), LONG_TIMEOUT_S if attr.cacheable else 0.0)
 
 
-class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
-    """pyfuse3 handlers delegating to a `LayerHost` (read-only; no write handlers)."""
+def attr_out(attr: Attr) -> bytes:
+    """`attr` as a fuse_attr_out with the timeout its cacheability allows."""
+    return p.attr_out(_attr_bytes(attr), LONG_TIMEOUT_S if attr.cacheable else 0.0)
 
-    enable_writeback_cache = False
-    enable_acl = False
+
+def _groups(pid: int) -> tuple[int, ...]:
+    """The supplementary groups of process `pid` (none when it is gone)."""
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"Groups:"):
+                return tuple(int(g) for g in line.split()[1:])
+    return ()
+
+
+def _sized(data: bytes, size: int) -> bytes:
+    """The answer to an xattr request for `data` with buffer `size` (0: only the length)."""
+    if size == 0:
+        return p.GETXATTR_OUT.pack(len(data), 0)
+    if len(data) > size:
+        raise FuseError(errno.ERANGE)
+    return data
+
+
+Handler = Callable[[int, memoryview], bytes | None]
+
+
+class FuseOperations:
+    """The request handlers over a `LayerHost` (read-only: no write handlers).
+
+    `handle` answers one request other than READ and INIT (a whole request as the kernel
+    wrote it; returns the whole reply, None for requests that get none); `read` answers a
+    READ. Each handler takes the request's inode and body and returns the reply's payload.
+    """
 
     def __init__(self, host: LayerHost, metrics: FuseMetrics | None = None) -> None:
-        super().__init__()
         self.host = host
         self._records: dict[str, FuseOpRecorder] = (
             {op: metrics.fuse_op(op) for op in FUSE_OPS} if metrics is not None else {}
         )
+        self._eio_log = _EIO_LOGS.setdefault(host, _EioLog())
+        self._caller = (0, 0, 0)
+        self._handlers: dict[int, tuple[str, Handler]] = {
+            p.LOOKUP: ("lookup", self.lookup),
+            p.FORGET: ("forget", self.forget),
+            p.BATCH_FORGET: ("forget", self.forget),
+            p.GETATTR: ("getattr", self.getattr),
+            p.READLINK: ("readlink", self.readlink),
+            p.OPEN: ("open", self.open),
+            p.FLUSH: ("flush", self.flush),
+            p.RELEASE: ("release", self.release),
+            p.OPENDIR: ("opendir", self.opendir),
+            p.READDIR: ("readdir", self.readdir),
+            p.READDIRPLUS: ("readdir", self.readdirplus),
+            p.RELEASEDIR: ("releasedir", self.releasedir),
+            p.STATFS: ("statfs", self.statfs),
+            p.GETXATTR: ("getxattr", self.getxattr),
+            p.LISTXATTR: ("listxattr", self.listxattr),
+            p.ACCESS: ("access", self.access),
+        }
 
-    def _boundary(
-        self, op: str, *, inode: int | None = None, fh: int | None = None
-    ) -> AbstractContextManager[None]:
-        """The boundary (`_translated`) of one `op` request, recorded when metrics are on."""
-        return _translated(op, self.host, inode=inode, fh=fh, record=self._records.get(op))
+    def handle(self, request: bytes | memoryview) -> bytes | None:
+        """The reply to `request` (not a READ): ENOSYS for what no handler answers, nothing
+        for FORGET, BATCH_FORGET and INTERRUPT."""
+        length, opcode, unique, nodeid, uid, gid, pid, _, _ = p.IN_HEADER.unpack_from(request)
+        entry = self._handlers.get(opcode)
+        if entry is None:
+            return None if opcode == p.INTERRUPT else p.error_reply(unique, errno.ENOSYS)
+        op, handler = entry
+        record = self._records.get(op)
+        t0 = time.perf_counter() if record is not None else 0.0
+        cpu0 = time.thread_time_ns()
+        self._caller = (uid, gid, pid)
+        try:
+            payload = handler(nodeid, memoryview(request)[p.IN_HEADER.size : length])
+        except Exception as e:
+            code = self._failed(op, e, nodeid)
+            FUSE_OP_STATS.count(op, time.thread_time_ns() - cpu0)
+            if record is not None:
+                record.failed(time.perf_counter() - t0, code)
+            return p.error_reply(unique, code)
+        FUSE_OP_STATS.count(op, time.thread_time_ns() - cpu0)
+        if record is not None:
+            record.done(time.perf_counter() - t0)
+        return None if payload is None else p.reply(unique, payload)
 
-    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
-        with self._boundary("lookup", inode=parent_inode):
-            try:
-                attr = self.host.lookup(parent_inode, name)
-            except NotFound:
-                # The common miss (overlayfs and path searches probe names): answered at
-                # once, without the error table and the description of the inode.
-                raise pyfuse3.FUSEError(errno.ENOENT) from None
-            return entry_attributes(attr)
+    def _failed(self, op: str, exc: Exception, inode: int) -> int:
+        """The errno a request failing with `exc` answers (`fuse_error` logs it)."""
+        if isinstance(exc, FuseError):
+            return exc.errno
+        return fuse_error(op, exc, self.host.describe(inode=inode), self._eio_log).errno
 
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        # Inodes are computed, not allocated: nothing to free.
+    async def read(self, request: bytes) -> list[bytes]:
+        """The reply to a READ request, as buffers to write together."""
+        _, _, unique, nodeid, *_ = p.IN_HEADER.unpack_from(request)
+        _fh, offset, size, *_ = p.READ_IN.unpack_from(request, p.IN_HEADER.size)
+        record = self._records.get("read")
+        t0 = time.perf_counter() if record is not None else 0.0
+        task = FUSE_OP_STATS.enter("read")
+        try:
+            data = await self.host.read(nodeid, offset, size)
+        except Exception as e:
+            code = self._failed("read", e, nodeid)
+            if record is not None:
+                record.failed(time.perf_counter() - t0, code)
+            return [p.error_reply(unique, code)]
+        finally:
+            FUSE_OP_STATS.exit("read", task)
+        if record is not None:
+            record.done(time.perf_counter() - t0)
+        return [p.OUT_HEADER.pack(p.OUT_HEADER.size + len(data), 0, unique), data]
+
+    # -- handlers: (inode, body) -> payload -----------------------------------------------
+
+    def lookup(self, inode: int, body: memoryview) -> bytes:
+        try:
+            attr = self.host.lookup(inode, p.cstring(body))
+        except NotFound:
+            # The common miss (overlayfs and path searches probe names): answered at once,
+            # without the error table and the description of the inode.
+            raise FuseError(errno.ENOENT) from None
+        return entry_out(attr)
+
+    def forget(self, inode: int, body: memoryview) -> None:
+        # Inodes are computed, not allocated: nothing to free, nothing to answer.
         return None
 
-    takeover: tuple[int, int, bool] | None = None
-    """(libfuse's fd, the kept connection's `/dev/fuse` fd, resend) until `init` swaps them."""
-    initialized = False
+    def getattr(self, inode: int, body: memoryview) -> bytes:
+        return attr_out(self.host.getattr(inode))
 
-    def init(self) -> None:
-        """libfuse's INIT handler, called before the INIT reply is written. Serving a kept
-        connection, it puts the connection's `/dev/fuse` fd in the place of the socket libfuse
-        read the INIT from (so the reply and every later request use the connection) and,
-        for an adopted connection, asks the kernel to resend the requests the previous
-        process read but never answered. Never raises (pyfuse3 requires it)."""
-        takeover, self.takeover = self.takeover, None
-        if takeover is not None:
-            target, fuse_fd, resend = takeover
-            try:
-                os.dup2(fuse_fd, target, inheritable=False)
-                os.close(fuse_fd)
-            except OSError as e:
-                log.error("fuse connection takeover failed", extra={"error": str(e)})
-            else:
-                if resend:
-                    try:
-                        os.write(target, resend_notification())
-                    except OSError as e:  # Linux < 6.9: requests in flight at a crash hang
-                        log.warning(
-                            "fuse requests of the previous process not resent",
-                            extra={"error": str(e)},
-                        )
-        self.initialized = True
+    def readlink(self, inode: int, body: memoryview) -> bytes:
+        return self.host.readlink(inode)
 
-    async def getattr(self, inode: int, ctx: Any = None) -> Any:
-        with self._boundary("getattr", inode=inode):
-            return entry_attributes(self.host.getattr(inode))
+    def open(self, inode: int, body: memoryview) -> bytes:
+        # The kernel opens files without asking from now on (see the module doc).
+        raise FuseError(errno.ENOSYS)
 
-    async def readlink(self, inode: int, ctx: Any = None) -> bytes:
-        with self._boundary("readlink", inode=inode):
-            return self.host.readlink(inode)
+    def flush(self, inode: int, body: memoryview) -> bytes:
+        raise FuseError(errno.ENOSYS)
 
-    async def opendir(self, inode: int, ctx: Any = None) -> int:
-        with self._boundary("opendir", inode=inode):
-            return self.host.opendir(inode)
+    def release(self, inode: int, body: memoryview) -> bytes:
+        return b""  # handles are inode numbers: nothing to free
 
-    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        with self._boundary("readdir", fh=fh):
-            for item in self.host.readdir(fh, start_id):
-                if not pyfuse3.readdir_reply(
-                    token, item.name, entry_attributes(item.attr), item.next_offset
-                ):
-                    break
+    def opendir(self, inode: int, body: memoryview) -> bytes:
+        return p.OPEN_OUT.pack(self.host.opendir(inode), 0, 0)
 
-    async def releasedir(self, fh: int) -> None:
-        with self._boundary("releasedir", fh=fh):
-            self.host.releasedir(fh)
+    def _listing(self, body: memoryview, plus: bool) -> bytes:
+        fh, offset, size, *_ = p.READ_IN.unpack_from(body)
+        out: list[bytes] = []
+        used = 0
+        for item in self.host.readdir(fh, offset):
+            attr = item.attr
+            row = p.dirent(attr.inode, item.next_offset, attr.mode, item.name)
+            if plus:
+                row = entry_out(attr) + row
+            if used + len(row) > size:
+                break
+            out.append(row)
+            used += len(row)
+        return b"".join(out)
 
-    async def open(self, inode: int, flags: int, ctx: Any = None) -> Any:
-        with self._boundary("open", inode=inode):
-            result = self.host.open(inode, flags)
-            return pyfuse3.FileInfo(
-                fh=result.fh, keep_cache=result.cacheable, direct_io=not result.cacheable
-            )
+    def readdir(self, inode: int, body: memoryview) -> bytes:
+        return self._listing(body, plus=False)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        with self._boundary("read", fh=fh):
-            return await self.host.read(fh, off, size)
+    def readdirplus(self, inode: int, body: memoryview) -> bytes:
+        return self._listing(body, plus=True)
 
-    async def release(self, fh: int) -> None:
-        with self._boundary("release", fh=fh):
-            self.host.release(fh)
+    def releasedir(self, inode: int, body: memoryview) -> bytes:
+        self.host.releasedir(int.from_bytes(body[:8], "little"))
+        return b""
 
-    async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
-        with self._boundary("getxattr", inode=inode):
-            # Most inodes have no xattrs, and overlayfs asks its lowers for trusted.overlay.*
-            # on lookups: answer a miss without a domain exception and its message.
-            if name not in self.host.listxattr(inode):
-                raise pyfuse3.FUSEError(errno.ENODATA)
-            return self.host.getxattr(inode, name)
+    def statfs(self, inode: int, body: memoryview) -> bytes:
+        stats = self.host.statfs()
+        return p.kstatfs(
+            blocks=stats.blocks, files=stats.files, bsize=stats.block_size, namelen=stats.name_max
+        )
 
-    async def listxattr(self, inode: int, ctx: Any = None) -> Sequence[bytes]:
-        with self._boundary("listxattr", inode=inode):
-            return list(self.host.listxattr(inode))
+    def getxattr(self, inode: int, body: memoryview) -> bytes:
+        size, _ = p.GETXATTR_IN.unpack_from(body)
+        name = p.cstring(body, p.GETXATTR_IN.size)
+        # Most inodes have no xattrs, and overlayfs asks its lowers for trusted.overlay.*
+        # on lookups: answer a miss without a domain exception and its message.
+        if name not in self.host.listxattr(inode):
+            raise FuseError(errno.ENODATA)
+        return _sized(self.host.getxattr(inode, name), size)
 
-    async def statfs(self, ctx: Any = None) -> Any:
-        with self._boundary("statfs"):
-            stats = self.host.statfs()
-            data = pyfuse3.StatvfsData()
-            data.f_bsize = stats.block_size
-            data.f_frsize = stats.block_size
-            data.f_blocks = stats.blocks
-            data.f_bfree = 0
-            data.f_bavail = 0
-            data.f_files = stats.files
-            data.f_ffree = 0
-            data.f_favail = 0
-            data.f_namemax = stats.name_max
-            return data
+    def listxattr(self, inode: int, body: memoryview) -> bytes:
+        size, _ = p.GETXATTR_IN.unpack_from(body)
+        return _sized(b"".join(name + b"\0" for name in self.host.listxattr(inode)), size)
 
-    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
-        with self._boundary("access", inode=inode):
-            try:
-                groups = tuple(pyfuse3.get_sup_groups(ctx.pid))
-            except OSError:  # the caller may be gone already
-                groups = ()
-            self.host.access(inode, mode, ctx.uid, (ctx.gid, *groups))
-            return True
+    def access(self, inode: int, body: memoryview) -> bytes:
+        mask, _ = p.ACCESS_IN.unpack_from(body)
+        uid, gid, pid = self._caller
+        self.host.access(inode, mask, uid, (gid, *_groups(pid)))
+        return b""
 
 
 @dataclass(frozen=True, slots=True)
 class FuseOpStatistics:
     """Requests answered per handler since the process started, and the trio thread's CPU
     time spent running them, in seconds (handlers that await count only their own steps);
-    `trio_thread_cpu_sec`: all the CPU time of the thread that serves the requests (pyfuse3's
-    own work around each request and every other trio task included; 0 before a request)."""
+    `trio_thread_cpu_sec`: all the CPU time of the thread that serves the requests (the
+    server's own work around each request and every other trio task included; 0 before a
+    request)."""
 
     counts: Mapping[str, int]
     cpu_sec: Mapping[str, float]
@@ -477,6 +523,14 @@ class FuseOpStats(trio.abc.Instrument):
             trio_thread_cpu_sec=trio_cpu,
         )
 
+    def count(self, op: str, cpu_ns: int) -> None:
+        """A request for handler `op` was answered without awaiting, in `cpu_ns` of CPU."""
+        self._counts[op] = self._counts.get(op, 0) + 1
+        self._cpu_ns[op] = self._cpu_ns.get(op, 0) + cpu_ns
+        if self._trio_clock is None:
+            with contextlib.suppress(RuntimeError):
+                self._trio_clock = time.pthread_getcpuclockid(threading.get_ident())
+
     def enter(self, op: str) -> object:
         """A request for handler `op` starts in the current task; returns the task."""
         token = trio.lowlevel.current_trio_token()
@@ -510,23 +564,73 @@ class FuseOpStats(trio.abc.Instrument):
 
 
 FUSE_OP_STATS: Final = FuseOpStats()
-"""The process's counters (pyfuse3 serves one mount per process)."""
+"""The process's counters (a daemon serves one FUSE connection)."""
 
 
-def _counted(op: str, handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    @functools.wraps(handler)
-    async def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
-        task = FUSE_OP_STATS.enter(op)
-        try:
-            return await handler(self, *args, **kwargs)
-        finally:
-            FUSE_OP_STATS.exit(op, task)
+REQUESTS_PER_CHECKPOINT: Final = 32
+"""Requests the reader answers in a row before it lets other tasks run (READ tasks, the
+registry client): a busy connection must not starve what READs wait for."""
 
-    return counted
+NOTIFY_THREADS: Final = trio.CapacityLimiter(1)
+"""The worker thread that writes notifications: the kernel may hold a notification until a
+request of the same directory is answered, which needs the trio thread free."""
 
 
-for _op in FUSE_OPS:
-    setattr(FuseOperations, _op, _counted(_op, getattr(FuseOperations, _op)))
+def _write(fd: int, buffers: list[bytes]) -> None:
+    """Write one reply or notification; a request the kernel gave up (interrupted, the
+    connection ended) is no error."""
+    try:
+        os.writev(fd, buffers)
+    except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
+            log.warning("fuse reply not written", extra={"error": str(e)})
+
+
+async def _answer_read(ops: FuseOperations, fd: int, request: bytes, slots: trio.Semaphore) -> None:
+    try:
+        _write(fd, await ops.read(request))
+    finally:
+        slots.release()
+
+
+async def _serve(ops: FuseOperations, fd: int, max_tasks: int) -> None:
+    """Answer requests on `fd` until the connection ends (unmounted or aborted) or the task
+    is cancelled; requests read but unanswered at a cancellation are answered by nobody (a
+    kept connection's next process gets them resent)."""
+    buffer = bytearray(p.READ_BUFFER_BYTES)
+    view = memoryview(buffer)
+    slots = trio.Semaphore(max_tasks)
+    in_a_row = 0
+    async with trio.open_nursery() as nursery:
+        while True:
+            try:
+                n = os.readv(fd, [buffer])
+            except BlockingIOError:
+                in_a_row = 0
+                await trio.lowlevel.wait_readable(fd)
+                continue
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.EINTR):  # interrupted before it was read
+                    continue
+                if e.errno == errno.ENODEV:
+                    log.info("fuse connection ended")
+                    return
+                raise
+            if buffer[4] == p.READ and not any(buffer[5:8]):
+                await slots.acquire()
+                nursery.start_soon(_answer_read, ops, fd, bytes(view[:n]), slots)
+            else:
+                answer = ops.handle(view[:n])
+                if answer is not None:
+                    _write(fd, [answer])
+            in_a_row += 1
+            if in_a_row >= REQUESTS_PER_CHECKPOINT:
+                in_a_row = 0
+                await trio.lowlevel.checkpoint()
+
+
+async def _notify(fd: int, message: bytes) -> None:
+    await trio.to_thread.run_sync(_write, fd, [message], limiter=NOTIFY_THREADS)
 
 
 class FuseMount:
@@ -535,10 +639,10 @@ class FuseMount:
     def __init__(self, mountpoint: Path, host: LayerHost) -> None:
         self.mountpoint = mountpoint
         self.host = host
-        self._starter: Callable[[], Awaitable[None]] | None = None
-        self._ops: FuseOperations | None = None
+        self._starter: Callable[[], Any] | None = None
         self._served_fd: int | None = None
         self._stop: Callable[[], None] | None = None
+        self._nursery: trio.Nursery | None = None
 
     def __repr__(self) -> str:
         return f"<FuseMount {self.mountpoint} {self.host!r}>"
@@ -556,11 +660,8 @@ class FuseMount:
 
     @property
     def connection_fd(self) -> int | None:
-        """The kept connection's `/dev/fuse` fd this process serves (to hand to a keeper
-        again; valid while the mount is served), None before INIT or without a kept
-        connection."""
-        if self._ops is None or not self._ops.initialized:
-            return None
+        """The `/dev/fuse` fd this process serves (to hand to a keeper again; valid while the
+        mount is served), None before it answers requests."""
         return self._served_fd
 
     def add_layer(
@@ -577,12 +678,15 @@ class FuseMount:
         return self.mountpoint / name
 
     def remove_layer(self, name: str) -> None:
-        """`LayerHost.remove_layer`, then drop the kernel's cached entry for the layer dir."""
+        """`LayerHost.remove_layer`, then drop the kernel's cached entry for the layer dir
+        (a notification written from a worker thread)."""
         inode = self.host.layer_inode(name)
         self.host.remove_layer(name)
-        pyfuse3.invalidate_entry_async(
-            pyfuse3.ROOT_INODE, name.encode("utf-8", "surrogateescape"), inode, True
-        )
+        if self._nursery is not None and self._served_fd is not None:
+            message = p.delete_notification(
+                FUSE_ROOT_INODE, inode, name.encode("utf-8", "surrogateescape")
+            )
+            self._nursery.start_soon(_notify, self._served_fd, message)
 
 
 @asynccontextmanager
@@ -597,46 +701,45 @@ async def open_fuse_host(
     connection: KeptConnection | None = None,
     start: bool = True,
 ) -> AsyncIterator[FuseMount]:
-    """Mount `host` at `mountpoint` and serve it until the block exits; always unmount.
+    """Serve `host` at `mountpoint` until the block exits.
 
-    With `connection` (already mounted at `mountpoint`, see `snapshotter.fs.connection`) it
-    serves that connection instead, takes ownership of its fd and on exit only stops serving:
-    the mount stays (whoever keeps the connection decides its fate). `start=False` answers
+    Without `connection` it mounts a new FUSE connection there and unmounts it on exit. With
+    `connection` (already mounted at `mountpoint`, see `snapshotter.fs.connection`) it serves
+    that connection instead, takes ownership of its fd and on exit only stops serving: the
+    mount stays (whoever keeps the connection decides its fate). `start=False` answers
     nothing until `FuseMount.start()` (a restarted daemon first puts its layers back).
 
-    `read_ahead_kb` (0 = leave the kernel default) is applied with `set_read_ahead`.
-    `metrics`: where every request's latency and errno are recorded (None: nowhere).
+    `read_ahead_kb` (0 = leave the kernel default) is applied with `set_read_ahead` once INIT
+    is answered. `metrics`: where every request's latency and errno are recorded (None:
+    nowhere). `max_tasks`: READs answered at once.
 
-    The pyfuse3 main loop runs in a nursery owned by this context manager; on exit (normal,
-    error or cancellation) it is cancelled and the filesystem unmounted with
-    `pyfuse3.close(unmount=True)`. Only one mount can exist per process.
+    The server runs in a nursery owned by this context manager; on exit (normal, error or
+    cancellation) it is cancelled.
 
     Raises:
-        RuntimeError: pyfuse3 cannot mount (no /dev/fuse, bad mountpoint, already mounted in
-            this process); the message names the mountpoint.
+        RuntimeError: the mount failed (no /dev/fuse, bad mountpoint, the kernel's INIT
+            unusable); the message names the mountpoint.
     """
     ops = FuseOperations(host, metrics)
-    target = os.fspath(mountpoint)
-    served_fd: int | None = None
-    if connection is not None:
-        # libfuse takes `/dev/fd/N` as an fd to serve, not a place to mount.
-        inner, outer = socket.socketpair(
-            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
-        )
-        with outer:
-            outer.send(connection.init)
-        ops.takeover = (inner.fileno(), connection.fd, connection.adopted)
-        served_fd = inner.detach()
-        target = f"/dev/fd/{served_fd}"
+    mounted_here = connection is None
+    if connection is None:
+        try:
+            connection = await trio.to_thread.run_sync(
+                mount_new, mountpoint, MOUNT_OPTIONS | extra_options
+            )
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"cannot mount the layer host at {mountpoint}: {e}") from e
+    fd = connection.fd
     try:
-        pyfuse3.init(ops, target, set(MOUNT_OPTIONS | extra_options))
-    except RuntimeError as e:
-        if ops.takeover is not None:
-            os.close(ops.takeover[0])
-            os.close(ops.takeover[1])
-        raise RuntimeError(f"cannot mount the layer host at {mountpoint}: {e}") from e
+        init = p.parse_init(connection.init)
+        negotiated = p.negotiate(init)
+    except ValueError as e:
+        _close(fd, mountpoint if mounted_here else None)
+        raise RuntimeError(f"cannot serve the layer host at {mountpoint}: {e}") from e
+    os.set_blocking(fd, False)
     try:
         async with trio.open_nursery() as nursery:
+            mount = FuseMount(mountpoint, host)
             started = False
 
             async def begin() -> None:
@@ -644,28 +747,39 @@ async def open_fuse_host(
                 if started:
                     return
                 started = True
-                nursery.start_soon(pyfuse3.main, 1, max_tasks)
-                if read_ahead_kb and (connection is None or not connection.adopted):
-                    # The kernel sets the window from the INIT reply: wait for it (a stat
-                    # blocks until INIT is answered), then raise it.
-                    with contextlib.suppress(OSError):
-                        await trio.to_thread.run_sync(os.stat, mountpoint)
+                if connection.adopted:
+                    # Answered by the previous process; ask for what it left unanswered.
+                    _write(fd, [p.resend_notification()])
+                else:
+                    _write(fd, [p.init_reply(init, negotiated)])
+                mount._served_fd = fd
+                nursery.start_soon(_serve, ops, fd, max_tasks)
+                if read_ahead_kb and not connection.adopted:
                     await trio.to_thread.run_sync(set_read_ahead, mountpoint, read_ahead_kb)
 
-            mount = FuseMount(mountpoint, host)
             mount._starter = begin
-            mount._ops, mount._served_fd = ops, served_fd
             mount._stop = nursery.cancel_scope.cancel
+            mount._nursery = nursery
             if start:
                 await begin()
             try:
                 yield mount
             finally:
+                mount._served_fd = None
                 nursery.cancel_scope.cancel()
     finally:
-        pyfuse3.close(unmount=connection is None)
-        if ops.takeover is not None:  # never served: INIT never swapped the fd in
-            os.close(ops.takeover[1])
+        _close(fd, mountpoint if mounted_here else None)
+
+
+def _close(fd: int, mountpoint: Path | None) -> None:
+    """Close the served fd; with `mountpoint`, unmount it first (lazily)."""
+    if mountpoint is not None:
+        try:
+            detach(mountpoint)
+        except OSError as e:
+            log.warning("cannot unmount %s: %s", mountpoint, e)
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 def cleanup_stale_mount(path: Path) -> bool:

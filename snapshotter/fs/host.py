@@ -1,6 +1,6 @@
 """The multi-layer host: one filesystem whose top-level directories are layers.
 
-Pure domain logic: no pyfuse3. The FUSE adapter (`snapshotter.fs.fuse`) only translates the
+Pure domain logic: no FUSE protocol. The FUSE server (`snapshotter.fs.fuse`) only translates the
 calls below and their `FsError`s.
 
 Layout of the mounted filesystem::
@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import stat
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
@@ -311,9 +312,12 @@ class LayerHost:
 
     def _state_attr(self, layer: _Layer, local: int) -> Attr:
         if local == STATE_DIR_LOCAL:
-            mode, nlink, size = stat.S_IFDIR | 0o500, 2, 0
+            mode, nlink, size, mtime_ns = stat.S_IFDIR | 0o500, 2, 0, 0
         else:
+            # Rendered when read: its mtime is now, so the kernel's page cache of it (kept
+            # across opens) is dropped whenever it asks for the attributes again.
             mode, nlink, size = stat.S_IFREG | 0o400, 1, len(layer.status().to_json())
+            mtime_ns = time.time_ns()
         return Attr(
             inode=make_inode(layer.slot, local),
             mode=mode,
@@ -322,7 +326,7 @@ class LayerHost:
             gid=0,
             rdev=0,
             size=size,
-            mtime_ns=0,
+            mtime_ns=mtime_ns,
             cacheable=False,
         )
 

@@ -2,7 +2,7 @@
 
     inode = (slot << 32) | local
 
-`slot` 0 is the host itself (the FUSE root is inode 1, pyfuse3's `ROOT_INODE`). Each layer has a
+`slot` 0 is the host itself (the FUSE root is inode 1, the kernel's `FUSE_ROOT_ID`). Each layer has a
 slot >= 1; within it, local 1 is the state directory, local 2 its status file, and node `n` of
 the layer tree is local `n + 3` (the layer root, node 0, is local 3). Because a layer tree
 numbers its nodes in tar order, the same layer in the same slot always gives the same inodes,

@@ -13,7 +13,7 @@
     bundle      `make dist`: the tarball with the wheelhouse and install.sh
     eks         EKS user data (AL2023 nodeadm, AL2 bootstrap.sh)
 
-`install` and `uninstall` import nothing of the daemon (no trio, grpc, pyfuse3 or PyYAML;
+`install` and `uninstall` import nothing of the daemon (no trio, grpc, httpx or PyYAML;
 `eks` needs PyYAML): a bundle's `install.sh` runs them from its wheels before any of them is
 installed (tests/unit/test_install_node.py checks it).
 """

@@ -446,8 +446,8 @@ def _take_connection(
     """The adopted FUSE connection, the bind mounts of its layers still in place (mountpoint
     -> layer name) and whether a keeper answers. The keeper's connection when it still serves
     `fuse_dir` (other mounts under the root's snapshots are detached); else None after every
-    mount left under the root is cleared (then `_mount_fresh`, or without a keeper pyfuse3
-    mounts as it always did). Blocking; raises OSError."""
+    mount left under the root is cleared (then `_mount_fresh`, or without a keeper the FUSE
+    server mounts a connection of its own). Blocking; raises OSError."""
     from snapshotter.fs import connection, keeper
     from snapshotter.fs.fuse import cleanup_stale_mount
 
@@ -487,7 +487,7 @@ def _take_connection(
 
 def _mount_fresh(root: Path, fuse_dir: Path) -> KeptConnection | None:
     """A fresh FUSE connection on `fuse_dir`, kept by the keeper; None (logged) when the
-    keeper refuses it (pyfuse3 then mounts). Blocking; raises OSError (no /dev/fuse, ...)."""
+    keeper refuses it (the FUSE server then mounts one of its own). Blocking; raises OSError (no /dev/fuse, ...)."""
     from snapshotter.fs import connection, keeper
     from snapshotter.fs.fuse import MOUNT_OPTIONS
 

@@ -1,7 +1,6 @@
 """Serving test layers through the FUSE layer host in a subprocess.
 
-pyfuse3 keeps its session in module globals (one mount per process), and a test must survive a
-hung or crashed server, so the host runs in a child process:
+A test must survive a hung or crashed server, so the host runs in a child process:
 
     python -m tests.support.fuselayers CONFIG.json
 

@@ -807,35 +807,48 @@ def test_errno_table(exc: BaseException, code: int) -> None:
 async def test_adapter_translates_without_mounting(
     tar_layer: tuple[Path, list[FileMetadata]], tmp_path: Path
 ) -> None:
-    import pyfuse3
-
+    from snapshotter.fs import protocol as p
     from snapshotter.fs.fuse import LONG_TIMEOUT_S, FuseOperations
+    from tests.support.fuserequests import Client, Failed
 
     _, entries = tar_layer
     host = LayerHost()
     host.add_layer("l", build_tree(entries), LocalTarReader(tmp_path / "missing"))
-    ops = FuseOperations(host)
-    entry = await ops.lookup(FUSE_ROOT_INODE, b"l")
-    assert entry.entry_timeout == LONG_TIMEOUT_S and stat.S_ISDIR(entry.st_mode)
-    root = await ops.getattr(FUSE_ROOT_INODE)
-    assert root.attr_timeout == 0
-    with pytest.raises(pyfuse3.FUSEError) as info:
-        await ops.lookup(entry.st_ino, b"missing")
+    ops = Client(FuseOperations(host))
+    entry = ops.lookup(FUSE_ROOT_INODE, b"l")
+    assert entry.entry_timeout == LONG_TIMEOUT_S and stat.S_ISDIR(entry.mode)
+    assert ops.getattr(FUSE_ROOT_INODE).attr_timeout == 0
+    with pytest.raises(Failed) as info:
+        ops.lookup(entry.nodeid, b"missing")
     assert info.value.errno == errno.ENOENT
-    hosts = await ops.lookup((await ops.lookup(entry.st_ino, b"etc")).st_ino, b"hosts")
-    with pytest.raises(pyfuse3.FUSEError) as info:
-        await ops.open(hosts.st_ino, os.O_WRONLY)
-    assert info.value.errno == errno.EROFS
-    fi = await ops.open(hosts.st_ino, os.O_RDONLY)
-    assert fi.keep_cache and not fi.direct_io
-    with pytest.raises(pyfuse3.FUSEError) as info:
-        await ops.read(fi.fh, 0, 10)  # the reader's file is missing
+    hosts = ops.lookup(ops.lookup(entry.nodeid, b"etc").nodeid, b"hosts")
+    assert hosts.ino == hosts.nodeid and hosts.attr_timeout == LONG_TIMEOUT_S
+    # OPEN and FLUSH: ENOSYS, so the kernel opens without asking (and never flushes).
+    for opcode in (p.OPEN, p.FLUSH):
+        with pytest.raises(Failed) as info:
+            ops.call(opcode, hosts.nodeid, bytes(8))
+        assert info.value.errno == errno.ENOSYS
+    with pytest.raises(Failed) as info:
+        await ops.read(hosts.nodeid, 0, 10)  # the reader's file is missing
     assert info.value.errno == errno.EIO
-    with pytest.raises(pyfuse3.FUSEError) as info:
-        await ops.getxattr(hosts.st_ino, b"user.nope")
+    with pytest.raises(Failed) as info:
+        ops.getxattr(hosts.nodeid, b"user.nope")
     assert info.value.errno == errno.ENODATA
-    stats = await ops.statfs()
-    assert stats.f_bsize == 4096 and stats.f_namemax == 255
+    _blocks, _bfree, _bavail, files, _ffree, bsize, namelen, frsize = ops.statfs()
+    assert bsize == frsize == 4096 and namelen == 255 and files > len(entries)
+    # A write request, or any other the server does not know: ENOSYS; FORGET: no reply.
+    with pytest.raises(Failed) as info:
+        ops.call(16, hosts.nodeid, bytes(40))  # FUSE_WRITE
+    assert info.value.errno == errno.ENOSYS
+    assert ops.ops.handle(request_bytes(p.FORGET, hosts.nodeid, bytes(8))) is None
+    names = [name for name, _ in ops.readdirplus(entry.nodeid)]
+    assert names[:2] == [b".", b".."] and b"etc" in names
+
+
+def request_bytes(opcode: int, nodeid: int, body: bytes) -> bytes:
+    from tests.support.fuserequests import request
+
+    return request(opcode, nodeid, body)
 
 
 async def test_adapter_logs_each_failure_once_with_its_layer(
@@ -846,22 +859,20 @@ async def test_adapter_logs_each_failure_once_with_its_layer(
 ) -> None:
     """EIO from the domain: one warning naming the layer; an unexpected exception (a bug):
     EIO, one error record with the traceback and the layer; ENOENT: not logged."""
-    import pyfuse3
-
     from snapshotter.fs.fuse import FuseOperations
+    from tests.support.fuserequests import Client, Failed
 
     _, entries = tar_layer
     host = LayerHost()
     host.add_layer("lay", build_tree(entries), LocalTarReader(tmp_path / "missing"))
-    ops = FuseOperations(host)
-    layer_root = await ops.lookup(FUSE_ROOT_INODE, b"lay")
-    etc = await ops.lookup(layer_root.st_ino, b"etc")
-    hosts = await ops.lookup(etc.st_ino, b"hosts")
-    fh = (await ops.open(hosts.st_ino, os.O_RDONLY)).fh
+    ops = Client(FuseOperations(host))
+    layer_root = ops.lookup(FUSE_ROOT_INODE, b"lay")
+    etc = ops.lookup(layer_root.nodeid, b"etc")
+    hosts = ops.lookup(etc.nodeid, b"hosts")
 
     caplog.clear()
-    with pytest.raises(pyfuse3.FUSEError) as info:
-        await ops.read(fh, 0, 10)
+    with pytest.raises(Failed) as info:
+        await ops.read(hosts.nodeid, 0, 10)
     assert info.value.errno == errno.EIO
     assert [(r.levelname, "layer lay" in r.getMessage()) for r in caplog.records] == [
         ("WARNING", True)
@@ -872,8 +883,8 @@ async def test_adapter_logs_each_failure_once_with_its_layer(
 
     monkeypatch.setattr(LayerTree, "attr", broken)
     caplog.clear()
-    with pytest.raises(pyfuse3.FUSEError) as info:
-        await ops.getattr(etc.st_ino)
+    with pytest.raises(Failed) as info:
+        ops.getattr(etc.nodeid)
     assert info.value.errno == errno.EIO
     assert len(caplog.records) == 1
     record = caplog.records[0]
@@ -882,8 +893,8 @@ async def test_adapter_logs_each_failure_once_with_its_layer(
 
     monkeypatch.undo()
     caplog.clear()
-    with pytest.raises(pyfuse3.FUSEError) as info:
-        await ops.lookup(etc.st_ino, b"nope")
+    with pytest.raises(Failed) as info:
+        ops.lookup(etc.nodeid, b"nope")
     assert info.value.errno == errno.ENOENT and caplog.records == []
 
 
@@ -939,7 +950,7 @@ def test_pure_modules_do_not_import_fuse_or_grpc() -> None:
     code = (
         "import sys\n"
         "import snapshotter.fs, snapshotter.fs.tree, snapshotter.fs.host, snapshotter.fs.verify\n"
-        "bad = {'pyfuse3', 'grpc'} & set(sys.modules)\n"
+        "bad = {'snapshotter.fs.fuse', 'snapshotter.fs.protocol', 'grpc'} & set(sys.modules)\n"
         "assert not bad, bad\n"
     )
     root = Path(__file__).resolve().parents[2]

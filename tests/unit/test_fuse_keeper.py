@@ -12,16 +12,14 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import trio
 
-from snapshotter.fs import connection, keeper
+from snapshotter.fs import connection, keeper, protocol
 
 
 @pytest.fixture
@@ -157,43 +155,7 @@ def test_a_lone_keeper_exits_and_no_keeper_is_an_error(root: Path) -> None:
     assert keeper.drop(root, "fuse") is False
 
 
-# -- layouts -----------------------------------------------------------------------------
-
-
-def test_fuse_struct_sizes_match_linux_fuse_h() -> None:
-    # fuse_in_header 40 bytes, fuse_init_in 64 (protocol >= 7.36), fuse_out_header 16.
-    assert connection.IN_HEADER.size == 40
-    assert connection.INIT_IN.size == 64
-    assert connection.OUT_HEADER.size == 16
-    header = Path("/usr/include/linux/fuse.h")
-    if header.exists():  # the build machine's header names the same codes
-        text = header.read_text()
-        assert "FUSE_INIT\t\t= 26" in text or "FUSE_INIT = 26" in text.replace("\t", " ")
-        assert "struct fuse_init_in {" in text
-
-
-def test_init_request_round_trip_and_unique_replacement() -> None:
-    request = connection.init_request(unique=2, major=7, minor=45, flags=0x73FFFFFB, flags2=0x5FD)
-    assert len(request) == 104
-    length, opcode, unique = struct.unpack_from("<IIQ", request)
-    assert (length, opcode, unique) == (104, 26, 2)
-    parsed = connection.parse_init(request)
-    assert (parsed.unique, parsed.major, parsed.minor) == (2, 7, 45)
-    assert (parsed.flags, parsed.flags2) == (0x73FFFFFB, 0x5FD)
-    replay = connection.with_unique(request, connection.SYNTHETIC_UNIQUE)
-    assert len(replay) == len(request) and replay[16:] == request[16:]
-    assert connection.parse_init(replay).unique == 1
-    assert connection.SYNTHETIC_UNIQUE % 2 == 1, "an odd unique names no kernel request"
-    with pytest.raises(ValueError):
-        connection.parse_init(request[:-1])  # length no longer matches
-    lookup = struct.pack("<IIQQIIIHH", 60, 1, 4, 1, 0, 0, 0, 0, 0) + b"a-longer-file-name\0\0"
-    with pytest.raises(ValueError, match="not a FUSE_INIT"):
-        connection.parse_init(lookup)
-
-
-def test_resend_notification_layout() -> None:
-    # fuse_out_header{len=16, error=FUSE_NOTIFY_RESEND (7), unique=0}: a notification.
-    assert connection.resend_notification() == struct.pack("<IiQ", 16, 7, 0)
+# -- mounting --------------------------------------------------------------------------
 
 
 def test_mount_data_is_what_libfuse_passes_as_root() -> None:
@@ -203,45 +165,15 @@ def test_mount_data_is_what_libfuse_passes_as_root() -> None:
     assert data == "fd=9,rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions"
 
 
-async def test_trio_waits_again_on_an_fd_number_swapped_by_dup2() -> None:
-    """What the INIT swap does to pyfuse3's fd: trio waited on fd N (a socket), N is then
-    replaced by dup2 with another file: waiting on N again registers the new file and wakes
-    when it becomes readable (the old file's epoll entry went with the file)."""
-    inner, outer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    outer.send(b"INIT")
-    n = inner.detach()
-    await trio.lowlevel.wait_readable(n)
-    assert os.read(n, 100) == b"INIT"
-    r, w = os.pipe()
-    os.dup2(r, n)
-    os.close(r)
-    outer.close()
-    with trio.move_on_after(0.2) as idle:
-        await trio.lowlevel.wait_readable(n)
-    assert idle.cancelled_caught, "nothing written yet: the new file is not readable"
-
-    async def write_later() -> None:
-        await trio.sleep(0.05)
-        os.write(w, b"request")
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(write_later)
-        with trio.fail_after(5):
-            await trio.lowlevel.wait_readable(n)
-    assert os.read(n, 100) == b"request"
-    os.close(n)
-    os.close(w)
-
-
 def test_read_init_takes_the_first_request_or_times_out() -> None:
     r, w = os.pipe()
     try:
         with pytest.raises(OSError, match="no FUSE_INIT"):
             connection.read_init(r, timeout_sec=0.05)
-        request = connection.init_request(unique=2, major=7, minor=45, flags=1)
+        request = protocol.init_request(unique=2, major=7, minor=45, flags=1)
         os.write(w, request)
         assert connection.read_init(r) == request
-        os.write(w, connection.resend_notification() + bytes(40))
+        os.write(w, protocol.resend_notification() + bytes(40))
         with pytest.raises(ValueError):
             connection.read_init(r)
     finally:

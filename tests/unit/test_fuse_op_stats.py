@@ -8,16 +8,17 @@ import errno
 import time
 from pathlib import Path
 
-import pyfuse3
 import pytest
 import trio
 
 from index.model import EntryType, FileMetadata, UncompressedOffset
-from snapshotter.fs.fuse import FUSE_OPS, FuseOperations, FuseOpStats
+from snapshotter.fs import protocol as p
+from snapshotter.fs.fuse import FUSE_OP_STATS, FUSE_OPS, FuseOperations, FuseOpStats
 from snapshotter.fs.host import LayerHost
 from snapshotter.fs.inodes import FUSE_ROOT_INODE, make_inode
 from snapshotter.fs.readers import LocalTarReader
 from snapshotter.fs.tree import build_tree
+from tests.support.fuserequests import Client, Failed, request
 
 
 def burn(seconds: float) -> None:
@@ -70,10 +71,18 @@ async def test_instrument_added_once_per_run() -> None:
     trio.lowlevel.remove_instrument(stats)  # raises KeyError if it had not been added
 
 
-def test_every_counted_handler_is_wrapped() -> None:
-    for op in FUSE_OPS:
-        assert getattr(FuseOperations, op).__name__ == op
-        assert getattr(FuseOperations, op).__wrapped__ is not None
+def test_every_request_the_server_answers_is_counted() -> None:
+    stats_before = FUSE_OP_STATS.statistics().counts
+    client = Client(FuseOperations(LayerHost()))
+    client.getattr(FUSE_ROOT_INODE)
+    with pytest.raises(Failed):
+        client.lookup(FUSE_ROOT_INODE, b"nope")
+    client.ops.handle(request(p.FORGET, 5, bytes(8)))
+    counts = FUSE_OP_STATS.statistics().counts
+    for op in ("getattr", "lookup", "forget"):
+        assert counts[op] == stats_before.get(op, 0) + 1, op
+    handled = {op for op, _ in client.ops._handlers.values()}
+    assert handled == set(FUSE_OPS) - {"read"}
 
 
 def _host_with_xattr() -> tuple[LayerHost, int, int]:
@@ -101,8 +110,10 @@ async def test_getxattr_answers_a_miss_without_the_domain_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     host, a, b = _host_with_xattr()
-    ops = FuseOperations(host)
-    assert await ops.getxattr(a, b"user.k") == b"v"
+    ops = Client(FuseOperations(host))
+    assert ops.getxattr(a, b"user.k") == b"v"
+    assert ops.getxattr(a, b"user.k", size=0) == p.GETXATTR_OUT.pack(1, 0)
+    assert ops.listxattr(a) == b"user.k\0"
     calls: list[int] = []
     real = LayerHost.getxattr
 
@@ -116,10 +127,10 @@ async def test_getxattr_answers_a_miss_without_the_domain_error(
         (a, b"user.other"),
         (FUSE_ROOT_INODE, b"x"),
     ):
-        with pytest.raises(pyfuse3.FUSEError) as info:
-            await ops.getxattr(inode, name)
+        with pytest.raises(Failed) as info:
+            ops.getxattr(inode, name)
         assert info.value.errno == errno.ENODATA
     assert calls == []
-    with pytest.raises(pyfuse3.FUSEError) as info:
-        await ops.getxattr(make_inode(4000, 5), b"user.k")  # no such layer
+    with pytest.raises(Failed) as info:
+        ops.getxattr(make_inode(4000, 5), b"user.k")  # no such layer
     assert info.value.errno == errno.ENOENT

@@ -12,7 +12,6 @@ from typing import Any
 
 import grpc
 import httpx
-import pyfuse3
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,9 +23,8 @@ from snapshotter.config import Config, MetricsConfig, RemoteConfig
 from snapshotter.daemon import Settings
 from snapshotter.errors import NotFound
 from snapshotter.fs import LayerHost
-from snapshotter.fs.errors import LayerReadError
-from snapshotter.fs.errors import NotFound as FsNotFound
-from snapshotter.fs.fuse import _translated
+from snapshotter.fs.fuse import FuseOperations
+from snapshotter.fs.inodes import FUSE_ROOT_INODE, make_inode
 from snapshotter.lazy.background import BackgroundStatistics
 from snapshotter.lazy.cache import CacheConfig, SpanCache
 from snapshotter.lazy.sources import (
@@ -65,6 +63,7 @@ from snapshotter.remote.records import LayerRecord, RecordStore
 from snapshotter.snapshots.grpc_server import SnapshotsServicer
 from snapshotter.snapshots.model import Info, Kind
 from snapshotter.snapshots.service import MountResult
+from tests.support.fuserequests import Client, Failed
 
 LAYER = Digest("sha256:" + "ab" * 32)
 
@@ -271,23 +270,18 @@ def test_peers_collector(mirror: int | None) -> None:
 # -- the seams that record ------------------------------------------------------------------
 
 
-def test_fuse_boundary_records_answers_and_errnos() -> None:
+async def test_fuse_server_records_answers_and_errnos() -> None:
     m = DaemonMetrics()
-    host = LayerHost()
-    lookup, read = m.fuse_op("lookup"), m.fuse_op("read")
-    with _translated("lookup", host, inode=1, record=lookup):
-        pass
-    with pytest.raises(pyfuse3.FUSEError) as missing, _translated("lookup", host, record=lookup):
-        raise FsNotFound("nope")
-    assert missing.value.errno == errno.ENOENT
-    with pytest.raises(pyfuse3.FUSEError) as eio, _translated("read", host, fh=5, record=read):
-        raise LayerReadError("every source failed")
-    assert eio.value.errno == errno.EIO
-    with pytest.raises(pyfuse3.FUSEError), _translated("read", host, record=read):
-        raise pyfuse3.FUSEError(errno.EBADF)  # raised as is, still recorded
-    with _translated("read", host):  # no recorder: nothing recorded, nothing breaks
-        pass
-    assert value(m, "sociable_fuse_operation_seconds_count", op="lookup") == 2
+    client = Client(FuseOperations(LayerHost(), m))
+    client.getattr(FUSE_ROOT_INODE)
+    with pytest.raises(Failed):
+        client.lookup(FUSE_ROOT_INODE, b"no-such-layer")
+    with pytest.raises(Failed):
+        await client.read(make_inode(3, 5), 0, 10)  # its layer is gone: EIO
+    with pytest.raises(Failed):
+        await client.read(5, 0, 10)  # no file: EBADF
+    assert value(m, "sociable_fuse_operation_seconds_count", op="getattr") == 1
+    assert value(m, "sociable_fuse_operation_seconds_count", op="lookup") == 1
     assert value(m, "sociable_fuse_operation_seconds_count", op="read") == 2
     assert value(m, "sociable_fuse_operation_errors_total", op="lookup", errno="ENOENT") == 1
     assert value(m, "sociable_fuse_operation_errors_total", op="read", errno="EIO") == 1

@@ -1,0 +1,264 @@
+"""The FUSE kernel protocol as this filesystem speaks it: opcodes, the request and reply
+layouts of `<linux/fuse.h>` (protocol 7.x, little endian on every platform we run), and the
+INIT answer. Pure encoding and decoding: no I/O, no trio.
+
+The daemon answers protocol 7.31 (`MINOR`), or the kernel's minor if that is lower (7.23 at
+the least: older kernels expect shorter replies than these). Only the requests of a read-only
+filesystem are decoded; anything else is answered ENOSYS by the server (`snapshotter.fs.fuse`).
+"""
+
+from __future__ import annotations
+
+import stat
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+# -- opcodes (the requests a read-only filesystem sees) ----------------------------------------
+LOOKUP: Final = 1
+FORGET: Final = 2
+GETATTR: Final = 3
+READLINK: Final = 5
+OPEN: Final = 14
+READ: Final = 15
+STATFS: Final = 17
+RELEASE: Final = 18
+GETXATTR: Final = 22
+LISTXATTR: Final = 23
+FLUSH: Final = 25
+INIT: Final = 26
+OPENDIR: Final = 27
+READDIR: Final = 28
+RELEASEDIR: Final = 29
+ACCESS: Final = 34
+INTERRUPT: Final = 36
+DESTROY: Final = 38
+BATCH_FORGET: Final = 42
+READDIRPLUS: Final = 44
+
+# -- notifications (written with unique 0; the error field names the notification) ------------
+NOTIFY_DELETE: Final = 6
+NOTIFY_RESEND: Final = 7
+
+# -- INIT flags -------------------------------------------------------------------------------
+ASYNC_READ: Final = 1 << 0
+EXPORT_SUPPORT: Final = 1 << 4
+BIG_WRITES: Final = 1 << 5
+AUTO_INVAL_DATA: Final = 1 << 12
+DO_READDIRPLUS: Final = 1 << 13
+ASYNC_DIO: Final = 1 << 15
+NO_OPEN_SUPPORT: Final = 1 << 17
+PARALLEL_DIROPS: Final = 1 << 18
+MAX_PAGES: Final = 1 << 22
+CACHE_SYMLINKS: Final = 1 << 23
+
+WANTED_FLAGS: Final = (
+    ASYNC_READ
+    | EXPORT_SUPPORT
+    | BIG_WRITES
+    | AUTO_INVAL_DATA
+    | DO_READDIRPLUS
+    | ASYNC_DIO
+    | PARALLEL_DIROPS
+    | MAX_PAGES
+    | CACHE_SYMLINKS
+)
+"""What the daemon asks for, of what the kernel offers: asynchronous read-ahead, every listing
+as READDIRPLUS (entries and attributes in one answer), page cache dropped when a file's size or
+mtime changes (the status file), concurrent lookups in one directory, READs of up to
+`MAX_PAGES_WANTED` pages, symlink targets kept in the page cache (layers never change)."""
+
+MAJOR: Final = 7
+MINOR: Final = 31
+OLDEST_MINOR: Final = 23
+MAX_WRITE: Final = 1 << 20
+READ_BUFFER_BYTES: Final = MAX_WRITE + 8192
+"""A request buffer: the kernel refuses reads of `/dev/fuse` into less than max_write plus
+the headers."""
+MAX_PAGES_WANTED: Final = 256
+"""1 MiB READs (with the mount's read-ahead window raised to 1 MiB)."""
+
+FOPEN_DIRECT_IO: Final = 1 << 0
+FOPEN_KEEP_CACHE: Final = 1 << 1
+
+# -- layouts ----------------------------------------------------------------------------------
+IN_HEADER: Final = struct.Struct("<IIQQIIIHH")
+"""fuse_in_header: len, opcode, unique, nodeid, uid, gid, pid, total_extlen, padding."""
+OUT_HEADER: Final = struct.Struct("<IiQ")
+"""fuse_out_header: len, error (a notify code when unique is 0), unique."""
+INIT_IN: Final = struct.Struct("<IIIII44x")
+"""fuse_init_in: major, minor, max_readahead, flags, flags2, unused[11]."""
+INIT_OUT: Final = struct.Struct("<IIIIHHIIHHII24x")
+"""fuse_init_out: major, minor, max_readahead, flags, max_background, congestion_threshold,
+max_write, time_gran, max_pages, map_alignment, flags2, max_stack_depth, unused."""
+ATTR: Final = struct.Struct("<QQQQQQIIIIIIIIII")
+"""fuse_attr: ino, size, blocks, atime, mtime, ctime, atimensec, mtimensec, ctimensec, mode,
+nlink, uid, gid, rdev, blksize, flags."""
+ENTRY_OUT_HEAD: Final = struct.Struct("<QQQQII")
+"""fuse_entry_out without its attr: nodeid, generation, entry_valid, attr_valid,
+entry_valid_nsec, attr_valid_nsec."""
+ATTR_OUT_HEAD: Final = struct.Struct("<QII")
+"""fuse_attr_out without its attr: attr_valid, attr_valid_nsec, dummy."""
+READ_IN: Final = struct.Struct("<QQIIQII")
+"""fuse_read_in: fh, offset, size, read_flags, lock_owner, flags, padding."""
+OPEN_OUT: Final = struct.Struct("<QII")
+"""fuse_open_out: fh, open_flags, padding."""
+GETXATTR_IN: Final = struct.Struct("<II")
+"""fuse_getxattr_in: size, padding (the name follows, NUL-terminated)."""
+GETXATTR_OUT: Final = struct.Struct("<II")
+"""fuse_getxattr_out: size, padding."""
+ACCESS_IN: Final = struct.Struct("<II")
+"""fuse_access_in: mask, padding."""
+DIRENT: Final = struct.Struct("<QQII")
+"""fuse_dirent: ino, off, namelen, type (the name follows, padded to 8 bytes)."""
+KSTATFS: Final = struct.Struct("<QQQQQIII4x24x")
+"""fuse_kstatfs: blocks, bfree, bavail, files, ffree, bsize, namelen, frsize, padding, spare."""
+NOTIFY_DELETE_OUT: Final = struct.Struct("<QQII")
+"""fuse_notify_delete_out: parent, child, namelen, padding (the name follows, NUL-terminated)."""
+ENTRY_OUT_SIZE: Final = ENTRY_OUT_HEAD.size + ATTR.size
+
+
+@dataclass(frozen=True, slots=True)
+class InitRequest:
+    """The fields of a FUSE_INIT request the server reads."""
+
+    unique: int
+    major: int
+    minor: int
+    max_readahead: int
+    flags: int
+    flags2: int
+
+
+def parse_init(request: bytes) -> InitRequest:
+    """The INIT fields of `request` (a whole FUSE request). Raises ValueError when it is not
+    a complete FUSE_INIT."""
+    if len(request) < IN_HEADER.size + 16:
+        raise ValueError(f"a FUSE_INIT request has at least {IN_HEADER.size + 16} bytes")
+    length, opcode, unique, *_ = IN_HEADER.unpack_from(request)
+    if opcode != INIT or length != len(request):
+        raise ValueError(f"not a FUSE_INIT request (opcode {opcode}, {length} bytes)")
+    body = request[IN_HEADER.size :] + bytes(max(0, INIT_IN.size - (length - IN_HEADER.size)))
+    major, minor, readahead, flags, flags2 = INIT_IN.unpack_from(body)
+    return InitRequest(unique, major, minor, readahead, flags, flags2)
+
+
+def init_request(*, unique: int, major: int, minor: int, flags: int, flags2: int = 0) -> bytes:
+    """A FUSE_INIT request as the kernel writes it (for tests and tools)."""
+    length = IN_HEADER.size + INIT_IN.size
+    header = IN_HEADER.pack(length, INIT, unique, 0, 0, 0, 0, 0, 0)
+    return header + INIT_IN.pack(major, minor, 128 * 1024, flags, flags2)
+
+
+@dataclass(frozen=True, slots=True)
+class Negotiated:
+    """What a connection's INIT settled: the protocol minor and the flags both sides use."""
+
+    minor: int
+    flags: int
+
+
+def negotiate(init: InitRequest) -> Negotiated:
+    """The answer to `init`. Raises ValueError for a kernel this server cannot speak to
+    (another major version, or a minor older than `OLDEST_MINOR`)."""
+    if init.major != MAJOR or init.minor < OLDEST_MINOR:
+        raise ValueError(
+            f"the kernel speaks FUSE {init.major}.{init.minor}; "
+            f"{MAJOR}.{OLDEST_MINOR} or later is needed"
+        )
+    return Negotiated(min(init.minor, MINOR), init.flags & WANTED_FLAGS)
+
+
+def init_reply(init: InitRequest, negotiated: Negotiated) -> bytes:
+    """The whole reply to `init` (header included)."""
+    body = INIT_OUT.pack(
+        MAJOR,
+        negotiated.minor,
+        init.max_readahead,
+        negotiated.flags,
+        0,  # max_background: the kernel's default
+        0,  # congestion_threshold: the kernel's default
+        MAX_WRITE,
+        0,  # time_gran: the kernel's default
+        MAX_PAGES_WANTED,
+        0,
+        0,
+        0,
+    )
+    return OUT_HEADER.pack(OUT_HEADER.size + len(body), 0, init.unique) + body
+
+
+def resend_notification() -> bytes:
+    """`FUSE_NOTIFY_RESEND`: the kernel queues again every request read but not answered."""
+    return OUT_HEADER.pack(OUT_HEADER.size, NOTIFY_RESEND, 0)
+
+
+def delete_notification(parent: int, child: int, name: bytes) -> bytes:
+    """`FUSE_NOTIFY_DELETE`: entry `name` (inode `child`) of directory `parent` is gone; the
+    kernel drops its dentry (and the entry, were it still in use, reads as deleted)."""
+    body = NOTIFY_DELETE_OUT.pack(parent, child, len(name), 0) + name + b"\0"
+    return OUT_HEADER.pack(OUT_HEADER.size + len(body), NOTIFY_DELETE, 0) + body
+
+
+def reply(unique: int, payload: bytes) -> bytes:
+    """A successful reply carrying `payload`."""
+    return OUT_HEADER.pack(OUT_HEADER.size + len(payload), 0, unique) + payload
+
+
+def error_reply(unique: int, code: int) -> bytes:
+    """A reply failing with errno `code`."""
+    return OUT_HEADER.pack(OUT_HEADER.size, -code, unique)
+
+
+def _split_ns(seconds: float) -> tuple[int, int]:
+    whole = int(seconds)
+    return whole, int((seconds - whole) * 1e9)
+
+
+def attr_bytes(
+    ino: int,
+    mode: int,
+    nlink: int,
+    uid: int,
+    gid: int,
+    rdev: int,
+    size: int,
+    blocks: int,
+    blksize: int,
+    mtime_ns: int,
+) -> bytes:
+    """A fuse_attr (atime and ctime 0)."""
+    mtime, mtime_nsec = divmod(mtime_ns, 1_000_000_000)
+    return ATTR.pack(
+        ino, size, blocks, 0, mtime, 0, 0, mtime_nsec, 0, mode, nlink, uid, gid, rdev, blksize, 0
+    )
+
+
+def entry_out(nodeid: int, attr: bytes, timeout: float) -> bytes:
+    """A fuse_entry_out for `nodeid` with `attr` (from `attr_bytes`), cached for `timeout` s."""
+    sec, nsec = _split_ns(timeout)
+    return ENTRY_OUT_HEAD.pack(nodeid, 0, sec, sec, nsec, nsec) + attr
+
+
+def attr_out(attr: bytes, timeout: float) -> bytes:
+    """A fuse_attr_out with `attr`, cached for `timeout` s."""
+    sec, nsec = _split_ns(timeout)
+    return ATTR_OUT_HEAD.pack(sec, nsec, 0) + attr
+
+
+def dirent(ino: int, next_offset: int, mode: int, name: bytes) -> bytes:
+    """One fuse_dirent, padded to 8 bytes."""
+    raw = DIRENT.pack(ino, next_offset, len(name), stat.S_IFMT(mode) >> 12) + name
+    return raw + bytes(-len(raw) % 8)
+
+
+def kstatfs(*, blocks: int, files: int, bsize: int, namelen: int) -> bytes:
+    """A fuse_statfs_out of a full, read-only filesystem."""
+    return KSTATFS.pack(blocks, 0, 0, files, 0, bsize, namelen, bsize)
+
+
+def cstring(body: bytes | memoryview, start: int = 0) -> bytes:
+    """The NUL-terminated string at `start` of `body` (all of the rest when there is no NUL)."""
+    data = bytes(body[start:])
+    end = data.find(b"\0")
+    return data if end < 0 else data[:end]
