@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   containerd runc docker-registry skopeo umoci
-  fuse3 libfuse3-dev pkg-config gcc python3-dev
+  fuse3 gcc python3-dev
   busybox-static pigz gzip tar iproute2 util-linux dnsmasq-base shellcheck
 )
 

@@ -1060,7 +1060,7 @@ def render_counts(
         "every thread: the trio thread, inflation and cache threads, gRPC) during the pull "
         "(index, zTOCs, layer trees, mounts) and during the workload (ms / file: of the "
         "workload); of the workload's, the trio thread's (the daemon's main thread: it serves "
-        "the FUSE requests, pyfuse3's work around them included, and runs every other trio "
+        "the FUSE requests, the server's work around them included, and runs every other trio "
         "task) and, of that, the time inside the handlers; then the time inside each handler "
         "in microseconds per request (a read counts only its own steps, not the time it "
         "waited). Measured "
