@@ -23,7 +23,9 @@ damaged or foreign file is deleted and is a miss: the span is inflated again fro
 compressed bytes). The sums detect damage on disk, not tampering: the tier lives under the
 daemon's root-only directory. It survives restarts like the compressed cache; it is bounded separately
 (`CacheConfig.inflated_max_bytes`) and follows the compressed cache's layer marks:
-`release_layer`, `retain_layer` and `drop_layer` apply to both tiers.
+`release_layer`, `retain_layer` and `drop_layer` apply to both tiers. The reader writes the
+tier behind its back (`InflatedCache.put_later`: one writer thread, a queue of
+`WRITE_BEHIND_SPANS`): a read waiting for a span gets it once inflated, not once written.
 
 Writes go to `tmp/` and are renamed into place, so a file under `spans/` is always complete.
 Every `get` hashes the file against the digest the caller expects; a corrupt file is deleted
@@ -42,6 +44,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import queue
 import struct
 import threading
 import zlib
@@ -56,6 +59,8 @@ from index.model import SpanId, UncompressedOffset
 log = logging.getLogger(__name__)
 
 RELEASED_MARK: Final = ".released"
+WRITE_BEHIND_SPANS: Final = 4
+"""Inflated spans queued for the tier's writer thread at most (`InflatedCache.put_later`)."""
 INFLATED_BLOCK_BYTES: Final = 64 * 1024
 """The inflated tier keeps one CRC-32 per block of this many bytes (a read checks the blocks
 it touches)."""
@@ -452,6 +457,50 @@ class InflatedCache(_SpanFiles):
 
     def __init__(self, root: Path, max_bytes: int) -> None:
         super().__init__(root, max_bytes, "inflated span cache", "span at tar offset")
+        self._queue: queue.Queue[tuple[Digest, UncompressedOffset, bytes]] = queue.Queue(
+            WRITE_BEHIND_SPANS
+        )
+        self._writer: threading.Thread | None = None
+        self._write_failing = False
+
+    def put_later(self, layer: Digest, start: UncompressedOffset, data: bytes) -> None:
+        """`put` in the tier's writer thread (started on first use), so a reader waiting for
+        the span does not wait for its file too. Blocks only while `WRITE_BEHIND_SPANS` puts
+        are queued. A failed put is logged by the writer (once, until one succeeds again);
+        the span stays a miss."""
+        with self._lock:
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._write_behind, name="inflated-tier-writer", daemon=True
+                )
+                self._writer.start()
+        self._queue.put((layer, start, data))
+
+    def flush(self) -> None:
+        """Wait until every `put_later` so far is done (or failed)."""
+        self._queue.join()
+
+    def _write_behind(self) -> None:
+        while True:
+            layer, start, data = self._queue.get()
+            try:
+                self.put(layer, start, data)
+            except CacheError as e:
+                if not self._write_failing:  # a full disk would flood the log
+                    self._write_failing = True
+                    log.warning("inflated span not kept: %s", e)
+            except Exception:
+                log.exception("inflated span cache: unexpected error writing a span")
+            else:
+                self._write_failing = False
+            finally:
+                self._queue.task_done()
+
+    def drop_layer(self, layer: Digest) -> int:
+        """`_SpanFiles.drop_layer` once the queued puts are written (none of the layer's
+        spans is written after it)."""
+        self.flush()
+        return super().drop_layer(layer)
 
     def contains(self, layer: Digest, start: UncompressedOffset) -> bool:
         """Whether the index lists the span starting at tar offset `start` (no I/O)."""

@@ -33,7 +33,7 @@ import trio
 from index.digest import Digest
 from index.model import SpanId
 from index.zinfo import SpanMap, SpanSlice
-from snapshotter.lazy.cache import CacheError, InflatedCache, SpanCache
+from snapshotter.lazy.cache import InflatedCache, SpanCache
 from snapshotter.lazy.table import SpanState, SpanTable
 from snapshotter.singleflight import SingleFlight
 
@@ -164,7 +164,6 @@ class SpanInflater:
         self._limiter = limiter
         self._lru: OrderedDict[SpanId, bytes] = OrderedDict()
         self._flight: SingleFlight[SpanId, bytes] = SingleFlight()
-        self._tier_warned = False
 
     def __repr__(self) -> str:
         return f"<SpanInflater {self.layer} memory={len(self._lru)}/{self.memory_spans}>"
@@ -247,7 +246,7 @@ class SpanInflater:
 
     def _load_inflate(self, span: SpanId, compressed: bytes | None) -> bytes:
         """In a worker thread: the verified compressed span (given, or from the cache, which
-        hashes it) inflated, and written to the inflated tier. Raises `SpanGone`, `ZinfoError`.
+        hashes it) inflated, and queued for the inflated tier. Raises `SpanGone`, `ZinfoError`.
         """
         if compressed is None:
             compressed = self.cache.get(self.layer, span, self.span_map.span_digests[span])
@@ -257,12 +256,7 @@ class SpanInflater:
         if self.tier is not None:
             start, end = self.span_map.uncompressed_range(span)
             if len(data) == end - start:
-                try:
-                    self.tier.put(self.layer, start, data)
-                except CacheError as e:
-                    if not self._tier_warned:  # once per layer: a full disk would flood the log
-                        self._tier_warned = True
-                        log.warning("layer %s: inflated span %d not kept: %s", self.layer, span, e)
+                self.tier.put_later(self.layer, start, data)
         return data
 
     async def read_local(self, slices: Sequence[SpanSlice]) -> bytes | None:

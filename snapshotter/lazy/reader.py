@@ -6,7 +6,8 @@ One FUSE read, top to bottom (`read`):
 2. the read-ahead policy notes the read (`ReadAhead.observe`: sequential or not);
 3. all spans in the memory LRU or the inflated tier → served from there (`SpanInflater.
    read_local`: page-cache bytes of small reads on the trio thread, else one worker
-   thread), pipelined read-ahead started when sequential;
+   thread), pipelined read-ahead started when sequential (the next missing spans fetched,
+   and the span after the read's last inflated ahead of the reader);
 4. else the span fetcher makes them local (`SpanFetcher.ensure`: cache, or coalesced verified
    Range requests shared with concurrent readers, read-ahead riding along unless pipelined);
 5. the inflater inflates them (`SpanInflater.inflate_all`: memory LRU, or one shared
@@ -218,6 +219,7 @@ class RemoteLayerReader:
             ),
         )
         self.read_ahead = ReadAhead(self.config.readahead_spans, len(self.table))
+        self._inflating_ahead: set[SpanId] = set()
         cache.retain_layer(layer)  # in use again: no longer evictable first (rare tiny I/O)
         for span in cache.spans_of(layer):
             if 0 <= span < len(self.table):
@@ -349,24 +351,53 @@ class RemoteLayerReader:
     # -- read-ahead and background -----------------------------------------------------------
 
     def _start_read_ahead(self, last: SpanId) -> None:
-        """Start a pipelined read-ahead task in the layer's scope when the policy says so."""
+        """Start a pipelined read-ahead task in the layer's scope when the policy says so, or
+        when the span after `last` is worth inflating ahead of the reader."""
         assert self._tasks is not None
         window = self.read_ahead.pipelined_window(last, self.fetcher.missing)
-        if window is not None:
-            # False: the scope is closing, the layer is going away; nothing to do
-            self._tasks.start_soon(self._read_ahead_task, window, name="read-ahead")
+        after = SpanId(last + 1)
+        inflate = after if self._worth_inflating(after) else None
+        if window is None and inflate is None:
+            return
+        if inflate is not None:
+            self._inflating_ahead.add(inflate)
+        # False: the scope is closing, the layer is going away; nothing to do
+        if not self._tasks.start_soon(
+            self._read_ahead_task, window or range(0), inflate, name="read-ahead"
+        ):
+            self._inflating_ahead.discard(after)
 
-    async def _read_ahead_task(self, window: range) -> None:
-        """Fetch the window's missing spans: the read-ahead task's boundary. A `FetchError` is
-        counted and ends the task (the read that needs the span fetches it again); anything
-        else is counted and raised to the scope's boundary, which logs it."""
+    def _worth_inflating(self, span: SpanId) -> bool:
+        """Whether inflating `span` now saves a sequential reader the wait for it: it exists,
+        it is neither in memory nor in the inflated tier, and no task inflates it already."""
+        if span >= len(self.table) or span in self._inflating_ahead:
+            return False
+        if self.table.state(span) is SpanState.INFLATED:
+            return False
+        tier = self.inflater.tier
+        return tier is None or not tier.contains(
+            self.layer, self.span_map.uncompressed_range(span)[0]
+        )
+
+    async def _read_ahead_task(self, window: range, inflate: SpanId | None) -> None:
+        """Fetch the window's missing spans, then make `inflate` (the span after the read's
+        last) local and inflated, so the reader's next span is ready when it gets there: the
+        read-ahead task's boundary. A `FetchError` or `ZinfoError` is counted and ends the
+        task (the read that needs the span tries again); anything else is counted and raised
+        to the scope's boundary, which logs it."""
         try:
-            await self.fetcher.fetch_missing(window)
-        except FetchError as e:
+            if window:
+                await self.fetcher.fetch_missing(window)
+            if inflate is not None:
+                await self._load([inflate], range(0))
+        except (FetchError, ZinfoError, LayerReadError) as e:
             self.counters.record_error(f"read-ahead: {e}")
         except Exception as e:
             self.counters.record_error(f"read-ahead: {type(e).__name__}: {e}")
             raise
+        finally:
+            if inflate is not None:
+                self._inflating_ahead.discard(inflate)
 
     async def prefetch_step(self, max_bytes: int) -> int:
         """Fetch the next run of missing spans (background work, not inflated).

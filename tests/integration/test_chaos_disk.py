@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,19 @@ def _files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.name.isdigit())
 
 
+def _settled_files(directory: Path) -> list[Path]:
+    """`_files(directory)` once it stops changing (the daemon writes the inflated tier from a
+    writer thread, a moment after the read that inflated a span)."""
+    files = _files(directory)
+    for _ in range(50):
+        time.sleep(0.1)
+        again = _files(directory)
+        if again == files:
+            break
+        files = again
+    return files
+
+
 def _flip(path: Path, at: int) -> None:
     data = bytearray(path.read_bytes())
     data[at % len(data)] ^= 0x01
@@ -164,7 +178,7 @@ def test_damaged_cache_files_are_never_served(
             m.expect_right(name, "first read")
         cache = m.daemon.root / "cache"
         spans = _files(cache / "spans")
-        inflated = _files(cache / "inflated" / "spans")
+        inflated = _settled_files(cache / "inflated" / "spans")  # written behind the reads
         assert spans and inflated, f"nothing cached under {cache}"
 
         # A byte flipped in every inflated span (same size): never served.

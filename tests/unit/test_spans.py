@@ -484,7 +484,9 @@ async def test_inflated_spans_are_kept_on_disk_and_served_without_inflating(
     spans = first.span_map.span_count
     assert counted.inflates >= spans
     tier = first.cache.inflated
-    assert tier is not None and tier.stats().entries == spans
+    assert tier is not None
+    tier.flush()  # written behind the reads
+    assert tier.stats().entries == spans
     for i in range(spans):
         start, end = first.span_map.uncompressed_range(SpanId(i))
         path = tmp_path / "inflated" / "spans" / f"sha256-{layer.digest.hex}" / str(start)
@@ -514,6 +516,8 @@ async def test_a_torn_inflated_file_falls_back_to_the_compressed_span(
     reader, counted = tier_reader(layer, source, tmp_path, readahead_spans=0)
     at = span_start(reader, 2)
     assert await reader.read(at, 10) == layer.tar[at : at + 10]
+    assert reader.cache.inflated is not None
+    reader.cache.inflated.flush()
     path = tmp_path / "inflated" / "spans" / f"sha256-{layer.digest.hex}" / str(at)
     whole = path.read_bytes()
     path.write_bytes(whole[: len(whole) // 2])  # torn (e.g. written by a broken tool)
@@ -522,6 +526,7 @@ async def test_a_torn_inflated_file_falls_back_to_the_compressed_span(
     assert counted.inflates == 1 and len(source.calls) == 1  # re-inflated from the disk cache
     assert fresh.cache.inflated is not None
     assert fresh.cache.inflated.stats().corrupt_dropped == 1
+    fresh.cache.inflated.flush()
     assert path.read_bytes() == whole  # written again, whole
 
 
@@ -535,6 +540,8 @@ async def test_reads_mixing_memory_tier_and_missing_spans(layer: Layer, tmp_path
     assert reader.table.state(SpanId(2)) in (SpanState.CACHED, SpanState.INFLATED)
     # now all three are local: served by the tier path in one go
     inflates = counted.inflates
+    assert reader.cache.inflated is not None
+    reader.cache.inflated.flush()
     fresh, counted = tier_reader(layer, source, tmp_path, readahead_spans=0)
     assert await fresh.read(UncompressedOffset(start), end - start) == layer.tar[start:end]
     assert counted.inflates == 0 and inflates >= 3
