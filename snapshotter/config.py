@@ -173,6 +173,13 @@ class RemoteConfig:
         default=8 * 1024 * 1024,
         metadata=_doc("Most compressed bytes one background fetch request takes."),
     )
+    background_stream_after_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata=_doc(
+            "When reads fetched this many compressed bytes on demand within the quiet period, "
+            "background fetch runs alongside them instead of waiting; 0 = never."
+        ),
+    )
     background_error_backoff_sec: float = field(
         default=30.0,
         metadata=_doc("After a failed background step, seconds before that layer is tried again."),
@@ -231,6 +238,7 @@ class RemoteConfig:
             rate_bytes_per_sec=self.background_rate_bytes_per_sec,
             step_bytes=self.background_step_bytes,
             error_backoff_sec=self.background_error_backoff_sec,
+            stream_after_bytes=self.background_stream_after_bytes,
         )
 
     def fetch_config(self) -> FetchConfig:
@@ -533,6 +541,8 @@ def _validate(cfg: Config) -> None:
         )
     if r.inflated_cache_max_bytes < 0:
         raise ConfigError("[remote] inflated_cache_max_bytes: must not be negative")
+    if r.background_stream_after_bytes < 0:
+        raise ConfigError("[remote] background_stream_after_bytes: must not be negative")
     if r.background_quiet_period_ms < 0:
         raise ConfigError("[remote] background_quiet_period_ms: must not be negative")
     try:  # the read, fetch and background settings check their own values

@@ -5,7 +5,14 @@ registered layer in round-robin order and fetches its next run of missing spans 
 `step_bytes`, verified, cached compressed, not inflated), then sleeps long enough to keep the
 average at `rate_bytes_per_sec`. On-demand reads preempt it: before every step it waits until
 on-demand fetching has been quiet for `quiet_period_ms`, so it never runs ahead of them; a step
-is at most `step_bytes`. A layer that is unregistered (its image removed, or unmounted) is
+is at most `step_bytes`. Except while images are being read through: when reads fetched at
+least `stream_after_bytes` on demand within the last quiet period (all layers together), the
+workload reads most of what it has (an interpreter importing everything, a full scan), so the
+steps go on without the quiet period, alongside the reads, keeping the link busy while the
+readers work through what is local; the demand of starting containers (a few files each) stays below that
+and is never competed with. Even then a step starts only while no on-demand fetch is in
+flight: background fetch fills the gaps between the readers' requests, it does not share the
+link with them. A layer that is unregistered (its image removed, or unmounted) is
 dropped at once, cancelling its step in flight; a layer whose task scope is closed is dropped
 too (its step raises `LayerClosed` before any request). Disabled, `serve` just waits to be
 cancelled.
@@ -39,6 +46,10 @@ log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 _IDLE_POLL_SEC = 0.1
+_STREAM_POLL_SEC = 0.25
+"""How often a fetcher waiting for quiet looks whether reads fetch a lot."""
+_STREAM_WINDOW_MIN_SEC = 2.0
+"""The shortest window `stream_after_bytes` is counted in (a quiet period may be shorter)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +62,15 @@ class BackgroundConfig:
     rate_bytes_per_sec: int = 64 * MiB
     step_bytes: int = 8 * MiB
     error_backoff_sec: float = 30.0
+    stream_after_bytes: int = 64 * MiB
 
     def __post_init__(self) -> None:
-        if self.quiet_period_ms < 0 or self.rate_bytes_per_sec < 0 or self.step_bytes <= 0:
+        if (
+            self.quiet_period_ms < 0
+            or self.rate_bytes_per_sec < 0
+            or self.step_bytes <= 0
+            or self.stream_after_bytes < 0
+        ):
             raise ValueError(f"bad background fetch config {self!r}")
         if self.error_backoff_sec < 0:
             raise ValueError(
@@ -101,6 +118,7 @@ class BackgroundFetcher:
         self._work = trio.Event()
         self._current: tuple[str, trio.CancelScope] | None = None
         self._bytes = self._steps = self._errors = self._completed = 0
+        self._reading_through = False
 
     def __repr__(self) -> str:
         return (
@@ -159,7 +177,9 @@ class BackgroundFetcher:
             await trio.sleep_forever()
         quiet = self.config.quiet_period_ms / 1000.0
         while True:
-            await self.tracker.wait_quiet(quiet)
+            period = 0.0 if self._read_through(quiet) else quiet
+            if not await self._wait_quiet(period):
+                continue  # look again whether reads are fetching a lot
             picked = self._next()
             if picked is None:
                 self._work = trio.Event()
@@ -172,6 +192,7 @@ class BackgroundFetcher:
                 continue
             key, layer = picked
             fetched = 0
+            started = trio.current_time()
             with trio.CancelScope() as scope:
                 self._current = (key, scope)
                 try:
@@ -186,10 +207,41 @@ class BackgroundFetcher:
                     self._current = None
             self._bytes += fetched
             if fetched and self.config.rate_bytes_per_sec:
-                await trio.sleep(fetched / self.config.rate_bytes_per_sec)
+                # the step's share of the rate, less the time the step itself took
+                await trio.sleep_until(started + fetched / self.config.rate_bytes_per_sec)
             elif not fetched:
                 # nothing to start (the missing spans are all in flight elsewhere): do not spin
                 await trio.sleep(_IDLE_POLL_SEC)
+
+    def _read_through(self, quiet: float) -> bool:
+        """Whether images are being read through: reads fetched `stream_after_bytes` on demand
+        within the last `quiet` seconds (at least `_STREAM_WINDOW_MIN_SEC`), all layers
+        together. Once seen it holds until reads have fetched nothing for `quiet` seconds:
+        background steps taking over their fetches lower what they fetch themselves."""
+        threshold = self.config.stream_after_bytes
+        if not threshold:
+            return False
+        tracker = self.tracker
+        now = trio.current_time()
+        was = self._reading_through
+        if tracker.bytes_since(now - max(quiet, _STREAM_WINDOW_MIN_SEC)) >= threshold:
+            self._reading_through = True
+        elif not tracker.active and now - tracker.last_end >= quiet:
+            self._reading_through = False
+        if self._reading_through != was:
+            log.info("background fetch %s", "alongside reads" if not was else "after quiet")
+        return self._reading_through
+
+    async def _wait_quiet(self, quiet: float) -> bool:
+        """Wait for the quiet period; False when `_STREAM_POLL_SEC` passed first and streaming
+        is on (the caller looks again whether reads fetch a lot)."""
+        if not self.config.stream_after_bytes:
+            await self.tracker.wait_quiet(quiet)
+            return True
+        with trio.move_on_after(_STREAM_POLL_SEC):
+            await self.tracker.wait_quiet(quiet)
+            return True
+        return False
 
     def _failed(self, key: str, layer: Prefetchable, error: Exception) -> None:
         """The step boundary: count, record on the layer, log once, back the layer off."""

@@ -1,13 +1,18 @@
 """On-demand activity: whether reads are fetching now or did so recently (background fetch
-yields to them). Times are trio clock seconds."""
+yields to them), and how many bytes they fetched lately (background fetch joins reads that
+fetch a lot). Times are trio clock seconds."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections import deque
 from collections.abc import Iterator
 
 import trio
+
+HISTORY_SEC = 60.0
+"""How far back the tracker remembers on-demand fetches (`bytes_since`)."""
 
 
 class DemandTracker:
@@ -21,6 +26,7 @@ class DemandTracker:
         self.last_end = -math.inf
         self._idle = trio.Event()
         self._idle.set()
+        self._fetched: deque[tuple[float, int]] = deque()
 
     def __repr__(self) -> str:
         return f"<DemandTracker active={self.active} last_end={self.last_end:.3f}>"
@@ -38,6 +44,18 @@ class DemandTracker:
             self.last_end = trio.current_time()
             if self.active == 0:
                 self._idle.set()
+
+    def record(self, nbytes: int) -> None:
+        """An on-demand fetch of `nbytes` compressed bytes starts now (any layer)."""
+        now = trio.current_time()
+        self._fetched.append((now, nbytes))
+        while self._fetched[0][0] < now - HISTORY_SEC:
+            self._fetched.popleft()
+
+    def bytes_since(self, since: float) -> int:
+        """Compressed bytes of the on-demand fetches started at or after trio time `since`
+        (at most `HISTORY_SEC` ago), all layers together."""
+        return sum(n for t, n in self._fetched if t >= since)
 
     def touch(self) -> None:
         """Count now as on-demand activity: a new layer mount pauses background fetching for

@@ -156,6 +156,7 @@ class SpanFetcher:
                         break
                     missing.append(SpanId(extra))
                 mine = self._start_runs(missing)
+                self.tracker.record(sum(self.table.sizes[s] for s in missing))
             with self.tracker.demand():
                 async with trio.open_nursery() as nursery:
                     for fetch in mine:
@@ -181,6 +182,7 @@ class SpanFetcher:
         if not missing:
             return
         fetches = self._start_runs(missing)
+        self.tracker.record(sum(self.table.sizes[s] for s in missing))
         with self.tracker.demand():
             async with trio.open_nursery() as nursery:
                 for fetch in fetches:

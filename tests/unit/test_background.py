@@ -212,3 +212,52 @@ async def test_no_request_after_unregister_or_after_the_layer_scope_closes(
         assert second.calls == []
         assert fetcher.statistics().layers == 0 and fetcher.statistics().errors == 0
         assert reader2.status().errors == 0
+
+
+class Fake:
+    """A layer that each step fetches one MiB of; ten steps complete it."""
+
+    def __init__(self) -> None:
+        self.steps: list[float] = []
+
+    async def prefetch_step(self, max_bytes: int) -> int:
+        self.steps.append(trio.current_time())
+        return 1 << 20
+
+    def is_complete(self) -> bool:
+        return len(self.steps) >= 10
+
+    def record_error(self, message: str) -> None:
+        raise AssertionError(message)
+
+
+async def test_layers_are_filled_alongside_reads_that_fetch_a_lot(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Reads fetched less than `stream_after_bytes` recently: background fetch waits for the
+    quiet period (10 s). More: it fills every layer as soon as no read's fetch is in flight.
+    Streaming off (0): it waits for the quiet period whatever they fetched. Never while a
+    read's fetch is in flight."""
+    for fetched, stream_after, expect_filled in (
+        (10 << 20, 64 << 20, False),
+        (100 << 20, 64 << 20, True),
+        (100 << 20, 0, False),
+    ):
+        tracker = DemandTracker()
+        fetcher = BackgroundFetcher(
+            BackgroundConfig(quiet_period_ms=10_000, stream_after_bytes=stream_after), tracker
+        )
+        layers = [Fake(), Fake()]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fetcher.serve)
+            for i, fake in enumerate(layers):
+                fetcher.register(f"l{i}", fake)
+            with tracker.demand():  # a read's fetch in flight
+                tracker.record(fetched)
+                await trio.sleep(2)
+            during = [len(fake.steps) for fake in layers]
+            await trio.sleep(3)  # 3 s after the read: within the quiet period
+            nursery.cancel_scope.cancel()
+        assert during == [0, 0], (fetched, stream_after)
+        for fake in layers:
+            assert fake.is_complete() is expect_filled, (fetched, stream_after, fake.steps)
