@@ -20,9 +20,10 @@ Every directory lists `.` and `..` first, as Linux filesystems do (readdir offse
 is a subdirectory of this one filesystem, bind-mounted elsewhere, and a bind mount of a
 subdirectory of ext4 lists its real parent too) and the FUSE root's parent is itself.
 
-Handles are stateless: a file or directory handle IS its inode number, so a restarted
-daemon answers for handles the kernel got from the previous process (reads, listings),
-`release`/`releasedir` have nothing to free, and a status file is rendered when read.
+Handles are stateless: files are read by inode number (the kernel opens them without the
+server), a directory handle IS its inode number, so a restarted daemon answers for what the
+kernel got from the previous process (reads, listings), `releasedir` has nothing to free, and
+a status file is rendered when read.
 
 Reads of regular files go through the layer's `LayerReader`. Before the first read of a file
 the host (unless `verify_headers=False`) reads its tar header through the same reader and checks
@@ -44,7 +45,6 @@ from typing import Final
 from index.model import UncompressedOffset
 from snapshotter.fs.errors import (
     BadHandle,
-    IsADirectory,
     LayerExists,
     LayerReadError,
     NoSuchAttribute,
@@ -71,7 +71,6 @@ from snapshotter.fs.verify import check_header
 
 STATE_DIR_NAME: Final = b".sociable"
 STATUS_FILE_NAME: Final = b"status.json"
-_WRITE_FLAGS: Final = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
 DOT_ENTRIES: Final = 2
 """`.` and `..`: readdir offsets 1 and 2; a directory's own entries follow from offset 3."""
 
@@ -83,15 +82,6 @@ class Listing:
     name: bytes
     attr: Attr
     next_offset: int
-
-
-@dataclass(frozen=True, slots=True)
-class OpenResult:
-    """An open file handle (the inode number); `cacheable` False asks for direct I/O (the
-    status file)."""
-
-    fh: int
-    cacheable: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -508,29 +498,9 @@ class LayerHost:
 
     # -- files ------------------------------------------------------------------------------
 
-    def open(self, inode: int, flags: int) -> OpenResult:
-        """Open `inode` for reading.
-
-        Raises `ReadOnly` for any write, append, truncate or create flag, `IsADirectory`,
-        `NotFound`.
-        """
-        if flags & _WRITE_FLAGS:
-            raise ReadOnly(f"inode {inode}: the layer filesystem is read-only")
-        if inode == FUSE_ROOT_INODE:
-            raise IsADirectory("the host root is a directory")
-        layer, local = self._resolve(inode)
-        node = local_to_node(local)
-        if node is None:
-            if local == STATE_DIR_LOCAL:
-                raise IsADirectory(f"layer {layer.name}: the state directory is a directory")
-            return OpenResult(inode, False)
-        attr = layer.tree.attr(node)
-        if attr.is_dir:
-            raise IsADirectory(f"layer {layer.name}: {layer.tree.path_of(node)!r} is a directory")
-        return OpenResult(inode, True)
-
     async def read(self, fh: int, offset: int, size: int) -> bytes:
-        """Up to `size` bytes of an open file from `offset` (fewer only at end of file).
+        """Up to `size` bytes of file `fh` (its inode number) from `offset` (fewer only at
+        end of file).
 
         Raises:
             BadHandle: `fh` is not a file.
@@ -604,7 +574,3 @@ class LayerHost:
     def _record_error(layer: _Layer, message: str) -> None:
         layer.read_errors += 1
         layer.last_error = message
-
-    def release(self, fh: int) -> None:
-        """Close a file handle: nothing to free (handles are inode numbers)."""
-        return None

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 import tarfile
 from pathlib import Path
 
@@ -49,7 +48,7 @@ def layer_tar(tmp_path: Path) -> Path:
 
 def _open(host: LayerHost, name: str) -> int:
     layer = host.lookup(FUSE_ROOT_INODE, b"l1")
-    return host.open(host.lookup(layer.inode, name.encode()).inode, os.O_RDONLY).fh
+    return host.lookup(layer.inode, name.encode()).inode
 
 
 async def test_first_read_from_the_start_is_one_reader_call(layer_tar: Path) -> None:
