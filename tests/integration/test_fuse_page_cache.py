@@ -97,7 +97,11 @@ def test_rereads_stay_in_the_page_cache(server: FuseServer, tmp_path: Path, via:
         assert served(server) - before == 4096 * len(offsets)
         for _ in range(2):
             assert random_pass(path, offsets) == first
-        assert served(server) - before == 4096 * len(offsets)
+        # Re-reads come from the page cache. Under load the kernel sometimes does not keep a
+        # few pages of the first pass (docs/benchmarks.md, "Why a second random pass reached
+        # the daemon": 0-16 of 1926 in the benchmark); a handful, not a pass, may come again.
+        again = served(server) - before - 4096 * len(offsets)
+        assert 0 <= again <= 4096 * max(4, len(offsets) // 20), again
         assert first == b"".join(whole[o : o + 4096] for o in offsets)
     finally:
         if via == "overlay":

@@ -99,12 +99,14 @@ def arrange(
     chunk_bytes: int,
     order: Sequence[str | None],
     count: int,
+    only: SpanId | None = None,
 ) -> tuple[SpanId, str]:
-    """A span and a `self_id` such that the owners of the span's chunk, among `order`'s peer
-    ids and this node (None), are exactly `order`, best first (`count` owners). Raises
-    AssertionError when no span and self id give that order (negligible for two peers)."""
+    """A span (`only`, when given) and a `self_id` such that the owners of the span's chunk,
+    among `order`'s peer ids and this node (None), are exactly `order`, best first (`count`
+    owners). Raises AssertionError when no span and self id give that order (negligible for
+    two peers)."""
     peers = [o for o in order if o is not None]
-    for span in range(span_map.span_count):
+    for span in range(span_map.span_count) if only is None else [only]:
         chunk = chunk_of(span_map.compressed_range(SpanId(span))[0], chunk_bytes)
         ranked_peers = owners([(p, p) for p in peers], str(layer), chunk, len(peers))
         if ranked_peers != peers:

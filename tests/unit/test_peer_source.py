@@ -74,11 +74,13 @@ async def peer_source(
     *,
     owners: int | None = None,
     budget_sec: float = BUDGET,
+    only: SpanId | None = None,
 ) -> AsyncIterator[tuple[PeerSource, FakeView, PeerFetchStatistics, SpanId]]:
-    """A PeerSource over `order`'s members, and a span whose chunk's owners are exactly
-    `order` (None: this node), best first."""
+    """A PeerSource over `order`'s members, and a span (`only`, when given) whose chunk's
+    owners are exactly `order` (None: this node), best first."""
     count = owners if owners is not None else len(order)
-    span, self_id = arrange(layer.digest, spans, CHUNK, [m.id if m else None for m in order], count)
+    ids = [m.id if m else None for m in order]
+    span, self_id = arrange(layer.digest, spans, CHUNK, ids, count, only)
     view = FakeView([m for m in order if m is not None])
     stats = PeerFetchStatistics()
     client = PeerClient(connect_timeout_sec=1.0)
@@ -320,8 +322,12 @@ async def test_this_node_first_owner_only_asks_the_next_owner_whether_it_holds_i
         async with peer_source(layer, spans, [holder.member, None]) as (before, _v, _s, span):
             assert await fetch_span(before, layer, spans, span) == want(layer, spans, span)
         assert len(upstream.calls) == 1
-        async with peer_source(layer, spans, [None, holder.member]) as (after, view, _s, span2):
-            assert span2 == span
+        async with peer_source(layer, spans, [None, holder.member], only=span) as (
+            after,
+            view,
+            _s,
+            _span,
+        ):
             assert await fetch_span(after, layer, spans, span) == want(layer, spans, span)
             assert view.up == [holder.member]
         assert len(upstream.calls) == 1
