@@ -616,7 +616,7 @@ async def _serve(ops: FuseOperations, fd: int, max_tasks: int) -> None:
                     log.info("fuse connection ended")
                     return
                 raise
-            if buffer[4] == p.READ and not any(buffer[5:8]):
+            if int.from_bytes(buffer[4:8], "little") == p.READ:
                 await slots.acquire()
                 nursery.start_soon(_answer_read, ops, fd, bytes(view[:n]), slots)
             else:
@@ -749,7 +749,13 @@ async def open_fuse_host(
                 started = True
                 if connection.adopted:
                     # Answered by the previous process; ask for what it left unanswered.
-                    _write(fd, [p.resend_notification()])
+                    try:
+                        os.write(fd, p.resend_notification())
+                    except OSError as e:  # Linux < 6.9: requests in flight at a crash hang
+                        log.warning(
+                            "fuse requests of the previous process not resent",
+                            extra={"error": str(e)},
+                        )
                 else:
                     _write(fd, [p.init_reply(init, negotiated)])
                 mount._served_fd = fd
