@@ -145,12 +145,21 @@ def mount_new(mountpoint: Path, options: frozenset[str]) -> KeptConnection:
         if entry is None:
             raise OSError(errno.ENOENT, f"{mountpoint}: mounted but not in mountinfo")
     except BaseException:
-        if mounted:
-            with contextlib.suppress(OSError):
-                detach(mountpoint)
-        os.close(fd)
+        discard(fd, mountpoint if mounted else None)
         raise
     return KeptConnection(fd, init, entry.device, adopted=False)
+
+
+def discard(fd: int, mountpoint: Path | None) -> None:
+    """Close a connection's fd; with `mountpoint`, lazily unmount it first. Never raises (an
+    unmount that fails is logged)."""
+    if mountpoint is not None:
+        try:
+            detach(mountpoint)
+        except OSError as e:
+            log.warning("cannot unmount %s: %s", mountpoint, e)
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 def mount_fresh(root: Path, mountpoint: Path, options: frozenset[str]) -> KeptConnection:
@@ -160,9 +169,7 @@ def mount_fresh(root: Path, mountpoint: Path, options: frozenset[str]) -> KeptCo
     try:
         keeper.store(root, KEEPER_NAME, kept.fd, kept.keeper_data())
     except BaseException:
-        with contextlib.suppress(OSError):
-            detach(mountpoint)
-        os.close(kept.fd)
+        discard(kept.fd, mountpoint)
         raise
     return kept
 

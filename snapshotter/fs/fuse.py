@@ -51,7 +51,7 @@ from typing import Any, Final, Protocol
 import trio
 
 from snapshotter.fs import protocol as p
-from snapshotter.fs.connection import KeptConnection, mount_new
+from snapshotter.fs.connection import KeptConnection, discard, mount_new
 from snapshotter.fs.errors import (
     BadHandle,
     FsError,
@@ -70,7 +70,6 @@ from snapshotter.fs.host import LayerHost
 from snapshotter.fs.inodes import FUSE_ROOT_INODE
 from snapshotter.fs.readers import LayerReader
 from snapshotter.fs.tree import Attr, LayerTree
-from snapshotter.mountcalls import detach
 from snapshotter.mountinfo import is_mountpoint, mount_at
 
 log = logging.getLogger(__name__)
@@ -268,14 +267,19 @@ def _attr_bytes(attr: Attr) -> bytes:
     )
 
 
+def _timeout(attr: Attr) -> float:
+    """How long the kernel may cache `attr` (and its entry): layers never change."""
+    return LONG_TIMEOUT_S if attr.cacheable else 0.0
+
+
 def entry_out(attr: Attr) -> bytes:
     """`attr` as a fuse_entry_out with the timeouts its cacheability allows."""
-    return p.entry_out(attr.inode, _attr_bytes(attr), LONG_TIMEOUT_S if attr.cacheable else 0.0)
+    return p.entry_out(attr.inode, _attr_bytes(attr), _timeout(attr))
 
 
 def attr_out(attr: Attr) -> bytes:
     """`attr` as a fuse_attr_out with the timeout its cacheability allows."""
-    return p.attr_out(_attr_bytes(attr), LONG_TIMEOUT_S if attr.cacheable else 0.0)
+    return p.attr_out(_attr_bytes(attr), _timeout(attr))
 
 
 def _groups(pid: int) -> tuple[int, ...]:
@@ -345,17 +349,19 @@ class FuseOperations:
         t0 = time.perf_counter() if record is not None else 0.0
         cpu0 = time.thread_time_ns()
         self._caller = (uid, gid, pid)
+        code = 0
         try:
             payload = handler(nodeid, memoryview(request)[p.IN_HEADER.size : length])
         except Exception as e:
             code = self._failed(op, e, nodeid)
-            FUSE_OP_STATS.count(op, time.thread_time_ns() - cpu0)
-            if record is not None:
-                record.failed(time.perf_counter() - t0, code)
-            return p.error_reply(unique, code)
         FUSE_OP_STATS.count(op, time.thread_time_ns() - cpu0)
         if record is not None:
-            record.done(time.perf_counter() - t0)
+            if code:
+                record.failed(time.perf_counter() - t0, code)
+            else:
+                record.done(time.perf_counter() - t0)
+        if code:
+            return p.error_reply(unique, code)
         return None if payload is None else p.reply(unique, payload)
 
     def _failed(self, op: str, exc: Exception, inode: int) -> int:
@@ -734,7 +740,7 @@ async def open_fuse_host(
         init = p.parse_init(connection.init)
         negotiated = p.negotiate(init)
     except ValueError as e:
-        _close(fd, mountpoint if mounted_here else None)
+        discard(fd, mountpoint if mounted_here else None)
         raise RuntimeError(f"cannot serve the layer host at {mountpoint}: {e}") from e
     os.set_blocking(fd, False)
     try:
@@ -774,18 +780,7 @@ async def open_fuse_host(
                 mount._served_fd = None
                 nursery.cancel_scope.cancel()
     finally:
-        _close(fd, mountpoint if mounted_here else None)
-
-
-def _close(fd: int, mountpoint: Path | None) -> None:
-    """Close the served fd; with `mountpoint`, unmount it first (lazily)."""
-    if mountpoint is not None:
-        try:
-            detach(mountpoint)
-        except OSError as e:
-            log.warning("cannot unmount %s: %s", mountpoint, e)
-    with contextlib.suppress(OSError):
-        os.close(fd)
+        discard(fd, mountpoint if mounted_here else None)
 
 
 def cleanup_stale_mount(path: Path) -> bool:

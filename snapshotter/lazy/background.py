@@ -9,8 +9,8 @@ is at most `step_bytes`. Except while images are being read through: when reads 
 least `stream_after_bytes` on demand within the last quiet period (all layers together), the
 workload reads most of what it has (an interpreter importing everything, a full scan), so the
 steps go on without the quiet period, alongside the reads, keeping the link busy while the
-readers work through what is local; the demand of starting containers (a few files each) stays below that
-and is never competed with. Even then a step starts only while no on-demand fetch is in
+readers work through what is local; the demand of starting containers (a few files each)
+stays below that and is never competed with. Even then a step starts only while no on-demand fetch is in
 flight: background fetch fills the gaps between the readers' requests, it does not share the
 link with them. A layer that is unregistered (its image removed, or unmounted) is
 dropped at once, cancelling its step in flight; a layer whose task scope is closed is dropped

@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 RELEASED_MARK: Final = ".released"
 WRITE_BEHIND_SPANS: Final = 4
 """Inflated spans queued for the tier's writer thread at most (`InflatedCache.put_later`)."""
+WRITER_IDLE_SEC: Final = 10.0
+"""The tier's writer thread ends after this long without a span to write."""
 INFLATED_BLOCK_BYTES: Final = 64 * 1024
 """The inflated tier keeps one CRC-32 per block of this many bytes (a read checks the blocks
 it touches)."""
@@ -461,20 +463,21 @@ class InflatedCache(_SpanFiles):
             WRITE_BEHIND_SPANS
         )
         self._writer: threading.Thread | None = None
+        self._writer_lock = threading.Lock()
         self._write_failing = False
 
     def put_later(self, layer: Digest, start: UncompressedOffset, data: bytes) -> None:
-        """`put` in the tier's writer thread (started on first use), so a reader waiting for
-        the span does not wait for its file too. Blocks only while `WRITE_BEHIND_SPANS` puts
-        are queued. A failed put is logged by the writer (once, until one succeeds again);
-        the span stays a miss."""
-        with self._lock:
+        """`put` in the tier's writer thread (started when needed, gone after
+        `WRITER_IDLE_SEC` without work), so a reader waiting for the span does not wait for
+        its file too. Blocks only while `WRITE_BEHIND_SPANS` puts are queued. A failed put is
+        logged by the writer (once, until one succeeds again); the span stays a miss."""
+        with self._writer_lock:  # the writer leaves only under this lock, with nothing queued
             if self._writer is None:
                 self._writer = threading.Thread(
                     target=self._write_behind, name="inflated-tier-writer", daemon=True
                 )
                 self._writer.start()
-        self._queue.put((layer, start, data))
+            self._queue.put((layer, start, data))
 
     def flush(self) -> None:
         """Wait until every `put_later` so far is done (or failed)."""
@@ -482,7 +485,14 @@ class InflatedCache(_SpanFiles):
 
     def _write_behind(self) -> None:
         while True:
-            layer, start, data = self._queue.get()
+            try:
+                layer, start, data = self._queue.get(timeout=WRITER_IDLE_SEC)
+            except queue.Empty:
+                with self._writer_lock:
+                    if self._queue.empty():
+                        self._writer = None
+                        return
+                continue
             try:
                 self.put(layer, start, data)
             except CacheError as e:

@@ -354,3 +354,22 @@ def test_layer_marks_and_drop_cover_both_tiers(tmp_path: Path) -> None:
     assert cache.drop_layer(LAYER_B) == 8008
     assert tier.stats().entries == 0
     assert not (tmp_path / "inflated" / "spans" / f"sha256-{'b' * 64}").exists()
+
+
+def test_the_tier_writer_writes_behind_and_ends_when_idle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from snapshotter.lazy import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "WRITER_IDLE_SEC", 0.05)
+    tier = inflated_cache(tmp_path).inflated
+    assert tier is not None
+    layer = Digest("sha256:" + "ab" * 32)
+    for round_no in range(2):  # a new writer after the first one ended
+        tier.put_later(layer, UncompressedOffset(round_no * 10), b"x" * 10)
+        writer = tier._writer
+        tier.flush()
+        assert tier.contains(layer, UncompressedOffset(round_no * 10))
+        assert writer is not None
+        writer.join(5)
+        assert not writer.is_alive(), "the idle writer did not end"
