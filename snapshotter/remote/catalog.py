@@ -8,6 +8,10 @@ next layers of the image. Memory is bounded: at most `max_images` images are rem
 `no_index_ttl_sec` for at most `max_images` images. Dropping an entry only costs a
 rediscovery (the zTOCs stay in the local store).
 
+Given a task scope, discovery returns once the index is in and the zTOCs download there
+(`ImageArtifacts.ztocs`); an image one of whose zTOCs failed is discovered again by its next
+Prepare (the zTOCs already in the store are not fetched again).
+
 As each zTOC of an image is in the local store, its tree is queued for pre-resolution
 (`queue_tree(image, ztoc)`), limited to the layers containerd will ask for (those in
 `cri.image-layers`, every layer of the index without that label). Use from the trio thread.
@@ -29,6 +33,7 @@ from index.oci.client import AsyncRegistryClient
 from index.oci.reference import Reference
 from index.store import LocalStore, StoreError
 from snapshotter.singleflight import SingleFlight
+from snapshotter.tasks import TaskScope
 
 from .discovery import DiscoveryModes, ImageArtifacts, fetch_artifacts
 from .errors import IndexFetchError, NoIndex
@@ -52,6 +57,7 @@ class ImageCatalog:
         modes: DiscoveryModes,
         *,
         queue_tree: Callable[[Digest, Digest], object],
+        tasks: TaskScope | None = None,
         max_images: int = MAX_IMAGES,
         no_index_ttl_sec: float = NO_INDEX_TTL_SEC,
     ) -> None:
@@ -59,6 +65,7 @@ class ImageCatalog:
         self._store = store
         self._modes = modes
         self._queue_tree = queue_tree
+        self._tasks = tasks
         self._max_images = max(1, max_images)
         self._no_index_ttl_sec = no_index_ttl_sec
         self._images: OrderedDict[Digest, ImageArtifacts] = OrderedDict()
@@ -79,7 +86,11 @@ class ImageCatalog:
         """
         manifest = ll.manifest_digest
         cached = self._images.get(manifest)
-        if cached is not None and ll.index_digest in (None, cached.index_digest):
+        if (
+            cached is not None
+            and ll.index_digest in (None, cached.index_digest)
+            and not cached.ztocs.failed
+        ):
             self._images.move_to_end(manifest)
         else:
             cached = await self._flights.do(
@@ -102,6 +113,7 @@ class ImageCatalog:
                 manifest,
                 ll.index_digest,
                 self._modes,
+                tasks=self._tasks,
                 on_ztoc=functools.partial(self._ztoc_ready, ll),
             )
         except NoIndex:
@@ -126,9 +138,10 @@ class ImageCatalog:
 
     def _queue_image(self, artifacts: ImageArtifacts, ll: LayerLabels) -> None:
         """Queue the trees of the image's layers from this one up, in containerd's order (for
-        an index found by an earlier Prepare; zTOCs already queued are skipped there)."""
+        an index found by an earlier Prepare; zTOCs already queued are skipped there, and
+        those still downloading are queued when they arrive)."""
         index = artifacts.index
         for layer in ll.image_layers or [Digest(z.layer_digest) for z in index.ztocs]:
             z = index.ztoc_for_layer(layer)
-            if z is not None:
+            if z is not None and artifacts.ztocs.ready(Digest(z.digest)):
                 self._ztoc_ready(ll, z)

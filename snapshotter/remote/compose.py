@@ -354,6 +354,7 @@ async def _build(
         store,
         DiscoveryModes(cfg.soci_v2, cfg.soci_v1, cfg.local_store),
         queue_tree=trees.queue,
+        tasks=await scope.open_child("discovery"),
     )
     layers = LazyLayers(
         fuse=fuse,

@@ -5,9 +5,16 @@ Discovery order, fixed: the explicit `soci.index.digest` label; the v2 annotatio
 digest; v1 referrers (referrers API, then the `sha256-<hex>` tag schema) when enabled;
 the local store's record of an index for that manifest. The index manifest and every zTOC
 are read from the local store when present, otherwise fetched from the image's repository
-(zTOCs concurrently, each verified by digest; the client's gate bounds how many requests
-are in flight) and stored. Registry reads are native trio I/O; local store calls (blocking
-file and sqlite I/O) run in worker threads under `STORE_THREADS`.
+(each verified by digest) and stored. Registry reads are native trio I/O; local store calls
+(blocking file and sqlite I/O) run in worker threads under `STORE_THREADS`.
+
+zTOCs download in the background once the index is in (`fetch_artifacts` given a task
+scope): a Prepare waits only for its own layer's zTOC (`ZtocDownloads.wait`), so a layer
+the index does not cover is unpacked while the zTOCs still arrive. The largest zTOC is
+fetched first and alone, with the whole link: its layer tree takes longest to build (about
+a second per 50k entries), and containerd's Prepares cannot all finish before it is built;
+the others follow concurrently (the client's gate bounds how many requests are in flight).
+A failed zTOC fails only its own layer, which falls back; the others mount lazily.
 """
 
 from __future__ import annotations
@@ -15,8 +22,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import trio
@@ -31,6 +38,7 @@ from index.oci.errors import NotFoundError, OciError
 from index.oci.reference import Reference
 from index.store import LocalStore, StoreError
 from index.ztoc_codec import decode_ztoc
+from snapshotter.tasks import TaskScope
 
 from .errors import IndexFetchError, NoIndex
 
@@ -59,15 +67,62 @@ class DiscoveryModes:
     local_store: bool = True
 
 
+class ZtocDownloads:
+    """Which zTOCs of an index are in the local store yet (`wait` for one). Made with the
+    pending digests; without any, every zTOC counts as present. Use from the trio thread."""
+
+    def __init__(self, pending: Iterable[Digest] = ()) -> None:
+        self._events: dict[Digest, trio.Event] = {Digest(d): trio.Event() for d in pending}
+        self._failed: dict[Digest, str] = {}
+
+    def __repr__(self) -> str:
+        waiting = sum(1 for e in self._events.values() if not e.is_set())
+        return f"<ZtocDownloads waiting={waiting} failed={len(self._failed)}>"
+
+    @property
+    def failed(self) -> bool:
+        """Whether some zTOC could not be fetched (the image is worth rediscovering)."""
+        return bool(self._failed)
+
+    def ready(self, digest: Digest) -> bool:
+        """Whether zTOC `digest` is in the local store (or was never pending)."""
+        event = self._events.get(digest)
+        return event is None or (event.is_set() and digest not in self._failed)
+
+    def settled(self, digest: Digest) -> bool:
+        """Whether the outcome of zTOC `digest` is known (present, or failed)."""
+        event = self._events.get(digest)
+        return event is None or event.is_set()
+
+    def done(self, digest: Digest, error: str | None = None) -> None:
+        """zTOC `digest` is in the store (`error` None) or could not be fetched."""
+        if error is not None:
+            self._failed[digest] = error
+        event = self._events.get(digest)
+        if event is not None:
+            event.set()
+
+    async def wait(self, digest: Digest) -> None:
+        """Return once zTOC `digest` is in the local store. Raises IndexFetchError when its
+        download failed."""
+        event = self._events.get(digest)
+        if event is not None:
+            await event.wait()
+        error = self._failed.get(digest)
+        if error is not None:
+            raise IndexFetchError(error)
+
+
 @dataclass(frozen=True, slots=True)
 class ImageArtifacts:
-    """An image's SOCI index, with every zTOC it lists present in the local store."""
+    """An image's SOCI index and its zTOCs' downloads (`ztocs`: all present by default)."""
 
     manifest_digest: Digest
     index_digest: Digest
     index: SociIndex
     found_by: str
     """How the index was found: `label`, `v2`, `v1` or `local`."""
+    ztocs: ZtocDownloads = field(default_factory=ZtocDownloads, compare=False)
 
 
 async def _manifest_annotation(
@@ -173,35 +228,41 @@ async def _fetch_ztocs(
     store: LocalStore,
     ref: Reference,
     index: SociIndex,
+    downloads: ZtocDownloads,
     on_ztoc: Callable[[ZtocDescriptor], None] | None,
 ) -> int:
-    """Every zTOC of `index` into the store, concurrently; the bytes fetched.
-
-    The first failure cancels the others and is raised (IndexFetchError, StoreError,
-    OSError).
-    """
+    """Every zTOC of `index` into the store, the largest first and alone, then the others
+    concurrently; the bytes fetched. Each outcome goes to `downloads` as it is known (a
+    failure, IndexFetchError, StoreError or OSError, only there); never raises those."""
     fetched = 0
-    failures: list[Exception] = []
 
-    async def one(z: ZtocDescriptor, cancel: trio.CancelScope) -> None:
+    async def one(z: ZtocDescriptor) -> None:
         nonlocal fetched
+        digest = Digest(z.digest)
         try:
-            fetched += await _fetch_ztoc(client, store, ref, z.digest)
+            n = await _fetch_ztoc(client, store, ref, digest)
         except (IndexFetchError, StoreError, OSError) as e:
-            failures.append(e)
-            cancel.cancel()
+            downloads.done(digest, f"zTOC {ref.name}@{digest}: {e}")
             return
+        fetched += n
+        downloads.done(digest)
         if on_ztoc is not None:
             try:
                 on_ztoc(z)
             except Exception as e:
                 log.debug("zTOC callback failed", extra={"digest": z.digest, "error": repr(e)})
 
-    async with trio.open_nursery() as nursery:
+    largest_first = sorted(index.ztocs, key=lambda z: z.size, reverse=True)
+    try:
+        if largest_first:
+            await one(largest_first[0])
+        async with trio.open_nursery() as nursery:
+            for z in largest_first[1:]:
+                nursery.start_soon(one, z, name=f"ztoc {z.digest}")
+    finally:  # cancelled, or an unexpected error: no waiter may wait for nothing
         for z in index.ztocs:
-            nursery.start_soon(one, z, nursery.cancel_scope, name=f"ztoc {z.digest}")
-    if failures:
-        raise failures[0]
+            if not downloads.settled(Digest(z.digest)):
+                downloads.done(Digest(z.digest), f"zTOC {ref.name}@{z.digest}: download ended")
     return fetched
 
 
@@ -213,15 +274,18 @@ async def fetch_artifacts(
     explicit: Digest | None,
     modes: DiscoveryModes,
     *,
+    tasks: TaskScope | None = None,
     on_ztoc: Callable[[ZtocDescriptor], None] | None = None,
 ) -> ImageArtifacts:
     """Find the index of `manifest` and make it and all its zTOCs local (see module doc).
 
-    `on_ztoc` is called (in the calling trio thread) with each zTOC's descriptor as soon as
-    that zTOC is in the local store, so work on it can start while others still download;
-    what it raises is logged and ignored.
+    With `tasks`, returns once the index is in: the zTOCs download in a task there, and
+    `ImageArtifacts.ztocs` tells when each is local (or failed). Without, returns once all
+    are local. `on_ztoc` is called (in the calling trio thread) with each zTOC's descriptor
+    as soon as that zTOC is in the local store, so work on it can start while others still
+    download; what it raises is logged and ignored.
 
-    Raises NoIndex, IndexFetchError (any fetch, digest or decode failure: a partial fetch
+    Raises NoIndex, IndexFetchError (the index, or without `tasks` any zTOC: a partial fetch
     is a failure), StoreError or OSError (the local store).
     """
     digest, how = await find_index_digest(client, store, ref, manifest, explicit, modes)
@@ -230,25 +294,42 @@ async def fetch_artifacts(
         index = soci_manifest.parse_index(data)
     except IndexManifestError as e:
         raise IndexFetchError(f"SOCI index {ref.name}@{digest}: {e}") from e
-    fetched = await _fetch_ztocs(client, store, ref, index, on_ztoc)
-    try:
-        await _store(_record, store, ref, manifest, digest, len(data), index)
-    except Exception as e:  # records are a convenience for `sociable index list`
-        log.warning(
-            "cannot record index in the local store", extra={"digest": digest, "error": repr(e)}
-        )
+    downloads = ZtocDownloads(Digest(z.digest) for z in index.ztocs)
+    artifacts = ImageArtifacts(manifest, digest, index, how, downloads)
     log.info(
         "soci index found",
-        extra={
-            "image": str(ref),
-            "manifest": manifest,
-            "index": digest,
-            "found_by": how,
-            "ztocs": len(index.ztocs),
-            "ztoc_bytes_fetched": fetched,
-        },
+        extra={"image": str(ref), "manifest": manifest, "index": digest, "found_by": how},
     )
-    return ImageArtifacts(manifest, digest, index, how)
+
+    async def fetch_all() -> None:
+        begin = trio.current_time()
+        fetched = await _fetch_ztocs(client, store, ref, index, downloads, on_ztoc)
+        log.info(
+            "ztocs fetched",
+            extra={
+                "image": str(ref),
+                "index": digest,
+                "ztocs": len(index.ztocs),
+                "ztoc_bytes_fetched": fetched,
+                "failed": downloads.failed,
+                "ms": round((trio.current_time() - begin) * 1000),
+            },
+        )
+        if downloads.failed:
+            return
+        try:
+            await _store(_record, store, ref, manifest, digest, len(data), index)
+        except Exception as e:  # records are a convenience for `sociable index list`
+            log.warning(
+                "cannot record index in the local store", extra={"digest": digest, "error": repr(e)}
+            )
+
+    if tasks is not None and tasks.start_soon(fetch_all, name=f"ztocs of {digest}"):
+        return artifacts
+    await fetch_all()
+    for z in index.ztocs:
+        await downloads.wait(Digest(z.digest))  # raises the first failure
+    return artifacts
 
 
 def _record(

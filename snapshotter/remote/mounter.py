@@ -5,8 +5,9 @@ On an unpack Prepare (labels with `containerd.io/snapshot.ref` and CRI's `cri.*`
 1. find the image's SOCI index and its zTOCs (`ImageCatalog`, shared per image manifest);
 2. layer in the index: serve it lazily (`LazyLayers.mount`: tree, reader, FUSE directory
    `snap-<id>`, bind mount on the snapshot's `fs`, restore record). Result REMOTE.
-3. layer not in the index (`no_ztoc`), or a lazy mount that failed or timed out (`mount`):
-   unpack it locally into `fs` (`local_unpack = true`). Result LOCAL; if that fails too
+3. layer not in the index (`no_ztoc`), its zTOC not fetched (`index_fetch`; the zTOCs
+   download in the background, each Prepare waits for its own), or a lazy mount that failed
+   or timed out (`mount`): unpack it locally into `fs` (`local_unpack = true`). Result LOCAL; if that fails too
    (`unpack`) or local unpack is off, DECLINED.
 4. no index (`no_index`), an index that cannot be fetched or took longer than
    `mount_timeout_sec` (`index_fetch`), no CRI labels (`no_cri_labels`): DECLINED,
@@ -256,9 +257,10 @@ class RemoteMounter:
         )
         try:
             with trio.fail_after(self.mount_timeout_sec):
+                await artifacts.ztocs.wait(zdesc.digest)
                 await self.layers.mount(mountpoint, name, record)
-        except (MountError, trio.TooSlowError) as e:
-            err = e if isinstance(e, MountError) else MountError("mount timed out")
+        except (MountError, IndexFetchError, trio.TooSlowError) as e:
+            err = e if isinstance(e, RemoteError) else MountError("mount timed out")
             return await self._local(mountpoint, ll, ref, err)
         log.info(
             "lazy layer mounted",
@@ -314,6 +316,11 @@ class RemoteMounter:
         zdesc = artifacts.index.ztoc_for_layer(ll.layer_digest)
         if zdesc is None:
             raise NoZtoc(f"index {artifacts.index_digest} has no zTOC for {ll.layer_digest}")
+        try:
+            with trio.fail_after(self.mount_timeout_sec):
+                await artifacts.ztocs.wait(zdesc.digest)
+        except trio.TooSlowError as e:
+            raise IndexFetchError(f"zTOC download took over {self.mount_timeout_sec} s") from e
         return LayerRecord(
             ll.image_ref, ll.manifest_digest, ll.layer_digest, artifacts.index_digest, zdesc.digest
         )

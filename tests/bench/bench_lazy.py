@@ -63,6 +63,7 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -73,6 +74,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -495,6 +497,37 @@ def check_small(output: str, expected: dict[str, str]) -> None:
         raise BenchError(f"small workload: wrong or missing checksums for {wrong[:5]}")
 
 
+TIMELINE = False
+"""``--timeline``: print the link's received MB per second of every measured run."""
+
+
+@contextlib.contextmanager
+def link_timeline(interface: str, what: str) -> Iterator[None]:
+    """With ``--timeline``, sample ``interface``'s received bytes every second in a thread and
+    print MB per second once the block ends (where the link was idle during a run)."""
+    if not TIMELINE:
+        yield
+        return
+    counter = Path(f"/sys/class/net/{interface}/statistics/rx_bytes")
+    samples: list[int] = [int(counter.read_text())]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(1.0):
+            samples.append(int(counter.read_text()))
+
+    thread = threading.Thread(target=sample, name="timeline", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        samples.append(int(counter.read_text()))
+        rates = [f"{(b - a) / 1e6:.0f}" for a, b in itertools.pairwise(samples)]
+        print(f"  link MB/s per second, {what}: {' '.join(rates)}")
+
+
 def measure(
     name: str,
     workload: str,
@@ -504,12 +537,13 @@ def measure(
 ) -> Run:
     """Times ``pull`` then ``run``, counting the link's received bytes and blob requests."""
     c0, log0 = reg.ns.counters(), reg.log_offset()
-    t0 = time.monotonic()
-    pull()
-    t1 = time.monotonic()
-    pull_rx = reg.ns.counters().rx_bytes - c0.rx_bytes
-    out = run()
-    t2 = time.monotonic()
+    with link_timeline(reg.ns.host_if, f"{name}, {workload}"):
+        t0 = time.monotonic()
+        pull()
+        t1 = time.monotonic()
+        pull_rx = reg.ns.counters().rx_bytes - c0.rx_bytes
+        out = run()
+        t2 = time.monotonic()
     rx = reg.ns.counters().rx_bytes - c0.rx_bytes
     r = Run(name, workload, t1 - t0, t2 - t0, rx, pull_rx, reg.blob_requests_since(log0), out)
     print(
@@ -643,6 +677,8 @@ def lazy_runs(
             runs.append(r)
             if n == 1:
                 print(f"  ({_remote_snapshots(daemon)} layers mounted lazily)")
+        # the last run's daemon log, for a look at its timing after the run directory is gone
+        shutil.copyfile(daemon.log, WORKDIR / f"daemon-{workload}.log")
     return runs
 
 
@@ -1256,8 +1292,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="small,all",
         help="comma-separated: small, all, stdlib (default small,all)",
     )
+    parser.add_argument(
+        "--timeline", action="store_true", help="print the link's MB per second of each run"
+    )
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args(argv)
+    global TIMELINE
+    TIMELINE = args.timeline
     if os.geteuid() != 0:
         print("bench_lazy needs root (namespaces, tc, containerd, mounts)", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ from snapshotter.remote.errors import IndexFetchError, UnpackError
 from snapshotter.remote.labels import LayerLabels
 from snapshotter.remote.local import RegistryUnpacker
 from snapshotter.remote.unpack import unpack_layer
+from snapshotter.tasks import open_task_scope
 
 REF = Reference.parse("reg.example/team/app:v1")
 Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
@@ -59,13 +60,16 @@ def blob_server(
     return handler
 
 
-def soci_image(count: int) -> tuple[dict[str, bytes], Digest, Digest]:
+def soci_image(
+    count: int, repeats: list[int] | None = None
+) -> tuple[dict[str, bytes], Digest, Digest]:
     """Blobs of an image manifest, its v2 SOCI index and `count` zTOCs (fake bytes: discovery
-    stores them by digest, it does not decode them)."""
+    stores them by digest, it does not decode them); zTOC i is `repeats[i]` (100) times a
+    short text."""
     blobs: dict[str, bytes] = {}
     ztocs = []
     for i in range(count):
-        data = f"ztoc {i}".encode() * 100
+        data = f"ztoc {i}".encode() * (repeats[i] if repeats else 100)
         d = Digest.of(data)
         blobs[str(d)] = data
         ztocs.append(
@@ -122,6 +126,91 @@ async def test_a_failing_ztoc_fails_discovery(tmp_path: Path) -> None:
         async with AsyncRegistryClient(transport=httpx.MockTransport(blob_server(blobs))) as client:
             with pytest.raises(IndexFetchError, match=missing):
                 await fetch_artifacts(client, store, REF, manifest, None, DiscoveryModes())
+    finally:
+        store.close()
+
+
+async def test_ztocs_download_in_the_background_largest_first(tmp_path: Path) -> None:
+    blobs, manifest, _ = soci_image(4, [100, 900, 300, 200])
+    serve = blob_server(blobs)
+    release = trio.Event()
+    asked: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if "/blobs/" in request.url.path:
+            asked.append(request.url.path.rsplit("/", 1)[-1])
+            await release.wait()
+        return await serve(request)
+
+    store = LocalStore(tmp_path / "store")
+    try:
+        async with (
+            open_task_scope("test") as tasks,
+            AsyncRegistryClient(transport=httpx.MockTransport(handler)) as client,
+        ):
+            artifacts = await fetch_artifacts(
+                client, store, REF, manifest, None, DiscoveryModes(), tasks=tasks
+            )
+            ztocs = artifacts.index.ztocs
+            # returned with the index, before any zTOC is in
+            assert not any(artifacts.ztocs.ready(Digest(z.digest)) for z in ztocs)
+            await trio.sleep(0.05)
+            largest = max(ztocs, key=lambda z: z.size)
+            assert asked == [str(largest.digest)]  # the largest alone first
+            release.set()
+            for z in ztocs:
+                await artifacts.ztocs.wait(Digest(z.digest))
+            assert all(store.has_blob(z.digest) for z in ztocs)
+            assert sorted(asked) == sorted(str(z.digest) for z in ztocs)
+            assert not artifacts.ztocs.failed
+    finally:
+        store.close()
+
+
+async def test_a_failing_ztoc_fails_only_its_layer_in_the_background(tmp_path: Path) -> None:
+    blobs, manifest, index_digest = soci_image(4)
+    missing = json.loads(blobs[str(index_digest)])["layers"][2]["digest"]
+    del blobs[missing]
+    store = LocalStore(tmp_path / "store")
+    try:
+        async with (
+            open_task_scope("test") as tasks,
+            AsyncRegistryClient(transport=httpx.MockTransport(blob_server(blobs))) as client,
+        ):
+            artifacts = await fetch_artifacts(
+                client, store, REF, manifest, None, DiscoveryModes(), tasks=tasks
+            )
+            with pytest.raises(IndexFetchError, match=missing):
+                await artifacts.ztocs.wait(Digest(missing))
+            for z in artifacts.index.ztocs:
+                if z.digest != missing:
+                    await artifacts.ztocs.wait(Digest(z.digest))
+                    assert store.has_blob(z.digest)
+            assert artifacts.ztocs.failed and not artifacts.ztocs.ready(Digest(missing))
+    finally:
+        store.close()
+
+
+async def test_cancelled_ztoc_downloads_release_their_waiters(tmp_path: Path) -> None:
+    blobs, manifest, _ = soci_image(2)
+    serve = blob_server(blobs)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if "/blobs/" in request.url.path:
+            await trio.sleep_forever()
+        return await serve(request)
+
+    store = LocalStore(tmp_path / "store")
+    try:
+        async with AsyncRegistryClient(transport=httpx.MockTransport(handler)) as client:
+            async with open_task_scope("test") as tasks:
+                artifacts = await fetch_artifacts(
+                    client, store, REF, manifest, None, DiscoveryModes(), tasks=tasks
+                )
+            # the scope closed (daemon stopping): every waiter gets an error, none hangs
+            for z in artifacts.index.ztocs:
+                with trio.fail_after(1), pytest.raises(IndexFetchError, match="ended"):
+                    await artifacts.ztocs.wait(Digest(z.digest))
     finally:
         store.close()
 

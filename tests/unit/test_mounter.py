@@ -5,6 +5,7 @@ policy of `open_remote_mounter` (a broken span cache degrades, it does not stop 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping
@@ -23,7 +24,7 @@ from snapshotter.daemon import Settings
 from snapshotter.errors import Unavailable
 from snapshotter.remote import labels as L
 from snapshotter.remote.compose import open_remote_mounter
-from snapshotter.remote.discovery import ImageArtifacts
+from snapshotter.remote.discovery import ImageArtifacts, ZtocDownloads
 from snapshotter.remote.errors import IndexFetchError, MountError, NoIndex, UnpackError
 from snapshotter.remote.labels import LayerLabels
 from snapshotter.remote.mounter import DegradedMounter, RemoteMounter
@@ -62,6 +63,8 @@ class FakeCatalog:
     error: Exception | None = None
     hang: bool = False
     calls: int = 0
+    ztocs: ZtocDownloads | None = None
+    """The image's zTOC downloads (default: every zTOC present)."""
 
     async def artifacts(self, ll: LayerLabels, ref: Reference) -> ImageArtifacts:
         self.calls += 1
@@ -69,7 +72,15 @@ class FakeCatalog:
             await trio.sleep_forever()
         if self.error is not None:
             raise self.error
+        if self.ztocs is not None:
+            return dataclasses.replace(ARTIFACTS, ztocs=self.ztocs)
         return ARTIFACTS
+
+
+def failed_download(error: str) -> ZtocDownloads:
+    downloads = ZtocDownloads([ZTOC])
+    downloads.done(ZTOC, error)
+    return downloads
 
 
 @dataclass
@@ -127,6 +138,7 @@ ROWS = [
     Row("index timeout", catalog=FakeCatalog(hang=True), result=MountResult.DECLINED, reasons=("index_fetch",)),
     Row("no ztoc: local", labels=labels(UNINDEXED), result=MountResult.LOCAL, reasons=("no_ztoc",), unpacked=True),
     Row("no ztoc, unpack fails", labels=labels(UNINDEXED), unpacker=FakeUnpacker(UnpackError("gunzip")), result=MountResult.DECLINED, reasons=("no_ztoc", "unpack"), unpacked=True),
+    Row("ztoc fetch fails: local", catalog=FakeCatalog(ztocs=failed_download("zTOC: 503")), result=MountResult.LOCAL, reasons=("index_fetch",), unpacked=True),
     Row("lazy mount fails: local", layers=FakeLayers(MountError("bind")), result=MountResult.LOCAL, reasons=("mount",), unpacked=True),
     Row("no ztoc, local unpack off", labels=labels(UNINDEXED), local_unpack=False, result=MountResult.DECLINED, reasons=("no_ztoc",)),
 ]  # fmt: skip
@@ -165,6 +177,23 @@ async def test_fallback_matrix(
     assert bool(row.unpacker.calls) is row.unpacked
     if row.catalog.hang:
         assert trio.current_time() - start == pytest.approx(TIMEOUT)
+
+
+async def test_prepare_waits_for_its_ztoc_download(tmp_path: Path) -> None:
+    downloads = ZtocDownloads([ZTOC])
+    row = Row("lazy", catalog=FakeCatalog(ztocs=downloads))
+    mounter = make(row, tmp_path)
+    results: list[MountResult] = []
+
+    async def prepare() -> None:
+        results.append(await mounter.mount(tmp_path / "snapshots" / "7" / "fs", labels()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(prepare)
+        await trio.testing.wait_all_tasks_blocked()
+        assert results == [] and row.layers.mounted == []  # waiting for the zTOC
+        downloads.done(ZTOC)
+    assert results == [MountResult.REMOTE] and row.layers.mounted == ["snap-7"]
 
 
 async def test_no_index_logged_once_per_image(
