@@ -9,7 +9,9 @@ is at most `step_bytes`. Except while images are being read through: when reads 
 least `stream_after_bytes` on demand within the last quiet period (all layers together), the
 workload reads most of what it has (an interpreter importing everything, a full scan), so the
 steps go on without the quiet period, alongside the reads, keeping the link busy while the
-readers work through what is local; the demand of starting containers (a few files each)
+readers work through what is local; they then go to the layer reads fetched from last, from
+the span after that fetch on (`SpanFetcher.step`), ahead of the reader instead of spread
+over every layer; the demand of starting containers (a few files each)
 stays below that and is never competed with. Even then a step starts only while no on-demand fetch is in
 flight: background fetch fills the gaps between the readers' requests, it does not share the
 link with them. A layer that is unregistered (its image removed, or unmounted) is
@@ -89,6 +91,11 @@ class Prefetchable(Protocol):
 
     def is_complete(self) -> bool: ...
 
+    @property
+    def last_demand(self) -> float:
+        """Trio time of the layer's latest on-demand fetch (-inf: none)."""
+        ...
+
     def record_error(self, message: str) -> None:
         """Count a failed step on the layer (for its status)."""
         ...
@@ -150,12 +157,14 @@ class BackgroundFetcher:
         )
 
     def _next(self) -> tuple[str, Prefetchable] | float | None:
-        """The next layer to step, None when there is none, or the time of the next retry."""
+        """The next layer to step, None when there is none, or the time of the next retry:
+        round-robin, except while images are read through, when the layer reads fetched from
+        last goes first (its steps follow the reader)."""
         now = trio.current_time()
         earliest = math.inf
+        picked: tuple[str, Prefetchable] | None = None
         for key in list(self._layers):
             layer = self._layers[key]
-            self._layers.move_to_end(key)
             if layer.is_complete():
                 del self._layers[key]
                 self._retry_at.pop(key, None)
@@ -165,7 +174,15 @@ class BackgroundFetcher:
             if retry > now:
                 earliest = min(earliest, retry)
                 continue
-            return key, layer
+            if picked is None:
+                picked = key, layer
+                if not self._reading_through:
+                    break
+            elif layer.last_demand > picked[1].last_demand:
+                picked = key, layer
+        if picked is not None:
+            self._layers.move_to_end(picked[0])
+            return picked
         return None if earliest == math.inf else earliest
 
     async def serve(

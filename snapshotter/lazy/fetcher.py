@@ -24,6 +24,7 @@ raised, unchanged, to the caller that started it (`ensure` when it needed one of
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -106,6 +107,9 @@ class SpanFetcher:
         self._cache_failures_unlogged = 0
         self._inflight: dict[SpanId, _Fetch] = {}
         self._cursor = 0
+        self._demand_end: SpanId | None = None
+        self.last_demand = -math.inf
+        """Trio time of this layer's latest on-demand fetch (a read's, or its read-ahead)."""
         self._chunks: list[int] | None = None
         if chunk_bytes > 0:
             self._chunks = [
@@ -156,7 +160,7 @@ class SpanFetcher:
                         break
                     missing.append(SpanId(extra))
                 mine = self._start_runs(missing)
-                self.tracker.record(sum(self.table.sizes[s] for s in missing))
+                self._demanded(missing)
             with self.tracker.demand():
                 async with trio.open_nursery() as nursery:
                     for fetch in mine:
@@ -182,7 +186,7 @@ class SpanFetcher:
         if not missing:
             return
         fetches = self._start_runs(missing)
-        self.tracker.record(sum(self.table.sizes[s] for s in missing))
+        self._demanded(missing)
         with self.tracker.demand():
             async with trio.open_nursery() as nursery:
                 for fetch in fetches:
@@ -191,13 +195,22 @@ class SpanFetcher:
             if fetch.error is not None:
                 raise fetch.error
 
+    def _demanded(self, spans: Sequence[SpanId]) -> None:
+        """On-demand fetches of `spans` (ascending) start now."""
+        self.tracker.record(sum(self.table.sizes[s] for s in spans))
+        self.last_demand = trio.current_time()
+        self._demand_end = spans[-1]
+
     async def step(self, max_bytes: int) -> int:
-        """Fetch the next run of missing spans after the previous step's (background work).
+        """Fetch the next run of missing spans after the previous step's, or after the last
+        on-demand fetch when one started since (background work that follows a reader).
 
         Returns the compressed bytes fetched, 0 when nothing is missing or startable. Raises
         the request's error (`FetchError` or another exception).
         """
         n = len(self.table)
+        if self._demand_end is not None:
+            self._cursor, self._demand_end = (self._demand_end + 1) % n, None
         run: list[SpanId] = []
         total = 0
         for i in range(n):

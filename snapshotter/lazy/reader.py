@@ -280,6 +280,11 @@ class RemoteLayerReader:
             and self.table.count(SpanState.FETCHING) == 0
         )
 
+    @property
+    def last_demand(self) -> float:
+        """Trio time of this layer's latest on-demand fetch (-inf: none)."""
+        return self.fetcher.last_demand
+
     def record_error(self, message: str) -> None:
         """Count a failure of work done for this layer elsewhere (a background step)."""
         self.counters.record_error(message)

@@ -4,17 +4,19 @@ back-off, and the step's error boundary (one layer's failure never stops the fet
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
-from index.model import UncompressedOffset
+from index.model import SpanId, UncompressedOffset
 from snapshotter.lazy import (
     BackgroundConfig,
     BackgroundFetcher,
     DemandTracker,
+    ReadConfig,
     RemoteLayerReader,
 )
 from snapshotter.lazy.cache import SpanCache
@@ -131,6 +133,10 @@ class Watched:
     def is_complete(self) -> bool:
         return self.reader.is_complete()
 
+    @property
+    def last_demand(self) -> float:
+        return self.reader.last_demand
+
     def record_error(self, message: str) -> None:
         self.reader.record_error(message)
 
@@ -217,11 +223,15 @@ async def test_no_request_after_unregister_or_after_the_layer_scope_closes(
 class Fake:
     """A layer that each step fetches one MiB of; ten steps complete it."""
 
-    def __init__(self) -> None:
+    def __init__(self, last_demand: float = -math.inf, log: list[Fake] | None = None) -> None:
         self.steps: list[float] = []
+        self.last_demand = last_demand
+        self.log = log
 
     async def prefetch_step(self, max_bytes: int) -> int:
         self.steps.append(trio.current_time())
+        if self.log is not None:
+            self.log.append(self)
         return 1 << 20
 
     def is_complete(self) -> bool:
@@ -261,3 +271,56 @@ async def test_layers_are_filled_alongside_reads_that_fetch_a_lot(
         assert during == [0, 0], (fetched, stream_after)
         for fake in layers:
             assert fake.is_complete() is expect_filled, (fetched, stream_after, fake.steps)
+
+
+async def test_reading_through_steps_go_to_the_layer_read_last(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """While reads fetch a lot, the layer whose reads fetched last is filled first (the
+    reader's), the others after it; otherwise layers take turns."""
+    for fetched, reading_through in ((100 << 20, True), (0, False)):
+        tracker = DemandTracker()
+        fetcher = BackgroundFetcher(
+            BackgroundConfig(quiet_period_ms=1000, rate_bytes_per_sec=0), tracker
+        )
+        log: list[Fake] = []
+        layers = {"other": Fake(1.0, log), "read": Fake(2.0, log)}
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fetcher.serve)
+            for key, fake in layers.items():
+                fetcher.register(key, fake)
+            with tracker.demand():
+                tracker.record(fetched)
+                await trio.sleep(0.5)
+            await trio.sleep(30)
+            nursery.cancel_scope.cancel()
+        order = ["read" if fake is layers["read"] else "other" for fake in log]
+        if reading_through:
+            assert order == ["read"] * 10 + ["other"] * 10
+        else:
+            assert order[:4] in (["other", "read"] * 2, ["read", "other"] * 2)  # turns
+        assert all(f.is_complete() for f in layers.values())
+
+
+async def test_a_step_continues_after_the_last_on_demand_fetch(
+    layer: Layer, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    source = MemorySource(layer.blob)
+    reader = RemoteLayerReader(
+        layer.digest,
+        layer.ztoc,
+        source,
+        SpanCache(tmp_path),
+        config=ReadConfig(readahead_spans=0),
+    )
+    spans = reader.span_map.span_count
+    assert spans >= 6
+    await reader.prefetch_step(1)  # background starts at span 0
+    assert source.calls[-1][0] == reader.span_map.compressed_range(SpanId(0))[0]
+    middle = SpanId(spans // 2)
+    await reader.read(reader.span_map.uncompressed_range(middle)[0], 10)  # a reader is there
+    await reader.prefetch_step(1)
+    assert source.calls[-1][0] == reader.span_map.compressed_range(SpanId(middle + 1))[0]
+    await reader.prefetch_step(1)  # and goes on from there
+    assert source.calls[-1][0] == reader.span_map.compressed_range(SpanId(middle + 2))[0]
+    assert reader.last_demand > -math.inf
