@@ -4,8 +4,10 @@ After a quiet period with no on-demand fetches (`DemandTracker`), the fetcher ta
 registered layer in round-robin order and fetches its next run of missing spans (at most
 `step_bytes`, verified, cached compressed, not inflated), then sleeps long enough to keep the
 average at `rate_bytes_per_sec`. On-demand reads preempt it: before every step it waits until
-on-demand fetching has been quiet for `quiet_period_ms`, so it never runs ahead of them; a step
-is at most `step_bytes`. Except while images are being read through: when reads fetched at
+on-demand fetching has been quiet for `quiet_period_ms` (a layer mount pauses it too, for at
+most `demand.MOUNT_PAUSE_SEC`: the container starts reading by then), and a read's fetch that starts
+during a step stops that step (its request is cancelled), so a read never shares the link
+with it; a step is at most `step_bytes`. Except while images are being read through: when reads fetched at
 least `stream_after_bytes` on demand within the last quiet period (all layers together), the
 workload reads most of what it has (an interpreter importing everything, a full scan), so the
 steps go on without the quiet period, alongside the reads, keeping the link busy while the
@@ -27,7 +29,8 @@ status shows as `errors`/`last_error`), and the layer is retried after `error_ba
 the other layers go on. `trio.Cancelled` and `KeyboardInterrupt` propagate.
 
 Structured concurrency: `serve` runs in the task scope its owner (the mounter) gives it and
-never returns; it starts no tasks of its own.
+never returns; it starts no long-lived tasks: a step outside read-through runs beside its
+watcher for reads in a nursery of the step's own.
 """
 
 from __future__ import annotations
@@ -124,13 +127,14 @@ class BackgroundFetcher:
         self._retry_at: dict[str, float] = {}
         self._work = trio.Event()
         self._current: tuple[str, trio.CancelScope] | None = None
-        self._bytes = self._steps = self._errors = self._completed = 0
+        self._bytes = self._steps = self._errors = self._completed = self._yielded = 0
         self._reading_through = False
 
     def __repr__(self) -> str:
         return (
             f"<BackgroundFetcher enabled={self.config.enabled} layers={len(self._layers)} "
-            f"bytes={self._bytes} steps={self._steps} errors={self._errors}>"
+            f"bytes={self._bytes} steps={self._steps} errors={self._errors} "
+            f"yielded={self._yielded}>"
         )
 
     def register(self, key: str, layer: Prefetchable) -> None:
@@ -213,8 +217,17 @@ class BackgroundFetcher:
             with trio.CancelScope() as scope:
                 self._current = (key, scope)
                 try:
-                    fetched = await layer.prefetch_step(self.config.step_bytes)
+                    fetched = await self._step(layer)
                     self._steps += 1
+                    log.debug(
+                        "background step",
+                        extra={
+                            "layer": key,
+                            "bytes": fetched,
+                            "ms": round((trio.current_time() - started) * 1000),
+                            "alongside_reads": self._reading_through,
+                        },
+                    )
                 except LayerClosed:  # unmounted, not yet unregistered: drop it quietly
                     self._layers.pop(key, None)
                     self._retry_at.pop(key, None)
@@ -229,6 +242,32 @@ class BackgroundFetcher:
             elif not fetched:
                 # nothing to start (the missing spans are all in flight elsewhere): do not spin
                 await trio.sleep(_IDLE_POLL_SEC)
+
+    async def _step(self, layer: Prefetchable) -> int:
+        """One step of `layer`; the bytes fetched. Outside read-through, a read's fetch that
+        starts meanwhile stops the step (0 bytes: its request is cancelled) so the read has
+        the link to itself; the fetcher then waits for quiet again."""
+        if self._reading_through:
+            return await layer.prefetch_step(self.config.step_bytes)
+        fetched = 0
+        error: Exception | None = None
+        async with trio.open_nursery() as nursery:
+
+            async def yield_to_reads() -> None:
+                await self.tracker.wait_demand()
+                self._yielded += 1
+                log.debug("background step yields to a read")
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(yield_to_reads)
+            try:
+                fetched = await layer.prefetch_step(self.config.step_bytes)
+            except Exception as e:  # raised below as it is, not inside an exception group
+                error = e
+            nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        return fetched
 
     def _read_through(self, quiet: float) -> bool:
         """Whether images are being read through: reads fetched `stream_after_bytes` on demand

@@ -13,6 +13,10 @@ import trio
 
 HISTORY_SEC = 60.0
 """How far back the tracker remembers on-demand fetches (`bytes_since`)."""
+MOUNT_PAUSE_SEC = 2.0
+"""How long a layer mount pauses background fetching at most (`touch`): long enough for the
+container to start reading; its first read then pauses it for the full quiet period (and
+stops a step in flight, `wait_demand`)."""
 
 
 class DemandTracker:
@@ -24,8 +28,10 @@ class DemandTracker:
     def __init__(self) -> None:
         self.active = 0
         self.last_end = -math.inf
+        self.last_mount = -math.inf
         self._idle = trio.Event()
         self._idle.set()
+        self._started = trio.Event()
         self._fetched: deque[tuple[float, int]] = deque()
 
     def __repr__(self) -> str:
@@ -48,6 +54,8 @@ class DemandTracker:
     def record(self, nbytes: int) -> None:
         """An on-demand fetch of `nbytes` compressed bytes starts now (any layer)."""
         now = trio.current_time()
+        self._started.set()
+        self._started = trio.Event()
         self._fetched.append((now, nbytes))
         while self._fetched[0][0] < now - HISTORY_SEC:
             self._fetched.popleft()
@@ -58,17 +66,28 @@ class DemandTracker:
         return sum(n for t, n in self._fetched if t >= since)
 
     def touch(self) -> None:
-        """Count now as on-demand activity: a new layer mount pauses background fetching for
-        a full quiet period, as the container that needs it is about to start reading."""
-        self.last_end = max(self.last_end, trio.current_time())
+        """A layer was mounted now: its container is about to start reading, so background
+        fetching pauses for the quiet period, but at most `MOUNT_PAUSE_SEC` (see `wait_quiet`).
+        """
+        self.last_mount = trio.current_time()
 
     async def wait_quiet(self, period_sec: float) -> None:
-        """Return once no on-demand fetch has run for `period_sec` seconds."""
+        """Return once no on-demand fetch has run for `period_sec` seconds and no layer was
+        mounted for `min(period_sec, MOUNT_PAUSE_SEC)`."""
         while True:
             if self.active:
                 await self._idle.wait()
                 continue
-            remaining = self.last_end + period_sec - trio.current_time()
+            quiet_at = max(
+                self.last_end + period_sec,
+                self.last_mount + min(period_sec, MOUNT_PAUSE_SEC),
+            )
+            remaining = quiet_at - trio.current_time()
             if remaining <= 0:
                 return
             await trio.sleep(remaining)
+
+    async def wait_demand(self) -> None:
+        """Return when an on-demand fetch starts a request (`record`, after this call): not
+        when a read waits for a request already in flight."""
+        await self._started.wait()

@@ -20,6 +20,7 @@ from snapshotter.lazy import (
     RemoteLayerReader,
 )
 from snapshotter.lazy.cache import SpanCache
+from snapshotter.lazy.demand import MOUNT_PAUSE_SEC
 from snapshotter.tasks import open_task_scope
 from tests.support.lazylayer import SPAN, Layer, MemorySource
 
@@ -324,3 +325,70 @@ async def test_a_step_continues_after_the_last_on_demand_fetch(
     await reader.prefetch_step(1)  # and goes on from there
     assert source.calls[-1][0] == reader.span_map.compressed_range(SpanId(middle + 2))[0]
     assert reader.last_demand > -math.inf
+
+
+class Slow:
+    """A layer whose steps take a second each (cancellable); five steps complete it."""
+
+    def __init__(self) -> None:
+        self.started: list[float] = []
+        self.done: list[float] = []
+        self.last_demand = -math.inf
+
+    async def prefetch_step(self, max_bytes: int) -> int:
+        self.started.append(trio.current_time())
+        await trio.sleep(1)
+        self.done.append(trio.current_time())
+        return 1 << 20
+
+    def is_complete(self) -> bool:
+        return len(self.done) >= 5
+
+    def record_error(self, message: str) -> None:
+        raise AssertionError(message)
+
+
+async def test_a_mount_pauses_background_fetch_briefly_a_read_for_the_quiet_period(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    tracker = DemandTracker()
+    fetcher = BackgroundFetcher(BackgroundConfig(quiet_period_ms=10_000), tracker)
+    slow = Slow()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fetcher.serve)
+        start = trio.current_time()
+        tracker.touch()  # a layer mounted: its container starts reading soon, or never
+        fetcher.register("l", slow)
+        await trio.sleep(MOUNT_PAUSE_SEC + 0.5)
+        assert [t - start for t in slow.started] == [MOUNT_PAUSE_SEC]
+        with tracker.demand():  # a read's fetch starts: the step in flight gives way
+            tracker.record(1 << 20)
+            await trio.sleep(0.1)
+        assert slow.done == [] and fetcher.statistics().steps == 1
+        read_end = trio.current_time()
+        await trio.sleep(9)
+        assert len(slow.started) == 1  # the full quiet period after a read
+        await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+    assert slow.started[1] - read_end == pytest.approx(10.0, abs=0.01)
+    assert len(slow.done) >= 5
+
+
+async def test_reads_do_not_stop_steps_while_images_are_read_through(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    tracker = DemandTracker()
+    fetcher = BackgroundFetcher(BackgroundConfig(quiet_period_ms=10_000), tracker)
+    slow = Slow()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fetcher.serve)
+        fetcher.register("l", slow)
+        with tracker.demand():
+            tracker.record(100 << 20)  # reads fetch a lot: read-through
+            await trio.sleep(1)
+        await trio.sleep(0.5)
+        assert len(slow.started) == 1
+        tracker.record(1 << 20)  # another read's fetch starts during the step
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert len(slow.done) >= 1  # not stopped
