@@ -5,21 +5,21 @@ registered layer in round-robin order and fetches its next run of missing spans 
 `step_bytes`, verified, cached compressed, not inflated), then sleeps long enough to keep the
 average at `rate_bytes_per_sec`. On-demand reads preempt it: before every step it waits until
 on-demand fetching has been quiet for `quiet_period_ms` (a layer mount pauses it too, for at
-most `demand.MOUNT_PAUSE_SEC`: the container starts reading by then), and a read's fetch that starts
-during a step stops that step (its request is cancelled), so a read never shares the link
-with it; a step is at most `step_bytes`. Except while images are being read through: when reads fetched at
-least `stream_after_bytes` on demand within the last quiet period (all layers together), the
-workload reads most of what it has (an interpreter importing everything, a full scan), so the
-steps go on without the quiet period, alongside the reads, keeping the link busy while the
-readers work through what is local; they then go to the layer reads fetched from last, from
-the span after that fetch on (`SpanFetcher.step`), ahead of the reader instead of spread
-over every layer; the demand of starting containers (a few files each)
-stays below that and is never competed with. Even then a step starts only while no on-demand fetch is in
-flight: background fetch fills the gaps between the readers' requests, it does not share the
-link with them. A layer that is unregistered (its image removed, or unmounted) is
-dropped at once, cancelling its step in flight; a layer whose task scope is closed is dropped
-too (its step raises `LayerClosed` before any request). Disabled, `serve` just waits to be
-cancelled.
+most `demand.MOUNT_PAUSE_SEC`: its container starts reading by then), and a read's fetch
+that starts during a step stops that step (its request is cancelled), so a read never shares
+the link with it; a step is at most `step_bytes`. Except while images are being read
+through: when reads fetched at least `stream_after_bytes` on demand within the last quiet
+period (all layers together), the workload reads most of what it has (an interpreter
+importing everything, a full scan), so the steps go on without the quiet period, alongside
+the reads, keeping the link busy while the readers work through what is local; they then go
+to the layer reads fetched from last, from the span after that fetch on (`SpanFetcher.step`),
+ahead of the reader instead of spread over every layer. The demand of starting containers (a
+few files each) stays below that and is never competed with. Even then a step starts only
+while no on-demand fetch is in flight: background fetch fills the gaps between the readers'
+requests, it does not share the link with them. A layer that is unregistered (its image
+removed, or unmounted) is dropped at once, cancelling its step in flight; a layer whose task
+scope is closed is dropped too (its step raises `LayerClosed` before any request). Disabled,
+`serve` just waits to be cancelled.
 
 The step is an error boundary: a step that raises any `Exception` (a `FetchError`, or e.g. a
 `FileNotFoundError` from building a TLS context for a `hosts.toml` whose `ca` file is missing)

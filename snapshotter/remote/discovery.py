@@ -241,8 +241,11 @@ async def _fetch_ztocs(
         digest = Digest(z.digest)
         try:
             n = await _fetch_ztoc(client, store, ref, digest)
-        except (IndexFetchError, StoreError, OSError) as e:
-            downloads.done(digest, f"zTOC {ref.name}@{digest}: {e}")
+        except IndexFetchError as e:  # names the zTOC already
+            downloads.done(digest, str(e))
+            return
+        except (StoreError, OSError) as e:
+            downloads.done(digest, f"zTOC {ref.name}@{digest}: local store: {e}")
             return
         fetched += n
         downloads.done(digest)
