@@ -5,8 +5,10 @@ spoken directly (`snapshotter.fs.protocol`), so every INIT flag and every reply 
 One trio task reads requests (the fd is non-blocking; it waits with `wait_readable`) and
 answers every request but READ on the spot: the host's answers are in memory, so a LOOKUP,
 GETATTR, GETXATTR or READDIRPLUS costs one read(2), one handler and one write(2) on the trio
-thread, with no task. A READ gets a task of its own in the server's nursery (it may wait for
-spans), at most `max_tasks` at a time (the reader waits for one to end first). OPEN is answered
+thread, with no task. So is a READ whose bytes the layer has at hand (in memory, or a small
+read from the inflated tier's page cache: `LayerHost.read_now`); any other READ gets a task
+of its own in the server's nursery (it may wait for spans), at most `max_tasks` at a time
+(the reader waits for one to end first). OPEN is answered
 ENOSYS: the kernel then opens every file of the connection without asking, keeps its page
 cache (`FOPEN_KEEP_CACHE`) and sends no RELEASE (Linux 3.14 and later), so reading a file costs
 the READs alone. FLUSH is answered ENOSYS too (sent no more). FORGET needs no answer (inodes
@@ -370,6 +372,25 @@ class FuseOperations:
             return exc.errno
         return fuse_error(op, exc, self.host.describe(inode=inode), self._eio_log).errno
 
+    def read_now(self, request: bytes | memoryview) -> list[bytes] | None:
+        """The reply to a READ request whose bytes the layer has at hand (`LayerHost.
+        read_now`), as buffers to write together; None when `read` must answer it."""
+        _, _, unique, nodeid, *_ = p.IN_HEADER.unpack_from(request)
+        _fh, offset, size, *_ = p.READ_IN.unpack_from(request, p.IN_HEADER.size)
+        record = self._records.get("read")
+        t0 = time.perf_counter() if record is not None else 0.0
+        cpu0 = time.thread_time_ns()
+        try:
+            data = self.host.read_now(nodeid, offset, size)
+        except Exception:  # `read` answers it, through the error table, and logs it
+            return None
+        if data is None:
+            return None
+        FUSE_OP_STATS.count("read", time.thread_time_ns() - cpu0)
+        if record is not None:
+            record.done(time.perf_counter() - t0)
+        return [p.OUT_HEADER.pack(p.OUT_HEADER.size + len(data), 0, unique), data]
+
     async def read(self, request: bytes) -> list[bytes]:
         """The reply to a READ request, as buffers to write together."""
         _, _, unique, nodeid, *_ = p.IN_HEADER.unpack_from(request)
@@ -623,8 +644,12 @@ async def _serve(ops: FuseOperations, fd: int, max_tasks: int) -> None:
                     return
                 raise
             if int.from_bytes(buffer[4:8], "little") == p.READ:
-                await slots.acquire()
-                nursery.start_soon(_answer_read, ops, fd, bytes(view[:n]), slots)
+                now = ops.read_now(view[:n])
+                if now is not None:
+                    _write(fd, now)
+                else:
+                    await slots.acquire()
+                    nursery.start_soon(_answer_read, ops, fd, bytes(view[:n]), slots)
             else:
                 answer = ops.handle(view[:n])
                 if answer is not None:

@@ -45,6 +45,7 @@ from typing import Final
 from index.model import UncompressedOffset
 from snapshotter.fs.errors import (
     BadHandle,
+    HeaderMismatch,
     LayerExists,
     LayerReadError,
     NoSuchAttribute,
@@ -65,7 +66,7 @@ from snapshotter.fs.inodes import (
     node_inode,
     split_inode,
 )
-from snapshotter.fs.readers import LayerReader, ReportsProgress
+from snapshotter.fs.readers import LayerReader, ReadsNow, ReportsProgress
 from snapshotter.fs.tree import BLOCK_SIZE, ROOT_NODE, Attr, LayerTree, NodeId, blocks_of
 from snapshotter.fs.verify import check_header
 
@@ -134,6 +135,7 @@ class _Layer:
         "last_error",
         "name",
         "read_errors",
+        "read_now",
         "reader",
         "removed",
         "slot",
@@ -148,6 +150,7 @@ class _Layer:
         self.slot = slot
         self.tree = tree
         self.reader = reader
+        self.read_now = reader.read_now if isinstance(reader, ReadsNow) else None
         self.digest = digest
         self.verified = bytearray((tree.node_count + 7) // 8)
         self.bytes_served = 0
@@ -542,6 +545,43 @@ class LayerHost:
             message = f"layer {layer.name}: reading {tree.path_of(node)!r}: {e!r}"
             self._record_error(layer, message)
             raise LayerReadError(message) from e
+        layer.bytes_served += length
+        return data
+
+    def read_now(self, fh: int, offset: int, size: int) -> bytes | None:
+        """What `read` would return when the layer's reader has the bytes at hand
+        (`ReadsNow`): the file's data, and for its first read from offset 0 its tar header
+        too, checked here; None when `read` must be awaited, also for every case in which
+        `read` raises."""
+        slot, local = split_inode(fh)
+        layer = self._by_slot.get(slot)
+        node = local_to_node(local)
+        if layer is None or layer.removed or layer.read_now is None or node is None:
+            return None
+        tree = layer.tree
+        if not 0 <= node < tree.node_count or tree.attr(node).is_dir:
+            return None
+        data_off, file_size = tree.data_range(node)
+        if offset >= file_size or size <= 0:
+            return b""
+        length = min(size, file_size - offset)
+        if not self.verify_headers or self._verified(layer, node):
+            data = layer.read_now(UncompressedOffset(data_off + offset), length)
+        elif offset == 0:  # header and data in one reader call, as `_verify` reads them
+            start, end = tree.header_range(node)
+            both = layer.read_now(start, end - start + length)
+            if both is None or len(both) != end - start + length:
+                return None
+            try:
+                check_header(both[: end - start], tree, node, layer.name)
+            except HeaderMismatch:  # `read` checks it again, records it and raises
+                return None
+            layer.verified[node >> 3] |= 1 << (node & 7)
+            data = both[end - start :]
+        else:
+            return None
+        if data is None or len(data) != length:
+            return None
         layer.bytes_served += length
         return data
 

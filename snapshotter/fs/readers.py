@@ -38,6 +38,18 @@ class LayerReader(Protocol):
         ...
 
 
+@runtime_checkable
+class ReadsNow(Protocol):
+    """A reader that can answer some reads at once, without waiting (from memory or the page
+    cache): the FUSE server then answers them without starting a task."""
+
+    def read_now(self, offset: UncompressedOffset, size: int) -> bytes | None:
+        """What `read` would return, when it is at hand now; None when `read` must be awaited
+        (also for anything `read` would raise). A read answered here is one read: `read` is
+        not called for it."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class FetchProgress:
     """How much of a layer blob is local: bytes of the compressed blob, fetched and total."""

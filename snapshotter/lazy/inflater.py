@@ -27,12 +27,13 @@ import logging
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import trio
 
 from index.digest import Digest
 from index.model import SpanId
-from index.zinfo import SpanMap, SpanSlice
+from index.zinfo import SpanMap, SpanSlice, assemble
 from snapshotter.lazy.cache import InflatedCache, SpanCache
 from snapshotter.lazy.table import SpanState, SpanTable
 from snapshotter.singleflight import SingleFlight
@@ -47,6 +48,14 @@ bytes only: `InflatedCache.read_cached`): checking their block sums there costs 
 thread hop; larger reads always go to a worker thread."""
 
 log = logging.getLogger(__name__)
+
+
+class _TierPlan(NamedTuple):
+    """A read from the memory LRU and the inflated tier: each slice with its span's bytes
+    when they are in memory (None: read it from `tier`)."""
+
+    tier: InflatedCache
+    parts: list[tuple[SpanSlice, bytes | None]]
 
 
 class SpanGone(Exception):
@@ -259,6 +268,19 @@ class SpanInflater:
                 self.tier.put_later(self.layer, start, data)
         return data
 
+    def read_now(self, slices: Sequence[SpanSlice]) -> bytes | None:
+        """The bytes of `slices` when they are at hand: every span in the memory LRU (now the
+        most recently used), or a read of up to `INLINE_TIER_READ_BYTES` from the LRU and the
+        inflated tier's page cache (verified, `InflatedCache.read_cached`). None otherwise:
+        nothing here waits for I/O beyond a page-cache `pread`."""
+        hits = self._memory_hits([s.span for s in slices])
+        if hits is not None:
+            return assemble(slices, hits)
+        plan = self._tier_plan(slices)
+        if plan is None or sum(s.hi - s.lo for s in slices) > INLINE_TIER_READ_BYTES:
+            return None
+        return self._from_page_cache(plan)
+
     async def read_local(self, slices: Sequence[SpanSlice]) -> bytes | None:
         """The bytes of `slices` from the memory LRU and the inflated tier, or None when a
         span is in neither (or the tier lost it meanwhile). None too when every span is in
@@ -266,37 +288,18 @@ class SpanInflater:
         Reads of up to `INLINE_TIER_READ_BYTES` whose tier bytes are all in the page cache are
         read here, verified, without a thread hop (`InflatedCache.read_cached`); the others in
         one worker thread."""
-        tier = self.tier
-        if tier is None:
-            return None
-        plan: list[tuple[SpanSlice, bytes | None]] = []
-        from_disk = False
-        for s in slices:
-            hit = self._lru.get(s.span)
-            if hit is None:
-                if not tier.contains(self.layer, s.start):
-                    return None
-                from_disk = True
-            plan.append((s, hit))
-        if not from_disk:
+        plan = self._tier_plan(slices)
+        if plan is None:
             return None
         if sum(s.hi - s.lo for s in slices) <= INLINE_TIER_READ_BYTES:
-            parts: list[bytes] = []
-            for s, hit in plan:  # from the page cache, without a thread hop, when all are there
-                part = (
-                    hit[s.lo : s.hi]
-                    if hit is not None
-                    else tier.read_cached(self.layer, s.start, s.length, s.lo, s.hi - s.lo)
-                )
-                if part is None:
-                    break
-                parts.append(part)
-            else:
-                return parts[0] if len(parts) == 1 else b"".join(parts)
+            data = self._from_page_cache(plan)
+            if data is not None:
+                return data
+        tier = plan.tier
 
         def load() -> bytes | None:
             parts: list[bytes] = []
-            for s, hit in plan:
+            for s, hit in plan.parts:
                 part = (
                     hit[s.lo : s.hi]
                     if hit is not None
@@ -308,3 +311,34 @@ class SpanInflater:
             return parts[0] if len(parts) == 1 else b"".join(parts)
 
         return await trio.to_thread.run_sync(load, limiter=TIER_READ_THREADS)
+
+    def _tier_plan(self, slices: Sequence[SpanSlice]) -> _TierPlan | None:
+        """Where each slice's span is, when each is in the memory LRU or the inflated tier
+        and at least one only in the tier; None otherwise (or without a tier)."""
+        tier = self.tier
+        if tier is None:
+            return None
+        parts: list[tuple[SpanSlice, bytes | None]] = []
+        from_disk = False
+        for s in slices:
+            hit = self._lru.get(s.span)
+            if hit is None:
+                if not tier.contains(self.layer, s.start):
+                    return None
+                from_disk = True
+            parts.append((s, hit))
+        return _TierPlan(tier, parts) if from_disk else None
+
+    def _from_page_cache(self, plan: _TierPlan) -> bytes | None:
+        """The plan's bytes when the tier's are all in the page cache (no thread hop)."""
+        parts: list[bytes] = []
+        for s, hit in plan.parts:
+            part = (
+                hit[s.lo : s.hi]
+                if hit is not None
+                else plan.tier.read_cached(self.layer, s.start, s.length, s.lo, s.hi - s.lo)
+            )
+            if part is None:
+                return None
+            parts.append(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)

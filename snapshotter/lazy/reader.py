@@ -308,10 +308,8 @@ class RemoteLayerReader:
         except SpanError as e:
             raise LayerReadError(f"layer {self.layer}: range {offset}+{size}: {e}") from e
         spans = [s.span for s in slices]
-        sequential = self.read_ahead.observe(spans[0], spans[-1])
+        sequential = self._observe(spans)
         pipelined = sequential and self._tasks is not None
-        if pipelined:
-            self._start_read_ahead(spans[-1])
         local = await self.inflater.read_local(slices)
         if local is not None:
             return local
@@ -327,6 +325,31 @@ class RemoteLayerReader:
             self.counters.record_error(str(e))
             raise LayerReadError(f"layer {self.layer}: {e}") from e
         return assemble(slices, parts)
+
+    def read_now(self, offset: UncompressedOffset, size: int) -> bytes | None:
+        """What `read` would return, when its spans are in memory or (small reads) in the
+        inflated tier's page cache (`SpanInflater.read_now`); None when `read` must be
+        awaited, also for anything `read` would raise. A read answered here counts for
+        read-ahead like one answered by `read` (pipelined read-ahead starts from here too)."""
+        end = min(offset + size, self.span_map.uncompressed_archive_size)
+        if end <= offset or self.closed:
+            return None
+        try:
+            slices = self.span_map.slices_for_range(offset, end - offset)
+        except SpanError:
+            return None
+        data = self.inflater.read_now(slices)
+        if data is not None:
+            self._observe([s.span for s in slices])
+        return data
+
+    def _observe(self, spans: Sequence[SpanId]) -> bool:
+        """Tell the read-ahead policy about a read of `spans`; whether it is sequential. A
+        sequential read with a task scope starts its pipelined read-ahead here."""
+        sequential = self.read_ahead.observe(spans[0], spans[-1])
+        if sequential and self._tasks is not None:
+            self._start_read_ahead(spans[-1])
+        return sequential
 
     def _cancelled_on_close(self) -> AbstractContextManager[trio.CancelScope]:
         """The block of an on-demand fetch: cancelled when the layer's scope closes."""
