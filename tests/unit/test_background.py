@@ -222,21 +222,36 @@ async def test_no_request_after_unregister_or_after_the_layer_scope_closes(
 
 
 class Fake:
-    """A layer that each step fetches one MiB of; ten steps complete it."""
+    """A layer that each step fetches one MiB of, in `step_sec` (cancellable);
+    `complete_after` finished steps complete it. `steps` are the start times, `done` the end
+    times of finished steps."""
 
-    def __init__(self, last_demand: float = -math.inf, log: list[Fake] | None = None) -> None:
+    def __init__(
+        self,
+        last_demand: float = -math.inf,
+        log: list[Fake] | None = None,
+        *,
+        step_sec: float = 0.0,
+        complete_after: int = 10,
+    ) -> None:
         self.steps: list[float] = []
+        self.done: list[float] = []
         self.last_demand = last_demand
         self.log = log
+        self.step_sec = step_sec
+        self.complete_after = complete_after
 
     async def prefetch_step(self, max_bytes: int) -> int:
         self.steps.append(trio.current_time())
         if self.log is not None:
             self.log.append(self)
+        if self.step_sec:
+            await trio.sleep(self.step_sec)
+        self.done.append(trio.current_time())
         return 1 << 20
 
     def is_complete(self) -> bool:
-        return len(self.steps) >= 10
+        return len(self.done) >= self.complete_after
 
     def record_error(self, message: str) -> None:
         raise AssertionError(message)
@@ -327,50 +342,29 @@ async def test_a_step_continues_after_the_last_on_demand_fetch(
     assert reader.last_demand > -math.inf
 
 
-class Slow:
-    """A layer whose steps take a second each (cancellable); five steps complete it."""
-
-    def __init__(self) -> None:
-        self.started: list[float] = []
-        self.done: list[float] = []
-        self.last_demand = -math.inf
-
-    async def prefetch_step(self, max_bytes: int) -> int:
-        self.started.append(trio.current_time())
-        await trio.sleep(1)
-        self.done.append(trio.current_time())
-        return 1 << 20
-
-    def is_complete(self) -> bool:
-        return len(self.done) >= 5
-
-    def record_error(self, message: str) -> None:
-        raise AssertionError(message)
-
-
 async def test_a_mount_pauses_background_fetch_briefly_a_read_for_the_quiet_period(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     tracker = DemandTracker()
     fetcher = BackgroundFetcher(BackgroundConfig(quiet_period_ms=10_000), tracker)
-    slow = Slow()
+    slow = Fake(step_sec=1, complete_after=5)
     async with trio.open_nursery() as nursery:
         await nursery.start(fetcher.serve)
         start = trio.current_time()
         tracker.touch()  # a layer mounted: its container starts reading soon, or never
         fetcher.register("l", slow)
         await trio.sleep(MOUNT_PAUSE_SEC + 0.5)
-        assert [t - start for t in slow.started] == [MOUNT_PAUSE_SEC]
+        assert [t - start for t in slow.steps] == [MOUNT_PAUSE_SEC]
         with tracker.demand():  # a read's fetch starts: the step in flight gives way
             tracker.record(1 << 20)
             await trio.sleep(0.1)
         assert slow.done == [] and fetcher.statistics().steps == 1
         read_end = trio.current_time()
         await trio.sleep(9)
-        assert len(slow.started) == 1  # the full quiet period after a read
+        assert len(slow.steps) == 1  # the full quiet period after a read
         await trio.sleep(10)
         nursery.cancel_scope.cancel()
-    assert slow.started[1] - read_end == pytest.approx(10.0, abs=0.01)
+    assert slow.steps[1] - read_end == pytest.approx(10.0, abs=0.01)
     assert len(slow.done) >= 5
 
 
@@ -379,7 +373,7 @@ async def test_reads_do_not_stop_steps_while_images_are_read_through(
 ) -> None:
     tracker = DemandTracker()
     fetcher = BackgroundFetcher(BackgroundConfig(quiet_period_ms=10_000), tracker)
-    slow = Slow()
+    slow = Fake(step_sec=1, complete_after=5)
     async with trio.open_nursery() as nursery:
         await nursery.start(fetcher.serve)
         fetcher.register("l", slow)
@@ -387,7 +381,7 @@ async def test_reads_do_not_stop_steps_while_images_are_read_through(
             tracker.record(100 << 20)  # reads fetch a lot: read-through
             await trio.sleep(1)
         await trio.sleep(0.5)
-        assert len(slow.started) == 1
+        assert len(slow.steps) == 1
         tracker.record(1 << 20)  # another read's fetch starts during the step
         await trio.sleep(1)
         nursery.cancel_scope.cancel()
