@@ -576,7 +576,7 @@ class LayerHost:
                 check_header(both[: end - start], tree, node, layer.name)
             except HeaderMismatch:  # `read` checks it again, records it and raises
                 return None
-            layer.verified[node >> 3] |= 1 << (node & 7)
+            self._mark_verified(layer, node)
             data = both[end - start :]
         else:
             return None
@@ -588,6 +588,10 @@ class LayerHost:
     @staticmethod
     def _verified(layer: _Layer, node: NodeId) -> bool:
         return bool(layer.verified[node >> 3] & (1 << (node & 7)))
+
+    @staticmethod
+    def _mark_verified(layer: _Layer, node: NodeId) -> None:
+        layer.verified[node >> 3] |= 1 << (node & 7)
 
     async def _verify(self, layer: _Layer, node: NodeId, offset: int, length: int) -> bytes:
         """Check `node`'s tar header, then return `length` bytes of its data from `offset`.
@@ -605,7 +609,7 @@ class LayerHost:
             header = await layer.reader.read(start, end - start)
             data = b""
         check_header(header, layer.tree, node, layer.name)
-        layer.verified[node >> 3] |= 1 << (node & 7)
+        self._mark_verified(layer, node)
         if offset != 0:
             data = await layer.reader.read(UncompressedOffset(end + offset), length)
         return data

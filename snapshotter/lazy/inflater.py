@@ -26,13 +26,13 @@ import functools
 import logging
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import trio
 
 from index.digest import Digest
-from index.model import SpanId
+from index.model import SpanId, UncompressedOffset
 from index.zinfo import SpanMap, SpanSlice, assemble
 from snapshotter.lazy.cache import InflatedCache, SpanCache
 from snapshotter.lazy.table import SpanState, SpanTable
@@ -48,6 +48,10 @@ bytes only: `InflatedCache.read_cached`): checking their block sums there costs 
 thread hop; larger reads always go to a worker thread."""
 
 log = logging.getLogger(__name__)
+
+
+_TierRead = Callable[[Digest, UncompressedOffset, int, int, int], bytes | None]
+"""`InflatedCache.read` or `read_cached`."""
 
 
 class _TierPlan(NamedTuple):
@@ -279,7 +283,7 @@ class SpanInflater:
         plan = self._tier_plan(slices)
         if plan is None or sum(s.hi - s.lo for s in slices) > INLINE_TIER_READ_BYTES:
             return None
-        return self._from_page_cache(plan)
+        return self._gather(plan, plan.tier.read_cached)
 
     async def read_local(self, slices: Sequence[SpanSlice]) -> bytes | None:
         """The bytes of `slices` from the memory LRU and the inflated tier, or None when a
@@ -292,25 +296,12 @@ class SpanInflater:
         if plan is None:
             return None
         if sum(s.hi - s.lo for s in slices) <= INLINE_TIER_READ_BYTES:
-            data = self._from_page_cache(plan)
+            data = self._gather(plan, plan.tier.read_cached)
             if data is not None:
                 return data
-        tier = plan.tier
-
-        def load() -> bytes | None:
-            parts: list[bytes] = []
-            for s, hit in plan.parts:
-                part = (
-                    hit[s.lo : s.hi]
-                    if hit is not None
-                    else tier.read(self.layer, s.start, s.length, s.lo, s.hi - s.lo)
-                )
-                if part is None:
-                    return None
-                parts.append(part)
-            return parts[0] if len(parts) == 1 else b"".join(parts)
-
-        return await trio.to_thread.run_sync(load, limiter=TIER_READ_THREADS)
+        return await trio.to_thread.run_sync(
+            self._gather, plan, plan.tier.read, limiter=TIER_READ_THREADS
+        )
 
     def _tier_plan(self, slices: Sequence[SpanSlice]) -> _TierPlan | None:
         """Where each slice's span is, when each is in the memory LRU or the inflated tier
@@ -329,14 +320,15 @@ class SpanInflater:
             parts.append((s, hit))
         return _TierPlan(tier, parts) if from_disk else None
 
-    def _from_page_cache(self, plan: _TierPlan) -> bytes | None:
-        """The plan's bytes when the tier's are all in the page cache (no thread hop)."""
+    def _gather(self, plan: _TierPlan, read: _TierRead) -> bytes | None:
+        """The plan's bytes: the in-memory ones sliced, the others through `read` (the tier's
+        `read_cached`, page cache only, or `read`, in a worker thread); None on a miss."""
         parts: list[bytes] = []
         for s, hit in plan.parts:
             part = (
                 hit[s.lo : s.hi]
                 if hit is not None
-                else plan.tier.read_cached(self.layer, s.start, s.length, s.lo, s.hi - s.lo)
+                else read(self.layer, s.start, s.length, s.lo, s.hi - s.lo)
             )
             if part is None:
                 return None
