@@ -59,6 +59,9 @@ def clean_path(name: str) -> str:
     `"usr/bin"`, `"a/../../b"` gives `"b"` (`..` stops at the root), `"./"` and `".."` give
     `""`. Never raises; the result never starts with `/` or contains `.` or `..` components.
     """
+    tail = name[:-1] if name.endswith("/") else name  # a directory's name ends with "/"
+    if tail and tail[0] not in "./" and tail[-1] != "/" and "//" not in tail and "/." not in tail:
+        return tail  # already clean (most names): no `normpath`, the cost of a layer's mount
     return posixpath.normpath("/" + name).lstrip("/")
 
 

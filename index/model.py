@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import NewType
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Final, NamedTuple, NewType
 
 CompressedOffset = NewType("CompressedOffset", int)
 """A byte offset into the compressed layer blob."""
@@ -47,12 +48,18 @@ class CompressionAlgorithm(enum.IntEnum):
     """Not in SOCI's schema: AWS's readers refuse it per layer (docs/format.md, "zstd layers")."""
 
 
-@dataclass(frozen=True, slots=True)
-class FileMetadata:
+NO_XATTRS: Final[Mapping[str, str]] = MappingProxyType({})
+"""The `xattrs` of an entry without PAX records (shared, read-only)."""
+
+
+class FileMetadata(NamedTuple):
     """One tar entry as the TOC stores it.
 
     `uncompressed_offset` is where the entry's *data* starts in the tar stream;
     `xattrs` holds every PAX record of the entry (the name is historical), sorted by key.
+
+    A named tuple, not a frozen dataclass: mounting a layer decodes one per file (tens of
+    thousands), and a tuple is created about six times faster.
     """
 
     name: str
@@ -68,7 +75,7 @@ class FileMetadata:
     mod_time: str = ""
     devmajor: int = 0
     devminor: int = 0
-    xattrs: Mapping[str, str] = field(default_factory=dict)
+    xattrs: Mapping[str, str] = NO_XATTRS
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import struct
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Final
 
 from index.errors import SociableError
 from index.fbwriter import UOFFSET, Field, FlatBufferSizeError, FlatWriter
 from index.model import (
+    NO_XATTRS,
     CompressionAlgorithm,
     CompressionInfo,
     EntryType,
@@ -340,6 +341,29 @@ def _str_at(buf: bytes, pos: int) -> str:
     return buf[start:stop].decode(_ENCODING, _ERRORS)
 
 
+_OFFSET_SLOT: Final = 4 + 2 * _FM_OFFSET
+_SIZE_SLOT: Final = 4 + 2 * _FM_SIZE
+
+
+def _scan_entries(buf: bytes, first: int, count: int) -> tuple[array[int], array[int], array[int]]:
+    """The table position, data offset and size of each of the `count` entries whose offsets
+    start at `first`, in stored order; `struct.error` on any read outside `buf` (one loop
+    without per-entry diagnostics: the scan is part of every lazy layer's mount)."""
+    positions, offsets, sizes = array("Q"), array("q"), array("q")
+    for p in range(first, first + 4 * count, 4):
+        pos = p + _unpack_u32(buf, p)[0]
+        vtable = pos - _unpack_i32(buf, pos)[0]
+        if vtable < 0:
+            raise struct.error("vtable before the buffer")
+        vtable_len = _unpack_u16(buf, vtable)[0]
+        at = _unpack_u16(buf, vtable + _OFFSET_SLOT)[0] if vtable_len > _OFFSET_SLOT else 0
+        positions.append(pos)
+        offsets.append(_unpack_i64(buf, pos + at)[0] if at else 0)
+        at = _unpack_u16(buf, vtable + _SIZE_SLOT)[0] if vtable_len > _SIZE_SLOT else 0
+        sizes.append(_unpack_i64(buf, pos + at)[0] if at else 0)
+    return positions, offsets, sizes
+
+
 def _align_to_tar_block(offset: int) -> int:
     """Go's `AlignToTarBlock`: round a positive offset up to 512; others are unchanged."""
     if offset > 0:
@@ -418,15 +442,10 @@ class ZtocView:
         self.compression = self._read_compression(info)
 
         first, count = reader.vector(toc, _TOC_METADATA, 4, "toc.metadata")
-        positions = array("Q", bytes(8 * count))
-        offsets = array("q", bytes(8 * count))
-        sizes = array("q", bytes(8 * count))
-        for i in range(count):
-            what = f"toc entry {i}"
-            table = reader.table(reader.indirect(first + 4 * i, what), what)
-            positions[i] = table[0]
-            offsets[i] = reader.i64(table, _FM_OFFSET, f"{what} uncompressed_offset")
-            sizes[i] = reader.i64(table, _FM_SIZE, f"{what} uncompressed_size")
+        try:
+            positions, offsets, sizes = _scan_entries(reader.buf, first, count)
+        except struct.error:  # something lies outside the buffer: the checked scan says what
+            positions, offsets, sizes = self._scan_entries_checked(first, count)
         order: array[int] | None = None
         if any(offsets[i] > offsets[i + 1] for i in range(count - 1)):
             order = array("Q", sorted(range(count), key=offsets.__getitem__))
@@ -438,6 +457,20 @@ class ZtocView:
         self._offsets = offsets
         self._sizes = sizes
         self._header_offsets = array("q", _derive_header_offsets(offsets, sizes))
+
+    def _scan_entries_checked(
+        self, first: int, count: int
+    ) -> tuple[array[int], array[int], array[int]]:
+        """`_scan_entries` with every read bounds-checked and named in the error message."""
+        reader = self._reader
+        positions, offsets, sizes = array("Q"), array("q"), array("q")
+        for i in range(count):
+            what = f"toc entry {i}"
+            table = reader.table(reader.indirect(first + 4 * i, what), what)
+            positions.append(table[0])
+            offsets.append(reader.i64(table, _FM_OFFSET, f"{what} uncompressed_offset"))
+            sizes.append(reader.i64(table, _FM_SIZE, f"{what} uncompressed_size"))
+        return positions, offsets, sizes
 
     def _read_compression(self, info: tuple[int, int, int]) -> CompressionInfo:
         reader = self._reader
@@ -478,8 +511,12 @@ class ZtocView:
         return self.entry(i)
 
     def __iter__(self) -> Iterator[FileMetadata]:
-        for i in range(len(self)):
-            yield self.entry(i)
+        for i in range(len(self._offsets)):  # `entry` without its index checks
+            try:
+                meta = self._fast_entry(i)
+            except struct.error:
+                meta = self._checked_entry(i)
+            yield meta
 
     def _table(self, i: int) -> tuple[int, int, int]:
         return self._reader.table(self._entries_pos[i], f"toc entry {i}")
@@ -495,6 +532,10 @@ class ZtocView:
     def tar_header_offset(self, i: int) -> UncompressedOffset:
         """Where entry `i`'s first tar header block starts (see `tar_header_offsets`)."""
         return UncompressedOffset(self._header_offsets[i])
+
+    def tar_header_offsets(self) -> list[int]:
+        """`tar_header_offset` of every entry, in sorted order."""
+        return self._header_offsets.tolist()
 
     def name(self, i: int) -> str:
         """Entry `i`'s name, without decoding the rest of the entry."""
@@ -530,8 +571,9 @@ class ZtocView:
         entry_type = _ENTRY_TYPES.get(raw_type)
         if entry_type is None:
             raise ZtocFormatError(f"zTOC toc entry {i} ({name!r}) has unknown type {raw_type!r}")
-        xattrs: dict[str, str] = {}
+        xattrs: Mapping[str, str] = NO_XATTRS
         if fo[_FM_XATTRS]:
+            found: dict[str, str] = {}
             p = pos + fo[_FM_XATTRS]
             vec = p + _unpack_u32(buf, p)[0]
             count = _unpack_u32(buf, vec)[0]
@@ -546,24 +588,23 @@ class ZtocView:
                 key_off = _unpack_u16(buf, xvt + 4)[0] if xvt_len > 4 else 0
                 value_off = _unpack_u16(buf, xvt + 6)[0] if xvt_len > 6 else 0
                 key = _str_at(buf, xt + key_off) if key_off else ""
-                xattrs[key] = _str_at(buf, xt + value_off) if value_off else ""
-            if count > 1:
-                xattrs = {k: xattrs[k] for k in sorted(xattrs, key=_sort_key)}
-        return FileMetadata(
-            name=name,
-            type=entry_type,
-            uncompressed_offset=UncompressedOffset(self._offsets[i]),
-            uncompressed_size=self._sizes[i],
-            linkname=_str_at(buf, pos + fo[_FM_LINKNAME]) if fo[_FM_LINKNAME] else "",
-            mode=_unpack_i64(buf, pos + fo[_FM_MODE])[0] if fo[_FM_MODE] else 0,
-            uid=_unpack_u32(buf, pos + fo[_FM_UID])[0] if fo[_FM_UID] else 0,
-            gid=_unpack_u32(buf, pos + fo[_FM_GID])[0] if fo[_FM_GID] else 0,
-            uname=_str_at(buf, pos + fo[_FM_UNAME]) if fo[_FM_UNAME] else "",
-            gname=_str_at(buf, pos + fo[_FM_GNAME]) if fo[_FM_GNAME] else "",
-            mod_time=_str_at(buf, pos + fo[_FM_MOD_TIME]) if fo[_FM_MOD_TIME] else "",
-            devmajor=_unpack_i64(buf, pos + fo[_FM_DEVMAJOR])[0] if fo[_FM_DEVMAJOR] else 0,
-            devminor=_unpack_i64(buf, pos + fo[_FM_DEVMINOR])[0] if fo[_FM_DEVMINOR] else 0,
-            xattrs=xattrs,
+                found[key] = _str_at(buf, xt + value_off) if value_off else ""
+            xattrs = {k: found[k] for k in sorted(found, key=_sort_key)} if count > 1 else found
+        return FileMetadata(  # positional: the named-keyword call costs more per entry
+            name,
+            entry_type,
+            UncompressedOffset(self._offsets[i]),
+            self._sizes[i],
+            _str_at(buf, pos + fo[_FM_LINKNAME]) if fo[_FM_LINKNAME] else "",
+            _unpack_i64(buf, pos + fo[_FM_MODE])[0] if fo[_FM_MODE] else 0,
+            _unpack_u32(buf, pos + fo[_FM_UID])[0] if fo[_FM_UID] else 0,
+            _unpack_u32(buf, pos + fo[_FM_GID])[0] if fo[_FM_GID] else 0,
+            _str_at(buf, pos + fo[_FM_UNAME]) if fo[_FM_UNAME] else "",
+            _str_at(buf, pos + fo[_FM_GNAME]) if fo[_FM_GNAME] else "",
+            _str_at(buf, pos + fo[_FM_MOD_TIME]) if fo[_FM_MOD_TIME] else "",
+            _unpack_i64(buf, pos + fo[_FM_DEVMAJOR])[0] if fo[_FM_DEVMAJOR] else 0,
+            _unpack_i64(buf, pos + fo[_FM_DEVMINOR])[0] if fo[_FM_DEVMINOR] else 0,
+            xattrs,
         )
 
     def _checked_entry(self, i: int) -> FileMetadata:

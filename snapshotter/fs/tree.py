@@ -745,7 +745,7 @@ def header_offsets(files: Sequence[FileMetadata]) -> list[int]:
         TreeBuildError: a derived header offset lies beyond the entry's data offset.
     """
     if isinstance(files, ZtocView):
-        return [files.tar_header_offset(i) for i in range(len(files))]
+        return files.tar_header_offsets()
     order = sorted(range(len(files)), key=lambda i: files[i].uncompressed_offset)
     result = [0] * len(files)
     position = 0

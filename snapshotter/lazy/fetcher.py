@@ -258,6 +258,7 @@ class SpanFetcher:
         start = self.span_map.compressed_range(run[0])[0]
         end = self.span_map.compressed_range(run[-1])[1]
         ok = False
+        t0 = trio.current_time()
         try:
             self.counters.requests += 1
             check = _CheckRun(self.span_map, run, self.layer, self.source.name)
@@ -274,6 +275,15 @@ class SpanFetcher:
             except CacheError as e:
                 self._cache_failed(run, e)
             ok = True
+            log.debug(
+                "spans fetched",
+                extra={
+                    "layer": str(self.layer),
+                    "spans": f"{run[0]}-{run[-1]}",
+                    "bytes": end - start,
+                    "ms": round((trio.current_time() - t0) * 1000),
+                },
+            )
         except Exception as e:
             fetch.error = e
             log.debug("layer %s: fetching spans %d-%d failed: %r", self.layer, run[0], run[-1], e)

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import fcntl
 import functools
 import hashlib
@@ -539,6 +540,10 @@ def measure(
     c0, log0 = reg.ns.counters(), reg.log_offset()
     with link_timeline(reg.ns.host_if, f"{name}, {workload}"):
         t0 = time.monotonic()
+        if TIMELINE:  # to line the daemon's log up with the run
+            print(
+                f"  {name}, {workload}: pull starts {datetime.datetime.now(datetime.UTC):%H:%M:%S.%f}"
+            )
         pull()
         t1 = time.monotonic()
         pull_rx = reg.ns.counters().rx_bytes - c0.rx_bytes
@@ -1270,6 +1275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--skip-lazy", action="store_true", help="overlayfs baseline only")
     parser.add_argument("--skip-reads", action="store_true", help="no FUSE read throughput")
     parser.add_argument(
+        "--skip-baseline",
+        action="store_true",
+        help="lazy runs only, no overlayfs full pull (no ratios; not with --write-docs)",
+    )
+    parser.add_argument(
         "--inflated-cache-max-bytes",
         type=int,
         default=None,
@@ -1297,6 +1307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args(argv)
+    if args.skip_baseline and args.write_docs:
+        parser.error("--skip-baseline has no ratios to write: drop --write-docs")
     global TIMELINE
     TIMELINE = args.timeline
     if os.geteuid() != 0:
@@ -1362,7 +1374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"link limited: {args.rate}\n{ns.qdiscs().strip()}")
         if args.reads_only:
             workloads = []
-        for w in workloads:
+        for w in [] if args.skip_baseline else workloads:
             r = overlay_run(run_dir, reg, ref, w, commands[w])
             runs.append(r)
             if w == "small":

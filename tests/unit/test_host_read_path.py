@@ -3,7 +3,6 @@ its data when it starts at the file's start, and in a call of its own otherwise.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import tarfile
 from pathlib import Path
@@ -82,7 +81,7 @@ async def test_first_read_further_in_checks_the_header_first(layer_tar: Path) ->
 
 async def test_a_forged_header_fails_the_combined_read(layer_tar: Path) -> None:
     entries, _ = entries_from_tar(layer_tar)
-    forged = [dataclasses.replace(e, mode=0o600) if e.name == "a" else e for e in entries]
+    forged = [e._replace(mode=0o600) if e.name == "a" else e for e in entries]
     reader = CountingReader(layer_tar)
     host = LayerHost()
     host.add_layer("l1", build_tree(forged), reader)

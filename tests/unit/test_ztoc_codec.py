@@ -236,24 +236,24 @@ def test_decoding_sorts_by_offset_like_go() -> None:
 def test_overlapping_entries_are_an_invalid_toc_entry() -> None:
     z, _ = _built_ztoc()
     files = list(z.files)
-    files[5] = replace(files[5], uncompressed_size=files[5].uncompressed_size + 2000)
+    files[5] = files[5]._replace(uncompressed_size=files[5].uncompressed_size + 2000)
     with pytest.raises(ZtocFormatError, match="invalid toc entry"):
         decode_ztoc(encode_ztoc(replace(z, files=tuple(files))))
     with pytest.raises(ZtocFormatError, match="invalid toc entry"):
         tar_header_offsets(files)
-    first_at_negative = (replace(files[0], uncompressed_offset=UncompressedOffset(-1)),)
+    first_at_negative = (files[0]._replace(uncompressed_offset=UncompressedOffset(-1)),)
     with pytest.raises(ZtocFormatError, match="invalid toc entry"):
         decode_ztoc(encode_ztoc(replace(z, files=first_at_negative)))
 
 
 def test_encode_rejects_values_outside_their_field_types() -> None:
     z = golden_ztoc()
-    entry = replace(z.files[0], type=EntryType.REG)
+    entry = z.files[0]._replace(type=EntryType.REG)
     for bad in (
-        replace(entry, uid=1 << 32),
-        replace(entry, gid=-1),
-        replace(entry, uncompressed_size=1 << 63),
-        replace(entry, mode=-(1 << 63) - 1),
+        entry._replace(uid=1 << 32),
+        entry._replace(gid=-1),
+        entry._replace(uncompressed_size=1 << 63),
+        entry._replace(mode=-(1 << 63) - 1),
     ):
         with pytest.raises(ZtocEncodeError):
             encode_ztoc(replace(z, files=(bad,)))
