@@ -27,7 +27,7 @@ from index.oci.errors import (
 )
 from index.oci.hosts import CAP_PULL, RegistryHost
 from index.oci.reference import Reference
-from index.oci.responses import iter_raw, range_body, status_error
+from index.oci.responses import BodySink, iter_raw, range_body, status_error
 from index.oci.session import RegistrySession
 
 log = logging.getLogger(__name__)
@@ -175,13 +175,15 @@ class Blobs:
         length: int,
         *,
         check: AsyncCheck | None = None,
+        sink: BodySink | None = None,
     ) -> bytes:
         """`length` bytes of a blob from byte `offset` (fewer only at the end of the blob).
 
         Uses `Range: bytes=offset-(offset+length-1)`; a 200 answer (range ignored) is sliced.
         The bytes are NOT verified here; `check` (e.g. against zTOC span digests) runs on each
         endpoint's answer and raises DigestMismatchError to reject it, which moves on to the
-        next endpoint (mirror). See the module doc for the location cache. Raises ValueError
+        next endpoint (mirror). `sink` sees each answer's body as it arrives (`range_body`).
+        See the module doc for the location cache. Raises ValueError
         (bad range), RangeNotSatisfiableError (416, or a mismatching Content-Range),
         NotFoundError, UnauthorizedError, TransportError, DigestMismatchError.
         """
@@ -191,7 +193,7 @@ class Blobs:
         s = self._s
 
         async def checked(response: httpx.Response) -> bytes:
-            data = await range_body(response, ref, digest, offset, length)
+            data = await range_body(response, ref, digest, offset, length, sink)
             if check is not None:
                 await check(data)
             return data

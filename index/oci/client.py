@@ -35,6 +35,7 @@ from index.oci.hostscache import DEFAULT_RECHECK_SEC
 from index.oci.manifests import Manifests
 from index.oci.reference import Reference
 from index.oci.referrers import Referrers
+from index.oci.responses import BodySink
 from index.oci.session import DEFAULT_TIMEOUT_SEC, USER_AGENT, RegistrySession
 from index.oci.uploads import (
     DEFAULT_CHUNK_BYTES,
@@ -184,10 +185,12 @@ class AsyncRegistryClient:
         length: int,
         *,
         check: AsyncCheck | None = None,
+        sink: BodySink | None = None,
     ) -> bytes:
-        """`length` bytes from `offset`, `check` run per endpoint. See `Blobs.read_range`."""
+        """`length` bytes from `offset`, `check` run per endpoint, `sink` fed each answer's
+        body as it arrives. See `Blobs.read_range`."""
         async with self._gate():
-            return await self._blobs.read_range(ref, digest, offset, length, check=check)
+            return await self._blobs.read_range(ref, digest, offset, length, check=check, sink=sink)
 
     async def push_blob(
         self,

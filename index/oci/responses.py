@@ -13,6 +13,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 import httpx
 
@@ -191,14 +192,34 @@ def _total_of(response: httpx.Response) -> int:
         return -1
 
 
+class BodySink(Protocol):
+    """Sees the body of a Range answer while it arrives (to start work on it before the whole
+    answer is in). Called on the caller's thread; must not block."""
+
+    def begin(self) -> None:
+        """An answer's body starts (a retried or redirected request begins again)."""
+        ...
+
+    def feed(self, chunk: bytes) -> None:
+        """The next bytes of the body, in order."""
+        ...
+
+
 async def range_body(
-    response: httpx.Response, ref: Reference, digest: Digest, offset: int, length: int
+    response: httpx.Response,
+    ref: Reference,
+    digest: Digest,
+    offset: int,
+    length: int,
+    sink: BodySink | None = None,
 ) -> bytes:
     """The `length` bytes at `offset` from a Range answer; closes the response.
 
     206: Content-Range must start at `offset` and end where asked (or at the blob's end).
     200 (range ignored): the body is skipped to `offset` and cut. Anything else becomes its
     RegistryError. Raises RangeNotSatisfiableError, TransportError (short or broken body).
+    `sink` sees a 206 answer's body as it arrives (not a 200's); what it saw is not checked
+    here, and is exactly the bytes returned only when this call returns.
     """
     what = f"range {offset}+{length} of blob {ref.name}@{digest}"
     try:
@@ -217,7 +238,15 @@ async def range_body(
                     f"{what}: server sent bytes {start}-{end}, asked {offset}-{want_end}",
                     url=str(response.url),
                 )
-            data = await response.aread()
+            if sink is None:
+                data = await response.aread()
+            else:
+                sink.begin()
+                chunks = []
+                async for chunk in iter_raw(response):
+                    sink.feed(chunk)
+                    chunks.append(chunk)
+                data = b"".join(chunks)
             if len(data) != end - start + 1:
                 raise TransportError(
                     f"{what}: got {len(data)} bytes for {start}-{end}", url=str(response.url)

@@ -2,6 +2,7 @@
 
 - `table`: the span state table of a layer and coalescing of missing spans into requests.
 - `fetcher`: span fetching (coalesced, verified Range requests shared by concurrent readers).
+- `arriving`: the spans a read waits for, inflated while their Range answer arrives.
 - `inflater`: inflation, the memory LRU of inflated spans and the inflated disk tier.
 - `readahead`: the read-ahead policy (when and what to fetch ahead of a sequential reader).
 - `reader`: `RemoteLayerReader`, the `LayerReader` of lazy layers, and its error boundary.

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -33,6 +33,7 @@ import trio
 from index.digest import Digest
 from index.model import CompressedOffset, SpanId
 from index.zinfo import SpanError, SpanMap
+from snapshotter.lazy.arriving import ArrivingRun
 from snapshotter.lazy.cache import CacheError, SpanCache
 from snapshotter.lazy.demand import DemandTracker
 from snapshotter.lazy.sources import VERIFY_THREADS, BlobSource, ContentMismatch
@@ -64,11 +65,14 @@ class LayerCounters:
 
 @dataclass(eq=False)
 class _Fetch:
-    """One Range request in flight: its spans, verified bytes per span, and completion."""
+    """One Range request in flight: its spans, verified bytes per span, and completion;
+    `wanted`: its spans a read waits for (inflated while the answer arrives)."""
 
     spans: list[SpanId]
+    wanted: frozenset[SpanId] = frozenset()
     done: trio.Event = field(default_factory=trio.Event)
     results: dict[SpanId, bytes] = field(default_factory=dict)
+    inflated: dict[SpanId, bytes] = field(default_factory=dict)
     error: Exception | None = None
 
 
@@ -93,6 +97,7 @@ class SpanFetcher:
         io_limiter: trio.CapacityLimiter,
         counters: LayerCounters,
         chunk_bytes: int = 0,
+        keep_inflated: Callable[[SpanId, bytes], None] | None = None,
     ) -> None:
         self.layer = layer
         self.span_map = span_map
@@ -103,6 +108,7 @@ class SpanFetcher:
         self.tracker = tracker
         self.counters = counters
         self._io_limiter = io_limiter
+        self._keep_inflated = keep_inflated
         self._cache_warn_after = float("-inf")
         self._cache_failures_unlogged = 0
         self._inflight: dict[SpanId, _Fetch] = {}
@@ -131,14 +137,19 @@ class SpanFetcher:
         return True
 
     async def ensure(
-        self, needed: Sequence[SpanId], ride_along: range = range(0)
+        self,
+        needed: Sequence[SpanId],
+        ride_along: range = range(0),
+        inflated: dict[SpanId, bytes] | None = None,
     ) -> dict[SpanId, bytes]:
         """Make every span of `needed` local; returns the verified compressed bytes of the
         spans fetched or waited for here (the others are in the cache).
 
         When this call starts a request, the missing spans at the start of `ride_along` join
-        it. Raises the error of a request this call started for a needed span (`FetchError`,
-        or whatever else the source raised).
+        it. Given `inflated`, the needed spans this call fetches are inflated while their
+        answer arrives (`ArrivingRun`, when the span map can) and put there, with those of the
+        fetches it waited for. Raises the error of a request this call started for a needed
+        span (`FetchError`, or whatever else the source raised).
         """
         got: dict[SpanId, bytes] = {}
         while True:
@@ -159,7 +170,8 @@ class SpanFetcher:
                     if extra != missing[-1] + 1 or not self.missing(SpanId(extra)):
                         break
                     missing.append(SpanId(extra))
-                mine = self._start_runs(missing)
+                wanted_now = frozenset(needed) if inflated is not None else frozenset()
+                mine = self._start_runs(missing, wanted_now)
                 self._demanded(missing)
             with self.tracker.demand():
                 async with trio.open_nursery() as nursery:
@@ -169,6 +181,8 @@ class SpanFetcher:
                         nursery.start_soon(fetch.done.wait)
             for fetch in (*mine, *waits):
                 got.update(fetch.results)
+                if inflated is not None:
+                    inflated.update(fetch.inflated)
             wanted = set(needed)
             for fetch in mine:
                 if fetch.error is not None and not wanted.isdisjoint(fetch.spans):
@@ -237,14 +251,16 @@ class SpanFetcher:
 
     # -- one request -----------------------------------------------------------------------
 
-    def _start_runs(self, missing: list[SpanId]) -> list[_Fetch]:
+    def _start_runs(
+        self, missing: list[SpanId], wanted: frozenset[SpanId] = frozenset()
+    ) -> list[_Fetch]:
         return [
-            self._start(run)
+            self._start(run, wanted)
             for run in coalesce(missing, self.table.sizes, self.max_request_bytes, self._chunks)
         ]
 
-    def _start(self, run: list[SpanId]) -> _Fetch:
-        fetch = _Fetch(run)
+    def _start(self, run: list[SpanId], wanted: frozenset[SpanId] = frozenset()) -> _Fetch:
+        fetch = _Fetch(run, wanted.intersection(run))
         for span in run:
             self.table.set(span, SpanState.FETCHING)
             self._inflight[span] = fetch
@@ -259,15 +275,14 @@ class SpanFetcher:
         end = self.span_map.compressed_range(run[-1])[1]
         ok = False
         t0 = trio.current_time()
+        arriving = None
+        if fetch.wanted and self.span_map.inflates_arriving:
+            arriving = ArrivingRun(self.span_map, run, fetch.wanted, keep=self._keep_inflated)
         try:
             self.counters.requests += 1
             check = _CheckRun(self.span_map, run, self.layer, self.source.name)
-            data = await self.source.fetch(
-                self.layer, CompressedOffset(start), CompressedOffset(end), check=check
-            )
+            data = await self._fetch_checked(start, end, check, arriving)
             self.counters.network_bytes += len(data)
-            if not check.verified:  # a source that did not run the check: run it here
-                await trio.to_thread.run_sync(check, data, limiter=VERIFY_THREADS)
             # the check cut the verified bytes in the worker thread (no big copies here)
             fetch.results.update(check.verified)
             try:
@@ -291,7 +306,46 @@ class SpanFetcher:
             for span in run:
                 del self._inflight[span]
                 self.table.set(span, SpanState.CACHED if ok else SpanState.UNREQUESTED)
+            if ok and arriving is not None:
+                fetch.inflated = arriving.inflated
             fetch.done.set()
+
+    async def _fetch_checked(
+        self, start: int, end: int, check: _CheckRun, arriving: ArrivingRun | None
+    ) -> bytes:
+        """The verified bytes `[start, end)` from the source; with `arriving`, its spans are
+        inflated while the answer comes in (`ArrivingRun.inflated` once this returns). Raises
+        what the source or the check raise (bare, not in an exception group)."""
+        if arriving is None:
+            data = await self.source.fetch(
+                self.layer, CompressedOffset(start), CompressedOffset(end), check=check
+            )
+            if not check.verified:  # a source that did not run the check: run it here
+                await trio.to_thread.run_sync(check, data, limiter=VERIFY_THREADS)
+            return data
+        verified: bytes | None = None
+        failure: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(arriving.run)
+            try:
+                data = await self.source.fetch(
+                    self.layer,
+                    CompressedOffset(start),
+                    CompressedOffset(end),
+                    check=check,
+                    sink=arriving,
+                )
+                if not check.verified:
+                    await trio.to_thread.run_sync(check, data, limiter=VERIFY_THREADS)
+                verified = data
+            except BaseException as e:  # raised below, once the inflating thread is done
+                failure = e
+            finally:
+                arriving.finish(verified)
+        if failure is not None:
+            raise failure
+        assert verified is not None
+        return verified
 
     def _cache_failed(self, run: list[SpanId], error: CacheError) -> None:
         """Log a failed cache write, at most once per `CACHE_WARNING_INTERVAL_SEC`."""

@@ -182,11 +182,31 @@ class SpanInflater:
         return f"<SpanInflater {self.layer} memory={len(self._lru)}/{self.memory_spans}>"
 
     async def inflate_all(
-        self, spans: Sequence[SpanId], compressed: Mapping[SpanId, bytes]
+        self,
+        spans: Sequence[SpanId],
+        compressed: Mapping[SpanId, bytes],
+        inflated: Mapping[SpanId, bytes] | None = None,
     ) -> list[bytes]:
         """The inflated `spans`, in parallel; `compressed` has the bytes of spans just fetched
-        (the others are read from the span cache). Raises `ZinfoError` (preferred) or
-        `SpanGone`, bare."""
+        (the others are read from the span cache), `inflated` spans already inflated from
+        verified bytes (kept in memory here, not inflated again). Raises `ZinfoError`
+        (preferred) or `SpanGone`, bare."""
+        if inflated:  # kept once the others are in hand (keeping them may evict those)
+            try:
+                if all(span in inflated for span in spans):
+                    return [inflated[span] for span in spans]
+                return await self._inflate_all(spans, compressed, inflated)
+            finally:
+                for span, data in inflated.items():
+                    self.adopt(span, data)
+        return await self._inflate_all(spans, compressed, {})
+
+    async def _inflate_all(
+        self,
+        spans: Sequence[SpanId],
+        compressed: Mapping[SpanId, bytes],
+        inflated: Mapping[SpanId, bytes],
+    ) -> list[bytes]:
         if len(spans) == 1:
             return [await self.inflate(spans[0], compressed.get(spans[0]))]
         hits = self._memory_hits(spans)
@@ -197,6 +217,9 @@ class SpanInflater:
 
         async def one(i: int, span: SpanId) -> None:
             try:
+                if span in inflated:
+                    results[i] = inflated[span]
+                    return
                 results[i] = await self.inflate(span, compressed.get(span))
             except Exception as e:  # re-raised bare below, not in an ExceptionGroup
                 errors.append(e)
@@ -242,14 +265,34 @@ class SpanInflater:
                 self.table.set(span, SpanState.UNREQUESTED)
             raise
         if self.table.state(span) is SpanState.CACHED:
-            self.table.set(span, SpanState.INFLATED)
-            self._lru[span] = data
-            while len(self._lru) > self.memory_spans:
-                old = next(iter(self._lru))
-                self.memory.remove(self, old)
-                self.drop(old)
-            self.memory.add(self, span, len(data))
+            self._keep(span, data)
         return data
+
+    def _keep(self, span: SpanId, data: bytes) -> None:
+        """CACHED `span` is INFLATED now: `data` joins the memory LRU (evicting down to the
+        layer's and the daemon's budgets)."""
+        self.table.set(span, SpanState.INFLATED)
+        self._lru[span] = data
+        while len(self._lru) > self.memory_spans:
+            old = next(iter(self._lru))
+            self.memory.remove(self, old)
+            self.drop(old)
+        self.memory.add(self, span, len(data))
+
+    def adopt(self, span: SpanId, data: bytes) -> None:
+        """Keep `data` in memory as if inflated here: the span inflated elsewhere from
+        verified bytes (`ArrivingRun`, which queued it for the tier: `keep_in_tier`). Nothing
+        when the span is not CACHED (already in memory, or gone)."""
+        if self.table.state(span) is SpanState.CACHED:
+            self._keep(span, data)
+
+    def keep_in_tier(self, span: SpanId, data: bytes) -> None:
+        """In a worker thread: queue the inflated span for the inflated tier, as an inflation
+        here does (blocks while the tier's writer is behind)."""
+        if self.tier is not None:
+            start, end = self.span_map.uncompressed_range(span)
+            if len(data) == end - start:
+                self.tier.put_later(self.layer, start, data)
 
     def drop(self, span: SpanId) -> None:
         """Let go of the in-memory copy of `span` (INFLATED → CACHED); `SpanMemory` calls this
@@ -266,10 +309,7 @@ class SpanInflater:
             if compressed is None:
                 raise SpanGone(f"layer {self.layer}: span {span} left the span cache")
         data = self.span_map.inflate(span, compressed)
-        if self.tier is not None:
-            start, end = self.span_map.uncompressed_range(span)
-            if len(data) == end - start:
-                self.tier.put_later(self.layer, start, data)
+        self.keep_in_tier(span, data)
         return data
 
     def read_now(self, slices: Sequence[SpanSlice]) -> bytes | None:

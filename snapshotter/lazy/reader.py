@@ -193,18 +193,6 @@ class RemoteLayerReader:
             raise LayerReadError(f"layer {layer}: zTOC has unusable span info: {e}") from e
         self.table = SpanTable([end - start for start, end in ranges])
         self.counters = LayerCounters()
-        self.fetcher = SpanFetcher(
-            layer,
-            self.span_map,
-            source,
-            cache,
-            self.table,
-            max_request_bytes=self.config.max_request_bytes,
-            tracker=self.tracker,
-            io_limiter=io_limiter or trio.CapacityLimiter(4),
-            counters=self.counters,
-            chunk_bytes=self.config.chunk_bytes,
-        )
         self.inflater = SpanInflater(
             layer,
             self.span_map,
@@ -217,6 +205,19 @@ class RemoteLayerReader:
                 if self.config.memory is not None
                 else SpanMemory(self.config.memory_cache_bytes)
             ),
+        )
+        self.fetcher = SpanFetcher(
+            layer,
+            self.span_map,
+            source,
+            cache,
+            self.table,
+            max_request_bytes=self.config.max_request_bytes,
+            tracker=self.tracker,
+            io_limiter=io_limiter or trio.CapacityLimiter(4),
+            counters=self.counters,
+            chunk_bytes=self.config.chunk_bytes,
+            keep_inflated=self.inflater.keep_in_tier,
         )
         self.read_ahead = ReadAhead(self.config.readahead_spans, len(self.table))
         self._inflating_ahead: set[SpanId] = set()
@@ -362,16 +363,16 @@ class RemoteLayerReader:
         vanishes meanwhile. Raises `FetchError`, `ZinfoError`, `LayerReadError`, `LayerClosed`
         (the layer's scope closed while this read was fetching)."""
         for _ in range(_MAX_REFETCH):
-            if all(self.table.state(s) in LOCAL for s in spans):
-                got: dict[SpanId, bytes] = {}  # nothing to fetch or wait for
-            else:
+            got: dict[SpanId, bytes] = {}
+            inflated: dict[SpanId, bytes] = {}  # spans inflated while their answer arrived
+            if not all(self.table.state(s) in LOCAL for s in spans):
                 # Requests of this read stop when the layer's scope closes (unmount).
                 with self._cancelled_on_close() as block:
-                    got = await self.fetcher.ensure(spans, ride_along)
+                    got = await self.fetcher.ensure(spans, ride_along, inflated)
                 if block.cancelled_caught:  # unmounted meanwhile: no retry, no refetch
                     raise LayerClosed(f"layer {self.layer}: unmounted during the read")
             try:
-                return await self.inflater.inflate_all(spans, got)
+                return await self.inflater.inflate_all(spans, got, inflated)
             except SpanGone:
                 continue
         raise LayerReadError(f"layer {self.layer}: spans {spans} keep vanishing from the cache")

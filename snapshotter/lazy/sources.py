@@ -42,6 +42,7 @@ from index.oci.errors import (
     UnauthorizedError,
 )
 from index.oci.reference import Reference
+from index.oci.responses import BodySink
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +159,11 @@ class BlobSource(Protocol):
         end: CompressedOffset,
         *,
         check: Check | None = None,
+        sink: BodySink | None = None,
     ) -> bytes:
-        """Exactly the bytes `[start, end)` of blob `digest`, which passed `check`.
+        """Exactly the bytes `[start, end)` of blob `digest`, which passed `check`. A source
+        that reads an answer as it arrives feeds it to `sink` (`index.oci.responses.BodySink`:
+        `begin` at each answer, then its bytes in order); one that does not ignores it.
 
         Raises:
             FetchError: a subclass saying why (after this source's own retries).
@@ -275,7 +279,9 @@ class RegistrySource:
 
         return per_endpoint
 
-    async def _attempt(self, digest: Digest, start: int, end: int, check: Check | None) -> bytes:
+    async def _attempt(
+        self, digest: Digest, start: int, end: int, check: Check | None, sink: BodySink | None
+    ) -> bytes:
         what = f"bytes {start}-{end} of {digest}"
         self._stats.requests += 1
         with trio.move_on_after(self.config.request_timeout_sec) as scope:
@@ -286,6 +292,7 @@ class RegistrySource:
                     start,
                     end - start,
                     check=self._endpoint_check(check) if check else None,
+                    sink=sink,
                 )
             except (OciError, OSError) as e:
                 raise translate_oci_error(e, what, self._name) from e
@@ -309,6 +316,7 @@ class RegistrySource:
         end: CompressedOffset,
         *,
         check: Check | None = None,
+        sink: BodySink | None = None,
     ) -> bytes:
         """The bytes `[start, end)` of `digest`, verified by `check`. See `BlobSource.fetch`.
 
@@ -320,7 +328,7 @@ class RegistrySource:
         while True:
             attempt += 1
             try:
-                return await self._attempt(digest, start, end, check)
+                return await self._attempt(digest, start, end, check, sink)
             except FetchError as e:
                 self._stats.last_error = str(e)
                 if not isinstance(e, RETRYABLE) or attempt >= self.config.max_attempts:
@@ -379,13 +387,14 @@ class ChainSource:
         end: CompressedOffset,
         *,
         check: Check | None = None,
+        sink: BodySink | None = None,
     ) -> bytes:
         """The bytes from the first source that delivers them. Raises `AllSourcesFailed`."""
         errors: list[tuple[str, FetchError]] = []
         for source, budget in zip(self.sources, self.budgets, strict=True):
             with trio.move_on_after(budget) as scope:
                 try:
-                    data = await source.fetch(digest, start, end, check=check)
+                    data = await source.fetch(digest, start, end, check=check, sink=sink)
                 except FetchError as e:
                     log.debug("source %s failed for %s: %s", source.name, digest, e)
                     errors.append((source.name, e))

@@ -13,6 +13,7 @@ from typing import Final
 
 from index.digest import Digest
 from index.model import CompressedOffset
+from index.oci.responses import BodySink
 from snapshotter.lazy.sources import (
     AccessDenied,
     AllSourcesFailed,
@@ -73,11 +74,12 @@ class MeteredSource:
         end: CompressedOffset,
         *,
         check: Check | None = None,
+        sink: BodySink | None = None,
     ) -> bytes:
         """`inner.fetch`, recorded. Raises what it raises; a cancelled fetch is not counted."""
         t0 = time.perf_counter()
         try:
-            data = await self.inner.fetch(digest, start, end, check=check)
+            data = await self.inner.fetch(digest, start, end, check=check, sink=sink)
         except Exception as e:
             self.recorder.failed(error_kind(e), time.perf_counter() - t0)
             raise

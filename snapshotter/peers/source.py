@@ -38,6 +38,7 @@ import trio
 from index.digest import Digest
 from index.model import CompressedOffset
 from index.oci.reference import Reference
+from index.oci.responses import BodySink
 from snapshotter.lazy.sources import (
     PEER_SOURCE_NAME,
     VERIFY_THREADS,
@@ -125,8 +126,10 @@ class PeerSource:
         end: CompressedOffset,
         *,
         check: Check | None = None,
+        sink: BodySink | None = None,
     ) -> bytes:
-        """The verified bytes `[start, end)` from an owner (see the module doc). Raises
+        """The verified bytes `[start, end)` from an owner (see the module doc); `sink` is not
+        fed (a peer's answer is read whole). Raises
         `BlobNotFound` when the fetch should go upstream from here (this node ranks before
         every owner holding the range, or serves a peer and no other owner holds it), else
         `SourceUnavailable` naming every owner's failure."""

@@ -11,6 +11,7 @@ import trio
 from index.builder import build_ztoc_from_stream
 from index.digest import Digest
 from index.model import CompressedOffset, CompressionAlgorithm, Ztoc
+from index.oci.responses import BodySink
 from snapshotter.lazy.sources import Check, SourceUnavailable
 from tests.support.tarfixtures import TarEntrySpec, compress, make_tar
 
@@ -58,6 +59,8 @@ class MemorySource:
         self.delay_sec = 0.0
         self.cancelled = 0
         self.raise_next: list[Exception] = []
+        self.feed_chunk_bytes = 65536
+        """A given `sink` is fed the answer in chunks of this size (0: not fed)."""
 
     @property
     def name(self) -> str:
@@ -70,6 +73,7 @@ class MemorySource:
         end: CompressedOffset,
         *,
         check: Check | None = None,
+        sink: BodySink | None = None,
     ) -> bytes:
         self.calls.append((start, end))
         try:
@@ -89,6 +93,11 @@ class MemorySource:
         if self.always_corrupt or self.corrupt_next:
             self.corrupt_next = max(self.corrupt_next - 1, 0)
             data = bytes([data[0] ^ 0xFF]) + data[1:]
+        if sink is not None and self.feed_chunk_bytes:  # as a registry answer arrives
+            sink.begin()
+            for i in range(0, len(data), self.feed_chunk_bytes):
+                sink.feed(data[i : i + self.feed_chunk_bytes])
+                await trio.sleep(0)
         if check is not None:
             check(data)
         return data

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from index.digest import Digest
 from index.model import CompressedOffset, SpanId
 from index.oci.reference import Reference
+from index.oci.responses import BodySink
 from snapshotter.config import Config, MetricsConfig, RemoteConfig
 from snapshotter.daemon import Settings
 from snapshotter.errors import NotFound
@@ -151,6 +152,7 @@ class FakeSource:
         end: CompressedOffset,
         *,
         check: Check | None = None,
+        sink: BodySink | None = None,
     ) -> bytes:
         await trio.sleep(0)
         if self.error is not None:

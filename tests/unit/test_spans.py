@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 from index.model import SpanId, UncompressedOffset
-from index.zinfo import SpanInflateError, SpanMap
+from index.zinfo import Arrived, SpanInflateError, SpanMap
 from snapshotter.fs.errors import LayerReadError
 from snapshotter.lazy import (
     TRANSITIONS,
@@ -401,7 +401,9 @@ class _BrokenInflate:
 
 
 async def test_inflate_failure_is_a_plain_read_error(layer: Layer, tmp_path: Path) -> None:
-    reader = make_reader(layer, MemorySource(layer.blob), tmp_path)
+    source = MemorySource(layer.blob)
+    source.feed_chunk_bytes = 0  # answers read whole: the read inflates its spans itself
+    reader = make_reader(layer, source, tmp_path)
     reader.inflater.span_map = _BrokenInflate(reader.span_map)  # type: ignore[assignment]
     start = span_start(reader, 1)
     with pytest.raises(LayerReadError, match="span 2: injected") as info:
@@ -461,6 +463,10 @@ class _CountingInflate:
         self.inflates += 1
         return self._inner.inflate(span, data)
 
+    def inflate_arriving(self, span: SpanId, buffer: memoryview, arrived: Arrived) -> bytes:
+        self.inflates += 1
+        return self._inner.inflate_arriving(span, buffer, arrived)
+
 
 def tier_reader(
     layer: Layer, source: MemorySource, cache_dir: Path, **config: int
@@ -474,6 +480,7 @@ def tier_reader(
     )
     counting = _CountingInflate(reader.span_map)
     reader.inflater.span_map = counting  # type: ignore[assignment]
+    reader.fetcher.span_map = counting  # type: ignore[assignment]  # (inflating as it arrives)
     return reader, counting
 
 

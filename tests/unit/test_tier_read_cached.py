@@ -93,6 +93,7 @@ async def test_the_reader_serves_the_tier_and_its_verified_bytes(
         assert got == layer.tar[offset : min(offset + 8192, total)]
     tier = cache.inflated
     assert tier is not None
+    tier.flush()  # written behind the reads
     hits = tier.stats().hits
     in_threads: list[int] = []
     read = tier.read

@@ -158,6 +158,28 @@ def _span_map(result: GzipBuildResult, blob: bytes, usize: int) -> SpanMap:
     return SpanMap.from_compression_info(info, len(blob), usize)
 
 
+def inflate_arriving(smap: SpanMap, sid: SpanId, piece: bytes, step: int) -> bytes:
+    """`smap.inflate_arriving` of `piece`, whose bytes arrive `step` at a time when the
+    inflation asks for more."""
+    buffer = bytearray(len(piece))
+    have = 0
+    asked: list[int] = []
+
+    def arrived(n: int) -> int:
+        nonlocal have
+        asked.append(n)
+        assert have < n <= len(piece) or n <= have  # never beyond the buffer
+        while have < n:
+            stop = min(len(piece), have + step)
+            buffer[have:stop] = piece[have:stop]
+            have = stop
+        return have
+
+    data = smap.inflate_arriving(sid, memoryview(buffer), arrived)
+    assert asked == sorted(asked), "the inflation only moves forward"
+    return data
+
+
 def check_layer(blob: bytes, span_size: int) -> GzipBuildResult:
     """Every property a gzip layer's checkpoints must have."""
     expected = gzip.decompress(blob)
@@ -204,6 +226,8 @@ def check_layer(blob: bytes, span_size: int) -> GzipBuildResult:
         data = smap.inflate(sid, piece)
         u0, u1 = smap.uncompressed_range(sid)
         assert data == expected[u0:u1]
+        for step in (97, 4099):  # and while its bytes arrive, in pieces of odd sizes
+            assert inflate_arriving(smap, sid, piece, step) == data
         inflated.append(data)
     assert b"".join(inflated) == expected
     return result
@@ -352,6 +376,30 @@ def test_corrupted_span_is_detected_and_never_returned() -> None:
         smap.read_span(sid, blob[c0 : c1 - 1])
     with pytest.raises(SpanInflateError):
         smap.inflate(sid, blob[c0 : c0 + 100])
+
+
+def test_arriving_input_that_stops_short_stops_the_inflation() -> None:
+    """`arrived` raising (the answer broke off) ends the inflation with its exception; bytes
+    that end short without it are the usual SpanInflateError."""
+    tar = make_tar([TarEntrySpec("m", size=300_000, content="text", seed=3)])
+    blob = compress(tar, "py6")
+    result, out = _build(blob, 4096)
+    smap = _span_map(result, blob, len(out))
+    c0, c1 = smap.compressed_range(SpanId(0))
+    buffer = bytearray(blob[c0:c1])
+
+    class BrokeOff(Exception):
+        pass
+
+    def arrived(n: int) -> int:
+        if n > 100:
+            raise BrokeOff
+        return 100
+
+    with pytest.raises(BrokeOff):
+        smap.inflate_arriving(SpanId(0), memoryview(buffer), arrived)
+    with pytest.raises(SpanInflateError, match="ran out"):
+        smap.inflate_arriving(SpanId(0), memoryview(buffer)[:100], lambda n: 100)
 
 
 def test_inflate_span_bad_ids() -> None:
