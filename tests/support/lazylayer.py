@@ -10,8 +10,10 @@ import trio
 
 from index.builder import build_ztoc_from_stream
 from index.digest import Digest
-from index.model import CompressedOffset, CompressionAlgorithm, Ztoc
+from index.model import CompressedOffset, CompressionAlgorithm, SpanId, Ztoc
 from index.oci.responses import BodySink
+from index.zinfo import Arrived, SpanMap
+from snapshotter.lazy.reader import RemoteLayerReader
 from snapshotter.lazy.sources import Check, SourceUnavailable
 from tests.support.tarfixtures import TarEntrySpec, compress, make_tar
 
@@ -105,3 +107,37 @@ class MemorySource:
     @property
     def bytes_served(self) -> int:
         return sum(e - s for s, e in self.calls)
+
+
+class CountingSpanMap:
+    """A span map that counts inflations: `inflates` (a read's own, `inflate`) and
+    `arriving` (while the answer arrives, `inflate_arriving`); put it on a reader with
+    `count_inflations`."""
+
+    def __init__(self, inner: SpanMap) -> None:
+        self._inner = inner
+        self.inflates = 0
+        self.arriving = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    @property
+    def total(self) -> int:
+        return self.inflates + self.arriving
+
+    def inflate(self, span: SpanId, data: bytes) -> bytes:
+        self.inflates += 1
+        return self._inner.inflate(span, data)
+
+    def inflate_arriving(self, span: SpanId, buffer: memoryview, arrived: Arrived) -> bytes:
+        self.arriving += 1
+        return self._inner.inflate_arriving(span, buffer, arrived)
+
+
+def count_inflations(reader: RemoteLayerReader) -> CountingSpanMap:
+    """Count `reader`'s inflations (both its inflater's and its fetcher's)."""
+    counting = CountingSpanMap(reader.span_map)
+    reader.inflater.span_map = counting  # type: ignore[assignment]
+    reader.fetcher.span_map = counting  # type: ignore[assignment]
+    return counting

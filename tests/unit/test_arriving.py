@@ -13,12 +13,12 @@ import trio.testing
 
 from index.model import CompressedOffset, SpanId, UncompressedOffset
 from index.oci.responses import BodySink
-from index.zinfo import Arrived, SpanMap
+from index.zinfo import SpanMap
 from snapshotter.lazy import ReadConfig, RemoteLayerReader, SpanState
 from snapshotter.lazy.arriving import ARRIVING_THREADS, ArrivingRun
 from snapshotter.lazy.cache import CacheConfig, SpanCache
 from snapshotter.lazy.sources import ChainSource, Check, SourceUnavailable
-from tests.support.lazylayer import Layer, MemorySource
+from tests.support.lazylayer import CountingSpanMap, Layer, MemorySource, count_inflations
 
 
 @pytest.fixture(scope="module")
@@ -26,29 +26,9 @@ def layer() -> Layer:
     return Layer()
 
 
-class Counting:
-    """A span map that counts `inflate` (a read's own inflation) and `inflate_arriving`."""
-
-    def __init__(self, inner: SpanMap) -> None:
-        self._inner = inner
-        self.inflates = 0
-        self.arriving = 0
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._inner, name)
-
-    def inflate(self, span: SpanId, data: bytes) -> bytes:
-        self.inflates += 1
-        return self._inner.inflate(span, data)
-
-    def inflate_arriving(self, span: SpanId, buffer: memoryview, arrived: Arrived) -> bytes:
-        self.arriving += 1
-        return self._inner.inflate_arriving(span, buffer, arrived)
-
-
 def counted_reader(
     layer: Layer, source: MemorySource | ChainSource, cache_dir: Path
-) -> tuple[RemoteLayerReader, Counting]:
+) -> tuple[RemoteLayerReader, CountingSpanMap]:
     reader = RemoteLayerReader(
         layer.digest,
         layer.ztoc,
@@ -56,9 +36,7 @@ def counted_reader(
         SpanCache(cache_dir, CacheConfig(inflated_max_bytes=1 << 26)),
         config=ReadConfig(readahead_spans=0),
     )
-    counting = Counting(reader.span_map)
-    reader.inflater.span_map = counting  # type: ignore[assignment]
-    reader.fetcher.span_map = counting  # type: ignore[assignment]
+    counting = count_inflations(reader)
     return reader, counting
 
 

@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 from index.model import SpanId, UncompressedOffset
-from index.zinfo import Arrived, SpanInflateError, SpanMap
+from index.zinfo import SpanInflateError, SpanMap
 from snapshotter.fs.errors import LayerReadError
 from snapshotter.lazy import (
     TRANSITIONS,
@@ -36,7 +36,7 @@ from snapshotter.lazy.sources import (
     SourceUnavailable,
 )
 from snapshotter.tasks import open_task_scope
-from tests.support.lazylayer import Layer, MemorySource
+from tests.support.lazylayer import CountingSpanMap, Layer, MemorySource, count_inflations
 
 SPAN = 64 * 1024
 
@@ -449,28 +449,9 @@ def test_read_config_rejects_nonsense() -> None:
 # -- the inflated tier ----------------------------------------------------------------------------
 
 
-class _CountingInflate:
-    """A span map whose `inflate` calls are counted."""
-
-    def __init__(self, inner: SpanMap) -> None:
-        self._inner = inner
-        self.inflates = 0
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._inner, name)
-
-    def inflate(self, span: SpanId, data: bytes) -> bytes:
-        self.inflates += 1
-        return self._inner.inflate(span, data)
-
-    def inflate_arriving(self, span: SpanId, buffer: memoryview, arrived: Arrived) -> bytes:
-        self.inflates += 1
-        return self._inner.inflate_arriving(span, buffer, arrived)
-
-
 def tier_reader(
     layer: Layer, source: MemorySource, cache_dir: Path, **config: int
-) -> tuple[RemoteLayerReader, _CountingInflate]:
+) -> tuple[RemoteLayerReader, CountingSpanMap]:
     reader = RemoteLayerReader(
         layer.digest,
         layer.ztoc,
@@ -478,9 +459,7 @@ def tier_reader(
         SpanCache(cache_dir, CacheConfig(inflated_max_bytes=64 << 20)),
         config=ReadConfig(**config),
     )
-    counting = _CountingInflate(reader.span_map)
-    reader.inflater.span_map = counting  # type: ignore[assignment]
-    reader.fetcher.span_map = counting  # type: ignore[assignment]  # (inflating as it arrives)
+    counting = count_inflations(reader)
     return reader, counting
 
 
@@ -490,7 +469,7 @@ async def test_inflated_spans_are_kept_on_disk_and_served_without_inflating(
     first, counted = tier_reader(layer, MemorySource(layer.blob), tmp_path, memory_cache_spans=1)
     await read_all_files(first, layer)
     spans = first.span_map.span_count
-    assert counted.inflates >= spans
+    assert counted.total >= spans
     tier = first.cache.inflated
     assert tier is not None
     tier.flush()  # written behind the reads
@@ -511,7 +490,7 @@ async def test_inflated_spans_are_kept_on_disk_and_served_without_inflating(
         await again.read(UncompressedOffset(offset), 3 * SPAN)
         == layer.tar[offset : offset + 3 * SPAN]
     )
-    assert counted.inflates == 0 and source.calls == []
+    assert counted.total == 0 and source.calls == []
     assert again.cache.stats().hits == 0  # no compressed span was read or hashed
     assert again.cache.inflated is not None
     assert again.cache.inflated.stats().hits > 100
@@ -531,7 +510,7 @@ async def test_a_torn_inflated_file_falls_back_to_the_compressed_span(
     path.write_bytes(whole[: len(whole) // 2])  # torn (e.g. written by a broken tool)
     fresh, counted = tier_reader(layer, source, tmp_path, readahead_spans=0)
     assert await fresh.read(UncompressedOffset(at + 5), 100) == layer.tar[at + 5 : at + 105]
-    assert counted.inflates == 1 and len(source.calls) == 1  # re-inflated from the disk cache
+    assert counted.total == 1 and len(source.calls) == 1  # re-inflated from the disk cache
     assert fresh.cache.inflated is not None
     assert fresh.cache.inflated.stats().corrupt_dropped == 1
     fresh.cache.inflated.flush()
@@ -547,12 +526,12 @@ async def test_reads_mixing_memory_tier_and_missing_spans(layer: Layer, tmp_path
     assert await reader.read(UncompressedOffset(start), end - start) == layer.tar[start:end]
     assert reader.table.state(SpanId(2)) in (SpanState.CACHED, SpanState.INFLATED)
     # now all three are local: served by the tier path in one go
-    inflates = counted.inflates
+    inflates = counted.total
     assert reader.cache.inflated is not None
     reader.cache.inflated.flush()
     fresh, counted = tier_reader(layer, source, tmp_path, readahead_spans=0)
     assert await fresh.read(UncompressedOffset(start), end - start) == layer.tar[start:end]
-    assert counted.inflates == 0 and inflates >= 3
+    assert counted.total == 0 and inflates >= 3
 
 
 # -- the read-ahead policy --------------------------------------------------------------------
