@@ -41,9 +41,32 @@ class _Abandoned(Exception):
     """The arriving bytes stopped short (the fetch failed, restarted or was cancelled)."""
 
 
+MAX_ARRIVING_RUNS: Final = 4
+"""Requests whose answer is inflated as it arrives, at most, in the whole daemon: each holds
+a copy of its wanted spans' compressed bytes while it runs (`open_arriving` answers None
+beyond, and that request's spans are inflated the ordinary way)."""
+_open_runs = 0
+
+
+def open_arriving(
+    span_map: SpanMap,
+    run: Sequence[SpanId],
+    wanted: Collection[SpanId],
+    keep: Callable[[SpanId, bytes], None] | None = None,
+) -> ArrivingRun | None:
+    """An `ArrivingRun` for `run`, or None when `MAX_ARRIVING_RUNS` are open (trio thread;
+    `ArrivingRun.finish` closes it)."""
+    global _open_runs
+    if _open_runs >= MAX_ARRIVING_RUNS:
+        return None
+    _open_runs += 1
+    return ArrivingRun(span_map, run, wanted, keep)
+
+
 class ArrivingRun:
     """The compressed bytes of one Range request `[start, end)` of a layer, covering the
-    consecutive spans `run`, as they arrive; inflates the spans in `wanted` meanwhile."""
+    consecutive spans `run`, as they arrive; inflates the spans in `wanted` meanwhile.
+    Made by `open_arriving`."""
 
     def __init__(
         self,
@@ -53,10 +76,11 @@ class ArrivingRun:
         keep: Callable[[SpanId, bytes], None] | None = None,
     ) -> None:
         self._span_map = span_map
-        self._run = list(run)
         self._wanted = frozenset(wanted)
+        # only the bytes up to the last wanted span are kept (read-ahead riding along is not)
+        self._run = [s for s in run if s <= max(self._wanted, default=run[0])]
         self._base = span_map.compressed_range(run[0])[0]
-        size = span_map.compressed_range(run[-1])[1] - self._base
+        size = span_map.compressed_range(self._run[-1])[1] - self._base
         self._buffer = bytearray(size)
         self._view = memoryview(self._buffer)
         self._received = 0
@@ -86,15 +110,12 @@ class ArrivingRun:
             self._end()
 
     def feed(self, chunk: bytes) -> None:
-        """The next bytes of the answer: copied into the buffer (too many end the streaming)."""
-        if self._ended:
-            return
+        """The next bytes of the answer: copied into the buffer, up to its end."""
         start = self._received
-        stop = start + len(chunk)
-        if stop > len(self._buffer):
-            self._end()
+        if self._ended or start >= len(self._buffer):
             return
-        self._view[start:stop] = chunk
+        stop = min(start + len(chunk), len(self._buffer))
+        self._view[start:stop] = chunk[: stop - start]
         with self._cond:
             self._received = stop
             if stop >= self._want:  # the worker waits for this much: wake it
@@ -104,8 +125,17 @@ class ArrivingRun:
 
     def finish(self, data: bytes | None) -> None:
         """The fetch is over: `data` are the verified bytes it returned (None: it failed or was
-        cancelled). What `work` inflates is kept only if the buffer holds exactly `data`."""
-        trusted = data is not None and self._received == len(data) and self._buffer == data
+        cancelled). What `work` inflates is kept only if the buffer holds exactly the start of
+        `data`. Closes this run (`open_arriving`); call it once."""
+        global _open_runs
+        _open_runs -= 1
+        size = len(self._buffer)
+        trusted = (
+            data is not None
+            and self._received == size
+            and len(data) >= size
+            and self._view == memoryview(data)[:size]
+        )
         with self._cond:
             self._trusted = trusted
             self._decided = True

@@ -33,7 +33,7 @@ import trio
 from index.digest import Digest
 from index.model import CompressedOffset, SpanId
 from index.zinfo import SpanError, SpanMap
-from snapshotter.lazy.arriving import ArrivingRun
+from snapshotter.lazy.arriving import ArrivingRun, open_arriving
 from snapshotter.lazy.cache import CacheError, SpanCache
 from snapshotter.lazy.demand import DemandTracker
 from snapshotter.lazy.sources import VERIFY_THREADS, BlobSource, ContentMismatch
@@ -277,7 +277,7 @@ class SpanFetcher:
         t0 = trio.current_time()
         arriving = None
         if fetch.wanted and self.span_map.inflates_arriving:
-            arriving = ArrivingRun(self.span_map, run, fetch.wanted, keep=self._keep_inflated)
+            arriving = open_arriving(self.span_map, run, fetch.wanted, self._keep_inflated)
         try:
             self.counters.requests += 1
             check = _CheckRun(self.span_map, run, self.layer, self.source.name)

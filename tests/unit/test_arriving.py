@@ -15,7 +15,7 @@ from index.model import CompressedOffset, SpanId, UncompressedOffset
 from index.oci.responses import BodySink
 from index.zinfo import SpanMap
 from snapshotter.lazy import ReadConfig, RemoteLayerReader, SpanState
-from snapshotter.lazy.arriving import ARRIVING_THREADS, ArrivingRun
+from snapshotter.lazy.arriving import ARRIVING_THREADS, MAX_ARRIVING_RUNS, open_arriving
 from snapshotter.lazy.cache import CacheConfig, SpanCache
 from snapshotter.lazy.sources import ChainSource, Check, SourceUnavailable
 from tests.support.lazylayer import CountingSpanMap, Layer, MemorySource, count_inflations
@@ -121,7 +121,8 @@ def test_only_the_verified_bytes_are_kept(layer: Layer) -> None:
     kept: list[SpanId] = []
 
     def run(fed: bytes, verified: bytes | None) -> dict[SpanId, bytes]:
-        arriving = ArrivingRun(span_map, [SpanId(1)], {SpanId(1)}, keep=lambda s, _: kept.append(s))
+        arriving = open_arriving(span_map, [SpanId(1)], {SpanId(1)}, lambda s, _: kept.append(s))
+        assert arriving is not None
         arriving.begin()
         arriving.feed(fed)
         arriving.finish(verified)
@@ -148,3 +149,36 @@ async def test_a_cancelled_read_leaves_no_thread_waiting(layer: Layer, tmp_path:
             await trio.sleep(0.01)
     assert reader.table.state(SpanId(4)) is SpanState.UNREQUESTED
     assert counting.inflates == 0
+
+
+def test_at_most_a_few_runs_are_inflated_as_they_arrive(layer: Layer) -> None:
+    """Each holds a copy of its bytes: beyond the cap, requests go the ordinary way."""
+    span_map = SpanMap.from_ztoc(layer.ztoc)
+    runs = [open_arriving(span_map, [SpanId(0)], {SpanId(0)}) for _ in range(MAX_ARRIVING_RUNS)]
+    assert all(r is not None for r in runs)
+    assert open_arriving(span_map, [SpanId(0)], {SpanId(0)}) is None
+    for r in runs:
+        assert r is not None
+        r.finish(None)
+    again = open_arriving(span_map, [SpanId(0)], {SpanId(0)})
+    assert again is not None
+    again.finish(None)
+
+
+def test_read_ahead_riding_along_is_not_copied(layer: Layer) -> None:
+    """A run of the wanted span and two spans of read-ahead keeps a copy of the first only,
+    and what it inflated is kept when that part matches the verified answer."""
+    span_map = SpanMap.from_ztoc(layer.ztoc)
+    run = [SpanId(1), SpanId(2), SpanId(3)]
+    start = span_map.compressed_range(run[0])[0]
+    end = span_map.compressed_range(run[-1])[1]
+    answer = layer.blob[start:end]
+    arriving = open_arriving(span_map, run, {SpanId(1)})
+    assert arriving is not None
+    arriving.begin()
+    for i in range(0, len(answer), 5000):
+        arriving.feed(answer[i : i + 5000])
+    assert "received=" + str(span_map.compressed_range(SpanId(1))[1] - start) in repr(arriving)
+    arriving.finish(answer)
+    u0, u1 = span_map.uncompressed_range(SpanId(1))
+    assert arriving.work() == {SpanId(1): layer.tar[u0:u1]}
