@@ -94,6 +94,7 @@ class ArrivingRun:
         self._keep = keep
         self._trusted = False
         self._decided = False  # `finish` said whether the bytes were the verified ones
+        self._begun = trio.Event()  # an answer began, or the fetch is over
 
     def __repr__(self) -> str:
         return (
@@ -106,6 +107,7 @@ class ArrivingRun:
     def begin(self) -> None:
         """An answer starts; a second one (a retry, another endpoint) ends the streaming."""
         self._attempts += 1
+        self._begun.set()
         if self._attempts > 1:
             self._end()
 
@@ -141,12 +143,17 @@ class ArrivingRun:
             self._decided = True
             self._ended = True
             self._cond.notify()
+        self._begun.set()
 
     async def run(self) -> None:
-        """`work` in a worker thread; `inflated` is set when it returns. Call `finish` (the
-        thread waits until then). Cancelled, it does not wait for the thread (which ends on
-        its own once `finish` is called, keeping nothing). Never raises an Exception (an
-        unexpected one is logged: nothing is kept)."""
+        """`work` in a worker thread, started when an answer begins (none for a source that
+        does not feed it); `inflated` is set when it returns. Call `finish` (the thread waits
+        until then). Cancelled, it does not wait for the thread (which ends on its own once
+        `finish` is called, keeping nothing). Never raises an Exception (an unexpected one is
+        logged: nothing is kept)."""
+        await self._begun.wait()
+        if self._attempts == 0:
+            return  # finished without an answer fed: nothing to inflate here
         try:
             self.inflated = await trio.to_thread.run_sync(
                 self.work, limiter=ARRIVING_THREADS, abandon_on_cancel=True
