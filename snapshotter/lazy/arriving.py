@@ -128,8 +128,10 @@ class ArrivingRun:
     def finish(self, data: bytes | None) -> None:
         """The fetch is over: `data` are the verified bytes it returned (None: it failed or was
         cancelled). What `work` inflates is kept only if the buffer holds exactly the start of
-        `data`. Closes this run (`open_arriving`); call it once."""
+        `data`. Closes this run (`open_arriving`); later calls do nothing."""
         global _open_runs
+        if self._decided:
+            return
         _open_runs -= 1
         size = len(self._buffer)
         trusted = (

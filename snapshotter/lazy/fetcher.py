@@ -33,7 +33,7 @@ import trio
 from index.digest import Digest
 from index.model import CompressedOffset, SpanId
 from index.zinfo import SpanError, SpanMap
-from snapshotter.lazy.arriving import ArrivingRun, open_arriving
+from snapshotter.lazy.arriving import open_arriving
 from snapshotter.lazy.cache import CacheError, SpanCache
 from snapshotter.lazy.demand import DemandTracker
 from snapshotter.lazy.sources import VERIFY_THREADS, BlobSource, ContentMismatch
@@ -275,13 +275,11 @@ class SpanFetcher:
         end = self.span_map.compressed_range(run[-1])[1]
         ok = False
         t0 = trio.current_time()
-        arriving = None
-        if fetch.wanted and self.span_map.inflates_arriving:
-            arriving = open_arriving(self.span_map, run, fetch.wanted, self._keep_inflated)
+        inflated: dict[SpanId, bytes] = {}
         try:
             self.counters.requests += 1
             check = _CheckRun(self.span_map, run, self.layer, self.source.name)
-            data = await self._fetch_checked(start, end, check, arriving)
+            data = await self._fetch_checked(fetch, start, end, check, inflated)
             self.counters.network_bytes += len(data)
             # the check cut the verified bytes in the worker thread (no big copies here)
             fetch.results.update(check.verified)
@@ -306,16 +304,25 @@ class SpanFetcher:
             for span in run:
                 del self._inflight[span]
                 self.table.set(span, SpanState.CACHED if ok else SpanState.UNREQUESTED)
-            if ok and arriving is not None:
-                fetch.inflated = arriving.inflated
+            if ok:
+                fetch.inflated = inflated
             fetch.done.set()
 
     async def _fetch_checked(
-        self, start: int, end: int, check: _CheckRun, arriving: ArrivingRun | None
+        self,
+        fetch: _Fetch,
+        start: int,
+        end: int,
+        check: _CheckRun,
+        inflated: dict[SpanId, bytes],
     ) -> bytes:
-        """The verified bytes `[start, end)` from the source; with `arriving`, its spans are
-        inflated while the answer comes in (`ArrivingRun.inflated` once this returns). Raises
-        what the source or the check raise (bare, not in an exception group)."""
+        """The verified bytes `[start, end)` of `fetch`'s spans from the source; its wanted
+        spans are inflated while the answer comes in when they can be (`open_arriving`) and
+        put in `inflated`. Raises what the source or the check raise (bare, not in an
+        exception group)."""
+        arriving = None
+        if fetch.wanted and self.span_map.inflates_arriving:
+            arriving = open_arriving(self.span_map, fetch.spans, fetch.wanted, self._keep_inflated)
         if arriving is None:
             data = await self.source.fetch(
                 self.layer, CompressedOffset(start), CompressedOffset(end), check=check
@@ -325,26 +332,30 @@ class SpanFetcher:
             return data
         verified: bytes | None = None
         failure: BaseException | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(arriving.run)
-            try:
-                data = await self.source.fetch(
-                    self.layer,
-                    CompressedOffset(start),
-                    CompressedOffset(end),
-                    check=check,
-                    sink=arriving,
-                )
-                if not check.verified:
-                    await trio.to_thread.run_sync(check, data, limiter=VERIFY_THREADS)
-                verified = data
-            except BaseException as e:  # raised below, once the inflating thread is done
-                failure = e
-            finally:
-                arriving.finish(verified)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(arriving.run)
+                try:
+                    data = await self.source.fetch(
+                        self.layer,
+                        CompressedOffset(start),
+                        CompressedOffset(end),
+                        check=check,
+                        sink=arriving,
+                    )
+                    if not check.verified:
+                        await trio.to_thread.run_sync(check, data, limiter=VERIFY_THREADS)
+                    verified = data
+                except BaseException as e:  # raised below, once the inflating thread is done
+                    failure = e
+                finally:
+                    arriving.finish(verified)
+        finally:
+            arriving.finish(None)  # closed whatever happened (a no-op after the first)
         if failure is not None:
             raise failure
         assert verified is not None
+        inflated.update(arriving.inflated)
         return verified
 
     def _cache_failed(self, run: list[SpanId], error: CacheError) -> None:
