@@ -7,11 +7,13 @@ gives the source for an on-demand request: the answer's bytes are copied into on
 they come, and a worker thread inflates the read's spans from it, following the bytes in
 (`SpanMap.inflate_arriving`), so the inflation ends a few milliseconds after the last byte.
 
-Nothing inflated here is used unless the bytes it came from are the ones the fetch returned
-and verified (`finish`: same length, same bytes, compared in full), so a retried, redirected
-or failed-over answer, a peer's (not fed), or a corrupt one only costs the inflation done in
-vain: the read then inflates the verified bytes as before. A span whose inflation fails here
-is left to that ordinary path too (which reports the error).
+Only the bytes up to the last wanted span are copied (read-ahead riding along is not), and
+nothing inflated here is used unless that copy is exactly the start of what the fetch
+returned and verified (`finish` compares it in full), so a retried, redirected or
+failed-over answer, or a corrupt one, only costs the inflation done in vain: the read then
+inflates the verified bytes as before. An answer that is not fed (a peer's, read whole)
+starts no thread at all. A span whose inflation fails here is left to that ordinary path
+too (which reports the error). At most `MAX_ARRIVING_RUNS` exist at once.
 
 Threads: `work` runs in a worker thread (`ARRIVING_THREADS`): it inflates, waits for
 `finish`'s verdict, then hands the trusted spans to `keep` (the inflated tier's queue, which
