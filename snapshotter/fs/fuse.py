@@ -71,6 +71,7 @@ from snapshotter.fs.errors import (
 )
 from snapshotter.fs.host import LayerHost
 from snapshotter.fs.inodes import FUSE_ROOT_INODE
+from snapshotter.fs.passthrough import Passthrough, PassthroughConfig, PassthroughError
 from snapshotter.fs.readers import LayerReader
 from snapshotter.fs.tree import Attr, LayerTree
 from snapshotter.mountinfo import is_mountpoint, mount_at
@@ -316,6 +317,7 @@ class FuseOperations:
 
     def __init__(self, host: LayerHost, metrics: FuseMetrics | None = None) -> None:
         self.host = host
+        self.passthrough: Passthrough | None = None  # set once INIT negotiated it
         self._records: dict[str, FuseOpRecorder] = (
             {op: metrics.fuse_op(op) for op in FUSE_OPS} if metrics is not None else {}
         )
@@ -434,13 +436,20 @@ class FuseOperations:
         return self.host.readlink(inode)
 
     def open(self, inode: int, body: memoryview) -> bytes:
-        # The kernel opens files without asking from now on (see the module doc).
-        raise FuseError(errno.ENOSYS)
+        if self.passthrough is None:
+            # The kernel opens files without asking from now on (see the module doc).
+            raise FuseError(errno.ENOSYS)
+        try:
+            return self.passthrough.open(inode)
+        except PassthroughError:  # the same, for good: always consistent
+            raise FuseError(errno.ENOSYS) from None
 
     def flush(self, inode: int, body: memoryview) -> bytes:
         raise FuseError(errno.ENOSYS)
 
     def release(self, inode: int, body: memoryview) -> bytes:
+        if self.passthrough is not None:
+            self.passthrough.release(inode, body)
         return b""  # handles are inode numbers: nothing to free
 
     def opendir(self, inode: int, body: memoryview) -> bytes:
@@ -707,6 +716,8 @@ class FuseMount:
         self._served_fd: int | None = None
         self._stop: Callable[[], None] | None = None
         self._nursery: trio.Nursery | None = None
+        self.passthrough: Passthrough | None = None
+        """The OPEN answers and backing files when the connection passes reads through."""
 
     def __repr__(self) -> str:
         return f"<FuseMount {self.mountpoint} {self.host!r}>"
@@ -745,7 +756,9 @@ class FuseMount:
         """`LayerHost.remove_layer`, then drop the kernel's cached entry for the layer dir
         (a notification written from a worker thread)."""
         inode = self.host.layer_inode(name)
-        self.host.remove_layer(name)
+        slot = self.host.remove_layer(name)
+        if self.passthrough is not None:
+            self.passthrough.forget_layer(slot)
         if self._nursery is not None and self._served_fd is not None:
             message = p.delete_notification(
                 FUSE_ROOT_INODE, inode, name.encode("utf-8", "surrogateescape")
@@ -764,6 +777,7 @@ async def open_fuse_host(
     metrics: FuseMetrics | None = None,
     connection: KeptConnection | None = None,
     start: bool = True,
+    passthrough: PassthroughConfig | None = None,
 ) -> AsyncIterator[FuseMount]:
     """Serve `host` at `mountpoint` until the block exits.
 
@@ -772,6 +786,10 @@ async def open_fuse_host(
     that connection instead, takes ownership of its fd and on exit only stops serving: the
     mount stays (whoever keeps the connection decides its fate). `start=False` answers
     nothing until `FuseMount.start()` (a restarted daemon first puts its layers back).
+
+    `passthrough`: ask the kernel for FUSE passthrough and copy files read whole to backing
+    files there (`snapshotter.fs.passthrough`); a fresh connection only (an adopted one
+    answers OPEN with ENOSYS, as without it), and only when the kernel offers it.
 
     `read_ahead_kb` (0 = leave the kernel default) is applied with `set_read_ahead` once INIT
     is answered. `metrics`: where every request's latency and errno are recorded (None:
@@ -796,7 +814,7 @@ async def open_fuse_host(
     fd = connection.fd
     try:
         init = p.parse_init(connection.init)
-        negotiated = p.negotiate(init)
+        negotiated = p.negotiate(init, passthrough=passthrough is not None)
     except ValueError as e:
         discard(fd, mountpoint if mounted_here else None)
         raise RuntimeError(f"cannot serve the layer host at {mountpoint}: {e}") from e
@@ -811,6 +829,16 @@ async def open_fuse_host(
                 if started:
                     return
                 started = True
+                if passthrough is not None:
+                    ops.passthrough = mount.passthrough = Passthrough(host, passthrough)
+                    await trio.to_thread.run_sync(ops.passthrough.clear)
+                    if connection.adopted:
+                        ops.passthrough.adopted()
+                    elif negotiated.passthrough:
+                        ops.passthrough.attach(fd, nursery)
+                    else:
+                        ops.passthrough = mount.passthrough = None
+                        log.info("fuse passthrough: the kernel does not offer it")
                 if connection.adopted:
                     # Answered by the previous process; ask for what it left unanswered.
                     try:

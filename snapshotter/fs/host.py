@@ -66,7 +66,7 @@ from snapshotter.fs.inodes import (
     node_inode,
     split_inode,
 )
-from snapshotter.fs.readers import LayerReader, ReadsNow, ReportsProgress
+from snapshotter.fs.readers import LayerReader, ReadsLocal, ReadsNow, ReportsProgress
 from snapshotter.fs.tree import BLOCK_SIZE, ROOT_NODE, Attr, LayerTree, NodeId, blocks_of
 from snapshotter.fs.verify import check_header
 
@@ -176,6 +176,16 @@ class _Layer:
             read_errors=self.read_errors,
             last_error=self.last_error,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class LayerFile:
+    """A regular file of a mounted layer (`LayerHost.layer_file`): which layer (the object:
+    a layer removed and mounted again is another), its node and its size."""
+
+    layer: _Layer
+    node: NodeId
+    size: int
 
 
 def default_slot(name: str) -> int:
@@ -584,6 +594,37 @@ class LayerHost:
             return None
         layer.bytes_served += length
         return data
+
+    def layer_file(self, inode: int) -> LayerFile | None:
+        """The regular layer file behind `inode`, None for anything else (a directory, the
+        status file, an inode of no mounted layer)."""
+        slot, local = split_inode(inode)
+        layer = self._by_slot.get(slot)
+        node = local_to_node(local)
+        if layer is None or layer.removed or node is None or not 0 <= node < layer.tree.node_count:
+            return None
+        if not stat.S_ISREG(layer.tree.attr(node).mode):
+            return None
+        return LayerFile(layer, node, layer.tree.data_range(node)[1])
+
+    async def read_local(self, file: LayerFile, offset: int, size: int) -> bytes | None:
+        """`size` bytes of `file` from `offset` when they are local and its tar header was
+        checked (`ReadsLocal`): nothing is fetched and nothing is counted as served. None
+        otherwise: not local, not checked yet, the layer removed or its reader failing."""
+        layer, node = file.layer, file.node
+        if (
+            layer.removed
+            or not isinstance(layer.reader, ReadsLocal)
+            or (self.verify_headers and not self._verified(layer, node))
+        ):
+            return None
+        data_off, file_size = layer.tree.data_range(node)
+        length = max(0, min(size, file_size - offset))
+        try:
+            data = await layer.reader.read_local(UncompressedOffset(data_off + offset), length)
+        except Exception:  # a reader failing here only means "not now"
+            return None
+        return data if data is not None and len(data) == length else None
 
     @staticmethod
     def _verified(layer: _Layer, node: NodeId) -> bool:

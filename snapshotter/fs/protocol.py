@@ -3,7 +3,8 @@ layouts of `<linux/fuse.h>` (protocol 7.x, little endian on every platform we ru
 INIT answer. Pure encoding and decoding: no I/O, no trio.
 
 The daemon answers protocol 7.31 (`MINOR`), or the kernel's minor if that is lower (7.23 at
-the least: older kernels expect shorter replies than these). Only the requests of a read-only
+the least: older kernels expect shorter replies than these); 7.40 (`PASSTHROUGH_MINOR`) when it
+asks for FUSE passthrough (`negotiate`). Only the requests of a read-only
 filesystem are decoded; anything else is answered ENOSYS by the server (`snapshotter.fs.fuse`).
 """
 
@@ -51,6 +52,11 @@ NO_OPEN_SUPPORT: Final = 1 << 17
 PARALLEL_DIROPS: Final = 1 << 18
 MAX_PAGES: Final = 1 << 22
 CACHE_SYMLINKS: Final = 1 << 23
+INIT_EXT: Final = 1 << 30
+"""The INIT answer's `flags2` word is valid (flags 32-63)."""
+PASSTHROUGH2: Final = 1 << (37 - 32)
+"""FUSE_PASSTHROUGH (flag 37, in `flags2`): OPEN answers may name a backing file whose page
+cache serves the file's reads and mmaps in the kernel (Linux 6.9 and later)."""
 
 WANTED_FLAGS: Final = (
     ASYNC_READ
@@ -70,6 +76,12 @@ mtime changes (the status file), concurrent lookups in one directory, READs of u
 
 MAJOR: Final = 7
 MINOR: Final = 31
+PASSTHROUGH_MINOR: Final = 40
+"""The protocol of FUSE passthrough (`fuse_open_out.backing_id`, `flags2`)."""
+PASSTHROUGH_STACK_DEPTH: Final = 1
+"""`max_stack_depth` of a passthrough connection: backing files must sit on a filesystem that
+is not stacked (ext4, xfs: not overlayfs), and the mount counts as one level of stacking, so an
+overlayfs over it is the last level the kernel allows (2)."""
 OLDEST_MINOR: Final = 23
 MAX_WRITE: Final = 1 << 20
 READ_BUFFER_BYTES: Final = MAX_WRITE + 8192
@@ -80,6 +92,15 @@ MAX_PAGES_WANTED: Final = 256
 
 FOPEN_DIRECT_IO: Final = 1 << 0
 FOPEN_KEEP_CACHE: Final = 1 << 1
+FOPEN_PASSTHROUGH: Final = 1 << 7
+
+BACKING_MAP: Final = struct.Struct("<iIQ")
+"""fuse_backing_map: fd, flags, padding."""
+_IOC_WRITE: Final = 1
+FUSE_DEV_IOC_BACKING_OPEN: Final = (_IOC_WRITE << 30) | (BACKING_MAP.size << 16) | (229 << 8) | 1
+"""`_IOW(229, 1, struct fuse_backing_map)`: register a backing file; returns its id (>0)."""
+FUSE_DEV_IOC_BACKING_CLOSE: Final = (_IOC_WRITE << 30) | (4 << 16) | (229 << 8) | 2
+"""`_IOW(229, 2, uint32_t)`: forget a backing id (files opened with it keep their file)."""
 
 # -- layouts ----------------------------------------------------------------------------------
 IN_HEADER: Final = struct.Struct("<IIQQIIIHH")
@@ -101,8 +122,10 @@ ATTR_OUT_HEAD: Final = struct.Struct("<QII")
 """fuse_attr_out without its attr: attr_valid, attr_valid_nsec, dummy."""
 READ_IN: Final = struct.Struct("<QQIIQII")
 """fuse_read_in: fh, offset, size, read_flags, lock_owner, flags, padding."""
-OPEN_OUT: Final = struct.Struct("<QII")
-"""fuse_open_out: fh, open_flags, padding."""
+OPEN_OUT: Final = struct.Struct("<QIi")
+"""fuse_open_out: fh, open_flags, backing_id (padding before 7.40)."""
+RELEASE_IN: Final = struct.Struct("<QIIQ")
+"""fuse_release_in: fh, flags, release_flags, lock_owner."""
 GETXATTR_IN: Final = struct.Struct("<II")
 """fuse_getxattr_in: size, padding (the name follows, NUL-terminated)."""
 GETXATTR_OUT: Final = struct.Struct("<II")
@@ -152,19 +175,35 @@ def init_request(*, unique: int, major: int, minor: int, flags: int, flags2: int
 
 @dataclass(frozen=True, slots=True)
 class Negotiated:
-    """What a connection's INIT settled: the protocol minor and the flags both sides use."""
+    """What a connection's INIT settled: the protocol minor, the flags both sides use, and
+    whether OPEN answers may name backing files (FUSE passthrough)."""
 
     minor: int
     flags: int
+    passthrough: bool = False
 
 
-def negotiate(init: InitRequest) -> Negotiated:
-    """The answer to `init`. Raises ValueError for a kernel this server cannot speak to
-    (another major version, or a minor older than `OLDEST_MINOR`)."""
+def offers_passthrough(init: InitRequest) -> bool:
+    """Whether the kernel behind `init` can pass reads through to backing files."""
+    return (
+        init.minor >= PASSTHROUGH_MINOR
+        and bool(init.flags & INIT_EXT)
+        and bool(init.flags2 & PASSTHROUGH2)
+    )
+
+
+def negotiate(init: InitRequest, *, passthrough: bool = False) -> Negotiated:
+    """The answer to `init`; with `passthrough`, FUSE passthrough when the kernel offers it.
+    Raises ValueError for a kernel this server cannot speak to (another major version, or a
+    minor older than `OLDEST_MINOR`)."""
     if init.major != MAJOR or init.minor < OLDEST_MINOR:
         raise ValueError(
             f"the kernel speaks FUSE {init.major}.{init.minor}; "
             f"{MAJOR}.{OLDEST_MINOR} or later is needed"
+        )
+    if passthrough and offers_passthrough(init):
+        return Negotiated(
+            min(init.minor, PASSTHROUGH_MINOR), (init.flags & WANTED_FLAGS) | INIT_EXT, True
         )
     return Negotiated(min(init.minor, MINOR), init.flags & WANTED_FLAGS)
 
@@ -182,8 +221,8 @@ def init_reply(init: InitRequest, negotiated: Negotiated) -> bytes:
         0,  # time_gran: the kernel's default
         MAX_PAGES_WANTED,
         0,
-        0,
-        0,
+        PASSTHROUGH2 if negotiated.passthrough else 0,
+        PASSTHROUGH_STACK_DEPTH if negotiated.passthrough else 0,
     )
     return OUT_HEADER.pack(OUT_HEADER.size + len(body), 0, init.unique) + body
 
@@ -255,6 +294,11 @@ def dirent(ino: int, next_offset: int, mode: int, name: bytes) -> bytes:
 def kstatfs(*, blocks: int, files: int, bsize: int, namelen: int) -> bytes:
     """A fuse_statfs_out of a full, read-only filesystem."""
     return KSTATFS.pack(blocks, 0, 0, files, 0, bsize, namelen, bsize)
+
+
+def open_out(fh: int, flags: int, backing_id: int = 0) -> bytes:
+    """A fuse_open_out: handle `fh`, FOPEN_* `flags`, the backing id of a passthrough open."""
+    return OPEN_OUT.pack(fh, flags, backing_id)
 
 
 def cstring(body: bytes | memoryview, start: int = 0) -> bytes:

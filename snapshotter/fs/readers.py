@@ -50,6 +50,17 @@ class ReadsNow(Protocol):
         ...
 
 
+@runtime_checkable
+class ReadsLocal(Protocol):
+    """A reader that can say what is local: a file's bytes copied to a passthrough backing
+    file (`snapshotter.fs.passthrough`) must never cost a fetch."""
+
+    async def read_local(self, offset: UncompressedOffset, size: int) -> bytes | None:
+        """What `read` would return, when every byte of it is local (nothing is fetched, no
+        read-ahead starts); None otherwise, also for anything `read` would raise."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class FetchProgress:
     """How much of a layer blob is local: bytes of the compressed blob, fetched and total."""
@@ -107,6 +118,13 @@ class LocalTarReader:
         except OSError as e:
             raise LayerReadError(f"reading {size} bytes at {offset} of {self.path}: {e}") from e
         return data
+
+    async def read_local(self, offset: UncompressedOffset, size: int) -> bytes | None:
+        """`read`: the whole stream is local (None when it fails)."""
+        try:
+            return await self.read(offset, size)
+        except LayerReadError:
+            return None
 
 
 class LocalBlobReader:
@@ -202,3 +220,10 @@ class LocalBlobReader:
             hi = min(end - span_start, len(data))
             parts.append(data[lo:hi])
         return b"".join(parts)
+
+    async def read_local(self, offset: UncompressedOffset, size: int) -> bytes | None:
+        """`read`: the whole blob is local (None when it fails)."""
+        try:
+            return await self.read(offset, size)
+        except LayerReadError:
+            return None

@@ -344,6 +344,23 @@ class RemoteLayerReader:
             self._observe([s.span for s in slices])
         return data
 
+    async def read_local(self, offset: UncompressedOffset, size: int) -> bytes | None:
+        """What `read` would return, when every span it needs is inflated at hand (the memory
+        LRU or the inflated tier): nothing is fetched, no read-ahead starts and the read-ahead
+        policy does not see it; None otherwise (a span only compressed or not local, the tier
+        lost it, the layer closed, a range outside the stream)."""
+        end = min(offset + size, self.span_map.uncompressed_archive_size)
+        if end <= offset or self.closed:
+            return None
+        try:
+            slices = self.span_map.slices_for_range(offset, end - offset)
+        except SpanError:
+            return None
+        data = self.inflater.read_now(slices)
+        if data is None:
+            data = await self.inflater.read_local(slices)
+        return data
+
     def _observe(self, spans: Sequence[SpanId]) -> bool:
         """Tell the read-ahead policy about a read of `spans`; whether it is sequential. A
         sequential read with a task scope starts its pipelined read-ahead here."""

@@ -5,6 +5,7 @@ A test must survive a hung or crashed server, so the host runs in a child proces
     python -m tests.support.fuselayers CONFIG.json
 
 CONFIG: ``{"mountpoint": str, "ready_file": str, "verify_headers": bool,
+"passthrough": {"directory": str, "min_file_bytes": int} | null,
 "layers": [{"name": str, "blob": str, "media_type": str}]}``. The child builds each layer's zTOC,
 mounts the host, writes ``ready_file`` and serves until SIGTERM/SIGINT, then unmounts. On
 SIGUSR1 it runs the commands in ``<ready_file>.cmd`` (``[{"remove": name}`` or ``{"add": layer}]``)
@@ -219,9 +220,12 @@ def fuse_server(
     layers: list[LayerBlob],
     *,
     verify_headers: bool = True,
+    passthrough_min_bytes: int | None = None,
     timeout_s: float = 120.0,
 ) -> Iterator[FuseServer]:
     """Start a FUSE host serving `layers` at `workdir/mnt`; stop it and unmount on exit.
+    `passthrough_min_bytes`: serve with FUSE passthrough, backing files in
+    `workdir/passthrough` for files of at least that size.
 
     Raises `RuntimeError` (with the child's log) if it does not come up within `timeout_s`.
     """
@@ -240,6 +244,12 @@ def fuse_server(
                 "mountpoint": str(mountpoint),
                 "ready_file": str(ready),
                 "verify_headers": verify_headers,
+                "passthrough": None
+                if passthrough_min_bytes is None
+                else {
+                    "directory": str(workdir / "passthrough"),
+                    "min_file_bytes": passthrough_min_bytes,
+                },
                 "layers": [
                     {"name": x.name, "blob": str(x.blob), "span_size": x.span_size} for x in layers
                 ],
@@ -284,6 +294,7 @@ async def _serve(config_path: Path) -> None:
 
     from snapshotter.fs.fuse import FuseMount, open_fuse_host
     from snapshotter.fs.host import LayerHost
+    from snapshotter.fs.passthrough import PassthroughConfig
     from snapshotter.fs.readers import LocalBlobReader
     from snapshotter.fs.tree import build_tree
 
@@ -306,7 +317,16 @@ async def _serve(config_path: Path) -> None:
     for layer in config["layers"]:
         add(host, layer)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
-        async with open_fuse_host(Path(config["mountpoint"]), host) as mount:
+        passthrough = config.get("passthrough")
+        async with open_fuse_host(
+            Path(config["mountpoint"]),
+            host,
+            passthrough=None
+            if passthrough is None
+            else PassthroughConfig(
+                Path(passthrough["directory"]), min_file_bytes=passthrough["min_file_bytes"]
+            ),
+        ) as mount:
             ready.write_text("ready\n")
             async for signum in signals:
                 if signum != signal.SIGUSR1:
