@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import ConfigError
 
 if TYPE_CHECKING:  # imported where used: loading the config needs no trio
+    from snapshotter.fs.passthrough import PassthroughConfig
     from snapshotter.lazy.background import BackgroundConfig
     from snapshotter.lazy.cache import CacheConfig
     from snapshotter.lazy.reader import ReadConfig
@@ -147,6 +148,22 @@ class RemoteConfig:
             "spans kept uncompressed so a read skips re-verifying and inflating; 0 = off."
         ),
     )
+    passthrough: bool = field(
+        default=True,
+        metadata=_doc(
+            "FUSE passthrough (Linux 6.9+): files read whole are copied to <root>/passthrough "
+            "and the kernel serves their later reads from the copy, at local-disk speed; the "
+            "mount then counts as one filesystem stacking level (see docs/configuration.md)."
+        ),
+    )
+    passthrough_min_file_bytes: int = field(
+        default=1024 * 1024,
+        metadata=_doc("Smallest file copied for passthrough, in bytes."),
+    )
+    passthrough_max_bytes: int = field(
+        default=4 * 1024 * 1024 * 1024,
+        metadata=_doc("Disk bound of the passthrough copies under <root>/passthrough, in bytes."),
+    )
     max_parallel_requests: int = field(
         default=4,
         metadata=_doc(
@@ -250,6 +267,18 @@ class RemoteConfig:
             backoff_initial_ms=self.fetch_backoff_initial_ms,
             backoff_max_ms=self.fetch_backoff_max_ms,
             request_timeout_sec=self.request_timeout_sec,
+        )
+
+    def passthrough_config(self, directory: Path) -> PassthroughConfig | None:
+        """The passthrough settings with backing files in `directory`; None when it is off."""
+        from snapshotter.fs.passthrough import PassthroughConfig
+
+        if not self.passthrough:
+            return None
+        return PassthroughConfig(
+            directory,
+            min_file_bytes=self.passthrough_min_file_bytes,
+            max_bytes=self.passthrough_max_bytes,
         )
 
     def cache_config(self) -> CacheConfig:
@@ -541,6 +570,10 @@ def _validate(cfg: Config) -> None:
         )
     if r.inflated_cache_max_bytes < 0:
         raise ConfigError("[remote] inflated_cache_max_bytes: must not be negative")
+    if r.passthrough_min_file_bytes < 0 or r.passthrough_max_bytes < 0:
+        raise ConfigError(
+            "[remote] passthrough_min_file_bytes and passthrough_max_bytes must not be negative"
+        )
     if r.background_stream_after_bytes < 0:
         raise ConfigError("[remote] background_stream_after_bytes: must not be negative")
     if r.background_quiet_period_ms < 0:

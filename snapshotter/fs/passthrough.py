@@ -197,20 +197,25 @@ class Passthrough:
         """Register `copy`'s backing file with the kernel; False (copies stop) when it
         refuses (no CAP_SYS_ADMIN, the directory on a stacked filesystem, ...)."""
         try:
-            fd = os.open(copy.path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                copy.backing_id = fcntl.ioctl(
-                    self._fd,
-                    p.FUSE_DEV_IOC_BACKING_OPEN,
-                    bytearray(p.BACKING_MAP.pack(fd, 0, 0)),
-                    True,
-                )
-            finally:
-                os.close(fd)
+            copy.backing_id = self.backing_open(copy.path)
         except OSError as e:
             self._stop_copies(f"the kernel refused a backing file ({copy.path}): {e}")
             return False
         return True
+
+    def backing_open(self, path: Path) -> int:
+        """Register `path` as a backing file of the connection; its id. Raises OSError."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            arg = bytearray(p.BACKING_MAP.pack(fd, 0, 0))
+            backing_id: int = fcntl.ioctl(self._fd, p.FUSE_DEV_IOC_BACKING_OPEN, arg, True)
+            return backing_id
+        finally:
+            os.close(fd)
+
+    def backing_close(self, backing_id: int) -> None:
+        """Forget backing id `backing_id` (files open with it keep it). Raises OSError."""
+        fcntl.ioctl(self._fd, p.FUSE_DEV_IOC_BACKING_CLOSE, backing_id.to_bytes(4, "little"))
 
     def _drop(self, inode: int) -> None:
         copy = self._copies.pop(inode)
@@ -218,9 +223,7 @@ class Passthrough:
         if copy.backing_id:
             self._retired.add(inode)
             with contextlib.suppress(OSError):  # the connection may be gone
-                fcntl.ioctl(
-                    self._fd, p.FUSE_DEV_IOC_BACKING_CLOSE, copy.backing_id.to_bytes(4, "little")
-                )
+                self.backing_close(copy.backing_id)
         with contextlib.suppress(OSError):
             copy.path.unlink()
 

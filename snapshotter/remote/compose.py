@@ -342,7 +342,14 @@ async def _build(
     )
     step.name = "fuse"
     fuse = await stack.enter_async_context(
-        open_fuse_host(fuse_dir, host, metrics=metrics, connection=kept, start=False)
+        open_fuse_host(
+            fuse_dir,
+            host,
+            metrics=metrics,
+            connection=kept,
+            start=False,
+            passthrough=cfg.passthrough_config(root / "passthrough"),
+        )
     )
     step.name = "tasks"
     scope: TaskScope = await stack.enter_async_context(open_task_scope("remote"))

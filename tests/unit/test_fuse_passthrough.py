@@ -1,0 +1,313 @@
+"""FUSE passthrough at its seams: the INIT and OPEN layouts, and the OPEN/RELEASE answers and
+backing copies of `Passthrough` over a real `LayerHost` (the kernel's backing-file ioctls are
+the seam: recorded here, real in tests/integration/test_fuse_passthrough.py).
+
+What must hold: an inode open cached is never opened with a backing file and one open with a
+backing file always gets the same one (the kernel fails the open otherwise); copies come only
+from local, checked bytes; whatever goes wrong turns copies or passthrough off, never an
+exception out of a request.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+import trio
+
+from index.model import UncompressedOffset
+from snapshotter.fs import protocol as p
+from snapshotter.fs.host import STATE_DIR_NAME, STATUS_FILE_NAME, LayerHost
+from snapshotter.fs.inodes import FUSE_ROOT_INODE
+from snapshotter.fs.passthrough import (
+    FH_CACHED,
+    FH_PASSTHROUGH,
+    FH_PLAIN,
+    Passthrough,
+    PassthroughConfig,
+    PassthroughError,
+)
+from snapshotter.fs.readers import LocalTarReader
+from snapshotter.fs.tree import build_tree
+from tests.support.fuselayers import entries_from_tar
+
+BIG = os.urandom(3 * 1024 * 1024 + 5)
+SMALL = b"small file\n"
+
+
+def _init(minor: int = 45, flags2: int = p.PASSTHROUGH2, ext: bool = True) -> p.InitRequest:
+    flags = p.WANTED_FLAGS | p.NO_OPEN_SUPPORT | (p.INIT_EXT if ext else 0)
+    return p.parse_init(p.init_request(unique=1, major=7, minor=minor, flags=flags, flags2=flags2))
+
+
+def test_passthrough_is_asked_for_only_when_wanted_and_offered() -> None:
+    on = p.negotiate(_init(), passthrough=True)
+    assert on.passthrough and on.minor == p.PASSTHROUGH_MINOR and on.flags & p.INIT_EXT
+    reply = p.init_reply(_init(), on)
+    fields = p.INIT_OUT.unpack_from(reply, p.OUT_HEADER.size)
+    assert fields[3] & p.INIT_EXT and fields[10] == p.PASSTHROUGH2 and fields[11] == 1
+    for init, wanted in (
+        (_init(), False),
+        (_init(minor=39), True),
+        (_init(flags2=0), True),
+        (_init(ext=False), True),
+    ):
+        off = p.negotiate(init, passthrough=wanted)
+        assert not off.passthrough and off.minor == p.MINOR and not off.flags & p.INIT_EXT
+        fields = p.INIT_OUT.unpack_from(p.init_reply(init, off), p.OUT_HEADER.size)
+        assert fields[10] == 0 and fields[11] == 0
+
+
+def test_open_out_and_ioctl_layouts_are_the_kernels() -> None:
+    out = p.open_out(7, p.FOPEN_PASSTHROUGH, 3)
+    assert len(out) == 16
+    assert int.from_bytes(out[:8], "little") == 7
+    assert int.from_bytes(out[8:12], "little") == 1 << 7
+    assert int.from_bytes(out[12:16], "little", signed=True) == 3
+    assert p.FUSE_DEV_IOC_BACKING_OPEN == 0x4010E501  # _IOW(229, 1, struct fuse_backing_map)
+    assert p.FUSE_DEV_IOC_BACKING_CLOSE == 0x4004E502  # _IOW(229, 2, uint32_t)
+    assert p.BACKING_MAP.size == 16 and p.RELEASE_IN.size == 24
+
+
+class Recorded(Passthrough):
+    """`Passthrough` with the kernel's ioctls recorded (ids 1, 2, ...), or refused."""
+
+    def __init__(self, *args: object, refuse: bool = False, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.registered: dict[int, bytes] = {}
+        self.closed: list[int] = []
+        self.refuse = refuse
+
+    def backing_open(self, path: Path) -> int:
+        if self.refuse:
+            raise PermissionError(1, "Operation not permitted")
+        backing_id = len(self.registered) + 1
+        self.registered[backing_id] = path.read_bytes()
+        return backing_id
+
+    def backing_close(self, backing_id: int) -> None:
+        self.closed.append(backing_id)
+
+
+class LocalOnly(LocalTarReader):
+    """A tar reader whose `read_local` can be switched off (bytes not local)."""
+
+    local = True
+
+    async def read_local(self, offset: UncompressedOffset, size: int) -> bytes | None:
+        return await super().read_local(offset, size) if self.local else None
+
+
+@pytest.fixture
+def layer_tar(tmp_path: Path) -> Path:
+    path = tmp_path / "layer.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in (("big", BIG), ("small", SMALL)):
+            info = tarfile.TarInfo(name)
+            info.mode = 0o644
+            info.mtime = 1_700_000_000
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _host(layer_tar: Path, name: str = "l1") -> tuple[LayerHost, LocalOnly]:
+    entries, _ = entries_from_tar(layer_tar)
+    reader = LocalOnly(layer_tar)
+    host = LayerHost()
+    host.add_layer(name, build_tree(entries), reader)
+    return host, reader
+
+
+def _inode(host: LayerHost, name: str, layer: str = "l1") -> int:
+    root = host.lookup(FUSE_ROOT_INODE, layer.encode())
+    return host.lookup(root.inode, name.encode()).inode
+
+
+def _release(fh: int) -> memoryview:
+    return memoryview(p.RELEASE_IN.pack(fh, 0, 0, 0))
+
+
+def _answer(out: bytes) -> tuple[int, int, int]:
+    fh, flags, backing_id = p.OPEN_OUT.unpack(out)
+    return fh, flags, backing_id
+
+
+async def _read_whole(host: LayerHost, inode: int, size: int) -> bytes:
+    return await host.read(inode, 0, size)
+
+
+async def _settle() -> None:
+    await trio.testing.wait_all_tasks_blocked()
+    for _ in range(50):
+        await trio.sleep(0.01)
+
+
+async def test_a_file_read_whole_is_copied_and_then_passed_through(
+    layer_tar: Path, tmp_path: Path
+) -> None:
+    host, _ = _host(layer_tar)
+    big = _inode(host, "big")
+    async with trio.open_nursery() as nursery:
+        pt = Recorded(host, PassthroughConfig(tmp_path / "pt", min_file_bytes=1 << 20))
+        pt.clear()
+        pt.attach(-1, nursery)
+        fh, flags, _ = _answer(pt.open(big))
+        assert (fh, flags) == (FH_CACHED, p.FOPEN_KEEP_CACHE)
+        assert await _read_whole(host, big, len(BIG)) == BIG  # checks the tar header too
+        pt.release(big, _release(fh))
+        await _settle()
+        assert pt.copied == 1 and not pt.registered  # registered at the next open only
+        first = _answer(pt.open(big))
+        second = _answer(pt.open(big))
+        assert first == second == (FH_PASSTHROUGH, p.FOPEN_PASSTHROUGH, 1)
+        assert pt.registered == {1: BIG}  # the copy holds the file's bytes
+        pt.release(big, _release(FH_PASSTHROUGH))
+        assert _answer(pt.open(big))[2] == 1, "the id stays with the inode"
+        assert pt.opened == {"plain": 0, "cached": 1, "passthrough": 3}
+
+
+async def test_an_inode_open_cached_is_not_opened_with_a_backing_file(
+    layer_tar: Path, tmp_path: Path
+) -> None:
+    host, _ = _host(layer_tar)
+    big = _inode(host, "big")
+    async with trio.open_nursery() as nursery:
+        pt = Recorded(host, PassthroughConfig(tmp_path / "pt", min_file_bytes=1 << 20))
+        pt.clear()
+        pt.attach(-1, nursery)
+        a = _answer(pt.open(big))[0]
+        b = _answer(pt.open(big))[0]
+        await _read_whole(host, big, len(BIG))
+        pt.release(big, _release(a))
+        await _settle()
+        assert pt.copied == 0, "copied only once no cached open is left"
+        pt.release(big, _release(b))
+        await _settle()
+        assert pt.copied == 1
+        c = _answer(pt.open(big))
+        assert c[0] == FH_PASSTHROUGH
+        # a copy finished while an inode is open cached waits for that open to end
+        pt2 = Recorded(host, PassthroughConfig(tmp_path / "pt2", min_file_bytes=1 << 20))
+        pt2.clear()
+        pt2.attach(-1, nursery)
+        d = _answer(pt2.open(big))[0]
+        pt2.release(big, _release(d))
+        await _settle()
+        assert _answer(pt2.open(big))[0] == FH_PASSTHROUGH
+        # the other connection's cached open is no concern of this one
+        e = _answer(pt.open(big))
+        assert e == c
+
+
+async def test_small_unread_unlocal_or_over_budget_files_are_not_copied(
+    layer_tar: Path, tmp_path: Path
+) -> None:
+    host, reader = _host(layer_tar)
+    big, small = _inode(host, "big"), _inode(host, "small")
+    async with trio.open_nursery() as nursery:
+        pt = Recorded(host, PassthroughConfig(tmp_path / "pt", min_file_bytes=1 << 20))
+        pt.clear()
+        pt.attach(-1, nursery)
+        await _read_whole(host, small, len(SMALL))
+        pt.release(small, _release(_answer(pt.open(small))[0]))
+        # never read: its tar header is unchecked, so nothing is copied
+        pt.release(big, _release(_answer(pt.open(big))[0]))
+        await _settle()
+        assert pt.copied == 0
+        await _read_whole(host, big, len(BIG))
+        reader.local = False
+        pt.release(big, _release(_answer(pt.open(big))[0]))
+        await _settle()
+        assert pt.copied == 0 and os.listdir(tmp_path / "pt") == [], "no partial copy left"
+        reader.local = True
+        tight = Recorded(host, PassthroughConfig(tmp_path / "tight", max_bytes=len(BIG) - 1))
+        tight.clear()
+        tight.attach(-1, nursery)
+        tight.release(big, _release(_answer(tight.open(big))[0]))
+        await _settle()
+        assert tight.copied == 0 and tight.statistics()["bytes"] == 0
+
+
+async def test_the_status_file_is_opened_plain(layer_tar: Path, tmp_path: Path) -> None:
+    host, _ = _host(layer_tar)
+    root = host.lookup(FUSE_ROOT_INODE, b"l1")
+    state = host.lookup(root.inode, STATE_DIR_NAME)
+    status = host.lookup(state.inode, STATUS_FILE_NAME)
+    pt = Recorded(host, PassthroughConfig(tmp_path / "pt"))
+    assert _answer(pt.open(status.inode)) == (FH_PLAIN, 0, 0)
+
+
+async def test_a_refused_backing_file_leaves_the_file_cached(
+    layer_tar: Path, tmp_path: Path
+) -> None:
+    host, _ = _host(layer_tar)
+    big = _inode(host, "big")
+    async with trio.open_nursery() as nursery:
+        pt = Recorded(host, PassthroughConfig(tmp_path / "pt", min_file_bytes=1 << 20), refuse=True)
+        pt.clear()
+        pt.attach(-1, nursery)
+        await _read_whole(host, big, len(BIG))
+        pt.release(big, _release(_answer(pt.open(big))[0]))
+        await _settle()
+        assert pt.copied == 1
+        assert _answer(pt.open(big))[:2] == (FH_CACHED, p.FOPEN_KEEP_CACHE)
+        assert pt.copy_off is not None and "refused" in pt.copy_off
+
+
+async def test_an_unwritable_directory_stops_copies_without_an_error(
+    layer_tar: Path, tmp_path: Path
+) -> None:
+    host, _ = _host(layer_tar)
+    big = _inode(host, "big")
+    async with trio.open_nursery() as nursery:
+        pt = Recorded(host, PassthroughConfig(tmp_path / "pt", min_file_bytes=1 << 20))
+        pt.clear()
+        pt.attach(-1, nursery)
+        (tmp_path / "pt").rmdir()
+        (tmp_path / "pt").write_text("a file where the directory was")
+        await _read_whole(host, big, len(BIG))
+        pt.release(big, _release(_answer(pt.open(big))[0]))
+        await _settle()
+        assert pt.copied == 0 and pt.copy_off is not None
+        assert pt.statistics()["bytes"] == 0
+        assert _answer(pt.open(big))[0] == FH_CACHED
+
+
+async def test_a_removed_layer_closes_its_ids_and_its_inodes_turn_passthrough_off(
+    layer_tar: Path, tmp_path: Path
+) -> None:
+    host, _ = _host(layer_tar)
+    big = _inode(host, "big")
+    async with trio.open_nursery() as nursery:
+        pt = Recorded(host, PassthroughConfig(tmp_path / "pt", min_file_bytes=1 << 20))
+        pt.clear()
+        pt.attach(-1, nursery)
+        await _read_whole(host, big, len(BIG))
+        pt.release(big, _release(_answer(pt.open(big))[0]))
+        await _settle()
+        assert _answer(pt.open(big))[0] == FH_PASSTHROUGH
+        slot = host.remove_layer("l1")
+        pt.forget_layer(slot)
+        assert pt.closed == [1] and os.listdir(tmp_path / "pt") == []
+        entries, _ = entries_from_tar(layer_tar)
+        host.add_layer("l1", build_tree(entries), LocalTarReader(layer_tar), slot=slot)
+        assert _inode(host, "big") == big
+        # the kernel may still hold the old backing file for this inode: no answer is safe
+        with pytest.raises(PassthroughError):
+            pt.open(big)
+        with pytest.raises(PassthroughError):
+            pt.open(_inode(host, "small"))  # off for good, for every inode
+
+
+async def test_an_adopted_connection_is_never_passed_through(
+    layer_tar: Path, tmp_path: Path
+) -> None:
+    host, _ = _host(layer_tar)
+    pt = Recorded(host, PassthroughConfig(tmp_path / "pt"))
+    pt.adopted()
+    with pytest.raises(PassthroughError):
+        pt.open(_inode(host, "small"))
