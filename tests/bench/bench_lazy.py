@@ -580,6 +580,10 @@ def overlay_run(workdir: Path, reg: NsRegistry, ref: str, workload: str, command
         )
 
 
+EXTRA_REMOTE_CONFIG: list[str] = []
+"""`[remote]` lines every lazy daemon of the run gets (`--daemon-config`)."""
+
+
 def daemon_config(
     path: Path, certs_d: Path, *, background_fetch: bool = True, inflated_bytes: int | None = None
 ) -> Path:
@@ -591,6 +595,7 @@ def daemon_config(
         text += "background_fetch = false\n"
     if inflated_bytes is not None:
         text += f"inflated_cache_max_bytes = {inflated_bytes}\n"
+    text += "".join(f"{line}\n" for line in EXTRA_REMOTE_CONFIG)
     path.write_text(text)
     return path
 
@@ -758,9 +763,19 @@ class ReadTargets:
 
     paths: dict[str, Path]
     status: Path
+    backing: Path | None = None
+    """The daemon's passthrough directory: a cold read of the lazy view or the FUSE layer
+    also drops the pages of the file's backing copy (the kernel reads it from there)."""
 
     def served(self) -> int:
         return int(json.loads(self.status.read_text())["bytesServed"])
+
+    def drop(self, key: str) -> None:
+        """Drop the page cache of the file through path `key` (and of its backing copy)."""
+        _drop(self.paths[key])
+        if key in ("lazy", "fuse") and self.backing is not None and self.backing.is_dir():
+            for copy in self.backing.iterdir():
+                _drop(copy)
 
 
 STEADY_SEQ = "sequential, warm (page cache, best of passes 3-5)"
@@ -805,11 +820,11 @@ def read_throughput(targets: ReadTargets) -> ReadMatrix:
         if key == "fuse":  # shares the lazy view's page cache and daemon: no first read
             continue
         if key != "lazy":
-            _drop(paths[key])
+            targets.drop(key)
             measure_row("sequential, first read (lazy: registry, others: disk)", key, seq_read)
     folios: dict[str, str] = {}
     for key in READ_PATHS:
-        _drop(paths[key])
+        targets.drop(key)
         measure_row("sequential, cold (local caches)", key, seq_read)
         measure_row("sequential, warm (page cache, pass 2)", key, seq_read)
         measure_row(STEADY_SEQ, key, functools.partial(_best_of, 3, seq_read))
@@ -817,7 +832,7 @@ def read_throughput(targets: ReadTargets) -> ReadMatrix:
     for block, count in RANDOM_READS.items():
         label = f"{block // 1024} KiB"
         for key in READ_PATHS:
-            _drop(paths[key])
+            targets.drop(key)
             one = functools.partial(_random, block, count)
             measure_row(f"random {label}, cold (local caches)", key, one)
             measure_row(f"random {label}, warm (page cache, pass 2)", key, one)
@@ -855,7 +870,7 @@ def fuse_reads(
         reg,
         background_fetch=False,
         inflated_bytes=inflated_bytes,
-    ) as (_, ctd):
+    ) as (daemon, ctd):
         ctd.cri().pull_image(ref)
         # The baseline image comes from its OCI layout (`ctr images import`): pulling it here
         # failed in three of five runs (containerd 1.6 unpack: UtimesNanoAt ENOENT in the
@@ -894,6 +909,7 @@ def fuse_reads(
                         "local": big.host_path,
                     },
                     layer_dir / ".sociable" / "status.json",
+                    daemon.root / "passthrough",
                 )
                 print(f"  read targets: {targets.paths}")
                 return read_throughput(targets)
@@ -1003,9 +1019,11 @@ def render_reads(
         "layout; local-disk lowers: what a container of a normal pull reads through, the fair "
         "baseline); **local** = the plain "
         "file on ext4. Cold = page cache dropped for the file (`POSIX_FADV_DONTNEED`, which "
-        "reaches the FUSE pages through overlayfs too); lazy cold reads come from the daemon's "
-        "local caches (compressed span cache and the inflated-span tier) after the first read "
-        "fetched the spans. Each path runs its passes back to back, every pass opens and closes "
+        "reaches the FUSE pages through overlayfs too, and for the file's passthrough copy); "
+        "lazy cold reads come from the daemon's local caches (compressed span cache and the "
+        "inflated-span tier) after the first read fetched the spans, or, once the file was "
+        "copied for FUSE passthrough after that read, from the copy on local disk (daemon MB "
+        "0). Each path runs its passes back to back, every pass opens and closes "
         "the file. Warm steady state = the best of passes 3-5 (shared VM). Daemon MB = bytes "
         "the daemon answered while the lazy view and the FUSE path were measured (0: all from "
         "the page cache). This scenario runs a fresh daemon with "
@@ -1305,8 +1323,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--timeline", action="store_true", help="print the link's MB per second of each run"
     )
+    parser.add_argument(
+        "--daemon-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a [remote] setting (TOML) for every lazy daemon, e.g. passthrough=false",
+    )
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args(argv)
+    EXTRA_REMOTE_CONFIG.extend(args.daemon_config)
     if args.skip_baseline and args.write_docs:
         parser.error("--skip-baseline has no ratios to write: drop --write-docs")
     global TIMELINE
