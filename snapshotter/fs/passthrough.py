@@ -11,9 +11,11 @@ protocol), one of three ways:
 
 - **plain**: the state directory's status file: no `FOPEN_KEEP_CACHE`, so each open rereads it;
 - **cached**: a layer file not copied yet: `FOPEN_KEEP_CACHE`, READs as without passthrough.
-  The last RELEASE of a file of at least `min_file_bytes` whose bytes are all inflated at hand
-  (`LayerHost.read_local`: the file was just read, nothing is fetched for this) starts its copy
-  to `directory` in the background, within `max_bytes` of disk;
+  The last RELEASE of a file of at least `min_file_bytes` that was opened and released before
+  (most files are read once: a starting container, an image read through; a copy is for a
+  file that comes back: another container of the image, a restarted process) starts its copy
+  to `directory` in the background when its bytes are all inflated at hand
+  (`LayerHost.read_local`: nothing is fetched for a copy), within `max_bytes` of disk;
 - **passthrough**: a copied file: its backing file is registered with the connection
   (`FUSE_DEV_IOC_BACKING_OPEN`) at its first such open and the id answers every later open.
 
@@ -97,6 +99,7 @@ class Passthrough:
         self._copies: dict[int, _Backing] = {}  # inode -> copied (registered or not)
         self._copying: set[int] = set()
         self._retired: set[int] = set()  # inodes whose backing id was closed
+        self._read_before: dict[int, object] = {}  # inode -> layer: released once already
         self._bytes = 0
         self.off: str | None = None  # why OPEN is answered ENOSYS now
         self.copy_off: str | None = None  # why nothing more is copied
@@ -170,7 +173,8 @@ class Passthrough:
         return self._open_cached(inode)
 
     def release(self, inode: int, body: memoryview) -> None:
-        """A RELEASE of `inode`: the last cached open of a file worth copying starts its copy."""
+        """A RELEASE of `inode`: the last cached open of a file worth copying, released
+        before, starts its copy."""
         fh = p.RELEASE_IN.unpack_from(body)[0]
         if fh != FH_CACHED:
             return
@@ -185,6 +189,8 @@ class Passthrough:
         """Layer `slot` was removed: close its backing ids, delete its copies."""
         for inode in [i for i in self._copies if split_inode(i)[0] == slot]:
             self._drop(inode)
+        for inode in [i for i in self._read_before if split_inode(i)[0] == slot]:
+            del self._read_before[inode]
 
     # -- inside -----------------------------------------------------------------------------
 
@@ -234,6 +240,11 @@ class Passthrough:
             return
         file = self.host.layer_file(inode)
         if file is None or file.size < self.config.min_file_bytes:
+            return
+        if self._read_before.get(inode) is not file.layer:
+            # The first time through: most files are read once (a container starting, an
+            # image read through); a copy is for a file that comes back.
+            self._read_before[inode] = file.layer
             return
         if self._bytes + file.size > self.config.max_bytes:
             return

@@ -438,11 +438,14 @@ async def _build(
     def status() -> dict[str, object]:
         # FUSE requests answered per handler and their CPU time (benchmarks read them).
         stats = FUSE_OP_STATS.statistics()
-        return {
+        doc: dict[str, object] = {
             **mounter.status(),
             "fuseOps": stats.to_status(),
             "trioThreadCpuSec": round(stats.trio_thread_cpu_sec, 3),
         }
+        if fuse.passthrough is not None:
+            doc["passthrough"] = fuse.passthrough.statistics()
+        return doc
 
     scope.start_soon(_status_writer, settings, status, name="status writer")
     return mounter
