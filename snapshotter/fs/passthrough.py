@@ -167,6 +167,7 @@ class Passthrough:
             copy = None
         if copy is not None and (copy.backing_id or not self._cached.get(inode)):
             if not copy.backing_id and not self._register(copy):
+                self._drop(inode)  # tried once: it stays cached
                 return self._open_cached(inode)
             self.opened["passthrough"] += 1
             return p.open_out(FH_PASSTHROUGH, p.FOPEN_PASSTHROUGH, copy.backing_id)

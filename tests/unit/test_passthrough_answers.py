@@ -265,6 +265,9 @@ async def test_a_refused_backing_file_leaves_the_file_cached(
         assert pt.copied == 1
         assert _answer(pt.open(big))[:2] == (FH_CACHED, p.FOPEN_KEEP_CACHE)
         assert pt.copy_off is not None and "refused" in pt.copy_off
+        assert os.listdir(tmp_path / "pt") == [] and pt.statistics()["bytes"] == 0
+        pt.refuse = False  # tried once only: the file stays cached
+        assert _answer(pt.open(big))[0] == FH_CACHED and not pt.registered
 
 
 async def test_an_unwritable_directory_stops_copies_without_an_error(
