@@ -58,7 +58,7 @@ FH_CACHED: Final = 1
 FH_PASSTHROUGH: Final = 2
 """OPEN answers' handles: what RELEASE must undo (READs go by inode, not handle)."""
 
-COPY_CHUNK_BYTES: Final = 1 << 20
+COPY_CHUNK_BYTES: Final = 4 << 20
 COPY_THREADS: Final = trio.CapacityLimiter(1)
 """The worker thread that writes backing files (one copy at a time: it is background work)."""
 
@@ -137,6 +137,7 @@ class Passthrough:
         return {
             "opens": dict(self.opened),
             "copies": len(self._copies),
+            "copying": len(self._copying),
             "copiedFiles": self.copied,
             "bytes": self._bytes,
             "off": self.off,
@@ -262,9 +263,14 @@ class Passthrough:
             fd = await trio.to_thread.run_sync(_create, tmp, limiter=COPY_THREADS)
             try:
                 offset = 0
+                started = trio.current_time()
                 while offset < file.size:
                     data = await self.host.read_local(file, offset, COPY_CHUNK_BYTES)
                     if data is None:
+                        log.debug(
+                            "fuse passthrough: not copied, not local",
+                            extra={"inode": inode, "offset": offset},
+                        )
                         return  # not all local (any more): not worth a fetch
                     await trio.to_thread.run_sync(_write_at, fd, data, offset, limiter=COPY_THREADS)
                     offset += len(data)
@@ -276,6 +282,14 @@ class Passthrough:
             self._copies[inode] = _Backing(file, path)
             self.copied += 1
             kept = True
+            log.debug(
+                "fuse passthrough: copied",
+                extra={
+                    "inode": inode,
+                    "bytes": file.size,
+                    "ms": round((trio.current_time() - started) * 1000),
+                },
+            )
         except OSError as e:
             self._stop_copies(f"cannot write a backing file in {self.config.directory}: {e}")
         finally:
