@@ -274,6 +274,7 @@ class Passthrough:
                         return  # not all local (any more): not worth a fetch
                     await trio.to_thread.run_sync(_write_at, fd, data, offset, limiter=COPY_THREADS)
                     offset += len(data)
+                await trio.to_thread.run_sync(_settle, fd, limiter=COPY_THREADS)
             finally:
                 os.close(fd)
             await trio.to_thread.run_sync(os.replace, tmp, path, limiter=COPY_THREADS)
@@ -314,6 +315,14 @@ class Passthrough:
 
 def _create(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+
+
+def _settle(fd: int) -> None:
+    """Write the copy out and drop its pages: the pages of buffered writes sit in small folios,
+    and the kernel's read-ahead of the backing file fills large ones (the point of the copy);
+    nor need the file's bytes be in the page cache twice while the FUSE file's pages are."""
+    os.fdatasync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _write_at(fd: int, data: bytes, offset: int) -> None:
