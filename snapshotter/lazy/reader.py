@@ -48,7 +48,7 @@ import trio
 
 from index.digest import Digest
 from index.model import SpanId, UncompressedOffset, Ztoc
-from index.zinfo import SpanError, SpanMap, ZinfoError, assemble
+from index.zinfo import SpanError, SpanMap, SpanSlice, ZinfoError, assemble
 from snapshotter.fs.errors import LayerReadError
 from snapshotter.fs.readers import FetchProgress
 from snapshotter.lazy.cache import SpanCache
@@ -332,12 +332,8 @@ class RemoteLayerReader:
         inflated tier's page cache (`SpanInflater.read_now`); None when `read` must be
         awaited, also for anything `read` would raise. A read answered here counts for
         read-ahead like one answered by `read` (pipelined read-ahead starts from here too)."""
-        end = min(offset + size, self.span_map.uncompressed_archive_size)
-        if end <= offset or self.closed:
-            return None
-        try:
-            slices = self.span_map.slices_for_range(offset, end - offset)
-        except SpanError:
+        slices = self._slices_at_hand(offset, size)
+        if slices is None:
             return None
         data = self.inflater.read_now(slices)
         if data is not None:
@@ -349,17 +345,24 @@ class RemoteLayerReader:
         LRU or the inflated tier): nothing is fetched, no read-ahead starts and the read-ahead
         policy does not see it; None otherwise (a span only compressed or not local, the tier
         lost it, the layer closed, a range outside the stream)."""
-        end = min(offset + size, self.span_map.uncompressed_archive_size)
-        if end <= offset or self.closed:
-            return None
-        try:
-            slices = self.span_map.slices_for_range(offset, end - offset)
-        except SpanError:
+        slices = self._slices_at_hand(offset, size)
+        if slices is None:
             return None
         data = self.inflater.read_now(slices)
         if data is None:
             data = await self.inflater.read_local(slices)
         return data
+
+    def _slices_at_hand(self, offset: UncompressedOffset, size: int) -> list[SpanSlice] | None:
+        """The span slices of a read that may be answered from what is at hand; None for an
+        empty range, one outside the stream, or a closed layer."""
+        end = min(offset + size, self.span_map.uncompressed_archive_size)
+        if end <= offset or self.closed:
+            return None
+        try:
+            return self.span_map.slices_for_range(offset, end - offset)
+        except SpanError:
+            return None
 
     def _observe(self, spans: Sequence[SpanId]) -> bool:
         """Tell the read-ahead policy about a read of `spans`; whether it is sequential. A

@@ -7,7 +7,6 @@ deletes the copy."""
 from __future__ import annotations
 
 import hashlib
-import json
 import mmap
 import os
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.bench.page_cache_folios import folio_sizes
+from tests.integration.test_fuse_page_cache import served
 from tests.support.fuselayers import FuseServer, LayerBlob, fuse_server
 from tests.support.images import File, write_layer
 
@@ -58,13 +58,6 @@ def view(server: FuseServer, tmp_path: Path) -> Iterator[Path]:
         yield view
     finally:
         subprocess.run(["umount", view], check=False)
-
-
-def served(server: FuseServer) -> int:
-    doc = json.loads((server.mountpoint / "l" / ".sociable" / "status.json").read_text())
-    value = doc["bytesServed"]
-    assert isinstance(value, int)
-    return value
 
 
 def read(path: Path) -> bytes:

@@ -14,6 +14,7 @@ import io
 import os
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -140,6 +141,17 @@ async def _read_whole(host: LayerHost, inode: int, size: int) -> bytes:
     return await host.read(inode, 0, size)
 
 
+def _attached(host: LayerHost, directory: Path, nursery: trio.Nursery, **settings: Any) -> Recorded:
+    """A `Recorded` serving connection fd -1 (never used: the ioctls are recorded), copies of
+    at least 1 MiB (unless `settings` say) in `directory`."""
+    settings.setdefault("min_file_bytes", 1 << 20)
+    refuse = settings.pop("refuse", False)
+    pt = Recorded(host, PassthroughConfig(directory, **settings), refuse=refuse)
+    pt.clear()
+    pt.attach(-1, nursery)
+    return pt
+
+
 def _cycle(pt: Passthrough, inode: int, times: int = 1) -> None:
     """Open `inode` and release it, `times` times."""
     for _ in range(times):
@@ -158,9 +170,7 @@ async def test_a_file_read_whole_is_copied_and_then_passed_through(
     host, _ = _host(layer_tar)
     big = _inode(host, "big")
     async with trio.open_nursery() as nursery:
-        pt = Recorded(host, PassthroughConfig(tmp_path / "pt", min_file_bytes=1 << 20))
-        pt.clear()
-        pt.attach(-1, nursery)
+        pt = _attached(host, tmp_path / "pt", nursery)
         fh, flags, _ = _answer(pt.open(big))
         assert (fh, flags) == (FH_CACHED, p.FOPEN_KEEP_CACHE)
         assert await _read_whole(host, big, len(BIG)) == BIG  # checks the tar header too
@@ -185,9 +195,7 @@ async def test_an_inode_open_cached_is_not_opened_with_a_backing_file(
     host, _ = _host(layer_tar)
     big = _inode(host, "big")
     async with trio.open_nursery() as nursery:
-        pt = Recorded(host, PassthroughConfig(tmp_path / "pt", min_file_bytes=1 << 20))
-        pt.clear()
-        pt.attach(-1, nursery)
+        pt = _attached(host, tmp_path / "pt", nursery)
         _cycle(pt, big)
         a = _answer(pt.open(big))[0]
         b = _answer(pt.open(big))[0]
@@ -201,9 +209,7 @@ async def test_an_inode_open_cached_is_not_opened_with_a_backing_file(
         c = _answer(pt.open(big))
         assert c[0] == FH_PASSTHROUGH
         # a copy finished while an inode is open cached waits for that open to end
-        pt2 = Recorded(host, PassthroughConfig(tmp_path / "pt2", min_file_bytes=1 << 20))
-        pt2.clear()
-        pt2.attach(-1, nursery)
+        pt2 = _attached(host, tmp_path / "pt2", nursery)
         _cycle(pt2, big, 2)
         await _settle()
         assert _answer(pt2.open(big))[0] == FH_PASSTHROUGH
@@ -218,9 +224,7 @@ async def test_small_unread_unlocal_or_over_budget_files_are_not_copied(
     host, reader = _host(layer_tar)
     big, small = _inode(host, "big"), _inode(host, "small")
     async with trio.open_nursery() as nursery:
-        pt = Recorded(host, PassthroughConfig(tmp_path / "pt", min_file_bytes=1 << 20))
-        pt.clear()
-        pt.attach(-1, nursery)
+        pt = _attached(host, tmp_path / "pt", nursery)
         await _read_whole(host, small, len(SMALL))
         _cycle(pt, small, 2)
         # never read: its tar header is unchecked, so nothing is copied
@@ -233,9 +237,7 @@ async def test_small_unread_unlocal_or_over_budget_files_are_not_copied(
         await _settle()
         assert pt.copied == 0 and os.listdir(tmp_path / "pt") == [], "no partial copy left"
         reader.local = True
-        tight = Recorded(host, PassthroughConfig(tmp_path / "tight", max_bytes=len(BIG) - 1))
-        tight.clear()
-        tight.attach(-1, nursery)
+        tight = _attached(host, tmp_path / "tight", nursery, max_bytes=len(BIG) - 1)
         _cycle(tight, big, 2)
         await _settle()
         assert tight.copied == 0 and tight.statistics()["bytes"] == 0
@@ -256,9 +258,7 @@ async def test_a_refused_backing_file_leaves_the_file_cached(
     host, _ = _host(layer_tar)
     big = _inode(host, "big")
     async with trio.open_nursery() as nursery:
-        pt = Recorded(host, PassthroughConfig(tmp_path / "pt", min_file_bytes=1 << 20), refuse=True)
-        pt.clear()
-        pt.attach(-1, nursery)
+        pt = _attached(host, tmp_path / "pt", nursery, refuse=True)
         await _read_whole(host, big, len(BIG))
         _cycle(pt, big, 2)
         await _settle()
@@ -276,9 +276,7 @@ async def test_an_unwritable_directory_stops_copies_without_an_error(
     host, _ = _host(layer_tar)
     big = _inode(host, "big")
     async with trio.open_nursery() as nursery:
-        pt = Recorded(host, PassthroughConfig(tmp_path / "pt", min_file_bytes=1 << 20))
-        pt.clear()
-        pt.attach(-1, nursery)
+        pt = _attached(host, tmp_path / "pt", nursery)
         (tmp_path / "pt").rmdir()
         (tmp_path / "pt").write_text("a file where the directory was")
         await _read_whole(host, big, len(BIG))
@@ -295,9 +293,7 @@ async def test_a_removed_layer_closes_its_ids_and_its_inodes_turn_passthrough_of
     host, _ = _host(layer_tar)
     big = _inode(host, "big")
     async with trio.open_nursery() as nursery:
-        pt = Recorded(host, PassthroughConfig(tmp_path / "pt", min_file_bytes=1 << 20))
-        pt.clear()
-        pt.attach(-1, nursery)
+        pt = _attached(host, tmp_path / "pt", nursery)
         await _read_whole(host, big, len(BIG))
         _cycle(pt, big, 2)
         await _settle()
