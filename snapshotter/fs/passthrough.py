@@ -116,12 +116,12 @@ class Passthrough:
         """Empty the backing directory (blocking: run it in a thread before `attach`). Copies
         of an earlier process are of no use: a kept connection is not passed through again
         (`adopted`), and a new one never knew their ids."""
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(self.config.directory)
         try:
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(self.config.directory)
             self.config.directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            self._stop_copies(f"cannot create {self.config.directory}: {e}")
+            self._stop_copies(f"cannot empty or create {self.config.directory}: {e}")
 
     def attach(self, fd: int, nursery: trio.Nursery) -> None:
         """Serve connection `fd` (its INIT negotiated passthrough); copies run in `nursery`."""

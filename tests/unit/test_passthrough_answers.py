@@ -319,3 +319,14 @@ async def test_an_adopted_connection_is_never_passed_through(
     pt.adopted()
     with pytest.raises(PassthroughError):
         pt.open(_inode(host, "small"))
+
+
+async def test_a_backing_directory_that_cannot_be_made_stops_copies_only(
+    layer_tar: Path, tmp_path: Path
+) -> None:
+    host, _ = _host(layer_tar)
+    (tmp_path / "file").write_text("not a directory")
+    pt = Recorded(host, PassthroughConfig(tmp_path / "file" / "pt"))
+    pt.clear()  # no exception: the daemon starts, files stay cached
+    assert pt.copy_off is not None and "cannot empty or create" in pt.copy_off
+    assert _answer(pt.open(_inode(host, "big")))[0] == FH_CACHED
