@@ -269,14 +269,14 @@ class RemoteConfig:
             request_timeout_sec=self.request_timeout_sec,
         )
 
-    def passthrough_config(self, directory: Path) -> PassthroughConfig | None:
-        """The passthrough settings with backing files in `directory`; None when it is off."""
+    def passthrough_config(self, directory: Path) -> PassthroughConfig:
+        """The passthrough settings with backing files in `directory` (also when it is off: a
+        connection kept from a daemon that had it on is still served by its journal)."""
         from snapshotter.fs.passthrough import PassthroughConfig
 
-        if not self.passthrough:
-            return None
         return PassthroughConfig(
             directory,
+            enabled=self.passthrough,
             min_file_bytes=self.passthrough_min_file_bytes,
             max_bytes=self.passthrough_max_bytes,
         )

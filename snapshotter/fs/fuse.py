@@ -71,7 +71,7 @@ from snapshotter.fs.errors import (
 )
 from snapshotter.fs.host import LayerHost
 from snapshotter.fs.inodes import FUSE_ROOT_INODE
-from snapshotter.fs.passthrough import Passthrough, PassthroughConfig, PassthroughError
+from snapshotter.fs.passthrough import Passthrough, PassthroughConfig, discard_journal
 from snapshotter.fs.readers import LayerReader
 from snapshotter.fs.tree import Attr, LayerTree
 from snapshotter.mountinfo import is_mountpoint, mount_at
@@ -439,10 +439,7 @@ class FuseOperations:
         if self.passthrough is None:
             # The kernel opens files without asking from now on (see the module doc).
             raise FuseError(errno.ENOSYS)
-        try:
-            return self.passthrough.open(inode)
-        except PassthroughError:  # the same, for good: always consistent
-            raise FuseError(errno.ENOSYS) from None
+        return self.passthrough.open(inode)
 
     def flush(self, inode: int, body: memoryview) -> bytes:
         raise FuseError(errno.ENOSYS)
@@ -787,9 +784,9 @@ async def open_fuse_host(
     mount stays (whoever keeps the connection decides its fate). `start=False` answers
     nothing until `FuseMount.start()` (a restarted daemon first puts its layers back).
 
-    `passthrough`: ask the kernel for FUSE passthrough and copy files read whole to backing
-    files there (`snapshotter.fs.passthrough`); a fresh connection only (an adopted one
-    answers OPEN with ENOSYS, as without it), and only when the kernel offers it.
+    `passthrough`: where FUSE passthrough keeps its copies and id journal, and whether to ask
+    the kernel for it on a fresh connection (`snapshotter.fs.passthrough`); an adopted
+    connection with a journal is answered from it either way.
 
     `read_ahead_kb` (0 = leave the kernel default) is applied with `set_read_ahead` once INIT
     is answered. `metrics`: where every request's latency and errno are recorded (None:
@@ -814,7 +811,7 @@ async def open_fuse_host(
     fd = connection.fd
     try:
         init = p.parse_init(connection.init)
-        negotiated = p.negotiate(init, passthrough=passthrough is not None)
+        negotiated = p.negotiate(init, passthrough=passthrough is not None and passthrough.enabled)
     except ValueError as e:
         discard(fd, mountpoint if mounted_here else None)
         raise RuntimeError(f"cannot serve the layer host at {mountpoint}: {e}") from e
@@ -830,15 +827,22 @@ async def open_fuse_host(
                     return
                 started = True
                 if passthrough is not None:
-                    ops.passthrough = mount.passthrough = Passthrough(host, passthrough)
-                    await trio.to_thread.run_sync(ops.passthrough.clear)
+                    pt = Passthrough(host, passthrough)
                     if connection.adopted:
-                        ops.passthrough.adopted()
+                        # Passed through by the previous process (it left a journal): its
+                        # ids answer, whatever the setting says now.
+                        served_by = pt if await trio.to_thread.run_sync(pt.adopt) else None
                     elif negotiated.passthrough:
-                        ops.passthrough.attach(fd, nursery)
+                        await trio.to_thread.run_sync(pt.clear)
+                        served_by = pt
                     else:
-                        ops.passthrough = mount.passthrough = None
-                        log.info("fuse passthrough: the kernel does not offer it")
+                        if passthrough.enabled:
+                            log.info("fuse passthrough: the kernel does not offer it")
+                        await trio.to_thread.run_sync(discard_journal, passthrough)
+                        served_by = None
+                    if served_by is not None:
+                        served_by.attach(fd, nursery)
+                    ops.passthrough = mount.passthrough = served_by
                 if connection.adopted:
                     # Answered by the previous process; ask for what it left unanswered.
                     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,6 @@ from snapshotter.fs.passthrough import (
     FH_PLAIN,
     Passthrough,
     PassthroughConfig,
-    PassthroughError,
 )
 from snapshotter.fs.readers import LocalTarReader
 from snapshotter.fs.tree import build_tree
@@ -235,7 +235,7 @@ async def test_small_unread_unlocal_or_over_budget_files_are_not_copied(
         reader.local = False
         _cycle(pt, big)
         await _settle()
-        assert pt.copied == 0 and os.listdir(tmp_path / "pt") == [], "no partial copy left"
+        assert pt.copied == 0 and os.listdir(tmp_path / "pt") == ["ids"], "no partial copy left"
         reader.local = True
         tight = _attached(host, tmp_path / "tight", nursery, max_bytes=len(BIG) - 1)
         _cycle(tight, big, 2)
@@ -265,7 +265,7 @@ async def test_a_refused_backing_file_leaves_the_file_cached(
         assert pt.copied == 1
         assert _answer(pt.open(big))[:2] == (FH_CACHED, p.FOPEN_KEEP_CACHE)
         assert pt.copy_off is not None and "refused" in pt.copy_off
-        assert os.listdir(tmp_path / "pt") == [] and pt.statistics()["bytes"] == 0
+        assert os.listdir(tmp_path / "pt") == ["ids"] and pt.statistics()["bytes"] == 0
         pt.refuse = False  # tried once only: the file stays cached
         assert _answer(pt.open(big))[0] == FH_CACHED and not pt.registered
 
@@ -277,7 +277,7 @@ async def test_an_unwritable_directory_stops_copies_without_an_error(
     big = _inode(host, "big")
     async with trio.open_nursery() as nursery:
         pt = _attached(host, tmp_path / "pt", nursery)
-        (tmp_path / "pt").rmdir()
+        shutil.rmtree(tmp_path / "pt")
         (tmp_path / "pt").write_text("a file where the directory was")
         await _read_whole(host, big, len(BIG))
         _cycle(pt, big, 2)
@@ -287,7 +287,7 @@ async def test_an_unwritable_directory_stops_copies_without_an_error(
         assert _answer(pt.open(big))[0] == FH_CACHED
 
 
-async def test_a_removed_layer_closes_its_ids_and_its_inodes_turn_passthrough_off(
+async def test_a_removed_layer_closes_its_ids_and_its_inodes_get_none_again(
     layer_tar: Path, tmp_path: Path
 ) -> None:
     host, _ = _host(layer_tar)
@@ -300,25 +300,48 @@ async def test_a_removed_layer_closes_its_ids_and_its_inodes_turn_passthrough_of
         assert _answer(pt.open(big))[0] == FH_PASSTHROUGH
         slot = host.remove_layer("l1")
         pt.forget_layer(slot)
-        assert pt.closed == [1] and os.listdir(tmp_path / "pt") == []
+        assert pt.closed == [1] and os.listdir(tmp_path / "pt") == ["ids"]
         entries, _ = entries_from_tar(layer_tar)
         host.add_layer("l1", build_tree(entries), LocalTarReader(layer_tar), slot=slot)
         assert _inode(host, "big") == big
-        # the kernel may still hold the old backing file for this inode: no answer is safe
-        with pytest.raises(PassthroughError):
-            pt.open(big)
-        with pytest.raises(PassthroughError):
-            pt.open(_inode(host, "small"))  # off for good, for every inode
+        # the kernel may still hold the old backing file for this inode: never another one
+        await _read_whole(host, big, len(BIG))
+        _cycle(pt, big, 3)
+        await _settle()
+        assert _answer(pt.open(big))[0] == FH_CACHED and pt.registered.keys() == {1}
+        assert _answer(pt.open(_inode(host, "small")))[0] == FH_CACHED
 
 
-async def test_an_adopted_connection_is_never_passed_through(
+async def test_an_adopted_connection_answers_the_journaled_ids_and_copies_nothing(
     layer_tar: Path, tmp_path: Path
 ) -> None:
     host, _ = _host(layer_tar)
-    pt = Recorded(host, PassthroughConfig(tmp_path / "pt"))
-    pt.adopted()
-    with pytest.raises(PassthroughError):
-        pt.open(_inode(host, "small"))
+    big, small = _inode(host, "big"), _inode(host, "small")
+    async with trio.open_nursery() as nursery:
+        first = _attached(host, tmp_path / "pt", nursery)
+        await _read_whole(host, big, len(BIG))
+        _cycle(first, big, 2)
+        await _settle()
+        assert _answer(first.open(big)) == (FH_PASSTHROUGH, p.FOPEN_PASSTHROUGH, 1)
+        # the process dies with the file open; the next one adopts the connection
+        with open(tmp_path / "pt" / "ids", "ab") as journal:
+            journal.write(b"open 12")  # a line cut short by the crash
+        second = Recorded(host, PassthroughConfig(tmp_path / "pt", min_file_bytes=1 << 20))
+        assert second.adopt()
+        second.attach(-1, nursery)
+        assert _answer(second.open(big)) == (FH_PASSTHROUGH, p.FOPEN_PASSTHROUGH, 1)
+        assert _answer(second.open(small))[0] == FH_CACHED
+        assert not second.registered, "nothing registered again"
+        await _read_whole(host, small, len(SMALL))
+        _cycle(second, small, 3)
+        await _settle()
+        assert second.copied == 0 and second.copy_off is not None
+        # a layer now in that slot under another name never gets the old file's bytes
+        slot = host.remove_layer("l1")
+        entries, _ = entries_from_tar(layer_tar)
+        host.add_layer("l2", build_tree(entries), LocalTarReader(layer_tar), slot=slot)
+        assert _answer(second.open(big))[0] == FH_CACHED
+    assert not Recorded(host, PassthroughConfig(tmp_path / "none")).adopt(), "no journal"
 
 
 async def test_a_backing_directory_that_cannot_be_made_stops_copies_only(
