@@ -285,11 +285,11 @@ def _pull(ctd: Containerd, ref: str) -> None:
 
 @contextlib.contextmanager
 def _stack(
-    pushed: Pushed, base: Path, hosts: tuple[str, ...] = ()
+    pushed: Pushed, base: Path, hosts: tuple[str, ...] = (), remote: str = ""
 ) -> Iterator[tuple[SnapDaemon, Containerd]]:
     base.mkdir(parents=True, exist_ok=True)
     config = base / "sociable.toml"
-    config.write_text('[remote]\nhosts_dir = ""\nbackground_fetch = false\n')
+    config.write_text(f'[remote]\nhosts_dir = ""\nbackground_fetch = false\n{remote}')
     with (
         run_daemon(base / "sociable", config=config) as daemon,
         start_containerd(
@@ -439,6 +439,54 @@ def test_running_container_survives_restarts(pushed: Pushed, tmp_path: Path) -> 
     assert len(adopted) >= len(kinds)  # a daemon killed in its start-up may have adopted too
     assert all(int(str(e.get("layers"))) >= 3 for e in adopted)
     assert lines > 10 * len(kinds)
+
+
+def _passthrough(root: Path, timeout_s: float = 20.0, **at_least: int) -> dict[str, object]:
+    """The `passthrough` section of the daemon's status once each counter named in `at_least`
+    (`copies`, `ids`) reaches its value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            section = json.loads((root / "status.json").read_text()).get("passthrough") or {}
+            if all(int(section.get(k, 0)) >= v for k, v in at_least.items()):
+                return dict(section)
+        assert time.monotonic() < deadline, f"passthrough never reached {at_least}"
+        time.sleep(0.2)
+
+
+def test_a_file_passed_through_is_opened_again_after_restarts(
+    pushed: Pushed, tmp_path: Path
+) -> None:
+    """FUSE passthrough across restarts. A file the first daemon passed through and that is
+    held open is opened again, with the right bytes, under the daemon after a `kill -9` and
+    after a graceful restart: the next daemon answers it with the journaled backing id (the
+    kernel fails any other answer, EIO, while the file is held open) and other files cached."""
+    sums, _ = _layer_sums(pushed.image)
+    remote = "passthrough_min_file_bytes = 4096\n"
+    with _stack(pushed, tmp_path / "stack", remote=remote) as (daemon, ctd):
+        _pull(ctd, pushed.lazy_ref)
+        layer = next((daemon.root / "fuse").glob("snap-*/usr/lib/python3.11/os.py")).parents[3]
+        passed, other = (f"usr/lib/python3.11/{p}" for p in ("os.py", "json/decoder.py"))
+        for _ in range(2):  # a file that comes back is copied
+            read = (layer / passed).read_bytes()
+            assert hashlib.sha256(read).hexdigest() == sums["/" + passed]
+        _passthrough(daemon.root, copies=1)
+        with open(layer / passed, "rb") as held:  # this open is passed through
+            assert _passthrough(daemon.root, ids=1)["ids"] == 1
+            for how in ("kill -9", "graceful"):
+                if how == "kill -9":
+                    daemon.kill9()
+                else:
+                    assert daemon.stop() == 0
+                daemon.start()
+                again = hashlib.sha256((layer / passed).read_bytes()).hexdigest()
+                assert again == sums["/" + passed], f"after {how}"
+                held.seek(0)
+                assert hashlib.sha256(held.read()).hexdigest() == sums["/" + passed], how
+                read = (layer / other).read_bytes()
+                assert hashlib.sha256(read).hexdigest() == sums["/" + other], how
+                section = _passthrough(daemon.root, ids=1)
+                assert "adopted" in str(section["copyOff"]), section
 
 
 def test_keeper_killed_too_clears_the_dead_mount(pushed: Pushed, tmp_path: Path) -> None:
