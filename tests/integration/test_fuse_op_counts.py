@@ -54,7 +54,7 @@ def test_status_counts_fuse_requests_of_a_container(
         assert count(after, "open") >= len(PY_FILES), after
         assert count(after, "release") == count(after, "open"), after
         opens = doc["passthrough"]["opens"]
-        assert opens["cached"] >= len(PY_FILES) and doc["passthrough"]["off"] is None, doc
+        assert opens["cached"] >= len(PY_FILES) and doc["passthrough"]["copyOff"] is None, doc
     else:  # OPEN is answered ENOSYS once per connection, then never sent; nor is RELEASE
         assert "passthrough" not in doc
         assert count(after, "open") <= 1 and count(after, "release") == 0, after
