@@ -158,6 +158,13 @@ def _cycle(pt: Passthrough, inode: int, times: int = 1) -> None:
         pt.release(inode, _release(_answer(pt.open(inode))[0]))
 
 
+async def _comes_back(pt: Passthrough, host: LayerHost, inode: int) -> None:
+    """`inode` (BIG) read whole, then opened and closed twice: its copy is made."""
+    await _read_whole(host, inode, len(BIG))
+    _cycle(pt, inode, 2)
+    await _settle()
+
+
 async def _settle() -> None:
     await trio.testing.wait_all_tasks_blocked()
     for _ in range(50):
@@ -259,9 +266,7 @@ async def test_a_refused_backing_file_leaves_the_file_cached(
     big = _inode(host, "big")
     async with trio.open_nursery() as nursery:
         pt = _attached(host, tmp_path / "pt", nursery, refuse=True)
-        await _read_whole(host, big, len(BIG))
-        _cycle(pt, big, 2)
-        await _settle()
+        await _comes_back(pt, host, big)
         assert pt.copied == 1
         assert _answer(pt.open(big))[:2] == (FH_CACHED, p.FOPEN_KEEP_CACHE)
         assert pt.copy_off is not None and "refused" in pt.copy_off
@@ -279,9 +284,7 @@ async def test_an_unwritable_directory_stops_copies_without_an_error(
         pt = _attached(host, tmp_path / "pt", nursery)
         shutil.rmtree(tmp_path / "pt")
         (tmp_path / "pt").write_text("a file where the directory was")
-        await _read_whole(host, big, len(BIG))
-        _cycle(pt, big, 2)
-        await _settle()
+        await _comes_back(pt, host, big)
         assert pt.copied == 0 and pt.copy_off is not None
         assert pt.statistics()["bytes"] == 0
         assert _answer(pt.open(big))[0] == FH_CACHED
@@ -294,9 +297,7 @@ async def test_a_removed_layer_closes_its_ids_and_its_inodes_get_none_again(
     big = _inode(host, "big")
     async with trio.open_nursery() as nursery:
         pt = _attached(host, tmp_path / "pt", nursery)
-        await _read_whole(host, big, len(BIG))
-        _cycle(pt, big, 2)
-        await _settle()
+        await _comes_back(pt, host, big)
         assert _answer(pt.open(big))[0] == FH_PASSTHROUGH
         slot = host.remove_layer("l1")
         pt.forget_layer(slot)
@@ -319,9 +320,7 @@ async def test_an_adopted_connection_answers_the_journaled_ids_and_copies_nothin
     big, small = _inode(host, "big"), _inode(host, "small")
     async with trio.open_nursery() as nursery:
         first = _attached(host, tmp_path / "pt", nursery)
-        await _read_whole(host, big, len(BIG))
-        _cycle(first, big, 2)
-        await _settle()
+        await _comes_back(first, host, big)
         assert _answer(first.open(big)) == (FH_PASSTHROUGH, p.FOPEN_PASSTHROUGH, 1)
         # the process dies with the file open; the next one adopts the connection
         with open(tmp_path / "pt" / "ids", "ab") as journal:
