@@ -8,10 +8,11 @@ GETATTR, GETXATTR or READDIRPLUS costs one read(2), one handler and one write(2)
 thread, with no task. So is a READ whose bytes the layer has at hand (in memory, or a small
 read from the inflated tier's page cache: `LayerHost.read_now`); any other READ gets a task
 of its own in the server's nursery (it may wait for spans), at most `max_tasks` at a time
-(the reader waits for one to end first). OPEN is answered
+(the reader waits for one to end first). Without FUSE passthrough OPEN is answered
 ENOSYS: the kernel then opens every file of the connection without asking, keeps its page
 cache (`FOPEN_KEEP_CACHE`) and sends no RELEASE (Linux 3.14 and later), so reading a file costs
-the READs alone. FLUSH is answered ENOSYS too (sent no more). FORGET needs no answer (inodes
+the READs alone. With it, OPEN and RELEASE are answered by `snapshotter.fs.passthrough`
+(cached, or passed through to a local copy). FLUSH is answered ENOSYS (sent no more). FORGET needs no answer (inodes
 are computed, not allocated), INTERRUPT is ignored (every request ends on its own).
 
 `FsError`s become errnos through ONE table (`ERRNO_TABLE`, most specific class first,
@@ -29,9 +30,9 @@ keeps several 1 MiB READs in flight and spans inflate in parallel.
 Connections (`snapshotter.fs.connection`) are mounted by this package: a fresh one is answered
 INIT here; an adopted one (kept by the fd keeper across a restart) was answered by the previous
 process, so the server only takes over the negotiated protocol from the stored INIT and asks
-the kernel to resend the requests the previous process read but never answered. Handles are
-inode numbers and READs are answered by the request's inode (`LayerHost`), so nothing per open
-file is lost with the process.
+the kernel to resend the requests the previous process read but never answered. READs are
+answered by the request's inode (`LayerHost`), so nothing per open file is lost with the
+process; the backing ids of passed-through files are kept in a journal for the next one.
 """
 
 from __future__ import annotations
