@@ -11,8 +11,8 @@ Only the bytes up to the last wanted span are copied (read-ahead riding along is
 nothing inflated here is used unless that copy is exactly the start of what the fetch
 returned and verified (`finish` compares it in full), so a retried, redirected or
 failed-over answer, or a corrupt one, only costs the inflation done in vain: the read then
-inflates the verified bytes as before. An answer that is not fed (a peer's, read whole)
-starts no thread at all. A span whose inflation fails here is left to that ordinary path
+inflates the verified bytes as before. An answer that is not fed (a registry's 200 to a
+Range request, read whole) starts no thread at all. A span whose inflation fails here is left to that ordinary path
 too (which reports the error). At most `MAX_ARRIVING_RUNS` exist at once.
 
 Threads: `work` runs in a worker thread (`ARRIVING_THREADS`): it inflates, waits for

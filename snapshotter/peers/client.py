@@ -24,6 +24,7 @@ import trio
 
 from index.digest import Digest
 from index.oci.reference import Reference
+from index.oci.responses import BodySink
 from snapshotter.lazy.sources import (
     AccessDenied,
     BadRange,
@@ -129,10 +130,12 @@ class PeerClient:
         end: int,
         budget_sec: float,
         fetch: bool = True,
+        sink: BodySink | None = None,
     ) -> bytes:
         """Bytes `[start, end)` of blob `layer` from the peer at `peer` (`ADDR:PORT`), within
-        `budget_sec` seconds. Unverified: the caller checks them. Raises a `FetchError` (see
-        the module doc)."""
+        `budget_sec` seconds. Unverified: the caller checks them. `sink` sees the body as it
+        arrives (`index.oci.responses.BodySink`), exactly the bytes returned only when this
+        returns. Raises a `FetchError` (see the module doc)."""
         what = f"bytes {start}-{end} of {layer} from peer {peer}"
         source = f"peer:{peer}"
         headers = {
@@ -147,7 +150,9 @@ class PeerClient:
         url = f"http://{peer}{protocol.blob_path(repository, str(layer))}"
         with trio.move_on_after(budget_sec) as scope:
             try:
-                return await self._get(url, headers, {"ns": registry}, start, end, what, source)
+                return await self._get(
+                    url, headers, {"ns": registry}, start, end, what, source, sink
+                )
             except httpx.TimeoutException as e:
                 raise FetchTimeout(f"{what}: {type(e).__name__}", source=source) from e
             except (httpx.HTTPError, OSError) as e:
@@ -164,6 +169,7 @@ class PeerClient:
         end: int,
         what: str,
         source: str,
+        sink: BodySink | None = None,
     ) -> bytes:
         want = end - start
         async with self._http.stream("GET", url, headers=headers, params=params) as response:
@@ -180,10 +186,14 @@ class PeerClient:
                     source=source,
                 )
             body = bytearray()
+            if sink is not None:
+                sink.begin()
             async for part in response.aiter_raw():
                 body += part
                 if len(body) > want:
                     raise BadRange(f"{what}: more than the {want} bytes asked for", source=source)
+                if sink is not None:
+                    sink.feed(part)
         if len(body) != want:
             raise SourceUnavailable(f"{what}: got {len(body)} bytes, want {want}", source=source)
         return bytes(body)

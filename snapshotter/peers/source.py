@@ -128,8 +128,8 @@ class PeerSource:
         check: Check | None = None,
         sink: BodySink | None = None,
     ) -> bytes:
-        """The verified bytes `[start, end)` from an owner (see the module doc); `sink` is not
-        fed (a peer's answer is read whole). Raises
+        """The verified bytes `[start, end)` from an owner (see the module doc); `sink` sees
+        each owner's answer as it arrives (it begins again for the next owner). Raises
         `BlobNotFound` when the fetch should go upstream from here (this node ranks before
         every owner holding the range, or serves a peer and no other owner holds it), else
         `SourceUnavailable` naming every owner's failure."""
@@ -156,6 +156,7 @@ class PeerSource:
                     end=end,
                     budget_sec=s.budget_sec,
                     fetch=may_fetch,
+                    sink=sink,
                 )
                 if check is not None:
                     await trio.to_thread.run_sync(check, data, limiter=VERIFY_THREADS)

@@ -33,6 +33,7 @@ from snapshotter.lazy.sources import (
     AccessDenied,
     BadRange,
     BlobNotFound,
+    FetchError,
     FetchTimeout,
     SourceUnavailable,
 )
@@ -185,6 +186,58 @@ async def test_span_aligned_ranges_are_served_exactly(
         assert lst.server.stats.served == 4
         assert lst.server.stats.bytes_served == sum(e - s for s, e in (one, run, inner, last))
         assert lst.server.stats.fetched_for_peers == 3
+
+
+class SeenBody:
+    """A `BodySink` that records what it saw."""
+
+    def __init__(self) -> None:
+        self.begun = 0
+        self.body = bytearray()
+
+    def begin(self) -> None:
+        self.begun += 1
+        self.body.clear()
+
+    def feed(self, chunk: bytes) -> None:
+        self.body += chunk
+
+
+async def test_a_peer_answer_is_seen_as_it_arrives(
+    layer: Layer, spans: SpanMap, tmp_path: Path
+) -> None:
+    run = span_range(spans, 0, 3)
+    seen = SeenBody()
+    async with open_listener(layer, tmp_path) as lst, peer_client() as client:
+        got = await client.fetch_range(
+            lst.address,
+            registry=REGISTRY,
+            repository=REPOSITORY,
+            layer=lst.layer.digest,
+            ztoc=ZTOC_DIGEST,
+            start=run[0],
+            end=run[1],
+            budget_sec=5.0,
+            sink=seen,
+        )
+        assert got == layer.blob[run[0] : run[1]]
+        assert seen.begun == 1 and bytes(seen.body) == got
+        # an answer refused (not held, no fetch) never begins
+        refused = SeenBody()
+        with pytest.raises(FetchError):
+            await client.fetch_range(
+                lst.address,
+                registry=REGISTRY,
+                repository=REPOSITORY,
+                layer=lst.layer.digest,
+                ztoc=ZTOC_DIGEST,
+                start=span_range(spans, 4)[0],
+                end=span_range(spans, 4)[1],
+                budget_sec=5.0,
+                fetch=False,
+                sink=refused,
+            )
+        assert refused.begun == 0 and not refused.body
 
 
 @pytest.mark.parametrize(
