@@ -151,7 +151,7 @@ class RemoteConfig:
     passthrough: bool = field(
         default=True,
         metadata=_doc(
-            "FUSE passthrough (Linux 6.9+): files read whole are copied to <root>/passthrough "
+            "FUSE passthrough (Linux 6.9+): files read again are copied to <root>/passthrough "
             "and the kernel serves their later reads from the copy, at local-disk speed; the "
             "mount then counts as one filesystem stacking level (see docs/configuration.md)."
         ),
