@@ -870,6 +870,8 @@ async def open_fuse_host(
             finally:
                 mount._served_fd = None
                 nursery.cancel_scope.cancel()
+                if mount.passthrough is not None:
+                    mount.passthrough.close()
     finally:
         discard(fd, mountpoint if mounted_here else None)
 

@@ -177,6 +177,12 @@ class Passthrough:
         self._fd = fd
         self._nursery = nursery
 
+    def close(self) -> None:
+        """Close the journal (the connection is no longer served by this process)."""
+        if self._journal_fd >= 0:
+            os.close(self._journal_fd)
+            self._journal_fd = -1
+
     def statistics(self) -> dict[str, object]:
         """What `status.json` shows: opens by answer, ids, copies, bytes, why copies stopped."""
         return {

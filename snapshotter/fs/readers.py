@@ -80,6 +80,14 @@ class ReportsProgress(Protocol):
     def progress(self) -> FetchProgress: ...
 
 
+async def _read_or_none(reader: LayerReader, offset: UncompressedOffset, size: int) -> bytes | None:
+    """`reader.read`, None when it fails (`ReadsLocal` of a reader whose bytes are all local)."""
+    try:
+        return await reader.read(offset, size)
+    except LayerReadError:
+        return None
+
+
 def _pread(path: Path, offset: int, size: int) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -121,10 +129,7 @@ class LocalTarReader:
 
     async def read_local(self, offset: UncompressedOffset, size: int) -> bytes | None:
         """`read`: the whole stream is local (None when it fails)."""
-        try:
-            return await self.read(offset, size)
-        except LayerReadError:
-            return None
+        return await _read_or_none(self, offset, size)
 
 
 class LocalBlobReader:
@@ -223,7 +228,4 @@ class LocalBlobReader:
 
     async def read_local(self, offset: UncompressedOffset, size: int) -> bytes | None:
         """`read`: the whole blob is local (None when it fails)."""
-        try:
-            return await self.read(offset, size)
-        except LayerReadError:
-            return None
+        return await _read_or_none(self, offset, size)
