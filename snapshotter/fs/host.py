@@ -542,7 +542,9 @@ class LayerHost:
             if self.verify_headers and not self._verified(layer, node):
                 data = await self._verify(layer, node, offset, length)
             else:
-                data = await layer.reader.read(UncompressedOffset(data_off + offset), length)
+                data = await layer.reader.read(
+                    UncompressedOffset(data_off + offset), length, data_off + file_size
+                )
             if len(data) != length:
                 raise LayerReadError(
                     f"layer {layer.name}: {tree.path_of(node)!r}: reader returned "
@@ -576,10 +578,12 @@ class LayerHost:
             return b""
         length = min(size, file_size - offset)
         if not self.verify_headers or self._verified(layer, node):
-            data = layer.read_now(UncompressedOffset(data_off + offset), length)
+            data = layer.read_now(
+                UncompressedOffset(data_off + offset), length, data_off + file_size
+            )
         elif offset == 0:  # header and data in one reader call, as `_verify` reads them
             start, end = tree.header_range(node)
-            both = layer.read_now(start, end - start + length)
+            both = layer.read_now(start, end - start + length, data_off + file_size)
             if both is None or len(both) != end - start + length:
                 return None
             try:
@@ -643,16 +647,17 @@ class LayerHost:
         reader raise.
         """
         start, end = layer.tree.header_range(node)
+        file_end = end + layer.tree.data_range(node)[1]
         if offset == 0:
-            both = await layer.reader.read(start, end - start + length)
+            both = await layer.reader.read(start, end - start + length, file_end)
             header, data = both[: end - start], both[end - start :]
         else:
-            header = await layer.reader.read(start, end - start)
+            header = await layer.reader.read(start, end - start, file_end)
             data = b""
         check_header(header, layer.tree, node, layer.name)
         self._mark_verified(layer, node)
         if offset != 0:
-            data = await layer.reader.read(UncompressedOffset(end + offset), length)
+            data = await layer.reader.read(UncompressedOffset(end + offset), length, file_end)
         return data
 
     @staticmethod

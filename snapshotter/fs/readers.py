@@ -28,8 +28,12 @@ from snapshotter.fs.errors import LayerReadError
 class LayerReader(Protocol):
     """Reads the uncompressed tar stream of one layer."""
 
-    async def read(self, offset: UncompressedOffset, size: int) -> bytes:
+    async def read(
+        self, offset: UncompressedOffset, size: int, file_end: int | None = None
+    ) -> bytes:
         """Exactly `size` bytes of the tar stream from `offset` (fewer only at its end).
+        `file_end`: where the data of the file being read ends in the stream (None: not a
+        file's read), for a reader that reads ahead to stop there.
 
         Raises:
             LayerReadError: the bytes could not be fetched, verified or inflated. Anything else
@@ -43,7 +47,9 @@ class ReadsNow(Protocol):
     """A reader that can answer some reads at once, without waiting (from memory or the page
     cache): the FUSE server then answers them without starting a task."""
 
-    def read_now(self, offset: UncompressedOffset, size: int) -> bytes | None:
+    def read_now(
+        self, offset: UncompressedOffset, size: int, file_end: int | None = None
+    ) -> bytes | None:
         """What `read` would return, when it is at hand now; None when `read` must be awaited
         (also for anything `read` would raise). A read answered here is one read: `read` is
         not called for it."""
@@ -117,7 +123,9 @@ class LocalTarReader:
     def __repr__(self) -> str:
         return f"<LocalTarReader {self.path}>"
 
-    async def read(self, offset: UncompressedOffset, size: int) -> bytes:
+    async def read(
+        self, offset: UncompressedOffset, size: int, file_end: int | None = None
+    ) -> bytes:
         """Bytes `[offset, offset + size)` of the file. Raises `LayerReadError` on OSError."""
         try:
             data: bytes = await trio.to_thread.run_sync(
@@ -204,7 +212,9 @@ class LocalBlobReader:
             del self._inflight[span_id]
             event.set()
 
-    async def read(self, offset: UncompressedOffset, size: int) -> bytes:
+    async def read(
+        self, offset: UncompressedOffset, size: int, file_end: int | None = None
+    ) -> bytes:
         """Bytes `[offset, offset + size)` of the tar stream, verified span by span.
 
         Raises `LayerReadError` (chained) when the blob cannot be read, a span digest does not

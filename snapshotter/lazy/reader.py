@@ -292,8 +292,11 @@ class RemoteLayerReader:
 
     # -- the LayerReader API ---------------------------------------------------------------
 
-    async def read(self, offset: UncompressedOffset, size: int) -> bytes:
-        """Bytes `[offset, offset + size)` of the tar stream (fewer only at its end).
+    async def read(
+        self, offset: UncompressedOffset, size: int, file_end: int | None = None
+    ) -> bytes:
+        """Bytes `[offset, offset + size)` of the tar stream (fewer only at its end), of a
+        file whose data ends at `file_end` (read-ahead stops there; see `ReadAhead`).
 
         Raises `LayerReadError` (chained; see the module's table): the range is outside the
         stream, a span could not be fetched from any source, a verified span does not inflate,
@@ -309,13 +312,14 @@ class RemoteLayerReader:
         except SpanError as e:
             raise LayerReadError(f"layer {self.layer}: range {offset}+{size}: {e}") from e
         spans = [s.span for s in slices]
-        sequential = self._observe(spans)
-        pipelined = sequential and self._tasks is not None
+        stop = self._observe(spans, offset, end, file_end)
         local = await self.inflater.read_local(slices)
         if local is not None:
             return local
         ride_along = (
-            self.read_ahead.ride_along(spans[-1]) if sequential and not pipelined else range(0)
+            self.read_ahead.ride_along(spans[-1], stop)
+            if stop is not None and self._tasks is None
+            else range(0)
         )
         try:
             parts = await self._load(spans, ride_along)
@@ -327,7 +331,9 @@ class RemoteLayerReader:
             raise LayerReadError(f"layer {self.layer}: {e}") from e
         return assemble(slices, parts)
 
-    def read_now(self, offset: UncompressedOffset, size: int) -> bytes | None:
+    def read_now(
+        self, offset: UncompressedOffset, size: int, file_end: int | None = None
+    ) -> bytes | None:
         """What `read` would return, when its spans are in memory or (small reads) in the
         inflated tier's page cache (`SpanInflater.read_now`); None when `read` must be
         awaited, also for anything `read` would raise. A read answered here counts for
@@ -337,7 +343,7 @@ class RemoteLayerReader:
             return None
         data = self.inflater.read_now(slices)
         if data is not None:
-            self._observe([s.span for s in slices])
+            self._observe([s.span for s in slices], offset, offset + len(data), file_end)
         return data
 
     async def read_local(self, offset: UncompressedOffset, size: int) -> bytes | None:
@@ -364,13 +370,22 @@ class RemoteLayerReader:
         except SpanError:
             return None
 
-    def _observe(self, spans: Sequence[SpanId]) -> bool:
-        """Tell the read-ahead policy about a read of `spans`; whether it is sequential. A
-        sequential read with a task scope starts its pipelined read-ahead here."""
-        sequential = self.read_ahead.observe(spans[0], spans[-1])
-        if sequential and self._tasks is not None:
-            self._start_read_ahead(spans[-1])
-        return sequential
+    def _observe(
+        self, spans: Sequence[SpanId], start: int, end: int, file_end: int | None
+    ) -> SpanId | None:
+        """Tell the read-ahead policy about a read of `spans` (tar-stream `[start, end)` of a
+        file ending at `file_end`); the last span read-ahead may reach, None when the read is
+        not sequential. A sequential read with a task scope starts its pipelined read-ahead
+        here."""
+        file_last = None
+        if file_end is not None and 0 < file_end <= self.span_map.uncompressed_archive_size:
+            file_last = self.span_map.span_for_offset(UncompressedOffset(file_end - 1))
+        stop = self.read_ahead.observe(
+            spans[0], spans[-1], start=start, end=end, file_end=file_end, file_last=file_last
+        )
+        if stop is not None and self._tasks is not None:
+            self._start_read_ahead(spans[-1], stop)
+        return stop
 
     def _cancelled_on_close(self) -> AbstractContextManager[trio.CancelScope]:
         """The block of an on-demand fetch: cancelled when the layer's scope closes."""
@@ -399,13 +414,13 @@ class RemoteLayerReader:
 
     # -- read-ahead and background -----------------------------------------------------------
 
-    def _start_read_ahead(self, last: SpanId) -> None:
+    def _start_read_ahead(self, last: SpanId, stop: SpanId) -> None:
         """Start a pipelined read-ahead task in the layer's scope when the policy says so, or
-        when the span after `last` is worth inflating ahead of the reader."""
+        when the span after `last` (up to `stop`) is worth inflating ahead of the reader."""
         assert self._tasks is not None
-        window = self.read_ahead.pipelined_window(last, self.fetcher.missing)
+        window = self.read_ahead.pipelined_window(last, stop, self.fetcher.missing)
         after = SpanId(last + 1)
-        inflate = after if self._worth_inflating(after) else None
+        inflate = after if after <= stop and self._worth_inflating(after) else None
         if window is None and inflate is None:
             return
         if inflate is not None:

@@ -27,7 +27,9 @@ class CountingReader:
         self.inner = LocalTarReader(path)
         self.calls: list[tuple[int, int]] = []
 
-    async def read(self, offset: UncompressedOffset, size: int) -> bytes:
+    async def read(
+        self, offset: UncompressedOffset, size: int, file_end: int | None = None
+    ) -> bytes:
         self.calls.append((int(offset), size))
         return await self.inner.read(offset, size)
 

@@ -28,7 +28,7 @@ from snapshotter.lazy import (
     coalesce,
 )
 from snapshotter.lazy.cache import CacheConfig, SpanCache
-from snapshotter.lazy.readahead import ReadAhead
+from snapshotter.lazy.readahead import THROUGH_GAP, ReadAhead
 from snapshotter.lazy.sources import (
     AllSourcesFailed,
     ChainSource,
@@ -308,6 +308,41 @@ async def test_pipelined_read_ahead_does_not_hold_up_the_read(layer: Layer, tmp_
         await scope.aclose()
 
 
+@pytest.mark.parametrize("pipelined", [True, False])
+async def test_read_ahead_stops_at_the_file_end(
+    layer: Layer, tmp_path: Path, pipelined: bool
+) -> None:
+    source = MemorySource(layer.blob)
+    async with open_task_scope("test") as root:
+        scope = await root.open_child("layer")
+        reader = RemoteLayerReader(
+            layer.digest,
+            layer.ztoc,
+            source,
+            SpanCache(tmp_path),
+            config=ReadConfig(readahead_spans=4),
+            tasks=scope if pipelined else None,
+        )
+        # a file from the middle of span 1 to the middle of span 2, read in two requests:
+        # the second is sequential, but nothing after span 2 is fetched or inflated
+        start = span_start(reader, 1) + 100
+        file_end = span_start(reader, 2) + 100
+        middle = span_start(reader, 2) - 50
+        assert await reader.read(start, middle - start, file_end) == layer.tar[start:middle]
+        got = await reader.read(middle, file_end - middle, file_end)
+        assert got == layer.tar[middle:file_end]
+        await settle(reader)
+        assert sorted(source.calls) == [crange(reader, 1), crange(reader, 2)]
+        assert reader.table.state(SpanId(3)) is SpanState.UNREQUESTED
+        # the same reads without the file's end: read-ahead goes on to spans 3-6
+        source.calls.clear()
+        await reader.read(span_start(reader, 9) - 50, 100)
+        await reader.read(span_start(reader, 10) - 50, 100)
+        await settle(reader)
+        assert max(source.calls)[1] >= crange(reader, 11)[1]
+        await scope.aclose()
+
+
 async def test_inflated_lru_is_bounded(layer: Layer, tmp_path: Path) -> None:
     reader = make_reader(layer, MemorySource(layer.blob), tmp_path, memory_cache_spans=2)
     for i in range(5):
@@ -539,18 +574,47 @@ async def test_reads_mixing_memory_tier_and_missing_spans(layer: Layer, tmp_path
 
 def test_read_ahead_policy() -> None:
     policy = ReadAhead(window=4, span_count=10)
-    assert not policy.observe(SpanId(0), SpanId(0))  # a first read is not sequential
-    assert not policy.observe(SpanId(0), SpanId(0))  # reads inside one span are not
-    assert policy.observe(SpanId(1), SpanId(1))  # moving on into the next span is
-    assert policy.observe(SpanId(1), SpanId(2))  # so is a read crossing into the next span
-    assert not policy.observe(SpanId(7), SpanId(7))  # a jump is not
-    assert policy.ride_along(SpanId(7)) == range(8, 10)  # clipped at the last span
+    last = SpanId(9)
+    assert policy.observe(SpanId(0), SpanId(0)) is None  # a first read is not sequential
+    assert policy.observe(SpanId(0), SpanId(0)) is None  # reads inside one span are not
+    assert policy.observe(SpanId(1), SpanId(1)) == last  # moving on into the next span is
+    assert policy.observe(SpanId(1), SpanId(2)) == last  # so is a read crossing into the next span
+    assert policy.observe(SpanId(7), SpanId(7)) is None  # a jump is not
+    assert policy.ride_along(SpanId(7), last) == range(8, 10)  # clipped at the last span
+    assert policy.ride_along(SpanId(2), SpanId(4)) == range(3, 5)  # and at `stop`
+    assert policy.ride_along(SpanId(2), SpanId(2)) == range(0)
     missing = {3, 4, 5, 6}
     # started only when a span of the window's first half (3, 4) is missing
-    assert policy.pipelined_window(SpanId(2), lambda s: s in missing) == range(3, 7)
+    assert policy.pipelined_window(SpanId(2), last, lambda s: s in missing) == range(3, 7)
+    assert policy.pipelined_window(SpanId(2), SpanId(3), lambda s: s in missing) == range(3, 4)
+    assert policy.pipelined_window(SpanId(2), SpanId(2), lambda s: s in missing) is None
     missing = {5, 6}
-    assert policy.pipelined_window(SpanId(2), lambda s: s in missing) is None
-    assert not ReadAhead(window=0, span_count=10).observe(SpanId(0), SpanId(1))
+    assert policy.pipelined_window(SpanId(2), last, lambda s: s in missing) is None
+    assert ReadAhead(window=0, span_count=10).observe(SpanId(0), SpanId(1)) is None
+
+
+def test_read_ahead_stops_at_the_end_of_a_file_read_on_its_own() -> None:
+    # spans of 100 bytes; a file's data [150, 260) in spans 1-2, read in two requests
+    policy = ReadAhead(window=4, span_count=2000)
+    assert policy.observe(SpanId(1), SpanId(1), start=150, end=200, file_end=260) is None
+    two = SpanId(2)
+    assert policy.observe(SpanId(1), two, start=200, end=260, file_end=260, file_last=two) == two
+    # sequential, but nothing after the file's last span. The next file in tar order (its
+    # header right after) is read: the reader goes through the layer, and read-ahead runs
+    # past that file's end again
+    three = SpanId(3)
+    got = policy.observe(three, three, start=773, end=900, file_end=900, file_last=three)
+    assert got == SpanId(1999)
+    # a file further away than THROUGH_GAP is read on its own: its window stops at its end
+    far = 900 + THROUGH_GAP + 1
+    first, last = SpanId(far // 100), SpanId(far // 100 + 1)
+    assert policy.observe(first, first, start=far, end=far + 10, file_end=far + 150) is None
+    got = policy.observe(
+        first, last, start=far + 10, end=far + 150, file_end=far + 150, file_last=last
+    )
+    assert got == last
+    # a read that is no file's (None) is not cut
+    assert policy.observe(SpanId(last + 1), SpanId(last + 1)) == SpanId(1999)
 
 
 # -- the layer's task scope and errors at the reader boundary -------------------------------------
