@@ -30,6 +30,8 @@ class DemandTracker:
 
     def __init__(self) -> None:
         self.active = 0
+        self.mounting = 0
+        """Layer mounts in progress (deferred until their zTOC is in): a container waits."""
         self.last_end = -math.inf
         self.last_mount = -math.inf
         self._idle = trio.Event()
@@ -43,7 +45,7 @@ class DemandTracker:
     @contextlib.contextmanager
     def demand(self) -> Iterator[None]:
         """Wrap an on-demand fetch (a read's, or its read-ahead)."""
-        if self.active == 0:
+        if self.active == 0 and self.mounting == 0:
             self._idle = trio.Event()
         self.active += 1
         try:
@@ -51,7 +53,7 @@ class DemandTracker:
         finally:
             self.active -= 1
             self.last_end = trio.current_time()
-            if self.active == 0:
+            if self.active == 0 and self.mounting == 0:
                 self._idle.set()
 
     def record(self, nbytes: int) -> None:
@@ -68,6 +70,21 @@ class DemandTracker:
         (at most `HISTORY_SEC` ago), all layers together."""
         return sum(n for t, n in self._fetched if t >= since)
 
+    @contextlib.contextmanager
+    def mount(self) -> Iterator[None]:
+        """Wrap a layer mount that a container waits for (a deferred one): background
+        fetching waits until no mount is in progress, then pauses as after any mount."""
+        if self.active == 0 and self.mounting == 0:
+            self._idle = trio.Event()
+        self.mounting += 1
+        try:
+            yield
+        finally:
+            self.mounting -= 1
+            self.touch()
+            if self.active == 0 and self.mounting == 0:
+                self._idle.set()
+
     def touch(self) -> None:
         """A layer was mounted now: its container is about to start reading, so background
         fetching pauses for the quiet period, but at most `MOUNT_PAUSE_SEC` (see `wait_quiet`).
@@ -76,9 +93,9 @@ class DemandTracker:
 
     async def wait_quiet(self, period_sec: float) -> None:
         """Return once no on-demand fetch has run for `period_sec` seconds and no layer was
-        mounted for `min(period_sec, MOUNT_PAUSE_SEC)`."""
+        mounted for `min(period_sec, MOUNT_PAUSE_SEC)` (nor is being mounted)."""
         while True:
-            if self.active:
+            if self.active or self.mounting:
                 await self._idle.wait()
                 continue
             quiet_at = max(

@@ -26,6 +26,9 @@ Task tree (every task lives in a scope owned by what it serves):
     ├── keeper watch          hands the FUSE connection to a keeper again when none holds it
     ├── background            the background fetcher's loop
     ├── preresolve            layer-tree pre-resolution workers and their expiry timer
+    ├── discovery             zTOC downloads of each image, once its index is in
+    ├── mounts                deferred mounts: a layer's zTOC awaited, then mounted (or
+    │                         unpacked locally); closed before the layers are
     ├── peers                 membership refresh and the peer listener ([peers] enable)
     │   ├── one task per peer request (hypercorn's)
     │   └── the mirror's whole-blob check of a layer out of the span cache, once per layer
@@ -380,6 +383,9 @@ async def _build(
         on_last_layer=_forget_captured(captured) if captured is not None else None,
     )
     stack.push_async_callback(layers.close)
+    # deferred mounts end (cancelled) before the layers close
+    mounts_scope = await scope.open_child("mounts")
+    stack.push_async_callback(mounts_scope.aclose)
     if peer_node is not None:
 
         async def ztoc_of(ref: Reference, digest: Digest) -> Ztoc:
@@ -423,6 +429,8 @@ async def _build(
         local_unpack=cfg.local_unpack,
         peers_status=peers_status,
         metrics=metrics,
+        tasks=mounts_scope,
+        demand=tracker,
     )
     if metrics is not None:
         metrics.register(

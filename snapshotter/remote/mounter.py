@@ -6,9 +6,9 @@ On an unpack Prepare (labels with `containerd.io/snapshot.ref` and CRI's `cri.*`
 2. layer in the index: serve it lazily (`LazyLayers.mount`: tree, reader, FUSE directory
    `snap-<id>`, bind mount on the snapshot's `fs`, restore record). Result REMOTE.
 3. layer not in the index (`no_ztoc`), its zTOC not fetched (`index_fetch`; the zTOCs
-   download in the background, each Prepare waits for its own), or a lazy mount that failed
-   or timed out (`mount`): unpack it locally into `fs` (`local_unpack = true`). Result LOCAL; if that fails too
-   (`unpack`) or local unpack is off, DECLINED.
+   download in the background), or a lazy mount that failed or timed out (`mount`): unpack
+   it locally into `fs` (`local_unpack = true`). Result LOCAL; if that fails too (`unpack`)
+   or local unpack is off, DECLINED.
 4. no index (`no_index`), an index that cannot be fetched or took longer than
    `mount_timeout_sec` (`index_fetch`), no CRI labels (`no_cri_labels`): DECLINED,
    containerd pulls the layer.
@@ -18,6 +18,15 @@ memory of what was logged is bounded) with the message `lazy layer fallback` and
 keys `reason`, `image`, `layer`, `error`. `DegradedMounter` stands in when lazy loading
 could not start: every layer is declined (reason `degraded`) and a lazy layer of an earlier
 run answers Unavailable.
+
+Deferred mounts: with a task scope (`tasks`), a layer whose zTOC is still downloading is
+answered REMOTE at once, and mounted by a task once its zTOC is in, so containerd's pull
+returns after the index, and the zTOCs arrive while the container is created. Whatever
+returns a snapshot's mounts first waits for the deferred layers of its chain (`ready`);
+a deferred mount that fails falls back to a local unpack into `fs` (its restore record
+then says `local`: nothing to mount after a restart); when that fails too, the layer
+answers Unavailable on `ready` and `check` until its next `ready` tries again. Without
+`tasks`, a Prepare waits for its zTOC.
 
 After a restart, `restore` re-mounts a lazy layer from its record (or rediscovers it); a
 layer that cannot be restored is logged (`lazy layer restore failed`) and answers
@@ -29,6 +38,7 @@ The mounter's seams are the small protocols below (`Catalog`, `Layers`, `Unpacke
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -38,10 +48,13 @@ from typing import Protocol
 
 import trio
 
+from index.digest import Digest
 from index.oci.errors import OciError
 from index.oci.reference import Reference
 from snapshotter.errors import Unavailable
+from snapshotter.lazy.demand import DemandTracker
 from snapshotter.snapshots.service import MountResult
+from snapshotter.tasks import TaskScope
 
 from .discovery import ImageArtifacts
 from .errors import (
@@ -102,6 +115,10 @@ class Records(Protocol):
         """Raises OSError, ValueError, TypeError, KeyError."""
         ...
 
+    def write(self, name: str, record: LayerRecord) -> None:
+        """Raises OSError."""
+        ...
+
 
 class MountRecorder(Protocol):
     """Where results and fallbacks are counted (`snapshotter.metrics`)."""
@@ -157,8 +174,12 @@ class RemoteMounter:
         local_unpack: bool = True,
         peers_status: Callable[[], dict[str, object]] | None = None,
         metrics: MountRecorder | None = None,
+        tasks: TaskScope | None = None,
+        demand: DemandTracker | None = None,
     ) -> None:
         self.catalog = catalog
+        self.tasks = tasks
+        self.demand = demand
         self.metrics = metrics
         self.peers_status = peers_status
         self.layers = layers
@@ -168,13 +189,22 @@ class RemoteMounter:
         self.local_unpack = local_unpack
         self._broken: dict[str, str] = {}
         self._fallback = _FallbackLog(metrics)
+        self._deferred: dict[str, trio.Event] = {}
+        """Layers whose mount is deferred, by name: set when it has settled."""
+        self._retry: dict[str, tuple[LayerLabels, Reference]] = {}
+        """Deferred layers that could be neither mounted nor unpacked: `ready` tries again."""
 
     def __repr__(self) -> str:
-        return f"<RemoteMounter {self.layers!r} broken={len(self._broken)}>"
+        return (
+            f"<RemoteMounter {self.layers!r} broken={len(self._broken)} "
+            f"deferred={len(self._deferred)}>"
+        )
 
     def status(self) -> dict[str, object]:
         """What `<root>/status.json` shows about lazy loading."""
         doc: dict[str, object] = {"lazyLayers": "enabled", "layers": self.layers.statuses()}
+        if self._deferred:
+            doc["mountsInProgress"] = sorted(self._deferred)
         if self._broken:
             doc["restoreFailed"] = dict(sorted(self._broken.items()))
         if self.peers_status is not None:
@@ -248,13 +278,11 @@ class RemoteMounter:
             why = NoZtoc(f"index {artifacts.index_digest} has no zTOC for {ll.layer_digest}")
             return await self._local(mountpoint, ll, ref, why)
         name = layer_name(mountpoint)
-        record = LayerRecord(
-            image_ref=ll.image_ref,
-            manifest_digest=ll.manifest_digest,
-            layer_digest=ll.layer_digest,
-            index_digest=artifacts.index_digest,
-            ztoc_digest=zdesc.digest,
-        )
+        if not artifacts.ztocs.settled(Digest(zdesc.digest)) and self._defer(
+            mountpoint, ll, ref, name, artifacts
+        ):
+            return MountResult.REMOTE
+        record = _record(ll, artifacts, zdesc.digest)
         try:
             with trio.fail_after(self.mount_timeout_sec):
                 await artifacts.ztocs.wait(zdesc.digest)
@@ -275,8 +303,123 @@ class RemoteMounter:
         )
         return MountResult.REMOTE
 
+    # -- deferred mounts ----------------------------------------------------------------------
+
+    def _defer(
+        self,
+        mountpoint: Path,
+        ll: LayerLabels,
+        ref: Reference,
+        name: str,
+        artifacts: ImageArtifacts | None,
+    ) -> bool:
+        """Start the deferred mount of layer `name` in `tasks`; False without a task scope
+        (or one closing)."""
+        done = trio.Event()
+        if self.tasks is None or not self.tasks.start_soon(
+            self._settle, mountpoint, ll, ref, name, artifacts, done, name=f"mount {name}"
+        ):
+            return False
+        self._deferred[name] = done
+        return True
+
+    async def _settle(
+        self,
+        mountpoint: Path,
+        ll: LayerLabels,
+        ref: Reference,
+        name: str,
+        artifacts: ImageArtifacts | None,
+        done: trio.Event,
+    ) -> None:
+        """A deferred mount: wait for the zTOC (`artifacts`; None: discover them again) and
+        mount, all within `mount_timeout_sec`; failing that, unpack locally. Sets `done`.
+        Never raises a RemoteError."""
+        begin = time.monotonic()
+        mounting = self.demand.mount() if self.demand is not None else contextlib.nullcontext()
+        try:
+            try:
+                with mounting, trio.fail_after(self.mount_timeout_sec):
+                    if artifacts is None:
+                        artifacts = await self.catalog.artifacts(ll, ref)
+                    zdesc = artifacts.index.ztoc_for_layer(ll.layer_digest)
+                    if zdesc is None:
+                        raise NoZtoc(
+                            f"index {artifacts.index_digest} has no zTOC for {ll.layer_digest}"
+                        )
+                    await artifacts.ztocs.wait(Digest(zdesc.digest))
+                    await self.layers.mount(mountpoint, name, _record(ll, artifacts, zdesc.digest))
+            except (NoIndex, NoZtoc, IndexFetchError, MountError, trio.TooSlowError) as e:
+                err = e if isinstance(e, RemoteError) else MountError("mount timed out")
+                await self._settle_locally(mountpoint, ll, ref, name, err)
+                return
+            except trio.Cancelled:  # the daemon stops: nothing may be mounted on it now
+                self._broken[name] = "its mount was cancelled: the daemon is stopping"
+                raise
+            self._broken.pop(name, None)
+            self._retry.pop(name, None)
+            log.info(
+                "lazy layer mounted",
+                extra={
+                    "image": ll.image_ref,
+                    "layer": ll.layer_digest,
+                    "fuse_dir": name,
+                    "index": artifacts.index_digest,
+                    "deferred": True,
+                    "mount_ms": round((time.monotonic() - begin) * 1000),
+                },
+            )
+        finally:
+            if self._deferred.get(name) is done:
+                del self._deferred[name]
+            done.set()
+
+    async def _settle_locally(
+        self, mountpoint: Path, ll: LayerLabels, ref: Reference, name: str, why: RemoteError
+    ) -> None:
+        """A deferred mount failed with `why`: unpack the layer into `mountpoint` and record
+        it as local; failing that, the layer is broken until `ready` tries again."""
+        self._fallback(why, image=ll.image_ref, layer=ll.layer_digest, once_key=ll.layer_digest)
+        local = LayerRecord(ll.image_ref, ll.manifest_digest, ll.layer_digest, "", "", local=True)
+        try:
+            if not self.local_unpack:
+                raise UnpackError("local unpack is off (local_unpack = false)")
+            size = await self.unpacker.unpack(ll, ref, mountpoint)
+            await trio.to_thread.run_sync(self.records.write, name, local, limiter=MOUNT_THREADS)
+        except (UnpackError, OSError) as e:
+            error = e if isinstance(e, UnpackError) else UnpackError(f"restore record: {e}")
+            self._fallback(error, image=ll.image_ref, layer=ll.layer_digest, once_key=name)
+            self._broken[name] = f"{why}; then {error}"
+            self._retry[name] = (ll, ref)
+            return
+        self._broken.pop(name, None)
+        self._retry.pop(name, None)
+        log.info(
+            "layer unpacked locally",
+            extra={
+                "image": ll.image_ref,
+                "layer": ll.layer_digest,
+                "bytes": size,
+                "reason": why.reason,
+                "deferred": True,
+            },
+        )
+
+    async def ready(self, mountpoint: Path) -> None:
+        """Wait for a deferred mount of the layer on `mountpoint` (a broken one is tried
+        again first); raise Unavailable if the layer is broken."""
+        name = _name(mountpoint)
+        retry = self._retry.get(name)
+        if retry is not None and name not in self._deferred:
+            self._defer(mountpoint, *retry, name, None)
+        done = self._deferred.get(name)
+        if done is not None:
+            await done.wait()
+        _check(self._broken, mountpoint)
+
     async def check(self, mountpoint: Path) -> None:
-        """Raise Unavailable if the lazy layer on `mountpoint` could not be restored."""
+        """Raise Unavailable if the lazy layer on `mountpoint` could not be restored, or a
+        deferred mount of it failed."""
         _check(self._broken, mountpoint)
 
     async def restore(self, mountpoint: Path, labels: Mapping[str, str]) -> None:
@@ -285,6 +428,8 @@ class RemoteMounter:
         name = layer_name(mountpoint)
         try:
             record = await trio.to_thread.run_sync(self.records.read, name, limiter=MOUNT_THREADS)
+            if record is not None and record.local:
+                return  # unpacked into its directory when its deferred mount failed
             if record is None:
                 record = await self._discover_record(labels)
             try:
@@ -321,13 +466,17 @@ class RemoteMounter:
                 await artifacts.ztocs.wait(zdesc.digest)
         except trio.TooSlowError as e:
             raise IndexFetchError(f"zTOC download took over {self.mount_timeout_sec} s") from e
-        return LayerRecord(
-            ll.image_ref, ll.manifest_digest, ll.layer_digest, artifacts.index_digest, zdesc.digest
-        )
+        return _record(ll, artifacts, zdesc.digest)
 
     async def unmount(self, mountpoint: Path) -> None:
-        """Unmount the lazy layer on `mountpoint`, if any (`LazyLayers.unmount`). Never raises."""
-        self._broken.pop(_name(mountpoint), None)
+        """Unmount the lazy layer on `mountpoint`, if any (`LazyLayers.unmount`), once a
+        deferred mount of it has settled. Never raises."""
+        name = _name(mountpoint)
+        done = self._deferred.get(name)
+        if done is not None:
+            await done.wait()
+        self._broken.pop(name, None)
+        self._retry.pop(name, None)
         await self.layers.unmount(mountpoint)
 
 
@@ -371,6 +520,9 @@ class DegradedMounter:
     async def check(self, mountpoint: Path) -> None:
         _check(self._broken, mountpoint)
 
+    async def ready(self, mountpoint: Path) -> None:
+        _check(self._broken, mountpoint)
+
     async def restore(self, mountpoint: Path, labels: Mapping[str, str]) -> None:
         name = layer_name(mountpoint)
         self._broken[name] = f"lazy layers are disabled ({self.component}: {self.error})"
@@ -380,6 +532,17 @@ class DegradedMounter:
 
     async def unmount(self, mountpoint: Path) -> None:
         self._broken.pop(_name(mountpoint), None)
+
+
+def _record(ll: LayerLabels, artifacts: ImageArtifacts, ztoc: str) -> LayerRecord:
+    """The restore record of layer `ll` served lazily from zTOC `ztoc` of `artifacts`."""
+    return LayerRecord(
+        image_ref=ll.image_ref,
+        manifest_digest=ll.manifest_digest,
+        layer_digest=ll.layer_digest,
+        index_digest=artifacts.index_digest,
+        ztoc_digest=ztoc,
+    )
 
 
 def _name(mountpoint: Path) -> str:

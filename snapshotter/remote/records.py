@@ -33,6 +33,9 @@ class LayerRecord:
     index_digest: str
     ztoc_digest: str
     slot: int = 0
+    local: bool = False
+    """The layer's mount was deferred and fell back to a local unpack into its `fs`
+    directory: nothing to mount after a restart (its files are there)."""
 
     def with_slot(self, slot: int) -> LayerRecord:
         return self if slot == self.slot else replace(self, slot=slot)
@@ -44,7 +47,9 @@ class LayerRecord:
     def from_json(cls, data: bytes) -> LayerRecord:
         """Raises ValueError/TypeError/KeyError for a malformed record."""
         doc = json.loads(data)
-        return cls(**{k: doc[k] for k in cls.__dataclass_fields__})
+        if not isinstance(doc, dict):
+            raise TypeError(f"a record is a JSON object, not {type(doc).__name__}")
+        return cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
 
 
 def layer_name(mountpoint: Path) -> str:

@@ -87,8 +87,19 @@ class LayerMounter(Protocol):
     async def check(self, mountpoint: Path) -> None:
         """Raise Unavailable if a layer this mounter serves at `mountpoint` is unhealthy.
 
-        Called for every directory in a chain before mounts are returned; must
-        return at once for paths the mounter does not manage.
+        Called for every directory of a parent chain when a layer of containerd's pull is
+        prepared on it; must return at once (a mount still in progress is not waited for)
+        and at once for paths the mounter does not manage.
+        """
+        ...
+
+    async def ready(self, mountpoint: Path) -> None:
+        """Wait until a layer this mounter serves at `mountpoint` can be mounted (a mount it
+        deferred has finished); raise Unavailable if it cannot.
+
+        Called for every directory of a chain before its mounts are returned (a container's
+        snapshot, a view, `Mounts`, a layer containerd applies itself); must return at once
+        for paths the mounter does not manage.
         """
         ...
 
@@ -111,6 +122,9 @@ class DeclineMounter:
         return MountResult.DECLINED
 
     async def check(self, mountpoint: Path) -> None:
+        return None
+
+    async def ready(self, mountpoint: Path) -> None:
         return None
 
     async def restore(self, mountpoint: Path, labels: Mapping[str, str]) -> None:
@@ -276,22 +290,30 @@ class SnapshotService:
         left behind would keep its parent from ever being removed)."""
         _validate_key("key", key)
         _validate_labels(labels)
-        checked = await self._check_chain(parent)
+        # A layer of containerd's pull is prepared on a chain whose layers may still be
+        # mounting; anything else is mounted right away, so it waits for them.
+        wait = kind is Kind.VIEW or not labels.get(LABEL_TARGET_REF)
+        checked = await self._check_chain(parent, wait=wait)
         snap = await self._record(kind, key, parent, labels)
         if snap.parent_ids != checked:
             # `parent` was removed and made again between the check and the record.
-            try:
-                await self._check_dirs(snap.parent_ids)
-            except BaseException:
-                with trio.CancelScope(shield=True), contextlib.suppress(NotFound):
-                    await self._db(lambda: self.store.remove(key))
-                    await self._disk(functools.partial(self._discard_dir, snap.id))
-                raise
+            await self._check_or_discard(snap, key, wait=wait)
         return snap
 
-    async def _check_chain(self, parent: str) -> tuple[SnapshotId, ...]:
+    async def _check_or_discard(self, snap: Snapshot, key: str, *, wait: bool) -> None:
+        """`_check_dirs` of `snap`'s parents; when it raises, `snap` is removed first."""
+        try:
+            await self._check_dirs(snap.parent_ids, wait=wait)
+        except BaseException:
+            with trio.CancelScope(shield=True), contextlib.suppress(NotFound):
+                await self._db(lambda: self.store.remove(key))
+                await self._disk(functools.partial(self._discard_dir, snap.id))
+            raise
+
+    async def _check_chain(self, parent: str, *, wait: bool) -> tuple[SnapshotId, ...]:
         """The ids of `parent`'s chain (nearest first), each checked by the mounter (raises
-        its Unavailable). A missing parent checks nothing: `create` reports it."""
+        its Unavailable; `wait`: waiting for mounts in progress). A missing parent checks
+        nothing: `create` reports it."""
         if not parent:
             return ()
         try:
@@ -299,12 +321,16 @@ class SnapshotService:
         except NotFound:
             return ()
         chain = (base.id, *base.parent_ids)
-        await self._check_dirs(chain)
+        await self._check_dirs(chain, wait=wait)
         return chain
 
-    async def _check_dirs(self, ids: Sequence[SnapshotId]) -> None:
+    async def _check_dirs(self, ids: Sequence[SnapshotId], *, wait: bool = True) -> None:
+        """The mounter's `ready` (`wait`) or `check` of each directory of `ids`."""
         for sid in ids:
-            await self.mounter.check(self.layout.fs(sid))
+            if wait:
+                await self.mounter.ready(self.layout.fs(sid))
+            else:
+                await self.mounter.check(self.layout.fs(sid))
 
     async def _record(
         self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]
@@ -346,6 +372,8 @@ class SnapshotService:
         target = labels.get(LABEL_TARGET_REF)
         if target:
             await self._try_remote(snap, key, target, labels)
+            # declined: containerd applies the layer on its parents' mounts
+            await self._check_or_discard(snap, key, wait=True)
         return self._mounts(snap)
 
     async def _try_remote(

@@ -73,6 +73,9 @@ class LabelsMounter:
     async def check(self, mountpoint: Path) -> None:
         return None
 
+    async def ready(self, mountpoint: Path) -> None:
+        return None
+
     async def restore(self, mountpoint: Path, labels: Mapping[str, str]) -> None:
         return None
 

@@ -166,6 +166,7 @@ def _prepare_remote(snap: SnapClient, host: str, pushed: Pushed, layer: LayerFil
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS, err.value.details()
     info = snap.stat(target)
     assert info.labels.get(L.REMOTE), f"{layer.digest} was not mounted lazily: {info}"
+    snap.wait_ready(target)
     return target
 
 

@@ -173,6 +173,7 @@ def _prepare_remote(snap: SnapClient, host: str, pushed: Pushed, layer: PeerLaye
         snap.prepare(f"extract-{target}", "", labels)
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS, err.value.details()
     assert snap.stat(target).labels.get(L.REMOTE), f"{layer.digest} was not mounted lazily"
+    snap.wait_ready(target)
 
 
 def _fuse_dirs(root: Path) -> dict[str, Path]:

@@ -167,6 +167,7 @@ def prepare_remote(
         raise AssertionError(f"{layer.digest} was not mounted lazily (Prepare answered mounts)")
     info = snap.stat(target)
     assert info.labels.get(L.REMOTE), f"{layer.digest} was not mounted lazily: {info}"
+    snap.wait_ready(target)
     return target
 
 

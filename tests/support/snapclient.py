@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,14 @@ class SnapClient:
             )
         )
         return _mounts(r.mounts)
+
+    def wait_ready(self, name: str) -> None:
+        """Wait until committed snapshot `name` (a layer the daemon took lazily) can be used:
+        a view made on it and removed, as containerd's container snapshot would wait for a
+        layer whose mount the daemon deferred until its zTOC is in."""
+        key = f"wait-ready-{uuid.uuid4().hex}"
+        self.view(key, name)
+        self.remove(key)
 
     def mounts(self, key: str) -> list[MountSpec]:
         r = self.stub.Mounts(pb.MountsRequest(snapshotter=self.snapshotter, key=key))

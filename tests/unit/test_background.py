@@ -368,6 +368,25 @@ async def test_a_mount_pauses_background_fetch_briefly_a_read_for_the_quiet_peri
     assert len(slow.done) >= 5
 
 
+async def test_no_step_while_a_layer_is_being_mounted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    tracker = DemandTracker()
+    fetcher = BackgroundFetcher(BackgroundConfig(quiet_period_ms=10_000), tracker)
+    slow = Fake(step_sec=1, complete_after=5)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fetcher.serve)
+        fetcher.register("l", slow)  # an earlier layer of the image, mounted
+        with tracker.mount():  # the next layer waits for its zTOC: its container too
+            await trio.sleep(30)
+            assert slow.steps == []
+            mounted = trio.current_time()
+        await trio.sleep(MOUNT_PAUSE_SEC + 0.5)
+        nursery.cancel_scope.cancel()
+    # then the pause after any mount, for the container to start reading
+    assert slow.steps[0] - mounted == pytest.approx(MOUNT_PAUSE_SEC, abs=0.01)
+
+
 async def test_reads_do_not_stop_steps_while_images_are_read_through(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

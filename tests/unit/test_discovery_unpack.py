@@ -19,9 +19,11 @@ import trio
 from index.digest import Digest
 from index.manifest import ZtocDescriptor, new_index
 from index.oci import mediatypes as mt
+from index.oci import responses
 from index.oci.client import AsyncRegistryClient
 from index.oci.reference import Reference
 from index.store import LocalStore
+from snapshotter.remote import discovery
 from snapshotter.remote.apply import apply_tar
 from snapshotter.remote.discovery import DiscoveryModes, fetch_artifacts
 from snapshotter.remote.errors import IndexFetchError, UnpackError
@@ -163,6 +165,54 @@ async def test_ztocs_download_in_the_background_largest_first(tmp_path: Path) ->
             assert all(store.has_blob(z.digest) for z in ztocs)
             assert sorted(asked) == sorted(str(z.digest) for z in ztocs)
             assert not artifacts.ztocs.failed
+    finally:
+        store.close()
+
+
+async def test_the_other_ztocs_are_asked_while_the_largest_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(discovery, "ZTOC_LEAD_BYTES", 1000)
+    monkeypatch.setattr(responses, "IO_CHUNK_BYTES", 256)  # the body is read as it comes
+    blobs, manifest, _ = soci_image(3, [900, 100, 200])
+    serve = blob_server(blobs)
+    last_bytes = trio.Event()
+    asked: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        name = request.url.path.rsplit("/", 1)[-1]
+        if "/blobs/" not in request.url.path:
+            return await serve(request)
+        asked.append(name)
+        data = blobs[name]
+        if len(asked) > 1:
+            return await serve(request)
+
+        async def body() -> AsyncIterator[bytes]:  # the largest: its last 500 bytes wait
+            yield data[:-500]
+            await last_bytes.wait()
+            yield data[-500:]
+
+        return httpx.Response(200, content=body(), headers={"Content-Length": str(len(data))})
+
+    store = LocalStore(tmp_path / "store")
+    try:
+        async with (
+            open_task_scope("test") as tasks,
+            AsyncRegistryClient(transport=httpx.MockTransport(handler)) as client,
+        ):
+            artifacts = await fetch_artifacts(
+                client, store, REF, manifest, None, DiscoveryModes(), tasks=tasks
+            )
+            ztocs = sorted(artifacts.index.ztocs, key=lambda z: z.size, reverse=True)
+            with trio.fail_after(5):
+                for z in ztocs[1:]:  # in while the largest still waits for its last bytes
+                    await artifacts.ztocs.wait(Digest(z.digest))
+            assert asked[0] == str(ztocs[0].digest) and len(asked) == 3
+            assert not artifacts.ztocs.settled(Digest(ztocs[0].digest))
+            last_bytes.set()
+            await artifacts.ztocs.wait(Digest(ztocs[0].digest))
+            assert all(store.has_blob(z.digest) for z in ztocs)
     finally:
         store.close()
 

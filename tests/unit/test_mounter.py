@@ -22,6 +22,7 @@ from index.oci.reference import Reference
 from snapshotter.config import Config, RemoteConfig
 from snapshotter.daemon import Settings
 from snapshotter.errors import Unavailable
+from snapshotter.lazy.demand import DemandTracker
 from snapshotter.remote import labels as L
 from snapshotter.remote.compose import open_remote_mounter
 from snapshotter.remote.discovery import ImageArtifacts, ZtocDownloads
@@ -31,6 +32,7 @@ from snapshotter.remote.mounter import DegradedMounter, RemoteMounter
 from snapshotter.remote.records import LayerRecord, RecordStore
 from snapshotter.remote.status import read_daemon_status
 from snapshotter.snapshots.service import MountResult
+from snapshotter.tasks import TaskScope, open_task_scope
 
 MANIFEST = Digest("sha256:" + "1" * 64)
 LAYER = Digest("sha256:" + "2" * 64)
@@ -194,6 +196,116 @@ async def test_prepare_waits_for_its_ztoc_download(tmp_path: Path) -> None:
         assert results == [] and row.layers.mounted == []  # waiting for the zTOC
         downloads.done(ZTOC)
     assert results == [MountResult.REMOTE] and row.layers.mounted == ["snap-7"]
+
+
+def deferring(row: Row, tmp_path: Path, tasks: TaskScope) -> RemoteMounter:
+    return RemoteMounter(
+        catalog=row.catalog,
+        layers=row.layers,
+        unpacker=row.unpacker,
+        records=RecordStore(tmp_path / "remote"),
+        mount_timeout_sec=TIMEOUT,
+        local_unpack=row.local_unpack,
+        tasks=tasks,
+        demand=DemandTracker(),
+    )
+
+
+async def test_with_tasks_a_prepare_returns_before_its_ztoc(tmp_path: Path) -> None:
+    downloads = ZtocDownloads([ZTOC])
+    row = Row("lazy", catalog=FakeCatalog(ztocs=downloads))
+    fs = tmp_path / "snapshots" / "7" / "fs"
+    async with open_task_scope("test") as tasks:
+        mounter = deferring(row, tmp_path, tasks)
+        assert await mounter.mount(fs, labels()) is MountResult.REMOTE
+        assert row.layers.mounted == [] and mounter.status()["mountsInProgress"] == ["snap-7"]
+        await trio.testing.wait_all_tasks_blocked()
+        assert mounter.demand is not None and mounter.demand.mounting == 1  # background waits
+        await mounter.check(fs)  # a layer of the pull on top of it does not wait
+        waited = trio.Event()
+
+        async def container() -> None:
+            await mounter.ready(fs)
+            waited.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(container)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not waited.is_set()  # a container's snapshot waits for the mount
+            downloads.done(ZTOC)
+        assert row.layers.mounted == ["snap-7"] and "mountsInProgress" not in mounter.status()
+        assert mounter.demand.mounting == 0
+        await mounter.ready(fs)  # mounted: at once
+
+
+async def test_a_deferred_mount_that_fails_is_unpacked_locally(tmp_path: Path) -> None:
+    downloads = ZtocDownloads([ZTOC])
+    row = Row("lazy", catalog=FakeCatalog(ztocs=downloads))
+    fs = tmp_path / "snapshots" / "7" / "fs"
+    async with open_task_scope("test") as tasks:
+        mounter = deferring(row, tmp_path, tasks)
+        assert await mounter.mount(fs, labels()) is MountResult.REMOTE
+        downloads.done(ZTOC, "zTOC: 503")
+        await mounter.ready(fs)
+        assert row.layers.mounted == [] and row.unpacker.calls == [LAYER]
+        record = RecordStore(tmp_path / "remote").read("snap-7")
+        assert record is not None and record.local
+        # after a restart there is nothing to mount: its files are in `fs`
+        again = make(Row("restore", catalog=FakeCatalog(IndexFetchError("down"))), tmp_path)
+        await again.restore(fs, labels())
+        await again.check(fs)
+        assert again.layers.mounted == []  # type: ignore[attr-defined]
+
+
+async def test_a_deferred_layer_nothing_could_serve_is_unavailable_until_a_retry(
+    tmp_path: Path,
+) -> None:
+    row = Row(
+        "lazy",
+        catalog=FakeCatalog(ztocs=ZtocDownloads([ZTOC])),
+        unpacker=FakeUnpacker(UnpackError("registry down")),
+    )
+    fs = tmp_path / "snapshots" / "7" / "fs"
+    async with open_task_scope("test") as tasks:
+        mounter = deferring(row, tmp_path, tasks)
+        assert await mounter.mount(fs, labels()) is MountResult.REMOTE
+        assert row.catalog.ztocs is not None
+        row.catalog.ztocs.done(ZTOC, "zTOC: 503")
+        with pytest.raises(Unavailable, match="registry down"):
+            await mounter.ready(fs)
+        with pytest.raises(Unavailable, match="503"):
+            await mounter.check(fs)
+        # the registry is back: the next container tries again, discovering the index anew
+        row.catalog.ztocs = None
+        row.unpacker.error = None
+        await mounter.ready(fs)
+        assert row.layers.mounted == ["snap-7"] and row.unpacker.calls == [LAYER]
+        await mounter.check(fs)
+
+
+async def test_unmount_waits_for_a_deferred_mount(tmp_path: Path) -> None:
+    downloads = ZtocDownloads([ZTOC])
+    row = Row("lazy", catalog=FakeCatalog(ztocs=downloads))
+    fs = tmp_path / "snapshots" / "7" / "fs"
+    async with open_task_scope("test") as tasks:
+        mounter = deferring(row, tmp_path, tasks)
+        await mounter.mount(fs, labels())
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(mounter.unmount, fs)
+            await trio.testing.wait_all_tasks_blocked()
+            assert row.layers.unmounted == []
+            downloads.done(ZTOC)
+        assert row.layers.mounted == ["snap-7"] and row.layers.unmounted == [fs]
+
+
+async def test_a_known_ztoc_is_mounted_in_the_prepare(tmp_path: Path) -> None:
+    row = Row("lazy")  # every zTOC present
+    async with open_task_scope("test") as tasks:
+        mounter = deferring(row, tmp_path, tasks)
+        assert await mounter.mount(tmp_path / "snapshots" / "7" / "fs", labels()) is (
+            MountResult.REMOTE
+        )
+        assert row.layers.mounted == ["snap-7"]
 
 
 async def test_no_index_logged_once_per_image(

@@ -28,6 +28,8 @@ class FakeMounter:
         self.unmounted: list[Path] = []
         self.restored: list[Path] = []
         self.unhealthy: set[Path] = set()
+        self.waited: list[Path] = []
+        self.unready: set[Path] = set()
 
     async def mount(self, mountpoint: Path, labels: Mapping[str, str]) -> bool:
         if self.fail:
@@ -39,6 +41,12 @@ class FakeMounter:
     async def check(self, mountpoint: Path) -> None:
         if mountpoint in self.unhealthy:
             raise Unavailable(f"layer at {mountpoint} unavailable")
+
+    async def ready(self, mountpoint: Path) -> None:
+        self.waited.append(mountpoint)
+        if mountpoint in self.unready:
+            raise Unavailable(f"layer at {mountpoint} could not be mounted")
+        await self.check(mountpoint)
 
     async def restore(self, mountpoint: Path, labels: Mapping[str, str]) -> None:
         self.restored.append(mountpoint)
@@ -141,6 +149,39 @@ async def test_unhealthy_remote_lower_is_unavailable(
         await svc.mounts("top")
     mounter.unhealthy.clear()
     assert (await svc.mounts("top"))[0].type == "overlay"
+
+
+async def test_mounts_wait_for_the_chain_but_the_pull_does_not(
+    svc: SnapshotService, mounter: FakeMounter
+) -> None:
+    with pytest.raises(AlreadyExists):
+        await svc.prepare("x1", "", {LABEL_TARGET_REF: "sha256:l1"})
+    lower = mounter.mounted[0]
+    # the pull's next layer on it: checked, not waited for (its mount may be deferred)
+    with pytest.raises(AlreadyExists):
+        await svc.prepare("x2", "sha256:l1", {LABEL_TARGET_REF: "sha256:l2"})
+    assert mounter.waited == []
+    upper = mounter.mounted[1]
+    # what is mounted right away waits for every layer of its chain
+    await svc.prepare("container", "sha256:l2", {})
+    assert mounter.waited == [upper, lower]
+    mounter.waited.clear()
+    await svc.view("view", "sha256:l2", {})
+    assert mounter.waited == [upper, lower]
+    mounter.waited.clear()
+    await svc.mounts("container")
+    assert mounter.waited[1:] == [upper, lower]
+    # a layer of the pull that is declined is applied by containerd on its parents: waits
+    mounter.waited.clear()
+    mounter.accept = False
+    m = await svc.prepare("x3", "sha256:l2", {LABEL_TARGET_REF: "sha256:l3"})
+    assert m[0].type == "overlay" and mounter.waited == [upper, lower]
+    # and when a parent's deferred mount fails, that snapshot is not left behind
+    mounter.unready.add(lower)
+    with pytest.raises(Unavailable):
+        await svc.prepare("x4", "sha256:l2", {LABEL_TARGET_REF: "sha256:l4"})
+    with pytest.raises(NotFound):
+        await svc.stat("x4")
 
 
 async def test_restore_called_for_remote_snapshots(tmp_path: Path) -> None:
