@@ -17,13 +17,14 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from snapshotter.mountinfo import mounts_under
+from snapshotter.remote.status import read_daemon_status
 from tests.support import images
 from tests.support.cli import sociable
 from tests.support.containerd import (
@@ -267,6 +268,81 @@ def test_lazy_pull_fetches_no_layer_and_container_reads(stack: Stack) -> None:
         f"total served {sum(stack.proxy.bytes_sent.values())} bytes"
     )
     assert 0 < fetched < bulk.size
+
+
+HOLD_SEC = 5.0
+"""How long the proxy holds each zTOC request in the deferred-mount scenarios."""
+
+
+def hold_ztocs(image: images.Image, seconds: float) -> Callable[[str, str], float]:
+    """A `CountingProxy.hold` holding every blob GET that is not one of `image`'s layers or
+    its config: its zTOCs."""
+    known = {layer.digest for layer in image.layers} | {image.config_digest}
+
+    def hold(path: str, _range: str) -> float:
+        if "/blobs/" in path and path.rsplit("/", 1)[-1] not in known:
+            return seconds
+        return 0.0
+
+    return hold
+
+
+def container_reads_bulk_files(stack: Stack, name: str) -> None:
+    files = " ".join(f"/usr/lib/python3.11/{p}" for p in PY_FILES)
+    output = stack.run(stack.lazy_ref, name, f"sha256sum {files}; cat /data/hello.txt")
+    sums = parse_sums(output)
+    for path, digest in bulk_sums(stack.image).items():
+        assert sums.get(path) == digest, f"{path}: {sums.get(path)} != {digest}\n{output}"
+    assert "hello from layer 3" in output
+
+
+def status_when(
+    stack: Stack, ok: Callable[[dict[str, object]], bool], timeout_s: float = 3.0
+) -> dict[str, object]:
+    """The daemon's status.json once `ok` (it is rewritten every second); fails after
+    `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        doc = read_daemon_status(stack.daemon.root) or {}
+        if ok(doc):
+            return doc
+        assert time.monotonic() < deadline, f"status.json: {doc}"
+        time.sleep(0.1)
+
+
+def test_the_pull_ends_before_its_ztocs_and_the_container_waits_for_them(
+    pushed: Images, tmp_path: Path
+) -> None:
+    with open_stack(pushed, tmp_path / "deferred", "background_fetch = false") as st:
+        st.proxy.hold = hold_ztocs(st.image, HOLD_SEC)
+        st.pull(st.lazy_ref)
+        # PullImage returned while the zTOCs are still on their way: the mounts wait
+        assert st.proxy.holding > 0, "the pull waited for every zTOC"
+        doc = status_when(st, lambda d: len(d.get("mountsInProgress") or ()) == 3)
+        assert st.proxy.holding > 0, f"the zTOCs were answered before the status showed {doc}"
+        # the container's snapshot waits for them, then reads the right bytes
+        container_reads_bulk_files(st, "deferred-1")
+        status_when(st, lambda d: "mountsInProgress" not in d)
+        mounted = [e for e in st.daemon_events() if e.get("msg") == "lazy layer mounted"]
+        assert len(mounted) == 3 and all(e.get("deferred") for e in mounted), mounted
+        for layer in (st.image.layers[0], st.image.layers[1], st.image.layers[3]):
+            assert st.blob_bytes(layer.digest) < layer.size  # served lazily, not pulled
+
+
+def test_a_deferred_mount_whose_ztoc_fails_is_unpacked_locally(
+    pushed: Images, tmp_path: Path
+) -> None:
+    with open_stack(pushed, tmp_path / "failing", "background_fetch = false") as st:
+        st.proxy.hold = hold_ztocs(st.image, 0.3)
+        st.proxy.hold_status = 503  # every zTOC request fails, after a while
+        st.pull(st.lazy_ref)
+        container_reads_bulk_files(st, "deferred-2")
+        events = st.daemon_events()
+        local = [e for e in events if e.get("msg") == "layer unpacked locally"]
+        assert sum(1 for e in local if e.get("deferred")) == 3, local
+        assert not any(e.get("msg") == "lazy layer mounted" for e in events)
+        records = [json.loads(p.read_bytes()) for p in (st.daemon.root / "remote").glob("*.json")]
+        assert len(records) == 3 and all(r["local"] for r in records), records
 
 
 def test_image_without_index_is_left_to_containerd(stack: Stack) -> None:
