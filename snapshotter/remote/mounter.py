@@ -19,9 +19,10 @@ keys `reason`, `image`, `layer`, `error`. `DegradedMounter` stands in when lazy 
 could not start: every layer is declined (reason `degraded`) and a lazy layer of an earlier
 run answers Unavailable.
 
-Deferred mounts: with a task scope (`tasks`), a layer whose zTOC is still downloading is
-answered REMOTE at once, and mounted by a task once its zTOC is in, so containerd's pull
-returns after the index, and the zTOCs arrive while the container is created. Whatever
+Deferred mounts: with a task scope (`tasks`), a layer with a zTOC (unless its download
+failed already) is answered REMOTE at once, and mounted by a task once its zTOC is in and
+its tree built, so containerd's pull returns after the index, and the zTOCs arrive and the
+trees are built while the container is created. Whatever
 returns a snapshot's mounts first waits for the deferred layers of its chain (`ready`);
 a deferred mount that fails falls back to a local unpack into `fs` (its restore record
 then says `local`: nothing to mount after a restart); when that fails too, the layer
@@ -278,9 +279,9 @@ class RemoteMounter:
             why = NoZtoc(f"index {artifacts.index_digest} has no zTOC for {ll.layer_digest}")
             return await self._local(mountpoint, ll, ref, why)
         name = layer_name(mountpoint)
-        if not artifacts.ztocs.settled(Digest(zdesc.digest)) and self._defer(
-            mountpoint, ll, ref, name, artifacts
-        ):
+        digest = Digest(zdesc.digest)
+        known_bad = artifacts.ztocs.settled(digest) and not artifacts.ztocs.ready(digest)
+        if not known_bad and self._defer(mountpoint, ll, ref, name, artifacts):
             return MountResult.REMOTE
         record = _record(ll, artifacts, zdesc.digest)
         try:

@@ -298,14 +298,20 @@ async def test_unmount_waits_for_a_deferred_mount(tmp_path: Path) -> None:
         assert row.layers.mounted == ["snap-7"] and row.layers.unmounted == [fs]
 
 
-async def test_a_known_ztoc_is_mounted_in_the_prepare(tmp_path: Path) -> None:
-    row = Row("lazy")  # every zTOC present
+async def test_a_ztoc_at_hand_is_mounted_in_the_background_a_failed_one_falls_back_at_once(
+    tmp_path: Path,
+) -> None:
+    row = Row("lazy")  # every zTOC present: its tree still takes time to build
+    fs = tmp_path / "snapshots" / "7" / "fs"
     async with open_task_scope("test") as tasks:
         mounter = deferring(row, tmp_path, tasks)
-        assert await mounter.mount(tmp_path / "snapshots" / "7" / "fs", labels()) is (
-            MountResult.REMOTE
-        )
+        assert await mounter.mount(fs, labels()) is MountResult.REMOTE
+        await mounter.ready(fs)
         assert row.layers.mounted == ["snap-7"]
+        failed = Row("failed", catalog=FakeCatalog(ztocs=failed_download("zTOC: 503")))
+        mounter = deferring(failed, tmp_path, tasks)
+        assert await mounter.mount(fs, labels()) is MountResult.LOCAL
+        assert failed.unpacker.calls == [LAYER]
 
 
 async def test_no_index_logged_once_per_image(
