@@ -1165,7 +1165,9 @@ def render_counts(
         "",
         "Daemon CPU for the same runs: the process's user + sys seconds (`/proc/<pid>/stat`; "
         "every thread: the trio thread, inflation and cache threads, gRPC) during the pull "
-        "(index, zTOCs, layer trees, mounts) and during the workload (ms / file: of the "
+        "(the index, and what of the zTOCs, layer trees and mounts was done before PullImage "
+        "returned: the mounts are deferred, the rest counts in the workload) and during the "
+        "workload (ms / file: of the "
         "workload); of the workload's, the trio thread's (the daemon's main thread: it serves "
         "the FUSE requests, the server's work around them included, and runs every other trio "
         "task) and, of that, the time inside the handlers; then the time inside each handler "
