@@ -57,6 +57,14 @@ def test_layer_name_and_record() -> None:
         layer_name(Path("/r/snapshots/12/work"))
     rec = LayerRecord("registry.test/app:1", D1, D2, D3, D4, slot=7)
     assert LayerRecord.from_json(rec.to_json()) == rec
+    local = LayerRecord("registry.test/app:1", D1, D2, "", "", local=True)
+    assert LayerRecord.from_json(local.to_json()) == local
+    # a record written before `local` existed reads as a lazy layer's
+    older = {k: v for k, v in json.loads(rec.to_json()).items() if k != "local"}
+    assert LayerRecord.from_json(json.dumps(older).encode()) == rec
+    for bad in (b"[]", b'{"image_ref": "x"}'):
+        with pytest.raises(TypeError):
+            LayerRecord.from_json(bad)
 
 
 class FakeClient:
