@@ -219,10 +219,24 @@ class RemoteMounter:
         if not self.local_unpack:
             return MountResult.DECLINED
         try:
-            size = await self.unpacker.unpack(ll, ref, mountpoint)
+            await self._unpack(mountpoint, ll, ref, why)
         except UnpackError as e:
             self._fallback(e, image=ll.image_ref, layer=ll.layer_digest, once_key=ll.layer_digest)
             return MountResult.DECLINED
+        return MountResult.LOCAL
+
+    async def _unpack(
+        self,
+        mountpoint: Path,
+        ll: LayerLabels,
+        ref: Reference,
+        why: RemoteError,
+        *,
+        deferred: bool = False,
+    ) -> None:
+        """The local unpack of `ll` into `mountpoint` instead of a lazy mount (`why`), logged.
+        Raises UnpackError."""
+        size = await self.unpacker.unpack(ll, ref, mountpoint)
         log.info(
             "layer unpacked locally",
             extra={
@@ -230,9 +244,9 @@ class RemoteMounter:
                 "layer": ll.layer_digest,
                 "bytes": size,
                 "reason": why.reason,
+                "deferred": deferred,
             },
         )
-        return MountResult.LOCAL
 
     # -- LayerMounter ------------------------------------------------------------------------
 
@@ -283,14 +297,37 @@ class RemoteMounter:
         known_bad = artifacts.ztocs.settled(digest) and not artifacts.ztocs.ready(digest)
         if not known_bad and self._defer(mountpoint, ll, ref, name, artifacts):
             return MountResult.REMOTE
-        record = _record(ll, artifacts, zdesc.digest)
+        try:
+            await self._mount_lazily(
+                mountpoint, ll, name, artifacts, discovery_ms=(discovered - begin) * 1000
+            )
+        except (NoZtoc, MountError, IndexFetchError) as e:
+            return await self._local(mountpoint, ll, ref, e)
+        return MountResult.REMOTE
+
+    async def _mount_lazily(
+        self,
+        mountpoint: Path,
+        ll: LayerLabels,
+        name: str,
+        artifacts: ImageArtifacts,
+        *,
+        discovery_ms: float = 0.0,
+        deferred: bool = False,
+    ) -> None:
+        """Wait for the layer's zTOC and mount it (`LazyLayers.mount`) within
+        `mount_timeout_sec`, logged. Raises NoZtoc, IndexFetchError, MountError (also for the
+        timeout)."""
+        begin = time.monotonic()
+        zdesc = artifacts.index.ztoc_for_layer(ll.layer_digest)
+        if zdesc is None:
+            raise NoZtoc(f"index {artifacts.index_digest} has no zTOC for {ll.layer_digest}")
         try:
             with trio.fail_after(self.mount_timeout_sec):
-                await artifacts.ztocs.wait(zdesc.digest)
-                await self.layers.mount(mountpoint, name, record)
-        except (MountError, IndexFetchError, trio.TooSlowError) as e:
-            err = e if isinstance(e, RemoteError) else MountError("mount timed out")
-            return await self._local(mountpoint, ll, ref, err)
+                await artifacts.ztocs.wait(Digest(zdesc.digest))
+                await self.layers.mount(mountpoint, name, _record(ll, artifacts, zdesc.digest))
+        except trio.TooSlowError as e:
+            raise MountError("mount timed out") from e
         log.info(
             "lazy layer mounted",
             extra={
@@ -298,11 +335,11 @@ class RemoteMounter:
                 "layer": ll.layer_digest,
                 "fuse_dir": name,
                 "index": artifacts.index_digest,
-                "discovery_ms": round((discovered - begin) * 1000),
-                "mount_ms": round((time.monotonic() - discovered) * 1000),
+                "deferred": deferred,
+                "discovery_ms": round(discovery_ms),
+                "mount_ms": round((time.monotonic() - begin) * 1000),
             },
         )
-        return MountResult.REMOTE
 
     # -- deferred mounts ----------------------------------------------------------------------
 
@@ -336,22 +373,20 @@ class RemoteMounter:
         """A deferred mount: wait for the zTOC (`artifacts`; None: discover them again) and
         mount, all within `mount_timeout_sec`; failing that, unpack locally. Sets `done`.
         Never raises a RemoteError."""
-        begin = time.monotonic()
         mounting = self.demand.mount() if self.demand is not None else contextlib.nullcontext()
         try:
             try:
-                with mounting, trio.fail_after(self.mount_timeout_sec):
+                with mounting:
                     if artifacts is None:
-                        artifacts = await self.catalog.artifacts(ll, ref)
-                    zdesc = artifacts.index.ztoc_for_layer(ll.layer_digest)
-                    if zdesc is None:
-                        raise NoZtoc(
-                            f"index {artifacts.index_digest} has no zTOC for {ll.layer_digest}"
-                        )
-                    await artifacts.ztocs.wait(Digest(zdesc.digest))
-                    await self.layers.mount(mountpoint, name, _record(ll, artifacts, zdesc.digest))
+                        with trio.fail_after(self.mount_timeout_sec):
+                            artifacts = await self.catalog.artifacts(ll, ref)
+                    await self._mount_lazily(mountpoint, ll, name, artifacts, deferred=True)
             except (NoIndex, NoZtoc, IndexFetchError, MountError, trio.TooSlowError) as e:
-                err = e if isinstance(e, RemoteError) else MountError("mount timed out")
+                err = (
+                    e
+                    if isinstance(e, RemoteError)
+                    else IndexFetchError("index discovery timed out")
+                )
                 await self._settle_locally(mountpoint, ll, ref, name, err)
                 return
             except trio.Cancelled:  # the daemon stops: nothing may be mounted on it now
@@ -359,17 +394,6 @@ class RemoteMounter:
                 raise
             self._broken.pop(name, None)
             self._retry.pop(name, None)
-            log.info(
-                "lazy layer mounted",
-                extra={
-                    "image": ll.image_ref,
-                    "layer": ll.layer_digest,
-                    "fuse_dir": name,
-                    "index": artifacts.index_digest,
-                    "deferred": True,
-                    "mount_ms": round((time.monotonic() - begin) * 1000),
-                },
-            )
         finally:
             if self._deferred.get(name) is done:
                 del self._deferred[name]
@@ -385,7 +409,7 @@ class RemoteMounter:
         try:
             if not self.local_unpack:
                 raise UnpackError("local unpack is off (local_unpack = false)")
-            size = await self.unpacker.unpack(ll, ref, mountpoint)
+            await self._unpack(mountpoint, ll, ref, why, deferred=True)
             await trio.to_thread.run_sync(self.records.write, name, local, limiter=MOUNT_THREADS)
         except (UnpackError, OSError) as e:
             error = e if isinstance(e, UnpackError) else UnpackError(f"restore record: {e}")
@@ -395,16 +419,6 @@ class RemoteMounter:
             return
         self._broken.pop(name, None)
         self._retry.pop(name, None)
-        log.info(
-            "layer unpacked locally",
-            extra={
-                "image": ll.image_ref,
-                "layer": ll.layer_digest,
-                "bytes": size,
-                "reason": why.reason,
-                "deferred": True,
-            },
-        )
 
     async def ready(self, mountpoint: Path) -> None:
         """Wait for a deferred mount of the layer on `mountpoint` (a broken one is tried

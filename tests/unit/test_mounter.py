@@ -152,7 +152,8 @@ def fallback_reasons(caplog: pytest.LogCaptureFixture) -> tuple[str, ...]:
     )
 
 
-def make(row: Row, tmp_path: Path) -> RemoteMounter:
+def make(row: Row, tmp_path: Path, tasks: TaskScope | None = None) -> RemoteMounter:
+    """The mounter of `row`'s fakes; with `tasks` it defers mounts (and tracks demand)."""
     return RemoteMounter(
         catalog=row.catalog,
         layers=row.layers,
@@ -160,6 +161,8 @@ def make(row: Row, tmp_path: Path) -> RemoteMounter:
         records=RecordStore(tmp_path / "remote"),
         mount_timeout_sec=TIMEOUT,
         local_unpack=row.local_unpack,
+        tasks=tasks,
+        demand=DemandTracker() if tasks is not None else None,
     )
 
 
@@ -198,25 +201,12 @@ async def test_prepare_waits_for_its_ztoc_download(tmp_path: Path) -> None:
     assert results == [MountResult.REMOTE] and row.layers.mounted == ["snap-7"]
 
 
-def deferring(row: Row, tmp_path: Path, tasks: TaskScope) -> RemoteMounter:
-    return RemoteMounter(
-        catalog=row.catalog,
-        layers=row.layers,
-        unpacker=row.unpacker,
-        records=RecordStore(tmp_path / "remote"),
-        mount_timeout_sec=TIMEOUT,
-        local_unpack=row.local_unpack,
-        tasks=tasks,
-        demand=DemandTracker(),
-    )
-
-
 async def test_with_tasks_a_prepare_returns_before_its_ztoc(tmp_path: Path) -> None:
     downloads = ZtocDownloads([ZTOC])
     row = Row("lazy", catalog=FakeCatalog(ztocs=downloads))
     fs = tmp_path / "snapshots" / "7" / "fs"
     async with open_task_scope("test") as tasks:
-        mounter = deferring(row, tmp_path, tasks)
+        mounter = make(row, tmp_path, tasks)
         assert await mounter.mount(fs, labels()) is MountResult.REMOTE
         assert row.layers.mounted == [] and mounter.status()["mountsInProgress"] == ["snap-7"]
         await trio.testing.wait_all_tasks_blocked()
@@ -243,7 +233,7 @@ async def test_a_deferred_mount_that_fails_is_unpacked_locally(tmp_path: Path) -
     row = Row("lazy", catalog=FakeCatalog(ztocs=downloads))
     fs = tmp_path / "snapshots" / "7" / "fs"
     async with open_task_scope("test") as tasks:
-        mounter = deferring(row, tmp_path, tasks)
+        mounter = make(row, tmp_path, tasks)
         assert await mounter.mount(fs, labels()) is MountResult.REMOTE
         downloads.done(ZTOC, "zTOC: 503")
         await mounter.ready(fs)
@@ -267,7 +257,7 @@ async def test_a_deferred_layer_nothing_could_serve_is_unavailable_until_a_retry
     )
     fs = tmp_path / "snapshots" / "7" / "fs"
     async with open_task_scope("test") as tasks:
-        mounter = deferring(row, tmp_path, tasks)
+        mounter = make(row, tmp_path, tasks)
         assert await mounter.mount(fs, labels()) is MountResult.REMOTE
         assert row.catalog.ztocs is not None
         row.catalog.ztocs.done(ZTOC, "zTOC: 503")
@@ -288,7 +278,7 @@ async def test_unmount_waits_for_a_deferred_mount(tmp_path: Path) -> None:
     row = Row("lazy", catalog=FakeCatalog(ztocs=downloads))
     fs = tmp_path / "snapshots" / "7" / "fs"
     async with open_task_scope("test") as tasks:
-        mounter = deferring(row, tmp_path, tasks)
+        mounter = make(row, tmp_path, tasks)
         await mounter.mount(fs, labels())
         async with trio.open_nursery() as nursery:
             nursery.start_soon(mounter.unmount, fs)
@@ -304,12 +294,12 @@ async def test_a_ztoc_at_hand_is_mounted_in_the_background_a_failed_one_falls_ba
     row = Row("lazy")  # every zTOC present: its tree still takes time to build
     fs = tmp_path / "snapshots" / "7" / "fs"
     async with open_task_scope("test") as tasks:
-        mounter = deferring(row, tmp_path, tasks)
+        mounter = make(row, tmp_path, tasks)
         assert await mounter.mount(fs, labels()) is MountResult.REMOTE
         await mounter.ready(fs)
         assert row.layers.mounted == ["snap-7"]
         failed = Row("failed", catalog=FakeCatalog(ztocs=failed_download("zTOC: 503")))
-        mounter = deferring(failed, tmp_path, tasks)
+        mounter = make(failed, tmp_path, tasks)
         assert await mounter.mount(fs, labels()) is MountResult.LOCAL
         assert failed.unpacker.calls == [LAYER]
 

@@ -35,7 +35,7 @@ from snapshotter.lazy.sources import (
     ContentMismatch,
     SourceUnavailable,
 )
-from snapshotter.tasks import open_task_scope
+from snapshotter.tasks import TaskScope, open_task_scope
 from tests.support.lazylayer import CountingSpanMap, Layer, MemorySource, count_inflations
 
 SPAN = 64 * 1024
@@ -255,6 +255,20 @@ async def settle(reader: RemoteLayerReader) -> None:
             await trio.sleep(0.005)
 
 
+def reading_ahead(
+    layer: Layer, source: MemorySource, cache_dir: Path, tasks: TaskScope | None
+) -> RemoteLayerReader:
+    """A reader with a read-ahead window of 4 spans, pipelined in `tasks` when given."""
+    return RemoteLayerReader(
+        layer.digest,
+        layer.ztoc,
+        source,
+        SpanCache(cache_dir),
+        config=ReadConfig(readahead_spans=4),
+        tasks=tasks,
+    )
+
+
 def crange(reader: RemoteLayerReader, first: int, last: int | None = None) -> tuple[int, int]:
     """The compressed range of spans `first..last` (a request for them)."""
     last = first if last is None else last
@@ -268,14 +282,7 @@ async def test_pipelined_read_ahead_does_not_hold_up_the_read(layer: Layer, tmp_
     source = MemorySource(layer.blob)
     async with open_task_scope("test") as root:
         scope = await root.open_child("layer")
-        reader = RemoteLayerReader(
-            layer.digest,
-            layer.ztoc,
-            source,
-            SpanCache(tmp_path),
-            config=ReadConfig(readahead_spans=4),
-            tasks=scope,
-        )
+        reader = reading_ahead(layer, source, tmp_path, scope)
         await reader.read(span_start(reader, 0), 10)  # a first read: no read-ahead
         assert source.calls == [crange(reader, 0)]
         source.calls.clear()
@@ -315,19 +322,12 @@ async def test_read_ahead_stops_at_the_file_end(
     source = MemorySource(layer.blob)
     async with open_task_scope("test") as root:
         scope = await root.open_child("layer")
-        reader = RemoteLayerReader(
-            layer.digest,
-            layer.ztoc,
-            source,
-            SpanCache(tmp_path),
-            config=ReadConfig(readahead_spans=4),
-            tasks=scope if pipelined else None,
-        )
+        reader = reading_ahead(layer, source, tmp_path, scope if pipelined else None)
         # a file from the middle of span 1 to the middle of span 2, read in two requests:
         # the second is sequential, but nothing after span 2 is fetched or inflated
-        start = span_start(reader, 1) + 100
+        start = UncompressedOffset(span_start(reader, 1) + 100)
         file_end = span_start(reader, 2) + 100
-        middle = span_start(reader, 2) - 50
+        middle = UncompressedOffset(span_start(reader, 2) - 50)
         assert await reader.read(start, middle - start, file_end) == layer.tar[start:middle]
         got = await reader.read(middle, file_end - middle, file_end)
         assert got == layer.tar[middle:file_end]
@@ -336,8 +336,8 @@ async def test_read_ahead_stops_at_the_file_end(
         assert reader.table.state(SpanId(3)) is SpanState.UNREQUESTED
         # the same reads without the file's end: read-ahead goes on to spans 3-6
         source.calls.clear()
-        await reader.read(span_start(reader, 9) - 50, 100)
-        await reader.read(span_start(reader, 10) - 50, 100)
+        await reader.read(UncompressedOffset(span_start(reader, 9) - 50), 100)
+        await reader.read(UncompressedOffset(span_start(reader, 10) - 50), 100)
         await settle(reader)
         assert max(source.calls)[1] >= crange(reader, 11)[1]
         await scope.aclose()
@@ -624,14 +624,7 @@ async def test_closing_the_layer_scope_cancels_its_read_ahead(layer: Layer, tmp_
     source = MemorySource(layer.blob)
     async with open_task_scope("test") as root:
         scope = await root.open_child("layer")
-        reader = RemoteLayerReader(
-            layer.digest,
-            layer.ztoc,
-            source,
-            SpanCache(tmp_path),
-            config=ReadConfig(readahead_spans=4),
-            tasks=scope,
-        )
+        reader = reading_ahead(layer, source, tmp_path, scope)
         await reader.read(span_start(reader, 0), 10)
         source.gate = trio.Event()
         results: list[bytes | LayerClosed] = []
@@ -675,14 +668,7 @@ async def test_an_unexpected_read_ahead_error_is_counted_and_the_layer_goes_on(
     source.calls.clear()
     async with open_task_scope("test") as root:
         scope = await root.open_child("layer one")
-        reader = RemoteLayerReader(
-            layer.digest,
-            layer.ztoc,
-            source,
-            SpanCache(tmp_path),
-            config=ReadConfig(readahead_spans=4),
-            tasks=scope,
-        )
+        reader = reading_ahead(layer, source, tmp_path, scope)
         # e.g. a hosts.toml whose `ca` file is missing: building the TLS context fails
         source.raise_next = [FileNotFoundError(2, "No such file or directory", "ca.pem")]
         await reader.read(span_start(reader, 0), 10)
