@@ -22,12 +22,11 @@ run answers Unavailable.
 Deferred mounts: with a task scope (`tasks`), a layer with a zTOC (unless its download
 failed already) is answered REMOTE at once, and mounted by a task once its zTOC is in and
 its tree built, so containerd's pull returns after the index, and the zTOCs arrive and the
-trees are built while the container is created. Whatever
-returns a snapshot's mounts first waits for the deferred layers of its chain (`ready`);
-a deferred mount that fails falls back to a local unpack into `fs` (its restore record
-then says `local`: nothing to mount after a restart); when that fails too, the layer
-answers Unavailable on `ready` and `check` until its next `ready` tries again. Without
-`tasks`, a Prepare waits for its zTOC.
+trees are built while the container is created. Whatever returns a snapshot's mounts first
+waits for the deferred layers of its chain (`ready`); a deferred mount that fails falls
+back to a local unpack into `fs` (its restore record then says `local`: nothing to mount
+after a restart); when that fails too, the layer answers Unavailable on `ready` and `check`
+until its next `ready` tries again. Without `tasks`, a Prepare waits for its zTOC.
 
 After a restart, `restore` re-mounts a lazy layer from its record (or rediscovers it); a
 layer that cannot be restored is logged (`lazy layer restore failed`) and answers
