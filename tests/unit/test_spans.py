@@ -53,14 +53,17 @@ def make_reader(
     layer: Layer,
     source: MemorySource | ChainSource,
     cache_dir: Path,
+    tasks: TaskScope | None = None,
     **config: int,
 ) -> RemoteLayerReader:
+    """A reader of `layer` with `config`; read-ahead pipelined in `tasks` when given."""
     return RemoteLayerReader(
         layer.digest,
         layer.ztoc,
         source,
         SpanCache(cache_dir),
         config=ReadConfig(**config),
+        tasks=tasks,
     )
 
 
@@ -255,20 +258,6 @@ async def settle(reader: RemoteLayerReader) -> None:
             await trio.sleep(0.005)
 
 
-def reading_ahead(
-    layer: Layer, source: MemorySource, cache_dir: Path, tasks: TaskScope | None
-) -> RemoteLayerReader:
-    """A reader with a read-ahead window of 4 spans, pipelined in `tasks` when given."""
-    return RemoteLayerReader(
-        layer.digest,
-        layer.ztoc,
-        source,
-        SpanCache(cache_dir),
-        config=ReadConfig(readahead_spans=4),
-        tasks=tasks,
-    )
-
-
 def crange(reader: RemoteLayerReader, first: int, last: int | None = None) -> tuple[int, int]:
     """The compressed range of spans `first..last` (a request for them)."""
     last = first if last is None else last
@@ -282,7 +271,7 @@ async def test_pipelined_read_ahead_does_not_hold_up_the_read(layer: Layer, tmp_
     source = MemorySource(layer.blob)
     async with open_task_scope("test") as root:
         scope = await root.open_child("layer")
-        reader = reading_ahead(layer, source, tmp_path, scope)
+        reader = make_reader(layer, source, tmp_path, scope, readahead_spans=4)
         await reader.read(span_start(reader, 0), 10)  # a first read: no read-ahead
         assert source.calls == [crange(reader, 0)]
         source.calls.clear()
@@ -322,7 +311,9 @@ async def test_read_ahead_stops_at_the_file_end(
     source = MemorySource(layer.blob)
     async with open_task_scope("test") as root:
         scope = await root.open_child("layer")
-        reader = reading_ahead(layer, source, tmp_path, scope if pipelined else None)
+        reader = make_reader(
+            layer, source, tmp_path, scope if pipelined else None, readahead_spans=4
+        )
         # a file from the middle of span 1 to the middle of span 2, read in two requests:
         # the second is sequential, but nothing after span 2 is fetched or inflated
         start = UncompressedOffset(span_start(reader, 1) + 100)
@@ -624,7 +615,7 @@ async def test_closing_the_layer_scope_cancels_its_read_ahead(layer: Layer, tmp_
     source = MemorySource(layer.blob)
     async with open_task_scope("test") as root:
         scope = await root.open_child("layer")
-        reader = reading_ahead(layer, source, tmp_path, scope)
+        reader = make_reader(layer, source, tmp_path, scope, readahead_spans=4)
         await reader.read(span_start(reader, 0), 10)
         source.gate = trio.Event()
         results: list[bytes | LayerClosed] = []
@@ -668,7 +659,7 @@ async def test_an_unexpected_read_ahead_error_is_counted_and_the_layer_goes_on(
     source.calls.clear()
     async with open_task_scope("test") as root:
         scope = await root.open_child("layer one")
-        reader = reading_ahead(layer, source, tmp_path, scope)
+        reader = make_reader(layer, source, tmp_path, scope, readahead_spans=4)
         # e.g. a hosts.toml whose `ca` file is missing: building the TLS context fails
         source.raise_next = [FileNotFoundError(2, "No such file or directory", "ca.pem")]
         await reader.read(span_start(reader, 0), 10)
