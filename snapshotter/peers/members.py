@@ -257,10 +257,12 @@ class Membership:
 
     def live(self) -> tuple[Member, ...]:
         """The members not currently marked down (those on probation included), sorted."""
-        now = self._clock()
-        return tuple(
-            m for m in self._members if (h := self._health.get(m)) is None or now >= h.down_until
-        )
+        return tuple(m for m in self._members if self.is_live(m))
+
+    def is_live(self, member: Member) -> bool:
+        """Whether `member` is not currently marked down (see `live`)."""
+        h = self._health.get(member)
+        return h is None or self._clock() >= h.down_until
 
     def is_member(self, host: str) -> bool:
         """Whether any member (any port, up or down) has IP address `host`; IPv4-mapped IPv6

@@ -66,6 +66,8 @@ class PeerView(Protocol):
 
     def live(self) -> Sequence[Member]: ...
 
+    def is_live(self, member: Member) -> bool: ...
+
     def mark_down(self, member: Member, reason: str) -> None: ...
 
     def mark_up(self, member: Member) -> None: ...
@@ -143,6 +145,9 @@ class PeerSource:
             if owner is None:
                 may_fetch = False
                 s.stats.owned_here += 1
+                continue
+            if not s.view.is_live(owner):  # went down while an owner before it was asked
+                failures.append(f"{owner.id}: down")
                 continue
             s.stats.requests += 1
             try:

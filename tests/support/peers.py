@@ -78,6 +78,9 @@ class FakeView:
     def live(self) -> Sequence[Member]:
         return list(self.members)
 
+    def is_live(self, member: Member) -> bool:
+        return member in self.members
+
     def mark_down(self, member: Member, reason: str) -> None:
         self.down.append((member, reason))
 
