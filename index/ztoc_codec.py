@@ -511,9 +511,14 @@ class ZtocView:
         return self.entry(i)
 
     def __iter__(self) -> Iterator[FileMetadata]:
+        return self.entries()
+
+    def entries(self, *, owner_names: bool = True) -> Iterator[FileMetadata]:
+        """Every entry in order, as `entry` decodes it; without `owner_names`, `uname` and
+        `gname` are left empty (not decoded: a layer tree does not show them)."""
         for i in range(len(self._offsets)):  # `entry` without its index checks
             try:
-                meta = self._fast_entry(i)
+                meta = self._fast_entry(i, owner_names)
             except struct.error:
                 meta = self._checked_entry(i)
             yield meta
@@ -557,7 +562,7 @@ class ZtocView:
             pass  # something lies outside the buffer: the checked path says what
         return self._checked_entry(i)
 
-    def _fast_entry(self, i: int) -> FileMetadata:
+    def _fast_entry(self, i: int, owner_names: bool = True) -> FileMetadata:
         """`entry` without per-field diagnostics; raises `struct.error` on any bound problem
         (the caller then re-reads with `_checked_entry`) and ZtocFormatError for a bad type."""
         buf = self._reader.buf
@@ -599,8 +604,8 @@ class ZtocView:
             _unpack_i64(buf, pos + fo[_FM_MODE])[0] if fo[_FM_MODE] else 0,
             _unpack_u32(buf, pos + fo[_FM_UID])[0] if fo[_FM_UID] else 0,
             _unpack_u32(buf, pos + fo[_FM_GID])[0] if fo[_FM_GID] else 0,
-            _str_at(buf, pos + fo[_FM_UNAME]) if fo[_FM_UNAME] else "",
-            _str_at(buf, pos + fo[_FM_GNAME]) if fo[_FM_GNAME] else "",
+            _str_at(buf, pos + fo[_FM_UNAME]) if owner_names and fo[_FM_UNAME] else "",
+            _str_at(buf, pos + fo[_FM_GNAME]) if owner_names and fo[_FM_GNAME] else "",
             _str_at(buf, pos + fo[_FM_MOD_TIME]) if fo[_FM_MOD_TIME] else "",
             _unpack_i64(buf, pos + fo[_FM_DEVMAJOR])[0] if fo[_FM_DEVMAJOR] else 0,
             _unpack_i64(buf, pos + fo[_FM_DEVMINOR])[0] if fo[_FM_DEVMINOR] else 0,

@@ -164,6 +164,14 @@ class RemoteConfig:
         default=4 * 1024 * 1024 * 1024,
         metadata=_doc("Disk bound of the passthrough copies under <root>/passthrough, in bytes."),
     )
+    tree_processes: int = field(
+        default=2,
+        metadata=_doc(
+            "Worker processes that decode zTOCs and build layer trees off the daemon's "
+            "interpreter (started with the first build, stopped after a minute idle); 0 "
+            "builds them in the daemon's threads."
+        ),
+    )
     max_parallel_requests: int = field(
         default=4,
         metadata=_doc(
@@ -562,6 +570,8 @@ def _validate(cfg: Config) -> None:
             "[remote] mount_timeout_sec, request_timeout_sec and unpack_timeout_sec must be "
             "positive"
         )
+    if r.tree_processes < 0:
+        raise ConfigError("[remote] tree_processes: must not be negative")
     if r.max_parallel_requests < 1:
         raise ConfigError("[remote] max_parallel_requests: must be at least 1")
     if r.cache_max_bytes < 0 or r.background_rate_bytes_per_sec < 0:

@@ -775,6 +775,8 @@ def build_tree(files: Sequence[FileMetadata], *, userxattr: bool = False) -> Lay
             inconsistent offsets.
     """
     builder = _Builder(opaque_xattr(userxattr).encode())
-    for meta, hdr_off in zip(files, header_offsets(files), strict=True):
-        builder.add(meta, hdr_off)
+    entries = files.entries(owner_names=False) if isinstance(files, ZtocView) else files
+    add = builder.add
+    for meta, hdr_off in zip(entries, header_offsets(files), strict=True):
+        add(meta, hdr_off)
     return builder.finish()

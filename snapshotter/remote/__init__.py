@@ -7,6 +7,8 @@ Modules, one concern each:
 - `discovery`: find an image's SOCI index (docs/format.md, "Finding an index") and fetch its zTOCs.
 - `catalog`: the discovery cache (image manifest -> index and zTOCs; singleflight, bounded).
 - `trees`, `preresolve`: layer trees from zTOCs, built ahead in the background.
+- `treeprocs`: building a tree from zTOC bytes, in worker processes off the daemon's interpreter.
+- `heap`: malloc tuning of the daemon and giving freed heap back.
 - `records`: restore records (`<root>/remote/snap-<id>.json`).
 - `layers`: mounting a lazy layer (FUSE host, bind mount, its task scope, background fetch).
 - `local`, `unpack`, `apply`: the local-unpack fallback (download, decompress, apply the tar

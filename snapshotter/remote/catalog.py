@@ -13,7 +13,9 @@ Given a task scope, discovery returns once the index is in and the zTOCs downloa
 Prepare (the zTOCs already in the store are not fetched again).
 
 As each zTOC of an image is in the local store, its tree is queued for pre-resolution
-(`queue_tree(image, ztoc)`), limited to the layers containerd will ask for (those in
+(`queue_tree(image, ztoc)`; `warm_trees(largest zTOC's size)` once the index is found, while
+its zTOCs download),
+limited to the layers containerd will ask for (those in
 `cri.image-layers`, every layer of the index without that label). Use from the trio thread.
 """
 
@@ -57,6 +59,7 @@ class ImageCatalog:
         modes: DiscoveryModes,
         *,
         queue_tree: Callable[[Digest, Digest], object],
+        warm_trees: Callable[[int], object] = lambda largest: None,
         tasks: TaskScope | None = None,
         max_images: int = MAX_IMAGES,
         no_index_ttl_sec: float = NO_INDEX_TTL_SEC,
@@ -65,6 +68,7 @@ class ImageCatalog:
         self._store = store
         self._modes = modes
         self._queue_tree = queue_tree
+        self._warm_trees = warm_trees
         self._tasks = tasks
         self._max_images = max(1, max_images)
         self._no_index_ttl_sec = no_index_ttl_sec
@@ -121,6 +125,7 @@ class ImageCatalog:
             raise
         except (StoreError, OSError) as e:
             raise IndexFetchError(f"image {ref.name}@{manifest}: local store: {e}") from e
+        self._warm_trees(max((z.size for z in artifacts.index.ztocs), default=0))
         self._remember(self._images, manifest, artifacts)
         return artifacts
 

@@ -25,7 +25,8 @@ Task tree (every task lives in a scope owned by what it serves):
     ├── status writer         rewrites <root>/status.json when it changes
     ├── keeper watch          hands the FUSE connection to a keeper again when none holds it
     ├── background            the background fetcher's loop
-    ├── preresolve            layer-tree pre-resolution workers and their expiry timer
+    ├── preresolve            layer-tree pre-resolution workers and their expiry timer;
+    │                         the timer that stops idle tree worker processes
     ├── discovery             zTOC downloads of each image, once its index is in
     ├── mounts                deferred mounts: a layer's zTOC awaited, then mounted (or
     │                         unpacked locally); closed before the layers are
@@ -99,6 +100,7 @@ from .local import RegistryUnpacker
 from .mounter import DegradedMounter, RemoteMounter
 from .records import RecordStore, layer_name
 from .status import remove_daemon_status, write_daemon_status
+from .treeprocs import TreeProcesses
 from .trees import LayerTrees
 
 if TYPE_CHECKING:
@@ -354,16 +356,22 @@ async def _build(
             passthrough=cfg.passthrough_config(root / "passthrough"),
         )
     )
+    processes = TreeProcesses(cfg.tree_processes) if cfg.tree_processes > 0 else None
+    if processes is not None:  # closed after the task scope: no build uses them any more
+        stack.push_async_callback(trio.to_thread.run_sync, processes.close)
     step.name = "tasks"
     scope: TaskScope = await stack.enter_async_context(open_task_scope("remote"))
     background_scope = await scope.open_child("background")
     background_scope.start_soon(background.serve, name="background fetch")
-    trees = LayerTrees(store, await scope.open_child("preresolve"), userxattr=userxattr)
+    trees = LayerTrees(
+        store, await scope.open_child("preresolve"), userxattr=userxattr, processes=processes
+    )
     catalog = ImageCatalog(
         client,
         store,
         DiscoveryModes(cfg.soci_v2, cfg.soci_v1, cfg.local_store),
         queue_tree=trees.queue,
+        warm_trees=trees.warm,
         tasks=await scope.open_child("discovery"),
     )
     layers = LazyLayers(
@@ -453,6 +461,8 @@ async def _build(
         }
         if fuse.passthrough is not None:
             doc["passthrough"] = fuse.passthrough.statistics()
+        if processes is not None:
+            doc["treeWorkers"] = processes.statistics()
         return doc
 
     scope.start_soon(_status_writer, settings, status, name="status writer")

@@ -5,113 +5,60 @@ its file entries (`Ztoc` with `files=()`, compact) and the layer's inode tree. T
 discovery cache queued (`queue(image, ztoc)`) are built ahead by a `Preresolver` in the
 task scope the owner passes; `take` then waits for that result instead of redoing it.
 
-Decoding a large zTOC peaks at several times the size of the tree it leaves (about 50 MB for
-a layer of 100k files, whose tree keeps under 10 MB); the heap keeps what was freed, so
-after each build the worker thread hands it back to the system (`release_free_memory`:
-glibc's `malloc_trim`, at most once per `TRIM_INTERVAL_SEC`, nothing elsewhere). The first
-`LayerTrees` also tunes the process's heap for the lazy path (`limit_heap_growth`): at most
-`MALLOC_ARENAS` malloc arenas (by default glibc gives each new worker thread its own, up to 8
-per CPU, and what is freed in one is not reused by the others), and a fixed mmap threshold,
-so that inflated spans and other large buffers are mapped on their own and unmapped when
-freed (by default the threshold grows up to 32 MiB after the first such free, and later spans
-fragment the heap). Measured with `tests.bench.bench_memory` (10 layers of 100k files, 50
-readers): peak RSS 493 MB without either, 308 MB with both.
+Builds of zTOCs of `PROCESS_WAIT_ZTOC_BYTES` and more run in the `TreeProcesses` the owner
+passes (`treeprocs`: off the daemon's interpreter), started by `warm` when the catalog found
+an index with a zTOC of `PROCESS_MIN_ZTOC_BYTES` or more; such zTOCs below the first bound
+go to a worker only when one is started and idle. The others, all of them without workers,
+and those the workers cannot do run in a worker thread here, which then gives the freed heap
+back (`heap.release_free_memory`). While the workers run, a task in the
+same scope stops them once they were idle for their `idle_sec`. The first `LayerTrees` also
+tunes the process's heap for the lazy path (`heap.limit_heap_growth`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import os
-import threading
-import time
-from collections.abc import Callable, Sequence
 from typing import Final, cast
 
+import trio
+
 from index.digest import Digest
-from index.model import FileMetadata, Ztoc
+from index.model import Ztoc
 from index.store import LocalStore, StoreError
-from index.ztoc_codec import ZtocError, ZtocView
-from snapshotter.fs import LayerTree, build_tree
+from index.ztoc_codec import ZtocError
+from snapshotter.fs import LayerTree
 from snapshotter.fs.errors import FsError
 from snapshotter.tasks import TaskScope
 
 from .errors import MountError
+from .heap import limit_heap_growth, release_free_memory
 from .preresolve import Preresolver
+from .treeprocs import TreeProcesses, build_light
 
-TRIM_INTERVAL_SEC: Final = 1.0
-MALLOC_ARENAS: Final = 2
-MMAP_THRESHOLD_BYTES: Final = 256 * 1024
-_M_MMAP_THRESHOLD: Final = -3  # glibc's malloc.h
-_M_ARENA_MAX: Final = -8
-
-
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    """glibc's `malloc_trim`, or None (another libc)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return cast(Callable[[int], int], trim)
-
-
-_malloc_trim = _load_malloc_trim()
-_heap_limited = False
-
-
-def limit_heap_growth() -> bool:
-    """Once per process, glibc only: at most `MALLOC_ARENAS` arenas and an mmap threshold of
-    `MMAP_THRESHOLD_BYTES` (see the module doc); an environment that sets `MALLOC_ARENA_MAX`
-    or `MALLOC_MMAP_THRESHOLD_` itself keeps its value. Returns whether it was set now; never
-    raises."""
-    global _heap_limited
-    if _heap_limited or _malloc_trim is None:
-        return False
-    _heap_limited = True
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    if "MALLOC_ARENA_MAX" not in os.environ:
-        mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-    return True
-
-
-_trim_lock = threading.Lock()
-_last_trim = -TRIM_INTERVAL_SEC
-
-
-def release_free_memory() -> bool:
-    """Blocking: give the heap's free memory back to the system (every arena), unless that
-    was done less than `TRIM_INTERVAL_SEC` ago or is under way in another thread. Returns
-    whether it ran; never raises."""
-    global _last_trim
-    if _malloc_trim is None or not _trim_lock.acquire(blocking=False):
-        return False
-    try:
-        now = time.monotonic()
-        if now - _last_trim < TRIM_INTERVAL_SEC:
-            return False
-        _malloc_trim(0)
-        _last_trim = time.monotonic()
-        return True
-    finally:
-        _trim_lock.release()
+PROCESS_MIN_ZTOC_BYTES: Final = 1 << 20
+"""Smaller zTOCs are built here: their tree takes under about 30 ms."""
+PROCESS_WAIT_ZTOC_BYTES: Final = 4 << 20
+"""Smaller zTOCs go to a worker only when one is started and idle, else they are built here
+(about 0.12 s at most) rather than wait for a worker to start (0.15-0.4 s) or finish."""
+IDLE_CHECK_MIN_SEC = 0.05
+"""Shortest sleep of the task that stops idle workers."""
 
 
 class LayerTrees:
     """zTOC digest → (light `Ztoc`, `LayerTree`), built in worker threads (see module doc)."""
 
-    def __init__(self, store: LocalStore, tasks: TaskScope, *, userxattr: bool = False) -> None:
+    def __init__(
+        self,
+        store: LocalStore,
+        tasks: TaskScope,
+        *,
+        userxattr: bool = False,
+        processes: TreeProcesses | None = None,
+    ) -> None:
         self._store = store
+        self._tasks = tasks
         self._userxattr = userxattr
+        self._processes = processes
+        self._watching = False
         limit_heap_growth()
         self._pre: Preresolver[tuple[Ztoc, LayerTree]] = Preresolver(self._load, tasks)
 
@@ -121,30 +68,49 @@ class LayerTrees:
     def queue(self, image: Digest, ztoc: Digest) -> None:
         """Build the tree of `ztoc` (a layer of `image`) in the background. Never raises."""
         self._pre.add(image, ztoc)
+        self._watch_idle()
+
+    def warm(self, largest: int) -> None:
+        """Trees of zTOCs up to `largest` bytes will be built soon: start the worker
+        processes in the background when one of them will go there. Never raises."""
+        if self._processes is not None and largest >= PROCESS_MIN_ZTOC_BYTES:
+            self._tasks.start_soon(
+                trio.to_thread.run_sync, self._processes.start, name="tree workers start"
+            )
+            self._watch_idle()
 
     async def take(self, ztoc: Digest) -> tuple[Ztoc, LayerTree]:
         """The zTOC's light `Ztoc` and tree. Raises MountError (zTOC missing or unusable)."""
+        self._watch_idle()
         return await self._pre.take(ztoc)
 
     def _load(self, ztoc_digest: Digest) -> tuple[Ztoc, LayerTree]:
-        """Blocking: read, decode and build, then give the freed heap back. Raises MountError."""
+        """Blocking: read, then build in the workers or here. Raises MountError."""
         try:
-            return self._build(ztoc_digest)
-        finally:
-            release_free_memory()  # the decoded zTOC is garbage by now
-
-    def _build(self, ztoc_digest: Digest) -> tuple[Ztoc, LayerTree]:
-        try:
-            view = ZtocView(self._store.get_blob(ztoc_digest))
-            tree = build_tree(cast(Sequence[FileMetadata], view), userxattr=self._userxattr)
-        except (StoreError, ZtocError, FsError) as e:
+            data = self._store.get_blob(ztoc_digest)
+            if self._processes is not None and len(data) >= PROCESS_MIN_ZTOC_BYTES:
+                wait = len(data) >= PROCESS_WAIT_ZTOC_BYTES
+                built = self._processes.build(data, userxattr=self._userxattr, wait=wait)
+                if built is not None:
+                    return built
+            try:
+                return build_light(data, userxattr=self._userxattr)
+            finally:
+                del data
+                release_free_memory()  # the decoded zTOC is garbage by now
+        except (StoreError, ZtocError, FsError, MountError) as e:
             raise MountError(f"zTOC {ztoc_digest}: {e}") from e
-        light = Ztoc(
-            version=view.version,
-            build_tool_identifier=view.build_tool_identifier,
-            compressed_archive_size=view.compressed_archive_size,
-            uncompressed_archive_size=view.uncompressed_archive_size,
-            files=(),
-            compression=view.compression,
-        )
-        return light, tree
+
+    def _watch_idle(self) -> None:
+        """Start (once) the task that stops idle workers, when there are workers."""
+        if self._processes is not None and not self._watching:
+            self._watching = self._tasks.start_soon(self._stop_idle, name="tree workers idle")
+
+    async def _stop_idle(self) -> None:
+        """Until the scope closes: stop the workers whenever they were idle long enough."""
+        processes = cast(TreeProcesses, self._processes)
+        while True:
+            wait = processes.seconds_to_idle()
+            if wait is None or (wait <= 0 and processes.close_if_idle()):
+                wait = processes.idle_sec
+            await trio.sleep(max(wait, IDLE_CHECK_MIN_SEC))

@@ -100,6 +100,16 @@ class Stack:
                 continue
         return out
 
+    def events_when(
+        self, ok: Callable[[list[dict[str, object]]], bool], timeout_s: float = 10.0
+    ) -> list[dict[str, object]]:
+        """The daemon's log records once `ok`; fails after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while not ok(events := self.daemon_events()):
+            assert time.monotonic() < deadline, f"daemon log: {events[-20:]}"
+            time.sleep(0.05)
+        return events
+
 
 def bulk_sums(image: images.Image) -> dict[str, str]:
     """sha256 of the PY_FILES as stored in the image's bulk layer (the padding file is
@@ -220,7 +230,9 @@ def test_lazy_pull_fetches_no_layer_and_container_reads(stack: Stack) -> None:
         assert stack.blob_bytes(layer.digest) == 0, f"layer {layer.digest} was fetched"
     # The layer below --min-layer-size was unpacked locally by the snapshotter (full GET).
     assert stack.blob_bytes(whiteout.digest) == whiteout.size
-    events = stack.daemon_events()
+    events = stack.events_when(  # PullImage does not wait for the deferred mounts
+        lambda evs: sum(1 for e in evs if e.get("msg") == "lazy layer mounted") >= 3
+    )
     reasons = [e.get("reason") for e in events if e.get("msg") == "lazy layer fallback"]
     assert reasons.count("no_ztoc") == 1, reasons
     assert sum(1 for e in events if e.get("msg") == "lazy layer mounted") == 3
@@ -268,6 +280,11 @@ def test_lazy_pull_fetches_no_layer_and_container_reads(stack: Stack) -> None:
         f"total served {sum(stack.proxy.bytes_sent.values())} bytes"
     )
     assert 0 < fetched < bulk.size
+    # the bulk layer's zTOC is over 1 MiB: tree worker processes were started, none failed
+    doc = status_when(stack, lambda d: "treeWorkers" in d)
+    workers = doc["treeWorkers"]
+    assert isinstance(workers, dict) and workers["processes"] == 2, doc
+    assert workers["running"] + workers["builds"] >= 1 and workers["fallbacks"] == 0, doc
 
 
 HOLD_SEC = 5.0

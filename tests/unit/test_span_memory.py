@@ -155,7 +155,7 @@ def test_the_config_key_reaches_the_read_config(tmp_path: Path) -> None:
 
 
 def test_freed_heap_is_given_back_at_most_once_per_interval() -> None:
-    from snapshotter.remote import trees
+    from snapshotter.remote import heap as trees
 
     time.sleep(trees.TRIM_INTERVAL_SEC)
     assert trees.release_free_memory() is True  # glibc on every machine this runs on
