@@ -358,7 +358,13 @@ async def _build(
     )
     processes = TreeProcesses(cfg.tree_processes) if cfg.tree_processes > 0 else None
     if processes is not None:  # closed after the task scope: no build uses them any more
-        stack.push_async_callback(trio.to_thread.run_sync, processes.close)
+
+        async def close_processes() -> None:
+            # shielded: a Cancelled from here would replace the error the stack unwinds for
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(processes.close)
+
+        stack.push_async_callback(close_processes)
     step.name = "tasks"
     scope: TaskScope = await stack.enter_async_context(open_task_scope("remote"))
     background_scope = await scope.open_child("background")
