@@ -244,6 +244,26 @@ def sample(daemon: Daemon) -> Sample:
     )
 
 
+def tree_workers(daemon: Daemon) -> tuple[int, float]:
+    """(count, summed peak RSS in MB) of the daemon's tree worker processes now."""
+    count, hwm_kb = 0, 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid != daemon.pid or b"treeprocs" not in (proc / "cmdline").read_bytes():
+                continue
+            status = (proc / "status").read_text()
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                count += 1
+                hwm_kb += int(line.split()[1])
+    return count, hwm_kb / 1024
+
+
 def settled(daemon: Daemon, seconds: float = 2.0) -> Sample:
     """A sample after `seconds` of quiet and a fresh stats file."""
     time.sleep(max(seconds, 2 * STATS_INTERVAL_SEC))
@@ -375,6 +395,8 @@ def layer_cost(blob: Path) -> LayerCost:
 class ReadPhase:
     at_start: Sample
     after_mount: Sample
+    workers: tuple[int, float] = (0, 0.0)
+    """Tree worker processes after the mounts: count, summed peak RSS (MB)."""
     peak_mb: float = 0.0
     steady_mb: float = 0.0
     reads: int = 0
@@ -408,7 +430,7 @@ def read_phase(
     mount_sec = time.monotonic() - started
     dirs = fuse_dirs(daemon.root)
     layer_dirs = [dirs[layer.digest][0] for layer in image.layers]
-    phase = ReadPhase(at_start, settled(daemon), mount_sec=mount_sec)
+    phase = ReadPhase(at_start, settled(daemon), tree_workers(daemon), mount_sec=mount_sec)
     paths = [file_paths(n, params.files) for n in range(params.layers)]
     stop = time.monotonic() + seconds
     lock = threading.Lock()
@@ -507,6 +529,8 @@ def render(
         f"| after mounting {params.layers} layers | {phase.after_mount.rss_mb:.0f} |",
         f"| peak (VmHWM), {args.readers} readers for {args.read_sec:.0f} s | {phase.peak_mb:.0f} |",
         f"| steady (median of the last half of the reads) | {phase.steady_mb:.0f} |",
+        f"| tree worker processes after the mounts: {phase.workers[0]}, peak RSS summed "
+        f"(they stop after a minute without a build) | {phase.workers[1]:.0f} |",
         "",
         f"Reads: {phase.reads} whole files ({phase.read_mb:.1f} MB) read through FUSE with the "
         f"page cache dropped first, {phase.errors} errors. Goal: peak RSS at most {GOAL_MB} MB: "
