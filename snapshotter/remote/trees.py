@@ -111,6 +111,8 @@ class LayerTrees:
         processes = cast(TreeProcesses, self._processes)
         while True:
             wait = processes.seconds_to_idle()
-            if wait is None or (wait <= 0 and processes.close_if_idle()):
+            if wait is None or (
+                wait <= 0 and await trio.to_thread.run_sync(processes.close_if_idle)
+            ):  # in a thread: stopping waits for the workers to exit
                 wait = processes.idle_sec
             await trio.sleep(max(wait, IDLE_CHECK_MIN_SEC))
