@@ -15,7 +15,8 @@ the zTOC's bytes in, of the result out (compact arrays: about 10 MB and a few mi
 to unpickle for 54k files). A worker exits when its stdin closes, so workers never outlive
 the daemon, however it ends. Workers start with `start` (the catalog calls it once an
 image's index is found, while its zTOCs download: starting takes 0.15-0.4 s) or with the
-first build, and stop once no build used them for `idle_sec` (each keeps 30-40 MB).
+first build, and stop once no build used them for `idle_sec` (each keeps 30-40 MB idle and
+peaks at about 100 MB building a tree of 100k entries: `tests.bench.bench_memory`).
 
 A build a worker cannot do (it died or answered garbage, it cannot be started, the pool is
 closed) returns None and the caller builds in its own thread; that worker is gone and the
