@@ -312,7 +312,10 @@ async def _build(
             kept_layers = len(host.layer_names())
             log.info("fuse mounts kept for the next start", extra={"layers": kept_layers})
             return
-        await trio.to_thread.run_sync(_release_all, root, fuse_dir)
+        # shielded: when the daemon stops on an error the stack unwinds in a cancelled scope,
+        # and a Cancelled here would leave the mounts and replace the error
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(_release_all, root, fuse_dir)
 
     stack.push_async_callback(teardown)
     step.name = "store"

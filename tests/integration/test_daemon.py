@@ -132,6 +132,9 @@ def test_live_socket_is_not_stolen_and_daemons_run_side_by_side(tmp_path: Path) 
             f"sociable-snapshotter: error: address {str(a.address)!r} is in use by pid {a.proc.pid}"
         )
         assert ca.stat("only-in-a").kind == "active"  # the first daemon is untouched
+        other = str(tmp_path / "other-root")  # and the one that gave up left no mount behind
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+        assert not [m for m in mountinfo.splitlines() if other in m], mountinfo
         ca.close()
         cb.close()
 
