@@ -17,7 +17,7 @@ tunes the process's heap for the lazy path (`heap.limit_heap_growth`).
 
 from __future__ import annotations
 
-from typing import Final, cast
+from typing import Final
 
 import trio
 
@@ -58,9 +58,10 @@ class LayerTrees:
         self._tasks = tasks
         self._userxattr = userxattr
         self._processes = processes
-        self._watching = False
         limit_heap_growth()
         self._pre: Preresolver[tuple[Ztoc, LayerTree]] = Preresolver(self._load, tasks)
+        if processes is not None:
+            tasks.start_soon(self._stop_idle, processes, name="tree workers idle")
 
     def __repr__(self) -> str:
         return f"<LayerTrees {self._pre!r}>"
@@ -68,7 +69,6 @@ class LayerTrees:
     def queue(self, image: Digest, ztoc: Digest) -> None:
         """Build the tree of `ztoc` (a layer of `image`) in the background. Never raises."""
         self._pre.add(image, ztoc)
-        self._watch_idle()
 
     def warm(self, largest: int) -> None:
         """Trees of zTOCs up to `largest` bytes will be built soon: start the worker
@@ -77,11 +77,9 @@ class LayerTrees:
             self._tasks.start_soon(
                 trio.to_thread.run_sync, self._processes.start, name="tree workers start"
             )
-            self._watch_idle()
 
     async def take(self, ztoc: Digest) -> tuple[Ztoc, LayerTree]:
         """The zTOC's light `Ztoc` and tree. Raises MountError (zTOC missing or unusable)."""
-        self._watch_idle()
         return await self._pre.take(ztoc)
 
     def _load(self, ztoc_digest: Digest) -> tuple[Ztoc, LayerTree]:
@@ -101,14 +99,9 @@ class LayerTrees:
         except (StoreError, ZtocError, FsError, MountError) as e:
             raise MountError(f"zTOC {ztoc_digest}: {e}") from e
 
-    def _watch_idle(self) -> None:
-        """Start (once) the task that stops idle workers, when there are workers."""
-        if self._processes is not None and not self._watching:
-            self._watching = self._tasks.start_soon(self._stop_idle, name="tree workers idle")
-
-    async def _stop_idle(self) -> None:
+    @staticmethod
+    async def _stop_idle(processes: TreeProcesses) -> None:
         """Until the scope closes: stop the workers whenever they were idle long enough."""
-        processes = cast(TreeProcesses, self._processes)
         while True:
             wait = processes.seconds_to_idle()
             if wait is None or (
