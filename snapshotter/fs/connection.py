@@ -40,6 +40,10 @@ from .protocol import READ_BUFFER_BYTES, parse_init
 log = logging.getLogger(__name__)
 
 KEEPER_NAME: Final = "fuse"
+"""The keeper's name of the daemon's connection (at `<root>/fuse`)."""
+PLAIN_KEEPER_NAME: Final = "fuse-plain"
+"""The keeper's name of its second connection, the one that never answers OPEN (at
+`<root>/fuse-plain`; `snapshotter.fs.fuse.FuseMount.plain`)."""
 FSNAME: Final = "sociable"
 FSTYPE: Final = "fuse.sociable"
 
@@ -108,11 +112,11 @@ def _from_keeper(fd: int, data: bytes) -> KeptConnection:
     return KeptConnection(fd, init, str(doc["device"]), adopted=True)
 
 
-def adopt(root: Path, mountpoint: Path) -> KeptConnection | None:
-    """The connection the keeper holds for `root` when it still serves the mount at
+def adopt(root: Path, mountpoint: Path, name: str = KEEPER_NAME) -> KeptConnection | None:
+    """The connection the keeper holds for `root` as `name` when it still serves the mount at
     `mountpoint`; None (after telling the keeper to drop anything else) when there is none.
     Raises KeeperError."""
-    fetched = keeper.fetch(root, KEEPER_NAME)
+    fetched = keeper.fetch(root, name)
     if fetched is None:
         return None
     fd, data = fetched
@@ -127,7 +131,7 @@ def adopt(root: Path, mountpoint: Path) -> KeptConnection | None:
     except (ValueError, KeyError, TypeError, OSError) as e:
         os.close(fd)
         log.warning("fuse connection not adopted", extra={"error": str(e)})
-        keeper.drop(root, KEEPER_NAME)
+        keeper.drop(root, name)
         return None
     return kept
 
@@ -162,22 +166,25 @@ def discard(fd: int, mountpoint: Path | None) -> None:
         os.close(fd)
 
 
-def mount_fresh(root: Path, mountpoint: Path, options: frozenset[str]) -> KeptConnection:
-    """`mount_new`, and the keeper gets a duplicate of the fd. On any failure nothing stays
-    mounted. Raises OSError, ValueError, KeeperError."""
+def mount_fresh(
+    root: Path, mountpoint: Path, options: frozenset[str], name: str = KEEPER_NAME
+) -> KeptConnection:
+    """`mount_new`, and the keeper gets a duplicate of the fd as `name`. On any failure
+    nothing stays mounted. Raises OSError, ValueError, KeeperError."""
     kept = mount_new(mountpoint, options)
     try:
-        keeper.store(root, KEEPER_NAME, kept.fd, kept.keeper_data())
+        keeper.store(root, name, kept.fd, kept.keeper_data())
     except BaseException:
         discard(kept.fd, mountpoint)
         raise
     return kept
 
 
-def release(root: Path, mountpoint: Path) -> bool:
-    """Full teardown: the keeper forgets the connection and the mount is lazily unmounted
-    (readers of it get ENOTCONN from then on). Returns whether something was unmounted."""
-    keeper.drop(root, KEEPER_NAME)
+def release(root: Path, mountpoint: Path, name: str = KEEPER_NAME) -> bool:
+    """Full teardown: the keeper forgets the connection `name` and the mount is lazily
+    unmounted (readers of it get ENOTCONN from then on). Returns whether something was
+    unmounted."""
+    keeper.drop(root, name)
     try:
         return detach(mountpoint)
     except OSError as e:

@@ -716,20 +716,31 @@ class FuseMount:
         self._nursery: trio.Nursery | None = None
         self.passthrough: Passthrough | None = None
         """The OPEN answers and backing files when the connection passes reads through."""
+        self.plain: FuseMount | None = None
+        """A second connection serving the same host with OPEN answered ENOSYS: no OPEN or
+        RELEASE per file opened, and no passthrough. A connection answers OPEN for all its
+        files or for none, and on a passthrough connection every open of every file is a
+        round trip into the daemon (about 0.1 ms where waking the other CPU is slow), so
+        layers of small files (`Passthrough.worth_opens`) are given out from here."""
 
     def __repr__(self) -> str:
         return f"<FuseMount {self.mountpoint} {self.host!r}>"
 
     async def start(self) -> None:
-        """Begin answering requests (idempotent); see `open_fuse_host`'s `start`."""
+        """Begin answering requests, also on `plain` (idempotent); see `open_fuse_host`'s
+        `start`."""
         if self._starter is not None:
             await self._starter()
+        if self.plain is not None:
+            await self.plain.start()
 
     def stop(self) -> None:
-        """Stop answering requests now: those in progress are cancelled unanswered (on a
-        kept connection the next process gets them again). Idempotent."""
+        """Stop answering requests now, also on `plain`: those in progress are cancelled
+        unanswered (on a kept connection the next process gets them again). Idempotent."""
         if self._stop is not None:
             self._stop()
+        if self.plain is not None:
+            self.plain.stop()
 
     @property
     def connection_fd(self) -> int | None:
@@ -746,17 +757,29 @@ class FuseMount:
         slot: int | None = None,
         digest: str = "",
     ) -> Path:
-        """`LayerHost.add_layer`, returning the layer's directory under the mountpoint."""
+        """`LayerHost.add_layer`, returning the layer's directory to give out: under this
+        mountpoint, or under `plain`'s when this connection passes reads through and the
+        layer is not worth an OPEN per file (`Passthrough.worth_opens`). The layer shows
+        under both (one host)."""
         self.host.add_layer(name, tree, reader, slot=slot, digest=digest)
+        if self.plain is not None and (
+            self.passthrough is None or not self.passthrough.worth_opens(tree)
+        ):
+            return self.plain.mountpoint / name
         return self.mountpoint / name
 
     def remove_layer(self, name: str) -> None:
         """`LayerHost.remove_layer`, then drop the kernel's cached entry for the layer dir
-        (a notification written from a worker thread)."""
+        on this connection and on `plain` (notifications written from a worker thread)."""
         inode = self.host.layer_inode(name)
         slot = self.host.remove_layer(name)
         if self.passthrough is not None:
             self.passthrough.forget_layer(slot)
+        self._forget_entry(name, inode)
+        if self.plain is not None:
+            self.plain._forget_entry(name, inode)
+
+    def _forget_entry(self, name: str, inode: int) -> None:
         if self._nursery is not None and self._served_fd is not None:
             message = p.delete_notification(
                 FUSE_ROOT_INODE, inode, name.encode("utf-8", "surrogateescape")

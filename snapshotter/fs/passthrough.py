@@ -54,6 +54,7 @@ import trio
 from snapshotter.fs import protocol as p
 from snapshotter.fs.host import LayerFile, LayerHost
 from snapshotter.fs.inodes import split_inode
+from snapshotter.fs.tree import LayerTree
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,17 @@ class Passthrough:
                 self._retired.add(int(fields[1]))
         except (IndexError, ValueError, UnicodeDecodeError):
             pass
+
+    def worth_opens(self, tree: LayerTree) -> bool:
+        """Whether a layer of `tree` is worth an OPEN request per file opened: its files that
+        may be copied (at least `min_file_bytes`) hold at least half of its file bytes.
+        Otherwise most of what it serves would never be passed through, and every open of
+        its many small files would cost a round trip into the daemon (see `FuseMount.plain`).
+        """
+        total = tree.total_file_bytes
+        return (
+            total > 0 and 2 * tree.bytes_in_files_of_at_least(self.config.min_file_bytes) >= total
+        )
 
     def attach(self, fd: int, nursery: trio.Nursery) -> None:
         """Serve connection `fd` (passed through); copies run in `nursery`."""

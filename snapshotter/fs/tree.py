@@ -274,6 +274,11 @@ class LayerTree:
     def __repr__(self) -> str:
         return f"<LayerTree nodes={self.node_count} entries={self.entry_count}>"
 
+    def bytes_in_files_of_at_least(self, size: int) -> int:
+        """The bytes of the layer's files of at least `size` bytes (`size` > 0: directories
+        and symlinks count only when as large)."""
+        return sum(s for s in self._size if s >= size)
+
     @property
     def node_count(self) -> int:
         """Number of node ids in use (including the root and nodes no longer reachable)."""

@@ -294,19 +294,21 @@ async def _build(
 
     cfg = settings.config.remote
     root = settings.root
-    fuse_dir = root / "fuse"
     step.name = "stale mounts"
-    kept, binds, survival = await trio.to_thread.run_sync(_take_connection, root, fuse_dir)
-    if kept is None and survival:
+    kept, binds, survival = await trio.to_thread.run_sync(_take_connections, root)
+    if survival:
         step.name = "fuse"
-        kept = await trio.to_thread.run_sync(_mount_fresh, root, fuse_dir)
+        for name in CONNECTIONS:
+            if kept[name] is None:
+                kept[name] = await trio.to_thread.run_sync(_mount_fresh, root, name)
+    held = {name: k for name, k in kept.items() if k is not None}
     served = False
     host = LayerHost()
 
     async def teardown() -> None:
-        """The mounts stay for the next start while lazy layers are served on a kept
-        connection (or an adopted one was never served again); else they go."""
-        if kept is None or (kept.adopted and not served):
+        """The mounts stay for the next start while lazy layers are served on kept
+        connections (or an adopted one was never served again); else they go."""
+        if not held or (not served and any(k.adopted for k in held.values())):
             return
         if served and host.layer_names():
             kept_layers = len(host.layer_names())
@@ -315,7 +317,7 @@ async def _build(
         # shielded: when the daemon stops on an error the stack unwinds in a cancelled scope,
         # and a Cancelled here would leave the mounts and replace the error
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(_release_all, root, fuse_dir)
+            await trio.to_thread.run_sync(_release_all, root, tuple(held))
 
     stack.push_async_callback(teardown)
     step.name = "store"
@@ -351,12 +353,21 @@ async def _build(
     step.name = "fuse"
     fuse = await stack.enter_async_context(
         open_fuse_host(
-            fuse_dir,
+            root / MAIN_CONNECTION,
             host,
             metrics=metrics,
-            connection=kept,
+            connection=kept[MAIN_CONNECTION],
             start=False,
             passthrough=cfg.passthrough_config(root / "passthrough"),
+        )
+    )
+    fuse.plain = await stack.enter_async_context(
+        open_fuse_host(
+            root / PLAIN_CONNECTION,
+            host,
+            metrics=metrics,
+            connection=kept[PLAIN_CONNECTION],
+            start=False,
         )
     )
     processes = TreeProcesses(cfg.tree_processes) if cfg.tree_processes > 0 else None
@@ -423,20 +434,27 @@ async def _build(
         )
         mirror = await _mirror(settings, stack, peer_node, spans)
         peer_node.start(peers_scope, server, mirror)
-    layers.keep_mounts = kept is not None
-    if kept is not None and kept.adopted:
+    layers.keep_mounts = bool(held)
+    adopted_devices = [k.device for k in held.values() if k.adopted]
+    if adopted_devices:
         step.name = "adopt"
         found = await trio.to_thread.run_sync(records.read_all)
         adopted = await layers.adopt(binds, found)
         log.info(
             "fuse connection adopted",
-            extra={"device": kept.device, "layers": adopted, "bind_mounts": len(binds)},
+            extra={
+                "device": ",".join(adopted_devices),
+                "layers": adopted,
+                "bind_mounts": len(binds),
+            },
         )
     step.name = "fuse"
     await fuse.start()
     served = True
-    if kept is not None:
-        scope.start_soon(_watch_keeper, root, fuse, kept.keeper_data(), name="keeper watch")
+    if held:
+        mounts = {MAIN_CONNECTION: fuse, PLAIN_CONNECTION: fuse.plain}
+        watched = [(name, mounts[name], k.keeper_data()) for name, k in held.items()]
+        scope.start_soon(_watch_keeper, root, watched, name="keeper watch")
     mounter = RemoteMounter(
         catalog=catalog,
         layers=layers,
@@ -478,29 +496,43 @@ async def _build(
     return mounter
 
 
-def _take_connection(
-    root: Path, fuse_dir: Path
-) -> tuple[KeptConnection | None, dict[Path, str], bool]:
-    """The adopted FUSE connection, the bind mounts of its layers still in place (mountpoint
-    -> layer name) and whether a keeper answers. The keeper's connection when it still serves
-    `fuse_dir` (other mounts under the root's snapshots are detached); else None after every
-    mount left under the root is cleared (then `_mount_fresh`, or without a keeper the FUSE
-    server mounts a connection of its own). Blocking; raises OSError."""
+MAIN_CONNECTION = "fuse"
+PLAIN_CONNECTION = "fuse-plain"
+CONNECTIONS = (MAIN_CONNECTION, PLAIN_CONNECTION)
+"""The daemon's FUSE connections, each mounted at `<root>/<name>` and kept by the keeper as
+`<name>`: both serve every layer (one host); the plain one never answers OPEN, and layers of
+small files are given out from it (`snapshotter.fs.fuse.FuseMount.plain`)."""
+
+
+def _take_connections(
+    root: Path,
+) -> tuple[dict[str, KeptConnection | None], dict[Path, str], bool]:
+    """The adopted FUSE connections (by name, None where none is adopted), the bind mounts of
+    their layers still in place (mountpoint -> layer name) and whether a keeper answers. A
+    keeper's connection is adopted when it still serves `<root>/<name>`; other mounts under
+    the root's snapshots are detached, and a connection not adopted has its mountpoint
+    cleared (then `_mount_fresh`, or without a keeper the FUSE server mounts a connection of
+    its own). Blocking; raises OSError."""
     from snapshotter.fs import connection, keeper
     from snapshotter.fs.fuse import cleanup_stale_mount
 
     snapshots = root / "snapshots"
-    kept: KeptConnection | None = None
+    kept: dict[str, KeptConnection | None] = dict.fromkeys(CONNECTIONS)
     try:
         keeper.spawn(root)
-        kept = connection.adopt(root, fuse_dir)
+        for name in CONNECTIONS:
+            kept[name] = connection.adopt(root, root / name, name)
+        survival = True
     except keeper.KeeperError as e:
         log.warning("fuse restart survival off", extra={"error": str(e)})
+        for name, k in kept.items():
+            if k is not None:
+                connection.discard(k.fd, None)
+                kept[name] = None
         survival = False
-    else:
-        survival = True
+    devices = {k.device for k in kept.values() if k is not None}
     binds: dict[Path, str] = {}
-    if kept is not None:
+    if devices:
         ours: set[str] = set()
         for entry in mounts_under(snapshots):  # latest first: the top mount of each path
             mountpoint = Path(entry.mountpoint)
@@ -508,7 +540,7 @@ def _take_connection(
                 continue
             with contextlib.suppress(ValueError):
                 name = layer_name(mountpoint)
-                if entry.device == kept.device and entry.root == f"/{name}":
+                if entry.device in devices and entry.root == f"/{name}":
                     binds[mountpoint] = name
                     continue
             ours.add(entry.mountpoint)
@@ -516,21 +548,24 @@ def _take_connection(
             with contextlib.suppress(OSError):
                 while bindmount.detach(Path(path)):
                     pass
-        return kept, binds, survival
-    bindmount.detach_all_under(snapshots)
-    cleanup_stale_mount(fuse_dir)
-    fuse_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    return None, binds, survival
+    else:
+        bindmount.detach_all_under(snapshots)
+    for name, k in kept.items():
+        if k is None:
+            cleanup_stale_mount(root / name)
+            (root / name).mkdir(mode=0o755, parents=True, exist_ok=True)
+    return kept, binds, survival
 
 
-def _mount_fresh(root: Path, fuse_dir: Path) -> KeptConnection | None:
-    """A fresh FUSE connection on `fuse_dir`, kept by the keeper; None (logged) when the
-    keeper refuses it (the FUSE server then mounts one of its own). Blocking; raises OSError (no /dev/fuse, ...)."""
+def _mount_fresh(root: Path, name: str) -> KeptConnection | None:
+    """A fresh FUSE connection on `<root>/<name>`, kept by the keeper as `name`; None
+    (logged) when the keeper refuses it (the FUSE server then mounts one of its own).
+    Blocking; raises OSError (no /dev/fuse, ...)."""
     from snapshotter.fs import connection, keeper
     from snapshotter.fs.fuse import MOUNT_OPTIONS
 
     try:
-        return connection.mount_fresh(root, fuse_dir, MOUNT_OPTIONS)
+        return connection.mount_fresh(root, root / name, MOUNT_OPTIONS, name)
     except keeper.KeeperError as e:
         log.warning("fuse restart survival off", extra={"error": str(e)})
         return None
@@ -540,76 +575,86 @@ KEEPER_CHECK_SEC = 5.0
 """How often the daemon checks that a keeper holds its FUSE connection, in seconds."""
 
 
-async def _watch_keeper(root: Path, fuse: FuseMount, data: bytes) -> None:
-    """Every `KEEPER_CHECK_SEC`: when no keeper holds the connection any more (the keeper was
-    killed or restarted), hand it to one again, so the next restart can still adopt it. A
-    keeper is started here unless systemd runs this daemon (then the keeper's unit restarts
-    it: one started here would die with this unit). Failures are logged once until it works
-    again (`fuse connection not kept`)."""
+async def _watch_keeper(root: Path, kept: list[tuple[str, FuseMount, bytes]]) -> None:
+    """Every `KEEPER_CHECK_SEC`: when no keeper holds a connection of `kept` (name, mount,
+    keeper data) any more (the keeper was killed or restarted), hand it to one again, so the
+    next restart can still adopt it. A keeper is started here unless systemd runs this daemon
+    (then the keeper's unit restarts it: one started here would die with this unit). The
+    connections are handed one after the other (one keeper started). Failures are logged
+    once until it works again (`fuse connection not kept`)."""
     from snapshotter.fs.keeper import KeeperError
 
     warned = False
     while True:
         await trio.sleep(KEEPER_CHECK_SEC)
-        fd = fuse.connection_fd
-        if fd is None:
-            continue
-        try:
-            handed = await trio.to_thread.run_sync(_keep_again, root, fd, data)
-        except (OSError, ValueError, KeeperError) as e:
-            if not warned:
-                log.warning("fuse connection not kept", extra={"error": str(e)})
-            warned = True
-            continue
-        warned = False
-        if handed:
-            log.info("fuse connection handed to a new keeper", extra={"root": str(root)})
+        failed = False
+        for name, fuse, data in kept:
+            fd = fuse.connection_fd
+            if fd is None:
+                continue
+            try:
+                handed = await trio.to_thread.run_sync(_keep_again, root, name, fd, data)
+            except (OSError, ValueError, KeeperError) as e:
+                if not warned:
+                    log.warning(
+                        "fuse connection not kept", extra={"connection": name, "error": str(e)}
+                    )
+                warned = failed = True
+                continue
+            if handed:
+                log.info(
+                    "fuse connection handed to a new keeper",
+                    extra={"root": str(root), "connection": name},
+                )
+        warned = failed
 
 
-def _keep_again(root: Path, fd: int, data: bytes) -> bool:
-    """Store `fd` in the keeper unless it holds the connection; True when stored. Blocking;
-    raises KeeperError, OSError."""
+def _keep_again(root: Path, name: str, fd: int, data: bytes) -> bool:
+    """Store `fd` in the keeper as `name` unless it holds that connection; True when stored.
+    Blocking; raises KeeperError, OSError."""
     import os
 
-    from snapshotter.fs import connection, keeper
+    from snapshotter.fs import keeper
 
     try:
-        if keeper.has(root, connection.KEEPER_NAME):
+        if keeper.has(root, name):
             return False
     except keeper.KeeperError:
         if "INVOCATION_ID" in os.environ:
             raise
         keeper.spawn(root)
-    keeper.store(root, connection.KEEPER_NAME, fd, data)
+    keeper.store(root, name, fd, data)
     return True
 
 
-def _release_all(root: Path, fuse_dir: Path) -> None:
+def _release_all(root: Path, names: tuple[str, ...]) -> None:
     """Full teardown: every bind mount under the root's snapshots detached, the keeper told
-    to forget the connection, the FUSE mount lazily unmounted. Blocking; never raises."""
+    to forget the connections `names`, their FUSE mounts lazily unmounted. Blocking; never
+    raises."""
     from snapshotter.fs import connection
 
     with contextlib.suppress(OSError):
         bindmount.detach_all_under(root / "snapshots")
-    connection.release(root, fuse_dir)
+    for name in names:
+        connection.release(root, root / name, name)
 
 
 def cleanup_mounts(root: Path) -> int:
     """`sociable-snapshotter cleanup-mounts`: with the daemon stopped (its root lock taken
     here), tear down what a stopped daemon leaves for the next start: bind mounts under
-    `<root>/snapshots`, the kept FUSE connection and the mount at `<root>/fuse`. Running
-    containers lose their lazy layers (ENOTCONN). Returns how many mounts went. Raises
-    RootLocked (a daemon runs), OSError."""
-    from snapshotter.fs import connection, keeper
+    `<root>/snapshots`, the kept FUSE connections and their mounts (`<root>/fuse`,
+    `<root>/fuse-plain`). Running containers lose their lazy layers (ENOTCONN). Returns how
+    many mounts went. Raises RootLocked (a daemon runs), OSError."""
+    from snapshotter.fs import keeper
     from snapshotter.fs.fuse import cleanup_stale_mount
     from snapshotter.rootlock import lock_root
 
     with lock_root(root):
         count = bindmount.detach_all_under(root / "snapshots")
-        keeper.drop(root, connection.KEEPER_NAME)
-        fuse_dir = root / "fuse"
-        if cleanup_stale_mount(fuse_dir):
-            count += 1
+        for name in CONNECTIONS:
+            keeper.drop(root, name)
+            if cleanup_stale_mount(root / name):
+                count += 1
     return count
 
 

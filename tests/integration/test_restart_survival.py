@@ -636,14 +636,17 @@ def test_keeper_killed_while_serving_is_replaced(
         deadline = time.monotonic() + 20
         while True:
             second = keeper.ping(daemon.root)
-            if second is not None and second != first and keeper.has(daemon.root, "fuse"):
+            names = ("fuse", "fuse-plain")
+            if second not in (None, first) and all(keeper.has(daemon.root, n) for n in names):
                 break
-            assert time.monotonic() < deadline, "no new keeper holds the connection"
+            assert time.monotonic() < deadline, "no new keeper holds the connections"
             time.sleep(0.2)
         handed = [
-            e for e in _events(daemon) if e.get("msg") == "fuse connection handed to a new keeper"
+            e.get("connection")
+            for e in _events(daemon)
+            if e.get("msg") == "fuse connection handed to a new keeper"
         ]
-        assert len(handed) == 1
+        assert sorted(handed) == ["fuse", "fuse-plain"]
         _evict(daemon.root)
         down_from = _uptime()
         daemon.kill9()
@@ -658,3 +661,69 @@ def test_keeper_killed_while_serving_is_replaced(
         f"keeper replaced; {lines} results after a kill -9, all right; longest gap {longest:.2f} s"
     )
     assert len(adopted) == 1
+
+
+def _fuse_ops(root: Path) -> dict[str, int]:
+    doc = json.loads((root / "status.json").read_text())
+    return {op: int(v["count"]) for op, v in doc.get("fuseOps", {}).items()}
+
+
+def _lazy_binds(root: Path, timeout_s: float = 30.0) -> list[tuple[Path, str]]:
+    """(mountpoint, device) of the lazy layers' bind mounts under the root's snapshots, once
+    there is one."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        binds = [
+            (Path(e.mountpoint), e.device)
+            for e in mounts_under(root.resolve() / "snapshots")
+            if e.fstype.startswith("fuse")
+        ]
+        if binds:
+            return binds
+        assert time.monotonic() < deadline, "no lazy layer was bound"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize(
+    ("min_bytes", "connection"), [(1 << 30, "fuse-plain"), (4096, "fuse")], ids=["plain", "open"]
+)
+def test_a_layer_is_bound_from_the_connection_its_files_need(
+    pushed: Pushed, tmp_path: Path, min_bytes: int, connection: str
+) -> None:
+    """The daemon serves every layer on two connections. A layer whose bytes are mostly in
+    files that passthrough may copy (`passthrough_min_file_bytes`) is bound from `<root>/fuse`,
+    which answers OPEN (every open of its files is an OPEN, a RELEASE when closed); any other
+    layer from `<root>/fuse-plain`, which never answers OPEN, so reading its files costs no
+    OPEN at all. Files read right either way, and the choice survives a kill -9."""
+    stdlib = images.python_stdlib_dir()
+    remote = f"passthrough_min_file_bytes = {min_bytes}\n"
+    with _stack(pushed, tmp_path / "stack", remote=remote) as (daemon, ctd):
+        _pull(ctd, pushed.lazy_ref)
+        status = json.loads((daemon.root / "status.json").read_text())
+        if "passthrough" not in status:  # the kernel offers none: nothing answers OPEN
+            connection = "fuse-plain"
+        devices = {
+            name: entry.device
+            for name in ("fuse", "fuse-plain")
+            if (entry := mount_at(daemon.root.resolve() / name)) is not None
+        }
+        assert len(set(devices.values())) == 2, devices
+        for how in ("first daemon", "after kill -9"):
+            binds = _lazy_binds(daemon.root)
+            layer = next(m for m, _ in binds if (m / "usr/lib/python3.11/os.py").exists())
+            assert dict(binds)[layer] == devices[connection], (how, binds, devices)
+            files = sorted((layer / "usr/lib/python3.11/json").glob("*.py"))
+            assert len(files) >= 4
+            before = _fuse_ops(daemon.root)
+            for path in files:
+                assert path.read_bytes() == (stdlib / "json" / path.name).read_bytes(), (how, path)
+            time.sleep(2.5)  # status.json is rewritten at most once a second
+            after = _fuse_ops(daemon.root)
+            opens = after.get("open", 0) - before.get("open", 0)
+            if connection == "fuse":
+                assert opens >= len(files), (how, before, after)
+            else:  # one: the connection's first open, answered ENOSYS (then none comes)
+                assert opens <= 1, (how, before, after)
+            daemon.kill9()
+            daemon.start()
+            assert any(e.get("msg") == "fuse connection adopted" for e in _events(daemon))
