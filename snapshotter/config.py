@@ -158,7 +158,10 @@ class RemoteConfig:
     )
     passthrough_min_file_bytes: int = field(
         default=1024 * 1024,
-        metadata=_doc("Smallest file copied for passthrough, in bytes."),
+        metadata=_doc(
+            "Smallest file copied for passthrough, in bytes. A layer whose files of this size "
+            "hold less than half of its bytes is served without OPEN requests (no passthrough)."
+        ),
     )
     passthrough_max_bytes: int = field(
         default=4 * 1024 * 1024 * 1024,

@@ -10,12 +10,13 @@ records, FUSE, ...) degrades to ordinary snapshots: one `lazy layers disabled` e
 `DegradedMounter`. Only the metadata store and the socket (opened by the daemon, not here)
 stop the daemon.
 
-Restart survival (docs/architecture.md, "Restart survival"): the FUSE connection is kept by
-the fd keeper (`snapshotter.fs.keeper`, started when none answers). At start the keeper's
-connection, when it still serves `<root>/fuse`, is adopted: the bind mounts of its layers
-stay, the layers are put back from their restore records (`LazyLayers.adopt`) and only then
-is the connection served again; otherwise mounts left under the root are cleared and a fresh
-connection is mounted and handed to the keeper. On exit the mounts stay for the next start
+Restart survival (docs/architecture.md, "Restart survival"): the two FUSE connections
+(`CONNECTIONS`: one host served at `<root>/fuse` and at `<root>/fuse-plain`, which never
+answers OPEN) are kept by the fd keeper (`snapshotter.fs.keeper`, started when none answers).
+At start each kept connection that still serves its mount is adopted: the bind mounts of its
+layers stay, the layers are put back from their restore records (`LazyLayers.adopt`) and
+only then are the connections served again; mounts of anything else left under the root are
+cleared and a fresh connection is mounted and handed to the keeper. On exit the mounts stay for the next start
 while lazy layers are mounted; with none (or when the connection was never served after a
 fresh mount) everything is torn down. `cleanup_mounts` is the explicit full teardown.
 
@@ -23,7 +24,7 @@ Task tree (every task lives in a scope owned by what it serves):
 
     remote                    root TaskScope of the mounter, open while the daemon serves
     ├── status writer         rewrites <root>/status.json when it changes
-    ├── keeper watch          hands the FUSE connection to a keeper again when none holds it
+    ├── keeper watch          hands the FUSE connections to a keeper again when none holds them
     ├── background            the background fetcher's loop
     ├── preresolve            layer-tree pre-resolution workers and their expiry timer;
     │                         the timer that stops idle tree worker processes
