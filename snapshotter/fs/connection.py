@@ -40,10 +40,10 @@ from .protocol import READ_BUFFER_BYTES, parse_init
 log = logging.getLogger(__name__)
 
 KEEPER_NAME: Final = "fuse"
-"""The keeper's name of the daemon's connection (at `<root>/fuse`)."""
+"""The keeper's name of the daemon's connection, mounted at `<root>/fuse`."""
 PLAIN_KEEPER_NAME: Final = "fuse-plain"
-"""The keeper's name of its second connection, the one that never answers OPEN (at
-`<root>/fuse-plain`; `snapshotter.fs.fuse.FuseMount.plain`)."""
+"""The keeper's name of its second connection, the one that never answers OPEN, mounted at
+`<root>/fuse-plain` (`snapshotter.fs.fuse.FuseMount.plain`)."""
 FSNAME: Final = "sociable"
 FSTYPE: Final = "fuse.sociable"
 

@@ -16,9 +16,9 @@ answers OPEN) are kept by the fd keeper (`snapshotter.fs.keeper`, started when n
 At start each kept connection that still serves its mount is adopted: the bind mounts of its
 layers stay, the layers are put back from their restore records (`LazyLayers.adopt`) and
 only then are the connections served again; mounts of anything else left under the root are
-cleared and a fresh connection is mounted and handed to the keeper. On exit the mounts stay for the next start
-while lazy layers are mounted; with none (or when the connection was never served after a
-fresh mount) everything is torn down. `cleanup_mounts` is the explicit full teardown.
+cleared and a fresh connection is mounted and handed to the keeper in place of each one not
+adopted. On exit the mounts stay for the next start while lazy layers are mounted; with none
+(or when an adopted connection was never served again) everything is torn down. `cleanup_mounts` is the explicit full teardown.
 
 Task tree (every task lives in a scope owned by what it serves):
 
@@ -69,6 +69,7 @@ from snapshotter.configcheck import check_mirror, is_warning
 from snapshotter.credentials.captured import CapturedCredentials, credentials_path
 from snapshotter.credentials.keychain import Keychain
 from snapshotter.credentials.providers import load_keychain
+from snapshotter.fs.connection import KEEPER_NAME, PLAIN_KEEPER_NAME
 from snapshotter.lazy import BackgroundFetcher, DemandTracker
 from snapshotter.lazy.cache import SpanCache
 from snapshotter.metrics import DaemonMetrics, MetricsApp, bind_metrics, serve_metrics
@@ -354,20 +355,20 @@ async def _build(
     step.name = "fuse"
     fuse = await stack.enter_async_context(
         open_fuse_host(
-            root / MAIN_CONNECTION,
+            root / KEEPER_NAME,
             host,
             metrics=metrics,
-            connection=kept[MAIN_CONNECTION],
+            connection=kept[KEEPER_NAME],
             start=False,
             passthrough=cfg.passthrough_config(root / "passthrough"),
         )
     )
     fuse.plain = await stack.enter_async_context(
         open_fuse_host(
-            root / PLAIN_CONNECTION,
+            root / PLAIN_KEEPER_NAME,
             host,
             metrics=metrics,
-            connection=kept[PLAIN_CONNECTION],
+            connection=kept[PLAIN_KEEPER_NAME],
             start=False,
         )
     )
@@ -453,7 +454,7 @@ async def _build(
     await fuse.start()
     served = True
     if held:
-        mounts = {MAIN_CONNECTION: fuse, PLAIN_CONNECTION: fuse.plain}
+        mounts = {KEEPER_NAME: fuse, PLAIN_KEEPER_NAME: fuse.plain}
         watched = [(name, mounts[name], k.keeper_data()) for name, k in held.items()]
         scope.start_soon(_watch_keeper, root, watched, name="keeper watch")
     mounter = RemoteMounter(
@@ -497,9 +498,7 @@ async def _build(
     return mounter
 
 
-MAIN_CONNECTION = "fuse"
-PLAIN_CONNECTION = "fuse-plain"
-CONNECTIONS = (MAIN_CONNECTION, PLAIN_CONNECTION)
+CONNECTIONS = (KEEPER_NAME, PLAIN_KEEPER_NAME)
 """The daemon's FUSE connections, each mounted at `<root>/<name>` and kept by the keeper as
 `<name>`: both serve every layer (one host); the plain one never answers OPEN, and layers of
 small files are given out from it (`snapshotter.fs.fuse.FuseMount.plain`)."""
