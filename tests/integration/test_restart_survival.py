@@ -727,3 +727,35 @@ def test_a_layer_is_bound_from_the_connection_its_files_need(
             daemon.kill9()
             daemon.start()
             assert any(e.get("msg") == "fuse connection adopted" for e in _events(daemon))
+
+
+def test_an_upgrade_from_one_connection_keeps_the_layers(pushed: Pushed, tmp_path: Path) -> None:
+    """What an upgrade from a version with one FUSE connection finds: the keeper holds
+    `<root>/fuse` only (the layers bound from it) and nothing is mounted at
+    `<root>/fuse-plain`. The new daemon adopts `<root>/fuse`, its layers read right, and it
+    mounts and keeps a fresh `<root>/fuse-plain`."""
+    stdlib = images.python_stdlib_dir()
+    remote = "passthrough_min_file_bytes = 1\n"  # every layer bound from <root>/fuse
+    with _stack(pushed, tmp_path / "stack", remote=remote) as (daemon, ctd):
+        _pull(ctd, pushed.lazy_ref)
+        status = json.loads((daemon.root / "status.json").read_text())
+        if "passthrough" not in status:
+            pytest.skip("no FUSE passthrough: every layer is bound from <root>/fuse-plain")
+        main = mount_at(daemon.root.resolve() / "fuse")
+        assert main is not None
+        binds = _lazy_binds(daemon.root)
+        assert {device for _, device in binds} == {main.device}
+        daemon.kill9()
+        keeper.drop(daemon.root, "fuse-plain")
+        subprocess.run(["umount", "-l", str(daemon.root / "fuse-plain")], check=True)
+        daemon.start()
+        assert any(e.get("msg") == "fuse connection adopted" for e in _events(daemon))
+        assert _lazy_binds(daemon.root) == binds
+        layer = next(m for m, _ in binds if (m / "usr/lib/python3.11/os.py").exists())
+        for name in ("os.py", "json/decoder.py"):
+            assert (layer / "usr/lib/python3.11" / name).read_bytes() == (
+                stdlib / name
+            ).read_bytes()
+        plain = mount_at(daemon.root.resolve() / "fuse-plain")
+        assert plain is not None and plain.device != main.device
+        assert keeper.has(daemon.root, "fuse-plain")
