@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -32,7 +31,7 @@ from index.digest import Digest
 from snapshotter.peers import content
 from snapshotter.peers.content import ContentNotFound, ContentStore, ContentStoreError
 from tests.support import images
-from tests.support.containerd import Containerd, require_containerd, start_containerd
+from tests.support.containerd import Containerd, require_containerd, start_containerd, stopped
 from tests.support.registry import RegistryServer
 
 pytestmark = [pytest.mark.root]
@@ -125,33 +124,6 @@ async def wait_no_thread_left(limiter: trio.CapacityLimiter, within_sec: float =
             f"threads still waiting: {waiting_threads()}, limiter {limiter.statistics()}"
         )
         await trio.sleep(0.02)
-
-
-def _all_threads_stopped(pid: int) -> bool:
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            stat = (task / "stat").read_text()
-        except FileNotFoundError:  # the thread ended
-            continue
-        if stat[stat.rindex(")") + 2] not in "Tt":
-            return False
-    return True
-
-
-@contextlib.contextmanager
-def stopped(ctd: Containerd) -> Iterator[None]:
-    """containerd stopped with SIGSTOP for the body (its socket accepts, nothing answers).
-    kill(2) returns before every thread has stopped: wait until each one has (state T), or a
-    thread still running could answer the first call."""
-    os.kill(ctd.proc.pid, signal.SIGSTOP)
-    try:
-        deadline = time.monotonic() + 10
-        while not _all_threads_stopped(ctd.proc.pid):
-            assert time.monotonic() < deadline, "containerd did not stop within 10 s"
-            time.sleep(0.01)
-        yield
-    finally:
-        os.kill(ctd.proc.pid, signal.SIGCONT)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,8 +15,6 @@ line.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,7 +34,7 @@ from snapshotter.mirror.serve import MirrorError, MirrorService
 from snapshotter.peers.content import ContentStore
 from snapshotter.peers.images import ImageStore, ImageStoreError, image_name
 from tests.support import images
-from tests.support.containerd import Containerd, require_containerd, start_containerd
+from tests.support.containerd import Containerd, require_containerd, start_containerd, stopped
 from tests.support.lazylayer import Layer
 from tests.support.peers import open_listener
 from tests.support.registry import RegistryServer
@@ -245,16 +243,6 @@ async def test_a_pull_through_the_mirror_gets_this_nodes_tag(
         finally:
             content_a.close()
             await anonymous.aclose()
-
-
-@contextlib.contextmanager
-def stopped(ctd: Containerd) -> Iterator[None]:
-    """containerd stopped with SIGSTOP for the body (its socket accepts, nothing answers)."""
-    os.kill(ctd.proc.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(ctd.proc.pid, signal.SIGCONT)
 
 
 async def test_a_stopped_or_exited_containerd_is_one_line(pushed: Pushed, tmp_path: Path) -> None:

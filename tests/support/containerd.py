@@ -795,3 +795,30 @@ def sociable_stack(pushed_images: PushedImages, tmp_path: Path) -> Iterator[Soci
             yield SociableStack(daemon, ctd, client)
         finally:
             client.close()
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except FileNotFoundError:  # the thread ended
+            continue
+        if stat[stat.rindex(")") + 2] not in "Tt":
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def stopped(ctd: Containerd) -> Iterator[None]:
+    """containerd stopped with SIGSTOP for the body (its socket accepts, nothing answers).
+    kill(2) returns before every thread has stopped: wait until each one has (state T), or a
+    thread still running could answer the first call."""
+    os.kill(ctd.proc.pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 10
+        while not _all_threads_stopped(ctd.proc.pid):
+            assert time.monotonic() < deadline, "containerd did not stop within 10 s"
+            time.sleep(0.01)
+        yield
+    finally:
+        os.kill(ctd.proc.pid, signal.SIGCONT)

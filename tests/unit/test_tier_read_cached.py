@@ -14,6 +14,7 @@ from index.model import SpanId, UncompressedOffset
 from snapshotter.lazy import ReadConfig, RemoteLayerReader
 from snapshotter.lazy.cache import INFLATED_BLOCK_BYTES, CacheConfig, InflatedCache, SpanCache
 from tests.support.lazylayer import Layer, MemorySource
+from tests.support.pagecache import evict
 
 LAYER = Digest("sha256:" + "c" * 64)
 
@@ -48,13 +49,7 @@ def test_read_cached_waits_for_no_disk_read(tmp_path: Path) -> None:
     tier = tier_of(tmp_path)
     data = os.urandom(4 * INFLATED_BLOCK_BYTES)
     tier.put(LAYER, UncompressedOffset(0), data)
-    path = span_path(tmp_path, 0)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages leave the page cache
-    finally:
-        os.close(fd)
+    evict(span_path(tmp_path, 0))  # checked: none of its pages is in the page cache
     assert tier.read_cached(LAYER, UncompressedOffset(0), len(data), 0, 100) is None
     assert tier.read(LAYER, UncompressedOffset(0), len(data), 0, 100) == data[:100]
     assert tier.read_cached(LAYER, UncompressedOffset(0), len(data), 0, 100) == data[:100]
