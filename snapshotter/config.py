@@ -167,6 +167,14 @@ class RemoteConfig:
         default=4 * 1024 * 1024 * 1024,
         metadata=_doc("Disk bound of the passthrough copies under <root>/passthrough, in bytes."),
     )
+    push_after_read_bytes: int = field(
+        default=512 * 1024,  # snapshotter.fs.push.DEFAULT_PUSH_BYTES (a test keeps them equal)
+        metadata=_doc(
+            "Bytes of the small files that follow a file in its layer, pushed into the "
+            "kernel's page cache when a read starts that file and their bytes are already "
+            "local, so reading them sends no READ to the daemon; 0 = off."
+        ),
+    )
     tree_processes: int = field(
         default=2,
         metadata=_doc(
@@ -587,6 +595,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             "[remote] passthrough_min_file_bytes and passthrough_max_bytes must not be negative"
         )
+    if r.push_after_read_bytes < 0:
+        raise ConfigError("[remote] push_after_read_bytes: must not be negative")
     if r.background_stream_after_bytes < 0:
         raise ConfigError("[remote] background_stream_after_bytes: must not be negative")
     if r.background_quiet_period_ms < 0:

@@ -73,6 +73,7 @@ from snapshotter.fs.errors import (
 from snapshotter.fs.host import LayerHost
 from snapshotter.fs.inodes import FUSE_ROOT_INODE
 from snapshotter.fs.passthrough import Passthrough, PassthroughConfig, discard_journal
+from snapshotter.fs.push import DEFAULT_PUSH_BYTES, Pusher
 from snapshotter.fs.readers import LayerReader
 from snapshotter.fs.tree import Attr, LayerTree
 from snapshotter.mountinfo import is_mountpoint, mount_at
@@ -558,9 +559,10 @@ class FuseOpStats(trio.abc.Instrument):
             trio_thread_cpu_sec=trio_cpu,
         )
 
-    def count(self, op: str, cpu_ns: int) -> None:
-        """A request for handler `op` was answered without awaiting, in `cpu_ns` of CPU."""
-        self._counts[op] = self._counts.get(op, 0) + 1
+    def count(self, op: str, cpu_ns: int, n: int = 1) -> None:
+        """`n` requests for handler `op` were answered without awaiting, in `cpu_ns` of CPU
+        (op "push": `n` files pushed, `snapshotter.fs.push`)."""
+        self._counts[op] = self._counts.get(op, 0) + n
         self._cpu_ns[op] = self._cpu_ns.get(op, 0) + cpu_ns
         if self._trio_clock is None:
             with contextlib.suppress(RuntimeError):
@@ -631,11 +633,31 @@ def _write(fd: int, buffers: list[bytes]) -> None:
             log.warning("fuse reply not written", extra={"error": str(e)})
 
 
-async def _answer_read(ops: FuseOperations, fd: int, request: bytes, slots: trio.Semaphore) -> None:
+async def _answer_read(
+    ops: FuseOperations,
+    fd: int,
+    request: bytes,
+    slots: trio.Semaphore,
+    pusher: Pusher | None,
+) -> None:
     try:
         _write(fd, await ops.read(request))
     finally:
         slots.release()
+        if pusher is not None:
+            nodeid = p.IN_HEADER.unpack_from(request)[3]
+            pusher.reading[nodeid] -= 1
+            if not pusher.reading[nodeid]:
+                del pusher.reading[nodeid]
+    if pusher is not None:
+        _push_after(pusher, request)
+
+
+def _push_after(pusher: Pusher, request: bytes | memoryview) -> None:
+    cpu0 = time.thread_time_ns()
+    files = pusher.after_read(request)
+    if files:
+        FUSE_OP_STATS.count("push", time.thread_time_ns() - cpu0, files)
 
 
 def _read_request(fd: int, buffer: bytearray, poll_sec: float) -> int:
@@ -656,10 +678,11 @@ def _read_request(fd: int, buffer: bytearray, poll_sec: float) -> int:
                 raise
 
 
-async def _serve(ops: FuseOperations, fd: int, max_tasks: int) -> None:
+async def _serve(ops: FuseOperations, fd: int, max_tasks: int, pusher: Pusher | None) -> None:
     """Answer requests on `fd` until the connection ends (unmounted or aborted) or the task
     is cancelled; requests read but unanswered at a cancellation are answered by nobody (a
-    kept connection's next process gets them resent)."""
+    kept connection's next process gets them resent). After a READ, `pusher` may push the
+    files that follow (`snapshotter.fs.push`)."""
     buffer = bytearray(p.READ_BUFFER_BYTES)
     view = memoryview(buffer)
     slots = trio.Semaphore(max_tasks)
@@ -667,6 +690,8 @@ async def _serve(ops: FuseOperations, fd: int, max_tasks: int) -> None:
     poll = 0.0  # POLL_SEC while requests come back to back
     answered = -math.inf  # when the last request was answered (perf_counter)
     async with trio.open_nursery() as nursery:
+        if pusher is not None:
+            nursery.start_soon(pusher.run)
         while True:
             try:
                 n = _read_request(fd, buffer, poll)
@@ -686,9 +711,13 @@ async def _serve(ops: FuseOperations, fd: int, max_tasks: int) -> None:
                 now = ops.read_now(view[:n])
                 if now is not None:
                     _write(fd, now)
+                    if pusher is not None:
+                        _push_after(pusher, view[:n])
                 else:
                     await slots.acquire()
-                    nursery.start_soon(_answer_read, ops, fd, bytes(view[:n]), slots)
+                    if pusher is not None:
+                        pusher.reading[p.IN_HEADER.unpack_from(buffer)[3]] += 1
+                    nursery.start_soon(_answer_read, ops, fd, bytes(view[:n]), slots, pusher)
             else:
                 answer = ops.handle(view[:n])
                 if answer is not None:
@@ -714,6 +743,7 @@ class FuseMount:
         self._served_fd: int | None = None
         self._stop: Callable[[], None] | None = None
         self._nursery: trio.Nursery | None = None
+        self._pusher: Pusher | None = None
         self.passthrough: Passthrough | None = None
         """The OPEN answers and backing files when the connection passes reads through."""
         self.plain: FuseMount | None = None
@@ -739,8 +769,27 @@ class FuseMount:
         unanswered (on a kept connection the next process gets them again). Idempotent."""
         if self._stop is not None:
             self._stop()
+        if self._pusher is not None:
+            self._pusher.close()
         if self.plain is not None:
             self.plain.stop()
+
+    async def finish_pushes(self, timeout_sec: float = 2.0) -> None:
+        """Stop pushing files into the page cache, on this connection and on `plain`, and
+        wait (up to `timeout_sec` each) for a store being written (`Pusher.finish`): call it
+        while requests are still answered, before `stop`."""
+        for mount in (self, self.plain):
+            if mount is None or mount._pusher is None:
+                continue
+            if not await mount._pusher.finish(timeout_sec):
+                log.warning(
+                    "fuse store still being written at shutdown",
+                    extra={"mountpoint": str(mount.mountpoint)},
+                )
+
+    def push_statistics(self) -> dict[str, int] | None:
+        """`Pusher.statistics` of this connection, None when it pushes nothing."""
+        return None if self._pusher is None else self._pusher.statistics()
 
     @property
     def connection_fd(self) -> int | None:
@@ -775,11 +824,13 @@ class FuseMount:
         slot = self.host.remove_layer(name)
         if self.passthrough is not None:
             self.passthrough.forget_layer(slot)
-        self._forget_entry(name, inode)
+        self._forget_entry(name, inode, slot)
         if self.plain is not None:
-            self.plain._forget_entry(name, inode)
+            self.plain._forget_entry(name, inode, slot)
 
-    def _forget_entry(self, name: str, inode: int) -> None:
+    def _forget_entry(self, name: str, inode: int, slot: int) -> None:
+        if self._pusher is not None:
+            self._pusher.forget_layer(slot)
         if self._nursery is not None and self._served_fd is not None:
             message = p.delete_notification(
                 FUSE_ROOT_INODE, inode, name.encode("utf-8", "surrogateescape")
@@ -799,6 +850,7 @@ async def open_fuse_host(
     connection: KeptConnection | None = None,
     start: bool = True,
     passthrough: PassthroughConfig | None = None,
+    push_bytes: int = DEFAULT_PUSH_BYTES,
 ) -> AsyncIterator[FuseMount]:
     """Serve `host` at `mountpoint` until the block exits.
 
@@ -814,7 +866,9 @@ async def open_fuse_host(
 
     `read_ahead_kb` (0 = leave the kernel default) is applied with `set_read_ahead` once INIT
     is answered. `metrics`: where every request's latency and errno are recorded (None:
-    nowhere). `max_tasks`: READs answered at once.
+    nowhere). `max_tasks`: READs answered at once. `push_bytes`: bytes of the small files
+    that follow a file pushed into the page cache when a READ starts it (0: none;
+    `snapshotter.fs.push`).
 
     The server runs in a nursery owned by this context manager; on exit (normal, error or
     cancellation) it is cancelled.
@@ -879,7 +933,9 @@ async def open_fuse_host(
                 else:
                     _write(fd, [p.init_reply(init, negotiated)])
                 mount._served_fd = fd
-                nursery.start_soon(_serve, ops, fd, max_tasks)
+                if push_bytes > 0:
+                    mount._pusher = Pusher(host, fd, push_bytes)
+                nursery.start_soon(_serve, ops, fd, max_tasks, mount._pusher)
                 if read_ahead_kb and not connection.adopted:
                     await trio.to_thread.run_sync(set_read_ahead, mountpoint, read_ahead_kb)
 
@@ -895,6 +951,8 @@ async def open_fuse_host(
                 nursery.cancel_scope.cancel()
                 if mount.passthrough is not None:
                     mount.passthrough.close()
+                if mount._pusher is not None:
+                    mount._pusher.close()
     finally:
         discard(fd, mountpoint if mounted_here else None)
 

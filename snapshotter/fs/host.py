@@ -10,7 +10,8 @@ Layout of the mounted filesystem::
     /<layer>/.sociable/        state directory: mode 0500, found by lookup, never listed
     /<layer>/.sociable/status.json
                                JSON: {"layer", "digest", "slot", "fetchedSize", "totalSize",
-                               "fetchedPercent", "bytesServed", "readErrors", "error"?} + "\\n"
+                               "fetchedPercent", "bytesServed", "bytesPushed", "readErrors",
+                               "error"?} + "\\n"
 
 The state directory shadows a real `.sociable` at the layer root (as SOCI's
 `.soci-snapshotter` does); layer contents are unaffected everywhere else.
@@ -38,7 +39,7 @@ import json
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -105,6 +106,7 @@ class LayerStatus:
     fetched_bytes: int
     total_bytes: int
     bytes_served: int
+    bytes_pushed: int
     read_errors: int
     last_error: str | None
 
@@ -121,6 +123,7 @@ class LayerStatus:
             "totalSize": self.total_bytes,
             "fetchedPercent": round(self.fetched_percent, 2),
             "bytesServed": self.bytes_served,
+            "bytesPushed": self.bytes_pushed,
             "readErrors": self.read_errors,
         }
         if self.last_error is not None:
@@ -130,6 +133,8 @@ class LayerStatus:
 
 class _Layer:
     __slots__ = (
+        "at_hand_end",
+        "bytes_pushed",
         "bytes_served",
         "digest",
         "last_error",
@@ -150,10 +155,13 @@ class _Layer:
         self.slot = slot
         self.tree = tree
         self.reader = reader
-        self.read_now = reader.read_now if isinstance(reader, ReadsNow) else None
+        now = reader if isinstance(reader, ReadsNow) else None
+        self.read_now = now.read_now if now is not None else None
+        self.at_hand_end = now.at_hand_end if now is not None else None
         self.digest = digest
         self.verified = bytearray((tree.node_count + 7) // 8)
         self.bytes_served = 0
+        self.bytes_pushed = 0
         self.read_errors = 0
         self.last_error: str | None = None
         self.removed = False
@@ -173,6 +181,7 @@ class _Layer:
             fetched_bytes=fetched,
             total_bytes=total,
             bytes_served=self.bytes_served,
+            bytes_pushed=self.bytes_pushed,
             read_errors=self.read_errors,
             last_error=self.last_error,
         )
@@ -573,30 +582,119 @@ class LayerHost:
         tree = layer.tree
         if not 0 <= node < tree.node_count or tree.attr(node).is_dir:
             return None
+        data = self._at_hand(layer, node, offset, size, observe=True)
+        if data is not None:
+            layer.bytes_served += len(data)
+        return data
+
+    def files_after(
+        self,
+        fh: int,
+        *,
+        max_bytes: int,
+        max_file_bytes: int,
+        scan: int,
+        skip: Container[int],
+        chunk_bytes: int,
+    ) -> Iterator[tuple[InodeNo, bytes]]:
+        """Whole contents of the small files that follow file `fh` in its layer's tar order
+        (`LayerTree.files_after`: regular files of at most `max_file_bytes` among the next
+        `scan` nodes, those in `skip` left out), while the reader has their bytes at hand
+        and they fit `max_bytes` together: what a reader of `fh` is likely to read next, to
+        give the kernel before it asks. Read from the reader in runs of consecutive files of
+        at most `chunk_bytes` of tar stream (headers included), one reader call each; tar
+        headers are checked as `read_now` checks them; nothing here fetches, and no read-ahead
+        policy counts these as reads. Nothing for a layer without a `ReadsNow` reader. A
+        generator: each run is read when the caller asks for its first file."""
+        slot, local = split_inode(fh)
+        layer = self._by_slot.get(slot)
+        node = local_to_node(local)
+        if layer is None or layer.removed or layer.at_hand_end is None or node is None:
+            return
+        tree = layer.tree
+        left = max_bytes
+        run: list[NodeId] = []
+        hand_end = -1
+        for after in tree.files_after(node, scan, max_file_bytes):
+            if node_inode(slot, after) in skip:
+                continue
+            data_off, size = tree.data_range(after)
+            if size > left:
+                break
+            if hand_end < 0:  # how far the stream is at hand, from the first file on
+                first = tree.header_range(after)[0]
+                hand_end = layer.at_hand_end(first, max_bytes + chunk_bytes)
+            if data_off + size > hand_end:
+                break
+            if run and _run_bytes(tree, run[0], after) > chunk_bytes:
+                found = self._run_at_hand(layer, run)
+                yield from found
+                if len(found) < len(run):
+                    return
+                run = []
+            run.append(after)
+            left -= size
+        if run:
+            yield from self._run_at_hand(layer, run)
+
+    def _run_at_hand(self, layer: _Layer, run: list[NodeId]) -> list[tuple[InodeNo, bytes]]:
+        """The files of `run` (consecutive in tar order) whose bytes are at hand, from one
+        reader call; stops at the first whose header does not check (its READ will tell)."""
+        assert layer.read_now is not None
+        if layer.removed:
+            return []
+        tree = layer.tree
+        start = tree.header_range(run[0])[0]
+        end = sum(tree.data_range(run[-1]))
+        blob = layer.read_now(start, end - start, end, observe=False)
+        if blob is None or len(blob) != end - start:
+            return []
+        out: list[tuple[InodeNo, bytes]] = []
+        for n in run:
+            if self.verify_headers and not self._verified(layer, n):
+                h_start, h_end = tree.header_range(n)
+                try:
+                    check_header(blob[h_start - start : h_end - start], tree, n, layer.name)
+                except HeaderMismatch:
+                    break
+                self._mark_verified(layer, n)
+            data_off, size = tree.data_range(n)
+            out.append(
+                (node_inode(layer.slot, n), blob[data_off - start : data_off - start + size])
+            )
+            layer.bytes_pushed += size
+        return out
+
+    def _at_hand(
+        self, layer: _Layer, node: NodeId, offset: int, size: int, *, observe: bool
+    ) -> bytes | None:
+        """`read_now` of regular file `node` of `layer` (whose reader reads now)."""
+        assert layer.read_now is not None
+        tree = layer.tree
         data_off, file_size = tree.data_range(node)
         if offset >= file_size or size <= 0:
             return b""
         length = min(size, file_size - offset)
+        end = data_off + file_size
         if not self.verify_headers or self._verified(layer, node):
             data = layer.read_now(
-                UncompressedOffset(data_off + offset), length, data_off + file_size
+                UncompressedOffset(data_off + offset), length, end, observe=observe
             )
         elif offset == 0:  # header and data in one reader call, as `_verify` reads them
-            start, end = tree.header_range(node)
-            both = layer.read_now(start, end - start + length, data_off + file_size)
-            if both is None or len(both) != end - start + length:
+            start, stop = tree.header_range(node)
+            both = layer.read_now(start, stop - start + length, end, observe=observe)
+            if both is None or len(both) != stop - start + length:
                 return None
             try:
-                check_header(both[: end - start], tree, node, layer.name)
+                check_header(both[: stop - start], tree, node, layer.name)
             except HeaderMismatch:  # `read` checks it again, records it and raises
                 return None
             self._mark_verified(layer, node)
-            data = both[end - start :]
+            data = both[stop - start :]
         else:
             return None
         if data is None or len(data) != length:
             return None
-        layer.bytes_served += length
         return data
 
     def layer_file(self, inode: int) -> LayerFile | None:
@@ -664,3 +762,8 @@ class LayerHost:
     def _record_error(layer: _Layer, message: str) -> None:
         layer.read_errors += 1
         layer.last_error = message
+
+
+def _run_bytes(tree: LayerTree, first: NodeId, last: NodeId) -> int:
+    """Bytes of tar stream from `first`'s header to the end of `last`'s data."""
+    return sum(tree.data_range(last)) - tree.header_range(first)[0]

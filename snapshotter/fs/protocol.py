@@ -38,6 +38,7 @@ BATCH_FORGET: Final = 42
 READDIRPLUS: Final = 44
 
 # -- notifications (written with unique 0; the error field names the notification) ------------
+NOTIFY_STORE: Final = 4
 NOTIFY_DELETE: Final = 6
 NOTIFY_RESEND: Final = 7
 
@@ -138,6 +139,8 @@ KSTATFS: Final = struct.Struct("<QQQQQIII4x24x")
 """fuse_kstatfs: blocks, bfree, bavail, files, ffree, bsize, namelen, frsize, padding, spare."""
 NOTIFY_DELETE_OUT: Final = struct.Struct("<QQII")
 """fuse_notify_delete_out: parent, child, namelen, padding (the name follows, NUL-terminated)."""
+STORE_OUT: Final = struct.Struct("<QQII")
+"""fuse_notify_store_out: nodeid, offset, size, padding (the data follows)."""
 ENTRY_OUT_SIZE: Final = ENTRY_OUT_HEAD.size + ATTR.size
 
 
@@ -237,6 +240,14 @@ def delete_notification(parent: int, child: int, name: bytes) -> bytes:
     kernel drops its dentry (and the entry, were it still in use, reads as deleted)."""
     body = NOTIFY_DELETE_OUT.pack(parent, child, len(name), 0) + name + b"\0"
     return OUT_HEADER.pack(OUT_HEADER.size + len(body), NOTIFY_DELETE, 0) + body
+
+
+def store_notification(nodeid: int, data: bytes) -> list[bytes]:
+    """`FUSE_NOTIFY_STORE`: `data` is the start of inode `nodeid`'s contents; the kernel
+    copies it into the inode's page cache (when it knows the inode; else the write fails with
+    ENOENT), so reads of those bytes never reach the daemon. As buffers to write together."""
+    head = OUT_HEADER.pack(OUT_HEADER.size + STORE_OUT.size + len(data), NOTIFY_STORE, 0)
+    return [head, STORE_OUT.pack(nodeid, 0, len(data), 0), data]
 
 
 def reply(unique: int, payload: bytes) -> bytes:

@@ -48,11 +48,22 @@ class ReadsNow(Protocol):
     cache): the FUSE server then answers them without starting a task."""
 
     def read_now(
-        self, offset: UncompressedOffset, size: int, file_end: int | None = None
+        self,
+        offset: UncompressedOffset,
+        size: int,
+        file_end: int | None = None,
+        *,
+        observe: bool = True,
     ) -> bytes | None:
         """What `read` would return, when it is at hand now; None when `read` must be awaited
         (also for anything `read` would raise). A read answered here is one read: `read` is
-        not called for it."""
+        not called for it. `observe=False`: a look at what is at hand that no read-ahead
+        policy counts as a read."""
+        ...
+
+    def at_hand_end(self, offset: UncompressedOffset, limit: int) -> int:
+        """How far from `offset` (looking no further than `offset + limit`) `read_now` may
+        find the stream at hand; `offset` when not even there."""
         ...
 
 

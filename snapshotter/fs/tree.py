@@ -400,6 +400,14 @@ class LayerTree:
         self._check(node)
         return UncompressedOffset(self._data_off[node]), self._size[node]
 
+    def files_after(self, node: NodeId, scan: int, max_size: int) -> Iterator[NodeId]:
+        """The regular files of 1 to `max_size` bytes among the `scan` nodes that follow
+        `node` in tar order, in that order."""
+        mode, size = self._mode, self._size
+        for n in range(node + 1, min(node + 1 + scan, len(size))):
+            if stat.S_ISREG(mode[n]) and 0 < size[n] <= max_size:
+                yield NodeId(n)
+
     def header_range(self, node: NodeId) -> tuple[UncompressedOffset, UncompressedOffset]:
         """[start, end) of the tar header blocks (PAX/GNU included) that describe `node`."""
         self._check(node)

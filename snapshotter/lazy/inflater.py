@@ -312,6 +312,13 @@ class SpanInflater:
         self.keep_in_tier(span, data)
         return data
 
+    def at_hand(self, span: SpanId, start: UncompressedOffset) -> bool:
+        """Whether `span` (starting at tar offset `start`) is inflated at hand: in the memory
+        LRU or the inflated tier (no I/O; the tier's bytes may still be off the page cache)."""
+        return span in self._lru or (
+            self.tier is not None and self.tier.contains(self.layer, start)
+        )
+
     def read_now(self, slices: Sequence[SpanSlice]) -> bytes | None:
         """The bytes of `slices` when they are at hand: every span in the memory LRU (now the
         most recently used), or a read of up to `INLINE_TIER_READ_BYTES` from the LRU and the

@@ -332,19 +332,43 @@ class RemoteLayerReader:
         return assemble(slices, parts)
 
     def read_now(
-        self, offset: UncompressedOffset, size: int, file_end: int | None = None
+        self,
+        offset: UncompressedOffset,
+        size: int,
+        file_end: int | None = None,
+        *,
+        observe: bool = True,
     ) -> bytes | None:
         """What `read` would return, when its spans are in memory or (small reads) in the
         inflated tier's page cache (`SpanInflater.read_now`); None when `read` must be
         awaited, also for anything `read` would raise. A read answered here counts for
-        read-ahead like one answered by `read` (pipelined read-ahead starts from here too)."""
+        read-ahead like one answered by `read` (pipelined read-ahead starts from here too),
+        unless `observe` is False."""
         slices = self._slices_at_hand(offset, size)
         if slices is None:
             return None
         data = self.inflater.read_now(slices)
-        if data is not None:
+        if data is not None and observe:
             self._observe([s.span for s in slices], offset, offset + len(data), file_end)
         return data
+
+    def at_hand_end(self, offset: UncompressedOffset, limit: int) -> int:
+        """How far from `offset` the tar stream is inflated at hand (`SpanInflater.at_hand`:
+        what `read_now` may answer), looking no further than `offset + limit`: the end of the
+        last of the consecutive such spans from `offset`'s on; `offset` when its span is not.
+        """
+        size = self.span_map.uncompressed_archive_size
+        if self.closed or not 0 <= offset < size:
+            return offset
+        span = self.span_map.span_for_offset(offset)
+        end = int(offset)
+        while end < min(offset + limit, size):
+            start, stop = self.span_map.uncompressed_range(span)
+            if not self.inflater.at_hand(span, start):
+                break
+            end = stop
+            span = SpanId(span + 1)
+        return end
 
     async def read_local(self, offset: UncompressedOffset, size: int) -> bytes | None:
         """What `read` would return, when every span it needs is inflated at hand (the memory

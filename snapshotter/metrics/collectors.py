@@ -9,7 +9,7 @@ thread (the ASGI app of `snapshotter.metrics.listener`), where these objects liv
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -119,6 +119,38 @@ class BackgroundCollector(Collector):
             PREFIX + "background_layers_completed",
             "Lazy layers background fetch made complete (every span local).",
             value=s.completed_layers,
+        )
+
+
+class PushCollector(Collector):
+    """Small files pushed into the page cache, all connections together
+    (`snapshotter.fs.push.Pusher.statistics` of each)."""
+
+    def __init__(self, statistics: Callable[[], Iterable[Mapping[str, int]]]) -> None:
+        self._statistics = statistics
+
+    def __repr__(self) -> str:
+        return "<PushCollector>"
+
+    def collect(self) -> Iterator[Metric]:
+        totals: dict[str, int] = {}
+        for stats in self._statistics():
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0) + value
+        yield CounterMetricFamily(
+            PREFIX + "fuse_pushed_files",
+            "Small files put into the page cache before they were read (no READ for them).",
+            value=totals.get("files", 0),
+        )
+        yield CounterMetricFamily(
+            PREFIX + "fuse_pushed_bytes",
+            "Bytes of the files pushed into the page cache.",
+            value=totals.get("bytes", 0),
+        )
+        yield CounterMetricFamily(
+            PREFIX + "fuse_push_unknown_inodes",
+            "Pushes the kernel refused: it did not know the file (not listed or looked up).",
+            value=totals.get("unknownInode", 0),
         )
 
 

@@ -79,6 +79,7 @@ from snapshotter.metrics.collectors import (
     LayersCollector,
     NodePeersView,
     PeersCollector,
+    PushCollector,
 )
 from snapshotter.mirror.access import PublicRepositories
 from snapshotter.mirror.serve import MirrorService
@@ -361,6 +362,7 @@ async def _build(
             connection=kept[KEEPER_NAME],
             start=False,
             passthrough=cfg.passthrough_config(root / "passthrough"),
+            push_bytes=cfg.push_after_read_bytes,
         )
     )
     fuse.plain = await stack.enter_async_context(
@@ -370,6 +372,7 @@ async def _build(
             metrics=metrics,
             connection=kept[PLAIN_KEEPER_NAME],
             start=False,
+            push_bytes=cfg.push_after_read_bytes,
         )
     )
     processes = TreeProcesses(cfg.tree_processes) if cfg.tree_processes > 0 else None
@@ -469,12 +472,23 @@ async def _build(
         tasks=mounts_scope,
         demand=tracker,
     )
+
+    def push_statistics() -> dict[str, dict[str, int]]:
+        """`Pusher.statistics` by connection name, for the connections that push."""
+        out = {}
+        for name, mount in ((KEEPER_NAME, fuse), (PLAIN_KEEPER_NAME, fuse.plain)):
+            stats = None if mount is None else mount.push_statistics()
+            if stats is not None:
+                out[name] = stats
+        return out
+
     if metrics is not None:
         metrics.register(
             [
                 CacheCollector(cache),
                 BackgroundCollector(background.statistics),
                 LayersCollector(lambda: len(layers)),
+                PushCollector(lambda: push_statistics().values()),
             ]
         )
         if peer_node is not None:
@@ -490,6 +504,8 @@ async def _build(
         }
         if fuse.passthrough is not None:
             doc["passthrough"] = fuse.passthrough.statistics()
+        if pushes := push_statistics():
+            doc["push"] = pushes
         if processes is not None:
             doc["treeWorkers"] = processes.statistics()
         return doc

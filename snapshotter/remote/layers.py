@@ -425,8 +425,11 @@ class LazyLayers:
     async def close(self) -> None:
         """Shutdown: detach every bind mount and close every layer's scope (the FUSE host and
         the records stay for the next start). With `keep_mounts` the bind mounts stay and
-        the FUSE mount first stops answering (`FuseMount.stop`). Never raises; shielded."""
+        the FUSE mount first stops answering (`FuseMount.stop`); pushes into the page cache
+        end before either. Never raises; shielded."""
         with trio.CancelScope(shield=True):
+            # no store may be left waiting for a READ nobody answers (fs/push.py)
+            await self.fuse.finish_pushes()
             if self.keep_mounts:
                 # Requests in flight are cancelled unanswered, to be resent to the next
                 # daemon: answered now, reads of a closing layer would fail (EIO).

@@ -415,7 +415,12 @@ class DaemonWork:
 
     @property
     def total_requests(self) -> int:
-        return sum(self.requests.values())
+        return sum(n for op, n in self.requests.items() if op != "push")
+
+    @property
+    def pushed_files(self) -> int:
+        """Files pushed into the page cache (``snapshotter.fs.push``): not requests."""
+        return self.requests.get("push", 0)
 
 
 def _process_cpu_s(pid: int, tid: int | None = None) -> float:
@@ -678,7 +683,8 @@ def lazy_runs(
                 before, sample_daemon(daemon), files, pulled_cpu[-1] if pulled_cpu else None
             )
             print(
-                f"  daemon: {r.daemon.total_requests} FUSE requests for {files} files, "
+                f"  daemon: {r.daemon.total_requests} FUSE requests for {files} files "
+                f"({r.daemon.pushed_files} pushed), "
                 f"CPU {r.daemon.pull_cpu_s:.1f} s in the pull, "
                 f"{r.daemon.workload_cpu_s:.1f} s in the workload "
                 f"({r.daemon.workload_trio_cpu_s:.1f} s on the trio thread, "

@@ -95,9 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                             for op, (n, _) in sorted(after.ops.items())
                         }
                         ops = {op: n for op, n in ops.items() if n}
+                        pushed = ops.pop("push", 0)  # files pushed: not requests
                         print(
                             f"pass {i}: {seconds:.2f} s, {out} bytes; "
                             f"{sum(ops.values()) / n_files:.2f} requests / file {ops}; "
+                            f"{pushed} files pushed; "
                             f"daemon CPU {after.cpu_s - before.cpu_s:.1f} s, "
                             f"trio thread {after.trio_cpu_s - before.trio_cpu_s:.1f} s",
                             flush=True,

@@ -59,6 +59,9 @@ class _Fuse:
     def remove_layer(self, name: str) -> None:
         self.removed.append(name)
 
+    async def finish_pushes(self) -> None:
+        pass
+
 
 class _Background:
     def unregister(self, name: str) -> None:

@@ -48,6 +48,12 @@ def test_checked_in_default_matches_render() -> None:
     )
 
 
+def test_the_push_default_is_the_servers() -> None:
+    from snapshotter.fs.push import DEFAULT_PUSH_BYTES
+
+    assert config.RemoteConfig().push_after_read_bytes == DEFAULT_PUSH_BYTES
+
+
 def test_cli_prints_default() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "snapshotter.cli", "config", "default"],

@@ -52,6 +52,7 @@ from snapshotter.metrics.collectors import (
     CacheCollector,
     LayersCollector,
     PeersCollector,
+    PushCollector,
 )
 from snapshotter.peers.client import PeerDeclined
 from snapshotter.peers.listener import bind_listener
@@ -221,6 +222,20 @@ def test_cache_collector_reads_the_cache_statistics(tmp_path: Path) -> None:
     # read at scrape time: a later hit shows without anything else done
     assert cache.get(LAYER, SpanId(2), digest) == data
     assert value(m, "sociable_cache_read_bytes_total", tier="span") == 200
+
+
+def test_push_collector_sums_the_connections() -> None:
+    conns = [
+        {"files": 3, "bytes": 300, "unknownInode": 1, "skipped": 0},
+        {"files": 4, "bytes": 50, "unknownInode": 0, "skipped": 2},
+    ]
+    m = DaemonMetrics()
+    m.register([PushCollector(lambda: conns)])
+    assert value(m, "sociable_fuse_pushed_files_total") == 7
+    assert value(m, "sociable_fuse_pushed_bytes_total") == 350
+    assert value(m, "sociable_fuse_push_unknown_inodes_total") == 1
+    conns.pop()  # read at scrape time
+    assert value(m, "sociable_fuse_pushed_files_total") == 3
 
 
 def test_background_and_layers_collectors() -> None:
