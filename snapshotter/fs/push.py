@@ -12,8 +12,9 @@ scan of a directory) finds their bytes in the page cache and sends no READ.
 
 What a container sees does not change: the bytes pushed are the layer's own, checked like a
 READ's (tar header, span digest, block sums), and files keep their page cache across opens
-(`FOPEN_KEEP_CACHE`, or OPEN not sent at all). A file is pushed at most once per connection
-until a READ shows the kernel no longer has it (evicted, or the push came too late). The
+(`FOPEN_KEEP_CACHE`, or OPEN not sent at all). A file pushed is not pushed again until a READ
+shows the kernel lacks it (evicted, or the push came too late) or `RECENT` newer pushes have
+passed (it may have been evicted since). The
 kernel only takes a store for an inode it knows (listed or looked up); others fail with
 ENOENT, which costs a write and nothing else.
 
@@ -21,9 +22,10 @@ The stores are written by a worker thread of the connection's own (`Pusher.run`,
 server's nursery) from a `dup` of its fd, taking them from a queue as the trio thread finds
 them, so the first file is in the page cache while the next ones are still being looked at.
 A store waits for the page lock of a READ in flight on the same pages, which only the trio
-thread can answer: files with a READ in flight in this process are not pushed, and nothing is
-written once the server stops. What is left is a store that meets a READ the kernel queued
-but the server never read: it waits until the connection's next server (or its end) answers.
+thread can answer: files with a READ in flight in this process are not pushed, and an orderly
+stop ends the writer (`Pusher.finish`) while the server still answers. What is left is a
+store that meets a READ the kernel queued when the process dies: it waits until the
+connection's next server (or its end) answers that READ.
 """
 
 from __future__ import annotations
