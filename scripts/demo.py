@@ -178,6 +178,8 @@ def layer_lines(
                 f"({doc['fetchedPercent']:.0f}%), served {doc['bytesServed'] / 1e6:.2f} MB "
                 "to reads"
             )
+            if doc.get("bytesPushed", 0) >= 10_000:  # shown in MB: nothing below 0.01
+                what += f", pushed {doc['bytesPushed'] / 1e6:.2f} MB to the page cache"
         elif digest in unpacked:
             reason = unpacked[digest]
             what = f"unpacked locally by the daemon ({REASONS.get(reason, reason)})"
