@@ -645,10 +645,7 @@ async def _answer_read(
     finally:
         slots.release()
         if pusher is not None:
-            nodeid = p.IN_HEADER.unpack_from(request)[3]
-            pusher.reading[nodeid] -= 1
-            if not pusher.reading[nodeid]:
-                del pusher.reading[nodeid]
+            pusher.read_ended(p.IN_HEADER.unpack_from(request)[3])
     if pusher is not None:
         _push_after(pusher, request)
 
@@ -716,7 +713,7 @@ async def _serve(ops: FuseOperations, fd: int, max_tasks: int, pusher: Pusher | 
                 else:
                     await slots.acquire()
                     if pusher is not None:
-                        pusher.reading[p.IN_HEADER.unpack_from(buffer)[3]] += 1
+                        pusher.read_started(p.IN_HEADER.unpack_from(buffer)[3])
                     nursery.start_soon(_answer_read, ops, fd, bytes(view[:n]), slots, pusher)
             else:
                 answer = ops.handle(view[:n])

@@ -582,9 +582,30 @@ class LayerHost:
         tree = layer.tree
         if not 0 <= node < tree.node_count or tree.attr(node).is_dir:
             return None
-        data = self._at_hand(layer, node, offset, size, observe=True)
-        if data is not None:
-            layer.bytes_served += len(data)
+        data_off, file_size = tree.data_range(node)
+        if offset >= file_size or size <= 0:
+            return b""
+        length = min(size, file_size - offset)
+        if not self.verify_headers or self._verified(layer, node):
+            data = layer.read_now(
+                UncompressedOffset(data_off + offset), length, data_off + file_size
+            )
+        elif offset == 0:  # header and data in one reader call, as `_verify` reads them
+            start, end = tree.header_range(node)
+            both = layer.read_now(start, end - start + length, data_off + file_size)
+            if both is None or len(both) != end - start + length:
+                return None
+            try:
+                check_header(both[: end - start], tree, node, layer.name)
+            except HeaderMismatch:  # `read` checks it again, records it and raises
+                return None
+            self._mark_verified(layer, node)
+            data = both[end - start :]
+        else:
+            return None
+        if data is None or len(data) != length:
+            return None
+        layer.bytes_served += length
         return data
 
     def files_after(
@@ -664,38 +685,6 @@ class LayerHost:
             )
             layer.bytes_pushed += size
         return out
-
-    def _at_hand(
-        self, layer: _Layer, node: NodeId, offset: int, size: int, *, observe: bool
-    ) -> bytes | None:
-        """`read_now` of regular file `node` of `layer` (whose reader reads now)."""
-        assert layer.read_now is not None
-        tree = layer.tree
-        data_off, file_size = tree.data_range(node)
-        if offset >= file_size or size <= 0:
-            return b""
-        length = min(size, file_size - offset)
-        end = data_off + file_size
-        if not self.verify_headers or self._verified(layer, node):
-            data = layer.read_now(
-                UncompressedOffset(data_off + offset), length, end, observe=observe
-            )
-        elif offset == 0:  # header and data in one reader call, as `_verify` reads them
-            start, stop = tree.header_range(node)
-            both = layer.read_now(start, stop - start + length, end, observe=observe)
-            if both is None or len(both) != stop - start + length:
-                return None
-            try:
-                check_header(both[: stop - start], tree, node, layer.name)
-            except HeaderMismatch:  # `read` checks it again, records it and raises
-                return None
-            self._mark_verified(layer, node)
-            data = both[stop - start :]
-        else:
-            return None
-        if data is None or len(data) != length:
-            return None
-        return data
 
     def layer_file(self, inode: int) -> LayerFile | None:
         """The regular layer file behind `inode`, None for anything else (a directory, the

@@ -91,7 +91,7 @@ class Pusher:
         self.skipped = 0
         """Files not pushed because `MAX_QUEUED` stores were waiting."""
         self.reading: Counter[int] = Counter()
-        """READs in flight in this process, by inode (the server counts them)."""
+        """READs in flight in this process, by inode (`read_started`, `read_ended`)."""
         self.limiter = trio.CapacityLimiter(1)
         """The connection's writer thread (one: stores are written in the order found)."""
         self._recent: dict[int, None] = {}  # pushed inodes, oldest first
@@ -144,6 +144,15 @@ class Pusher:
         while len(recent) > RECENT:
             del recent[next(iter(recent))]
         return queued
+
+    def read_started(self, nodeid: int) -> None:
+        """A READ of `nodeid` waits in a task: its file is not pushed until it is answered."""
+        self.reading[nodeid] += 1
+
+    def read_ended(self, nodeid: int) -> None:
+        self.reading[nodeid] -= 1
+        if not self.reading[nodeid]:
+            del self.reading[nodeid]
 
     def forget_layer(self, slot: int) -> None:
         """Layer `slot` was removed: its inode numbers may name another layer's files."""
