@@ -156,6 +156,9 @@ async def test_the_pusher_writes_one_store_per_file_once(layer: Layer, tmp_path:
             pusher.reading[second] += 1  # a READ in flight: not pushed
             pusher.after_read(read_request(second, 4096))
             assert pusher.after_read(read_request(first, 0)) == 0
+            with trio.fail_after(10):  # counted once its write(2) returned
+                while pusher.statistics()["files"] < queued + 1:
+                    await trio.sleep(0.01)
             assert pusher.statistics()["files"] == queued + 1
             pusher.close()
         assert pusher.after_read(read_request(first, 0)) == 0  # closed: nothing more
