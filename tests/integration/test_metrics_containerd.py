@@ -197,18 +197,28 @@ def test_lazy_pull_and_reads_are_counted(stack: Stack) -> None:
 
 
 def test_status_table_shows_the_lazy_layers(stack: Stack) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "snapshotter.cli", "--root", str(stack.daemon.root), "status"],
-        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-        check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    def table() -> list[str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "snapshotter.cli", "--root", str(stack.daemon.root), "status"],
+            capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+            check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.splitlines()
+
+    # The daemon rewrites its status file (which names each layer's image) once a second when
+    # it changed; the layers' own status files are rendered on every read.
+    deadline = time.monotonic() + 10
+    while True:
+        lines = table()
+        rows = [line.split() for line in lines if line.startswith("snap-")]
+        if all(row[1] == stack.ref for row in rows) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert stack.daemon.proc is not None
     assert lines[0].startswith(f"daemon: pid {stack.daemon.proc.pid}") and "2 mounted" in lines[0]
-    rows = [line.split() for line in lines if line.startswith("snap-")]
     assert len(rows) == 2
     short = {layer.digest.split(":")[1][:12] for layer in stack.image.layers}
     assert {row[2] for row in rows} == short
-    assert all(row[1] == stack.ref for row in rows)
+    assert all(row[1] == stack.ref for row in rows), lines
     assert any(row[3] == "100.0%" for row in rows)  # the data layer was read whole
