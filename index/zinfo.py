@@ -47,6 +47,8 @@ from index.zlib_ctypes import (
     Z_STREAM_END,
     Inflater,
     ZlibError,
+    address,
+    system_backend,
 )
 
 CHECKPOINT_RECORD_SIZE: Final = 8 + 8 + 1 + WINDOW_SIZE
@@ -333,13 +335,6 @@ class TarBuildResult:
         return TarZinfo(span_size=self.span_size, size=self.size)
 
 
-def _address(buf: bytes) -> int:
-    """The address of a bytes object's data (stable while the object is alive)."""
-    addr = ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p).value
-    assert addr is not None
-    return addr
-
-
 _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
 _new_bytes.restype = ctypes.py_object
 _new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
@@ -401,7 +396,7 @@ def build_gzip_checkpoints(
     member_done = False
     finished_any = False
 
-    inflater = Inflater(WBITS_AUTO)
+    inflater = Inflater(WBITS_AUTO, system_backend())  # soci's checkpoints: see zlib_ctypes
     stream = inflater.stream
     try:
         while True:
@@ -410,7 +405,7 @@ def build_gzip_checkpoints(
                 break
             chunk_len = len(chunk)
             chunk_view = memoryview(chunk)
-            stream.next_in = _address(chunk)
+            stream.next_in = address(chunk)
             stream.avail_in = chunk_len
             if member_done:
                 # Another member follows the one that ended exactly at the previous chunk's end.
@@ -602,7 +597,7 @@ def inflate_span(
         return b""
     if arrived is None:
         data = _as_bytes(compressed)
-        base = _address(data)
+        base = address(data)
         total = have = len(data)
     else:
         total = len(compressed)
@@ -625,7 +620,7 @@ def inflate_span(
                 raise SpanInflateError(f"span {span_id}: cannot prime inflater: {e}") from e
             stream.next_in = base + skip
             stream.avail_in = have - skip
-            stream.next_out = _address(out)
+            stream.next_out = address(out)
             stream.avail_out = cp_length
             raw = True
             while stream.avail_out:

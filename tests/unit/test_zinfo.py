@@ -67,7 +67,7 @@ SPAN_SIZES = (4096, 65536, 1 << 20, DEFAULT_SPAN_SIZE)
 def reference_checkpoints(blob: bytes, span_size: int) -> list[tuple[int, int, int, bytes]]:
     out = (ctypes.c_char * zc.WINDOW_SIZE)()
     out_addr = ctypes.addressof(out)
-    inf = zc.Inflater(zc.WBITS_AUTO)
+    inf = zc.Inflater(zc.WBITS_AUTO, zc.system_backend())  # as soci builds
     s = inf.stream
     s.avail_out = 0
     totin = totout = last = 0
@@ -256,7 +256,7 @@ def test_checkpoints_and_spans_on_generated_layers(
 
 
 @pytest.mark.parametrize("how", COMPRESSORS)
-def test_every_compressor_on_a_mixed_layer(how: Compressor) -> None:
+def test_every_compressor_on_a_mixed_layer(how: Compressor, span_backend: str) -> None:
     if how == "pigz" and not have_pigz():
         pytest.skip("PREREQUISITE MISSING: pigz is not installed; pigz layers untested")
     specs = [
@@ -271,7 +271,7 @@ def test_every_compressor_on_a_mixed_layer(how: Compressor) -> None:
         assert len(result.checkpoints) > 3
 
 
-def test_stored_blocks_and_unaligned_checkpoints_inflate() -> None:
+def test_stored_blocks_and_unaligned_checkpoints_inflate(span_backend: str) -> None:
     # Level 0 gives stored blocks only (byte aligned after their header); level 6 on mixed
     # data switches between stored and coded blocks, which leaves boundaries mid-byte.
     tar = make_tar([TarEntrySpec("m", size=3_000_000, content="mixed", seed=11)])
@@ -623,9 +623,29 @@ def test_span_map_rejects_inconsistent_info() -> None:
 # ctypes binding
 
 
-def test_zstream_layout_and_version() -> None:
+def test_stream_layouts_and_backends() -> None:
     assert ctypes.sizeof(zc.ZStream) == 112
-    assert zc.zlib_version().split(".")[0] == zlib.ZLIB_RUNTIME_VERSION.split(".")[0]
+    assert ctypes.sizeof(zc.ZngStream) == 104
+    system = zc.system_backend()
+    assert system.name == f"zlib {zlib.ZLIB_RUNTIME_VERSION}"
+    # zlib-ng is a dependency: spans inflate with it, and it passes the self-test
+    assert zc.backend().name.startswith("zlib-ng "), zc.backend().name
+    assert zc._works(zc.backend()) and zc._works(system)
+
+
+def test_the_environment_forces_the_system_libz(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(zc, "_backend", None)
+    monkeypatch.setenv(zc.ENV_BACKEND, "system")
+    assert zc.backend() is zc.system_backend()
+
+
+@pytest.fixture(params=["zlib-ng", "system"])
+def span_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Spans inflated with each library (checkpoints are always built with the system's)."""
+    if request.param == "system":
+        monkeypatch.setattr(zc, "_backend", zc.system_backend())
+    assert zc.backend().name.startswith("zlib-ng" if request.param == "zlib-ng" else "zlib 1")
+    return str(request.param)
 
 
 def test_inflater_errors_are_typed() -> None:
