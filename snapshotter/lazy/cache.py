@@ -47,11 +47,12 @@ import os
 import queue
 import struct
 import threading
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+
+from zlib_ng.zlib_ng import crc32
 
 from index.digest import Digest, DigestError
 from index.model import SpanId, UncompressedOffset
@@ -65,7 +66,7 @@ WRITER_IDLE_SEC: Final = 10.0
 """The tier's writer thread ends after this long without a span to write."""
 INFLATED_BLOCK_BYTES: Final = 64 * 1024
 """The inflated tier keeps one CRC-32 per block of this many bytes (a read checks the blocks
-it touches)."""
+it touches). zlib-ng's `crc32` (the same sums as `zlib.crc32`): about 5x as fast on x86-64."""
 _SUM = struct.Struct("<I")
 _LAYER_PREFIX: Final = "sha256-"
 
@@ -522,7 +523,7 @@ class InflatedCache(_SpanFiles):
         down to the bound. Raises `CacheError` when the file cannot be written."""
         view = memoryview(data)
         sums = b"".join(
-            _SUM.pack(zlib.crc32(view[i : i + INFLATED_BLOCK_BYTES]))
+            _SUM.pack(crc32(view[i : i + INFLATED_BLOCK_BYTES]))
             for i in range(0, len(data), INFLATED_BLOCK_BYTES)
         )
         self._put(layer, start, data, sums)
@@ -629,7 +630,7 @@ class InflatedCache(_SpanFiles):
                 view = memoryview(chunk)
                 for n, (expected,) in enumerate(_SUM.iter_unpack(sums)):
                     block = view[n * INFLATED_BLOCK_BYTES : (n + 1) * INFLATED_BLOCK_BYTES]
-                    if zlib.crc32(block) != expected:
+                    if crc32(block) != expected:
                         self._drop(key, path, f"fails the sum of block {first + n}")
                         return None
                 data = chunk[offset - lo : offset - lo + want]
