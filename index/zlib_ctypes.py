@@ -6,8 +6,8 @@ checkpoint builder and the span reader call the library directly. Every call goe
 inflated in parallel threads.
 
 Two libraries speak this API: the system libz, and zlib-ng's native API (`zng_*`, from the
-`zlib-ng` package's extension module, which exports it), about 2.5x faster at inflating on
-x86-64. Where `Z_BLOCK` makes inflate stop differs between them, and the checkpoint builder
+`zlib-ng` package's extension module, which exports it), 1.6-1.8x as fast at inflating
+spans on x86-64 (`python -m tests.bench.bench_inflate`). Where `Z_BLOCK` makes inflate stop differs between them, and the checkpoint builder
 places checkpoints where it stops, so building an index always uses the system libz
 (`system_backend()`: the zTOCs match AWS soci's byte for byte). Inflating a span from a
 checkpoint gives the same bytes with either, so spans use `backend()`: zlib-ng when it loads
