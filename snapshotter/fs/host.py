@@ -452,16 +452,15 @@ class LayerHost:
             raise NotADirectory(f"inode {inode} is not a directory")
         return inode
 
-    def readdir(self, fh: int, offset: int) -> Iterator[Listing]:
-        """Entries of an open directory from position `offset` (0 or an earlier `next_offset`).
+    def readdir(self, inode: int, offset: int) -> Iterator[Listing]:
+        """Entries of directory `inode` from position `offset` (0 or an earlier `next_offset`).
 
         Every directory starts with `.` (offset 1) and `..` (offset 2). Then the root lists
         layers in slot order (`next_offset` = slot + 2, stable while layers come and go); other
         directories list by name (`next_offset` = position + 2). The state directory is not
         listed. Raises `BadHandle` (not a directory), `NotFound` if the layer was removed.
         """
-        inode = fh
-        self._directory_handle(fh)
+        self._directory_handle(inode)
         if inode == FUSE_ROOT_INODE:
             if offset < DOT_ENTRIES:
                 yield from self._dots(offset, self._root_attr(), self._root_attr())
