@@ -12,11 +12,10 @@ of its own in the server's nursery (it may wait for spans), at most `max_tasks` 
 ENOSYS: the kernel then opens every file of the connection without asking, keeps its page
 cache (`FOPEN_KEEP_CACHE`) and sends no RELEASE (Linux 3.14 and later), so reading a file costs
 the READs alone. With it, OPEN and RELEASE are answered by `snapshotter.fs.passthrough`
-(cached, or passed through to a local copy). OPENDIR is answered ENOSYS too when the kernel
-says it then opens directories itself (`NO_OPENDIR_SUPPORT`): listings are answered by the
-request's inode, so a directory costs its READDIRPLUS requests alone, with no OPENDIR and
-RELEASEDIR around them. FLUSH is answered ENOSYS (sent no more). FORGET needs no answer
-(inodes are computed, not allocated), INTERRUPT is ignored (every request ends on its own).
+(cached, or passed through to a local copy). OPENDIR is answered (not ENOSYS: a kernel that
+opens directories itself caches their listings across opens, and the FUSE root's changes as
+layers come and go). FLUSH is answered ENOSYS (sent no more). FORGET needs no answer (inodes
+are computed, not allocated), INTERRUPT is ignored (every request ends on its own).
 
 `FsError`s become errnos through ONE table (`ERRNO_TABLE`, most specific class first,
 `errno_for`); any other exception is logged once here, with the layer the request touched,
@@ -256,10 +255,9 @@ FUSE_OPS: Final = (
     "access",
 )
 """The requests the server counts (`FuseOpStats`) and records (metrics), by handler name:
-`readdir` answers READDIR and READDIRPLUS, `forget` FORGET and BATCH_FORGET; `open`,
-`opendir` and `flush` are answered ENOSYS (the kernel sends each once per connection; OPEN
-only without passthrough, OPENDIR where the kernel supports it), `release` and `releasedir`
-only come for what a previous process opened."""
+`readdir` answers READDIR and READDIRPLUS, `forget` FORGET and BATCH_FORGET; `open` and
+`flush` are answered ENOSYS (the kernel sends each once per connection), `release` only comes
+for files a previous process opened."""
 
 
 def _attr_bytes(attr: Attr) -> bytes:
@@ -324,8 +322,6 @@ class FuseOperations:
     def __init__(self, host: LayerHost, metrics: FuseMetrics | None = None) -> None:
         self.host = host
         self.passthrough: Passthrough | None = None  # set once INIT negotiated it
-        self.no_opendir = False
-        """Answer OPENDIR ENOSYS: the kernel's INIT offered `NO_OPENDIR_SUPPORT`."""
         self._records: dict[str, FuseOpRecorder] = (
             {op: metrics.fuse_op(op) for op in FUSE_OPS} if metrics is not None else {}
         )
@@ -458,13 +454,10 @@ class FuseOperations:
         return b""  # handles are inode numbers: nothing to free
 
     def opendir(self, inode: int, body: memoryview) -> bytes:
-        if self.no_opendir:
-            # The kernel opens directories without asking from now on (see the module doc).
-            raise FuseError(errno.ENOSYS)
         return p.OPEN_OUT.pack(self.host.opendir(inode), 0, 0)
 
     def _listing(self, inode: int, body: memoryview, plus: bool) -> bytes:
-        # By the request's inode: the handle is 0 for a directory opened without OPENDIR.
+        # By the request's inode (a directory's handle is its inode number anyway).
         _, offset, size, *_ = p.READ_IN.unpack_from(body)
         out: list[bytes] = []
         used = 0
@@ -896,7 +889,6 @@ async def open_fuse_host(
     fd = connection.fd
     try:
         init = p.parse_init(connection.init)
-        ops.no_opendir = bool(init.flags & p.NO_OPENDIR_SUPPORT)
         negotiated = p.negotiate(init, passthrough=passthrough is not None and passthrough.enabled)
     except ValueError as e:
         discard(fd, mountpoint if mounted_here else None)

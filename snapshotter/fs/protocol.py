@@ -53,9 +53,6 @@ NO_OPEN_SUPPORT: Final = 1 << 17
 PARALLEL_DIROPS: Final = 1 << 18
 MAX_PAGES: Final = 1 << 22
 CACHE_SYMLINKS: Final = 1 << 23
-NO_OPENDIR_SUPPORT: Final = 1 << 24
-"""The kernel opens directories without asking once OPENDIR is answered ENOSYS (Linux 5.1
-and later; without it an ENOSYS would fail the opendir)."""
 INIT_EXT: Final = 1 << 30
 """The INIT answer's `flags2` word is valid (flags 32-63)."""
 PASSTHROUGH2: Final = 1 << (37 - 32)

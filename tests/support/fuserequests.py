@@ -3,7 +3,6 @@ server's handlers (`snapshotter.fs.fuse.FuseOperations`) without a mount."""
 
 from __future__ import annotations
 
-import errno
 import struct
 from dataclasses import dataclass
 
@@ -97,12 +96,7 @@ class Client:
     def readdirplus(
         self, inode: int, offset: int = 0, size: int = 65536
     ) -> list[tuple[bytes, Entry]]:
-        try:
-            fh = struct.unpack_from("<Q", self.call(p.OPENDIR, inode, bytes(8)))[0]
-        except Failed as e:  # the no-opendir protocol: the kernel lists with handle 0
-            if e.errno != errno.ENOSYS:
-                raise
-            fh = 0
+        fh = struct.unpack_from("<Q", self.call(p.OPENDIR, inode, bytes(8)))[0]
         payload = self.call(p.READDIRPLUS, inode, p.READ_IN.pack(fh, offset, size, 0, 0, 0, 0))
         out = []
         pos = 0

@@ -8,7 +8,6 @@ import itertools
 import os
 import posixpath
 import stat
-import struct
 import subprocess
 import sys
 import tarfile
@@ -850,18 +849,6 @@ async def test_adapter_translates_without_mounting(
     assert ops.ops.handle(request_bytes(p.FORGET, hosts.nodeid, bytes(8))) is None
     names = [name for name, _ in ops.readdirplus(entry.nodeid)]
     assert names[:2] == [b".", b".."] and b"etc" in names
-    # A kernel that opens directories itself (NO_OPENDIR_SUPPORT): OPENDIR is ENOSYS and
-    # READDIRPLUS, with handle 0, lists the directory of the request's inode all the same.
-    fh = struct.unpack_from("<Q", ops.call(p.OPENDIR, entry.nodeid, bytes(8)))[0]
-    ops.ops.no_opendir = True
-    with pytest.raises(Failed) as info:
-        ops.call(p.OPENDIR, entry.nodeid, bytes(8))
-    assert info.value.errno == errno.ENOSYS
-    etc = ops.lookup(entry.nodeid, b"etc").nodeid
-    for handle in (0, fh):  # fh: a listing opened before (by an earlier process)
-        payload = ops.call(p.READDIRPLUS, etc, p.READ_IN.pack(handle, 0, 65536, 0, 0, 0, 0))
-        assert b"hosts" in payload
-    assert [name for name, _ in ops.readdirplus(etc)][:2] == [b".", b".."]
 
 
 def request_bytes(opcode: int, nodeid: int, body: bytes) -> bytes:
