@@ -7,8 +7,9 @@ inflated in parallel threads.
 
 Two libraries speak this API: the system libz, and zlib-ng's native API (`zng_*`, from the
 `zlib-ng` package's extension module, which exports it), 1.6-1.8x as fast at inflating
-spans on x86-64 (`python -m tests.bench.bench_inflate`). Where `Z_BLOCK` makes inflate stop differs between them, and the checkpoint builder
-places checkpoints where it stops, so building an index always uses the system libz
+spans on x86-64 (`python -m tests.bench.bench_inflate`). Where `Z_BLOCK` makes inflate stop
+differs between them, and the checkpoint builder places checkpoints where it stops, so
+building an index always uses the system libz
 (`system_backend()`: the zTOCs match AWS soci's byte for byte). Inflating a span from a
 checkpoint gives the same bytes with either, so spans use `backend()`: zlib-ng when it loads
 and passes a self-test (a raw deflate stream with a preset window and a primed first byte
@@ -143,7 +144,10 @@ class Backend:
     set_dictionary: Callable[[Any, bytes, int], int]
 
 
-def _bind(lib: ctypes.CDLL, prefix: str, stream: type[ctypes.Structure]) -> dict[str, Any]:
+def _bind(
+    lib: ctypes.CDLL, prefix: str, name: str, stream: type[ctypes.Structure], init2: Any
+) -> Backend:
+    """The Backend of `lib`'s `<prefix>inflate*` functions, with `init2(stream, bits)`."""
     ptr = ctypes.POINTER(stream)
     signatures: dict[str, list[Any]] = {
         "inflate": [ptr, ctypes.c_int],
@@ -152,13 +156,22 @@ def _bind(lib: ctypes.CDLL, prefix: str, stream: type[ctypes.Structure]) -> dict
         "inflatePrime": [ptr, ctypes.c_int, ctypes.c_int],
         "inflateSetDictionary": [ptr, ctypes.c_void_p, ctypes.c_uint],
     }
-    out = {}
-    for name, argtypes in signatures.items():
-        fn = getattr(lib, prefix + name)
+    fns = {}
+    for fn_name, argtypes in signatures.items():
+        fn = getattr(lib, prefix + fn_name)
         fn.argtypes = argtypes
         fn.restype = ctypes.c_int
-        out[name] = fn
-    return out
+        fns[fn_name] = fn
+    return Backend(
+        name,
+        stream,
+        init2,
+        fns["inflate"],
+        fns["inflateEnd"],
+        fns["inflateReset2"],
+        fns["inflatePrime"],
+        fns["inflateSetDictionary"],
+    )
 
 
 def _system() -> Backend:
@@ -172,21 +185,17 @@ def _system() -> Backend:
         init = lib.inflateInit2_
         init.argtypes = [ctypes.POINTER(ZStream), ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         init.restype = ctypes.c_int
-        fns = _bind(lib, "", ZStream)
+        version = lib.zlibVersion()
+        size = ctypes.sizeof(ZStream)
+        return _bind(
+            lib,
+            "",
+            f"zlib {version.decode('ascii')}",
+            ZStream,
+            lambda stream, bits: int(init(stream, bits, version, size)),
+        )
     except (OSError, AttributeError) as e:
         raise ZlibUnavailable("load", Z_ERRNO, f"cannot load {name}: {e}") from e
-    version = lib.zlibVersion()
-    size = ctypes.sizeof(ZStream)
-    return Backend(
-        f"zlib {version.decode('ascii')}",
-        ZStream,
-        lambda stream, bits: int(init(stream, bits, version, size)),
-        fns["inflate"],
-        fns["inflateEnd"],
-        fns["inflateReset2"],
-        fns["inflatePrime"],
-        fns["inflateSetDictionary"],
-    )
 
 
 def _zlib_ng() -> Backend | None:
@@ -202,19 +211,15 @@ def _zlib_ng() -> Backend | None:
         init = lib.zng_inflateInit2
         init.argtypes = [ctypes.POINTER(ZngStream), ctypes.c_int]
         init.restype = ctypes.c_int
-        fns = _bind(lib, "zng_", ZngStream)
+        return _bind(
+            lib,
+            "zng_",
+            f"zlib-ng {zlib_ng.ZLIBNG_RUNTIME_VERSION}",
+            ZngStream,
+            lambda stream, bits: int(init(stream, bits)),
+        )
     except (OSError, AttributeError, TypeError):
         return None
-    return Backend(
-        f"zlib-ng {zlib_ng.ZLIBNG_RUNTIME_VERSION}",
-        ZngStream,
-        lambda stream, bits: int(init(stream, bits)),
-        fns["inflate"],
-        fns["inflateEnd"],
-        fns["inflateReset2"],
-        fns["inflatePrime"],
-        fns["inflateSetDictionary"],
-    )
 
 
 def _works(backend: Backend) -> bool:
@@ -233,7 +238,7 @@ def _works(backend: Backend) -> bool:
             inflater.set_input(address(rest), len(rest))
             inflater.set_output(ctypes.addressof(out), len(payload))
             status = inflater.inflate(Z_FINISH)
-            stream: Any = inflater.stream
+            stream = inflater.stream
             return bool(
                 status == Z_STREAM_END
                 and out.raw == payload
